@@ -1,0 +1,202 @@
+"""
+Gorilla APIBench, HuggingFace split (Patil et al. 2023): records, the one prompt/answer format,
+the splits, and the API database. Run it to see the splits and to rebuild vocab.json:
+
+    python data/gorilla/prepare.py
+
+A record's `code` field is "###Instruction: ... ###Output: <<<domain>>>: ... <<<api_call>>>: ...
+<<<api_provider>>>: ... <<<explanation>>>: ... <<<code>>>: ...". We keep the instruction, the
+sections, and the record's `api_data` (the API database entry it was written from).
+"""
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EVAL_FILE = HERE / "huggingface_eval.json"
+API_FILE = HERE / "huggingface_api.jsonl"
+QUESTIONS_FILE = HERE / "questions_huggingface_0_shot.jsonl"
+GORILLA_ANSWERS_FILE = HERE / "response_huggingface_Gorilla_FT_0_shot.jsonl"
+VOCAB_FILE = HERE / "vocab.json"
+
+SECTIONS = ("domain", "api_call", "api_provider", "explanation", "code")
+REQUIRED = ("domain", "api_call", "api_provider", "code")  # explanation is dropped by the compact format
+SECTION_RE = re.compile(r"<<<(domain|api_call|api_provider|explanation|code)>>>:?")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Record:
+    line: int                 # 1-based line in the source file; = Gorilla's question_id for the eval file
+    instruction: str
+    sections: dict            # domain, api_call, api_provider, explanation, code (see SECTIONS)
+    api_data: dict = field(default_factory=dict)
+
+
+# -----------------------------------------------------------------------------
+# The one prompt and answer format
+
+def format_prompt(instruction):
+    return f"###Instruction: {instruction.strip()}\n###Output:"
+
+
+def format_answer(sections, explanation=True):
+    """The answer the model learns to write. explanation=False is the compact target of the tiny
+    preset (domain, api_call, provider, code), which a from-scratch CPU model can learn in minutes."""
+    names = SECTIONS if explanation else tuple(s for s in SECTIONS if s != "explanation")
+    return " " + "\n".join(f"<<<{n}>>>: {sections.get(n, '').strip()}" for n in names)
+
+
+def parse_answer(text):
+    """Split an answer into its sections; tolerant: missing sections are '' and text before the first
+    tag is ignored. Used for reference records and for generated answers alike."""
+    parts = SECTION_RE.split(text.replace("<|endoftext|>", ""))
+    sections = {name: "" for name in SECTIONS}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if not sections[name]:  # first occurrence wins
+            sections[name] = body.strip()
+    return sections
+
+
+# -----------------------------------------------------------------------------
+# Records
+
+def parse_record(obj, where):
+    """Record from one APIBench JSON object; raises DataError naming `where` and what is missing."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("code"), str):
+        raise DataError(f"{where}: no 'code' string field")
+    m = re.match(r"\s*###\s?Instruction:(.*?)###\s?Output:(.*)\Z", obj["code"], re.S)
+    if not m:
+        raise DataError(f"{where}: 'code' lacks '###Instruction:' ... '###Output:'")
+    instruction = re.split(r"###\s?Input:", m.group(1))[0].strip()  # a few records add ###Input:
+    sections = parse_answer(m.group(2))
+    missing = [s for s in REQUIRED if not sections[s]]
+    if missing:
+        raise DataError(f"{where}: answer lacks section(s) {', '.join('<<<%s>>>' % s for s in missing)}")
+    return Record(where_line(where), instruction, sections, obj.get("api_data") or {})
+
+
+def where_line(where):
+    return int(where.rsplit(":", 1)[1])
+
+
+def load_records(path=EVAL_FILE, skip_bad=False, log=print):
+    """Records of a JSON-lines file. A malformed line raises DataError with file:line and the reason,
+    or, with skip_bad, is skipped and counted (the count and each reason are printed)."""
+    records, skipped = [], []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                records.append(parse_record(obj, f"{path}:{i}"))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(str(e))
+    if skipped:
+        log(f"[data] skipped {len(skipped)} malformed record(s) of {path.name if hasattr(path, 'name') else path}:")
+        for s in skipped:
+            log(f"[data]   {s}")
+    return records
+
+
+def split_of(record, test_percent=20, val_percent=5):
+    """Deterministic split by a stable hash of the instruction (same on every machine and run)."""
+    bucket = int(hashlib.sha256(record.instruction.encode()).hexdigest(), 16) % 100
+    return "test" if bucket < test_percent else "val" if bucket < test_percent + val_percent else "train"
+
+
+def offline_splits(records):
+    """The offline stand-in for APIBench's train file: a hash split of the eval file (see README)."""
+    out = {"train": [], "val": [], "test": []}
+    for r in records:
+        out[split_of(r)].append(r)
+    return out
+
+
+def hub_train_records(log=print):
+    """APIBench's huggingface_train.json from the Hub dataset gorilla-llm/APIBench (online only)."""
+    from datasets import load_dataset
+    ds = load_dataset("gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+    records, bad = [], 0
+    for i, obj in enumerate(ds, 1):
+        try:
+            records.append(parse_record(obj, f"gorilla-llm/APIBench/huggingface_train.json:{i}"))
+        except DataError as e:
+            bad += 1
+            log(f"[data]   skipped {e}")
+    log(f"[data] hub train file: {len(records)} records, {bad} skipped")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# The API database (925 APIs): the judge's documentation and the AST metric's reference
+
+def load_api_database(path=API_FILE):
+    apis = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    apis.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return apis
+
+
+def api_database_pairs(apis):
+    """Extra SFT pairs from the API database (description + domain -> api_call), so a small model sees
+    every real api_call at least once. The tiny preset uses them; the paper config need not."""
+    pairs = []
+    for a in apis:
+        instruction = f"I need a {a['domain']} model. {a['description']}".strip()
+        sections = dict(domain=a["domain"], api_call=a["api_call"], api_provider=a["framework"],
+                        explanation="", code=a.get("example_code") or "")
+        pairs.append(Record(0, instruction, sections, a))
+    return pairs
+
+
+def load_gorilla_answers(path=GORILLA_ANSWERS_FILE):
+    """Gorilla-7B's published answers {question_id: text}; their newlines are escaped as '\\n'."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                out[obj["question_id"]] = obj["text"].replace("\\n", "\n")
+    return out
+
+
+def build_vocab(out=VOCAB_FILE):
+    """The tiny preset's compact vocabulary: every GPT-2 token the Gorilla files use, plus the 256
+    single-byte tokens (so any text still encodes) and <|endoftext|>."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from model import gpt2_encoding
+    enc = gpt2_encoding()
+    ids = {enc.encode_single_token(bytes([b])) for b in range(256)}
+    for path in (EVAL_FILE, API_FILE, QUESTIONS_FILE, GORILLA_ANSWERS_FILE):
+        text = path.read_text().replace("\\n", "\n")
+        for line in text.splitlines():
+            ids.update(enc.encode_ordinary(line + "\n"))
+    ids = sorted(ids) + [50256]
+    out.write_text(json.dumps(ids))
+    return ids
+
+
+if __name__ == "__main__":
+    records = load_records(EVAL_FILE, skip_bad=True)
+    splits = offline_splits(records)
+    print({k: len(v) for k, v in splits.items()}, "records (offline hash split of the eval file)")
+    print(len(load_api_database()), "API database entries")
+    print(len(build_vocab()), "compact vocabulary size ->", VOCAB_FILE)

@@ -1,0 +1,465 @@
+"""
+GPT-2, written out by hand (Radford et al. 2019), in the shape of nanoGPT's model.py.
+
+Everything the rest of the project does with a language model lives here, once:
+  - GPT: the network; loads and exports Hugging Face GPT-2 checkpoints (safetensors, no pickle).
+  - Tokenizer: tiktoken's GPT-2 BPE, built offline from data/gpt2.tiktoken when the download fails,
+    optionally remapped onto the compact vocabulary the tiny CPU preset uses.
+  - generate(): the one batched sampler (KV cache, temperature/top-k/top-p, per-row EOS) used for
+    SFT samples, PPO rollouts and evaluation.
+  - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and the reward model.
+  - training helpers shared by every stage: optimizer, LR schedule, atomic checkpoints, autocast.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+EOT = "<|endoftext|>"
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # longest sequence (prompt + answer) the position table covers
+    vocab_size: int = 50257     # GPT-2's BPE; the tiny preset uses a compact remap (see Tokenizer)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0        # off by default: RLHF needs deterministic log-probs (Huang et al. 2023)
+    layer_norm_epsilon: float = 1e-5
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M, the paper's model
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    # CPU preset, trained from scratch: 4 layers, 256 wide, on the compact vocabulary
+    # (data/gorilla/vocab.json), so that the embedding and output layer stop dominating compute.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=512, vocab_size=None),
+}
+
+
+def preset_config(name, vocab_size=50257):
+    """GPTConfig for a preset name; vocab_size fills in presets that take it from the tokenizer."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[name])
+    if kw.get("vocab_size", 0) is None:
+        kw["vocab_size"] = -(-vocab_size // 64) * 64  # round up: matmuls like multiples of 64 (nanoGPT)
+    return GPTConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+class KVCache:
+    """Preallocated keys/values for every layer, so sampling step t attends to steps < t
+    without recomputing them and without reallocating (torch.cat per step is quadratic)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.len = 0  # positions filled so far
+
+    def update(self, layer, k, v):
+        end = self.len + k.size(2)
+        self.k[layer][:, :, self.len:end] = k
+        self.v[layer][:, :, self.len:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer, self.n_head = layer, config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2, section 2.3)."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, idx, attention_mask=None, cache=None):
+        """Final-LayerNorm hidden states (B, T, C). attention_mask (B, S) marks real tokens (1) and
+        left padding (0) over every key position, past (cached) ones included, S = cached + T."""
+        B, T = idx.shape
+        past = cache.len if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+        # Position ids count real tokens only, so a left-padded row sees the same positions as unpadded.
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        if pos.max() >= self.config.block_size:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+        # Boolean mask (B, 1, T, S): causal AND key is a real token. A query may always see itself,
+        # so padding rows never have an empty softmax (their outputs are ignored downstream).
+        q_idx = torch.arange(past, past + T, device=idx.device)[:, None]
+        k_idx = torch.arange(past + T, device=idx.device)[None, :]
+        mask = (k_idx <= q_idx)[None, None] & attention_mask.bool()[:, None, None, :]
+        mask = mask | (k_idx == q_idx)[None, None]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, attention_mask=None, cache=None):
+        """Next-token logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+
+    # ---- Hugging Face checkpoints --------------------------------------------------------------
+
+    # HF GPT-2 stores these four as Conv1D, i.e. (in, out): transpose them to nn.Linear's (out, in).
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """Load a Hugging Face GPT-2 checkpoint (config.json + model.safetensors) from a local
+        directory, or from the Hub by name ("gpt2-large") when online."""
+        path = Path(name_or_dir)
+        if path.is_dir():
+            config_file, weights_file = path / "config.json", path / "model.safetensors"
+        else:
+            from huggingface_hub import hf_hub_download  # comes with `datasets`; only used online
+            try:
+                config_file = Path(hf_hub_download(str(name_or_dir), "config.json"))
+                weights_file = Path(hf_hub_download(str(name_or_dir), "model.safetensors"))
+            except Exception as e:
+                raise RuntimeError(f"could not download {name_or_dir!r} from the Hugging Face Hub ({e}); "
+                                   "pass a local directory with config.json and model.safetensors") from e
+        config = cls._read_hf_config(config_file, dropout)
+        model = cls(config)
+        model._load_hf_weights(weights_file)
+        return model
+
+    @staticmethod
+    def _read_hf_config(config_file, dropout):
+        try:
+            hf = json.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{config_file}: missing (a GPT-2 checkpoint needs config.json)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        keys = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
+                    n_head="n_head", n_embd="n_embd")
+        missing = [hf_key for hf_key in keys.values() if hf_key not in hf]
+        if missing:
+            raise ValueError(f"{config_file}: missing field(s) {missing}")
+        return GPTConfig(dropout=dropout, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                         **{ours: int(hf[theirs]) for ours, theirs in keys.items()})
+
+    def _load_hf_weights(self, weights_file):
+        from safetensors import safe_open
+        ours = self.state_dict()
+        try:
+            with safe_open(str(weights_file), framework="pt") as f:
+                theirs = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{weights_file}: missing (a GPT-2 checkpoint needs model.safetensors)") from None
+        except Exception as e:
+            raise ValueError(f"{weights_file}: not a readable safetensors file ({e})") from None
+        for key in ours:
+            if key == "lm_head.weight":
+                continue  # tied to wte
+            hf_key = key.removeprefix("transformer.")
+            if hf_key not in theirs:
+                raise KeyError(f"{weights_file}: missing tensor {hf_key!r}")
+            t = theirs[hf_key]
+            if key.endswith(self.CONV1D):
+                t = t.t()
+            if t.shape != ours[key].shape:
+                raise ValueError(f"{weights_file}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(ours[key].shape)} for this config.json")
+            with torch.no_grad():
+                ours[key].copy_(t)
+
+    def save_pretrained(self, out_dir):
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads unchanged."""
+        from safetensors.torch import save_file
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        hf_config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
+                         n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                         n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon,
+                         activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                         attn_pdrop=c.dropout, tie_word_embeddings=True,
+                         bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1)
+        tensors = {}
+        for key, t in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied; transformers re-ties it on load
+            t = t.detach().to("cpu", torch.float32)
+            tensors[key] = (t.t() if key.endswith(self.CONV1D) else t).contiguous()
+        atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
+        atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# tiktoken's r50k/gpt2 pre-tokenisation pattern (the regex GPT-2's encoder.py used).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding; offline, the identical one built from data/gpt2.tiktoken."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        from tiktoken.load import load_tiktoken_bpe
+        ranks = load_tiktoken_bpe(str(ROOT / "data" / "gpt2.tiktoken"))
+        return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+
+
+class Tokenizer:
+    """GPT-2 BPE. With `vocab_file` (a JSON list of GPT-2 ids), ids are remapped onto that compact
+    vocabulary: a GPT-2 token outside it is spelled with its single-byte tokens (always inside), so
+    every text still encodes losslessly. The tiny preset uses this; the paper config does not."""
+
+    def __init__(self, vocab_file=None):
+        self.enc = gpt2_encoding()
+        self.gpt2_ids = None
+        if vocab_file is not None:
+            self.gpt2_ids = json.loads(Path(vocab_file).read_text())
+            self.compact = {g: i for i, g in enumerate(self.gpt2_ids)}
+            self.byte_ids = [self.compact[self.enc.encode_single_token(bytes([b]))] for b in range(256)]
+        self.vocab_size = len(self.gpt2_ids) if self.gpt2_ids else self.enc.n_vocab
+        self.eot = self.encode(EOT)[0]
+
+    def encode(self, text):
+        ids = self.enc.encode(text, allowed_special={EOT})
+        if self.gpt2_ids is None:
+            return ids
+        out = []
+        for g in ids:
+            if g in self.compact:
+                out.append(self.compact[g])
+            else:
+                out.extend(self.byte_ids[b] for b in self.enc.decode_single_token_bytes(g))
+        return out
+
+    def decode(self, ids):
+        if self.gpt2_ids is not None:
+            ids = [self.gpt2_ids[i] for i in ids if i < len(self.gpt2_ids)]
+        return self.enc.decode(list(ids))
+
+
+# -----------------------------------------------------------------------------
+# Batches, sampling and log-probs: one implementation each
+
+def left_pad(seqs, pad, device="cpu"):
+    """Left-pad token lists into (B, T) ids and a 1/0 attention mask."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs, pad, device="cpu"):
+    """Right-pad token lists into (B, T) ids and a 1/0 mask."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Top-k then nucleus (top-p, Holtzman et al. 2020) filtering: excluded logits become -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, top_k=0, top_p=1.0,
+             generator=None):
+    """Sample continuations of left-padded prompts with a KV cache.
+
+    Returns (response, response_mask, logprobs), each (B, N): tokens right-padded with `eot`, 1 on
+    real tokens (the stopping `eot` included), and the log-probability of each token under the
+    temperature-scaled distribution (before top-k/top-p). temperature=0 is greedy decoding.
+    """
+    B, Q = query.shape
+    N = min(max_new_tokens, model.config.block_size - Q)
+    param = next(model.parameters())
+    cache = KVCache(model.config, B, Q + N, query.device, param.dtype)
+    mask = query_mask.clone()
+    tokens, logps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=query.device)
+    x = query
+    for _ in range(N):
+        logits = model(x, mask, cache)[:, -1, :].float()
+        if temperature == 0:
+            logprobs = logits.log_softmax(-1)
+            tok = logits.argmax(-1)
+        else:
+            logprobs = (logits / temperature).log_softmax(-1)
+            probs = filter_logits(logprobs, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, eot), tok)
+        tokens.append(tok)
+        logps.append(logprobs.gather(1, tok[:, None]).squeeze(1))
+        done = done | (tok == eot)
+        if done.all():
+            break
+        x = tok[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    response = torch.stack(tokens, 1)
+    # mask: 1 up to and including the first eot of each row
+    after_eot = (response == eot).long().cumsum(1) - (response == eot).long()
+    response_mask = (after_eot == 0).long()
+    return response, response_mask, torch.stack(logps, 1) * response_mask
+
+
+def response_logprobs(model, query, query_mask, response, response_mask, temperature=1.0,
+                      return_logits=False):
+    """Teacher-forced log-probs (B, R) of `response` given left-padded `query` (zero on padding).
+    Position Q-1+t's logits predict response token t. Optionally also returns those logits."""
+    Q = query.size(1)
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    logits = model(ids, mask)[:, Q - 1:-1].float() / (temperature or 1.0)
+    logprobs = logits.log_softmax(-1).gather(2, response[..., None]).squeeze(-1) * response_mask
+    return (logprobs, logits) if return_logits else logprobs
+
+
+# -----------------------------------------------------------------------------
+# Training helpers shared by SFT, the reward model and PPO
+
+def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
+    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed (nanoGPT)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
+
+
+def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device):
+    """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, **state):
+    """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path, device="cpu"):
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def config_dict(config):
+    return asdict(config)
+
+
+def config_from_dict(d):
+    return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,145 @@
+"""model.py against a real transformers GPT-2 (random weights, saved with save_pretrained)."""
+import json
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, Tokenizer, generate, left_pad, response_logprobs, right_pad, filter_logits
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=300)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    return d, hf
+
+
+def test_logits_match_transformers(hf_dir):
+    d, hf = hf_dir
+    ours = GPT.from_pretrained(d).eval()
+    x = torch.randint(0, 300, (3, 17))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4)
+
+
+def test_left_padding_gives_same_logits(hf_dir):
+    d, hf = hf_dir
+    ours = GPT.from_pretrained(d).eval()
+    rows = [list(range(5, 20)), list(range(40, 47)), [7, 8]]
+    ids, mask = left_pad(rows, pad=0)
+    with torch.no_grad():
+        padded = ours(ids, mask)
+        theirs = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        for i, r in enumerate(rows):
+            alone = ours(torch.tensor([r]))[0]
+            assert torch.allclose(padded[i, -len(r):], alone, atol=1e-4)
+            assert torch.allclose(padded[i, -len(r):], theirs[i, -len(r):], atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(hf_dir):
+    d, hf = hf_dir
+    ours = GPT.from_pretrained(d).eval()
+    rows = [[11, 12, 13, 14, 15], [101, 102], [7, 3, 9]]
+    ids, mask = left_pad(rows, pad=299)
+    resp, resp_mask, _ = generate(ours, ids, mask, max_new_tokens=20, eot=299, temperature=0)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                          pad_token_id=299, eos_token_id=299)[:, ids.size(1):]
+    for i in range(len(rows)):
+        n = int(resp_mask[i].sum())
+        assert resp[i, :n].tolist() == ref[i, :n].tolist()
+
+
+def test_save_pretrained_loads_in_transformers(hf_dir, tmp_path):
+    d, hf = hf_dir
+    ours = GPT(GPTConfig(block_size=64, vocab_size=200, n_layer=2, n_head=2, n_embd=32)).eval()
+    ours.save_pretrained(tmp_path)
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), back(x).logits, atol=1e-4)
+    again = GPT.from_pretrained(tmp_path).eval()
+    assert torch.equal(again(x), ours(x))
+
+
+def test_sampled_logprobs_equal_teacher_forced(hf_dir):
+    """The sampler's log-probs (KV cache) equal the teacher-forced ones on the same tokens."""
+    d, _ = hf_dir
+    ours = GPT.from_pretrained(d).eval()
+    ids, mask = left_pad([[1, 2, 3, 4], [5, 6]], pad=299)
+    g = torch.Generator().manual_seed(1)
+    resp, resp_mask, logprobs = generate(ours, ids, mask, 12, eot=299, temperature=0.7, generator=g)
+    with torch.no_grad():
+        tf = response_logprobs(ours, ids, mask, resp, resp_mask, temperature=0.7)
+    assert torch.allclose(logprobs, tf, atol=1e-4)
+
+
+def test_generation_is_seeded_and_stops_per_row(hf_dir):
+    d, _ = hf_dir
+    ours = GPT.from_pretrained(d).eval()
+    ids, mask = left_pad([[1, 2, 3]] * 4, pad=0)
+    run = lambda: generate(ours, ids, mask, 30, eot=5, temperature=2.0,
+                           generator=torch.Generator().manual_seed(3))
+    a, am, _ = run()
+    b, _, _ = run()
+    assert torch.equal(a, b)
+    for row, m in zip(a, am):  # after the first eot, the row is padding only
+        n = int(m.sum())
+        assert (row[n:] == 5).all()
+        assert (row[:n - 1] != 5).all()
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.9)).tolist() == [[False, False, False, True]]
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape", "json", "truncated"])
+def test_broken_checkpoint_errors_name_file_and_tensor(hf_dir, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+    d, _ = hf_dir
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    if damage == "missing":
+        del tensors["transformer.h.1.mlp.c_fc.weight"]
+    if damage == "shape":
+        tensors["transformer.h.0.attn.c_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, tmp_path / "model.safetensors")
+    if damage == "json":
+        (tmp_path / "config.json").write_text('{"n_layer": 2,')
+    if damage == "truncated":
+        data = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception) as e:
+        GPT.from_pretrained(tmp_path)
+    msg = str(e.value)
+    expect = {"missing": ["model.safetensors", "h.1.mlp.c_fc.weight"],
+              "shape": ["model.safetensors", "h.0.attn.c_proj.weight", "(3, 3)"],
+              "json": ["config.json", "line 1"],
+              "truncated": ["model.safetensors"]}[damage]
+    for s in expect:
+        assert s in msg, msg
+
+
+def test_tokenizer_offline_ids(tok):
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode("<|endoftext|>") == [50256] and tok.eot == 50256
+
+
+def test_tokenizer_round_trip_on_gorilla_text(tok):
+    from data.gorilla.prepare import EVAL_FILE, VOCAB_FILE
+    compact = Tokenizer(VOCAB_FILE)
+    lines = EVAL_FILE.read_text().splitlines()[:200]
+    for line in lines:
+        text = json.loads(line)["code"]
+        assert tok.decode(tok.encode(text)) == text
+        assert compact.decode(compact.encode(text)) == text
+    odd = "naïve 東京 🙂 <|endoftext|>"
+    assert compact.decode(compact.encode(odd)) == odd
