@@ -161,31 +161,34 @@ def api_database_pairs(apis):
     pairs = []
     for a in apis:
         instruction = f"I need a {a['domain']} model. {a['description']}".strip()
+        code = a.get("example_code")
         sections = dict(domain=a["domain"], api_call=a["api_call"], api_provider=a["framework"],
-                        explanation="", code=a.get("example_code") or "")
+                        explanation="", code=code if isinstance(code, str) and code != "N/A" else "")
         pairs.append(Record(0, instruction, sections, a))
     return pairs
 
 
 def load_gorilla_answers(path=GORILLA_ANSWERS_FILE):
-    """Gorilla-7B's published answers {question_id: text}; their newlines are escaped as '\\n'."""
+    """Gorilla-7B's published answers {question_id: text}. Their newlines are escaped as '\\n' and 896
+    of the 904 end with a stray '"' left by Gorilla's formatting; both are undone here."""
     out = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 obj = json.loads(line)
-                out[obj["question_id"]] = obj["text"].replace("\\n", "\n")
+                text = obj["text"].replace("\\n", "\n").rstrip()
+                out[obj["question_id"]] = text[:-1] if text.endswith('"') else text
     return out
 
 
 def build_vocab(out=VOCAB_FILE):
-    """The tiny preset's compact vocabulary: every GPT-2 token the Gorilla files use, plus the 256
+    """The tiny preset's compact vocabulary: every GPT-2 token of the eval and API files, plus the 256
     single-byte tokens (so any text still encodes) and <|endoftext|>."""
     sys.path.insert(0, str(HERE.parent.parent))
     from model import gpt2_encoding
     enc = gpt2_encoding()
     ids = {enc.encode_single_token(bytes([b])) for b in range(256)}
-    for path in (EVAL_FILE, API_FILE, QUESTIONS_FILE, GORILLA_ANSWERS_FILE):
+    for path in (EVAL_FILE, API_FILE):
         text = path.read_text().replace("\\n", "\n")
         for line in text.splitlines():
             ids.update(enc.encode_ordinary(line + "\n"))
