@@ -169,14 +169,14 @@ def api_database_pairs(apis):
 
 
 def load_gorilla_answers(path=GORILLA_ANSWERS_FILE):
-    """Gorilla-7B's published answers {question_id: text}. Their newlines are escaped as '\\n' and 896
-    of the 904 end with a stray '"' left by Gorilla's formatting; both are undone here."""
+    """Gorilla-7B's published answers {question_id: text}. Their newlines and quotes are escaped
+    ('\\n', '\\"') and 896 of the 904 end with a stray '"' left by Gorilla's formatting; undone here."""
     out = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 obj = json.loads(line)
-                text = obj["text"].replace("\\n", "\n").rstrip()
+                text = obj["text"].replace("\\n", "\n").replace('\\"', '"').rstrip()
                 out[obj["question_id"]] = text[:-1] if text.endswith('"') else text
     return out
 

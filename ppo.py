@@ -1,0 +1,317 @@
+"""
+PPO for language models against a learned reward, with a per-token KL penalty to the SFT model.
+
+    python ppo.py                      # runs the PPO stage of the run in --run-dir (tiny on CPU, paper on GPU)
+
+The algorithm, in the order of one iteration (train_ppo):
+  1. rollout: sample answers with model.generate; policy `logprobs`, `ref_logprobs` and `values` by one
+     teacher-forced pass each; `score` = reward model at the answer's last token.
+  2. rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus `score` at the last token
+     (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
+  3. advantages: GAE (Schulman et al. 2016, eq. 11-16), gamma = 1, lam = 0.95; returns = advantages + values;
+     advantages whitened over the batch's real tokens.
+  4. update: ppo_epochs over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
+     clipped value loss; the KL coefficient adapts toward target_kl (Ziegler et al. 2019, section 2.2).
+Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
+Details of RLHF with PPO") each line implements.
+"""
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from model import autocast, generate, left_pad, load_checkpoint, make_optimizer, response_logprobs, save_checkpoint
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 30
+    """PPO iterations (one rollout batch + its update each)"""
+    batch_size: int = 32
+    """answers sampled per iteration"""
+    minibatch_size: int = 8
+    """answers per gradient step; batch_size / minibatch_size steps per epoch"""
+    grad_accum: int = 1
+    """minibatches accumulated per optimizer step (for big models on one GPU)"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    lr: float = 1e-5
+    """AdamW learning rate for the policy and the value model"""
+    max_new_tokens: int = 160
+    """answer length cap during rollouts"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs in the update use the same one [N-details: temperature]"""
+    gamma: float = 1.0
+    """discount; 1 as in lm-human-preferences"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """value-prediction clip around the rollout values"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    init_kl_coef: float = 0.05
+    """beta, the KL penalty coefficient at the start"""
+    adaptive_kl: bool = True
+    """adapt beta toward target_kl (Ziegler et al. 2019); False keeps it fixed"""
+    target_kl: float = 6.0
+    """target KL(policy || SFT) per answer, in nats, for the adaptive controller"""
+    kl_horizon: int = 10000
+    """controller horizon in answers"""
+    missing_eos_penalty: float = -1.0
+    """added to the score of answers cut off before <|endoftext|> [N-details: EOS trick]; 0 disables"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip"""
+    seed: int = 1
+
+
+# -----------------------------------------------------------------------------
+# KL controllers (lm-human-preferences, train_policy.py)
+
+class FixedKLController:
+    def __init__(self, kl_coef):
+        self.value = kl_coef
+
+    def update(self, current_kl, n_steps):
+        pass
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + K * e * n_steps / horizon), e = clip(KL / target - 1, -0.2, 0.2)
+    (Ziegler et al. 2019, section 2.2)."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+# -----------------------------------------------------------------------------
+# The pieces, each a few lines, each tested in tests/test_ppo.py
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # unbiased
+
+
+def whiten(x, mask, shift_mean=True):
+    """Normalise over real tokens only, so padding never shifts the statistics [N-details: whitening]."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token reward: -kl_coef * (logprobs - ref_logprobs), with the score added at each answer's
+    last real token (Ziegler et al. 2019, eq. 2). The KL term uses the sampled-token estimator
+    log pi(a|s) - log pi_ref(a|s) [N-details: KL estimator]."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 11-16) as the plain backwards loop:
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; V beyond the answer is 0."""
+    values = values * mask
+    T = rewards.size(1)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], 1)
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-e, 1+e))."""
+    ratio = torch.exp(new_logprobs - logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
+    approx_kl = 0.5 * masked_mean((new_logprobs - logprobs) ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(new_values, values, returns, mask, cliprange_value):
+    """Clipped value loss (PPO2 / lm-human-preferences) [N-details: value clipping]."""
+    clipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy_of(logits, mask):
+    logp = logits.log_softmax(-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def value_predictions(value_model, query, query_mask, response, response_mask):
+    """V(s_t) for each answer token t: the value head at the position that predicts token t."""
+    Q = query.size(1)
+    values = value_model(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+    return values[:, Q - 1:-1].float() * response_mask
+
+
+# -----------------------------------------------------------------------------
+# Rollout and update
+
+@torch.no_grad()
+def rollout(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, device, generator):
+    """Sample answers and everything the update needs; nothing here carries gradients."""
+    query, query_mask = left_pad(prompts, eot, device)
+    policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
+    t0 = time.time()
+    with autocast(device):
+        response, response_mask, _ = generate(policy, query, query_mask, cfg.max_new_tokens, eot,
+                                              cfg.temperature, generator=generator)
+    t_gen = time.time() - t0
+    with autocast(device):
+        # Recompute log-probs with the training forward rather than reuse the sampler's: the update
+        # then starts from ratio exactly 1 [N-details: recompute logprobs].
+        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, cfg.temperature)
+        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask, cfg.temperature)
+        values = value_predictions(value_model, query, query_mask, response, response_mask)
+        score = score_fn(query, query_mask, response, response_mask).float()
+    last = response[torch.arange(len(response)), response_mask.sum(1) - 1]
+    ended = last == eot
+    if cfg.missing_eos_penalty:
+        score = torch.where(ended, score, score + cfg.missing_eos_penalty)
+    mask = response_mask.float()
+    return dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
+                mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, score=score,
+                ended=ended.float(), t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+
+
+def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, device, generator):
+    """ppo_epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats."""
+    B = batch["response"].size(0)
+    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")}
+    policy.train()
+    value_model.train()
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator)
+        for i, start in enumerate(range(0, B, cfg.minibatch_size)):
+            idx = perm[start:start + cfg.minibatch_size].to(device)
+            mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
+                                                "logprobs", "values")}
+            with autocast(device):
+                new_logprobs, logits = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
+                                                         mb["response_mask"], cfg.temperature, return_logits=True)
+                new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
+                                               mb["response_mask"])
+            pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
+                                                       cfg.cliprange)
+            vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
+            ((pg_loss + cfg.vf_coef * vf_loss) / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0:
+                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
+                                               cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
+                             ("approx_kl", approx_kl), ("entropy", entropy_of(logits.detach(), mb["mask"]))):
+                    stats[k].append(v.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def explained_variance(values, returns, mask):
+    return 1 - (masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+
+
+def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, device, out_dir,
+              decode=None, log=print):
+    """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
+    response_mask) -> (B,) scores. Checkpoints after each iteration (atomic) and resumes from the last."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_file, metrics_file = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
+    ref_policy.eval().requires_grad_(False)
+    optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, weight_decay=0.0)
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.init_kl_coef))
+    start, history = 0, []
+    if ckpt_file.exists():
+        ckpt = load_checkpoint(ckpt_file, device)
+        policy.load_state_dict(ckpt["policy"])
+        value_model.load_state_dict(ckpt["value"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        kl_ctl.value, start, history = ckpt["kl_coef"], ckpt["iteration"], ckpt["history"]
+        log(f"[ppo] resumed from {ckpt_file} at iteration {start}")
+    for it in range(start, cfg.iterations):
+        t0 = time.time()
+        rng = random.Random(cfg.seed * 104729 + it)  # the iteration's prompts and samples: resumable
+        generator = torch.Generator().manual_seed(cfg.seed * 104729 + it)
+        batch = rollout(policy, ref_policy, value_model, score_fn, rng.sample(prompts, cfg.batch_size),
+                        cfg, eot, device, generator)
+        mask = batch["mask"]
+        rewards, kl = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
+        advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)
+        t_update = time.time()
+        stats = ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, device, generator)
+        t_update = time.time() - t_update
+        mean_kl = kl.sum(1).mean().item()
+        kl_ctl.update(mean_kl, cfg.batch_size)
+        n_tokens = int(mask.sum())
+        row = dict(iteration=it + 1, score=batch["score"].mean().item(), kl=mean_kl, kl_coef=kl_ctl.value,
+                   **stats, explained_variance=explained_variance(batch["values"], returns, mask),
+                   answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].mean().item(),
+                   t_generate=batch["t_gen"], t_score=batch["t_score"], t_update=t_update,
+                   tokens_per_s=n_tokens / (time.time() - t0))
+        history.append(row)
+        log(f"[ppo] it {it + 1}/{cfg.iterations} score {row['score']:+.3f} kl {mean_kl:.2f} "
+            f"beta {kl_ctl.value:.4f} pg {stats['policy_loss']:+.3f} vf {stats['value_loss']:.3f} "
+            f"clip {stats['clipfrac']:.2f} approx_kl {stats['approx_kl']:.4f} H {stats['entropy']:.2f} "
+            f"ev {row['explained_variance']:.2f} len {row['answer_length']:.0f} "
+            f"{row['tokens_per_s']:.0f} tok/s")
+        if decode is not None and (it + 1) % 10 == 0:
+            r = batch["response"][0][:int(mask[0].sum())].tolist()
+            log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
+                f"{decode(r)[:300]!r}")
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        save_checkpoint(ckpt_file, policy=policy.state_dict(), value=value_model.state_dict(),
+                        optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value, iteration=it + 1,
+                        history=history)
+    return history
+
+
+def main():
+    import rlaif
+    p = argparse.ArgumentParser(description="PPO stage of rlaif.py: tune the SFT policy against the reward "
+                                "model of --run-dir. Runs the paper config on a GPU, the tiny one on CPU.")
+    p.add_argument("--config", choices=("tiny", "paper"), default="paper" if torch.cuda.is_available() else "tiny")
+    p.add_argument("--run-dir", help="run directory holding sft/ and reward/ (default: runs/<config>)")
+    p.add_argument("--iterations", type=int, help="override the number of PPO iterations")
+    args = p.parse_args()
+    cfg = rlaif.make_config(args.config, run_dir=args.run_dir,
+                            **({"ppo_iterations": args.iterations} if args.iterations else {}))
+    run = Path(cfg.run_dir)
+    for need in (run / "sft" / "model" / "model.safetensors", run / "reward" / "reward_model.pt"):
+        if not need.exists():
+            raise SystemExit(f"ppo.py: {need} not found. Produce it with:\n"
+                             f"  python rlaif.py --config {args.config} --run-dir {run} --until reward")
+    rlaif.run_pipeline(cfg, only="ppo")
+
+
+if __name__ == "__main__":
+    main()
