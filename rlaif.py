@@ -12,75 +12,118 @@ its output exists, so an interrupted run resumes where it stopped; --from STAGE 
   4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]  reward.judge_answers
   5. reward    reward model trained on the judge's scores                  reward.train_reward_model
   6. ppo       PPO against the reward model, KL penalty to SFT             ppo.train_ppo
-  7. evaluate  SFT vs RLAIF vs Gorilla-7B on the held-out questions        evaluate.evaluate_models
+  7. evaluate  SFT vs RLAIF vs Gorilla-7B on the held-out questions        evaluate.score_answers
 """
 import argparse
 import json
-import math
 import random
-import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
+import evaluate
+import ppo
+import reward
 from data.gorilla import prepare
-from model import (GPT, Tokenizer, autocast, default_device, generate, left_pad, load_checkpoint, lr_at,
+from model import (GPT, Tokenizer, atomic_write, autocast, default_device, left_pad, load_checkpoint, lr_at,
                    make_optimizer, preset_config, response_logprobs, right_pad, save_checkpoint)
+from ppo import PPOConfig
+from reward import RMConfig
 
 STAGES = ("data", "sft", "sample", "feedback", "reward", "ppo", "evaluate")
 
 
 @dataclass
 class Config:
-    """Every knob of the pipeline. `tiny` (the default) and `paper` are the two presets below."""
+    """Every knob of the pipeline; `tiny` (the default) and `paper` are the presets below. Each field is
+    also a command-line flag (--sft-steps ...); the PPO and reward-model knobs live in ppo.PPOConfig and
+    reward.RMConfig (flags --ppo-* and --rm-*)."""
     run_dir: str = "runs/tiny"
+    """where every stage writes its outputs"""
     seed: int = 1
+    """seed of every stage (data order, sampling, initialisation)"""
     device: str = field(default_factory=default_device)
-    # model / data
-    init: str = "tiny"                 # a preset trained from scratch ("tiny") or HF weights ("gpt2-large")
-    compact: bool = True               # tiny: compact vocabulary + answers without the explanation
-    api_pairs: bool = True             # add the API database as extra SFT pairs (description -> api_call)
-    hub_train: bool = False            # train on APIBench's huggingface_train.json from the Hub (online)
-    max_answer_tokens: int = 192       # longer answers are truncated for training
-    # SFT
+    """cuda or cpu (default: cuda when available)"""
+    init: str = "tiny"
+    """model preset trained from scratch ("tiny") or HF weights to start from ("gpt2-large" or a directory)"""
+    compact: bool = True
+    """compact vocabulary + answers without the explanation (the tiny preset)"""
+    api_pairs: bool = True
+    """add the API database's 925 APIs as extra SFT pairs (description -> api_call)"""
+    hub_train: bool = False
+    """train on APIBench's huggingface_train.json from the Hub (online) instead of the offline split"""
+    max_answer_tokens: int = 192
+    """longer SFT answers are truncated"""
     sft_steps: int = 900
+    """SFT optimizer steps"""
     sft_batch_size: int = 16
+    """SFT examples per micro-batch"""
     sft_grad_accum: int = 1
+    """SFT micro-batches per optimizer step"""
     sft_lr: float = 2e-3
+    """SFT peak learning rate (linear warmup, cosine decay)"""
     sft_warmup: int = 50
+    """SFT warmup steps"""
     weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
+    """gradient-norm clip"""
     eval_every: int = 150
-    # sampling answers for feedback
+    """SFT validation loss (and checkpoint) every this many steps"""
     samples_per_prompt: int = 4
-    sample_prompts: int = 400          # how many training instructions get sampled answers
+    """answers sampled per instruction for AI feedback"""
+    sample_prompts: int = 400
+    """training instructions that get sampled answers"""
     max_new_tokens: int = 160
+    """answer length cap when sampling and evaluating"""
     temperature: float = 1.0
-    # AI feedback
-    judge: str = "rules"               # "rules" (offline stand-in) or "openai" (an OpenAI-compatible LLM)
+    """sampling temperature for the feedback samples"""
+    judge: str = "rules"
+    """rules (the offline stand-in) or openai (an OpenAI-compatible LLM, as the paper's GPT-3.5)"""
     judge_model: str = "gpt-3.5-turbo"
-    judge_base_url: str = ""           # e.g. http://localhost:8000/v1 for vLLM; empty = api.openai.com
+    """model name sent to the judge endpoint"""
+    judge_base_url: str = ""
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM (empty: api.openai.com)"""
     judge_concurrency: int = 8
-    # reward model
-    rm_epochs: int = 2
-    rm_lr: float = 3e-4
-    rm_batch_size: int = 16
-    rm_loss: str = "pairwise"          # "pairwise" (Bradley-Terry) or "regression"
-    # PPO (see ppo.PPOConfig for the algorithm's own knobs)
-    ppo_iterations: int = 30
-    # evaluation
-    eval_limit: int = 0                # 0 = every held-out question
-    exec_mode: str = "offline"         # "offline" (no network, checked stand-ins) or "real"
+    """judge requests in flight"""
+    eval_limit: int = 0
+    """evaluate on the first N held-out questions only (0 = all)"""
+    exec_mode: str = "offline"
+    """executability: offline (checked stand-ins, no network), real (real libraries) or none"""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
 
 
+TINY = dict(ppo=dict(iterations=30, batch_size=32, minibatch_size=8, ppo_epochs=4, lr=1e-4,
+                     max_new_tokens=160, init_kl_coef=0.05, target_kl=6.0),
+            rm=dict(epochs=1, lr=3e-4, batch_size=16, max_pairs_per_prompt=2))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
              max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
-             sft_warmup=100, eval_every=250, samples_per_prompt=4, sample_prompts=2000,
-             max_new_tokens=512, judge="openai", rm_lr=1e-5, rm_batch_size=8, ppo_iterations=200,
-             exec_mode="real")
+             sft_warmup=100, eval_every=250, samples_per_prompt=4, sample_prompts=2000, max_new_tokens=512,
+             judge="openai", exec_mode="real",
+             ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, ppo_epochs=4, lr=1e-5,
+                      max_new_tokens=512),
+             rm=dict(epochs=1, lr=1e-5, batch_size=8, max_pairs_per_prompt=6))
+PRESETS = {"tiny": TINY, "paper": PAPER}
+
+
+def make_config(preset="tiny", **overrides):
+    """Config of a preset with overrides; nested keys as ppo=dict(...) / rm=dict(...) or ppo_lr=..."""
+    cfg = Config()
+    for source in (PRESETS[preset], {k: v for k, v in overrides.items() if v is not None}):
+        for key, value in source.items():
+            if key in ("ppo", "rm"):
+                setattr(cfg, key, replace(getattr(cfg, key), **value))
+            elif key.startswith(("ppo_", "rm_")):
+                sub, name = key.split("_", 1)
+                setattr(cfg, sub, replace(getattr(cfg, sub), **{name: value}))
+            else:
+                setattr(cfg, key, value)
+    cfg.ppo.seed = cfg.rm.seed = cfg.seed
+    return cfg
 
 
 def log(msg):
@@ -198,3 +241,240 @@ def sft(cfg, tok, train, val, out_dir):
     model.eval()
     model.save_pretrained(out_dir / "model")
     return model, history
+
+
+# -----------------------------------------------------------------------------
+# 3. sample answers from the SFT policy
+
+def sample_stage(cfg, tok, train, sft_model, out_dir):
+    """samples_per_prompt answers to the first sample_prompts training instructions (a seeded shuffle)."""
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    chosen = order[:cfg.sample_prompts]
+    pairs = evaluate.generate_answers(sft_model, tok, [train[i].instruction for i in chosen], cfg.samples_per_prompt,
+                                      cfg.max_new_tokens, cfg.temperature, cfg.seed, device=cfg.device, log=log)
+    samples = [dict(id=k, record=chosen[k // cfg.samples_per_prompt], query=q, response=r, answer=tok.decode(r))
+               for k, (q, r) in enumerate(pairs)]
+    write_jsonl(out_dir / "samples.jsonl", samples)
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# 4. AI feedback
+
+def make_judge(cfg, run_dir):
+    if cfg.judge == "rules":
+        return reward.RulesJudge()
+    if cfg.judge == "openai":
+        return reward.OpenAIJudge(cfg.judge_model, cfg.judge_base_url, cache_file=Path(run_dir) / "judge_cache.jsonl",
+                                  concurrency=cfg.judge_concurrency, log=log)
+    raise SystemExit(f"--judge must be 'rules' or 'openai', not {cfg.judge!r}")
+
+
+def feedback_stage(cfg, train, samples, run_dir, out_dir):
+    judge = make_judge(cfg, run_dir)
+    if cfg.judge == "rules":
+        log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
+            "this is not LLM feedback. Use --judge openai for AI feedback.")
+    feedback = reward.judge_answers(judge, samples, train, out_dir / "feedback.partial.jsonl",
+                                    cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
+    scores = [f["score"] for f in feedback if f["score"] is not None]
+    log(f"[feedback] mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)} answers; per question: "
+        + ", ".join(f"{k} {sum(f['answers'][k] or 0 for f in feedback) / len(feedback):.2f}"
+                    for k, _, _ in reward.QUESTIONS))
+    write_jsonl(out_dir / "feedback.jsonl", feedback)
+    return feedback
+
+
+# -----------------------------------------------------------------------------
+# 5. reward model
+
+def reward_stage(cfg, tok, samples, feedback, sft_dir, out_dir):
+    torch.manual_seed(cfg.seed)
+    rm = reward.ScalarModel(GPT.from_pretrained(sft_dir)).to(cfg.device)  # initialised from SFT
+    by_id = {s["id"]: s for s in samples}
+    metrics = reward.train_reward_model(rm, by_id, feedback, tok, cfg.rm, cfg.device, out_dir / "ckpt.pt", log=log)
+    reward.normalise(rm, by_id, [s["id"] for s in samples], tok, cfg.device)
+    rm.save(out_dir / "reward_model.pt")
+    log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
+        f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# 6. PPO
+
+def ppo_stage(cfg, tok, train, sft_dir, rm_file, out_dir):
+    torch.manual_seed(cfg.seed)
+    policy = GPT.from_pretrained(sft_dir).to(cfg.device)
+    ref_policy = GPT.from_pretrained(sft_dir).to(cfg.device)
+    value_model, _ = reward.ScalarModel.load(rm_file, cfg.device)  # value init from the reward model
+    reward_model, _ = reward.ScalarModel.load(rm_file, cfg.device)
+    reward_model.eval().requires_grad_(False)
+    prompts = [tok.encode(prepare.format_prompt(r.instruction)) for r in train]
+    history = ppo.train_ppo(policy, ref_policy, value_model, reward_model.score, prompts, cfg.ppo, tok.eot,
+                            cfg.device, out_dir, decode=tok.decode, log=log)
+    policy.save_pretrained(out_dir / "model")
+    return history[-1] if history else {}
+
+
+# -----------------------------------------------------------------------------
+# 7. evaluate SFT vs RLAIF vs Gorilla-7B on the held-out questions
+
+def evaluate_stage(cfg, tok, test, sft_dir, rlaif_dir, out_dir):
+    if cfg.eval_limit:
+        test = test[:cfg.eval_limit]
+    db = evaluate.APIDatabase()
+    sandbox = None if cfg.exec_mode == "none" else evaluate.Sandbox(offline=cfg.exec_mode == "offline")
+    results = {}
+    for name, model_dir in (("SFT", sft_dir), ("RLAIF", rlaif_dir)):
+        model = GPT.from_pretrained(model_dir).to(cfg.device)
+        pairs = evaluate.generate_answers(model, tok, [r.instruction for r in test], 1, cfg.max_new_tokens,
+                                          temperature=0.0, seed=cfg.seed, device=cfg.device, log=log)
+        answers = [tok.decode(r) for _, r in pairs]
+        write_jsonl(out_dir / f"{name.lower()}_answers.jsonl",
+                    [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
+        results[f"{name} ({cfg.init}, {model_size(model)})"], _ = evaluate.score_answers(answers, test, db, sandbox)
+        log(f"[evaluate] {name} scored")
+    gorilla, kept = evaluate.gorilla_answers_for(test)
+    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
+        evaluate.score_answers(gorilla, kept, db, sandbox)
+    return results
+
+
+def model_size(model):
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.1f}M params"
+
+
+# -----------------------------------------------------------------------------
+# The driver: stages in order, each skipped when its done.json exists
+
+def write_jsonl(path, rows):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def stage_done(run, stage):
+    return (run / stage / "done.json").exists()
+
+
+def mark_done(run, stage, summary, t0):
+    summary = dict(summary, seconds=round(time.time() - t0, 1))
+    atomic_write(run / stage / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    log(f"[{stage}] done in {summary['seconds']:.0f}s -> {run / stage}")
+
+
+def run_pipeline(cfg, from_stage=None, until="evaluate", only=None):
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if from_stage or only:
+        for stage in STAGES[STAGES.index(only or from_stage):STAGES.index(only) + 1 if only else None]:
+            if (run / stage).exists():
+                shutil.rmtree(run / stage)  # redo from here (the judge cache, outside, is kept)
+    atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+    tok = tokenizer_for(cfg)
+    log(f"[rlaif] run {run}: model {cfg.init} ({'trained from scratch' if cfg.init == 'tiny' else 'HF weights'}), "
+        f"judge {'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
+        f"device {cfg.device}")
+    splits = load_data(cfg)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    sft_dir, rm_file = run / "sft" / "model", run / "reward" / "reward_model.pt"
+    todo = STAGES[1:STAGES.index(until) + 1]
+    for stage in todo:
+        if stage_done(run, stage):
+            log(f"[{stage}] already done ({run / stage / 'done.json'}), skipped")
+            continue
+        if only and stage != only:
+            raise SystemExit(f"stage {stage!r} has not run yet in {run}; run: python rlaif.py --run-dir {run} "
+                             f"--until {stage}")
+        t0, out = time.time(), run / stage
+        out.mkdir(parents=True, exist_ok=True)
+        if stage == "sft":
+            extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
+            _, history = sft(cfg, tok, sft_examples(cfg, tok, train + extra), sft_examples(cfg, tok, val), out)
+            mark_done(run, stage, dict(train_examples=len(train) + len(extra), final_loss=history[-1]["loss"],
+                                       val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1]), t0)
+        elif stage == "sample":
+            samples = sample_stage(cfg, tok, train, GPT.from_pretrained(sft_dir).to(cfg.device), out)
+            mark_done(run, stage, dict(samples=len(samples)), t0)
+        elif stage == "feedback":
+            feedback = feedback_stage(cfg, train, read_jsonl(run / "sample" / "samples.jsonl"), run, out)
+            mark_done(run, stage, dict(judge=feedback[0]["judge"] if feedback else cfg.judge,
+                                       judged=sum(f["score"] is not None for f in feedback)), t0)
+        elif stage == "reward":
+            metrics = reward_stage(cfg, tok, read_jsonl(run / "sample" / "samples.jsonl"),
+                                   read_jsonl(run / "feedback" / "feedback.jsonl"), sft_dir, out)
+            mark_done(run, stage, metrics, t0)
+        elif stage == "ppo":
+            mark_done(run, stage, ppo_stage(cfg, tok, train, sft_dir, rm_file, out), t0)
+        elif stage == "evaluate":
+            results = evaluate_stage(cfg, tok, test, sft_dir, run / "ppo" / "model", out)
+            (out / "results.md").write_text(evaluate.results_table(results) + "\n")
+            mark_done(run, stage, dict(results=results), t0)
+    if until == "evaluate" and not only:
+        print_results(cfg, run)
+
+
+def print_results(cfg, run):
+    done = json.loads((run / "evaluate" / "done.json").read_text())
+    judge = ("RULES JUDGE (offline deterministic stand-in for GPT-3.5; not LLM feedback)" if cfg.judge == "rules"
+             else f"LLM judge {cfg.judge_model}")
+    model = ("tiny GPT-2 architecture trained FROM SCRATCH on CPU (not GPT-2 weights)" if cfg.init == "tiny"
+             else f"{cfg.init} from Hugging Face weights")
+    split = "offline hash split of the eval file" if not cfg.hub_train else "APIBench train file (Hub)"
+    log(f"\nResults on {next(iter(done['results'].values()))['n']} held-out questions ({split})")
+    log(f"  model: {model}\n  judge: {judge}\n  executability: {cfg.exec_mode} mode\n")
+    log(evaluate.results_table(done["results"]))
+    for name, s in done["results"].items():
+        if "exec_failures" in s:
+            log(f"  {name}: non-executable by class {s['exec_failures']}")
+
+
+def field_docs(cls):
+    """The docstring under each dataclass field (CleanRL style), for --help."""
+    import ast as pyast
+    import inspect
+    body = pyast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, pyast.AnnAssign) and isinstance(b, pyast.Expr) and isinstance(b.value, pyast.Constant)}
+
+
+def add_flags(parser, cls, prefix=""):
+    docs = field_docs(cls)
+    for f in fields(cls):
+        if f.name in ("ppo", "rm", "seed") and prefix:
+            continue
+        if f.type in ("PPOConfig", "RMConfig") or f.name in ("ppo", "rm"):
+            continue
+        kind = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
+                            type=kind[f.type if isinstance(f.type, str) else f.type.__name__],
+                            help=docs.get(f.name, ""))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(PRESETS), default="tiny",
+                   help="preset: tiny (offline, CPU, minutes) or paper (gpt2-large, GPT-3.5 judge, one GPU)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES[1:], help="redo this stage and every later one")
+    p.add_argument("--until", choices=STAGES[1:], default="evaluate", help="stop after this stage")
+    add_flags(p, Config)
+    add_flags(p, PPOConfig, "ppo-")
+    add_flags(p, RMConfig, "rm-")
+    args = vars(p.parse_args())
+    preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
+    cfg = make_config(preset, **args)
+    if cfg.run_dir == Config.run_dir and preset != "tiny":
+        cfg.run_dir = PRESETS[preset].get("run_dir", cfg.run_dir)
+    t0 = time.time()
+    run_pipeline(cfg, from_stage, until)
+    log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
