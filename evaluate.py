@@ -541,6 +541,13 @@ def generate_answers(model, tok, instructions, n=1, max_new_tokens=160, temperat
     return out
 
 
+def without_explanation(answer):
+    """Domain, api_call, provider and code of an answer (text or sections): the text ROUGE-L compares, so
+    models that write no explanation (the tiny preset) and ones that do are scored on the same parts."""
+    sections = prepare.parse_answer(answer) if isinstance(answer, str) else answer
+    return "\n".join(sections[k] for k in prepare.SECTIONS if k != "explanation")
+
+
 def score_answers(answers, records, db, sandbox=None):
     """Metrics of answers[i] to records[i] (paper section 4). Returns (summary, per-answer rows)."""
     rows = []
@@ -548,8 +555,7 @@ def score_answers(answers, records, db, sandbox=None):
         reference_code = r.sections["code"]
         cb, _ = codebleu(answer_code(text), reference_code)
         rows.append(dict(question_id=r.line, ast=ast_verdict(db, text, r.api_data.get("domain") or r.sections["domain"]),
-                         rouge_l=rouge_l(prepare.format_answer(prepare.parse_answer(text), explanation=False),
-                                         prepare.format_answer(r.sections, explanation=False)),
+                         rouge_l=rouge_l(without_explanation(text), without_explanation(r.sections)),
                          codebleu=cb))
     if sandbox is not None:
         for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db.apis)):

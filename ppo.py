@@ -260,8 +260,9 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, devi
         t0 = time.time()
         rng = random.Random(cfg.seed * 104729 + it)  # the iteration's prompts and samples: resumable
         generator = torch.Generator().manual_seed(cfg.seed * 104729 + it)
-        batch = rollout(policy, ref_policy, value_model, score_fn, rng.sample(prompts, cfg.batch_size),
-                        cfg, eot, device, generator)
+        chosen = (rng.sample(prompts, cfg.batch_size) if len(prompts) >= cfg.batch_size
+                  else rng.choices(prompts, k=cfg.batch_size))
+        batch = rollout(policy, ref_policy, value_model, score_fn, chosen, cfg, eot, device, generator)
         mask = batch["mask"]
         rewards, kl = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
         advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)

@@ -134,7 +134,8 @@ class OpenAIJudge:
             try:
                 p_yes, usage = self.request(prompt)
             except (self.openai.RateLimitError, self.openai.APITimeoutError, self.openai.APIConnectionError,
-                    self.openai.InternalServerError, JudgeError) as e:
+                    self.openai.InternalServerError, self.openai.APIResponseValidationError, JudgeError,
+                    ValueError) as e:  # ValueError: a body that is not JSON
                 last = e
                 continue
             except self.openai.APIStatusError as e:

@@ -50,12 +50,12 @@ class Config:
     init: str = "tiny"
     """model preset trained from scratch ("tiny") or HF weights to start from ("gpt2-large" or a directory)"""
     compact: bool = True
-    """compact vocabulary + answers without the explanation (the tiny preset)"""
+    """compact vocabulary + compact answers (no explanation, code cut after the api_call; tiny preset)"""
     api_pairs: bool = True
     """add the API database's 925 APIs as extra SFT pairs (description -> api_call)"""
     hub_train: bool = False
     """train on APIBench's huggingface_train.json from the Hub (online) instead of the offline split"""
-    max_answer_tokens: int = 192
+    max_answer_tokens: int = 160
     """longer SFT answers are truncated"""
     sft_steps: int = 900
     """SFT optimizer steps"""
@@ -77,7 +77,7 @@ class Config:
     """answers sampled per instruction for AI feedback"""
     sample_prompts: int = 400
     """training instructions that get sampled answers"""
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     """answer length cap when sampling and evaluating"""
     temperature: float = 1.0
     """sampling temperature for the feedback samples"""
@@ -98,7 +98,7 @@ class Config:
 
 
 TINY = dict(ppo=dict(iterations=30, batch_size=32, minibatch_size=8, ppo_epochs=4, lr=1e-4,
-                     max_new_tokens=160, init_kl_coef=0.05, target_kl=6.0),
+                     max_new_tokens=128, init_kl_coef=0.05, target_kl=6.0),
             rm=dict(epochs=1, lr=3e-4, batch_size=16, max_pairs_per_prompt=2))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
              max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
@@ -156,7 +156,7 @@ def sft_examples(cfg, tok, records):
     out = []
     for r in records:
         prompt = tok.encode(prepare.format_prompt(r.instruction))
-        answer = tok.encode(prepare.format_answer(r.sections, explanation=not cfg.compact))
+        answer = tok.encode(prepare.format_answer(r.sections, compact=cfg.compact))
         out.append((prompt, answer[:cfg.max_answer_tokens - 1] + [tok.eot]))
     return out
 
@@ -197,9 +197,24 @@ def validation_loss(model, examples, pad, device, batch_size=32):
     return total / max(n, 1)
 
 
+def batch_at(examples, batch_size, index, seed):
+    """The index-th batch of a length-grouped epoch order: each epoch is shuffled, cut into groups of
+    32 batches, each group sorted by length, so a batch holds similar lengths and little padding.
+    A pure function of (index, seed): a resumed run sees exactly the batches of an uninterrupted one."""
+    per_epoch = len(examples) // batch_size
+    epoch, i = divmod(index, per_epoch)
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    group = 32 * batch_size
+    order = [j for g in range(0, len(order), group)
+             for j in sorted(order[g:g + group], key=lambda j: len(examples[j][0]) + len(examples[j][1]))]
+    batches = [order[b:b + batch_size] for b in range(0, per_epoch * batch_size, batch_size)]
+    random.Random(seed * 7 + epoch).shuffle(batches)
+    return [examples[j] for j in batches[i]]
+
+
 def sft(cfg, tok, train, val, out_dir):
-    """Supervised fine-tuning. Batches are drawn from a generator seeded by (seed, step), so a run
-    resumed from a checkpoint sees exactly the batches the uninterrupted run would have."""
+    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint."""
     out_dir = Path(out_dir)
     ckpt_file = out_dir / "ckpt.pt"
     torch.manual_seed(cfg.seed)
@@ -218,9 +233,9 @@ def sft(cfg, tok, train, val, out_dir):
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        for _ in range(cfg.sft_grad_accum):
-            loss, n_tokens = sft_loss(model, rng.sample(train, cfg.sft_batch_size), tok.eot, cfg.device)
+        for micro in range(cfg.sft_grad_accum):
+            batch = batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed)
+            loss, n_tokens = sft_loss(model, batch, tok.eot, cfg.device)
             (loss / cfg.sft_grad_accum).backward()
             tokens_seen += n_tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

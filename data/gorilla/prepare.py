@@ -46,11 +46,27 @@ def format_prompt(instruction):
     return f"###Instruction: {instruction.strip()}\n###Output:"
 
 
-def format_answer(sections, explanation=True):
-    """The answer the model learns to write. explanation=False is the compact target of the tiny
-    preset (domain, api_call, provider, code), which a from-scratch CPU model can learn in minutes."""
-    names = SECTIONS if explanation else tuple(s for s in SECTIONS if s != "explanation")
-    return " " + "\n".join(f"<<<{n}>>>: {sections.get(n, '').strip()}" for n in names)
+def format_answer(sections, compact=False):
+    """The answer the model learns to write. compact=True is the tiny preset's target, which a
+    from-scratch CPU model can learn in minutes: no explanation, and the code cut after the line that
+    makes the api_call (imports + the call: the part that decides executability and the AST metric)."""
+    if not compact:
+        return " " + "\n".join(f"<<<{n}>>>: {sections.get(n, '').strip()}" for n in SECTIONS)
+    body = dict(sections, code=compact_code(sections.get("code", ""), sections.get("api_call", "")))
+    return " " + "\n".join(f"<<<{n}>>>: {body.get(n, '').strip()}" for n in SECTIONS if n != "explanation")
+
+
+def compact_code(code, api_call):
+    """The code's lines up to the first one that uses the api_call's first argument (else its function
+    name), or the first 6 lines when neither appears."""
+    lines = code.strip().splitlines()
+    m = re.search(r"\((['\"]?[^,)'\"]*)", api_call)
+    keys = [k for k in (m.group(1).strip("'\"") if m else "", api_call.split("(")[0].split(".")[-1]) if k]
+    for key in keys:
+        for i, line in enumerate(lines):
+            if key in line and not line.lstrip().startswith(("import ", "from ", "#")):
+                return "\n".join(lines[:i + 1])
+    return "\n".join(lines[:6])
 
 
 def parse_answer(text):

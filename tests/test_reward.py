@@ -1,0 +1,160 @@
+"""AI feedback against a real OpenAI-compatible HTTP server on 127.0.0.1, the rules judge on
+hand-written answers, and the reward model's ability to learn a ranking."""
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from data.gorilla import prepare
+from reward import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
+from tests.openai_server import FakeOpenAI
+
+
+@pytest.fixture(scope="module")
+def records():
+    return prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenAI()
+    yield s
+    s.close()
+
+
+def judge(server, tmp_path, **kw):
+    kw = dict(dict(timeout=1.0, backoff=0.01, max_retries=3), **kw)
+    return OpenAIJudge("gpt-3.5-turbo", server.url, cache_file=tmp_path / "cache.jsonl", api_key="k", **kw)
+
+
+def test_logprobs_give_p_yes(server, tmp_path):
+    server.p_yes = 0.8
+    j = judge(server, tmp_path)
+    assert j.ask("q1") == pytest.approx(0.8)
+    assert server.requests[0]["logprobs"] is True and server.requests[0]["max_tokens"] == 1
+
+
+def test_text_reply_without_logprobs(server, tmp_path):
+    server.default = "text"
+    server.p_yes = 0.2
+    assert judge(server, tmp_path).ask("q") == 0.0
+
+
+def test_429_then_success_retries(server, tmp_path):
+    server.script = ["429", "429"]
+    assert judge(server, tmp_path).ask("q") == pytest.approx(0.8)
+    assert len(server.requests) == 3
+
+
+def test_persistent_500_gives_up_and_records_failure(server, tmp_path, records):
+    server.default = "500"
+    j = judge(server, tmp_path, max_retries=2)
+    samples = [dict(id=0, record=0, answer=prepare.format_answer(records[0].sections))]
+    out = judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
+    assert out[0]["score"] is None and "gave up" in out[0]["error"]
+    assert len(server.requests) == 3 * len(QUESTIONS)  # 1 + 2 retries per question, then recorded
+
+
+def test_hung_request_times_out_then_succeeds(server, tmp_path):
+    server.script = ["hang"]
+    t0 = time.time()
+    assert judge(server, tmp_path, timeout=0.5).ask("q") == pytest.approx(0.8)
+    assert time.time() - t0 < 4
+
+
+def test_malformed_json_and_non_answers_are_retried(server, tmp_path):
+    server.script = ["malformed", "text_other"]
+    assert judge(server, tmp_path).ask("q") == pytest.approx(0.8)
+    assert len(server.requests) == 3
+
+
+def test_cache_means_never_paying_twice(server, tmp_path):
+    j = judge(server, tmp_path)
+    j.ask("same prompt")
+    judge(server, tmp_path).ask("same prompt")  # a new process would read the same cache file
+    assert len(server.requests) == 1
+
+
+def _judge_forever(url, cache, out, n):
+    recs = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    j = OpenAIJudge("gpt-3.5-turbo", url, cache_file=cache, api_key="k", timeout=2, backoff=0.01)
+    samples = [dict(id=i, record=i, answer=prepare.format_answer(recs[i].sections)) for i in range(n)]
+    judge_answers(j, samples, recs, out, concurrency=2, log=lambda *a: None)
+
+
+def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
+    server = FakeOpenAI(delay=0.02)
+    try:
+        n, cache, out = 12, tmp_path / "cache.jsonl", tmp_path / "fb.jsonl"
+        child = multiprocessing.get_context("fork").Process(target=_judge_forever, args=(server.url, cache, out, n))
+        child.start()
+        while not out.exists() or len(out.read_text().splitlines()) < 4:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)  # a crash, mid-run
+        child.join()
+        paid_before = len(server.requests)
+        assert paid_before < n * len(QUESTIONS)
+        _judge_forever(server.url, cache, out, n)
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()]
+        assert sorted(ids) == list(range(n))  # every judgement present exactly once
+        keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == n * len(QUESTIONS)
+        assert len(server.requests) <= n * len(QUESTIONS) + 2  # at most the in-flight ones asked again
+    finally:
+        server.close()
+
+
+def test_rules_judge_on_hand_written_answers(records):
+    r = next(x for x in records if x.api_data.get("api_call") == "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
+    right = (" <<<domain>>>: Natural Language Processing Sentence Similarity\n"
+             "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
+             "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+             "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
+    hallucinated = right.replace("princeton-nlp/unsup-simcse-roberta-base", "princeton-nlp/made-up-model")
+    wrong_domain = (" <<<domain>>>: Computer Vision Depth Estimation\n"
+                    "<<<api_call>>>: pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')\n"
+                    "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import pipeline\n"
+                    "p = pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')")
+    syntax_error = right.replace("model = AutoModel", "model = = AutoModel")
+    j = RulesJudge()
+    a = j.answers(r, right)
+    assert a == dict(api_exists=1, api_fits_task=1, arguments_right=1, code_valid=1, code_uses_api=1)
+    assert combine(a) == pytest.approx(1.0)
+    a = j.answers(r, hallucinated)
+    assert a["api_exists"] == 0 and a["api_fits_task"] == 0 and a["code_valid"] == 1
+    a = j.answers(r, wrong_domain)
+    assert a["api_exists"] == 1 and a["api_fits_task"] == 0 and a["arguments_right"] == 0 and a["code_uses_api"] == 1
+    a = j.answers(r, syntax_error)
+    assert a["api_exists"] == 1 and a["code_valid"] == 0
+
+
+def test_reward_model_learns_a_ranking():
+    """Judge scores that depend on one token: the reward model must rank held-out pairs by them."""
+    from model import GPT, GPTConfig
+    from reward import RMConfig, ScalarModel, train_reward_model, normalise
+    torch.manual_seed(0)
+    rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
+    g = torch.Generator().manual_seed(0)
+    samples, feedback = {}, []
+    for k in range(400):
+        response = torch.randint(10, 60, (8,), generator=g).tolist()
+        good = k % 4 < 2
+        if good:
+            response[int(torch.randint(0, 8, (1,), generator=g))] = 7
+        samples[k] = dict(query=[1, 2, 3], response=response + [63])
+        feedback.append(dict(id=k, record=k // 4, score=float(good), answers={}))
+
+    class Tok:
+        eot = 63
+    metrics = train_reward_model(rm, samples, feedback, Tok, RMConfig(epochs=6, lr=1e-3, batch_size=16,
+                                 heldout_fraction=0.2), "cpu", "/tmp/_rm_test_ckpt.pt", log=lambda *a: None)
+    os.remove("/tmp/_rm_test_ckpt.pt")
+    assert metrics["heldout_pairwise_accuracy"] > 0.9, metrics
+    normalise(rm, samples, list(samples), Tok, "cpu")
+    from reward import rm_scores
+    r = rm_scores(rm, samples, list(samples), Tok, "cpu")
+    assert abs(r.mean().item()) < 1e-4 and abs(r.std().item() - 1) < 1e-3
