@@ -479,7 +479,9 @@ class Sandbox:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     def run(self, code, base_spec):
-        """(class, detail) of one snippet: class is a FAILURE_CLASSES value or 'timeout' / 'crashed'."""
+        """(class, detail) of one snippet: a FAILURE_CLASSES value, or 'no_code' / 'timeout' / 'crashed'."""
+        if not code.strip():
+            return "no_code", "the answer has no code section"
         with tempfile.TemporaryDirectory(prefix="rlaif-exec-") as tmp:
             spec_file = Path(tmp) / ".spec.json"
             spec_file.write_text(json.dumps(dict(base_spec, code=code)))

@@ -46,6 +46,7 @@ PRESETS = {
     # CPU preset, trained from scratch: 4 layers, 256 wide, on the compact vocabulary
     # (data/gorilla/vocab.json), so that the embedding and output layer stop dominating compute.
     "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=512, vocab_size=None),
+    "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=None),  # tests, smoke runs
 }
 
 

@@ -19,12 +19,13 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model import autocast, generate, left_pad, load_checkpoint, make_optimizer, response_logprobs, save_checkpoint
+from model import (atomic_write, autocast, generate, left_pad, load_checkpoint, make_optimizer, response_logprobs,
+                   save_checkpoint)
 
 
 @dataclass
@@ -288,11 +289,11 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, devi
             r = batch["response"][0][:int(mask[0].sum())].tolist()
             log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
                 f"{decode(r)[:300]!r}")
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
         save_checkpoint(ckpt_file, policy=policy.state_dict(), value=value_model.state_dict(),
                         optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value, iteration=it + 1,
                         history=history)
+        # rewritten from the checkpointed history, so a crash and resume never duplicates a row
+        atomic_write(metrics_file, lambda p: Path(p).write_text("".join(json.dumps(h) + "\n" for h in history)))
     return history
 
 

@@ -328,6 +328,10 @@ def train_reward_model(rm, samples, feedback, tok, cfg, device, ckpt_file, log=p
     scored = [f for f in train_fb if f["score"] is not None]
     units = train_pairs if cfg.loss == "pairwise" else scored
     steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
+    if not train_pairs and cfg.loss == "pairwise":
+        log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
+            "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
+            "more answers per prompt (--samples-per-prompt).")
     log(f"[reward] {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
         f"({len(heldout_records)} held-out prompts), {steps} steps, loss {cfg.loss}")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)

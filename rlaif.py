@@ -164,8 +164,13 @@ def sft_examples(cfg, tok, records):
 # -----------------------------------------------------------------------------
 # 2. sft
 
+def from_scratch(cfg):
+    """The CPU presets are trained from scratch: no GPT-2 weights can be downloaded offline."""
+    return cfg.init in ("tiny", "micro")
+
+
 def init_model(cfg, tok):
-    if cfg.init in ("tiny",):
+    if from_scratch(cfg):
         return GPT(preset_config(cfg.init, tok.vocab_size))
     return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
 
@@ -393,7 +398,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate", only=None):
                 shutil.rmtree(run / stage)  # redo from here (the judge cache, outside, is kept)
     atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
     tok = tokenizer_for(cfg)
-    log(f"[rlaif] run {run}: model {cfg.init} ({'trained from scratch' if cfg.init == 'tiny' else 'HF weights'}), "
+    log(f"[rlaif] run {run}: model {cfg.init} ({'trained from scratch' if from_scratch(cfg) else 'HF weights'}), "
         f"judge {'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
     splits = load_data(cfg)
@@ -439,7 +444,7 @@ def print_results(cfg, run):
     done = json.loads((run / "evaluate" / "done.json").read_text())
     judge = ("RULES JUDGE (offline deterministic stand-in for GPT-3.5; not LLM feedback)" if cfg.judge == "rules"
              else f"LLM judge {cfg.judge_model}")
-    model = ("tiny GPT-2 architecture trained FROM SCRATCH on CPU (not GPT-2 weights)" if cfg.init == "tiny"
+    model = (f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)" if from_scratch(cfg)
              else f"{cfg.init} from Hugging Face weights")
     split = "offline hash split of the eval file" if not cfg.hub_train else "APIBench train file (Hub)"
     log(f"\nResults on {next(iter(done['results'].values()))['n']} held-out questions ({split})")

@@ -1,5 +1,4 @@
 """evaluate.py's metrics against the reference packages, on real Gorilla text."""
-import json
 import statistics
 
 import pytest

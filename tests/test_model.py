@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import GPT, GPTConfig, Tokenizer, generate, left_pad, response_logprobs, right_pad, filter_logits
+from model import GPT, GPTConfig, Tokenizer, filter_logits, generate, left_pad, response_logprobs
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,0 +1,98 @@
+"""Gorilla records, the prompt format, and the SFT loop (masking, resume)."""
+
+import pytest
+import torch
+
+from data.gorilla import prepare
+
+
+def test_every_eval_record_parses_or_is_reported_with_its_line():
+    reported = []
+    records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=reported.append)
+    lines = [l for l in prepare.EVAL_FILE.read_text().splitlines() if l.strip()]
+    skipped = [m for m in reported if "huggingface_eval.json:" in m]
+    assert len(records) + len(skipped) == len(lines) == 911
+    assert f"skipped {len(skipped)} malformed" in reported[0]
+    for m in skipped:  # file:line: reason
+        line = int(m.split("huggingface_eval.json:")[1].split(":")[0])
+        assert 1 <= line <= 911 and ("lacks" in m or "no '" in m)
+    assert len(records) > 850
+    for r in records:
+        assert r.instruction and all(r.sections[k] for k in prepare.REQUIRED)
+
+
+def test_malformed_file_fails_with_file_line_and_reason(tmp_path):
+    good = prepare.EVAL_FILE.read_text().splitlines()[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(good + "\n" + '{"code": "###Instruction: x ###Output: <<<domain>>>: d"}\n' + "{oops\n")
+    with pytest.raises(prepare.DataError, match=r"bad.json:2: answer lacks section\(s\) <<<api_call>>>"):
+        prepare.load_records(bad)
+    bad.write_text(good + "\n{oops\n")
+    with pytest.raises(prepare.DataError, match=r"bad.json:2: invalid JSON"):
+        prepare.load_records(bad)
+    msgs = []
+    assert len(prepare.load_records(bad, skip_bad=True, log=msgs.append)) == 1
+    assert "skipped 1 malformed" in msgs[0]
+
+
+def test_split_is_deterministic_and_disjoint():
+    records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    a, b = prepare.offline_splits(records), prepare.offline_splits(list(reversed(records)))
+    assert {k: sorted(r.line for r in v) for k, v in a.items()} == {k: sorted(r.line for r in v) for k, v in b.items()}
+    train, test = {r.instruction for r in a["train"]}, {r.instruction for r in a["test"]}
+    assert not train & test and 0.15 < len(a["test"]) / len(records) < 0.25
+
+
+def test_answer_format_round_trips_through_the_parser():
+    records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    for r in records[:100]:
+        for compact in (False, True):
+            parsed = prepare.parse_answer(prepare.format_answer(r.sections, compact=compact))
+            assert parsed["api_call"] == r.sections["api_call"]
+            assert parsed["domain"] == r.sections["domain"]
+            assert (parsed["explanation"] == "") == compact
+
+
+def test_sft_loss_has_zero_weight_on_prompt_tokens():
+    """The loss is the mean NLL of the answer tokens alone, computed by hand on unpadded rows."""
+    from model import GPT, GPTConfig
+    from rlaif import sft_loss
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    batch = [([1, 2, 3, 4], [5, 6, 49]), ([7, 8], [9, 49])]
+    loss, _ = sft_loss(model, batch, 49, "cpu")
+    with torch.no_grad():
+        nll, n = 0.0, 0
+        for prompt, answer in batch:
+            logp = model(torch.tensor([prompt + answer])).log_softmax(-1)[0]
+            for t, tok in enumerate(answer):
+                nll -= logp[len(prompt) - 1 + t, tok].item()
+                n += 1
+    assert abs(loss.item() - nll / n) < 1e-5
+
+
+def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    import model as model_module
+    import rlaif
+    monkeypatch.setitem(model_module.PRESETS, "tiny_test",
+                        dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=None))
+    tok = model_module.Tokenizer(prepare.VOCAB_FILE)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda lo, hi: torch.randint(0, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+    examples = [(rand(3, 9), rand(2, 7) + [tok.eot]) for _ in range(64)]
+    cfg = rlaif.make_config("tiny", init="tiny_test", sft_steps=12, sft_batch_size=8, eval_every=4,
+                            sft_warmup=2, device="cpu")
+    _, full = rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "a")
+
+    real_save = rlaif.save_checkpoint
+
+    def crash_after_step_8(path, **state):
+        real_save(path, **state)
+        if state["step"] == 8:
+            raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(rlaif, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+    monkeypatch.setattr(rlaif, "save_checkpoint", real_save)
+    _, resumed = rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    assert resumed[-1].get("val_loss") == full[-1].get("val_loss")
