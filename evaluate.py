@@ -489,21 +489,24 @@ class Sandbox:
                    "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
             child = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import evaluate; "
                      f"evaluate.sandbox_child({str(spec_file)!r})")
-            proc = subprocess.Popen([sys.executable, "-I", "-c", child], cwd=tmp, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    preexec_fn=self.limits, start_new_session=True)
-            try:
-                out, err = proc.communicate(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                return "timeout", f"killed after {self.timeout:.0f}s"
-            finally:
+            # Output goes to files, which RLIMIT_FSIZE bounds, never into this process's memory.
+            with open(Path(tmp) / ".stdout", "wb") as out, open(Path(tmp) / ".stderr", "wb") as err:
+                proc = subprocess.Popen([sys.executable, "-I", "-c", child], cwd=tmp, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        preexec_fn=self.limits, start_new_session=True)
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # anything the snippet left behind
-                except ProcessLookupError:
-                    pass
-            detail = err[-self.max_output:].decode(errors="replace").strip().splitlines()
+                    proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    return "timeout", f"killed after {self.timeout:.0f}s"
+                finally:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it left behind
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            with open(Path(tmp) / ".stderr", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - self.max_output))
+                detail = f.read().decode(errors="replace").strip().splitlines()
             if proc.returncode in FAILURE_CLASSES:
                 return FAILURE_CLASSES[proc.returncode], detail[-1] if detail else ""
             return "crashed", f"exit {proc.returncode}"

@@ -1,0 +1,101 @@
+"""The sandboxed executability check: labelled snippets (real Gorilla reference code and deliberately
+broken variants) and hostile snippets that must be contained."""
+import os
+import re
+import time
+
+import pytest
+
+from data.gorilla import prepare
+from evaluate import Sandbox
+
+# Reference code sections of the test split, read by hand: each uses only real transformers names and
+# model ids of the API database, and defines every name it uses. Label: executable.
+REFERENCE_LINES = (32, 37, 51, 56, 63, 66, 146, 148, 207, 209)
+
+
+def mutations(code):
+    """(label, code) variants of an executable snippet, each broken in one known way."""
+    first_id = re.search(r"'([\w.-]+/[\w.-]+)'", code).group(1)
+    first_name = re.search(r"from transformers import (\w+)", code).group(1)
+    last = code.rstrip().rsplit(")", 1)
+    return [("executable", code),
+            ("syntax", last[0] + last[1] if len(last) == 2 else code + "(("),
+            ("hallucinated_api", re.sub(rf"\b{first_name}\b", first_name + "Plus", code)),
+            ("hallucinated_api", code.replace(first_id, "nobody/no-such-model")),
+            ("import", "import transformerz\n" + code),
+            ("runtime", code + "\nprint(undefined_variable_xyz)")]
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(timeout=10)
+
+
+def test_labelled_snippets_get_their_labels(sandbox):
+    by_line = {r.line: r for r in prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)}
+    labelled = [m for line in REFERENCE_LINES for m in mutations(by_line[line].sections["code"])]
+    labelled += [("executable", "import numpy as np\nx = np.arange(6).reshape(2, 3)\nprint(x.sum(axis=0))"),
+                 ("runtime", "import numpy as np\nnp.zeros(3) @ np.zeros(4)"),
+                 ("no_code", "   \n")]
+    assert len(labelled) >= 40
+    verdicts = sandbox.run_all([code for _, code in labelled])
+    wrong = [(label, v, code[:80]) for (label, code), v in zip(labelled, verdicts) if v[0] != label]
+    assert not wrong, wrong
+
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "sleep forever": "import time\ntime.sleep(10**6)",
+    "C-level busy loop": "sum(range(10**13))",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "multiprocessing": "import multiprocessing as mp\nmp.Process(target=print).start()",
+    "huge allocation": "x = bytearray(50 * 2**30)",
+    "growing list": "x = []\nwhile True:\n    x.append(' ' * 10**6)",
+    "write outside": "open({sentinel!r}, 'w').write('pwned')",
+    "append outside": "with open({sentinel!r}, 'a') as f:\n    f.write('pwned')",
+    "delete outside": "import os\nos.remove({sentinel!r})",
+    "rmtree outside": "import shutil\nshutil.rmtree({sentinel_dir!r})",
+    "rename outside": "import os\nos.rename({sentinel!r}, {sentinel!r} + '.moved')",
+    "chmod outside": "import os\nos.chmod({sentinel!r}, 0)",
+    "pathlib write": "import pathlib\npathlib.Path({sentinel!r}).write_text('pwned')",
+    "read environment": "import os, sys\nsys.exit(1 if 'RLAIF_TEST_SECRET' in os.environ else 0)",
+    "socket connect": "import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', 22))",
+    "socket server": "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()",
+    "dns lookup": "import socket\nsocket.getaddrinfo('example.com', 80)",
+    "shell via subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'touch {sentinel}.sh'])",
+    "os.system": "import os\nos.system('touch {sentinel}.sys')",
+    "exec a shell": "import os\nos.execv('/bin/sh', ['sh', '-c', 'touch {sentinel}.exec'])",
+    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    "ctypes": "import ctypes\nctypes.CDLL(None).system(b'touch {sentinel}.ctypes')",
+    "huge file": "with open('big', 'wb') as f:\n    f.write(b'x' * 100 * 2**20)",
+    "huge output": "while True:\n    print('x' * 10**6)",
+    "recursion": "def f():\n    return f()\nf()",
+}
+
+
+def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
+    sentinel_dir = tmp_path / "host"
+    sentinel_dir.mkdir()
+    sentinel = sentinel_dir / "precious.txt"
+    sentinel.write_text("original")
+    monkeypatch.setenv("RLAIF_TEST_SECRET", "s3cret")
+    sandbox = Sandbox(timeout=3, memory_mb=1024)
+    codes = [c.format(sentinel=str(sentinel), sentinel_dir=str(sentinel_dir)) for c in HOSTILE.values()]
+    t0 = time.time()
+    verdicts = []
+    for code in codes:
+        start = time.time()
+        verdicts.append(sandbox.run(code, sandbox.spec([])))
+        assert time.time() - start < sandbox.timeout + 5, code  # each within its limit
+    assert len(HOSTILE) >= 20
+    assert sentinel.read_text() == "original"
+    assert sorted(p.name for p in sentinel_dir.iterdir()) == ["precious.txt"]  # nothing created or moved
+    assert os.stat(sentinel).st_mode & 0o777 != 0
+    results = dict(zip(HOSTILE, verdicts))
+    assert results["read environment"][0] == "executable"  # ran, and saw no secret
+    for name, (verdict, _) in results.items():
+        if name != "read environment":
+            assert verdict != "executable", (name, verdict)
+    print(f"\n{len(HOSTILE)} hostile snippets in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{k}: {v[0]}" for k, v in results.items()))
