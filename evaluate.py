@@ -75,6 +75,13 @@ def calls_in(source):
     return out
 
 
+def normalise_call(source):
+    try:
+        return ast.unparse(ast.parse(source.strip()))
+    except (SyntaxError, ValueError):
+        return source.strip()
+
+
 class APIDatabase:
     """The 925 HuggingFace APIs; match() finds the entry an answer's api_call refers to."""
 
@@ -82,6 +89,14 @@ class APIDatabase:
         self.apis = apis if apis is not None else prepare.load_api_database()
         # reference call of each entry: its first (outermost) call's name and argument values
         self.refs = [(calls_in(a["api_call"]) or [(None, [])])[0] for a in self.apis]
+        self.calls = {}
+        for i, a in enumerate(self.apis):
+            self.calls.setdefault(normalise_call(a["api_call"]), i)
+
+    def exact(self, api_call):
+        """Index of the first entry whose api_call is the answer's, up to quotes and spacing; else None.
+        Stricter than match(): a call with extra or invented arguments does not count."""
+        return self.calls.get(normalise_call(api_call))
 
     def match(self, api_call):
         """Index of the first entry whose function name appears among the answer's calls with every one

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from evaluate import APIDatabase, answer_api_call, calls_in
+from evaluate import API_NAMES_FILE, APIDatabase, answer_api_call, calls_in, known_model_ids
 from model import GPT, autocast, left_pad, load_checkpoint, make_optimizer, right_pad, save_checkpoint
 
 # (key, question, weight). Weights sum to 1; the API questions weigh most because hallucinated or
@@ -61,28 +62,45 @@ def judge_prompt(instruction, answer, api_entry, question):
 
 
 class RulesJudge:
-    """Deterministic answers to QUESTIONS: Gorilla's AST match against the API database, domain match,
-    Python's ast. It knows each instruction's reference API, which an LLM judge does not."""
+    """Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM judge
+    does not. Its API check is exact (the api_call must be one the documentation lists), not Gorilla's
+    lenient AST match: PPO against a lenient judge learned to write pipeline('text-generation',
+    model='<invented>'), which that match accepts (see README, "reward hacking")."""
     name = "rules judge"
 
     def __init__(self, db=None):
         self.db = db or APIDatabase()
+        self.model_ids = set(known_model_ids(self.db.apis))
+        self.tasks = set(json.loads(API_NAMES_FILE.read_text())["pipeline_tasks"])
+
+    def code_valid(self, code):
+        """Parses as Python, and every model id and pipeline task it names exists (static, not run)."""
+        try:
+            tree = ast.parse(code) if code.strip() else None
+        except (SyntaxError, ValueError):
+            return False
+        if tree is None:
+            return False
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", node.value) and node.value not in self.model_ids:
+                return False
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("pipeline") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value not in self.tasks \
+                    and not str(node.args[0].value).startswith("translation"):
+                return False
+        return True
 
     def answers(self, record, answer):
-        sections = prepare.parse_answer(answer)
-        i = self.db.match(answer_api_call(answer))
+        code = prepare.parse_answer(answer)["code"]
+        i = self.db.exact(answer_api_call(answer))
         entry = self.db.apis[i] if i is not None else None
-        code = sections["code"]
-        try:
-            code_valid = bool(code.strip()) and ast.parse(code) is not None
-        except (SyntaxError, ValueError):
-            code_valid = False
         name, args = self.db.refs[i] if i is not None else (None, [])
         uses_api = any(n == name and all(a in cargs for a in args) for n, cargs in calls_in(code))
         yes = dict(api_exists=entry is not None,
                    api_fits_task=entry is not None and entry["domain"] == record.api_data.get("domain"),
                    arguments_right=entry is not None and entry["api_call"] == record.api_data.get("api_call"),
-                   code_valid=code_valid,
+                   code_valid=self.code_valid(code),
                    code_uses_api=entry is not None and uses_api)
         return {k: float(v) for k, v in yes.items()}
 

@@ -125,11 +125,17 @@ def test_rules_judge_on_hand_written_answers(records):
     assert a == dict(api_exists=1, api_fits_task=1, arguments_right=1, code_valid=1, code_uses_api=1)
     assert combine(a) == pytest.approx(1.0)
     a = j.answers(r, hallucinated)
-    assert a["api_exists"] == 0 and a["api_fits_task"] == 0 and a["code_valid"] == 1
+    assert a["api_exists"] == 0 and a["api_fits_task"] == 0
+    assert a["code_valid"] == 0  # parses, but names a model id the documentation does not have
     a = j.answers(r, wrong_domain)
     assert a["api_exists"] == 1 and a["api_fits_task"] == 0 and a["arguments_right"] == 0 and a["code_uses_api"] == 1
     a = j.answers(r, syntax_error)
     assert a["api_exists"] == 1 and a["code_valid"] == 0
+    # Gorilla's lenient AST match accepts an invented model id beside a documented task; the judge does not
+    gamed = right.replace("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')",
+                          "pipeline('text-generation', model='laion/ner-base-base-base')", 1)
+    assert j.db.match("pipeline('text-generation', model='laion/ner-base-base-base')") is not None
+    assert j.answers(r, gamed)["api_exists"] == 0
 
 
 def test_reward_model_learns_a_ranking():
