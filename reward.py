@@ -31,23 +31,27 @@ from data.gorilla import prepare
 from evaluate import API_NAMES_FILE, APIDatabase, answer_api_call, calls_in, known_model_ids
 from model import GPT, autocast, left_pad, load_checkpoint, make_optimizer, right_pad, save_checkpoint
 
-# (key, question, weight). Weights sum to 1; the API questions weigh most because hallucinated or
-# wrong APIs are the failure the paper targets (Gorilla's hallucination metric).
+# (key, question, weight). The score is P(domain_right) x sum(weight x P(yes)): relevance gates the rest.
+# Without the gate, PPO against these questions collapsed onto one generic documented API for every task
+# (joblib.load('model.joblib'): real, valid, runs) - executable, and useless (see README, "reward hacking").
 QUESTIONS = (
-    ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.3),
-    ("api_fits_task", "Is that API appropriate for the task described in the instruction?", 0.25),
+    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", None),
+    ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.15),
+    ("api_fits_task", "Is that API appropriate for the task described in the instruction?", 0.4),
     ("arguments_right", "Are the api_call's arguments (model id, task name) the right ones for this task?", 0.15),
-    ("code_valid", "Is the code section valid, complete Python?", 0.2),
+    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.2),
     ("code_uses_api", "Does the code actually call the API named in the api_call?", 0.1),
 )
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
 
 
 def combine(answers):
-    """Weighted score in [0, 1] from {question: P(yes)}; None if any question has no answer."""
+    """Score in [0, 1] from {question: P(yes)}: the gate questions (weight None) multiply the weighted
+    sum of the others. None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
-    return sum(w * answers[k] for k, _, w in QUESTIONS)
+    gate = math.prod(answers[k] for k, _, w in QUESTIONS if w is None)
+    return gate * sum(w * answers[k] for k, _, w in QUESTIONS if w is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +101,8 @@ class RulesJudge:
         entry = self.db.apis[i] if i is not None else None
         name, args = self.db.refs[i] if i is not None else (None, [])
         uses_api = any(n == name and all(a in cargs for a in args) for n, cargs in calls_in(code))
-        yes = dict(api_exists=entry is not None,
+        yes = dict(domain_right=prepare.parse_answer(answer)["domain"] == record.api_data.get("domain"),
+                   api_exists=entry is not None,
                    api_fits_task=entry is not None and entry["domain"] == record.api_data.get("domain"),
                    arguments_right=entry is not None and entry["api_call"] == record.api_data.get("api_call"),
                    code_valid=self.code_valid(code),

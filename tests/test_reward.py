@@ -122,12 +122,13 @@ def test_rules_judge_on_hand_written_answers(records):
     syntax_error = right.replace("model = AutoModel", "model = = AutoModel")
     j = RulesJudge()
     a = j.answers(r, right)
-    assert a == dict(api_exists=1, api_fits_task=1, arguments_right=1, code_valid=1, code_uses_api=1)
+    assert a == dict(domain_right=1, api_exists=1, api_fits_task=1, arguments_right=1, code_valid=1, code_uses_api=1)
     assert combine(a) == pytest.approx(1.0)
     a = j.answers(r, hallucinated)
     assert a["api_exists"] == 0 and a["api_fits_task"] == 0
     assert a["code_valid"] == 0  # parses, but names a model id the documentation does not have
     a = j.answers(r, wrong_domain)
+    assert a["domain_right"] == 0 and combine(a) == 0  # a real API for another task is worth nothing
     assert a["api_exists"] == 1 and a["api_fits_task"] == 0 and a["arguments_right"] == 0 and a["code_uses_api"] == 1
     a = j.answers(r, syntax_error)
     assert a["api_exists"] == 1 and a["code_valid"] == 0
