@@ -31,27 +31,28 @@ from data.gorilla import prepare
 from evaluate import API_NAMES_FILE, APIDatabase, answer_api_call, calls_in, known_model_ids
 from model import GPT, autocast, left_pad, load_checkpoint, make_optimizer, right_pad, save_checkpoint
 
-# (key, question, weight). The score is P(domain_right) x sum(weight x P(yes)): relevance gates the rest.
-# Without the gate, PPO against these questions collapsed onto one generic documented API for every task
-# (joblib.load('model.joblib'): real, valid, runs) - executable, and useless (see README, "reward hacking").
+# (key, question, weight). Relevance gates the rest: score = 0.25 P(domain_right) + P(domain_right) x
+# sum(weight x P(yes)) over the other questions. Without the gate, PPO against these questions collapsed onto
+# one generic documented API for every task (joblib.load('model.joblib'): real, valid, it runs) - executable
+# and useless; a full gate (no 0.25 term) left too few judge-ordered pairs to train on (README, "reward hacking").
+GATE = "domain_right"
 QUESTIONS = (
-    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", None),
-    ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.15),
-    ("api_fits_task", "Is that API appropriate for the task described in the instruction?", 0.4),
-    ("arguments_right", "Are the api_call's arguments (model id, task name) the right ones for this task?", 0.15),
-    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.2),
+    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.25),
+    ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.1),
+    ("api_fits_task", "Is that API appropriate for the task described in the instruction?", 0.3),
+    ("arguments_right", "Are the api_call's arguments (model id, task name) the right ones for this task?", 0.1),
+    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.15),
     ("code_uses_api", "Does the code actually call the API named in the api_call?", 0.1),
 )
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
 
 
 def combine(answers):
-    """Score in [0, 1] from {question: P(yes)}: the gate questions (weight None) multiply the weighted
-    sum of the others. None if any question has no answer."""
+    """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
-    gate = math.prod(answers[k] for k, _, w in QUESTIONS if w is None)
-    return gate * sum(w * answers[k] for k, _, w in QUESTIONS if w is not None)
+    gate = answers[GATE]
+    return sum(w * answers[k] * (1.0 if k == GATE else gate) for k, _, w in QUESTIONS)
 
 
 # -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class Config:
     """train on APIBench's huggingface_train.json from the Hub (online) instead of the offline split"""
     max_answer_tokens: int = 160
     """longer SFT answers are truncated"""
-    sft_steps: int = 900
+    sft_steps: int = 300
     """SFT optimizer steps"""
     sft_batch_size: int = 16
     """SFT examples per micro-batch"""
@@ -71,16 +71,16 @@ class Config:
     """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
     """gradient-norm clip"""
-    eval_every: int = 150
+    eval_every: int = 100
     """SFT validation loss (and checkpoint) every this many steps"""
     samples_per_prompt: int = 4
     """answers sampled per instruction for AI feedback"""
-    sample_prompts: int = 400
+    sample_prompts: int = 300
     """training instructions that get sampled answers"""
     max_new_tokens: int = 128
     """answer length cap when sampling and evaluating"""
-    temperature: float = 1.0
-    """sampling temperature for the feedback samples"""
+    temperature: float = 0.7
+    """sampling temperature for the feedback samples (1.0 from the tiny model is mostly noise)"""
     judge: str = "rules"
     """rules (the offline stand-in) or openai (an OpenAI-compatible LLM, as the paper's GPT-3.5)"""
     judge_model: str = "gpt-3.5-turbo"
@@ -97,9 +97,9 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
 
 
-TINY = dict(ppo=dict(iterations=30, batch_size=32, minibatch_size=8, ppo_epochs=4, lr=1e-4,
-                     max_new_tokens=128, init_kl_coef=0.05, target_kl=6.0),
-            rm=dict(epochs=1, lr=3e-4, batch_size=16, max_pairs_per_prompt=2))
+TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=128,
+                     temperature=0.7, init_kl_coef=0.2, target_kl=3.0, kl_horizon=1000),
+            rm=dict(epochs=2, lr=3e-4, batch_size=16, max_pairs_per_prompt=3))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
              max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
              sft_warmup=100, eval_every=250, samples_per_prompt=4, sample_prompts=2000, max_new_tokens=512,
