@@ -346,6 +346,14 @@ def right_pad(seqs, pad, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+def pad_pairs(pairs, pad, device="cpu"):
+    """(prompt, answer) token lists -> query, query_mask (left-padded), response, response_mask
+    (right-padded): the batch layout of response_logprobs, for SFT, the reward model and PPO alike."""
+    query, query_mask = left_pad([p for p, _ in pairs], pad, device)
+    response, response_mask = right_pad([a for _, a in pairs], pad, device)
+    return query, query_mask, response, response_mask
+
+
 def filter_logits(logits, top_k=0, top_p=1.0):
     """Top-k then nucleus (top-p, Holtzman et al. 2020) filtering: excluded logits become -inf."""
     if top_k > 0:

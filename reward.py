@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from evaluate import API_NAMES_FILE, APIDatabase, answer_api_call, calls_in, known_model_ids
-from model import GPT, autocast, left_pad, load_checkpoint, make_optimizer, right_pad, save_checkpoint
+from model import GPT, autocast, load_checkpoint, make_optimizer, pad_pairs, save_checkpoint
 
 # (key, question, weight). Relevance gates the rest: score = 0.25 P(domain_right) + P(domain_right) x
 # sum(weight x P(yes)) over the other questions. Without the gate, PPO against these questions collapsed onto
@@ -324,9 +324,7 @@ def make_pairs(feedback, max_per_prompt, rng):
 
 
 def rm_batch(samples, ids, tok, device):
-    query, query_mask = left_pad([samples[i]["query"] for i in ids], tok.eot, device)
-    response, response_mask = right_pad([samples[i]["response"] for i in ids], tok.eot, device)
-    return query, query_mask, response, response_mask
+    return pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
 
 
 @torch.no_grad()

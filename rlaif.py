@@ -28,8 +28,8 @@ import evaluate
 import ppo
 import reward
 from data.gorilla import prepare
-from model import (GPT, Tokenizer, atomic_write, autocast, default_device, left_pad, load_checkpoint, lr_at,
-                   make_optimizer, preset_config, response_logprobs, right_pad, save_checkpoint)
+from model import (GPT, Tokenizer, atomic_write, autocast, default_device, load_checkpoint, lr_at, make_optimizer,
+                   pad_pairs, preset_config, response_logprobs, save_checkpoint)
 from ppo import PPOConfig
 from reward import RMConfig
 
@@ -175,15 +175,9 @@ def init_model(cfg, tok):
     return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
 
 
-def batch_tensors(examples, pad, device):
-    query, query_mask = left_pad([p for p, _ in examples], pad, device)
-    response, response_mask = right_pad([a for _, a in examples], pad, device)
-    return query, query_mask, response, response_mask
-
-
 def sft_loss(model, examples, pad, device):
     """Mean negative log-likelihood of the answer tokens; prompt tokens carry no loss."""
-    query, query_mask, response, response_mask = batch_tensors(examples, pad, device)
+    query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
     with autocast(device):
         logprobs = response_logprobs(model, query, query_mask, response, response_mask)
     return -logprobs.sum() / response_mask.sum(), int(query_mask.sum() + response_mask.sum())
