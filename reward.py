@@ -51,7 +51,7 @@ def combine(answers):
     """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
-    gate = answers[GATE]
+    gate = answers[GATE] if GATE else 1.0
     return sum(w * answers[k] * (1.0 if k == GATE else gate) for k, _, w in QUESTIONS)
 
 
