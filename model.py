@@ -13,7 +13,7 @@ Everything the rest of the project does with a language model lives here, once:
 import json
 import math
 import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -460,10 +460,6 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, device="cpu"):
     return torch.load(path, map_location=device, weights_only=True)
-
-
-def config_dict(config):
-    return asdict(config)
 
 
 def config_from_dict(d):
