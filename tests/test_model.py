@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import GPT, GPTConfig, Tokenizer, filter_logits, generate, left_pad, response_logprobs
+from model import GPT, GPTConfig, Tokenizer, filter_logits, generate, left_pad, response_logprobs, sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +99,16 @@ def test_top_k_top_p_filtering():
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.9)).tolist() == [[False, False, False, True]]
+
+
+def test_sample_matches_distribution_and_skips_zero_probability():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(20000, 1)
+    probs[:, 0] *= 0.5  # unnormalised rows (mass cut by top-k/top-p) are allowed
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample(probs, g), minlength=5).double() / len(probs)
+    expected = probs[0].double() / probs[0].sum()
+    assert freq[1] == 0 and freq[4] == 0
+    assert (freq - expected).abs().max() < 0.01  # 20k draws: standard error about 0.0035
 
 
 @pytest.mark.parametrize("damage", ["missing", "shape", "json", "truncated"])
