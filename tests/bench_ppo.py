@@ -30,7 +30,9 @@ def main():
                     missing_eos_penalty=0.0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 11000, (int(n),), generator=g).tolist() for n in torch.randint(30, 70, (64,), generator=g)]
-    eot = -1  # never sampled: every answer has exactly max_new_tokens, so both timings do the same work
+    # A random model samples this id with probability ~1/vocab per step, so nearly every answer has
+    # max_new_tokens tokens and both timings below do the same work.
+    eot = config.vocab_size - 1
     with tempfile.TemporaryDirectory() as d:
         history = train_ppo(policy, ref, value, rm.score, prompts, cfg, eot, "cpu", d, log=lambda *a: None)
     h = history[-1]
