@@ -240,8 +240,8 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
     def one(sample):
         answers = judge.answers(records[sample["record"]], sample["answer"])
         error = answers.pop("error", None)
-        result = dict(id=sample["id"], record=sample["record"], judge=judge.name, answers=answers,
-                      score=combine(answers), error=error)
+        result = dict(id=sample["id"], record=sample["record"], source=sample.get("source", "policy"),
+                      judge=judge.name, answers=answers, score=combine(answers), error=error)
         with lock:
             with open(out_file, "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -344,7 +344,9 @@ def train_reward_model(rm, samples, feedback, tok, cfg, device, ckpt_file, log=p
     rng.shuffle(records)
     heldout_records = set(records[:max(1, int(len(records) * cfg.heldout_fraction))])
     train_fb = [f for f in feedback if f["record"] not in heldout_records]
-    test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None]
+    # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
+    test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
+               and f.get("source", "policy") == "policy"]
     train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
     test_pairs = make_pairs(test_fb, 10 ** 9, rng)
     scored = [f for f in train_fb if f["score"] is not None]
