@@ -57,7 +57,7 @@ class Config:
     """train on APIBench's huggingface_train.json from the Hub (online) instead of the offline split"""
     max_answer_tokens: int = 160
     """longer SFT answers are truncated"""
-    sft_steps: int = 300
+    sft_steps: int = 800
     """SFT optimizer steps"""
     sft_batch_size: int = 16
     """SFT examples per micro-batch"""
@@ -75,8 +75,8 @@ class Config:
     """SFT validation loss (and checkpoint) every this many steps"""
     samples_per_prompt: int = 4
     """answers sampled per instruction for AI feedback"""
-    sample_prompts: int = 300
-    """training instructions that get sampled answers"""
+    sample_prompts: int = 1000
+    """training instructions that get sampled answers (at most all of them)"""
     contrast_answers: bool = True
     """also judge each sampled instruction's reference answer and another domain's (relevance pairs for the RM)"""
     max_new_tokens: int = 128
@@ -100,7 +100,7 @@ class Config:
 
 
 TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=128,
-                     temperature=0.7, init_kl_coef=0.2, target_kl=3.0, kl_horizon=1000),
+                     temperature=0.7, init_kl_coef=0.5, target_kl=3.0, kl_horizon=1000),
             rm=dict(epochs=2, lr=3e-4, batch_size=16, max_pairs_per_prompt=3))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
              max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
@@ -482,6 +482,12 @@ def field_docs(cls):
             if isinstance(a, pyast.AnnAssign) and isinstance(b, pyast.Expr) and isinstance(b.value, pyast.Constant)}
 
 
+def parse_bool(text):
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def add_flags(parser, cls, prefix=""):
     docs = field_docs(cls)
     for f in fields(cls):
@@ -489,7 +495,7 @@ def add_flags(parser, cls, prefix=""):
             continue
         if f.type in ("PPOConfig", "RMConfig") or f.name in ("ppo", "rm"):
             continue
-        kind = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
+        kind = {"int": int, "float": float, "str": str, "bool": parse_bool}
         parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
                             type=kind[f.type if isinstance(f.type, str) else f.type.__name__],
                             help=docs.get(f.name, ""))

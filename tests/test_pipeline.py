@@ -40,7 +40,12 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     assert (run_dir / "sft" / "model" / "model.safetensors").exists()
     samples = [json.loads(l) for l in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()]
     feedback = [json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()]
-    assert len(samples) == len(feedback) == 24 * 4
+    assert len(samples) == len(feedback) == 24 * (4 + 2)  # 4 policy answers + 2 contrast answers each
+    assert [s["source"] for s in samples].count("policy") == 24 * 4
+    by_id = {s["id"]: s for s in samples}
+    for f in feedback:  # the judge, not the pipeline, labels the contrast answers
+        if by_id[f["id"]]["source"] == "mismatched":
+            assert f["answers"]["domain_right"] == 0.0
     assert {f["judge"] for f in feedback} == {"rules judge"}
     assert (run_dir / "reward" / "reward_model.pt").exists()
     metrics = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
