@@ -78,9 +78,10 @@ class Config:
     sample_prompts: int = 1000
     """training instructions that get sampled answers (at most all of them)"""
     contrast_answers: bool = True
-    """also judge each sampled instruction's reference answer and another domain's (relevance pairs for the RM)"""
-    max_new_tokens: int = 128
-    """answer length cap when sampling and evaluating"""
+    """also judge, per sampled instruction, its reference answer, another domain's, and its own without code"""
+    max_new_tokens: int = 160
+    """answer length cap when sampling and evaluating (not below max_answer_tokens: a cap shorter than the
+    answers SFT taught cuts off right answers, which the missing-EOS penalty then punishes)"""
     temperature: float = 0.7
     """sampling temperature for the feedback samples (1.0 from the tiny model is mostly noise)"""
     judge: str = "rules"
@@ -99,7 +100,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
 
 
-TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=128,
+TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=160,
                      temperature=0.7, init_kl_coef=0.5, target_kl=3.0, kl_horizon=1000),
             rm=dict(epochs=2, lr=3e-4, batch_size=16, max_pairs_per_prompt=3))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
@@ -155,12 +156,12 @@ def load_data(cfg):
 
 def sft_examples(cfg, tok, records):
     """(prompt ids, answer ids ending in <|endoftext|>) pairs; the one prompt/answer format."""
-    out = []
-    for r in records:
-        prompt = tok.encode(prepare.format_prompt(r.instruction))
-        answer = tok.encode(prepare.format_answer(r.sections, compact=cfg.compact))
-        out.append((prompt, answer[:cfg.max_answer_tokens - 1] + [tok.eot]))
-    return out
+    return [(tok.encode(prepare.format_prompt(r.instruction)), answer_ids(cfg, tok, r.sections)) for r in records]
+
+
+def answer_ids(cfg, tok, sections):
+    answer = tok.encode(prepare.format_answer(sections, compact=cfg.compact))
+    return answer[:cfg.max_answer_tokens - 1] + [tok.eot]
 
 
 # -----------------------------------------------------------------------------
@@ -278,18 +279,21 @@ def sample_stage(cfg, tok, train, sft_model, out_dir):
 
 
 def contrast_answers(cfg, tok, train, chosen, start_id):
-    """For each sampled instruction, two reference answers for the judge to score: its own, and that of
-    an instruction from another domain. (Not in the paper.) Policy samples to one instruction rarely differ
-    in relevance, so the judge's relevance verdicts gave the reward model too few pairs to learn from
-    (held-out accuracy ~0.45, README "reward model"); these pairs differ in relevance only."""
+    """For each sampled instruction, three reference-based answers for the judge to score (not in the
+    paper): its own reference; the reference of an instruction from another domain; its own reference
+    with the code section left empty. Policy samples to one instruction rarely differ in relevance, and
+    almost never lack code, so the reward model had no pairs that teach either: it ranked held-out
+    policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section (README,
+    "reward hacking"). These pairs differ in exactly one of those two properties."""
     rng = random.Random(cfg.seed + 1)
     out = []
     for i in chosen:
         domain = train[i].api_data.get("domain")
         other = rng.choice([j for j in range(len(train)) if train[j].api_data.get("domain") != domain])
-        query = sft_examples(cfg, tok, [train[i]])[0][0]
-        for source, j in (("reference", i), ("mismatched", other)):
-            response = sft_examples(cfg, tok, [train[j]])[0][1]
+        query = tok.encode(prepare.format_prompt(train[i].instruction))
+        for source, sections in (("reference", train[i].sections), ("mismatched", train[other].sections),
+                                 ("no_code", dict(train[i].sections, code=""))):
+            response = answer_ids(cfg, tok, sections)
             out.append(dict(id=start_id + len(out), record=i, source=source, query=query, response=response,
                             answer=tok.decode(response)))
     return out
@@ -409,7 +413,6 @@ def mark_done(run, stage, summary, t0):
 def run_pipeline(cfg, from_stage=None, until="evaluate", only=None):
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if from_stage or only:
         for stage in STAGES[STAGES.index(only or from_stage):STAGES.index(only) + 1 if only else None]:
             if (run / stage).exists():
@@ -419,6 +422,10 @@ def run_pipeline(cfg, from_stage=None, until="evaluate", only=None):
     log(f"[rlaif] run {run}: model {cfg.init} ({'trained from scratch' if from_scratch(cfg) else 'HF weights'}), "
         f"judge {'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
+    if min(cfg.max_new_tokens, cfg.ppo.max_new_tokens) < cfg.max_answer_tokens:
+        log(f"[rlaif] WARNING: answers are sampled with at most {min(cfg.max_new_tokens, cfg.ppo.max_new_tokens)} "
+            f"tokens but SFT teaches answers of up to {cfg.max_answer_tokens}: right answers get cut off (and "
+            "penalised in PPO). Raise --max-new-tokens / --ppo-max-new-tokens or lower --max-answer-tokens.")
     splits = load_data(cfg)
     train, val, test = splits["train"], splits["val"], splits["test"]
     sft_dir, rm_file = run / "sft" / "model", run / "reward" / "reward_model.pt"

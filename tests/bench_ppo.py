@@ -59,7 +59,7 @@ def main():
     t_bwd = time.time() - t0
     bare = t_gen + t_fwd + t_bwd
     print(f"bare work: generate {t_gen:.2f}s, 4 forward passes {t_fwd:.2f}s, forward+backward {t_bwd:.2f}s, total {bare:.2f}s")
-    print(json.dumps(dict(ratio=round(total / bare, 3))) + f"   <- iteration / unavoidable work (goal <= 1.3)")
+    print(json.dumps(dict(ratio=round(total / bare, 3))) + "   <- iteration / unavoidable work (goal <= 1.3)")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--init", "micro", "--sft-steps", "40", "--eval-every", "20", "--sample-prompts", "24",
-         "--samples-per-prompt", "4", "--max-new-tokens", "40", "--ppo-iterations", "6", "--ppo-batch-size", "8",
-         "--ppo-minibatch-size", "4", "--ppo-max-new-tokens", "40", "--eval-limit", "12", "--device", "cpu"]
+         "--samples-per-prompt", "4", "--max-answer-tokens", "40", "--max-new-tokens", "40", "--ppo-iterations", "6",
+         "--ppo-batch-size", "8", "--ppo-minibatch-size", "4", "--ppo-max-new-tokens", "40", "--eval-limit", "12",
+         "--device", "cpu"]
 
 
 def run(run_dir, **kw):
@@ -40,12 +41,14 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     assert (run_dir / "sft" / "model" / "model.safetensors").exists()
     samples = [json.loads(l) for l in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()]
     feedback = [json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()]
-    assert len(samples) == len(feedback) == 24 * (4 + 2)  # 4 policy answers + 2 contrast answers each
+    assert len(samples) == len(feedback) == 24 * (4 + 3)  # 4 policy answers + 3 contrast answers each
     assert [s["source"] for s in samples].count("policy") == 24 * 4
     by_id = {s["id"]: s for s in samples}
     for f in feedback:  # the judge, not the pipeline, labels the contrast answers
         if by_id[f["id"]]["source"] == "mismatched":
             assert f["answers"]["domain_right"] == 0.0
+        if by_id[f["id"]]["source"] == "no_code":
+            assert f["answers"]["code_valid"] == 0.0
     assert {f["judge"] for f in feedback} == {"rules judge"}
     assert (run_dir / "reward" / "reward_model.pt").exists()
     metrics = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -58,3 +61,4 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     table = [l for l in out.splitlines() if l.startswith("| ")]
     assert len(table) == 4 and "executability" in table[0]
     assert "RULES JUDGE" in out and "FROM SCRATCH" in out
+    assert "right answers get cut off" not in out  # SMALL's answer and sampling caps agree
