@@ -102,7 +102,7 @@ class Config:
 
 TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=160,
                      temperature=0.7, init_kl_coef=0.5, target_kl=3.0, kl_horizon=1000),
-            rm=dict(epochs=2, lr=3e-4, batch_size=16, max_pairs_per_prompt=3))
+            rm=dict(epochs=1, lr=3e-4, batch_size=16, max_pairs_per_prompt=10))
 PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
              max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
              sft_warmup=100, eval_every=250, samples_per_prompt=4, sample_prompts=2000, max_new_tokens=512,
