@@ -34,7 +34,7 @@ from model import GPT, autocast, load_checkpoint, make_optimizer, pad_pairs, sav
 # (key, question, weight). Relevance gates the rest: score = 0.25 P(domain_right) + P(domain_right) x
 # sum(weight x P(yes)) over the other questions. Without the gate, PPO against these questions collapsed onto
 # one generic documented API for every task (joblib.load('model.joblib'): real, valid, it runs) - executable
-# and useless; a full gate (no 0.25 term) left too few judge-ordered pairs to train on (README, "reward hacking").
+# and useless; a full gate (no 0.25 term) left too few judge-ordered pairs to train on (README, "How we got here").
 GATE = "domain_right"
 QUESTIONS = (
     ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.25),
@@ -70,7 +70,7 @@ class RulesJudge:
     """Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM judge
     does not. Its API check is exact (the api_call must be one the documentation lists), not Gorilla's
     lenient AST match: PPO against a lenient judge learned to write pipeline('text-generation',
-    model='<invented>'), which that match accepts (see README, "reward hacking")."""
+    model='<invented>'), which that match accepts (see README, "How we got here")."""
     name = "rules judge"
 
     def __init__(self, db=None):

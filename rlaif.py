@@ -284,7 +284,7 @@ def contrast_answers(cfg, tok, train, chosen, start_id):
     with the code section left empty. Policy samples to one instruction rarely differ in relevance, and
     almost never lack code, so the reward model had no pairs that teach either: it ranked held-out
     policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section (README,
-    "reward hacking"). These pairs differ in exactly one of those two properties."""
+    "How we got here"). These pairs differ in exactly one of those two properties."""
     rng = random.Random(cfg.seed + 1)
     out = []
     for i in chosen:
