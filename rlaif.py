@@ -286,10 +286,11 @@ def contrast_answers(cfg, tok, train, chosen, start_id):
     policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section (README,
     "How we got here"). These pairs differ in exactly one of those two properties."""
     rng = random.Random(cfg.seed + 1)
+    domains = [r.api_data.get("domain") for r in train]
+    elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
     out = []
     for i in chosen:
-        domain = train[i].api_data.get("domain")
-        other = rng.choice([j for j in range(len(train)) if train[j].api_data.get("domain") != domain])
+        other = rng.choice(elsewhere[domains[i]])
         query = tok.encode(prepare.format_prompt(train[i].instruction))
         for source, sections in (("reference", train[i].sections), ("mismatched", train[other].sections),
                                  ("no_code", dict(train[i].sections, code=""))):
