@@ -33,6 +33,7 @@ from model import (GPT, Tokenizer, atomic_write, autocast, default_device, load_
 from ppo import PPOConfig
 from reward import RMConfig
 
+CODE_TAG = "<<<code>>>:"
 STAGES = ("data", "sft", "sample", "feedback", "reward", "ppo", "evaluate")
 
 
@@ -78,7 +79,7 @@ class Config:
     sample_prompts: int = 1000
     """training instructions that get sampled answers (at most all of them)"""
     contrast_answers: bool = True
-    """also judge, per sampled instruction, its reference answer, another domain's, and its own without code"""
+    """also judge, per sampled instruction, its reference, another domain's, and a policy answer without code"""
     max_new_tokens: int = 160
     """answer length cap when sampling and evaluating (not below max_answer_tokens: a cap shorter than the
     answers SFT taught cuts off right answers, which the missing-EOS penalty then punishes)"""
@@ -273,28 +274,38 @@ def sample_stage(cfg, tok, train, sft_model, out_dir):
     samples = [dict(id=k, record=chosen[k // cfg.samples_per_prompt], source="policy", query=q, response=r,
                     answer=tok.decode(r)) for k, (q, r) in enumerate(pairs)]
     if cfg.contrast_answers:
-        samples += contrast_answers(cfg, tok, train, chosen, start_id=len(samples))
+        samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_jsonl(out_dir / "samples.jsonl", samples)
     return samples
 
 
-def contrast_answers(cfg, tok, train, chosen, start_id):
-    """For each sampled instruction, three reference-based answers for the judge to score (not in the
-    paper): its own reference; the reference of an instruction from another domain; its own reference
-    with the code section left empty. Policy samples to one instruction rarely differ in relevance, and
-    almost never lack code, so the reward model had no pairs that teach either: it ranked held-out
-    policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section (README,
-    "How we got here"). These pairs differ in exactly one of those two properties."""
+def contrast_answers(cfg, tok, train, chosen, samples, start_id):
+    """For each sampled instruction, three more answers for the judge to score (not in the paper): its
+    reference answer; the reference of an instruction from another domain; and one of the policy's own
+    answers to it with the code section cut off. Policy samples to one instruction rarely differ in
+    relevance, and almost never lack code, so the reward model had no pairs that teach either: it ranked
+    held-out policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section
+    (README, "How we got here"). Each pair of these differs in exactly one of those two properties. The
+    code-less answer is the policy's own, not the reference's: a code-less *reference* still outscores
+    most policy answers (right API), which taught the reward model that leaving code out is fine."""
     rng = random.Random(cfg.seed + 1)
     domains = [r.api_data.get("domain") for r in train]
     elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
+    with_code = {}
+    for s in samples:
+        if s["record"] not in with_code and prepare.parse_answer(s["answer"])["code"] \
+                and CODE_TAG in s["answer"]:
+            with_code[s["record"]] = s
     out = []
     for i in chosen:
         other = rng.choice(elsewhere[domains[i]])
         query = tok.encode(prepare.format_prompt(train[i].instruction))
-        for source, sections in (("reference", train[i].sections), ("mismatched", train[other].sections),
-                                 ("no_code", dict(train[i].sections, code=""))):
-            response = answer_ids(cfg, tok, sections)
+        answers = [("reference", answer_ids(cfg, tok, train[i].sections)),
+                   ("mismatched", answer_ids(cfg, tok, train[other].sections))]
+        if i in with_code:
+            policy = with_code[i]["answer"]
+            answers.append(("no_code", tok.encode(policy[:policy.index(CODE_TAG) + len(CODE_TAG)]) + [tok.eot]))
+        for source, response in answers:
             out.append(dict(id=start_id + len(out), record=i, source=source, query=query, response=response,
                             answer=tok.decode(response)))
     return out
