@@ -221,6 +221,12 @@ class OpenAIJudge:
         return f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens{usd}"
 
 
+def source_of(row):
+    """"policy", or which contrast answer a sample/feedback row is (rlaif.contrast_answers); rows of runs
+    from before contrast answers have no field and are all policy samples."""
+    return row.get("source", "policy")
+
+
 def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
     """Judge every sample {id, record, answer}; feedback records are appended to out_file as they
     finish, and samples already in it are skipped, so an interrupted run resumes without re-asking."""
@@ -240,7 +246,7 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
     def one(sample):
         answers = judge.answers(records[sample["record"]], sample["answer"])
         error = answers.pop("error", None)
-        result = dict(id=sample["id"], record=sample["record"], source=sample.get("source", "policy"),
+        result = dict(id=sample["id"], record=sample["record"], source=source_of(sample),
                       judge=judge.name, answers=answers, score=combine(answers), error=error)
         with lock:
             with open(out_file, "a") as f:
@@ -346,7 +352,7 @@ def train_reward_model(rm, samples, feedback, tok, cfg, device, ckpt_file, log=p
     train_fb = [f for f in feedback if f["record"] not in heldout_records]
     # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
     test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
-               and f.get("source", "policy") == "policy"]
+               and source_of(f) == "policy"]
     train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
     test_pairs = make_pairs(test_fb, 10 ** 9, rng)
     scored = [f for f in train_fb if f["score"] is not None]

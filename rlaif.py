@@ -330,8 +330,8 @@ def feedback_stage(cfg, train, samples, run_dir, out_dir):
             "this is not LLM feedback. Use --judge openai for AI feedback.")
     feedback = reward.judge_answers(judge, samples, train, out_dir / "feedback.partial.jsonl",
                                     cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
-    for source in sorted({f.get("source", "policy") for f in feedback}):
-        fb = [f for f in feedback if f.get("source", "policy") == source]
+    for source in sorted({reward.source_of(f) for f in feedback}):
+        fb = [f for f in feedback if reward.source_of(f) == source]
         scores = [f["score"] for f in fb if f["score"] is not None]
         log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
             "P(yes) per question: " + ", ".join(f"{k} {sum(f['answers'][k] or 0 for f in fb) / len(fb):.2f}"
@@ -348,7 +348,7 @@ def reward_stage(cfg, tok, samples, feedback, sft_dir, out_dir):
     rm = reward.ScalarModel(GPT.from_pretrained(sft_dir)).to(cfg.device)  # initialised from SFT
     by_id = {s["id"]: s for s in samples}
     metrics = reward.train_reward_model(rm, by_id, feedback, tok, cfg.rm, cfg.device, out_dir / "ckpt.pt", log=log)
-    reward.normalise(rm, by_id, [s["id"] for s in samples if s.get("source", "policy") == "policy"], tok, cfg.device)
+    reward.normalise(rm, by_id, [s["id"] for s in samples if reward.source_of(s) == "policy"], tok, cfg.device)
     rm.save(out_dir / "reward_model.pt")
     log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
