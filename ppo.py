@@ -69,6 +69,7 @@ class PPOConfig:
     grad_clip: float = 1.0
     """global gradient-norm clip"""
     seed: int = 1
+    """seed of the rollout prompts, samples and minibatch order (rlaif.py: --seed unless given)"""
 
 
 # -----------------------------------------------------------------------------

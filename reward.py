@@ -306,13 +306,21 @@ class ScalarModel(nn.Module):
 @dataclass
 class RMConfig:
     epochs: int = 2
+    """passes over the training pairs"""
     lr: float = 3e-4
-    batch_size: int = 16          # pairs (or single samples for regression) per step
-    loss: str = "pairwise"        # "pairwise": Bradley-Terry on judge-ordered pairs; "regression": MSE
+    """AdamW learning rate (constant)"""
+    batch_size: int = 16
+    """pairs (or single answers, for regression) per step"""
+    loss: str = "pairwise"
+    """pairwise: Bradley-Terry on judge-ordered pairs of answers to one prompt; regression: MSE on the score"""
     max_pairs_per_prompt: int = 3
+    """judge-ordered pairs kept per prompt (ties are dropped)"""
     heldout_fraction: float = 0.1
+    """prompts held out to measure pairwise accuracy on the policy's own answers"""
     weight_decay: float = 0.0
+    """AdamW weight decay (matrices only)"""
     seed: int = 1
+    """seed of the held-out split and batch order (rlaif.py: --seed unless given)"""
 
 
 def make_pairs(feedback, max_per_prompt, rng):

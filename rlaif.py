@@ -126,7 +126,9 @@ def make_config(preset="tiny", **overrides):
                 setattr(cfg, sub, replace(getattr(cfg, sub), **{name: value}))
             else:
                 setattr(cfg, key, value)
-    cfg.ppo.seed = cfg.rm.seed = cfg.seed
+    for sub in ("ppo", "rm"):  # one --seed seeds every stage unless --ppo-seed / --rm-seed is given
+        if overrides.get(f"{sub}_seed") is None and overrides.get(sub, {}).get("seed") is None:
+            getattr(cfg, sub).seed = cfg.seed
     return cfg
 
 
@@ -510,8 +512,6 @@ def parse_bool(text):
 def add_flags(parser, cls, prefix=""):
     docs = field_docs(cls)
     for f in fields(cls):
-        if f.name in ("ppo", "rm", "seed") and prefix:
-            continue
         if f.type in ("PPOConfig", "RMConfig") or f.name in ("ppo", "rm"):
             continue
         kind = {"int": int, "float": float, "str": str, "bool": parse_bool}
