@@ -520,7 +520,8 @@ def add_flags(parser, cls, prefix=""):
                             help=docs.get(f.name, ""))
 
 
-def main():
+def parse_args(argv=None):
+    """(config, --from, --until) from the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(PRESETS), default="tiny",
                    help="preset: tiny (offline, CPU, minutes) or paper (gpt2-large, GPT-3.5 judge, one GPU)")
@@ -529,11 +530,16 @@ def main():
     add_flags(p, Config)
     add_flags(p, PPOConfig, "ppo-")
     add_flags(p, RMConfig, "rm-")
-    args = vars(p.parse_args())
+    args = vars(p.parse_args(argv))
     preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
     cfg = make_config(preset, **args)
     if cfg.run_dir == Config.run_dir and preset != "tiny":
         cfg.run_dir = PRESETS[preset].get("run_dir", cfg.run_dir)
+    return cfg, from_stage, until
+
+
+def main():
+    cfg, from_stage, until = parse_args()
     t0 = time.time()
     run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")

@@ -131,11 +131,7 @@ def test_one_seed_seeds_every_stage_unless_a_stage_seed_is_given():
     """--seed seeds PPO and the reward model too; --ppo-seed / --rm-seed re-run one stage under another
     seed with the rest unchanged (how the README's PPO-seed table is made)."""
     import rlaif
-    parser = rlaif.argparse.ArgumentParser()
-    rlaif.add_flags(parser, rlaif.Config)
-    rlaif.add_flags(parser, rlaif.PPOConfig, "ppo-")
-    rlaif.add_flags(parser, rlaif.RMConfig, "rm-")
     for argv, want in ((["--seed", "2"], (2, 2, 2)), (["--seed", "2", "--ppo-seed", "7"], (2, 7, 2)),
                        (["--rm-seed", "5"], (1, 1, 5))):
-        cfg = rlaif.make_config("tiny", **vars(parser.parse_args(argv)))
+        cfg, _, _ = rlaif.parse_args(argv)
         assert (cfg.seed, cfg.ppo.seed, cfg.rm.seed) == want, argv
