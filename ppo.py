@@ -10,7 +10,7 @@ The algorithm, in the order of one iteration (train_ppo):
      (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
   3. advantages: GAE (Schulman et al. 2016, eq. 11-16), gamma = 1, lam = 0.95; returns = advantages + values;
      advantages whitened over the batch's real tokens.
-  4. update: ppo_epochs over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
+  4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
      clipped value loss; the KL coefficient adapts toward target_kl (Ziegler et al. 2019, section 2.2).
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
 Details of RLHF with PPO") each line implements.
@@ -19,57 +19,36 @@ import argparse
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
-from model import (atomic_write, autocast, generate, left_pad, load_checkpoint, make_optimizer, response_logprobs,
-                   save_checkpoint)
+from data.gorilla import prepare
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, atomic_write, autocast, generate, left_pad,
+                   load_checkpoint, make_optimizer, response_logprobs, run_stage_cli, save_checkpoint)
 
 
 @dataclass
 class PPOConfig:
-    iterations: int = 30
-    """PPO iterations (one rollout batch + its update each)"""
-    batch_size: int = 32
-    """answers sampled per iteration"""
-    minibatch_size: int = 8
-    """answers per gradient step; batch_size / minibatch_size steps per epoch"""
-    grad_accum: int = 1
-    """minibatches accumulated per optimizer step (for big models on one GPU)"""
-    ppo_epochs: int = 4
-    """passes over each rollout batch"""
-    lr: float = 1e-5
-    """AdamW learning rate for the policy and the value model"""
-    max_new_tokens: int = 160
-    """answer length cap during rollouts"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs in the update use the same one [N-details: temperature]"""
-    gamma: float = 1.0
-    """discount; 1 as in lm-human-preferences"""
-    lam: float = 0.95
-    """GAE lambda"""
-    cliprange: float = 0.2
-    """PPO ratio clip epsilon"""
-    cliprange_value: float = 0.2
-    """value-prediction clip around the rollout values"""
-    vf_coef: float = 0.1
-    """weight of the value loss"""
-    init_kl_coef: float = 0.05
-    """beta, the KL penalty coefficient at the start"""
-    adaptive_kl: bool = True
-    """adapt beta toward target_kl (Ziegler et al. 2019); False keeps it fixed"""
-    target_kl: float = 6.0
-    """target KL(policy || SFT) per answer, in nats, for the adaptive controller"""
-    kl_horizon: int = 10000
-    """controller horizon in answers"""
-    missing_eos_penalty: float = -1.0
-    """added to the score of answers cut off before <|endoftext|> [N-details: EOS trick]; 0 disables"""
-    grad_clip: float = 1.0
-    """global gradient-norm clip"""
-    seed: int = 1
-    """seed of the rollout prompts, samples and minibatch order (rlaif.py: --seed unless given)"""
+    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each)"] = 25
+    batch_size: Annotated[int, "answers sampled per iteration"] = 32
+    minibatch_size: Annotated[int, "answers per gradient step"] = 8
+    grad_accum: Annotated[int, "minibatches accumulated per optimizer step (big models on one GPU)"] = 1
+    epochs: Annotated[int, "passes over each rollout batch"] = 2
+    lr: Annotated[float, "AdamW learning rate of the policy and the value model"] = 1e-4
+    gamma: Annotated[float, "discount; 1 as in lm-human-preferences"] = 1.0
+    lam: Annotated[float, "GAE lambda"] = 0.95
+    cliprange: Annotated[float, "PPO ratio clip epsilon"] = 0.2
+    cliprange_value: Annotated[float, "value-prediction clip around the rollout values"] = 0.2
+    vf_coef: Annotated[float, "weight of the value loss"] = 0.1
+    init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start"] = 0.5
+    adaptive_kl: Annotated[bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"] = True
+    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats"] = 3.0
+    kl_horizon: Annotated[int, "KL controller horizon, in answers"] = 1000
+    missing_eos_penalty: Annotated[float, "added to the score of answers cut off before <|endoftext|> "
+                                          "[N-details: EOS trick]; 0 disables"] = -1.0
 
 
 # -----------------------------------------------------------------------------
@@ -108,11 +87,10 @@ def masked_var(x, mask):
     return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # unbiased
 
 
-def whiten(x, mask, shift_mean=True):
+def whiten(x, mask):
     """Normalise over real tokens only, so padding never shifts the statistics [N-details: whitening]."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
@@ -176,20 +154,21 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
 # Rollout and update
 
 @torch.no_grad()
-def rollout(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, device, generator):
+def rollout(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, generator):
     """Sample answers and everything the update needs; nothing here carries gradients."""
     query, query_mask = left_pad(prompts, eot, device)
     policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
     t0 = time.time()
     with autocast(device):
-        response, response_mask, _ = generate(policy, query, query_mask, cfg.max_new_tokens, eot,
-                                              cfg.temperature, generator=generator)
+        response, response_mask, _ = generate(policy, query, query_mask, sampling.max_answer_tokens, eot,
+                                              sampling.temperature, generator=generator)
     t_gen = time.time() - t0
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from ratio exactly 1 [N-details: recompute logprobs].
-        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, cfg.temperature)
-        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask, cfg.temperature)
+        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, sampling.temperature)
+        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask,
+                                         sampling.temperature)
         values = value_predictions(value_model, query, query_mask, response, response_mask)
         score = score_fn(query, query_mask, response, response_mask).float()
     last = response[torch.arange(len(response)), response_mask.sum(1) - 1]
@@ -202,13 +181,13 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, device
                 ended=ended.float(), t_gen=t_gen, t_score=time.time() - t0 - t_gen)
 
 
-def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, device, generator):
-    """ppo_epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats."""
+def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, sampling, device, generator):
+    """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats."""
     B = batch["response"].size(0)
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")}
     policy.train()
     value_model.train()
-    for _ in range(cfg.ppo_epochs):
+    for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
         for i, start in enumerate(range(0, B, cfg.minibatch_size)):
             idx = perm[start:start + cfg.minibatch_size].to(device)
@@ -216,7 +195,8 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
                                                 "logprobs", "values")}
             with autocast(device):
                 new_logprobs, logits = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
-                                                         mb["response_mask"], cfg.temperature, return_logits=True)
+                                                         mb["response_mask"], sampling.temperature,
+                                                         return_logits=True)
                 new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
                                                mb["response_mask"])
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
@@ -225,7 +205,7 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
             ((pg_loss + cfg.vf_coef * vf_loss) / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0:
                 torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
-                                               cfg.grad_clip)
+                                               sampling.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -239,10 +219,11 @@ def explained_variance(values, returns, mask):
     return 1 - (masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
 
 
-def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, device, out_dir,
+def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, out_dir,
               decode=None, log=print):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
-    response_mask) -> (B,) scores. Checkpoints after each iteration (atomic) and resumes from the last."""
+    response_mask) -> (B,) scores. sampling: the run's seed, temperature, max_answer_tokens and grad_clip
+    (shared with the other stages). Checkpoints after each iteration (atomic) and resumes from the last."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file, metrics_file = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
@@ -260,17 +241,18 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, devi
         log(f"[ppo] resumed from {ckpt_file} at iteration {start}")
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        rng = random.Random(cfg.seed * 104729 + it)  # the iteration's prompts and samples: resumable
-        generator = torch.Generator().manual_seed(cfg.seed * 104729 + it)
+        rng = random.Random(sampling.seed * 104729 + it)  # the iteration's prompts and samples: resumable
+        generator = torch.Generator().manual_seed(sampling.seed * 104729 + it)
         chosen = (rng.sample(prompts, cfg.batch_size) if len(prompts) >= cfg.batch_size
                   else rng.choices(prompts, k=cfg.batch_size))
-        batch = rollout(policy, ref_policy, value_model, score_fn, chosen, cfg, eot, device, generator)
+        batch = rollout(policy, ref_policy, value_model, score_fn, chosen, cfg, sampling, eot, device, generator)
         mask = batch["mask"]
         rewards, kl = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
         advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)
         t_update = time.time()
-        stats = ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, device, generator)
+        stats = ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, sampling, device,
+                           generator)
         t_update = time.time() - t_update
         mean_kl = kl.sum(1).mean().item()
         kl_ctl.update(mean_kl, cfg.batch_size)
@@ -298,22 +280,43 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, eot, devi
     return history
 
 
+# -----------------------------------------------------------------------------
+# The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
+
+def ppo_stage(cfg, run, splits):
+    """Policy and frozen reference from the SFT model; value model and frozen reward model from the
+    reward model [N-details: value init from the reward model]. cfg: rlaif.Config or its config.json."""
+    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    torch.manual_seed(cfg.seed)
+    frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32  # no gradients, half the memory
+    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
+    value_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
+    prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
+    history = train_ppo(policy, ref_policy, value_model, reward_model.score, prompts, cfg.ppo, cfg, tok.eot,
+                        cfg.device, run / "ppo", decode=tok.decode, log=print)
+    policy.save_pretrained(run / RUN_FILES["ppo_model"], eot=tok.eot)
+    return history[-1] if history else {}
+
+
 def main():
-    import rlaif
-    p = argparse.ArgumentParser(description="PPO stage of rlaif.py: tune the SFT policy against the reward "
-                                "model of --run-dir. Runs the paper config on a GPU, the tiny one on CPU.")
-    p.add_argument("--config", choices=("tiny", "paper"), default="paper" if torch.cuda.is_available() else "tiny")
-    p.add_argument("--run-dir", help="run directory holding sft/ and reward/ (default: runs/<config>)")
-    p.add_argument("--iterations", type=int, help="override the number of PPO iterations")
-    args = p.parse_args()
-    cfg = rlaif.make_config(args.config, run_dir=args.run_dir,
-                            **({"ppo_iterations": args.iterations} if args.iterations else {}))
-    run = Path(cfg.run_dir)
-    for need in (run / "sft" / "model" / "model.safetensors", run / "reward" / "reward_model.pt"):
-        if not need.exists():
-            raise SystemExit(f"ppo.py: {need} not found. Produce it with:\n"
-                             f"  python rlaif.py --config {args.config} --run-dir {run} --until reward")
-    rlaif.run_pipeline(cfg, only="ppo")
+    p = argparse.ArgumentParser(description="PPO stage of a run of rlaif.py: tune the run's SFT policy against its "
+                                "reward model (run_dir/sft, run_dir/reward) and save it to run_dir/ppo. Uses the "
+                                "run's recorded settings (config.json); the flags below override them and are "
+                                "recorded. An interrupted PPO resumes; later results (evaluate) are set aside.")
+    p.add_argument("--run-dir", required=True, help="a run directory whose reward stage is done")
+    p.add_argument("--force", action="store_true", help="redo a finished PPO stage")
+    for f in fields(PPOConfig):
+        kind = f.type.__origin__ if hasattr(f.type, "__origin__") else f.type
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not bool else None,
+                       action=argparse.BooleanOptionalAction if kind is bool else None,
+                       help=f"{f.type.__metadata__[0]} (default: the run's)")
+    args = vars(p.parse_args())
+    run_dir, force = args.pop("run_dir"), args.pop("force")
+    run_stage_cli(run_dir, "ppo", ppo_stage, "ppo", {k: v for k, v in args.items() if v is not None}, force,
+                  prepare.load_splits)
 
 
 if __name__ == "__main__":

@@ -8,33 +8,39 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
      - OpenAIJudge: GPT-3.5 (the paper) or any OpenAI-compatible server (vLLM, Ollama) by base_url.
      - RulesJudge: the offline stand-in. It answers the same questions with deterministic checks and
        labels every record "rules judge": it is NOT LLM feedback.
-2. A reward model (GPT-2 backbone + scalar head) learns the scores with a pairwise Bradley-Terry loss
-   (or regression), then is normalised to mean 0 / std 1 on SFT samples (lm-human-preferences).
+2. A reward model (GPT-2 backbone + scalar head, model.ScalarModel) learns the scores with a pairwise
+   Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples (lm-human-preferences).
+
+    python reward.py --run-dir runs/tiny    # the feedback and reward stages of a run (see rlaif.py)
 """
+import argparse
 import ast
 import hashlib
 import json
 import math
 import random
 import re
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from evaluate import API_NAMES_FILE, APIDatabase, answer_api_call, calls_in, known_model_ids
-from model import GPT, autocast, load_checkpoint, make_optimizer, pad_pairs, save_checkpoint
+from data.gorilla.apis import MODEL_ID, APIDatabase, answer_api_call, calls_in, library_names
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, load_checkpoint, make_optimizer, pad_pairs,
+                   read_jsonl, run_stage_cli)
 
-# (key, question, weight). Relevance gates the rest: score = 0.25 P(domain_right) + P(domain_right) x
-# sum(weight x P(yes)) over the other questions. Without the gate, PPO against these questions collapsed onto
-# one generic documented API for every task (joblib.load('model.joblib'): real, valid, it runs) - executable
-# and useless; a full gate (no 0.25 term) left too few judge-ordered pairs to train on (README, "How we got here").
+# (key, question, weight). [not in the paper] Relevance gates the rest: score = 0.25 P(domain_right) +
+# P(domain_right) x sum(weight x P(yes)) over the other questions. Without the gate, PPO collapsed onto one
+# generic documented API for every task (joblib.load: real, valid, it runs - and useless); a full gate left
+# too few judge-ordered pairs to train on (docs/experiments.md).
 GATE = "domain_right"
 QUESTIONS = (
     ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.25),
@@ -51,7 +57,7 @@ def combine(answers):
     """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
-    gate = answers[GATE] if GATE else 1.0
+    gate = answers[GATE]
     return sum(w * answers[k] * (1.0 if k == GATE else gate) for k, _, w in QUESTIONS)
 
 
@@ -67,7 +73,7 @@ def judge_prompt(instruction, answer, api_entry, question):
 
 
 class RulesJudge:
-    """Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM judge
+    """[offline stand-in] Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM judge
     does not. Its API check is exact (the api_call must be one the documentation lists), not Gorilla's
     lenient AST match: PPO against a lenient judge learned to write pipeline('text-generation',
     model='<invented>'), which that match accepts (see README, "How we got here")."""
@@ -75,8 +81,8 @@ class RulesJudge:
 
     def __init__(self, db=None):
         self.db = db or APIDatabase()
-        self.model_ids = set(known_model_ids(self.db.apis))
-        self.tasks = set(json.loads(API_NAMES_FILE.read_text())["pipeline_tasks"])
+        self.model_ids = set(self.db.model_ids())
+        self.tasks = set(library_names()["pipeline_tasks"])
 
     def code_valid(self, code):
         """Parses as Python, and every model id and pipeline task it names exists (static, not run)."""
@@ -88,7 +94,7 @@ class RulesJudge:
             return False
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                    and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", node.value) and node.value not in self.model_ids:
+                    and MODEL_ID.fullmatch(node.value) and node.value not in self.model_ids:
                 return False
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("pipeline") and node.args \
                     and isinstance(node.args[0], ast.Constant) and node.args[0].value not in self.tasks \
@@ -221,12 +227,6 @@ class OpenAIJudge:
         return f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens{usd}"
 
 
-def source_of(row):
-    """"policy", or which contrast answer a sample/feedback row is (rlaif.contrast_answers); rows of runs
-    from before contrast answers have no field and are all policy samples."""
-    return row.get("source", "policy")
-
-
 def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
     """Judge every sample {id, record, answer}; feedback records are appended to out_file as they
     finish, and samples already in it are skipped, so an interrupted run resumes without re-asking."""
@@ -246,7 +246,7 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
     def one(sample):
         answers = judge.answers(records[sample["record"]], sample["answer"])
         error = answers.pop("error", None)
-        result = dict(id=sample["id"], record=sample["record"], source=source_of(sample),
+        result = dict(id=sample["id"], record=sample["record"], source=sample["source"],
                       judge=judge.name, answers=answers, score=combine(answers), error=error)
         with lock:
             with open(out_file, "a") as f:
@@ -269,58 +269,15 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
 # -----------------------------------------------------------------------------
 # The reward model
 
-class ScalarModel(nn.Module):
-    """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at the
-    last real token; PPO's value model (initialised from the reward model) reads it at every step."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))  # lm-human-preferences
-        nn.init.zeros_(self.head.bias)
-        self.register_buffer("gain", torch.ones(()))   # reward normalisation, set after training
-        self.register_buffer("bias", torch.zeros(()))
-
-    def forward(self, ids, mask):
-        return self.head(self.backbone.hidden_states(ids, mask)).squeeze(-1)
-
-    def score(self, query, query_mask, response, response_mask):
-        """Normalised reward of each (query, response): the head at the response's last real token."""
-        scalars = self(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
-        last = query.size(1) + response_mask.sum(1) - 1
-        return self.gain * scalars.gather(1, last[:, None]).squeeze(1) + self.bias
-
-    def save(self, path, **extra):
-        save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config), **extra)
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        from model import config_from_dict
-        ckpt = load_checkpoint(path, device)
-        m = cls(GPT(config_from_dict(ckpt["config"])))
-        m.load_state_dict(ckpt["model"])
-        return m.to(device), ckpt
-
-
 @dataclass
 class RMConfig:
-    epochs: int = 2
-    """passes over the training pairs"""
-    lr: float = 3e-4
-    """AdamW learning rate (constant)"""
-    batch_size: int = 16
-    """pairs (or single answers, for regression) per step"""
-    loss: str = "pairwise"
-    """pairwise: Bradley-Terry on judge-ordered pairs of answers to one prompt; regression: MSE on the score"""
-    max_pairs_per_prompt: int = 3
-    """judge-ordered pairs kept per prompt (ties are dropped)"""
-    heldout_fraction: float = 0.1
-    """prompts held out to measure pairwise accuracy on the policy's own answers"""
-    weight_decay: float = 0.0
-    """AdamW weight decay (matrices only)"""
-    seed: int = 1
-    """seed of the held-out split and batch order (rlaif.py: --seed unless given)"""
+    epochs: Annotated[int, "passes over the training pairs"] = 1
+    lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
+    batch_size: Annotated[int, "pairs per step"] = 16
+    max_pairs_per_prompt: Annotated[int, "judge-ordered pairs kept per prompt (ties are dropped)"] = 10
+    heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
+                                       "own answers"] = 0.1
+    weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
 
 
 def make_pairs(feedback, max_per_prompt, rng):
@@ -351,27 +308,25 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def train_reward_model(rm, samples, feedback, tok, cfg, device, ckpt_file, log=print):
-    """Train on judge scores; returns held-out metrics. samples: {id: {query, response}} token lists."""
-    rng = random.Random(cfg.seed)
+def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=print):
+    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: {query, response}}."""
+    rng = random.Random(seed)
     records = sorted({f["record"] for f in feedback})
     rng.shuffle(records)
     heldout_records = set(records[:max(1, int(len(records) * cfg.heldout_fraction))])
     train_fb = [f for f in feedback if f["record"] not in heldout_records]
     # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
     test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
-               and source_of(f) == "policy"]
+               and f["source"] == "policy"]
     train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
     test_pairs = make_pairs(test_fb, 10 ** 9, rng)
-    scored = [f for f in train_fb if f["score"] is not None]
-    units = train_pairs if cfg.loss == "pairwise" else scored
-    steps = cfg.epochs * math.ceil(len(units) / cfg.batch_size)
-    if not train_pairs and cfg.loss == "pairwise":
+    steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    if not train_pairs:
         log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
             "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
             "more answers per prompt (--samples-per-prompt).")
     log(f"[reward] {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
-        f"({len(heldout_records)} held-out prompts), {steps} steps, loss {cfg.loss}")
+        f"({len(heldout_records)} held-out prompts), {steps} steps")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     step = 0
     if Path(ckpt_file).exists():
@@ -380,26 +335,20 @@ def train_reward_model(rm, samples, feedback, tok, cfg, device, ckpt_file, log=p
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         log(f"[reward] resumed at step {step}")
-    mean_score = sum(f["score"] for f in scored) / max(1, len(scored))
     order = []  # every step's batch, fixed up front so a resumed run trains on the same batches
     for epoch in range(cfg.epochs):
-        perm = list(range(len(units)))
-        random.Random(cfg.seed * 7919 + epoch).shuffle(perm)
+        perm = list(range(len(train_pairs)))
+        random.Random(seed * 7919 + epoch).shuffle(perm)
         order += [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
     t0 = time.time()
     while step < steps:
-        batch = [units[i] for i in order[step]]
+        batch = [train_pairs[i] for i in order[step]]
         rm.train()
         with autocast(device):
-            if cfg.loss == "pairwise":
-                r = rm.score(*rm_batch(samples, [a for a, _ in batch] + [b for _, b in batch], tok, device))
-                loss = -F.logsigmoid(r[:len(batch)] - r[len(batch):]).mean()  # Bradley-Terry
-            else:
-                r = rm.score(*rm_batch(samples, [f["id"] for f in batch], tok, device))
-                target = torch.tensor([f["score"] - mean_score for f in batch], device=device)
-                loss = F.mse_loss(r.float(), target)
+            r = rm.score(*rm_batch(samples, [a for a, _ in batch] + [b for _, b in batch], tok, device))
+            loss = -F.logsigmoid(r[:len(batch)] - r[len(batch):]).mean()  # Bradley-Terry
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -428,3 +377,59 @@ def normalise(rm, samples, ids, tok, device):
     r = rm_scores(rm, samples, ids, tok, device)
     rm.gain.fill_(1.0 / (r.std().item() + 1e-8))
     rm.bias.fill_(-r.mean().item() / (r.std().item() + 1e-8))
+
+
+# -----------------------------------------------------------------------------
+# The reward stage of a run (rlaif.py), and the judge's setup
+
+def reward_stage(cfg, run, splits):
+    """Reward model initialised from the SFT model, trained on the feedback, normalised on policy samples.
+    cfg: rlaif.Config (or its config.json read back)."""
+    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    samples = {s["id"]: s for s in read_jsonl(run / RUN_FILES["samples"])}
+    torch.manual_seed(cfg.seed)
+    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"])).to(cfg.device)
+    metrics = train_reward_model(rm, samples, read_jsonl(run / RUN_FILES["feedback"]), tok, cfg.rm, cfg.seed,
+                                 cfg.grad_clip, cfg.device, run / "reward" / "ckpt.pt", log=print)
+    normalise(rm, samples, [i for i, s in samples.items() if s["source"] == "policy"], tok, cfg.device)
+    rm.save(run / RUN_FILES["reward_model"])
+    print(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
+          f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
+    return metrics
+
+
+def judge_base_url(base_url):
+    return base_url or os.environ.get("OPENAI_BASE_URL", "")
+
+
+def judge_problems(base_url):
+    """What stops the OpenAI-compatible judge from working, found before any stage runs."""
+    base_url = judge_base_url(base_url)
+    if not base_url and not os.environ.get("OPENAI_API_KEY"):
+        return ["--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / OPENAI_BASE_URL for a "
+                "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the offline stand-in"]
+    return []
+
+
+def make_judge(kind, model, base_url, concurrency, cache_file, log=print):
+    if kind == "rules":
+        return RulesJudge()
+    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, concurrency=concurrency, log=log)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Reward-model stage of a run of rlaif.py: train the reward model on the "
+                                "run's AI feedback (run_dir/feedback) and save it to run_dir/reward. Uses the "
+                                "run's recorded settings; flags override and are recorded.")
+    p.add_argument("--run-dir", required=True, help="a run directory whose feedback stage is done")
+    p.add_argument("--force", action="store_true", help="redo a finished reward stage (later stages are set aside)")
+    for name, kind in (("epochs", int), ("lr", float), ("batch_size", int), ("max_pairs_per_prompt", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override RMConfig.{name}")
+    args = vars(p.parse_args())
+    run_dir, force = Path(args.pop("run_dir")), args.pop("force")
+    run_stage_cli(run_dir, "reward", reward_stage, "rm", {k: v for k, v in args.items() if v is not None}, force,
+                  prepare.load_splits)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,124 +1,114 @@
 """
 RLAIF for code generation with API usage (Dutta et al. 2024, arXiv 2406.20060), end to end.
 
-    python rlaif.py                  # offline default: tiny GPT-2 from scratch, rules judge, CPU, minutes
+    python rlaif.py                  # offline default: tiny GPT-2 from scratch, rules judge, CPU
     python rlaif.py --config paper   # gpt2-large from HF weights, GPT-3.5 judge, one GPU, online
 
-The paper's method, one function per stage, in order (each writes under --run-dir and is skipped when
-its output exists, so an interrupted run resumes where it stopped; --from STAGE redoes from a stage):
-  1. data      prepare the Gorilla APIBench HuggingFace split              data/gorilla/prepare.py
-  2. sft       supervised fine-tuning on (instruction -> answer)           sft() below
-  3. sample    sample answers to the training instructions from SFT        model.generate
-  4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]  reward.judge_answers
-  5. reward    reward model trained on the judge's scores                  reward.train_reward_model
-  6. ppo       PPO against the reward model, KL penalty to SFT             ppo.train_ppo
-  7. evaluate  SFT vs RLAIF vs Gorilla-7B on the held-out questions        evaluate.score_answers
+The paper's method, one stage each, in order. Every stage reads its inputs from --run-dir, writes its
+outputs under run_dir/<stage>/ and a done.json (summary + hashes of its outputs); a finished stage is
+skipped on the next run, so an interrupted run resumes where it stopped.
+  1. data      the Gorilla APIBench HuggingFace split                       data/gorilla/prepare.py
+  2. sft       supervised fine-tuning on (instruction -> answer)            sft_stage below
+  3. sample    answers to the training instructions from the SFT policy     sample_stage, model.sample_answers
+  4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   feedback_stage, reward.judge_answers
+  5. reward    reward model trained on the judge's scores                   reward.reward_stage
+  6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
+  7. evaluate  SFT vs RLAIF vs Gorilla-7B on the held-out questions         evaluate.evaluate_stage
+Results land in run_dir/evaluate/results.md (and results in its done.json).
 """
 import argparse
 import json
+import os
 import random
+import re
 import shutil
+import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 import evaluate
 import ppo
 import reward
+import sandbox
 from data.gorilla import prepare
-from model import (GPT, Tokenizer, atomic_write, autocast, default_device, load_checkpoint, lr_at, make_optimizer,
-                   pad_pairs, preset_config, response_logprobs, save_checkpoint)
+from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, atomic_write, autocast, load_checkpoint, lr_at,
+                   make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
+                   save_checkpoint, set_aside, verify_done, write_jsonl)
 from ppo import PPOConfig
 from reward import RMConfig
 
 CODE_TAG = "<<<code>>>:"
-STAGES = ("data", "sft", "sample", "feedback", "reward", "ppo", "evaluate")
+CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
 
 
 @dataclass
 class Config:
-    """Every knob of the pipeline; `tiny` (the default) and `paper` are the presets below. Each field is
-    also a command-line flag (--sft-steps ...); the PPO and reward-model knobs live in ppo.PPOConfig and
-    reward.RMConfig (flags --ppo-* and --rm-*)."""
-    run_dir: str = "runs/tiny"
-    """where every stage writes its outputs"""
-    seed: int = 1
-    """seed of every stage (data order, sampling, initialisation)"""
-    device: str = field(default_factory=default_device)
-    """cuda or cpu (default: cuda when available)"""
-    init: str = "tiny"
-    """model preset trained from scratch ("tiny") or HF weights to start from ("gpt2-large" or a directory)"""
-    compact: bool = True
-    """compact vocabulary + compact answers (no explanation, code cut after the api_call; tiny preset)"""
-    api_pairs: bool = True
-    """add the API database's 925 APIs as extra SFT pairs (description -> api_call)"""
-    hub_train: bool = False
-    """train on APIBench's huggingface_train.json from the Hub (online) instead of the offline split"""
-    max_answer_tokens: int = 160
-    """longer SFT answers are truncated"""
-    sft_steps: int = 800
-    """SFT optimizer steps"""
-    sft_batch_size: int = 16
-    """SFT examples per micro-batch"""
-    sft_grad_accum: int = 1
-    """SFT micro-batches per optimizer step"""
-    sft_lr: float = 2e-3
-    """SFT peak learning rate (linear warmup, cosine decay)"""
-    sft_warmup: int = 50
-    """SFT warmup steps"""
-    weight_decay: float = 0.1
-    """AdamW weight decay (matrices only)"""
-    grad_clip: float = 1.0
-    """gradient-norm clip"""
-    eval_every: int = 100
-    """SFT validation loss (and checkpoint) every this many steps"""
-    samples_per_prompt: int = 4
-    """answers sampled per instruction for AI feedback"""
-    sample_prompts: int = 1000
-    """training instructions that get sampled answers (at most all of them)"""
-    contrast_answers: bool = True
-    """also judge, per sampled instruction, its reference, another domain's, and a policy answer without code"""
-    max_new_tokens: int = 160
-    """answer length cap when sampling and evaluating (not below max_answer_tokens: a cap shorter than the
-    answers SFT taught cuts off right answers, which the missing-EOS penalty then punishes)"""
-    temperature: float = 0.7
-    """sampling temperature for the feedback samples (1.0 from the tiny model is mostly noise)"""
-    judge: str = "rules"
-    """rules (the offline stand-in) or openai (an OpenAI-compatible LLM, as the paper's GPT-3.5)"""
-    judge_model: str = "gpt-3.5-turbo"
-    """model name sent to the judge endpoint"""
-    judge_base_url: str = ""
-    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM (empty: api.openai.com)"""
-    judge_concurrency: int = 8
-    """judge requests in flight"""
-    eval_limit: int = 0
-    """evaluate on the first N held-out questions only (0 = all)"""
-    exec_mode: str = "offline"
-    """executability: offline (checked stand-ins, no network), real (real libraries) or none"""
+    """Every knob of the pipeline, defaults = the embedded tiny run; PAPER below lists what differs.
+    Each field is a command-line flag (--sft-steps); PPO and reward-model knobs are --ppo-* and --rm-*."""
+    run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
+    seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
+    device: Annotated[str, "cpu, cuda or cuda:N"] = "cpu"
+    init: Annotated[str, "model preset trained from scratch (tiny, micro) or HF weights to start from "
+                         "(gpt2-large, or a directory with config.json + model.safetensors)"] = "tiny"
+    compact: Annotated[bool, "[offline stand-in] compact vocabulary + compact answers (no explanation, "
+                             "code cut after the api_call)"] = True
+    api_pairs: Annotated[bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"] = True
+    hub_train: Annotated[bool, "train on APIBench's huggingface_train.json from the Hub (online) instead of "
+                               "the offline split of the eval file"] = False
+    max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
+                                      "evaluation stop at it"] = 160
+    sft_steps: Annotated[int, "SFT optimizer steps"] = 800
+    sft_batch_size: Annotated[int, "SFT examples per micro-batch"] = 16
+    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step"] = 1
+    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)"] = 2e-3
+    sft_warmup: Annotated[int, "SFT warmup steps"] = 50
+    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)"] = 0.1
+    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)"] = 1.0
+    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps"] = 100
+    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback"] = 4
+    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)"] = 1000
+    contrast_answers: Annotated[bool, "[not in the paper] also judge, per sampled instruction, its reference, "
+                                      "another domain's, and a policy answer cut before its code"] = True
+    temperature: Annotated[float, "sampling temperature of the feedback samples and the PPO rollouts"] = 0.7
+    judge: Annotated[str, "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's "
+                          "GPT-3.5)", ("rules", "openai")] = "rules"
+    judge_model: Annotated[str, "model name sent to the judge endpoint"] = "gpt-3.5-turbo"
+    judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
+                                   "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
+    judge_concurrency: Annotated[int, "judge requests in flight"] = 8
+    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
+    exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
+                              "libraries) or none", ("offline", "real", "none")] = "offline"
+    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)"] = 10.0
+    unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
+                                 "unavailable (NOT isolated; marked in the results)"] = False
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
 
 
-TINY = dict(ppo=dict(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=2, lr=1e-4, max_new_tokens=160,
-                     temperature=0.7, init_kl_coef=0.5, target_kl=3.0, kl_horizon=1000),
-            rm=dict(epochs=1, lr=3e-4, batch_size=16, max_pairs_per_prompt=10))
-PAPER = dict(run_dir="runs/paper", init="gpt2-large", compact=False, api_pairs=False, hub_train=True,
-             max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4, sft_lr=5e-5,
-             sft_warmup=100, eval_every=250, samples_per_prompt=4, sample_prompts=2000, max_new_tokens=512,
-             judge="openai", exec_mode="real",
-             ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, ppo_epochs=4, lr=1e-5,
-                      max_new_tokens=512),
-             rm=dict(epochs=1, lr=1e-5, batch_size=8, max_pairs_per_prompt=6))
-PRESETS = {"tiny": TINY, "paper": PAPER}
+# The paper's configuration (section 4): only what differs from the tiny defaults.
+PAPER = dict(run_dir="runs/paper", device="cuda", init="gpt2-large", compact=False, api_pairs=False,
+             hub_train=True, max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4,
+             sft_lr=5e-5, sft_warmup=100, eval_every=250, sample_prompts=2000, temperature=1.0,
+             contrast_answers=False, judge="openai", exec_mode="real", exec_timeout=300.0,
+             ppo=dict(iterations=200, batch_size=64, grad_accum=2, epochs=4, lr=1e-5, init_kl_coef=0.05,
+                      target_kl=6.0, kl_horizon=10000),
+             rm=dict(lr=1e-5, batch_size=8, max_pairs_per_prompt=6))
+PRESETS = {"tiny": {}, "paper": PAPER}
 
 
 def make_config(preset="tiny", **overrides):
-    """Config of a preset with overrides; nested keys as ppo=dict(...) / rm=dict(...) or ppo_lr=..."""
+    """Config of a preset with overrides: top-level names, ppo_<name> / rm_<name>, or ppo=dict(...)."""
     cfg = Config()
-    for source in (PRESETS[preset], {k: v for k, v in overrides.items() if v is not None}):
+    for source in (PRESETS[preset], overrides):
         for key, value in source.items():
+            if value is None:
+                continue
             if key in ("ppo", "rm"):
                 setattr(cfg, key, replace(getattr(cfg, key), **value))
             elif key.startswith(("ppo_", "rm_")):
@@ -126,9 +116,6 @@ def make_config(preset="tiny", **overrides):
                 setattr(cfg, sub, replace(getattr(cfg, sub), **{name: value}))
             else:
                 setattr(cfg, key, value)
-    for sub in ("ppo", "rm"):  # one --seed seeds every stage unless --ppo-seed / --rm-seed is given
-        if overrides.get(f"{sub}_seed") is None and overrides.get(sub, {}).get("seed") is None:
-            getattr(cfg, sub).seed = cfg.seed
     return cfg
 
 
@@ -136,49 +123,23 @@ def log(msg):
     print(msg, flush=True)
 
 
-# -----------------------------------------------------------------------------
-# 1. data
-
 def tokenizer_for(cfg):
     return Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
 
 
-def load_data(cfg):
-    """train / val / test records. Test is always the held-out part of the eval file."""
-    records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=log)
-    splits = prepare.offline_splits(records)
-    if cfg.hub_train:
-        log("[data] split: train = APIBench huggingface_train.json (Hub), test = held-out eval records")
-        splits["train"] = prepare.hub_train_records(log=log)
-    else:
-        log("[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
-            "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)")
-    log(f"[data] train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} records")
-    return splits
+# -----------------------------------------------------------------------------
+# 2. SFT
+
+def init_model(cfg, tok):
+    if cfg.init in CPU_PRESETS:
+        return GPT(preset_config(cfg.init, tok.vocab_size))
+    return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
 
 
 def sft_examples(cfg, tok, records):
-    """(prompt ids, answer ids ending in <|endoftext|>) pairs; the one prompt/answer format."""
-    return [(tok.encode(prepare.format_prompt(r.instruction)), answer_ids(cfg, tok, r.sections)) for r in records]
-
-
-def answer_ids(cfg, tok, sections):
-    answer = tok.encode(prepare.format_answer(sections, compact=cfg.compact))
-    return answer[:cfg.max_answer_tokens - 1] + [tok.eot]
-
-
-# -----------------------------------------------------------------------------
-# 2. sft
-
-def from_scratch(cfg):
-    """The CPU presets are trained from scratch: no GPT-2 weights can be downloaded offline."""
-    return cfg.init in ("tiny", "micro")
-
-
-def init_model(cfg, tok):
-    if from_scratch(cfg):
-        return GPT(preset_config(cfg.init, tok.vocab_size))
-    return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
+    """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
+    return [(prepare.prompt_ids(tok, r.instruction),
+             prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens)) for r in records]
 
 
 def sft_loss(model, examples, pad, device):
@@ -259,51 +220,58 @@ def sft(cfg, tok, train, val, out_dir):
             save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             step=step, history=history)
     model.eval()
-    model.save_pretrained(out_dir / "model")
     return model, history
 
 
-# -----------------------------------------------------------------------------
-# 3. sample answers from the SFT policy
+def sft_stage(cfg, run, splits):
+    tok = tokenizer_for(cfg)
+    extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
+    train = sft_examples(cfg, tok, splits["train"] + extra)
+    model, history = sft(cfg, tok, train, sft_examples(cfg, tok, splits["val"]), run / "sft")
+    model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
+    return dict(train_examples=len(train), final_loss=history[-1]["loss"],
+                val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1])
 
-def sample_stage(cfg, tok, train, sft_model, out_dir):
+
+# -----------------------------------------------------------------------------
+# 3. Sample answers from the SFT policy
+
+def sample_stage(cfg, run, splits):
     """samples_per_prompt answers to the first sample_prompts training instructions (a seeded shuffle)."""
+    tok, train = tokenizer_for(cfg), splits["train"]
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
     chosen = order[:cfg.sample_prompts]
-    pairs = evaluate.generate_answers(sft_model, tok, [train[i].instruction for i in chosen], cfg.samples_per_prompt,
-                                      cfg.max_new_tokens, cfg.temperature, cfg.seed, device=cfg.device, log=log)
+    prompts = [prepare.prompt_ids(tok, train[i].instruction) for i in chosen for _ in range(cfg.samples_per_prompt)]
+    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
     samples = [dict(id=k, record=chosen[k // cfg.samples_per_prompt], source="policy", query=q, response=r,
-                    answer=tok.decode(r)) for k, (q, r) in enumerate(pairs)]
+                    answer=tok.decode(r)) for k, (q, r) in enumerate(zip(prompts, responses))]
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
-    write_jsonl(out_dir / "samples.jsonl", samples)
-    return samples
+    write_jsonl(run / RUN_FILES["samples"], samples)
+    return dict(samples=len(samples))
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
-    """For each sampled instruction, three more answers for the judge to score (not in the paper): its
+    """[not in the paper] For each sampled instruction, three more answers for the judge to score: its
     reference answer; the reference of an instruction from another domain; and one of the policy's own
     answers to it with the code section cut off. Policy samples to one instruction rarely differ in
-    relevance, and almost never lack code, so the reward model had no pairs that teach either: it ranked
-    held-out policy pairs at chance (0.45-0.53), and PPO learned to answer with an empty code section
-    (README, "How we got here"). Each pair of these differs in exactly one of those two properties. The
-    code-less answer is the policy's own, not the reference's: a code-less *reference* still outscores
-    most policy answers (right API), which taught the reward model that leaving code out is fine."""
+    relevance and almost never lack code, so without these the reward model had no pairs that teach
+    either (docs/experiments.md). Each pair of these differs in exactly one of the two properties."""
     rng = random.Random(cfg.seed + 1)
     domains = [r.api_data.get("domain") for r in train]
     elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
     with_code = {}
     for s in samples:
-        if s["record"] not in with_code and prepare.parse_answer(s["answer"])["code"] \
-                and CODE_TAG in s["answer"]:
+        if s["record"] not in with_code and prepare.parse_answer(s["answer"])["code"] and CODE_TAG in s["answer"]:
             with_code[s["record"]] = s
     out = []
     for i in chosen:
         other = rng.choice(elsewhere[domains[i]])
-        query = tok.encode(prepare.format_prompt(train[i].instruction))
-        answers = [("reference", answer_ids(cfg, tok, train[i].sections)),
-                   ("mismatched", answer_ids(cfg, tok, train[other].sections))]
+        query = prepare.prompt_ids(tok, train[i].instruction)
+        answers = [("reference", prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)),
+                   ("mismatched", prepare.answer_ids(tok, train[other].sections, cfg.compact, cfg.max_answer_tokens))]
         if i in with_code:
             policy = with_code[i]["answer"]
             answers.append(("no_code", tok.encode(policy[:policy.index(CODE_TAG) + len(CODE_TAG)]) + [tok.eot]))
@@ -316,166 +284,123 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 # -----------------------------------------------------------------------------
 # 4. AI feedback
 
-def make_judge(cfg, run_dir):
-    if cfg.judge == "rules":
-        return reward.RulesJudge()
-    if cfg.judge == "openai":
-        return reward.OpenAIJudge(cfg.judge_model, cfg.judge_base_url, cache_file=Path(run_dir) / "judge_cache.jsonl",
-                                  concurrency=cfg.judge_concurrency, log=log)
-    raise SystemExit(f"--judge must be 'rules' or 'openai', not {cfg.judge!r}")
-
-
-def feedback_stage(cfg, train, samples, run_dir, out_dir):
-    judge = make_judge(cfg, run_dir)
+def feedback_stage(cfg, run, splits):
+    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
+                              cache_file=run / RUN_FILES["judge_cache"], log=log)
     if cfg.judge == "rules":
         log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
             "this is not LLM feedback. Use --judge openai for AI feedback.")
-    feedback = reward.judge_answers(judge, samples, train, out_dir / "feedback.partial.jsonl",
+    samples = read_jsonl(run / RUN_FILES["samples"])
+    feedback = reward.judge_answers(judge, samples, splits["train"], run / "feedback" / "feedback.partial.jsonl",
                                     cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
-    for source in sorted({reward.source_of(f) for f in feedback}):
-        fb = [f for f in feedback if reward.source_of(f) == source]
+    for source in sorted({f["source"] for f in feedback}):
+        fb = [f for f in feedback if f["source"] == source]
         scores = [f["score"] for f in fb if f["score"] is not None]
         log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
             "P(yes) per question: " + ", ".join(f"{k} {sum(f['answers'][k] or 0 for f in fb) / len(fb):.2f}"
                                                 for k, _, _ in reward.QUESTIONS))
-    write_jsonl(out_dir / "feedback.jsonl", feedback)
-    return feedback
+    write_jsonl(run / RUN_FILES["feedback"], feedback)
+    return dict(judge=judge.name, judged=sum(f["score"] is not None for f in feedback))
 
 
 # -----------------------------------------------------------------------------
-# 5. reward model
+# The driver: the stages in order, each skipped when its done.json exists and its outputs are intact
 
-def reward_stage(cfg, tok, samples, feedback, sft_dir, out_dir):
-    torch.manual_seed(cfg.seed)
-    rm = reward.ScalarModel(GPT.from_pretrained(sft_dir)).to(cfg.device)  # initialised from SFT
-    by_id = {s["id"]: s for s in samples}
-    metrics = reward.train_reward_model(rm, by_id, feedback, tok, cfg.rm, cfg.device, out_dir / "ckpt.pt", log=log)
-    reward.normalise(rm, by_id, [s["id"] for s in samples if reward.source_of(s) == "policy"], tok, cfg.device)
-    rm.save(out_dir / "reward_model.pt")
-    log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
-        f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
-    return metrics
+STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, feedback_stage, reward.reward_stage, ppo.ppo_stage,
+                                evaluate.evaluate_stage)))
+# Settings that change no result (where and how fast, not what): a finished run may be resumed with others.
+NOT_RESULTS = ("run_dir", "judge_concurrency")
 
 
-# -----------------------------------------------------------------------------
-# 6. PPO
-
-def ppo_stage(cfg, tok, train, sft_dir, rm_file, out_dir):
-    torch.manual_seed(cfg.seed)
-    policy = GPT.from_pretrained(sft_dir).to(cfg.device)
-    ref_policy = GPT.from_pretrained(sft_dir).to(cfg.device)
-    value_model, _ = reward.ScalarModel.load(rm_file, cfg.device)  # value init from the reward model
-    reward_model, _ = reward.ScalarModel.load(rm_file, cfg.device)
-    reward_model.eval().requires_grad_(False)
-    prompts = [tok.encode(prepare.format_prompt(r.instruction)) for r in train]
-    history = ppo.train_ppo(policy, ref_policy, value_model, reward_model.score, prompts, cfg.ppo, tok.eot,
-                            cfg.device, out_dir, decode=tok.decode, log=log)
-    policy.save_pretrained(out_dir / "model")
-    return history[-1] if history else {}
-
-
-# -----------------------------------------------------------------------------
-# 7. evaluate SFT vs RLAIF vs Gorilla-7B on the held-out questions
-
-def evaluate_stage(cfg, tok, test, sft_dir, rlaif_dir, out_dir):
-    if cfg.eval_limit:
-        test = test[:cfg.eval_limit]
-    db = evaluate.APIDatabase()
-    sandbox = None if cfg.exec_mode == "none" else evaluate.Sandbox(offline=cfg.exec_mode == "offline")
-    results = {}
-    for name, model_dir in (("SFT", sft_dir), ("RLAIF", rlaif_dir)):
-        model = GPT.from_pretrained(model_dir).to(cfg.device)
-        pairs = evaluate.generate_answers(model, tok, [r.instruction for r in test], 1, cfg.max_new_tokens,
-                                          temperature=0.0, seed=cfg.seed, device=cfg.device, log=log)
-        answers = [tok.decode(r) for _, r in pairs]
-        write_jsonl(out_dir / f"{name.lower()}_answers.jsonl",
-                    [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
-        results[f"{name} ({cfg.init}, {model_size(model)})"], _ = evaluate.score_answers(answers, test, db, sandbox)
-        log(f"[evaluate] {name} scored")
-    gorilla, kept = evaluate.gorilla_answers_for(test)
-    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
-        evaluate.score_answers(gorilla, kept, db, sandbox)
-    return results
+def settings_diff(recorded, cfg):
+    """['field: recorded -> requested', ...] between a run's config.json and the requested config."""
+    wanted = asdict(cfg)
+    diff = []
+    for key in sorted(set(recorded) | set(wanted)):
+        if key in NOT_RESULTS:
+            continue
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
+        elif old != new:
+            diff.append(f"{key}: {old!r} -> {new!r}")
+    return diff
 
 
-def model_size(model):
-    n = sum(p.numel() for p in model.parameters())
-    return f"{n / 1e6:.1f}M params"
+def reachable(host, port=443, timeout=3.0):
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
-# -----------------------------------------------------------------------------
-# The driver: stages in order, each skipped when its done.json exists
+def check_ready(cfg):
+    """Everything that can be known before any stage runs, so a run never fails after hours of work."""
+    problems = []
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        problems.append(f"--device {cfg.device!r}: use cpu, cuda or cuda:N")
+    elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {cfg.device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if cfg.init not in CPU_PRESETS and not Path(cfg.init).is_dir() and not reachable("huggingface.co"):
+        problems.append(f"--init {cfg.init}: not a local directory, and the Hugging Face Hub is unreachable "
+                        "(offline?): pass a directory with config.json + model.safetensors")
+    if cfg.hub_train and not reachable("huggingface.co"):
+        problems.append("--hub-train: the Hugging Face Hub is unreachable (offline?); --no-hub-train uses the "
+                        "offline split of the eval file")
+    if cfg.judge == "openai":
+        problems += reward.judge_problems(cfg.judge_base_url)
+    if cfg.exec_mode != "none":
+        reason = sandbox.isolation_available()
+        if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
+            problems.append(f"--exec-mode {cfg.exec_mode}: OS-level isolation is unavailable ({reason}); "
+                            "generated code is not run without it (offline mode: --unsafe-exec forces it)")
+    if cfg.max_answer_tokens < 8:
+        problems.append("--max-answer-tokens must be at least 8")
+    if problems:
+        raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
 
-def write_jsonl(path, rows):
-    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def stage_done(run, stage):
-    return (run / stage / "done.json").exists()
-
-
-def mark_done(run, stage, summary, t0):
-    summary = dict(summary, seconds=round(time.time() - t0, 1))
-    atomic_write(run / stage / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
-    log(f"[{stage}] done in {summary['seconds']:.0f}s -> {run / stage}")
-
-
-def run_pipeline(cfg, from_stage=None, until="evaluate", only=None):
+def prepare_run_dir(cfg, from_stage):
+    """Check the run directory against the requested settings; with --from, set aside the stages to redo
+    (run_dir/.previous/<stage>) until the new ones are complete."""
     run = Path(cfg.run_dir)
+    config_file = run / "config.json"
+    if config_file.exists() and not from_stage:
+        diff = settings_diff(json.loads(config_file.read_text()), cfg)
+        if diff:
+            raise SystemExit(f"rlaif.py: {run} was run with other settings:\n  " + "\n  ".join(diff) +
+                             f"\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")
+    if from_stage:
+        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
     run.mkdir(parents=True, exist_ok=True)
-    if from_stage or only:
-        for stage in STAGES[STAGES.index(only or from_stage):STAGES.index(only) + 1 if only else None]:
-            if (run / stage).exists():
-                shutil.rmtree(run / stage)  # redo from here (the judge cache, outside, is kept)
-    atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
-    tok = tokenizer_for(cfg)
-    log(f"[rlaif] run {run}: model {cfg.init} ({'trained from scratch' if from_scratch(cfg) else 'HF weights'}), "
-        f"judge {'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
+    atomic_write(config_file, lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+    return run
+
+
+def run_pipeline(cfg, from_stage=None, until="evaluate"):
+    check_ready(cfg)
+    run = prepare_run_dir(cfg, from_stage)
+    log(f"[rlaif] run {run}: model {cfg.init} "
+        f"({'trained from scratch' if cfg.init in CPU_PRESETS else 'HF weights'}), judge "
+        f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
-    if min(cfg.max_new_tokens, cfg.ppo.max_new_tokens) < cfg.max_answer_tokens:
-        log(f"[rlaif] WARNING: answers are sampled with at most {min(cfg.max_new_tokens, cfg.ppo.max_new_tokens)} "
-            f"tokens but SFT teaches answers of up to {cfg.max_answer_tokens}: right answers get cut off (and "
-            "penalised in PPO). Raise --max-new-tokens / --ppo-max-new-tokens or lower --max-answer-tokens.")
-    splits = load_data(cfg)
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    sft_dir, rm_file = run / "sft" / "model", run / "reward" / "reward_model.pt"
-    todo = STAGES[1:STAGES.index(until) + 1]
-    for stage in todo:
-        if stage_done(run, stage):
+    splits = prepare.load_splits(cfg.hub_train, log=log)
+    names = list(STAGES)
+    for stage in names[:names.index(until) + 1]:
+        if (run / stage / "done.json").exists():
+            verify_done(run / stage)
             log(f"[{stage}] already done ({run / stage / 'done.json'}), skipped")
             continue
-        if only and stage != only:
-            raise SystemExit(f"stage {stage!r} has not run yet in {run}; run: python rlaif.py --run-dir {run} "
-                             f"--until {stage}")
-        t0, out = time.time(), run / stage
-        out.mkdir(parents=True, exist_ok=True)
-        if stage == "sft":
-            extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
-            _, history = sft(cfg, tok, sft_examples(cfg, tok, train + extra), sft_examples(cfg, tok, val), out)
-            mark_done(run, stage, dict(train_examples=len(train) + len(extra), final_loss=history[-1]["loss"],
-                                       val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1]), t0)
-        elif stage == "sample":
-            samples = sample_stage(cfg, tok, train, GPT.from_pretrained(sft_dir).to(cfg.device), out)
-            mark_done(run, stage, dict(samples=len(samples)), t0)
-        elif stage == "feedback":
-            feedback = feedback_stage(cfg, train, read_jsonl(run / "sample" / "samples.jsonl"), run, out)
-            mark_done(run, stage, dict(judge=feedback[0]["judge"] if feedback else cfg.judge,
-                                       judged=sum(f["score"] is not None for f in feedback)), t0)
-        elif stage == "reward":
-            metrics = reward_stage(cfg, tok, read_jsonl(run / "sample" / "samples.jsonl"),
-                                   read_jsonl(run / "feedback" / "feedback.jsonl"), sft_dir, out)
-            mark_done(run, stage, metrics, t0)
-        elif stage == "ppo":
-            mark_done(run, stage, ppo_stage(cfg, tok, train, sft_dir, rm_file, out), t0)
-        elif stage == "evaluate":
-            results = evaluate_stage(cfg, tok, test, sft_dir, run / "ppo" / "model", out)
-            (out / "results.md").write_text(evaluate.results_table(results) + "\n")
-            mark_done(run, stage, dict(results=results), t0)
-    if until == "evaluate" and not only:
+        t0 = time.time()
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        summary = STAGES[stage](cfg, run, splits)
+        mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+        log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
+    shutil.rmtree(run / ".previous", ignore_errors=True)  # the redone stages are complete
+    if until == "evaluate":
         print_results(cfg, run)
 
 
@@ -483,7 +408,7 @@ def print_results(cfg, run):
     done = json.loads((run / "evaluate" / "done.json").read_text())
     judge = ("RULES JUDGE (offline deterministic stand-in for GPT-3.5; not LLM feedback)" if cfg.judge == "rules"
              else f"LLM judge {cfg.judge_model}")
-    model = (f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)" if from_scratch(cfg)
+    model = (f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)" if cfg.init in CPU_PRESETS
              else f"{cfg.init} from Hugging Face weights")
     split = "offline hash split of the eval file" if not cfg.hub_train else "APIBench train file (Hub)"
     log(f"\nResults on {next(iter(done['results'].values()))['n']} held-out questions ({split})")
@@ -492,58 +417,65 @@ def print_results(cfg, run):
     for name, s in done["results"].items():
         if "exec_failures" in s:
             log(f"  {name}: non-executable by class {s['exec_failures']}")
+    log(f"\n  -> {run / 'evaluate' / 'results.md'}")
 
 
-def field_docs(cls):
-    """The docstring under each dataclass field (CleanRL style), for --help."""
-    import ast as pyast
-    import inspect
-    body = pyast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, pyast.AnnAssign) and isinstance(b, pyast.Expr) and isinstance(b.value, pyast.Constant)}
-
-
-def parse_bool(text):
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-    return text.lower() in ("1", "true", "yes")
-
+# -----------------------------------------------------------------------------
+# Command line: one flag per Config field (--ppo-* and --rm-* for the nested ones)
 
 def add_flags(parser, cls, prefix=""):
-    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
+    paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
     for f in fields(cls):
-        if f.type in ("PPOConfig", "RMConfig") or f.name in ("ppo", "rm"):
+        if f.name in ("ppo", "rm"):
             continue
-        kind = {"int": int, "float": float, "str": str, "bool": parse_bool}
-        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
-                            type=kind[f.type if isinstance(f.type, str) else f.type.__name__],
-                            help=docs.get(f.name, ""))
+        kind, help_text, *choices = typing.get_args(hints[f.name])
+        help_text += f" (default: {f.default}" + (f"; paper: {paper[f.name]})" if f.name in paper else ")")
+        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
+    return parser
 
 
 def parse_args(argv=None):
     """(config, --from, --until) from the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(PRESETS), default="tiny",
-                   help="preset: tiny (offline, CPU, minutes) or paper (gpt2-large, GPT-3.5 judge, one GPU)")
-    p.add_argument("--from", dest="from_stage", choices=STAGES[1:], help="redo this stage and every later one")
-    p.add_argument("--until", choices=STAGES[1:], default="evaluate", help="stop after this stage")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+)
+    p.add_argument("--config", choices=sorted(PRESETS),
+                   help="preset: tiny (offline, CPU; the default) or paper (gpt2-large, GPT-3.5 judge, one GPU). "
+                        "Without it and without settings, an existing --run-dir resumes with its recorded settings")
+    p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
+    p.add_argument("--until", choices=list(STAGES), default="evaluate", help="stop after this stage")
     add_flags(p, Config)
     add_flags(p, PPOConfig, "ppo-")
     add_flags(p, RMConfig, "rm-")
     args = vars(p.parse_args(argv))
     preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
-    cfg = make_config(preset, **args)
-    if cfg.run_dir == Config.run_dir and preset != "tiny":
-        cfg.run_dir = PRESETS[preset].get("run_dir", cfg.run_dir)
+    overrides = {k: v for k, v in args.items() if v is not None}
+    cfg = make_config(preset or "tiny", **overrides)
+    if preset is None and set(overrides) <= {"run_dir"} and not from_stage:
+        recorded = Path(cfg.run_dir) / "config.json"
+        if recorded.exists():  # `python rlaif.py --run-dir D`: carry on with D's own settings
+            cfg = config_from_record(json.loads(recorded.read_text()), recorded)
     return cfg, from_stage, until
 
 
-def main():
-    cfg, from_stage, until = parse_args()
+def config_from_record(d, where):
+    try:
+        return Config(**dict(d, ppo=PPOConfig(**d["ppo"]), rm=RMConfig(**d["rm"])))
+    except (TypeError, KeyError) as e:
+        raise SystemExit(f"{where}: not a config of this version ({e}); start a new --run-dir") from None
+
+
+def main(argv=None):
+    cfg, from_stage, until = parse_args(argv)
     t0 = time.time()
     run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

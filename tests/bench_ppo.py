@@ -13,12 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import GPT, generate, left_pad, preset_config  # noqa: E402
+from model import GPT, ScalarModel, generate, left_pad, preset_config  # noqa: E402
 from ppo import PPOConfig, train_ppo  # noqa: E402
-from reward import ScalarModel  # noqa: E402
 
 
 def main():
@@ -26,25 +27,25 @@ def main():
     config = preset_config("tiny", vocab_size=11184)
     policy, ref, value, rm = GPT(config), GPT(config), ScalarModel(GPT(config)), ScalarModel(GPT(config))
     ref.load_state_dict(policy.state_dict())
-    cfg = PPOConfig(iterations=2, batch_size=32, minibatch_size=8, ppo_epochs=2, max_new_tokens=96,
-                    missing_eos_penalty=0.0)
+    cfg = PPOConfig(iterations=2, batch_size=32, minibatch_size=8, epochs=2, missing_eos_penalty=0.0)
+    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=96, grad_clip=1.0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 11000, (int(n),), generator=g).tolist() for n in torch.randint(30, 70, (64,), generator=g)]
     # A random model samples this id with probability ~1/vocab per step, so nearly every answer has
     # max_new_tokens tokens and both timings below do the same work.
     eot = config.vocab_size - 1
     with tempfile.TemporaryDirectory() as d:
-        history = train_ppo(policy, ref, value, rm.score, prompts, cfg, eot, "cpu", d, log=lambda *a: None)
+        history = train_ppo(policy, ref, value, rm.score, prompts, cfg, sampling, eot, "cpu", d, log=lambda *a: None)
     h = history[-1]
     total = h["t_generate"] + h["t_score"] + h["t_update"]
-    print(f"PPO iteration (tiny preset, batch {cfg.batch_size}, {cfg.max_new_tokens} new tokens, {cfg.ppo_epochs} epochs): "
+    print(f"PPO iteration (tiny preset, batch {cfg.batch_size}, {sampling.max_answer_tokens} new tokens, {cfg.epochs} epochs): "
           f"generate {h['t_generate']:.2f}s, score {h['t_score']:.2f}s, update {h['t_update']:.2f}s, total {total:.2f}s")
 
     # the unavoidable work, bare
     query, query_mask = left_pad(prompts[:cfg.batch_size], 0)
     t0 = time.time()
     with torch.no_grad():
-        response, response_mask, _ = generate(policy, query, query_mask, cfg.max_new_tokens, eot, cfg.temperature)
+        response, response_mask, _ = generate(policy, query, query_mask, sampling.max_answer_tokens, eot, sampling.temperature)
     t_gen = time.time() - t0
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     t0 = time.time()
@@ -52,7 +53,7 @@ def main():
         policy(ids, mask), ref(ids, mask), value(ids, mask), rm(ids, mask)
     t_fwd = time.time() - t0
     t0 = time.time()
-    for _ in range(cfg.ppo_epochs):
+    for _ in range(cfg.epochs):
         for i in range(0, cfg.batch_size, cfg.minibatch_size):
             (policy(ids[i:i + cfg.minibatch_size], mask[i:i + cfg.minibatch_size]).float().mean()
              + value(ids[i:i + cfg.minibatch_size], mask[i:i + cfg.minibatch_size]).mean()).backward()

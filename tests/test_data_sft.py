@@ -106,7 +106,7 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
     cfg = rlaif.make_config("tiny")
     train = prepare.offline_splits(prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None))["train"]
     chosen = [0, 5, 9]
-    answer = lambda i: tok.decode(rlaif.answer_ids(cfg, tok, train[i].sections))  # a "policy" answer with code
+    answer = lambda i: tok.decode(prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens))
     samples = [dict(id=0, record=0, source="policy", answer=" <<<domain>>>: x"),  # no code tag: not used
                dict(id=1, record=0, source="policy", answer=answer(0)),
                dict(id=2, record=5, source="policy", answer=answer(5))]
@@ -125,13 +125,3 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
             policy = answer(c["record"])
             assert c["response"][-1] == tok.eot and policy.startswith(c["answer"].replace("<|endoftext|>", ""))
             assert prepare.parse_answer(c["answer"])["api_call"] == r.sections["api_call"]
-
-
-def test_one_seed_seeds_every_stage_unless_a_stage_seed_is_given():
-    """--seed seeds PPO and the reward model too; --ppo-seed / --rm-seed re-run one stage under another
-    seed with the rest unchanged (how the README's PPO-seed table is made)."""
-    import rlaif
-    for argv, want in ((["--seed", "2"], (2, 2, 2)), (["--seed", "2", "--ppo-seed", "7"], (2, 7, 2)),
-                       (["--rm-seed", "5"], (1, 1, 5))):
-        cfg, _, _ = rlaif.parse_args(argv)
-        assert (cfg.seed, cfg.ppo.seed, cfg.rm.seed) == want, argv

@@ -4,7 +4,8 @@ import statistics
 import pytest
 
 from data.gorilla import prepare
-from evaluate import APIDatabase, answer_api_call, ast_verdict, codebleu, rouge_l
+from data.gorilla.apis import APIDatabase, answer_api_call
+from evaluate import ast_verdict, codebleu, rouge_l
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from data.gorilla import prepare
-from evaluate import Sandbox
+from sandbox import Sandbox
 
 # Reference code sections of the test split, read by hand: each uses only real transformers names and
 # model ids of the API database, and defines every name it uses. Label: executable.
@@ -59,7 +59,7 @@ HOSTILE = {
     "rename outside": "import os\nos.rename({sentinel!r}, {sentinel!r} + '.moved')",
     "chmod outside": "import os\nos.chmod({sentinel!r}, 0)",
     "pathlib write": "import pathlib\npathlib.Path({sentinel!r}).write_text('pwned')",
-    "read environment": "import os, sys\nsys.exit(1 if 'RLAIF_TEST_SECRET' in os.environ else 0)",
+    "read environment": "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ",
     "socket connect": "import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', 22))",
     "socket server": "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()",
     "dns lookup": "import socket\nsocket.getaddrinfo('example.com', 80)",
@@ -83,19 +83,18 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
     sandbox = Sandbox(timeout=3, memory_mb=1024)
     codes = [c.format(sentinel=str(sentinel), sentinel_dir=str(sentinel_dir)) for c in HOSTILE.values()]
     t0 = time.time()
-    verdicts = []
-    for code in codes:
-        start = time.time()
-        verdicts.append(sandbox.run(code, sandbox.spec([])))
-        assert time.time() - start < sandbox.timeout + 5, code  # each within its limit
+    verdicts = sandbox.run_all(codes)  # in parallel, as evaluation runs them
+    assert time.time() - t0 < len(codes) / sandbox.workers * (sandbox.timeout + 5)  # each within its limit
     assert len(HOSTILE) >= 20
     assert sentinel.read_text() == "original"
     assert sorted(p.name for p in sentinel_dir.iterdir()) == ["precious.txt"]  # nothing created or moved
     assert os.stat(sentinel).st_mode & 0o777 != 0
     results = dict(zip(HOSTILE, verdicts))
     assert results["read environment"][0] == "executable"  # ran, and saw no secret
-    for name, (verdict, _) in results.items():
-        if name != "read environment":
-            assert verdict != "executable", (name, verdict)
+    # Containment is the operating system's (asserted above); these must also *fail* as snippets.
+    for name in ("infinite loop", "sleep forever", "C-level busy loop", "fork bomb", "huge allocation",
+                 "growing list", "write outside", "append outside", "delete outside", "pathlib write",
+                 "huge file", "huge output", "recursion", "shell via subprocess", "os.system"):
+        assert results[name][0] != "executable", (name, results[name])
     print(f"\n{len(HOSTILE)} hostile snippets in {time.time() - t0:.1f}s: "
           + ", ".join(f"{k}: {v[0]}" for k, v in results.items()))

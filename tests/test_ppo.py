@@ -87,7 +87,8 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
     """Tiny random policy; score = fraction of answer tokens that are token 5. A short PPO run must raise
     the mean score well above its start while the KL to the reference stays bounded."""
     from model import GPT, GPTConfig
-    from reward import ScalarModel
+    from model import ScalarModel
+    from types import SimpleNamespace
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
     policy = GPT(config)
@@ -99,9 +100,10 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
         return ((response == 5).float() * response_mask).sum(1) / response_mask.sum(1)
 
     prompts = [[1, 2, 3], [4, 6], [7, 8, 9, 10]] * 10
-    cfg = PPOConfig(iterations=25, batch_size=32, minibatch_size=8, ppo_epochs=4, lr=3e-3, max_new_tokens=12,
-                    init_kl_coef=0.02, target_kl=3.0, missing_eos_penalty=0.0)
-    history = train_ppo(policy, ref, value, score_fn, prompts, cfg, eot=15, device="cpu", out_dir=tmp_path,
+    cfg = PPOConfig(iterations=25, batch_size=32, minibatch_size=8, epochs=4, lr=3e-3, init_kl_coef=0.02,
+                    target_kl=3.0, kl_horizon=10000, missing_eos_penalty=0.0)
+    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=12, grad_clip=1.0)
+    history = train_ppo(policy, ref, value, score_fn, prompts, cfg, sampling, eot=15, device="cpu", out_dir=tmp_path,
                         log=lambda *a: None)
     start = sum(h["score"] for h in history[:3]) / 3
     end = sum(h["score"] for h in history[-3:]) / 3

@@ -53,7 +53,7 @@ def test_429_then_success_retries(server, tmp_path):
 def test_persistent_500_gives_up_and_records_failure(server, tmp_path, records):
     server.default = "500"
     j = judge(server, tmp_path, max_retries=2)
-    samples = [dict(id=0, record=0, answer=prepare.format_answer(records[0].sections))]
+    samples = [dict(id=0, record=0, source="policy", answer=prepare.format_answer(records[0].sections))]
     out = judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
     assert out[0]["score"] is None and "gave up" in out[0]["error"]
     assert len(server.requests) == 3 * len(QUESTIONS)  # 1 + 2 retries per question, then recorded
@@ -82,7 +82,7 @@ def test_cache_means_never_paying_twice(server, tmp_path):
 def _judge_forever(url, cache, out, n):
     recs = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
     j = OpenAIJudge("gpt-3.5-turbo", url, cache_file=cache, api_key="k", timeout=2, backoff=0.01)
-    samples = [dict(id=i, record=i, answer=prepare.format_answer(recs[i].sections)) for i in range(n)]
+    samples = [dict(id=i, record=i, source="policy", answer=prepare.format_answer(recs[i].sections)) for i in range(n)]
     judge_answers(j, samples, recs, out, concurrency=2, log=lambda *a: None)
 
 
@@ -92,8 +92,11 @@ def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
         n, cache, out = 12, tmp_path / "cache.jsonl", tmp_path / "fb.jsonl"
         child = multiprocessing.get_context("fork").Process(target=_judge_forever, args=(server.url, cache, out, n))
         child.start()
-        while not out.exists() or len(out.read_text().splitlines()) < 4:
+        deadline = time.time() + 60
+        while (not out.exists() or len(out.read_text().splitlines()) < 4) and child.is_alive():
+            assert time.time() < deadline, "the judging child made no progress in 60 s"
             time.sleep(0.02)
+        assert child.is_alive(), "the judging child died before the simulated crash"
         os.kill(child.pid, signal.SIGKILL)  # a crash, mid-run
         child.join()
         paid_before = len(server.requests)
@@ -139,10 +142,11 @@ def test_rules_judge_on_hand_written_answers(records):
     assert j.answers(r, gamed)["api_exists"] == 0
 
 
-def test_reward_model_learns_a_ranking():
+def test_reward_model_learns_a_ranking(tmp_path):
     """Judge scores that depend on one token: the reward model must rank held-out pairs by them."""
     from model import GPT, GPTConfig
-    from reward import RMConfig, ScalarModel, train_reward_model, normalise
+    from model import ScalarModel
+    from reward import RMConfig, train_reward_model, normalise
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
     g = torch.Generator().manual_seed(0)
@@ -153,13 +157,12 @@ def test_reward_model_learns_a_ranking():
         if good:
             response[int(torch.randint(0, 8, (1,), generator=g))] = 7
         samples[k] = dict(query=[1, 2, 3], response=response + [63])
-        feedback.append(dict(id=k, record=k // 4, score=float(good), answers={}))
+        feedback.append(dict(id=k, record=k // 4, source="policy", score=float(good), answers={}))
 
     class Tok:
         eot = 63
     metrics = train_reward_model(rm, samples, feedback, Tok, RMConfig(epochs=6, lr=1e-3, batch_size=16,
-                                 heldout_fraction=0.2), "cpu", "/tmp/_rm_test_ckpt.pt", log=lambda *a: None)
-    os.remove("/tmp/_rm_test_ckpt.pt")
+                                 heldout_fraction=0.2), 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=lambda *a: None)
     assert metrics["heldout_pairwise_accuracy"] > 0.9, metrics
     normalise(rm, samples, list(samples), Tok, "cpu")
     from reward import rm_scores

@@ -1,8 +1,9 @@
 """
 Gorilla APIBench, HuggingFace split (Patil et al. 2023): records, the one prompt/answer format,
-the splits, and the API database. Run it to see the splits and to rebuild vocab.json:
+the splits, and the API database file. Run it (from the repository root) to see the splits and to
+rebuild vocab.json:
 
-    python data/gorilla/prepare.py
+    python -m data.gorilla.prepare
 
 A record's `code` field is "###Instruction: ... ###Output: <<<domain>>>: ... <<<api_call>>>: ...
 <<<api_provider>>>: ... <<<explanation>>>: ... <<<code>>>: ...". We keep the instruction, the
@@ -11,14 +12,12 @@ sections, and the record's `api_data` (the API database entry it was written fro
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EVAL_FILE = HERE / "huggingface_eval.json"
 API_FILE = HERE / "huggingface_api.jsonl"
-QUESTIONS_FILE = HERE / "questions_huggingface_0_shot.jsonl"
 GORILLA_ANSWERS_FILE = HERE / "response_huggingface_Gorilla_FT_0_shot.jsonl"
 VOCAB_FILE = HERE / "vocab.json"
 
@@ -47,7 +46,7 @@ def format_prompt(instruction):
 
 
 def format_answer(sections, compact=False):
-    """The answer the model learns to write. compact=True is the tiny preset's target, which a
+    """The answer the model learns to write. [offline stand-in] compact=True is the tiny preset's target, which a
     from-scratch CPU model can learn in minutes: no explanation, and the code cut after the line that
     makes the api_call (imports + the call: the part that decides executability and the AST metric)."""
     if not compact:
@@ -67,6 +66,15 @@ def compact_code(code, api_call):
             if key in line and not line.lstrip().startswith(("import ", "from ", "#")):
                 return "\n".join(lines[:i + 1])
     return "\n".join(lines[:6])
+
+
+def prompt_ids(tok, instruction):
+    return tok.encode(format_prompt(instruction))
+
+
+def answer_ids(tok, sections, compact, max_tokens):
+    """The answer's tokens, cut to max_tokens - 1, then <|endoftext|>."""
+    return tok.encode(format_answer(sections, compact=compact))[:max_tokens - 1] + [tok.eot]
 
 
 def parse_answer(text):
@@ -134,11 +142,24 @@ def split_of(record, test_percent=20, val_percent=5):
 
 
 def offline_splits(records):
-    """The offline stand-in for APIBench's train file: a hash split of the eval file (see README)."""
+    """[offline stand-in] APIBench's train file is not available offline: a hash split of the eval file."""
     out = {"train": [], "val": [], "test": []}
     for r in records:
         out[split_of(r)].append(r)
     return out
+
+
+def load_splits(hub_train, log=print):
+    """train / val / test records. Test is always the held-out part of the eval file."""
+    splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
+    if hub_train:
+        log("[data] split: train = APIBench huggingface_train.json (Hub), test = held-out eval records")
+        splits["train"] = hub_train_records(log=log)
+    else:
+        log("[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
+            "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)")
+    log(f"[data] train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} records")
+    return splits
 
 
 def hub_train_records(log=print):
@@ -172,8 +193,8 @@ def load_api_database(path=API_FILE):
 
 
 def api_database_pairs(apis):
-    """Extra SFT pairs from the API database (description + domain -> api_call), so a small model sees
-    every real api_call at least once. The tiny preset uses them; the paper config need not."""
+    """[offline stand-in] Extra SFT pairs from the API database (description + domain -> api_call), so a
+    small model trained from scratch sees every real api_call at least once (the paper config: off)."""
     pairs = []
     for a in apis:
         instruction = f"I need a {a['domain']} model. {a['description']}".strip()
@@ -192,16 +213,19 @@ def load_gorilla_answers(path=GORILLA_ANSWERS_FILE):
         for line in f:
             if line.strip():
                 obj = json.loads(line)
-                text = obj["text"].replace("\\n", "\n").replace('\\"', '"').rstrip()
-                out[obj["question_id"]] = text[:-1] if text.endswith('"') else text
+                out[obj["question_id"]] = unescape_gorilla(obj["text"])
     return out
+
+
+def unescape_gorilla(text):
+    text = text.replace("\\n", "\n").replace('\\"', '"').rstrip()
+    return text[:-1] if text.endswith('"') else text
 
 
 def build_vocab(out=VOCAB_FILE):
     """The tiny preset's compact vocabulary: every GPT-2 token of the eval and API files, plus the 256
     single-byte tokens (so any text still encodes) and <|endoftext|>."""
-    sys.path.insert(0, str(HERE.parent.parent))
-    from model import gpt2_encoding
+    from model import gpt2_encoding  # here, not at the top: the sandbox child imports this module, not torch
     enc = gpt2_encoding()
     ids = {enc.encode_single_token(bytes([b])) for b in range(256)}
     for path in (EVAL_FILE, API_FILE):

@@ -1,0 +1,164 @@
+"""The sandbox's isolation, tried the way an escaping snippet would: each payload is benign (a marker
+file, a changed canary, a signal to a dummy process, a packet to a loopback listener) and each must fail.
+The isolation is the operating system's (namespaces, read-only mounts, uid 65534), not Python's."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import Sandbox, isolation_available
+
+pytestmark = pytest.mark.skipif(isolation_available() is not None, reason="no OS-level isolation here")
+
+ESCAPES = {
+    "posixsubprocess fork_exec": "import _posixsubprocess, os\n_posixsubprocess.fork_exec(['/bin/sh', '-c', 'echo x > {marker}'], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, False, None, None, None, -1, None, False)",
+    "ctypes libc system": "import ctypes\nctypes.CDLL(None).system(b'echo x > {marker}')",
+    "ctypes pythonapi": "import ctypes\nctypes.CDLL('libc.so.6').system(b'touch {marker}')",
+    "hook disabled, then shell": "import sys, gc\nfor o in gc.get_objects():\n    pass\nimport subprocess\ntry:\n    subprocess.run(['sh', '-c', 'touch {marker}'])\nexcept Exception:\n    pass\nimport os\nos.system('touch {marker}')",
+    "multiprocessing spawn": "import multiprocessing as mp\nctx = mp.get_context('spawn')\np = ctx.Process(target=open, args=({marker!r}, 'w'))\np.start(); p.join()",
+    "os.open O_TRUNC": "import os\nos.close(os.open({canary!r}, os.O_WRONLY | os.O_TRUNC))",
+    "open via dir_fd": "import os\nd = os.open({canary_dir!r}, os.O_RDONLY)\nos.close(os.open('canary.txt', os.O_WRONLY | os.O_APPEND, dir_fd=d))",
+    "remove via dir_fd": "import os\nd = os.open({canary_dir!r}, os.O_RDONLY)\nos.remove('canary.txt', dir_fd=d)",
+    "os.replace over canary": "import os\nopen('x', 'w').write('pwned')\nos.replace('x', {canary!r})",
+    "shutil.move outside": "import shutil\nopen('x', 'w').write('pwned')\nshutil.move('x', {marker!r})",
+    "hard link then write": "import os\nos.link({canary!r}, 'l')\nopen('l', 'a').write('pwned')",
+    "symlink outside": "import os\nos.symlink('/etc/passwd', {marker!r})",
+    "fchmod canary": "import os\nfd = os.open({canary!r}, os.O_RDONLY)\nos.fchmod(fd, 0o777)",
+    "chmod canary": "import os\nos.chmod({canary!r}, 0o777)",
+    "utime canary": "import os\nos.utime({canary!r}, (0, 0))",
+    "mknod": "import os, stat\nos.mknod({marker!r}, 0o600 | stat.S_IFREG)",
+    "setxattr": "import os\nos.setxattr({canary!r}, 'user.pwned', b'1')",
+    "kill the dummy": "import os, signal\nos.kill({dummy_pid}, signal.SIGTERM)",
+    "killpg the dummy": "import os, signal\nos.killpg({dummy_pid}, signal.SIGTERM)",
+    "pidfd_send_signal": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({dummy_pid}), signal.SIGTERM)",
+    "UDP sendto": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'escaped', ('127.0.0.1', {udp_port}))",
+    "UDP sendmsg": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendmsg([b'escaped'], [], 0, ('127.0.0.1', {udp_port}))",
+    "TCP connect": "import socket\ns = socket.create_connection(('127.0.0.1', {tcp_port}), timeout=2)\ns.sendall(b'escaped')",
+    "TCP fast open": "import socket\ns = socket.socket()\ns.sendmsg([b'escaped'], [], socket.MSG_FASTOPEN, ('127.0.0.1', {tcp_port}))",
+    "unix socket": "import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.sendto(b'escaped', {unix_path!r})",
+    "parent environ via /proc": "import os\nfor p in os.listdir('/proc'):\n    try:\n        if b'{secret}' in open(f'/proc/{{p}}/environ', 'rb').read():\n            raise SystemError('FOUND')\n    except OSError:\n        pass",
+    "own environment": "import os\nif any('{secret}' in v for v in os.environ.values()):\n    raise SystemError('FOUND')",
+    "setsid survivor": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(4)\n    open({marker!r}, 'w')\n    os._exit(0)\ntime.sleep(60)",
+    "daemon after exit": "import os, time\nif os.fork() == 0:\n    time.sleep(3)\n    open({marker!r}, 'w')\n    os._exit(0)",
+    "immutable file in workdir": "import fcntl, os, struct\nfd = os.open('f', os.O_CREAT | os.O_RDONLY)\nfcntl.ioctl(fd, 0x40086602, struct.pack('i', 0x10))",
+    "write the project": "open({project_file!r}, 'a').write('# pwned')",
+    "write /tmp": "open('/tmp/rlaif-escape-marker', 'w')",
+    "write /dev/shm": "open('/dev/shm/rlaif-escape-marker', 'w')",
+    "remount read-write": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.mount(b'none', b'/', None, 32 | 4096, None)\nopen({marker!r}, 'w')",
+    "setuid root": "import os\nos.setuid(0)\nopen({marker!r}, 'w')",
+    "via /proc/self/root": "open('/proc/self/root' + {marker!r}, 'w')",
+    "via /proc/1/cwd": "open('/proc/1/cwd/../' + {marker_name!r}, 'w')",
+}
+
+
+class Listener:
+    """UDP, TCP and Unix-datagram listeners on loopback that record anything they receive."""
+
+    def __init__(self, tmp):
+        self.got = []
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.tcp = socket.socket()
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen()
+        self.unix_path = str(tmp / "listener.sock")
+        self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.unix.bind(self.unix_path)
+        os.chmod(self.unix_path, 0o777)
+        for sock in (self.udp, self.tcp, self.unix):
+            sock.settimeout(0.2)
+        self.stop = False
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.stop:
+            for sock in (self.udp, self.unix):
+                try:
+                    self.got.append(sock.recv(100))
+                except OSError:
+                    pass
+            try:
+                conn, _ = self.tcp.accept()
+                self.got.append(conn.recv(100) or b"connected")
+            except OSError:
+                pass
+
+
+def test_escape_attempts_are_contained(tmp_path, monkeypatch):
+    host = tmp_path / "host"
+    host.mkdir()
+    canary = host / "canary.txt"
+    canary.write_text("original")
+    os.chmod(canary, 0o644)
+    before = os.stat(canary)
+    marker = host / "marker"
+    dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    listener = Listener(tmp_path)
+    secret = "s3cret-value-42"
+    monkeypatch.setenv("RLAIF_TEST_SECRET", secret)
+    project_file = Path(__file__).resolve().parent.parent / "sandbox.py"
+    project_before = project_file.read_bytes()
+    fields = dict(marker=str(marker), marker_name=marker.name, canary=str(canary), canary_dir=str(host),
+                  dummy_pid=dummy.pid, udp_port=listener.udp.getsockname()[1], tcp_port=listener.tcp.getsockname()[1],
+                  unix_path=listener.unix_path, secret=secret, project_file=str(project_file))
+    try:
+        verdicts = Sandbox(timeout=3).run_all([c.format(**fields) for c in ESCAPES.values()])
+        time.sleep(5)  # anything that outlived its sandbox would act now
+        assert len(ESCAPES) >= 30
+        assert not marker.exists() and not Path("/tmp/rlaif-escape-marker").exists()
+        assert not Path("/dev/shm/rlaif-escape-marker").exists()
+        after = os.stat(canary)
+        assert canary.read_text() == "original"
+        assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+        assert os.listxattr(canary) == []
+        assert dummy.poll() is None, "the dummy process was signalled"
+        assert listener.got == [], listener.got
+        assert project_file.read_bytes() == project_before
+        results = dict(zip(ESCAPES, verdicts))
+        assert all("FOUND" not in detail for _, detail in results.values()), results
+        assert results["immutable file in workdir"][0] != "crashed", results["immutable file in workdir"]
+        leftover = subprocess.run(["pgrep", "-u", "65534"], capture_output=True, text=True).stdout.split()
+        assert leftover == [], f"processes of the sandbox uid still alive: {leftover}"
+    finally:
+        listener.stop = True
+        dummy.kill()
+
+
+def test_early_exit_is_not_executable():
+    verdicts = Sandbox(timeout=5).run_all(["import os\nos._exit(0)", "import sys\nsys.exit(0)", "x = 1"])
+    assert [v for v, _ in verdicts] == ["early_exit", "early_exit", "executable"]
+
+
+def test_a_failure_on_our_side_is_one_crashed_verdict(monkeypatch):
+    sandbox = Sandbox(timeout=5)
+    real = sandbox.run_in
+    monkeypatch.setattr(sandbox, "run_in", lambda w, c, s: (_ for _ in ()).throw(OSError("boom")) if "boom" in c
+                        else real(w, c, s))
+    verdicts = sandbox.run_all(["x = 1", "boom = 1", "y = 2"])
+    assert [v for v, _ in verdicts] == ["executable", "crashed", "executable"]
+
+
+@pytest.mark.slow
+def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("RLAIF_TEST_SECRET", "real-mode-secret")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("original")
+    sandbox = Sandbox(offline=False, timeout=180, cache_dir=str(tmp_path / "cache"))
+    codes = ["import torch\nfrom transformers import GPT2Config, GPT2LMHeadModel\n"
+             "m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))\n"
+             "out = m(torch.tensor([[1, 2, 3]]))\nassert out.logits.shape == (1, 3, 50)",
+             f"open({str(outside)!r}, 'a').write('pwned')",
+             "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ\n"
+             "for p in os.listdir('/proc'):\n    try:\n        assert b'real-mode-secret' not in open(f'/proc/{p}/environ', 'rb').read()\n"
+             "    except OSError:\n        pass"]
+    verdicts = sandbox.run_all(codes)
+    assert verdicts[0][0] == "executable", verdicts[0]
+    assert verdicts[1][0] != "executable" and outside.read_text() == "original"
+    assert verdicts[2][0] == "executable", verdicts[2]
