@@ -445,11 +445,11 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
 
 
 def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=print):
-    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches; one seeded
-    generator on the CPU whatever the model's device."""
+    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of prompts of
+    similar length (less left padding); one seeded generator on the CPU whatever the model's device."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    order = list(range(len(prompts)))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: same seed, same order
     out, t0 = [None] * len(prompts), time.time()
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -464,16 +464,25 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
     return out
 
 
-def response_logprobs(model, query, query_mask, response, response_mask, temperature=1.0,
-                      return_logits=False):
+def response_logprobs(model, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False):
     """Teacher-forced log-probs (B, R) of `response` given left-padded `query` (zero on padding).
-    Position Q-1+t's logits predict response token t. Optionally also returns those logits."""
+    Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions that
+    predict a real response token: in a padded batch most positions are prompt or padding, and the head
+    is about half of a small model's compute. with_entropy: also each position's entropy (B, R)."""
     Q = query.size(1)
-    ids = torch.cat([query, response], 1)
-    mask = torch.cat([query_mask, response_mask], 1)
-    logits = model(ids, mask)[:, Q - 1:-1].float() / (temperature or 1.0)
-    logprobs = logits.log_softmax(-1).gather(2, response[..., None]).squeeze(-1) * response_mask
-    return (logprobs, logits) if return_logits else logprobs
+    hidden = model.hidden_states(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+    real = response_mask.bool()
+    logits = model.lm_head(hidden[:, Q - 1:-1][real]).float()  # (N real tokens, vocab)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    logp = logits.log_softmax(-1)
+    logprobs = torch.zeros(response.shape, dtype=logp.dtype, device=logp.device)
+    logprobs[real] = logp.gather(1, response[real][:, None]).squeeze(1)
+    if not with_entropy:
+        return logprobs
+    entropy = torch.zeros_like(logprobs)
+    entropy[real] = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
 
 
 # -----------------------------------------------------------------------------

@@ -138,11 +138,6 @@ def value_loss(new_values, values, returns, mask, cliprange_value):
     return 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def entropy_of(logits, mask):
-    logp = logits.log_softmax(-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
-
-
 def value_predictions(value_model, query, query_mask, response, response_mask):
     """V(s_t) for each answer token t: the value head at the position that predicts token t."""
     Q = query.size(1)
@@ -194,9 +189,9 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
             mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
                                                 "logprobs", "values")}
             with autocast(device):
-                new_logprobs, logits = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
-                                                         mb["response_mask"], sampling.temperature,
-                                                         return_logits=True)
+                new_logprobs, entropy = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
+                                                          mb["response_mask"], sampling.temperature,
+                                                          with_entropy=True)
                 new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
                                                mb["response_mask"])
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
@@ -210,7 +205,7 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
-                             ("approx_kl", approx_kl), ("entropy", entropy_of(logits.detach(), mb["mask"]))):
+                             ("approx_kl", approx_kl), ("entropy", masked_mean(entropy, mb["mask"]))):
                     stats[k].append(v.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
 

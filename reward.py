@@ -273,7 +273,7 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=print):
 class RMConfig:
     epochs: Annotated[int, "passes over the training pairs"] = 1
     lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
-    batch_size: Annotated[int, "pairs per step"] = 16
+    batch_size: Annotated[int, "prompts per step, each with all its kept comparisons (InstructGPT, sec. 3.5)"] = 2
     max_pairs_per_prompt: Annotated[int, "judge-ordered pairs kept per prompt (ties are dropped)"] = 10
     heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
                                        "own answers"] = 0.1
@@ -281,21 +281,34 @@ class RMConfig:
 
 
 def make_pairs(feedback, max_per_prompt, rng):
-    """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped."""
+    """[[(better id, worse id), ...] per prompt]: judge-ordered pairs within each prompt; ties dropped."""
     by_record = {}
     for f in feedback:
         if f["score"] is not None:
             by_record.setdefault(f["record"], []).append(f)
-    pairs = []
+    groups = []
     for group in by_record.values():
         ps = [(a["id"], b["id"]) for a in group for b in group if a["score"] > b["score"]]
         rng.shuffle(ps)
-        pairs.extend(ps[:max_per_prompt])
-    return pairs
+        if ps:
+            groups.append(ps[:max_per_prompt])
+    return groups
 
 
 def rm_batch(samples, ids, tok, device):
     return pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
+
+
+def comparisons_loss(rm, samples, pairs, tok, device):
+    """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
+    distinct answer: a prompt's K answers give up to K(K-1)/2 comparisons for K passes, not 2 per pair
+    (InstructGPT, Ouyang et al. 2022, section 3.5)."""
+    ids = sorted({i for pair in pairs for i in pair})
+    at = {i: k for k, i in enumerate(ids)}
+    r = rm.score(*rm_batch(samples, ids, tok, device))
+    better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
+    worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
+    return -F.logsigmoid(r[better] - r[worse]).mean()
 
 
 @torch.no_grad()
@@ -318,9 +331,10 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
     test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
                and f["source"] == "policy"]
-    train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
-    test_pairs = make_pairs(test_fb, 10 ** 9, rng)
-    steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    train_groups = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
+    train_pairs = [p for g in train_groups for p in g]
+    test_pairs = [p for g in make_pairs(test_fb, 10 ** 9, rng) for p in g]
+    steps = cfg.epochs * math.ceil(len(train_groups) / cfg.batch_size)
     if not train_pairs:
         log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
             "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
@@ -337,16 +351,15 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         log(f"[reward] resumed at step {step}")
     order = []  # every step's batch, fixed up front so a resumed run trains on the same batches
     for epoch in range(cfg.epochs):
-        perm = list(range(len(train_pairs)))
+        perm = list(range(len(train_groups)))
         random.Random(seed * 7919 + epoch).shuffle(perm)
         order += [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
     t0 = time.time()
     while step < steps:
-        batch = [train_pairs[i] for i in order[step]]
+        batch = [pair for i in order[step] for pair in train_groups[i]]
         rm.train()
         with autocast(device):
-            r = rm.score(*rm_batch(samples, [a for a, _ in batch] + [b for _, b in batch], tok, device))
-            loss = -F.logsigmoid(r[:len(batch)] - r[len(batch):]).mean()  # Bradley-Terry
+            loss = comparisons_loss(rm, samples, batch, tok, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()

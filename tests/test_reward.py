@@ -168,3 +168,32 @@ def test_reward_model_learns_a_ranking(tmp_path):
     from reward import rm_scores
     r = rm_scores(rm, samples, list(samples), Tok, "cpu")
     assert abs(r.mean().item()) < 1e-4 and abs(r.std().item() - 1) < 1e-3
+
+
+def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
+    """One forward pass per distinct answer gives the same loss and gradients as two passes per pair."""
+    import torch.nn.functional as F
+    from model import GPT, GPTConfig, ScalarModel
+    from reward import comparisons_loss, rm_batch
+    torch.manual_seed(0)
+    rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
+    g = torch.Generator().manual_seed(1)
+    samples = {i: dict(query=[1, 2, 3 + i % 2], response=torch.randint(5, 60, (3 + i,), generator=g).tolist() + [63])
+               for i in range(6)}
+    pairs = [(0, 1), (0, 2), (2, 1), (3, 4), (5, 4), (3, 5), (0, 4)]
+
+    class Tok:
+        eot = 63
+    loss = comparisons_loss(rm, samples, pairs, Tok, "cpu")
+    loss.backward()
+    grads = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    per_pair = []
+    for a, b in pairs:  # the plain definition: both answers of each pair scored on their own
+        r = rm.score(*rm_batch(samples, [a, b], Tok, "cpu"))
+        per_pair.append(-F.logsigmoid(r[0] - r[1]))
+    reference = torch.stack(per_pair).mean()
+    reference.backward()
+    assert abs(loss.item() - reference.item()) < 1e-5
+    for got, want in zip(grads, (p.grad for p in rm.parameters())):
+        assert torch.allclose(got, want, atol=1e-5)
