@@ -15,13 +15,12 @@ import json
 import keyword
 import math
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code
-from model import GPT, RUN_FILES, Tokenizer, sample_answers, write_jsonl
+from model import GPT, RUN_FILES, Tokenizer, log, sample_answers, write_jsonl
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
@@ -158,7 +157,8 @@ def dataflow_match(prediction, reference):
     ref = data_flow(parse_python(reference))
     pred = Counter(data_flow(parse_python(prediction)))
     if not ref:
-        return None  # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`)
+        return None  # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`, which
+        #              also turns a match of 0.0 into 1; codebleu() below does the same, for parity)
     matched = 0
     for edge in ref:
         if pred[edge] > 0:
@@ -258,7 +258,7 @@ def evaluate_stage(cfg, run, splits):
         write_jsonl(run / "evaluate" / f"{name.lower()}_answers.jsonl",
                     [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
         results[f"{name} ({cfg.init}, {size})"], _ = score_answers(answers, test, db, sandbox)
-        print(f"[evaluate] {name} scored", flush=True)
+        log(f"[evaluate] {name} scored")
     gorilla, kept = gorilla_answers_for(test)
     results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
         score_answers(gorilla, kept, db, sandbox)

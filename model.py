@@ -13,6 +13,7 @@ Everything the rest of the project does with a language model lives here, once:
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
+
+
+def log(msg):
+    """Progress output, flushed at once so that a log file shows it while a stage runs."""
+    print(msg, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -270,6 +276,9 @@ class GPT(nn.Module):
             tensors[key] = (t.t() if key.endswith(self.CONV1D) else t).contiguous()
         atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
         atomic_write(out_dir / "generation_config.json", lambda p: Path(p).write_text(json.dumps(generation)))
+        if c.vocab_size >= 50257:  # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
+            for name, text in gpt2_tokenizer_files(c.block_size).items():
+                atomic_write(out_dir / name, lambda p, text=text: Path(p).write_text(text))
         atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 
@@ -323,6 +332,32 @@ def gpt2_encoding():
         ranks = load_tiktoken_bpe(str(ROOT / "data" / "gpt2.tiktoken"))
         return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+
+
+def gpt2_tokenizer_files(max_length):
+    """GPT-2's vocab.json and merges.txt (transformers' format) derived from the BPE ranks: each token
+    is written in GPT-2's printable byte alphabet; its merge is the pair that BPE, using only lower ranks,
+    joins into it."""
+    enc = gpt2_encoding()
+    ranks = enc._mergeable_ranks
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode
+    alphabet = {b: chr(b) if b in printable else chr(256 + sum(1 for x in range(b) if x not in printable))
+                for b in range(256)}
+    spell = lambda token: "".join(alphabet[b] for b in token)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], float("inf")))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    vocab = {spell(t): r for t, r in ranks.items()} | {EOT: 50256}
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=max_length, bos_token=EOT, eos_token=EOT,
+                  unk_token=EOT, add_prefix_space=False)
+    return {"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+            "tokenizer_config.json": json.dumps(config)}
 
 
 class Tokenizer:
@@ -444,7 +479,21 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
     return response, response_mask, torch.stack(logps, 1) * response_mask
 
 
-def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=print):
+def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
+    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups of 32
+    batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts are left-
+    and answers right-padded, so both must agree), then the batches shuffled."""
+    order = list(range(len(keys)))
+    random.Random(shuffle_seed).shuffle(order)
+    group = 32 * batch_size
+    order = [j for g in range(0, len(order), group) for j in sorted(order[g:g + group], key=lambda j: keys[j])]
+    end = len(order) // batch_size * batch_size if drop_last and len(order) >= batch_size else len(order)
+    batches = [order[b:b + batch_size] for b in range(0, end, batch_size)]
+    random.Random(batch_seed).shuffle(batches)
+    return batches
+
+
+def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=log):
     """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of prompts of
     similar length (less left padding); one seeded generator on the CPU whatever the model's device."""
     device = next(model.parameters()).device
@@ -598,13 +647,17 @@ STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "evaluate")
 
 
 def set_aside(run, stages):
-    """Move finished or partial stage directories to run/.previous/<stage>: kept until the redone stages
-    are complete (rlaif.py then deletes them), never deleted before the new results exist."""
+    """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays until its
+    redo is complete (rlaif.py then deletes it); an unfinished one is deleted, so a failed redo never
+    replaces the last complete result."""
     for name in stages:
-        if (Path(run) / name).exists():
-            (Path(run) / ".previous").mkdir(exist_ok=True)
-            shutil.rmtree(Path(run) / ".previous" / name, ignore_errors=True)
-            os.replace(Path(run) / name, Path(run) / ".previous" / name)
+        current, previous = Path(run) / name, Path(run) / ".previous" / name
+        if (current / "done.json").exists():
+            previous.parent.mkdir(exist_ok=True)
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(current, previous)
+        elif current.exists():
+            shutil.rmtree(current)
 
 
 def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_splits):
@@ -627,9 +680,9 @@ def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_spli
         d = json.loads((run / "config.json").read_text())
         d[section].update(overrides)
         atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(d, indent=1)))
-        print(f"[{stage}] recorded overrides in {run / 'config.json'}: {overrides}")
+        log(f"[{stage}] recorded overrides in {run / 'config.json'}: {overrides}")
     t0 = time.time()
     (run / stage).mkdir(parents=True, exist_ok=True)
-    summary = stage_fn(cfg, run, load_splits(cfg.hub_train))
+    summary = stage_fn(cfg, run, load_splits(cfg.train_file))
     mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
-    print(f"[{stage}] done -> {run / stage}\nNext: python rlaif.py --run-dir {run}   (runs the later stages)")
+    log(f"[{stage}] done -> {run / stage}\nNext: python rlaif.py --run-dir {run}   (runs the later stages)")

@@ -27,7 +27,7 @@ import torch
 
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, atomic_write, autocast, generate, left_pad,
-                   load_checkpoint, make_optimizer, response_logprobs, run_stage_cli, save_checkpoint)
+                   load_checkpoint, log, make_optimizer, response_logprobs, run_stage_cli, save_checkpoint)
 
 
 @dataclass
@@ -182,9 +182,10 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")}
     policy.train()
     value_model.train()
+    starts = range(0, B, cfg.minibatch_size)
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
-        for i, start in enumerate(range(0, B, cfg.minibatch_size)):
+        for i, start in enumerate(starts):
             idx = perm[start:start + cfg.minibatch_size].to(device)
             mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
                                                 "logprobs", "values")}
@@ -198,7 +199,7 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
                                                        cfg.cliprange)
             vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
             ((pg_loss + cfg.vf_coef * vf_loss) / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0:
+            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
                 torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
                                                sampling.grad_clip)
                 optimizer.step()
@@ -215,7 +216,7 @@ def explained_variance(values, returns, mask):
 
 
 def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, out_dir,
-              decode=None, log=print):
+              decode=None, log=log):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
     response_mask) -> (B,) scores. sampling: the run's seed, temperature, max_answer_tokens and grad_clip
     (shared with the other stages). Checkpoints after each iteration (atomic) and resumes from the last."""
@@ -291,7 +292,7 @@ def ppo_stage(cfg, run, splits):
     reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(policy, ref_policy, value_model, reward_model.score, prompts, cfg.ppo, cfg, tok.eot,
-                        cfg.device, run / "ppo", decode=tok.decode, log=print)
+                        cfg.device, run / "ppo", decode=tok.decode, log=log)
     policy.save_pretrained(run / RUN_FILES["ppo_model"], eot=tok.eot)
     return history[-1] if history else {}
 

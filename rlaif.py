@@ -18,7 +18,6 @@ Results land in run_dir/evaluate/results.md (and results in its done.json).
 """
 import argparse
 import json
-import os
 import random
 import re
 import shutil
@@ -36,8 +35,8 @@ import ppo
 import reward
 import sandbox
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, atomic_write, autocast, load_checkpoint, lr_at,
-                   make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
+from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, atomic_write, autocast, length_grouped_batches,
+                   load_checkpoint, log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
                    save_checkpoint, set_aside, verify_done, write_jsonl)
 from ppo import PPOConfig
 from reward import RMConfig
@@ -58,8 +57,8 @@ class Config:
     compact: Annotated[bool, "[offline stand-in] compact vocabulary + compact answers (no explanation, "
                              "code cut after the api_call)"] = True
     api_pairs: Annotated[bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"] = True
-    hub_train: Annotated[bool, "train on APIBench's huggingface_train.json from the Hub (online) instead of "
-                               "the offline split of the eval file"] = False
+    train_file: Annotated[str, "SFT data: '' = the offline split of the eval file; hub = APIBench's "
+                               "huggingface_train.json from the Hub; or a local file of its schema"] = ""
     max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
                                       "evaluation stop at it"] = 160
     sft_steps: Annotated[int, "SFT optimizer steps"] = 800
@@ -93,7 +92,7 @@ class Config:
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
 PAPER = dict(run_dir="runs/paper", device="cuda", init="gpt2-large", compact=False, api_pairs=False,
-             hub_train=True, max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4,
+             train_file=prepare.HUB_TRAIN, max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4,
              sft_lr=5e-5, sft_warmup=100, eval_every=250, sample_prompts=2000, temperature=1.0,
              contrast_answers=False, judge="openai", exec_mode="real", exec_timeout=300.0,
              ppo=dict(iterations=200, batch_size=64, grad_accum=2, epochs=4, lr=1e-5, init_kl_coef=0.05,
@@ -117,10 +116,6 @@ def make_config(preset="tiny", **overrides):
             else:
                 setattr(cfg, key, value)
     return cfg
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def tokenizer_for(cfg):
@@ -164,20 +159,13 @@ def validation_loss(model, examples, pad, device, batch_size=32):
 
 
 def batch_at(examples, batch_size, index, seed):
-    """The index-th batch of a length-grouped epoch order: each epoch is shuffled, cut into groups of
-    32 batches, each group sorted by (prompt length // 16, answer length). Prompts are left-padded and
-    answers right-padded separately, so both lengths must agree within a batch: 85% of the positions
-    computed are real tokens, against 72% when sorted by total length (docs/benchmarks.md).
+    """The index-th batch of SFT: epochs of length-grouped batches (model.length_grouped_batches), 84% of
+    the positions computed are real tokens against 72% when grouped by total length (docs/benchmarks.md).
     A pure function of (index, seed): a resumed run sees exactly the batches of an uninterrupted one."""
-    per_epoch = len(examples) // batch_size
+    per_epoch = max(1, len(examples) // batch_size)
     epoch, i = divmod(index, per_epoch)
-    order = list(range(len(examples)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    group = 32 * batch_size
-    order = [j for g in range(0, len(order), group)
-             for j in sorted(order[g:g + group], key=lambda j: (len(examples[j][0]) // 16, len(examples[j][1])))]
-    batches = [order[b:b + batch_size] for b in range(0, per_epoch * batch_size, batch_size)]
-    random.Random(seed * 7 + epoch).shuffle(batches)
+    keys = [(len(q) // 16, len(a)) for q, a in examples]
+    batches = length_grouped_batches(keys, batch_size, seed * 1_000_003 + epoch, seed * 7 + epoch, drop_last=True)
     return [examples[j] for j in batches[i]]
 
 
@@ -349,9 +337,11 @@ def check_ready(cfg):
     if cfg.init not in CPU_PRESETS and not Path(cfg.init).is_dir() and not reachable("huggingface.co"):
         problems.append(f"--init {cfg.init}: not a local directory, and the Hugging Face Hub is unreachable "
                         "(offline?): pass a directory with config.json + model.safetensors")
-    if cfg.hub_train and not reachable("huggingface.co"):
-        problems.append("--hub-train: the Hugging Face Hub is unreachable (offline?); --no-hub-train uses the "
-                        "offline split of the eval file")
+    if cfg.train_file == prepare.HUB_TRAIN and not reachable("huggingface.co"):
+        problems.append("--train-file hub: the Hugging Face Hub is unreachable (offline?); --train-file '' uses "
+                        "the offline split of the eval file, or give a local copy of huggingface_train.json")
+    elif cfg.train_file and cfg.train_file != prepare.HUB_TRAIN and not Path(cfg.train_file).is_file():
+        problems.append(f"--train-file {cfg.train_file}: no such file")
     if cfg.judge == "openai":
         problems += reward.judge_problems(cfg.judge_base_url)
     if cfg.exec_mode != "none":
@@ -359,6 +349,9 @@ def check_ready(cfg):
         if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
             problems.append(f"--exec-mode {cfg.exec_mode}: OS-level isolation is unavailable ({reason}); "
                             "generated code is not run without it (offline mode: --unsafe-exec forces it)")
+    if cfg.compact and cfg.init not in CPU_PRESETS:
+        problems.append(f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models trained "
+                        "from scratch: add --no-compact")
     if cfg.max_answer_tokens < 8:
         problems.append("--max-answer-tokens must be at least 8")
     if problems:
@@ -374,7 +367,7 @@ def prepare_run_dir(cfg, from_stage):
         diff = settings_diff(json.loads(config_file.read_text()), cfg)
         if diff:
             raise SystemExit(f"rlaif.py: {run} was run with other settings:\n  " + "\n  ".join(diff) +
-                             f"\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")
+                             "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")
     if from_stage:
         set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
     run.mkdir(parents=True, exist_ok=True)
@@ -389,7 +382,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
         f"({'trained from scratch' if cfg.init in CPU_PRESETS else 'HF weights'}), judge "
         f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
-    splits = prepare.load_splits(cfg.hub_train, log=log)
+    splits = prepare.load_splits(cfg.train_file, log=log)
     names = list(STAGES)
     for stage in names[:names.index(until) + 1]:
         if (run / stage / "done.json").exists():
@@ -400,8 +393,10 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
         (run / stage).mkdir(parents=True, exist_ok=True)
         summary = STAGES[stage](cfg, run, splits)
         mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+        shutil.rmtree(run / ".previous" / stage, ignore_errors=True)  # its new result is complete
         log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
-    shutil.rmtree(run / ".previous", ignore_errors=True)  # the redone stages are complete
+    if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
+        (run / ".previous").rmdir()
     if until == "evaluate":
         print_results(cfg, run)
 
@@ -412,7 +407,7 @@ def print_results(cfg, run):
              else f"LLM judge {cfg.judge_model}")
     model = (f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)" if cfg.init in CPU_PRESETS
              else f"{cfg.init} from Hugging Face weights")
-    split = "offline hash split of the eval file" if not cfg.hub_train else "APIBench train file (Hub)"
+    split = f"trained on {cfg.train_file}" if cfg.train_file else "offline hash split of the eval file"
     log(f"\nResults on {next(iter(done['results'].values()))['n']} held-out questions ({split})")
     log(f"  model: {model}\n  judge: {judge}\n  executability: {cfg.exec_mode} mode\n")
     log(evaluate.results_table(done["results"]))
@@ -458,10 +453,12 @@ def parse_args(argv=None):
     preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
-    if preset is None and set(overrides) <= {"run_dir"} and not from_stage:
-        recorded = Path(cfg.run_dir) / "config.json"
-        if recorded.exists():  # `python rlaif.py --run-dir D`: carry on with D's own settings
-            cfg = config_from_record(json.loads(recorded.read_text()), recorded)
+    recorded = Path(cfg.run_dir) / "config.json"
+    if preset is None and recorded.exists():  # an existing run: its own settings, plus the flags given
+        cfg = config_from_record(json.loads(recorded.read_text()), recorded)
+        for key, value in overrides.items():
+            sub, name = key.split("_", 1) if key.startswith(("ppo_", "rm_")) else (None, key)
+            setattr(getattr(cfg, sub) if sub else cfg, name, value)
     return cfg, from_stage, until
 
 

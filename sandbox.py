@@ -32,7 +32,6 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
-import re
 import resource
 import secrets
 import shutil
@@ -118,43 +117,14 @@ class Stub:
         n = op.arg if op is not None and op.opname == "UNPACK_SEQUENCE" else 1
         return iter([Stub(f"{self._path}[{i}]") for i in range(n)])
 
-    def keys(self):
-        return []  # `f(**outputs)` passes no keywords
-
-    def __getitem__(self, key):
-        return Stub(self._path + "[]")
-
-    def __setitem__(self, key, value):
-        pass
-
-    def __setattr__(self, name, value):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __len__(self):
-        return 1
-
-    def __bool__(self):
-        return True
-
-    def __index__(self):
-        return 0
-
-    def __int__(self):
-        return 0
-
-    def __float__(self):
-        return 0.0
-
-    def __str__(self):
-        return f"<{self._path}>"
-
-    __format__ = lambda self, spec: str(self)
+    keys = lambda self: []  # `f(**outputs)` passes no keywords
+    __getitem__ = lambda self, key: Stub(self._path + "[]")
+    __setitem__ = __setattr__ = lambda self, key, value: None
+    __enter__ = lambda self: self
+    __exit__ = lambda self, *exc: False
+    __len__, __bool__, __index__, __int__, __float__ = (lambda self: 1), (lambda self: True), \
+        (lambda self: 0), (lambda self: 0), (lambda self: 0.0)
+    __str__ = __format__ = lambda self, *spec: f"<{self._path}>"
     __contains__ = lambda self, item: False
     __hash__ = object.__hash__
     __eq__ = lambda self, other: self is other
@@ -283,7 +253,7 @@ def drop_privileges():
     return ["setpriv"] + caps
 
 
-def isolated_command(workdir, writable, offline, child_code):
+def isolated_command(writable, offline, child_code):
     """argv that runs `child_code` isolated, with only `writable` directories writable."""
     env_setup = ["env", f"DROP={' '.join(drop_privileges())}", f"PYTHON={sys.executable}",
                  f"CHILD={child_code}"]
@@ -336,8 +306,10 @@ class Sandbox:
         """The child's whole environment: nothing of ours (API keys, tokens) is passed on."""
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        if not self.offline:
+        if not self.offline:  # the model cache, and the user's (secret-free) Hub settings
             env.update(HF_HOME=self.cache_dir, TORCH_HOME=self.cache_dir, XDG_CACHE_HOME=self.cache_dir)
+            env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE")
+                        if k in os.environ})
         return env
 
     def run(self, code, base_spec):
@@ -362,7 +334,7 @@ class Sandbox:
                 os.chown(workdir, NOBODY, NOBODY)
                 os.chown(spec_file, NOBODY, NOBODY)
             writable = [workdir] + ([self.cache_dir] if not self.offline else [])
-            argv = isolated_command(workdir, writable, self.offline, child)
+            argv = isolated_command(writable, self.offline, child)
         else:  # --unsafe-exec: offline mode on a machine without namespaces, said loudly in the results
             argv = [sys.executable, "-I", "-c", child]
         # Output goes to files outside the child's reach, never into this process's memory.

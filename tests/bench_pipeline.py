@@ -30,7 +30,7 @@ def main():
         sys.exit(f"rlaif.py failed ({rc}); see {log_file}")
     rates = {"sft": re.findall(r"\[sft\] step .* ([\d,]+) tok/s", log),
              "ppo": re.findall(r"\[ppo\] it .* (\d+) tok/s", log)}
-    print(f"| stage | wall time (min) | throughput |\n|---|---|---|")
+    print("| stage | wall time (min) | throughput |\n|---|---|---|")
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
         done = json.loads((Path(args.run_dir) / stage / "done.json").read_text())
         rate = f"{rates[stage][-1]} tok/s" if rates.get(stage) else ""

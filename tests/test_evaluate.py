@@ -75,12 +75,43 @@ def test_hallucinated_and_malformed_answers_are_scored(records):
     r = records[0]
     fake = full_answer(r).replace("princeton-nlp/unsup-simcse-roberta-base", "made-up/model-xyz")
     assert ast_verdict(db, fake, r.api_data["domain"]) == "hallucination"
+    assert rouge_l("", full_answer(r)) == 0.0 and rouge_l(full_answer(r), full_answer(r)) == 1.0
     for junk in ["", "<<<api_call>>>:", "<<<api_call>>>: pipeline(('", "<<<code>>>: def ("]:
         assert ast_verdict(db, junk, r.api_data["domain"]) == "hallucination"
-        assert rouge_l(junk, full_answer(r)) >= 0.0
         assert 0.0 <= codebleu(prepare.parse_answer(junk)["code"], r.sections["code"])[0] <= 1.0
 
 
 def test_api_call_cut_follows_gorilla():
     text = " <<<domain>>>: X\n<<<api_call>>>: pipeline('ner', model='dslim/bert-base-NER') extra\n<<<api_provider>>>: HF"
     assert answer_api_call(text) == "pipeline('ner', model='dslim/bert-base-NER')"
+
+
+def run_evaluate(*argv):
+    import subprocess
+    import sys
+    from pathlib import Path
+    return subprocess.run([sys.executable, "evaluate.py", *argv], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_answers_file_in_gorillas_format_scores_as_gorilla():
+    """Gorilla's own published file (escaped newlines) gives the same table row as --gorilla."""
+    row = lambda out: [l for l in out.stdout.splitlines() if l.startswith("| ") and "executability" not in l
+                       and "---" not in l][0].split("|")[2:]
+    published = run_evaluate("--answers", str(prepare.GORILLA_ANSWERS_FILE), "--exec-mode", "none")
+    ours = run_evaluate("--gorilla", "--exec-mode", "none")
+    assert published.returncode == 0 and ours.returncode == 0, published.stderr + ours.stderr
+    assert "escaped format recognised" in published.stdout
+    assert row(published) == row(ours)
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "none of its 0 question_ids"),
+                                             (b'{"question_id": 999999, "text": "x"}\n', "none of its 1"),
+                                             (b'{"question_id": 32, "text": null}\n', ":1: expected"),
+                                             (b'{"question_id": 32, "text": "ok"}\n\xff\xfe\n', ":2: expected")])
+def test_bad_answers_files_are_errors_naming_file_and_line(tmp_path, content, needle):
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(content)
+    out = run_evaluate("--answers", str(path), "--exec-mode", "none")
+    assert out.returncode == 1 and needle in out.stderr and "answers.jsonl" in out.stderr, out.stderr

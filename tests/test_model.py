@@ -167,3 +167,45 @@ def test_same_seed_same_samples_and_generator_stays_on_its_device():
     finally:
         torch.rand = real_rand
     assert seen and all(torch.device(d) == g for d, g in seen)
+
+
+@pytest.mark.parametrize("vocab_size, eot", [(50257, 50256), (11184, 11183)])
+def test_export_generates_until_its_end_of_text_in_transformers(tmp_path, vocab_size, eot):
+    """Our export loads with AutoModelForCausalLM (and, for GPT-2's vocabulary, AutoTokenizer), and
+    transformers' generate stops at the end-of-text id we wrote into generation_config.json."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():  # every position's hidden state is v, and v points at end-of-text
+        v = torch.randn(16)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(v)
+        model.transformer.wte.weight.mul_(0.01)
+        model.transformer.wte.weight[eot] = 10 * v
+    model.save_pretrained(tmp_path, eot=eot)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    out = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False)
+    assert out[0].tolist() == [1, 2, 3, eot]  # stopped at end-of-text, not after 20 tokens
+    if vocab_size == 50257:
+        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        text = open(prepare_file()).read()[:20000]
+        assert hf_tok.encode(text) == Tokenizer().encode(text)
+        assert hf_tok.eos_token_id == eot
+
+
+def prepare_file():
+    from data.gorilla import prepare
+    return prepare.EVAL_FILE
+
+
+def test_unreadable_checkpoint_names_its_file(tmp_path):
+    from model import load_checkpoint, save_checkpoint
+    empty = tmp_path / "ckpt.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="ckpt.pt: not a readable checkpoint"):
+        load_checkpoint(empty)
+    save_checkpoint(tmp_path / "good.pt", step=3)
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")

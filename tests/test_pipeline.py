@@ -64,3 +64,81 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     table = [l for l in out.splitlines() if l.startswith("| ")]
     assert len(table) == 4 and "executability" in table[0]
     assert "RULES JUDGE" in out and "FROM SCRATCH" in out
+
+
+def rlaif(run_dir, *argv, small=True):
+    return subprocess.run([sys.executable, "rlaif.py", "--run-dir", str(run_dir), *(SMALL if small else []), *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    out = rlaif(run_dir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run_dir
+
+
+def copy_of(run_dir, tmp_path):
+    import shutil
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_other_settings_on_a_finished_run_are_refused_and_no_flags_resume_it(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    config_before = (run_dir / "config.json").read_text()
+    out = rlaif(run_dir, "--seed", "7", "--sft-steps", "999")
+    assert out.returncode == 1 and "seed: 1 -> 7" in out.stderr and "sft_steps: 40 -> 999" in out.stderr, out.stderr
+    assert (run_dir / "config.json").read_text() == config_before
+    out = rlaif(run_dir, small=False)  # no settings: the run's own
+    assert out.returncode == 0 and "[ppo] already done" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_output_is_named(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    weights = run_dir / "ppo" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])  # 4 KiB of flipped bytes
+    weights.write_bytes(bytes(data))
+    out = rlaif(run_dir, small=False)
+    assert out.returncode == 1 and "model.safetensors has changed" in out.stderr, out.stderr
+    (run_dir / "sample" / "samples.jsonl").write_text("")
+    out = rlaif(run_dir, small=False)
+    assert out.returncode == 1 and "samples.jsonl has changed" in out.stderr and "--from sample" in out.stderr
+
+
+@pytest.mark.slow
+def test_from_keeps_old_results_until_the_new_ones_exist(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    old_model = (run_dir / "ppo" / "model" / "model.safetensors").read_bytes()
+    out = rlaif(run_dir, "--from", "ppo", "--ppo-lr", "not-a-number")
+    assert out.returncode == 2  # refused before anything moved
+    assert (run_dir / "ppo" / "model" / "model.safetensors").read_bytes() == old_model
+    out = rlaif(run_dir, "--from", "ppo", "--ppo-minibatch-size", "0")  # the redo fails inside PPO
+    assert out.returncode != 0
+    assert (run_dir / ".previous" / "ppo" / "model" / "model.safetensors").read_bytes() == old_model
+    assert (run_dir / ".previous" / "evaluate" / "done.json").exists()
+    out = rlaif(run_dir, "--from", "ppo")  # a complete redo: the set-aside results go
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (run_dir / ".previous").exists() and (run_dir / "evaluate" / "done.json").exists()
+
+
+@pytest.mark.slow
+def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    ppo = lambda *a: subprocess.run([sys.executable, "ppo.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=900)
+    out = ppo()
+    assert out.returncode == 1 and "already done" in out.stderr + out.stdout
+    out = ppo("--force", "--iterations", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["ppo"]["iterations"] == 2 and config["init"] == "micro" and config["seed"] == 1
+    metrics = (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2
+    assert not (run_dir / "evaluate").exists()  # no stale evaluation survives
+    out = rlaif(run_dir, small=False)
+    assert out.returncode == 0 and "[evaluate] done" in out.stdout, out.stderr[-3000:]

@@ -149,12 +149,17 @@ def offline_splits(records):
     return out
 
 
-def load_splits(hub_train, log=print):
-    """train / val / test records. Test is always the held-out part of the eval file."""
+HUB_TRAIN = "hub"  # train_file value: APIBench's huggingface_train.json from the Hub dataset
+
+
+def load_splits(train_file="", log=print):
+    """train / val / test records. Test is always the held-out part of the eval file. train_file: ""
+    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that schema."""
     splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
-    if hub_train:
-        log("[data] split: train = APIBench huggingface_train.json (Hub), test = held-out eval records")
-        splits["train"] = hub_train_records(log=log)
+    if train_file:
+        log(f"[data] split: train = {'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
+            ", test = held-out eval records")
+        splits["train"] = train_records(train_file, log=log)
     else:
         log("[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
             "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)")
@@ -162,18 +167,23 @@ def load_splits(hub_train, log=print):
     return splits
 
 
-def hub_train_records(log=print):
-    """APIBench's huggingface_train.json from the Hub dataset gorilla-llm/APIBench (online only)."""
+def train_records(train_file, log=print):
+    """APIBench's huggingface_train.json through `datasets`: from the Hub dataset gorilla-llm/APIBench
+    (online), or a local copy (same schema, same code path)."""
     from datasets import load_dataset
-    ds = load_dataset("gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+    if train_file == HUB_TRAIN:
+        name, ds = "gorilla-llm/APIBench/huggingface_train.json", load_dataset(
+            "gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+    else:
+        name, ds = train_file, load_dataset("json", data_files=str(train_file), split="train")
     records, bad = [], 0
     for i, obj in enumerate(ds, 1):
         try:
-            records.append(parse_record(obj, f"gorilla-llm/APIBench/huggingface_train.json:{i}"))
+            records.append(parse_record(obj, f"{name}:{i}"))
         except DataError as e:
             bad += 1
             log(f"[data]   skipped {e}")
-    log(f"[data] hub train file: {len(records)} records, {bad} skipped")
+    log(f"[data] train file: {len(records)} records, {bad} skipped")
     return records
 
 
@@ -237,9 +247,17 @@ def build_vocab(out=VOCAB_FILE):
     return ids
 
 
-if __name__ == "__main__":
+def main():
+    import argparse
+    argparse.ArgumentParser(description="Print the offline splits of the Gorilla eval file and the API database "
+                            "size, and rebuild the tiny preset's compact vocabulary (data/gorilla/vocab.json). "
+                            "Run from the repository root: python -m data.gorilla.prepare").parse_args()
     records = load_records(EVAL_FILE, skip_bad=True)
     splits = offline_splits(records)
     print({k: len(v) for k, v in splits.items()}, "records (offline hash split of the eval file)")
     print(len(load_api_database()), "API database entries")
     print(len(build_vocab()), "compact vocabulary size ->", VOCAB_FILE)
+
+
+if __name__ == "__main__":
+    main()
