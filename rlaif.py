@@ -159,12 +159,13 @@ def validation_loss(model, examples, pad, device, batch_size=32):
 
 
 def batch_at(examples, batch_size, index, seed):
-    """The index-th batch of SFT: epochs of length-grouped batches (model.length_grouped_batches), 84% of
-    the positions computed are real tokens against 72% when grouped by total length (docs/benchmarks.md).
+    """The index-th batch of SFT: epochs of batches grouped by total length (model.length_grouped_batches).
+    Grouping by (prompt, answer) length pads less on paper (84% real positions, not 72%) but measured no
+    faster (800 steps: 11.8 vs 11.6 min), so SFT keeps the previous version's batches (identical, checked).
     A pure function of (index, seed): a resumed run sees exactly the batches of an uninterrupted one."""
     per_epoch = max(1, len(examples) // batch_size)
     epoch, i = divmod(index, per_epoch)
-    keys = [(len(q) // 16, len(a)) for q, a in examples]
+    keys = [len(q) + len(a) for q, a in examples]
     batches = length_grouped_batches(keys, batch_size, seed * 1_000_003 + epoch, seed * 7 + epoch, drop_last=True)
     return [examples[j] for j in batches[i]]
 
