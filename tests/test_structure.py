@@ -85,7 +85,7 @@ def documented_commands():
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for m in re.finditer(r"python (?:-m )?([\w/.]+\.py|data\.gorilla\.prepare)((?: [^\s`|#;&]+)*)", doc.read_text()):
             script = m.group(1).replace("data.gorilla.prepare", "data/gorilla/prepare.py")
-            flags = re.findall(r"(--[a-z][a-z0-9-]*)", m.group(2))
+            flags = re.findall(r"(--[a-z][a-z0-9-]*)", m.group(2).split(" -- ")[0])  # after `--`: another program's
             yield doc.name, script, flags
 
 
