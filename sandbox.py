@@ -90,6 +90,15 @@ def check_call(path, args, kwargs):
             raise HallucinatedAPI(f"pipeline: model id {model_id!r} is not in the API database")
 
 
+def checked_attribute(path, name):
+    """The stand-in for `path.name`; refused when `path` is a checked module that has no such name."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if path in Checks.names and name not in Checks.names[path]:
+        raise HallucinatedAPI(f"{path} has no attribute {name!r}")
+    return Stub(f"{path}.{name}")
+
+
 class Stub:
     """Stands in for any object of a stubbed library; checks names and calls, accepts the rest."""
 
@@ -97,11 +106,7 @@ class Stub:
         object.__setattr__(self, "_path", path)
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if self._path in Checks.names and name not in Checks.names[self._path]:
-            raise HallucinatedAPI(f"{self._path} has no attribute {name!r}")
-        return Stub(f"{self._path}.{name}")
+        return checked_attribute(self._path, name)
 
     def __call__(self, *args, **kwargs):
         check_call(self._path, args, kwargs)
@@ -142,11 +147,7 @@ for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", 
 
 class StubModule(types.ModuleType):
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if self.__name__ in Checks.names and name not in Checks.names[self.__name__]:
-            raise HallucinatedAPI(f"module {self.__name__!r} has no name {name!r}")
-        return Stub(f"{self.__name__}.{name}")
+        return checked_attribute(self.__name__, name)
 
 
 class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
