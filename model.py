@@ -660,6 +660,26 @@ def set_aside(run, stages):
             shutil.rmtree(current)
 
 
+def add_flags(parser, cls, prefix, default_text):
+    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices)]`:
+    --prefix-name, yes/no flags as --name / --no-name, default None (unset). default_text(field) says
+    what an unset flag means, shown in --help."""
+    import argparse
+    import typing
+    hints = typing.get_type_hints(cls, include_extras=True)
+    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
+    for f in fields(cls):
+        if typing.get_origin(hints[f.name]) is not typing.Annotated:
+            continue  # a nested config (Config.ppo, Config.rm) has flags of its own
+        kind, help_text, *choices = typing.get_args(hints[f.name])
+        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
+        help_text += f" (default: {default_text(f)})"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
+
+
 def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_splits):
     """One stage of an existing run from its own script (python ppo.py / reward.py): the run's recorded
     settings with `overrides` of cfg.<section> (recorded in config.json), earlier stages verified, an

@@ -19,14 +19,14 @@ import argparse
 import json
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import torch
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, atomic_write, autocast, generate, left_pad,
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, generate, left_pad,
                    load_checkpoint, log, make_optimizer, response_logprobs, run_stage_cli, save_checkpoint)
 
 
@@ -304,11 +304,7 @@ def main():
                                 "recorded. An interrupted PPO resumes; later results (evaluate) are set aside.")
     p.add_argument("--run-dir", required=True, help="a run directory whose reward stage is done")
     p.add_argument("--force", action="store_true", help="redo a finished PPO stage")
-    for f in fields(PPOConfig):
-        kind = f.type.__origin__ if hasattr(f.type, "__origin__") else f.type
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not bool else None,
-                       action=argparse.BooleanOptionalAction if kind is bool else None,
-                       help=f"{f.type.__metadata__[0]} (default: the run's)")
+    add_flags(p, PPOConfig, "", lambda f: "the run's")
     args = vars(p.parse_args())
     run_dir, force = args.pop("run_dir"), args.pop("force")
     run_stage_cli(run_dir, "ppo", ppo_stage, "ppo", {k: v for k, v in args.items() if v is not None}, force,

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import MODEL_ID, APIDatabase, answer_api_call, calls_in, library_names
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, length_grouped_batches, load_checkpoint, log,
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, length_grouped_batches, load_checkpoint, log,
                    make_optimizer, pad_pairs, read_jsonl, run_stage_cli)
 
 # (key, question, weight). [not in the paper] Relevance gates the rest: score = 0.25 P(domain_right) +
@@ -434,9 +434,7 @@ def main():
                                 "run's recorded settings; flags override and are recorded.")
     p.add_argument("--run-dir", required=True, help="a run directory whose feedback stage is done")
     p.add_argument("--force", action="store_true", help="redo a finished reward stage (later stages are set aside)")
-    for f in fields(RMConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type.__origin__, help=f"{f.type.__metadata__[0]} "
-                       "(default: the run's)")
+    add_flags(p, RMConfig, "", lambda f: "the run's")
     args = vars(p.parse_args())
     run_dir, force = Path(args.pop("run_dir")), args.pop("force")
     run_stage_cli(run_dir, "reward", reward_stage, "rm", {k: v for k, v in args.items() if v is not None}, force,

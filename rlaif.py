@@ -23,8 +23,7 @@ import re
 import shutil
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +34,7 @@ import ppo
 import reward
 import sandbox
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, atomic_write, autocast, length_grouped_batches,
+from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
                    load_checkpoint, log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
                    save_checkpoint, set_aside, verify_done, write_jsonl)
 from ppo import PPOConfig
@@ -421,21 +420,9 @@ def print_results(cfg, run):
 # -----------------------------------------------------------------------------
 # Command line: one flag per Config field (--ppo-* and --rm-* for the nested ones)
 
-def add_flags(parser, cls, prefix=""):
-    hints = typing.get_type_hints(cls, include_extras=True)
-    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
+def tiny_and_paper_defaults(prefix):
     paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
-    for f in fields(cls):
-        if f.name in ("ppo", "rm"):
-            continue
-        kind, help_text, *choices = typing.get_args(hints[f.name])
-        help_text += f" (default: {f.default}" + (f"; paper: {paper[f.name]})" if f.name in paper else ")")
-        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
-    return parser
+    return lambda f: f"{f.default}" + (f"; paper: {paper[f.name]}" if f.name in paper else "")
 
 
 def parse_args(argv=None):
@@ -447,9 +434,8 @@ def parse_args(argv=None):
                         "Without it and without settings, an existing --run-dir resumes with its recorded settings")
     p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
     p.add_argument("--until", choices=list(STAGES), default="evaluate", help="stop after this stage")
-    add_flags(p, Config)
-    add_flags(p, PPOConfig, "ppo-")
-    add_flags(p, RMConfig, "rm-")
+    for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-")):
+        add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
     args = vars(p.parse_args(argv))
     preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
     overrides = {k: v for k, v in args.items() if v is not None}
