@@ -209,6 +209,8 @@ def score_answers(answers, records, db, sandbox=None):
     if sandbox is not None:
         classes = Counter(r["exec"] for r in rows)
         summary.update(executability=classes["executable"] / max(1, n), executable=classes["executable"],
+                       on_placeholders=sum(r["exec"] == "executable" and r["exec_detail"].startswith("placeholder")
+                                           for r in rows),
                        exec_failures={k: v for k, v in classes.items() if k != "executable"})
     return summary, rows
 
@@ -218,7 +220,8 @@ def results_table(results):
     lines = ["| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU |",
              "|---|---|---|---|---|---|---|"]
     for name, s in results.items():
-        ex = f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']})" if "executability" in s else "-"
+        ex = (f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; {s.get('on_placeholders', 0)} on "
+              f"placeholder inputs)" if "executability" in s else "-")
         lines.append(f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} | {100 * s['hallucination']:.1f} "
                      f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} |")
     return "\n".join(lines)
@@ -252,13 +255,23 @@ def evaluate_stage(cfg, run, splits):
     test = splits["test"][:cfg.eval_limit or None]
     db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results = {}
-    for name, model_dir in (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"])):
+    models = (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"]),
+              ("d-RLAIF", run / "compare" / "drlaif" / "model"), ("DPO", run / "compare" / "dpo" / "model"))
+    for name, model_dir in models:
+        if not model_dir.exists():  # d-RLAIF and DPO exist with --compare only
+            continue
         answers, size = model_answers(model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device,
                                       cfg.seed)
         write_jsonl(run / "evaluate" / f"{name.lower()}_answers.jsonl",
                     [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
         results[f"{name} ({cfg.init}, {size})"], _ = score_answers(answers, test, db, sandbox)
         log(f"[evaluate] {name} scored")
+    for pick in ("rm", "judge"):
+        picked = run / "compare" / f"best_of_n_{pick}.jsonl"
+        if picked.exists():
+            given = read_answers(picked)
+            name = f"SFT best-of-{cfg.best_of_n} ({'reward model' if pick == 'rm' else 'judge'}'s pick)"
+            results[name], _ = score_answers([given[r.line] for r in test], test, db, sandbox)
     gorilla, kept = gorilla_answers_for(test)
     results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
         score_answers(gorilla, kept, db, sandbox)

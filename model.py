@@ -284,33 +284,43 @@ class GPT(nn.Module):
 
 class ScalarModel(nn.Module):
     """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at the
-    last real token; PPO's value model (initialised from the reward model) reads it at every step."""
+    last real token; PPO's value model (initialised from the reward model) reads it at every step.
+    n_aux > 0 adds auxiliary logits read at the same token (the reward model's per-question heads)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, n_aux=0):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))  # lm-human-preferences
         nn.init.zeros_(self.head.bias)
+        self.aux = nn.Linear(backbone.config.n_embd, n_aux) if n_aux else None
         self.register_buffer("gain", torch.ones(()))   # reward normalisation, set after training
         self.register_buffer("bias", torch.zeros(()))
 
     def forward(self, ids, mask):
         return self.head(self.backbone.hidden_states(ids, mask)).squeeze(-1)
 
+    def score_and_aux(self, query, query_mask, response, response_mask):
+        """(normalised reward, auxiliary logits or None) of each (query, response), read at the
+        response's last real token."""
+        h = self.backbone.hidden_states(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+        last = query.size(1) + response_mask.sum(1) - 1
+        h = h[torch.arange(h.size(0), device=h.device), last]
+        reward = self.gain * self.head(h).squeeze(-1) + self.bias
+        return reward, (self.aux(h) if self.aux is not None else None)
+
     def score(self, query, query_mask, response, response_mask):
         """Normalised reward of each (query, response): the head at the response's last real token."""
-        scalars = self(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
-        last = query.size(1) + response_mask.sum(1) - 1
-        return self.gain * scalars.gather(1, last[:, None]).squeeze(1) + self.bias
+        return self.score_and_aux(query, query_mask, response, response_mask)[0]
 
     def save(self, path, **extra):
-        save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config), **extra)
+        save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config),
+                        n_aux=self.aux.out_features if self.aux is not None else 0, **extra)
 
     @classmethod
     def load(cls, path, device="cpu"):
         ckpt = load_checkpoint(path, device)
-        m = cls(GPT(config_from_dict(ckpt["config"])))
+        m = cls(GPT(config_from_dict(ckpt["config"])), ckpt.get("n_aux", 0))
         m.load_state_dict(ckpt["model"])
         return m.to(device), ckpt
 
@@ -643,7 +653,7 @@ def read_run_config(run_dir):
     return SimpleNamespace(**{k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
-STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "evaluate")
+STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluate")
 
 
 def set_aside(run, stages):

@@ -279,21 +279,25 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
 # -----------------------------------------------------------------------------
 # The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
 
-def ppo_stage(cfg, run, splits):
+def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None):
     """Policy and frozen reference from the SFT model; value model and frozen reward model from the
-    reward model [N-details: value init from the reward model]. cfg: rlaif.Config or its config.json."""
+    reward model [N-details: value init from the reward model]. cfg: rlaif.Config or its config.json.
+    score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
+    score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped."""
     tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    out_dir = Path(out_dir or run / "ppo")
     torch.manual_seed(cfg.seed)
     frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32  # no gradients, half the memory
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
     value_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-    reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-    reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
+    if score_fn is None:
+        reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+        score_fn = reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False).score
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
-    history = train_ppo(policy, ref_policy, value_model, reward_model.score, prompts, cfg.ppo, cfg, tok.eot,
-                        cfg.device, run / "ppo", decode=tok.decode, log=log)
-    policy.save_pretrained(run / RUN_FILES["ppo_model"], eot=tok.eot)
+    history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg.ppo, cfg, tok.eot,
+                        cfg.device, out_dir, decode=tok.decode, log=log)
+    policy.save_pretrained(out_dir / "model", eot=tok.eot)
     return history[-1] if history else {}
 
 

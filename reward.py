@@ -275,6 +275,8 @@ class RMConfig:
     heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
                                        "own answers"] = 0.1
     weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
+    aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
+                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)"] = 1.0
 
 
 def make_pairs(feedback, max_per_prompt, rng):
@@ -295,16 +297,28 @@ def rm_batch(samples, ids, tok, device):
     return pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
 
 
-def comparisons_loss(rm, samples, pairs, tok, device):
+def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0):
     """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
     distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give up to
-    K(K-1)/2 comparisons for K passes)."""
+    K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary cross-entropy
+    of the per-question logits against the judge's answers, targets: {id: [P(yes) per QUESTIONS]}.
+    [not in the paper] The scalar comparisons tell the model which answer won, not why; the six answers
+    say why (a dense target for every answer)."""
     ids = sorted({i for pair in pairs for i in pair})
     at = {i: k for k, i in enumerate(ids)}
-    r = rm.score(*rm_batch(samples, ids, tok, device))
+    r, aux = rm.score_and_aux(*rm_batch(samples, ids, tok, device))
     better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
     worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
-    return -F.logsigmoid(r[better] - r[worse]).mean()
+    loss = -F.logsigmoid(r[better] - r[worse]).mean()
+    if aux_weight and aux is not None:
+        y = torch.tensor([targets[i] for i in ids], device=aux.device, dtype=torch.float32)
+        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux.float(), y)
+    return loss
+
+
+def question_targets(feedback):
+    """{sample id: [P(yes) for each of QUESTIONS]} of every fully answered sample."""
+    return {f["id"]: [f["answers"][k] for k, _, _ in QUESTIONS] for f in feedback if f["score"] is not None}
 
 
 @torch.no_grad()
@@ -329,6 +343,7 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
                and f["source"] == "policy"]
     train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
     test_pairs = make_pairs(test_fb, 10 ** 9, rng)
+    targets = question_targets(train_fb) if rm.aux is not None else {}
     steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
     if not train_pairs:
         log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
@@ -357,7 +372,7 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         batch = [train_pairs[i] for i in order[step]]
         rm.train()
         with autocast(device):
-            loss = comparisons_loss(rm, samples, batch, tok, device)
+            loss = comparisons_loss(rm, samples, batch, tok, device, targets, cfg.aux_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()
@@ -391,6 +406,33 @@ def normalise(rm, samples, ids, tok, device):
 
 
 # -----------------------------------------------------------------------------
+# The same feedback used without training a reward model [not in the paper] (rlaif.py --compare)
+
+def judge_score_fn(judge, records, tok, feedback):
+    """d-RLAIF ("direct RLAIF", Lee et al. 2023): the judge scores each PPO rollout itself, with no reward
+    model in between. Scores are normalised as the reward model's are: mean 0, std 1 over the SFT
+    samples' judge scores. A PPO score_fn (see ppo.train_ppo)."""
+    scores = [f["score"] for f in feedback if f["source"] == "policy" and f["score"] is not None]
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) + 1e-8
+    by_prompt = {tuple(prepare.prompt_ids(tok, r.instruction)): r for r in records}
+
+    def score(query, query_mask, response, response_mask):
+        out = []
+        for q, qm, r, rm in zip(query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()):
+            record = by_prompt[tuple(t for t, m in zip(q, qm) if m)]
+            s = combine(judge.answers(record, tok.decode([t for t, m in zip(r, rm) if m])))
+            out.append(((s if s is not None else mean) - mean) / std)  # no answer from the judge: no signal
+        return torch.tensor(out, device=query.device)
+    return score
+
+
+def best_of_n(scores, n):
+    """Index of the best-scored answer in each consecutive group of n (the first, on ties)."""
+    return [max(range(i, i + n), key=lambda j: scores[j]) for i in range(0, len(scores), n)]
+
+
+# -----------------------------------------------------------------------------
 # The reward stage of a run (rlaif.py), and the judge's setup
 
 def reward_stage(cfg, run, splits):
@@ -399,7 +441,7 @@ def reward_stage(cfg, run, splits):
     tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
     samples = {s["id"]: s for s in read_jsonl(run / RUN_FILES["samples"])}
     torch.manual_seed(cfg.seed)
-    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"])).to(cfg.device)
+    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
     metrics = train_reward_model(rm, samples, read_jsonl(run / RUN_FILES["feedback"]), tok, cfg.rm, cfg.seed,
                                  cfg.grad_clip, cfg.device, run / "reward" / "ckpt.pt", log=log)
     normalise(rm, samples, [i for i, s in samples.items() if s["source"] == "policy"], tok, cfg.device)

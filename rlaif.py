@@ -13,7 +13,9 @@ skipped on the next run, so an interrupted run resumes where it stopped.
   4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   feedback_stage, reward.judge_answers
   5. reward    reward model trained on the judge's scores                   reward.reward_stage
   6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
-  7. evaluate  SFT vs RLAIF vs Gorilla-7B on the held-out questions         evaluate.evaluate_stage
+  7. compare   [not in the paper, --compare] the same feedback used three    compare_stage below, dpo.py
+               more ways: d-RLAIF (PPO on the judge's score), DPO, best-of-n
+  8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
 Results land in run_dir/evaluate/results.md (and results in its done.json).
 """
 import argparse
@@ -29,14 +31,16 @@ from typing import Annotated
 
 import torch
 
+import dpo
 import evaluate
 import ppo
 import reward
 import sandbox
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, STAGE_ORDER, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
+from model import (GPT, RUN_FILES, STAGE_ORDER, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
                    load_checkpoint, log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
                    save_checkpoint, set_aside, verify_done, write_jsonl)
+from dpo import DPOConfig
 from ppo import PPOConfig
 from reward import RMConfig
 
@@ -85,8 +89,12 @@ class Config:
     exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)"] = 10.0
     unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
                                  "unavailable (NOT isolated; marked in the results)"] = False
+    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), DPO and best-of-n "
+                             "from the same SFT model and feedback, in the same results table"] = False
+    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n"] = 8
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
@@ -107,9 +115,9 @@ def make_config(preset="tiny", **overrides):
         for key, value in source.items():
             if value is None:
                 continue
-            if key in ("ppo", "rm"):
+            if key in ("ppo", "rm", "dpo"):
                 setattr(cfg, key, replace(getattr(cfg, key), **value))
-            elif key.startswith(("ppo_", "rm_")):
+            elif key.startswith(("ppo_", "rm_", "dpo_")):
                 sub, name = key.split("_", 1)
                 setattr(cfg, sub, replace(getattr(cfg, sub), **{name: value}))
             else:
@@ -294,10 +302,45 @@ def feedback_stage(cfg, run, splits):
 
 
 # -----------------------------------------------------------------------------
+# 7. [not in the paper] The same feedback used three more ways, for one table (--compare)
+
+def compare_stage(cfg, run, splits):
+    """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
+    judge's score as the reward), DPO on the judge-ordered pairs, and best-of-n on the test questions
+    (n samples each, picked by the reward model, and by the judge itself for reference)."""
+    if not cfg.compare:
+        return dict(skipped="--compare not given")
+    out, tok = run / "compare", tokenizer_for(cfg)
+    feedback = read_jsonl(run / RUN_FILES["feedback"])
+    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
+                              cache_file=run / RUN_FILES["judge_cache"], log=log)
+    if not (out / "drlaif" / "model" / "config.json").exists():
+        log("[compare] d-RLAIF: PPO with the judge's score as the reward")
+        ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out / "drlaif")
+    if not (out / "dpo" / "model" / "config.json").exists():
+        pairs = reward.make_pairs(feedback, cfg.rm.max_pairs_per_prompt, random.Random(cfg.seed))
+        dpo.dpo_model(cfg, run, pairs, out / "dpo")
+    test = splits["test"][:cfg.eval_limit or None]
+    prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
+    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    log(f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions")
+    responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
+    samples = {i: dict(query=q, response=r) for i, (q, r) in enumerate(zip(prompts, responses))}
+    rm, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
+    answers = [tok.decode(r) for r in responses]
+    judge_score = [reward.combine(judge.answers(test[i // cfg.best_of_n], a)) or 0.0 for i, a in enumerate(answers)]
+    for name, scores in (("rm", rm_score), ("judge", judge_score)):
+        write_jsonl(out / f"best_of_n_{name}.jsonl", [dict(question_id=r.line, text=answers[j])
+                                                     for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))])
+    return dict(best_of_n=cfg.best_of_n)
+
+
+# -----------------------------------------------------------------------------
 # The driver: the stages in order, each skipped when its done.json exists and its outputs are intact
 
 STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, feedback_stage, reward.reward_stage, ppo.ppo_stage,
-                                evaluate.evaluate_stage)))
+                                compare_stage, evaluate.evaluate_stage)))
 # Settings that change no result (where and how fast, not what): a finished run may be resumed with others.
 NOT_RESULTS = ("run_dir", "judge_concurrency")
 
@@ -434,7 +477,7 @@ def parse_args(argv=None):
                         "Without it and without settings, an existing --run-dir resumes with its recorded settings")
     p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
     p.add_argument("--until", choices=list(STAGES), default="evaluate", help="stop after this stage")
-    for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-")):
+    for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-"), (DPOConfig, "dpo-")):
         add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
     args = vars(p.parse_args(argv))
     preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
@@ -444,14 +487,14 @@ def parse_args(argv=None):
     if preset is None and recorded.exists():  # an existing run: its own settings, plus the flags given
         cfg = config_from_record(json.loads(recorded.read_text()), recorded)
         for key, value in overrides.items():
-            sub, name = key.split("_", 1) if key.startswith(("ppo_", "rm_")) else (None, key)
+            sub, name = key.split("_", 1) if key.startswith(("ppo_", "rm_", "dpo_")) else (None, key)
             setattr(getattr(cfg, sub) if sub else cfg, name, value)
     return cfg, from_stage, until
 
 
 def config_from_record(d, where):
     try:
-        return Config(**dict(d, ppo=PPOConfig(**d["ppo"]), rm=RMConfig(**d["rm"])))
+        return Config(**dict(d, ppo=PPOConfig(**d["ppo"]), rm=RMConfig(**d["rm"]), dpo=DPOConfig(**d.get("dpo", {}))))
     except (TypeError, KeyError) as e:
         raise SystemExit(f"{where}: not a config of this version ({e}); start a new --run-dir") from None
 

@@ -44,6 +44,52 @@ def test_labelled_snippets_get_their_labels(sandbox):
     assert not wrong, wrong
 
 
+# One snippet per checker rule (docs/metrics.md), each beside the variant the rule must refuse.
+RULES = [
+    ("executable", "import json\nconfig = json.load(open('config.json'))\nprint(config['labels'])"),
+    ("executable", "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = pathlib.Path('a.txt').read_text()"),
+    ("executable", "open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'"),  # real files stay real
+    ("executable", "clip = load_video_clip()  # Replace with your video loading code\nprint(clip)"),
+    ("runtime", "clip = load_video_clip()\nprint(clip)"),
+    ("executable", "from transformers import pipeline\nc = pipeline('image-classification', "
+                   "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', top_k=2))"),
+    ("runtime", "from transformers import pipeline\nc = pipeline('image-classification', "
+                "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', ['cat', 'dog']))"),
+    ("runtime", "from transformers import pipeline\nc = pipeline('image-classification', "
+                "model='google/vit-base-patch16-224')\nprint(c(path='cat.jpg'))"),
+    ("executable", "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
+                   "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, torch.zeros(1), torch.zeros(1))"),
+    ("runtime", "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
+                "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1))"),
+    ("executable", "from transformers import ViTForImageClassification, ViTImageProcessor\np = ViTImageProcessor."
+                   "from_pretrained('google/vit-base-patch16-224')\nm = ViTForImageClassification.from_pretrained("
+                   "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = m(**inputs)"),
+    ("hallucinated_api", "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer('nobody/no-such-model')"),
+    ("executable", "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer("
+                   "'sentence-transformers/all-MiniLM-L6-v2')\nm.encode(['a b'])"),
+    ("hallucinated_api", "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', filename='m.bin')"),
+    ("executable", "from datasets import load_dataset\nd = load_dataset('some-user/some-dataset')"),  # not a model id
+    ("hallucinated_api", "from diffusers import StableDiffusionTurboPipelineXL"),
+    ("hallucinated_api", "from transformers import pipeline\nt = pipeline('translation_to_en')"),
+    ("executable", "from transformers import pipeline\nt = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')"),
+    ("runtime", "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\nf('Paris is nice.')"),
+    ("executable", "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\n"
+                   "s = 'Paris is the <mask> of France.'\nprint(s.replace('<mask>', f(s)[0]['token_str']))"),
+    ("executable", "import numpy as np\nfrom PIL import Image\nimg = np.array(Image.open('cat.jpg'))\n"
+                   "print(img[:, :, 0].mean() / 255.0, round(img.mean(), 2))"),
+    ("runtime", "from transformers import pipeline\nv = pipeline('image-to-text', model='Salesforce/blip2-opt-2.7b')\n"
+                "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\nt('a.jpg')"),
+]
+
+
+def test_each_checker_rule_and_its_counterexample(sandbox):
+    verdicts = sandbox.run_all([code for _, code in RULES])
+    wrong = [(label, v, code) for (label, code), v in zip(RULES, verdicts) if v[0] != label]
+    assert not wrong, wrong
+    assert verdicts[0][1] == "placeholder inputs: config.json"  # counted beside the rate
+    assert verdicts[2][1] == ""  # a file the snippet wrote itself is no placeholder
+
+
 HOSTILE = {
     "infinite loop": "while True:\n    pass",
     "sleep forever": "import time\ntime.sleep(10**6)",

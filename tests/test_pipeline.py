@@ -142,3 +142,22 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
     assert not (run_dir / "evaluate").exists()  # no stale evaluation survives
     out = rlaif(run_dir, small=False)
     assert out.returncode == 0 and "[evaluate] done" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_compare_adds_d_rlaif_dpo_and_best_of_n_from_the_same_sft_model_and_feedback(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    feedback = (run_dir / "feedback" / "feedback.jsonl").read_bytes()
+    out = rlaif(run_dir, "--from", "compare", "--compare", "--dpo-steps", "3", "--best-of-n", "2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "feedback" / "feedback.jsonl").read_bytes() == feedback  # the same AI feedback
+    # d-RLAIF is the same PPO code: the same metrics, one row per iteration, only the score differs
+    ppo_rows = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    d_rows = [json.loads(l) for l in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()]
+    assert len(d_rows) == len(ppo_rows) and set(d_rows[0]) == set(ppo_rows[0])
+    assert [r["score"] for r in d_rows] != [r["score"] for r in ppo_rows]
+    results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
+    assert [k.split()[0] for k in results] == ["SFT", "RLAIF", "d-RLAIF", "DPO", "SFT", "SFT", "Gorilla-7B"]
+    assert sum("best-of-2" in k for k in results) == 2
+    picks = [json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()]
+    assert len(picks) == 12  # one answer per evaluated question

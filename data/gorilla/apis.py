@@ -103,6 +103,17 @@ class APIDatabase:
         return sorted(ids)
 
 
+    def model_classes(self):
+        """{model id: the class its api_call loads it with}, where that class is a concrete one
+        (`Blip2ForConditionalGeneration.from_pretrained('...')`; not Auto classes or pipelines)."""
+        out = {}
+        for a in self.apis:
+            m = re.match(r"\s*(\w+)\.from_pretrained\(\s*['\"](%s)['\"]" % MODEL_ID.pattern, str(a.get("api_call", "")))
+            if m and not m.group(1).startswith("Auto"):
+                out[m.group(2)] = m.group(1)
+        return out
+
+
 def library_names():
     """{module: public names} and the pipeline tasks of the pinned transformers (api_names.json)."""
     return json.loads(API_NAMES_FILE.read_text())

@@ -1,0 +1,91 @@
+"""
+DPO, Direct Preference Optimization (Rafailov et al. 2023) [not in the paper]: one of the comparisons that
+rlaif.py --compare puts beside the paper's PPO, trained on the same AI feedback and from the same SFT model.
+
+No reward model and no sampling: the judge-ordered pairs (reward.make_pairs, the pairs the reward model
+learns from) train the policy directly, with the frozen SFT model as the reference (eq. 7):
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+
+from data.gorilla import prepare
+from model import (GPT, RUN_FILES, Tokenizer, autocast, length_grouped_batches, load_checkpoint, log, make_optimizer,
+                   pad_pairs, read_jsonl, response_logprobs, save_checkpoint)
+
+
+@dataclass
+class DPOConfig:
+    steps: Annotated[int, "optimizer steps (each on batch_size judge-ordered pairs)"] = 100
+    batch_size: Annotated[int, "judge-ordered pairs per step"] = 16
+    lr: Annotated[float, "AdamW learning rate (constant), the PPO default"] = 1e-4
+    beta: Annotated[float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)"] = 0.1
+
+
+def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
+    """Mean DPO loss of sequence log-probs (B,) each; also the implicit reward margin, for logging."""
+    margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean(), (beta * margin).mean()
+
+
+def sequence_logprobs(model, samples, ids, tok, device):
+    """Sum of each answer's token log-probs, log pi(y|x), at temperature 1 (the shared response_logprobs)."""
+    batch = pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
+    return response_logprobs(model, *batch).sum(1)
+
+
+def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
+    """cfg.steps of DPO on (chosen id, rejected id) pairs of `samples`; resumes from ckpt_file."""
+    ref_policy.eval().requires_grad_(False)
+    optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
+    step = 0
+    if Path(ckpt_file).exists():
+        ckpt = load_checkpoint(ckpt_file, device)
+        policy.load_state_dict(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        log(f"[dpo] resumed at step {step}")
+    keys = [(len(samples[a]["query"]) // 16, max(len(samples[a]["response"]), len(samples[b]["response"])))
+            for a, b in pairs]
+    epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
+    order = [b for e in range(epochs) for b in length_grouped_batches(keys, cfg.batch_size, seed * 7 + e, seed + e)]
+    t0 = time.time()
+    while step < min(cfg.steps, len(order)):
+        batch = [pairs[i] for i in order[step]]
+        chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
+        policy.train()
+        with autocast(device):
+            with torch.no_grad():
+                ref_c, ref_r = (sequence_logprobs(ref_policy, samples, ids, tok, device) for ids in (chosen, rejected))
+            logp_c, logp_r = (sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected))
+        loss, margin = dpo_loss(logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float(), cfg.beta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % 20 == 0 or step == cfg.steps:
+            log(f"[dpo] step {step}/{cfg.steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
+                f"({time.time() - t0:.0f}s)")
+            save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step)
+
+
+def dpo_model(cfg, run, pairs, out_dir):
+    """The DPO policy of a run: from its SFT model, on judge-ordered `pairs` of its samples, saved to
+    out_dir/model. cfg: rlaif.Config."""
+    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    samples = {s["id"]: s for s in read_jsonl(run / RUN_FILES["samples"])}
+    torch.manual_seed(cfg.seed)
+    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
+    train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg.seed, cfg.grad_clip, cfg.device,
+              Path(out_dir) / "ckpt.pt")
+    policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
