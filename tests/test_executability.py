@@ -144,3 +144,15 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
         assert results[name][0] != "executable", (name, results[name])
     print(f"\n{len(HOSTILE)} hostile snippets in {time.time() - t0:.1f}s: "
           + ", ".join(f"{k}: {v[0]}" for k, v in results.items()))
+
+
+def test_checker_names_come_from_the_pinned_transformers():
+    from data.gorilla.apis import library_names
+    from pathlib import Path
+    pin = next(line.split("==")[1].split()[0] for line in
+               (Path(__file__).resolve().parent.parent / "requirements-dev.txt").read_text().splitlines()
+               if line.startswith("transformers=="))
+    known = library_names()
+    assert known["versions"]["transformers"] == pin
+    assert "ViTFeatureExtractor" in known["modules"]["transformers"]  # 4.x names Gorilla's answers use
+    assert known["tasks"]["image-classification"]["call"][0][:2] == ["inputs", "pk"]

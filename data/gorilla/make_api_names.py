@@ -1,7 +1,8 @@
 """Generate api_names.json: the names and call signatures the offline executability check knows. Run once,
-in an environment with the reference versions (the only place they are pinned; docs/metrics.md):
+with transformers at the version requirements-dev.txt pins (the one place it is pinned; this script
+refuses another) and the other checked libraries at versions that work with it:
 
-    pip install "torch>=2.4,<2.14" transformers==4.57.6 diffusers==0.35.2 sentence-transformers==5.1.2 datasets==4.3.0
+    pip install -r requirements-dev.txt diffusers==0.35.2 sentence-transformers==5.1.2 "datasets<4.4"
     python data/gorilla/make_api_names.py
 
 Recorded, for each checked module: its public names, and the call signature of each public class (a
@@ -21,13 +22,13 @@ KINDS = {inspect.Parameter.POSITIONAL_ONLY: "p", inspect.Parameter.POSITIONAL_OR
 
 
 def params(fn):
-    """[[name, kind, required], ...] without self; None when it accepts anything (*args and **kwargs)."""
+    """[[name, kind, required], ...] without self; None when it accepts anything (only *args, **kwargs)."""
     try:
         ps = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
     ps = ps[1:] if ps and ps[0].name == "self" else ps
-    if {p.kind for p in ps} >= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+    if {p.kind for p in ps} == {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
         return None
     return [[p.name, KINDS[p.kind], p.default is inspect.Parameter.empty and KINDS[p.kind] in ("p", "pk", "k")]
             for p in ps]
@@ -58,8 +59,17 @@ def class_model_types():
     return out
 
 
+def pinned_transformers():
+    text = (Path(__file__).resolve().parents[2] / "requirements-dev.txt").read_text()
+    return next(line.split("==")[1].split()[0] for line in text.splitlines() if line.startswith("transformers=="))
+
+
 if __name__ == "__main__":
+    import transformers
     from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
+    if transformers.__version__ != pinned_transformers():
+        raise SystemExit(f"transformers {transformers.__version__} is installed; requirements-dev.txt pins "
+                         f"{pinned_transformers()}, the version the checker's names must come from")
     names, calls = {}, {}
     for m in CHECKED:
         module = importlib.import_module(m)
