@@ -90,7 +90,11 @@ PARAM_KINDS = {"p": inspect.Parameter.POSITIONAL_ONLY, "pk": inspect.Parameter.P
 FILE_EXT = re.compile(r".*\.(jpe?g|png|gif|bmp|webp|tiff?|wav|mp3|flac|ogg|m4a|mp4|avi|mov|mkv|csv|tsv|json|jsonl|"
                       r"txt|pdf|docx?|xlsx?|parquet|pkl|pickle|joblib|npy|npz|pt|pth|bin|ckpt|h5|onnx|zip|"
                       r"ya?ml|xml|html?|md|py)$", re.I)
-UNCHECKED_IDS = ("datasets", "torch.hub")  # dataset ids and GitHub repos, not models of the API database
+# Calls whose 'org/name' strings are not models of the API database: dataset ids, GitHub repos, gym
+# environments ('seals/CartPole-v0'). Keywords that carry a model id (others, e.g. savedir=, are paths).
+UNCHECKED_CALLS = re.compile(r"^(datasets|torch\.hub|gym|gymnasium)\.|env")
+ID_KEYWORDS = ("model", "model_id", "model_name", "repo_id", "source", "pretrained_model_name_or_path",
+               "model_name_or_path", "checkpoint", "repo", "model_path")
 SAME_OBJECT = (".to", ".cuda", ".cpu", ".eval", ".train", ".half", ".float", ".requires_grad_")
 
 
@@ -109,12 +113,13 @@ def bind(where, params, args, kwargs):
 def check_ids(path, args, kwargs):
     """A Hub id ('org/name', not a file name) given to a stubbed library must be in the API database;
     any other string that names a file or URL is a placeholder for the user's input."""
-    for value in list(args) + list(kwargs.values()):
-        if not isinstance(value, str):
+    for key, value in [(None, a) for a in args] + list(kwargs.items()):
+        if type(value) is not str:
             continue
         if FILE_EXT.fullmatch(value) or value.startswith(("http://", "https://")):
             Checks.placeholders.append(value)
-        elif MODEL_ID.fullmatch(value) and not path.startswith(UNCHECKED_IDS) and value not in Checks.ids:
+        elif MODEL_ID.fullmatch(value) and (key is None or key in ID_KEYWORDS) and not UNCHECKED_CALLS.search(path) \
+                and value not in Checks.ids:
             raise HallucinatedAPI(f"{path}: model id {value!r} is not in the API database")
 
 

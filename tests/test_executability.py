@@ -69,6 +69,11 @@ RULES = [
                    "'sentence-transformers/all-MiniLM-L6-v2')\nm.encode(['a b'])"),
     ("hallucinated_api", "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', filename='m.bin')"),
     ("executable", "from datasets import load_dataset\nd = load_dataset('some-user/some-dataset')"),  # not a model id
+    ("executable", "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
+                   "source='speechbrain/spkrec-xvect-voxceleb', savedir='pretrained_models/spkrec-xvect-voxceleb')"),
+    ("hallucinated_api", "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
+                         "source='speechbrain/spkrec-made-up', savedir='pretrained_models/x')"),
+    ("executable", "from stable_baselines3.common.env_util import make_vec_env\nenv = make_vec_env('seals/CartPole-v0')"),
     ("hallucinated_api", "from diffusers import StableDiffusionTurboPipelineXL"),
     ("hallucinated_api", "from transformers import pipeline\nt = pipeline('translation_to_en')"),
     ("executable", "from transformers import pipeline\nt = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')"),
