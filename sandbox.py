@@ -280,16 +280,17 @@ def placeholder_open(real_open):
 def read_placeholders(module, name):
     """module.name(file, ...) of a placeholder file gives a stand-in of its content."""
     real = getattr(module, name)
-    setattr(module, name, lambda f, *a, **k: Stub(f"{module.__name__}.{name}()") if isinstance(f, Stub)
-            else real(f, *a, **k))
+    setattr(module, name, lambda *a, **k: Stub(f"{module.__name__}.{name}()") if a and isinstance(a[0], Stub)
+            else real(*a, **k))
 
 
 def install_placeholder_policy(code):
     """One policy for every way of reading the user's input [offline stand-in]: a missing file read by
-    open() (also pathlib, json, pickle, csv) or by a stubbed library, and names the code marks as the
+    open() (also pathlib, json, pickle, csv), a stand-in's bytes (`BytesIO(requests.get(url).content)`)
+    or a file name or URL given to a stubbed library, and names the code marks as the
     user's, stand in for what the user would supply; the answers that relied on one are counted."""
     builtins.open = io.open = placeholder_open(io.open)
-    for module, name in ((json, "load"), (pickle, "load"), (csv, "reader"), (csv, "DictReader")):
+    for module, name in ((json, "load"), (pickle, "load"), (csv, "reader"), (csv, "DictReader"), (io, "BytesIO")):
         read_placeholders(module, name)
     names = placeholder_names(code)
     Checks.placeholders.extend(names)

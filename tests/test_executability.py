@@ -49,6 +49,8 @@ RULES = [
     ("executable", "import json\nconfig = json.load(open('config.json'))\nprint(config['labels'])"),
     ("executable", "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = pathlib.Path('a.txt').read_text()"),
     ("executable", "open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'"),  # real files stay real
+    ("executable", "import requests\nfrom io import BytesIO\nfrom PIL import Image\n"
+                   "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = BytesIO()\nb.write(b'x')"),
     ("executable", "clip = load_video_clip()  # Replace with your video loading code\nprint(clip)"),
     ("runtime", "clip = load_video_clip()\nprint(clip)"),
     ("executable", "from transformers import pipeline\nc = pipeline('image-classification', "
