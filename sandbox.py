@@ -19,9 +19,11 @@ bubblewrap or nsjail would be one more system package to install.
 Two modes, one code path:
   real:    the snippet runs with the real libraries and network (downloads allowed), as a user would.
   offline: no weights or network exist, so the model libraries (STUBBED) are replaced by stand-ins that
-           check what the code asks of them [offline stand-in]: names a checked library does not have
-           (data/gorilla/api_names.json), model ids not in the API database, unknown pipeline tasks.
-           Everything else (Python, the standard library, numpy) really runs.
+           check what the code asks of them [offline stand-in], against data/gorilla/api_names.json
+           (transformers 4.57.6): names a library does not have, calls that do not fit the real
+           signature, unknown pipeline tasks and models a task cannot run, model ids not in the API
+           database. Missing input files and names the code marks as the user's are placeholders.
+           Everything else (Python, the standard library, numpy) really runs (docs/metrics.md).
 A snippet is executable only if it runs to its end: the child writes its verdict after the snippet
 returns, so `os._exit(0)` or `sys.exit(0)` halfway is not executable.
 """
