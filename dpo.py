@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, Tokenizer, autocast, length_grouped_batches, load_checkpoint, log, make_optimizer,
-                   pad_pairs, read_jsonl, response_logprobs, save_checkpoint)
+from model import (GPT, RUN_FILES, Tokenizer, autocast, load_checkpoint, log, make_optimizer, pad_pairs,
+                   pair_batches, read_jsonl, response_logprobs, save_checkpoint)
 
 
 @dataclass
@@ -52,10 +52,8 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         log(f"[dpo] resumed at step {step}")
-    keys = [(len(samples[a]["query"]) // 16, max(len(samples[a]["response"]), len(samples[b]["response"])))
-            for a, b in pairs]
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
-    order = [b for e in range(epochs) for b in length_grouped_batches(keys, cfg.batch_size, seed * 7 + e, seed + e)]
+    order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)
     t0 = time.time()
     while step < min(cfg.steps, len(order)):
         batch = [pairs[i] for i in order[step]]

@@ -544,6 +544,15 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
     return logprobs, entropy
 
 
+def pair_batches(samples, pairs, batch_size, epochs, seed):
+    """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
+    resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
+    keys = [(len(samples[a]["query"]) // 16, max(len(samples[a]["response"]), len(samples[b]["response"])))
+            for a, b in pairs]
+    return [batch for epoch in range(epochs)
+            for batch in length_grouped_batches(keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch)]
+
+
 # -----------------------------------------------------------------------------
 # Training helpers shared by SFT, the reward model and PPO
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import MODEL_ID, APIDatabase, answer_api_call, calls_in, library_names
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, length_grouped_batches, load_checkpoint, log,
-                   make_optimizer, pad_pairs, read_jsonl, run_stage_cli)
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, load_checkpoint, log,
+                   make_optimizer, pad_pairs, pair_batches, read_jsonl, run_stage_cli)
 
 # (key, question, weight). [not in the paper] Relevance gates the rest: score = 0.25 P(domain_right) +
 # P(domain_right) x sum(weight x P(yes)) over the other questions. Without the gate, PPO collapsed onto one
@@ -363,10 +363,7 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     # many prompts: batches of one or two prompts' comparisons (InstructGPT's layout) were 4.6x faster here
     # but generalised worse (held-out accuracy 0.56 vs 0.62, and empty code went unpunished on new
     # prompts, which PPO exploited; docs/experiments.md). Length grouping keeps padding low instead.
-    keys = [(len(samples[a]["query"]) // 16, max(len(samples[a]["response"]), len(samples[b]["response"])))
-            for a, b in train_pairs]
-    order = [batch for epoch in range(cfg.epochs)
-             for batch in length_grouped_batches(keys, cfg.batch_size, seed * 7919 + epoch, seed * 31 + epoch)]
+    order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     t0 = time.time()
     while step < steps:
         batch = [train_pairs[i] for i in order[step]]
