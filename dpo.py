@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, Tokenizer, autocast, load_checkpoint, log, make_optimizer, pad_pairs,
-                   pair_batches, read_jsonl, response_logprobs, save_checkpoint)
+from model import (GPT, RUN_FILES, Tokenizer, autocast, log, make_optimizer, pad_pairs,
+                   pair_batches, read_jsonl, response_logprobs, resume, save_checkpoint)
 
 
 @dataclass
@@ -45,12 +45,9 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
     """cfg.steps of DPO on (chosen id, rejected id) pairs of `samples`; resumes from ckpt_file."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
-    step = 0
-    if Path(ckpt_file).exists():
-        ckpt = load_checkpoint(ckpt_file, device)
-        policy.load_state_dict(ckpt["policy"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    ckpt = resume(ckpt_file, device, optimizer, policy=policy)
+    step = ckpt["step"] if ckpt else 0
+    if ckpt:
         log(f"[dpo] resumed at step {step}")
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)

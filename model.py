@@ -610,6 +610,18 @@ def load_checkpoint(path, device="cpu"):
                          "stage's done.json) to redo the stage that wrote it") from None
 
 
+def resume(ckpt_file, device, optimizer, **modules):
+    """Load each module's state (saved under its keyword's name) and the optimizer's from ckpt_file;
+    returns the checkpoint, or None when there is none yet (a stage's resumable state)."""
+    if not Path(ckpt_file).exists():
+        return None
+    ckpt = load_checkpoint(ckpt_file, device)
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
 def config_from_dict(d):
     return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
 

@@ -27,7 +27,7 @@ import torch
 
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, generate, left_pad,
-                   load_checkpoint, log, make_optimizer, response_logprobs, run_stage_cli, save_checkpoint)
+                   log, make_optimizer, response_logprobs, resume, run_stage_cli, save_checkpoint)
 
 
 @dataclass
@@ -228,11 +228,8 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.init_kl_coef))
     start, history = 0, []
-    if ckpt_file.exists():
-        ckpt = load_checkpoint(ckpt_file, device)
-        policy.load_state_dict(ckpt["policy"])
-        value_model.load_state_dict(ckpt["value"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = resume(ckpt_file, device, optimizer, policy=policy, value=value_model)
+    if ckpt:
         kl_ctl.value, start, history = ckpt["kl_coef"], ckpt["iteration"], ckpt["history"]
         log(f"[ppo] resumed from {ckpt_file} at iteration {start}")
     for it in range(start, cfg.iterations):

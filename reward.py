@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import MODEL_ID, APIDatabase, answer_api_call, calls_in, library_names
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, load_checkpoint, log,
-                   make_optimizer, pad_pairs, pair_batches, read_jsonl, run_stage_cli)
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log,
+                   make_optimizer, pad_pairs, pair_batches, read_jsonl, resume, run_stage_cli)
 
 # (key, question, weight). [not in the paper] Relevance gates the rest: score = 0.25 P(domain_right) +
 # P(domain_right) x sum(weight x P(yes)) over the other questions. Without the gate, PPO collapsed onto one
@@ -352,12 +352,9 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     log(f"[reward] {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
         f"({len(heldout_records)} held-out prompts), {steps} steps")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    step = 0
-    if Path(ckpt_file).exists():
-        ckpt = load_checkpoint(ckpt_file, device)
-        rm.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    ckpt = resume(ckpt_file, device, optimizer, model=rm)
+    step = ckpt["step"] if ckpt else 0
+    if ckpt:
         log(f"[reward] resumed at step {step}")
     # Every step's batch, fixed up front so a resumed run trains on the same batches. Batches of pairs from
     # many prompts: batches of one or two prompts' comparisons (InstructGPT's layout) were 4.6x faster here

@@ -38,7 +38,7 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, STAGE_ORDER, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
-                   load_checkpoint, log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, sample_answers,
+                   log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, resume, sample_answers,
                    save_checkpoint, set_aside, verify_done, write_jsonl)
 from dpo import DPOConfig
 from ppo import PPOConfig
@@ -185,10 +185,8 @@ def sft(cfg, tok, train, val, out_dir):
     model = init_model(cfg, tok).to(cfg.device)
     optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
     step, history = 0, []
-    if ckpt_file.exists():
-        ckpt = load_checkpoint(ckpt_file, cfg.device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = resume(ckpt_file, cfg.device, optimizer, model=model)
+    if ckpt:
         step, history = ckpt["step"], ckpt["history"]
         log(f"[sft] resumed from {ckpt_file} at step {step}")
     model.train()
