@@ -19,7 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from data.gorilla import prepare
-from data.gorilla.apis import APIDatabase, answer_api_call, answer_code
+from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
+from reward import RulesJudge, combine
 from model import GPT, RUN_FILES, Tokenizer, log, sample_answers, write_jsonl
 from sandbox import Sandbox
 
@@ -28,11 +29,12 @@ from sandbox import Sandbox
 
 def ast_verdict(db, answer, reference_domain):
     """'correct' (a real API of the question's domain), 'wrong' (real API, other domain) or
-    'hallucination' (no API database entry matches)."""
+    'hallucination' (no API database entry matches). Domains compared as canonical labels (the database
+    spells some two ways: 'Audio Classification' and 'Audio Audio Classification')."""
     i = db.match(answer_api_call(answer))
     if i is None:
         return "hallucination"
-    return "correct" if db.apis[i]["domain"] == reference_domain else "wrong"
+    return "correct" if canonical_domain(db.apis[i]["domain"]) == canonical_domain(reference_domain) else "wrong"
 
 
 # -----------------------------------------------------------------------------
@@ -217,13 +219,14 @@ def score_answers(answers, records, db, sandbox=None):
 
 def results_table(results):
     """Markdown table, one row per model, the paper's metrics in percent."""
-    lines = ["| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU | judge score |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
         ex = (f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; {s.get('on_placeholders', 0)} on "
               f"placeholder inputs)" if "executability" in s else "-")
         lines.append(f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} | {100 * s['hallucination']:.1f} "
-                     f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} |")
+                     f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} | "
+                     + (f"{s['judge_score']:.3f} |" if "judge_score" in s else "- |"))
     return "\n".join(lines)
 
 
@@ -255,16 +258,21 @@ def evaluate_stage(cfg, run, splits):
     test = splits["test"][:cfg.eval_limit or None]
     db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results = {}
+    judge = RulesJudge(db) if cfg.judge == "rules" else None  # judging test answers is free offline only
     models = (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"]),
-              ("d-RLAIF", run / "compare" / "drlaif" / "model"), ("DPO", run / "compare" / "dpo" / "model"))
+              ("d-RLAIF", run / "compare" / "drlaif" / "model"), ("RLOO", run / "compare" / "rloo" / "model"),
+              ("DPO", run / "compare" / "dpo" / "model"))
     for name, model_dir in models:
-        if not model_dir.exists():  # d-RLAIF and DPO exist with --compare only
+        if not model_dir.exists():  # d-RLAIF, RLOO and DPO exist with --compare only
             continue
         answers, size = model_answers(model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device,
                                       cfg.seed)
         write_jsonl(run / "evaluate" / f"{name.lower()}_answers.jsonl",
                     [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
-        results[f"{name} ({cfg.init}, {size})"], _ = score_answers(answers, test, db, sandbox)
+        key = f"{name} ({cfg.init}, {size})"
+        results[key], _ = score_answers(answers, test, db, sandbox)
+        if judge is not None:
+            results[key]["judge_score"] = sum(combine(judge.answers(r, a)) for r, a in zip(test, answers)) / len(test)
         log(f"[evaluate] {name} scored")
     for pick in ("rm", "judge"):
         picked = run / "compare" / f"best_of_n_{pick}.jsonl"

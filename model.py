@@ -618,7 +618,8 @@ def resume(ckpt_file, device, optimizer, **modules):
     ckpt = load_checkpoint(ckpt_file, device)
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt
 
 

@@ -1,19 +1,24 @@
 """
 PPO for language models against a learned reward, with a per-token KL penalty to the SFT model.
 
-    python ppo.py                      # runs the PPO stage of the run in --run-dir (tiny on CPU, paper on GPU)
+    python ppo.py --run-dir runs/tiny  # runs the PPO stage of that run (tiny on CPU, paper on GPU)
 
 The algorithm, in the order of one iteration (train_ppo):
-  1. rollout: sample answers with model.generate; policy `logprobs`, `ref_logprobs` and `values` by one
-     teacher-forced pass each; `score` = reward model at the answer's last token.
-  2. rewards: r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus `score` at the last token
-     (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
-  3. advantages: GAE (Schulman et al. 2016, eq. 11-16), gamma = 1, lam = 0.95; returns = advantages + values;
-     advantages whitened over the batch's real tokens.
+  1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts, sampled with
+     model.generate; policy `logprobs`, `ref_logprobs` and `values` by one teacher-forced pass each; `score`
+     = reward model at the answer's last token.
+  2. rewards: the score minus the mean score of the same prompt's other answers (a per-prompt baseline,
+     Kool et al. 2019; Ahmadian et al. 2024), then r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus
+     that score at the last token (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
+  3. advantages: GAE (Schulman et al. 2016, eq. 11-16) with gamma = 1 and lam = 1, so the answer's score
+     reaches every token, the API choice near the start included; returns = advantages + values.
   4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
-     clipped value loss; the KL coefficient adapts toward target_kl (Ziegler et al. 2019, section 2.2).
+     clipped value loss. The value model starts from the reward model's network with a zero head and is
+     trained alone on the first `critic_warmup` batches, so its first predictions are on the score's scale.
+`--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on the whole
+answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped update.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
-Details of RLHF with PPO") each line implements.
+Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
 """
 import argparse
 import json
@@ -26,29 +31,41 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
+from reward import combine, make_judge
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, generate, left_pad,
-                   log, make_optimizer, response_logprobs, resume, run_stage_cli, save_checkpoint)
+                   log, make_optimizer, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
+                   save_checkpoint)
 
 
 @dataclass
 class PPOConfig:
-    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each)"] = 25
+    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each), critic warm-up included"] = 40
     batch_size: Annotated[int, "answers sampled per iteration"] = 32
-    minibatch_size: Annotated[int, "answers per gradient step"] = 8
+    rollouts_per_prompt: Annotated[int, "answers per prompt in a batch; their mean score is each one's "
+                                        "baseline (1 = no per-prompt baseline)"] = 4
+    minibatch_size: Annotated[int, "answers per gradient step"] = 16
     grad_accum: Annotated[int, "minibatches accumulated per optimizer step (big models on one GPU)"] = 1
     epochs: Annotated[int, "passes over each rollout batch"] = 2
-    lr: Annotated[float, "AdamW learning rate of the policy and the value model"] = 1e-4
+    lr: Annotated[float, "AdamW learning rate of the policy"] = 2e-5
+    vf_lr: Annotated[float, "AdamW learning rate of the value model"] = 1e-4
+    critic_warmup: Annotated[int, "first iterations that train only the value model (the policy waits)"] = 2
+    advantage: Annotated[str, "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic "
+                              "[not in the paper]", ("gae", "rloo")] = "gae"
     gamma: Annotated[float, "discount; 1 as in lm-human-preferences"] = 1.0
-    lam: Annotated[float, "GAE lambda"] = 0.95
+    lam: Annotated[float, "GAE lambda; 1 carries the final score to every answer token"] = 1.0
+    whiten_advantages: Annotated[bool, "whiten advantages over the batch [N-details]; off: a batch with no "
+                                       "reward signal would be scaled up to full-size steps"] = False
     cliprange: Annotated[float, "PPO ratio clip epsilon"] = 0.2
     cliprange_value: Annotated[float, "value-prediction clip around the rollout values"] = 0.2
     vf_coef: Annotated[float, "weight of the value loss"] = 0.1
-    init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start"] = 0.5
-    adaptive_kl: Annotated[bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"] = True
-    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats"] = 3.0
-    kl_horizon: Annotated[int, "KL controller horizon, in answers"] = 1000
+    init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start"] = 0.05
+    adaptive_kl: Annotated[bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"] = False
+    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)"] = 3.0
+    kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)"] = 1000
     missing_eos_penalty: Annotated[float, "added to the score of answers cut off before <|endoftext|> "
                                           "[N-details: EOS trick]; 0 disables"] = -1.0
+    val_every: Annotated[int, "score greedy answers to the validation questions every N iterations "
+                              "(0 = never)"] = 10
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +110,25 @@ def whiten(x, mask):
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+def leave_one_out(x, k):
+    """x_i minus the mean of the other k-1 entries of its group; groups are k consecutive entries (the
+    answers to one prompt). The baseline does not depend on x_i, so the policy gradient stays unbiased
+    (Kool et al. 2019, "Buy 4 REINFORCE samples"; Ahmadian et al. 2024, eq. 8). k = 1: x unchanged."""
+    if k <= 1:
+        return x
+    groups = x.view(-1, k)
+    return ((groups - (groups.sum(1, keepdim=True) - groups) / (k - 1))).view(-1)
+
+
+def shaped_score(score, ended, rollouts_per_prompt, missing_eos_penalty):
+    """The score PPO maximises: the reward model's, plus missing_eos_penalty for an answer cut off before
+    <|endoftext|> [N-details: EOS trick], minus its prompt's baseline. Most of a learned reward's
+    variance is between prompts (how hard the task is), which no action of the policy changes; the
+    baseline removes it."""
+    score = torch.where(ended, score, score + missing_eos_penalty)
+    return leave_one_out(score, rollouts_per_prompt)
+
+
 def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token reward: -kl_coef * (logprobs - ref_logprobs), with the score added at each answer's
     last real token (Ziegler et al. 2019, eq. 2). The KL term uses the sampled-token estimator
@@ -106,7 +142,8 @@ def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
 
 def gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016, eq. 11-16) as the plain backwards loop:
-    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; V beyond the answer is 0."""
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; V beyond the answer is 0.
+    With lam = 1 the returns are the Monte-Carlo returns (the rewards to go), whatever the values."""
     values = values * mask
     T = rewards.size(1)
     lastgaelam = torch.zeros_like(rewards[:, 0])
@@ -119,6 +156,13 @@ def gae(rewards, values, mask, gamma, lam):
     advantages = torch.stack(advantages_reversed[::-1], 1)
     returns = advantages + values
     return advantages, returns
+
+
+def rloo_advantages(rewards, mask, k):
+    """[not in the paper] RLOO (Ahmadian et al. 2024): the whole answer is one action; its return (score
+    minus the summed KL penalty) minus the mean return of the prompt's other k-1 answers, given to every
+    token of the answer."""
+    return leave_one_out(rewards.sum(1), k)[:, None] * mask
 
 
 def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
@@ -145,43 +189,59 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
     return values[:, Q - 1:-1].float() * response_mask
 
 
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns); measured against Monte-Carlo returns, since GAE's returns
+    with lam < 1 are built from the values themselves and would flatter a bad critic."""
+    return 1 - (masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+
+
+def score_share(score, advantages, mask, gamma, lam):
+    """The share of the advantages' variance that the score's own contribution would have alone: near 1,
+    the update follows the reward; near 0, it follows the critic and the KL term."""
+    rewards = torch.zeros_like(advantages)
+    rewards[torch.arange(len(score)), mask.sum(1).long() - 1] = score
+    from_score, _ = gae(rewards, torch.zeros_like(advantages), mask, gamma, lam)
+    return (masked_var(from_score, mask) / masked_var(advantages, mask).clamp(min=1e-8)).item()
+
+
 # -----------------------------------------------------------------------------
 # Rollout and update
 
 @torch.no_grad()
-def rollout(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, generator):
+def rollout(policy, ref_policy, value_model, score_fn, prompts, temperature, max_answer_tokens, eot, device,
+            generator):
     """Sample answers and everything the update needs; nothing here carries gradients."""
     query, query_mask = left_pad(prompts, eot, device)
     policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
     t0 = time.time()
     with autocast(device):
-        response, response_mask, _ = generate(policy, query, query_mask, sampling.max_answer_tokens, eot,
-                                              sampling.temperature, generator=generator)
+        response, response_mask, _ = generate(policy, query, query_mask, max_answer_tokens, eot, temperature,
+                                              generator=generator)
     t_gen = time.time() - t0
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from ratio exactly 1 [N-details: recompute logprobs].
-        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, sampling.temperature)
-        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask,
-                                         sampling.temperature)
-        values = value_predictions(value_model, query, query_mask, response, response_mask)
+        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, temperature)
+        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask, temperature)
+        values = (value_predictions(value_model, query, query_mask, response, response_mask)
+                  if value_model is not None else torch.zeros(response.shape, device=device))
         score = score_fn(query, query_mask, response, response_mask).float()
-    last = response[torch.arange(len(response)), response_mask.sum(1) - 1]
-    ended = last == eot
-    if cfg.missing_eos_penalty:
-        score = torch.where(ended, score, score + cfg.missing_eos_penalty)
-    mask = response_mask.float()
+    ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
     return dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, score=score,
-                ended=ended.float(), t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+                mask=response_mask.float(), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                score=score, ended=ended, t_gen=t_gen, t_score=time.time() - t0 - t_gen)
 
 
-def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, sampling, device, generator):
-    """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats."""
+def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, temperature, grad_clip,
+               device, generator, train_policy=True):
+    """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
+    train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only."""
     B = batch["response"].size(0)
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")}
     policy.train()
-    value_model.train()
+    if value_model is not None:
+        value_model.train()
+    params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
     starts = range(0, B, cfg.minibatch_size)
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
@@ -189,84 +249,126 @@ def ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, 
             idx = perm[start:start + cfg.minibatch_size].to(device)
             mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
                                                 "logprobs", "values")}
+            loss = 0.0
             with autocast(device):
-                new_logprobs, entropy = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
-                                                          mb["response_mask"], sampling.temperature,
-                                                          with_entropy=True)
-                new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
-                                               mb["response_mask"])
-            pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
-                                                       cfg.cliprange)
-            vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
-            ((pg_loss + cfg.vf_coef * vf_loss) / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
-                                               sampling.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
-                             ("approx_kl", approx_kl), ("entropy", masked_mean(entropy, mb["mask"]))):
+                if train_policy:
+                    new_logprobs, entropy = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
+                                                              mb["response_mask"], temperature, with_entropy=True)
+                if value_model is not None:
+                    new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
+                                                   mb["response_mask"])
+            if train_policy:
+                pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
+                                                           cfg.cliprange)
+                loss = loss + pg_loss
+                for k, v in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
+                             ("entropy", masked_mean(entropy, mb["mask"]))):
                     stats[k].append(v.item())
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+            if value_model is not None:
+                vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
+                loss = loss + cfg.vf_coef * vf_loss
+                stats["value_loss"].append(vf_loss.item())
+            (loss / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
-def explained_variance(values, returns, mask):
-    return 1 - (masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+def iteration_prompts(prompts, cfg, seed, it):
+    """The iteration's prompts, each repeated rollouts_per_prompt times in a row: a pure function of
+    (seed, iteration), so a resumed run samples exactly what an uninterrupted one would."""
+    n = cfg.batch_size // cfg.rollouts_per_prompt
+    rng = random.Random(seed * 104729 + it)
+    chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
+    return [p for p in chosen for _ in range(cfg.rollouts_per_prompt)]
+
+
+def check_config(cfg):
+    if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
+        raise ValueError(f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
+                         f"{cfg.rollouts_per_prompt}")
+    if cfg.advantage == "rloo" and cfg.rollouts_per_prompt < 2:
+        raise ValueError("ppo advantage rloo needs rollouts_per_prompt >= 2 (a leave-one-out baseline)")
+    if cfg.minibatch_size < 1:
+        raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
 
 
 def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, out_dir,
-              decode=None, log=log):
+              decode=None, validate=None, log=log):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
-    response_mask) -> (B,) scores. sampling: the run's seed, temperature, max_answer_tokens and grad_clip
-    (shared with the other stages). Checkpoints after each iteration (atomic) and resumes from the last."""
+    response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. sampling: the run's
+    seed, temperature, max_answer_tokens and grad_clip (shared with the other stages). validate(policy)
+    -> dict of metrics, every cfg.val_every iterations. Checkpoints after each iteration (atomic) and
+    resumes from the last."""
+    check_config(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file, metrics_file = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
     ref_policy.eval().requires_grad_(False)
-    optimizer = make_optimizer(torch.nn.ModuleList([policy, value_model]), cfg.lr, weight_decay=0.0)
+    critic = cfg.advantage == "gae"
+    value_model = value_model if critic else None
+    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
+    modules = dict(policy=policy)
+    if critic:
+        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
+        modules["value"] = value_model
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.init_kl_coef))
     start, history = 0, []
-    ckpt = resume(ckpt_file, device, optimizer, policy=policy, value=value_model)
-    if ckpt:
+    if ckpt_file.exists():
+        ckpt = resume(ckpt_file, device, None, **modules)
+        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+            optimizer.load_state_dict(state)
         kl_ctl.value, start, history = ckpt["kl_coef"], ckpt["iteration"], ckpt["history"]
         log(f"[ppo] resumed from {ckpt_file} at iteration {start}")
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        rng = random.Random(sampling.seed * 104729 + it)  # the iteration's prompts and samples: resumable
         generator = torch.Generator().manual_seed(sampling.seed * 104729 + it)
-        chosen = (rng.sample(prompts, cfg.batch_size) if len(prompts) >= cfg.batch_size
-                  else rng.choices(prompts, k=cfg.batch_size))
-        batch = rollout(policy, ref_policy, value_model, score_fn, chosen, cfg, sampling, eot, device, generator)
+        batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, sampling.seed, it),
+                        sampling.temperature, sampling.max_answer_tokens, eot, device, generator)
         mask = batch["mask"]
-        rewards, kl = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
-        advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
+        score = shaped_score(batch["score"], batch["ended"], cfg.rollouts_per_prompt, cfg.missing_eos_penalty)
+        rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
+        _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # rewards to go
+        if critic:
+            advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        else:
+            advantages, returns = rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
-        stats = ppo_update(policy, value_model, optimizer, batch, advantages, returns, cfg, sampling, device,
-                           generator)
+        stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, sampling.temperature,
+                           sampling.grad_clip, device, generator, train_policy=not warmup)
         t_update = time.time() - t_update
         mean_kl = kl.sum(1).mean().item()
         kl_ctl.update(mean_kl, cfg.batch_size)
-        n_tokens = int(mask.sum())
-        row = dict(iteration=it + 1, score=batch["score"].mean().item(), kl=mean_kl, kl_coef=kl_ctl.value,
-                   **stats, explained_variance=explained_variance(batch["values"], returns, mask),
-                   answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].mean().item(),
+        row = dict(iteration=it + 1, phase="critic warm-up" if warmup else "ppo",
+                   score=batch["score"].mean().item(), score_std=batch["score"].std().item(), kl=mean_kl,
+                   kl_coef=kl_ctl.value, **stats,
+                   explained_variance=explained_variance(batch["values"], mc_returns, mask) if critic else None,
+                   score_share=score_share(score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0),
+                   answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].float().mean().item(),
                    t_generate=batch["t_gen"], t_score=batch["t_score"], t_update=t_update,
-                   tokens_per_s=n_tokens / (time.time() - t0))
+                   tokens_per_s=int(mask.sum()) / (time.time() - t0))
+        if validate is not None and cfg.val_every and ((it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
+            row.update(validate(policy))
         history.append(row)
-        log(f"[ppo] it {it + 1}/{cfg.iterations} score {row['score']:+.3f} kl {mean_kl:.2f} "
-            f"beta {kl_ctl.value:.4f} pg {stats['policy_loss']:+.3f} vf {stats['value_loss']:.3f} "
-            f"clip {stats['clipfrac']:.2f} approx_kl {stats['approx_kl']:.4f} H {stats['entropy']:.2f} "
-            f"ev {row['explained_variance']:.2f} len {row['answer_length']:.0f} "
-            f"{row['tokens_per_s']:.0f} tok/s")
+        log(f"[ppo] it {it + 1}/{cfg.iterations}{' (critic warm-up)' if warmup else ''} score {row['score']:+.3f} "
+            f"kl {mean_kl:.2f} pg {stats.get('policy_loss', 0):+.3f} vf {stats.get('value_loss', 0):.3f} "
+            f"clip {stats.get('clipfrac', 0):.2f} approx_kl {stats.get('approx_kl', 0):.4f} "
+            f"ev {row['explained_variance'] if critic else float('nan'):.2f} share {row['score_share']:.2f} "
+            f"len {row['answer_length']:.0f} eos {row['ended_with_eos']:.2f} {row['tokens_per_s']:.0f} tok/s"
+            + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
         if decode is not None and (it + 1) % 10 == 0:
             r = batch["response"][0][:int(mask[0].sum())].tolist()
             log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
                 f"{decode(r)[:300]!r}")
-        save_checkpoint(ckpt_file, policy=policy.state_dict(), value=value_model.state_dict(),
-                        optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value, iteration=it + 1,
+        save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
+                        optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value, iteration=it + 1,
                         history=history)
         # rewritten from the checkpointed history, so a crash and resume never duplicates a row
         atomic_write(metrics_file, lambda p: Path(p).write_text("".join(json.dumps(h) + "\n" for h in history)))
@@ -276,24 +378,62 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
 # -----------------------------------------------------------------------------
 # The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
 
-def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None):
-    """Policy and frozen reference from the SFT model; value model and frozen reward model from the
-    reward model [N-details: value init from the reward model]. cfg: rlaif.Config or its config.json.
+def fresh_value_model(reward_model_file, device):
+    """The value model: the reward model's network with a zero head. The reward model's head was trained
+    only at the last token and its raw output is on another scale than the normalised score, so reusing
+    it [N-details: value init from the reward model] makes the first advantages mostly critic noise;
+    a zero head predicts 0, the baseline-corrected score's mean, until the warm-up trains it."""
+    value_model, _ = ScalarModel.load(reward_model_file, device)
+    torch.nn.init.zeros_(value_model.head.weight)
+    torch.nn.init.zeros_(value_model.head.bias)
+    return value_model
+
+
+def greedy_validation(records, tok, cfg, judge=None, score_fn=None):
+    """validate(policy) for train_ppo: greedy answers to the validation questions, their mean reward
+    (score_fn) and, when a judge is given, their mean judge score."""
+    prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
+
+    def validate(policy):
+        answers = sample_answers(policy, prompts, tok.eot, cfg.max_answer_tokens, 0.0, cfg.seed, log=lambda *a: None)
+        out = {}
+        if score_fn is not None:
+            query, query_mask = left_pad(prompts, tok.eot, cfg.device)
+            response, response_mask = right_pad(answers, tok.eot, cfg.device)
+            with torch.no_grad(), autocast(cfg.device):
+                out["val_reward"] = score_fn(query, query_mask, response, response_mask).float().mean().item()
+        if judge is not None:
+            scores = [combine(judge.answers(r, tok.decode(a))) for r, a in zip(records, answers)]
+            out["val_judge_score"] = sum(s or 0.0 for s in scores) / len(scores)
+        out["val_empty_code"] = sum(not prepare.parse_answer(tok.decode(a))["code"] for a in answers) / len(answers)
+        return out
+    return validate
+
+
+def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
+    """Policy and frozen reference from the SFT model; value model from the reward model's network
+    (fresh_value_model); frozen reward model. cfg: rlaif.Config or its config.json.
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
-    score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped."""
+    score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
+    advantage: overrides cfg.ppo.advantage (--compare's RLOO row)."""
     tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
     out_dir = Path(out_dir or run / "ppo")
+    ppo_cfg = cfg.ppo if advantage is None else type(cfg.ppo)(**dict(vars(cfg.ppo), advantage=advantage))
     torch.manual_seed(cfg.seed)
     frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32  # no gradients, half the memory
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
-    value_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device) if ppo_cfg.advantage == "gae" else None
     if score_fn is None:
         reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
         score_fn = reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False).score
+    # Validation answers are judged only where judging is free (the rules judge); with an LLM judge the
+    # reward model's score of them is the validation signal.
+    judge = make_judge("rules", None, None, 1, None) if cfg.judge == "rules" else None
+    validate = greedy_validation(splits["val"], tok, cfg, judge, score_fn)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
-    history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg.ppo, cfg, tok.eot,
-                        cfg.device, out_dir, decode=tok.decode, log=log)
+    history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, ppo_cfg, cfg, tok.eot,
+                        cfg.device, out_dir, decode=tok.decode, validate=validate, log=log)
     policy.save_pretrained(out_dir / "model", eot=tok.eot)
     return history[-1] if history else {}
 

@@ -31,21 +31,22 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from data.gorilla.apis import MODEL_ID, APIDatabase, answer_api_call, calls_in, library_names
+from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log,
                    make_optimizer, pad_pairs, pair_batches, read_jsonl, resume, run_stage_cli)
 
-# (key, question, weight). [not in the paper] Relevance gates the rest: score = 0.25 P(domain_right) +
-# P(domain_right) x sum(weight x P(yes)) over the other questions. Without the gate, PPO collapsed onto one
-# generic documented API for every task (joblib.load: real, valid, it runs - and useless); a full gate left
-# too few judge-ordered pairs to train on (docs/experiments.md).
-GATE = "domain_right"
+# (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
+# what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
+# 0.3: Gorilla's AST accuracy), with 0.1 for each of the other checks. No question gates the others, so
+# runnable code with a wrong API is worth more than garbage, and an answer is not rewarded twice for its
+# domain. A generic runnable API for every task (the reward hack a score without task fit invites) scores
+# at most 0.6 against 1.0 for the right one (docs/experiments.md, "The judge").
 QUESTIONS = (
-    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.25),
+    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.1),
     ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.1),
-    ("api_fits_task", "Is that API appropriate for the task described in the instruction?", 0.3),
+    ("api_fits_task", "Does that API do the task described in the instruction?", 0.3),
     ("arguments_right", "Are the api_call's arguments (model id, task name) the right ones for this task?", 0.1),
-    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.15),
+    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.3),
     ("code_uses_api", "Does the code actually call the API named in the api_call?", 0.1),
 )
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
@@ -55,8 +56,7 @@ def combine(answers):
     """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
-    gate = answers[GATE]
-    return sum(w * answers[k] * (1.0 if k == GATE else gate) for k, _, w in QUESTIONS)
+    return sum(w * answers[k] for k, _, w in QUESTIONS)
 
 
 # -----------------------------------------------------------------------------
@@ -71,15 +71,15 @@ def judge_prompt(instruction, answer, api_entry, question):
 
 
 class RulesJudge:
-    """[offline stand-in] Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM judge
-    does not. Its API check is exact (the api_call must be one the documentation lists), not Gorilla's
-    lenient AST match: PPO against a lenient judge learned to write pipeline('text-generation',
-    model='<invented>'), which that match accepts (docs/experiments.md, "How we got here")."""
+    """[offline stand-in] Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM
+    judge does not. The API is found with the one matcher (APIDatabase.match, Gorilla's AST match, as in
+    evaluation); an api_call that passes a model id the documentation does not have does not exist (PPO
+    against a judge without that check learned pipeline('text-generation', model='<invented>'),
+    docs/experiments.md). Domains are compared as canonical_domain labels."""
     name = "rules judge"
 
     def __init__(self, db=None):
         self.db = db or APIDatabase()
-        self.model_ids = set(self.db.model_ids())
         self.tasks = set(library_names()["pipeline_tasks"])
 
     def code_valid(self, code):
@@ -88,12 +88,9 @@ class RulesJudge:
             tree = ast.parse(code) if code.strip() else None
         except (SyntaxError, ValueError):
             return False
-        if tree is None:
+        if tree is None or self.db.unknown_model_ids(code):
             return False
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                    and MODEL_ID.fullmatch(node.value) and node.value not in self.model_ids:
-                return False
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("pipeline") and node.args \
                     and isinstance(node.args[0], ast.Constant) and node.args[0].value not in self.tasks \
                     and not str(node.args[0].value).startswith("translation"):
@@ -101,17 +98,21 @@ class RulesJudge:
         return True
 
     def answers(self, record, answer):
-        code = prepare.parse_answer(answer)["code"]
-        i = self.db.exact(answer_api_call(answer))
-        entry = self.db.apis[i] if i is not None else None
-        name, args = self.db.refs[i] if i is not None else (None, [])
-        uses_api = any(n == name and all(a in cargs for a in args) for n, cargs in calls_in(code))
-        yes = dict(domain_right=prepare.parse_answer(answer)["domain"] == record.api_data.get("domain"),
-                   api_exists=entry is not None,
-                   api_fits_task=entry is not None and entry["domain"] == record.api_data.get("domain"),
-                   arguments_right=entry is not None and entry["api_call"] == record.api_data.get("api_call"),
-                   code_valid=self.code_valid(code),
-                   code_uses_api=entry is not None and uses_api)
+        sections = prepare.parse_answer(answer)
+        api_call = answer_api_call(answer)
+        i = self.db.match(api_call)
+        if i is not None and self.db.unknown_model_ids(api_call):
+            i = None  # a documented call shape with an invented model: not an API of the documentation
+        task = canonical_domain(record.api_data.get("domain") or record.sections.get("domain"))
+        reference = str(record.api_data.get("api_call") or record.sections.get("api_call"))
+        ref = self.db.match(reference)
+        yes = dict(domain_right=canonical_domain(sections["domain"]) == task,
+                   api_exists=i is not None,
+                   api_fits_task=i is not None and canonical_domain(self.db.apis[i]["domain"]) == task,
+                   arguments_right=i is not None and (self.db.makes_call(api_call, ref) if ref is not None
+                                                      else squash(api_call) == squash(reference)),
+                   code_valid=self.code_valid(sections["code"]),
+                   code_uses_api=i is not None and self.db.makes_call(sections["code"], i))
         return {k: float(v) for k, v in yes.items()}
 
 
@@ -271,7 +272,8 @@ class RMConfig:
     epochs: Annotated[int, "passes over the training pairs"] = 1
     lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
     batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts"] = 16
-    max_pairs_per_prompt: Annotated[int, "judge-ordered pairs kept per prompt (ties are dropped)"] = 10
+    max_contrast_pairs: Annotated[int, "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
+                                       "the policy's own answers is kept (ties are dropped)"] = 4
     heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
                                        "own answers"] = 0.1
     weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
@@ -279,17 +281,22 @@ class RMConfig:
                                  "binary cross-entropy against the judge's P(yes) (0 = scalar head only)"] = 1.0
 
 
-def make_pairs(feedback, max_per_prompt, rng):
-    """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped."""
+def make_pairs(feedback, max_contrast_pairs, rng):
+    """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped. Every pair
+    of the policy's own answers is kept: they are what PPO asks the reward model to rank. Pairs with a
+    contrast answer (rlaif.contrast_answers) are capped at max_contrast_pairs per prompt, so that they
+    teach relevance and missing code without outnumbering the policy's comparisons."""
     by_record = {}
     for f in feedback:
         if f["score"] is not None:
             by_record.setdefault(f["record"], []).append(f)
     pairs = []
     for group in by_record.values():
-        ps = [(a["id"], b["id"]) for a in group for b in group if a["score"] > b["score"]]
-        rng.shuffle(ps)
-        pairs.extend(ps[:max_per_prompt])
+        ordered = [(a, b) for a in group for b in group if a["score"] > b["score"]]
+        own = [(a["id"], b["id"]) for a, b in ordered if a["source"] == b["source"] == "policy"]
+        contrast = [(a["id"], b["id"]) for a, b in ordered if not a["source"] == b["source"] == "policy"]
+        rng.shuffle(contrast)
+        pairs.extend(own + contrast[:max_contrast_pairs])
     return pairs
 
 
@@ -341,8 +348,8 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
     test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
                and f["source"] == "policy"]
-    train_pairs = make_pairs(train_fb, cfg.max_pairs_per_prompt, rng)
-    test_pairs = make_pairs(test_fb, 10 ** 9, rng)
+    train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
+    test_pairs = make_pairs(test_fb, 0, rng)  # the policy's own answers only, ties excluded
     targets = question_targets(train_fb) if rm.aux is not None else {}
     steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
     if not train_pairs:

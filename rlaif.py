@@ -13,8 +13,8 @@ skipped on the next run, so an interrupted run resumes where it stopped.
   4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   feedback_stage, reward.judge_answers
   5. reward    reward model trained on the judge's scores                   reward.reward_stage
   6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
-  7. compare   [not in the paper, --compare] the same feedback used three    compare_stage below, dpo.py
-               more ways: d-RLAIF (PPO on the judge's score), DPO, best-of-n
+  7. compare   [not in the paper, --compare] the same feedback used four     compare_stage below, dpo.py
+               more ways: d-RLAIF (PPO on the judge's score), RLOO, DPO, best-of-n
   8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
 Results land in run_dir/evaluate/results.md (and results in its done.json).
 """
@@ -104,7 +104,7 @@ PAPER = dict(run_dir="runs/paper", device="cuda", init="gpt2-large", compact=Fal
              contrast_answers=False, judge="openai", exec_mode="real", exec_timeout=300.0,
              ppo=dict(iterations=200, batch_size=64, grad_accum=2, epochs=4, lr=1e-5, init_kl_coef=0.05,
                       target_kl=6.0, kl_horizon=10000),
-             rm=dict(lr=1e-5, batch_size=8, max_pairs_per_prompt=6))
+             rm=dict(lr=1e-5, batch_size=8))
 PRESETS = {"tiny": {}, "paper": PAPER}
 
 
@@ -304,7 +304,7 @@ def feedback_stage(cfg, run, splits):
 
 def compare_stage(cfg, run, splits):
     """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
-    judge's score as the reward), DPO on the judge-ordered pairs, and best-of-n on the test questions
+    judge's score as the reward), RLOO (the same rollouts and reward model, no critic), DPO on the judge-ordered pairs, and best-of-n on the test questions
     (n samples each, picked by the reward model, and by the judge itself for reference)."""
     if not cfg.compare:
         return dict(skipped="--compare not given")
@@ -315,8 +315,11 @@ def compare_stage(cfg, run, splits):
     if not (out / "drlaif" / "model" / "config.json").exists():
         log("[compare] d-RLAIF: PPO with the judge's score as the reward")
         ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out / "drlaif")
+    if not (out / "rloo" / "model" / "config.json").exists():
+        log("[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
+        ppo.ppo_stage(cfg, run, splits, out_dir=out / "rloo", advantage="rloo")
     if not (out / "dpo" / "model" / "config.json").exists():
-        pairs = reward.make_pairs(feedback, cfg.rm.max_pairs_per_prompt, random.Random(cfg.seed))
+        pairs = reward.make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
         dpo.dpo_model(cfg, run, pairs, out / "dpo")
     test = splits["test"][:cfg.eval_limit or None]
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]

@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.gorilla.apis import MODEL_ID, APIDatabase, library_names
+from data.gorilla.apis import ID_KEYWORDS, MODEL_ID, APIDatabase, library_names
 
 ROOT = Path(__file__).resolve().parent
 NOBODY = 65534
@@ -93,10 +93,8 @@ FILE_EXT = re.compile(r".*\.(jpe?g|png|gif|bmp|webp|tiff?|wav|mp3|flac|ogg|m4a|m
                       r"txt|pdf|docx?|xlsx?|parquet|pkl|pickle|joblib|npy|npz|pt|pth|bin|ckpt|h5|onnx|zip|"
                       r"ya?ml|xml|html?|md|py)$", re.I)
 # Calls whose 'org/name' strings are not models of the API database: dataset ids, GitHub repos, gym
-# environments ('seals/CartPole-v0'). Keywords that carry a model id (others, e.g. savedir=, are paths).
+# environments ('seals/CartPole-v0'). Keywords that carry a model id: apis.ID_KEYWORDS.
 UNCHECKED_CALLS = re.compile(r"^(datasets|torch\.hub|gym|gymnasium)\.|env")
-ID_KEYWORDS = ("model", "model_id", "model_name", "repo_id", "source", "pretrained_model_name_or_path",
-               "model_name_or_path", "checkpoint", "repo", "model_path")
 SAME_OBJECT = (".to", ".cuda", ".cpu", ".eval", ".train", ".half", ".float", ".requires_grad_")
 
 

@@ -1,8 +1,14 @@
 """ppo.py's pieces against plain reference computations, and a short learning run that can fail."""
 import torch
 
-from ppo import (AdaptiveKLController, FixedKLController, PPOConfig, compute_rewards, gae, policy_loss,
-                 train_ppo, whiten)
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from model import GPT, GPTConfig, ScalarModel
+from ppo import (AdaptiveKLController, FixedKLController, PPOConfig, compute_rewards, fresh_value_model, gae,
+                 iteration_prompts, leave_one_out, policy_loss, rloo_advantages, shaped_score, train_ppo, whiten)
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):
@@ -110,3 +116,107 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
     print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['kl']:.2f}")
     assert end > start + 0.25
     assert history[-1]["kl"] < 15.0
+
+
+def test_leave_one_out_baseline_and_rloo_advantages():
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    assert torch.allclose(leave_one_out(x, 3), torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
+    assert torch.equal(leave_one_out(x, 1), x)
+    # shaped score: the EOS penalty first, then the prompt's baseline
+    s = shaped_score(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), 2, -1.0)
+    assert torch.allclose(s, torch.tensor([1.0, -1.0]))
+    # RLOO: the answer's summed reward minus the other answers' mean, on every real token
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(rloo_advantages(rewards, mask, 2), torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]]))
+
+
+def test_iteration_prompts_come_in_groups():
+    prompts = [[i] for i in range(20)]
+    cfg = PPOConfig(batch_size=12, rollouts_per_prompt=4)
+    chosen = iteration_prompts(prompts, cfg, seed=3, it=5)
+    assert len(chosen) == 12 and all(chosen[g * 4:(g + 1) * 4] == [chosen[g * 4]] * 4 for g in range(3))
+    assert len({tuple(p) for p in chosen}) == 3
+    assert chosen == iteration_prompts(prompts, cfg, seed=3, it=5)  # resumable: a pure function
+
+
+# -----------------------------------------------------------------------------
+# Learning behaviour on toy policies (slow): the default settings, with a learning rate for a toy model
+
+TOY_LR = 3e-3  # a 2-layer, 32-wide random model needs larger steps than a trained one (default 2e-5)
+EOT, TARGET = 15, 5
+
+
+def toy(tmp_path, long_answers=False, seed=0):
+    """(policy, reference, value model from a reward-model file, sampling): a random tiny GPT. With
+    long_answers, end-of-text gets a logit bias of -30, so every answer runs to 60 tokens."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=80, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
+    policy, ref = GPT(config), GPT(config)
+    if long_answers:
+        for m in (policy, ref):
+            m.lm_head = torch.nn.Linear(32, 16, bias=True)
+            m.lm_head.bias.data[EOT] = -30.0
+    ref.load_state_dict(policy.state_dict())
+    rm = ScalarModel(GPT(config))
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # a trained head's raw scale, far from the score's
+    rm.save(tmp_path / "rm.pt")
+    value = fresh_value_model(tmp_path / "rm.pt", "cpu")
+    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=60 if long_answers else 12, grad_clip=1.0)
+    return policy, ref, value, sampling
+
+
+TOY_PROMPTS = [[1, 2, 3], [4, 6], [7, 8, 9, 10], [11, 12]] * 10
+
+
+def run(tmp_path, policy, ref, value, sampling, score_fn, **overrides):
+    cfg = replace(PPOConfig(lr=TOY_LR, missing_eos_penalty=0.0), **overrides)
+    return train_ppo(policy, ref, value, score_fn, TOY_PROMPTS, cfg, sampling, eot=EOT, device="cpu",
+                     out_dir=tmp_path / "ppo", log=lambda *a: None)
+
+
+@torch.no_grad()
+def p_first_token(policy, token):
+    """Exact P(first answer token = token), averaged over the toy prompts."""
+    ps = [policy(torch.tensor([p]))[0, -1].softmax(-1)[token].item() for p in TOY_PROMPTS[:4]]
+    return sum(ps) / len(ps)
+
+
+@pytest.mark.slow
+def test_ppo_without_reward_stays_at_the_reference(tmp_path):
+    """Score fixed at 0: nothing to learn, so the policy must not drift (the critic's noise, whitened to
+    full-size steps, once moved it 6 nats in 3 updates)."""
+    policy, ref, value, sampling = toy(tmp_path)
+    history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: torch.zeros(len(r)), iterations=10)
+    assert max(h["kl"] for h in history) < 0.5, [round(h["kl"], 3) for h in history]
+
+
+@pytest.mark.slow
+def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
+    """Only the first of 60 answer tokens decides the score; the score must reach it (GAE lam = 1)."""
+    policy, ref, value, sampling = toy(tmp_path, long_answers=True)
+    before = p_first_token(policy, TARGET)
+    history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: (r[:, 0] == TARGET).float())
+    assert min(h["answer_length"] for h in history) >= 50
+    after = p_first_token(policy, TARGET)
+    print(f"\nP(first token rewarded) {before:.3f} -> {after:.3f} in {len(history)} iterations")
+    assert before < 0.1 and after > 0.7
+
+
+@pytest.mark.slow
+def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path):
+    """The value model starts at 0 (not the reward model's raw head) and, after the warm-up batches in which
+    the policy waits, predicts the Monte-Carlo returns better than their mean (explained variance > 0)."""
+    policy, ref, value, sampling = toy(tmp_path, long_answers=True)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    with torch.no_grad():
+        assert value(torch.tensor([[1, 2, 3]]), torch.ones(1, 3)).abs().max() == 0
+    score_fn = lambda q, qm, r, rm: (r[:, 0] == TARGET).float() * 2.0
+    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=4, critic_warmup=4, vf_lr=1e-2)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in start.items())  # the policy waited
+    assert [h["phase"] for h in history] == ["critic warm-up"] * 4
+    # one more iteration (resumed from the checkpoint): its explained variance is measured on its fresh
+    # rollout, i.e. the critic as the warm-up left it
+    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2)
+    assert [h["phase"] for h in history][-1] == "ppo"
+    assert history[-1]["explained_variance"] > 0, [h["explained_variance"] for h in history]

@@ -12,6 +12,9 @@ from data.gorilla import prepare
 
 API_NAMES_FILE = Path(__file__).resolve().parent / "api_names.json"  # made by make_api_names.py
 MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")                 # a Hub id: 'org/name'
+# Keyword arguments that name a model; elsewhere an 'org/name' string is usually a path (savedir=...).
+ID_KEYWORDS = ("model", "model_id", "model_name", "repo_id", "source", "pretrained_model_name_or_path",
+               "model_name_or_path", "checkpoint", "repo", "model_path")
 
 
 # -----------------------------------------------------------------------------
@@ -32,33 +35,34 @@ def answer_code(text):
     return prepare.parse_answer(text)["code"]
 
 
-def literal(node):
-    """A call argument as comparable text: the value of a literal (so 'x' == "x"), else its source."""
-    try:
-        return repr(ast.literal_eval(node))
-    except Exception:
-        return ast.unparse(node)
+def argument_text(source, node):
+    """A call argument as Gorilla's AST match compares it: its source text, outer quotes stripped."""
+    text = ast.get_source_segment(source, node) or ast.unparse(node)
+    return text.strip().strip("'\"")
 
 
 def calls_in(source):
-    """[(function name, [argument values])] for every call in `source`; [] if it does not parse."""
+    """[(function name, [argument texts], the call's source text)] for every call in `source`; [] if it
+    does not parse."""
+    source = source.strip()
     try:
-        tree = ast.parse(source.strip())
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            args = [literal(a) for a in node.args] + [literal(k.value) for k in node.keywords]
-            out.append((ast.unparse(node.func), args))
+            args = [argument_text(source, a) for a in node.args] + [argument_text(source, k.value) for k in node.keywords]
+            out.append((ast.unparse(node.func), args, ast.get_source_segment(source, node) or ast.unparse(node)))
     return out
 
 
-def normalise_call(source):
-    try:
-        return ast.unparse(ast.parse(source.strip()))
-    except (SyntaxError, ValueError):
-        return source.strip()
+def squash(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def unquote(text):
+    return text.replace("'", "").replace('"', "")
 
 
 # -----------------------------------------------------------------------------
@@ -69,29 +73,43 @@ class APIDatabase:
 
     def __init__(self, apis=None):
         self.apis = apis if apis is not None else prepare.load_api_database()
-        # reference call of each entry: its first (outermost) call's name and argument values
-        self.refs = [(calls_in(a["api_call"]) or [(None, [])])[0] for a in self.apis]
-        self.calls = {}
-        for i, a in enumerate(self.apis):
-            self.calls.setdefault(normalise_call(a["api_call"]), i)
-
-    def exact(self, api_call):
-        """Index of the first entry whose api_call is the answer's, up to quotes and spacing; else None.
-        Stricter than match(): a call with extra or invented arguments does not count."""
-        return self.calls.get(normalise_call(api_call))
+        # reference call of each entry: its first (outermost) call's name and argument texts; entries that
+        # are not Python (command lines such as mlagents-load-from-hf) keep their text
+        self.refs = []
+        for a in self.apis:
+            calls = calls_in(str(a["api_call"]))
+            self.refs.append(calls[0][:2] if calls else (None, squash(str(a["api_call"]))))
+        self.known_ids = set(self.model_ids())
 
     def match(self, api_call):
-        """Index of the first entry whose function name appears among the answer's calls with every one
-        of the entry's argument values among that call's arguments; None = hallucination
-        (Gorilla's AST match, Patil et al. 2023, section 4)."""
+        """Index of the first entry whose call the answer's api_call makes; None = hallucination. Gorilla's
+        AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py): the same function name, and
+        each of the entry's arguments, quotes stripped, inside the text of that call. So the database's own
+        spellings count (an unquoted model id, a nested call). An entry that does not parse as Python (a
+        command line, an unquoted 'org/v1.4' id) matches when its text, quotes aside, is in the api_call.
+        The judge, the reward model's data and evaluation all use this one matcher."""
         candidates = calls_in(api_call)
-        for i, (name, args) in enumerate(self.refs):
-            if name is None:
-                continue
-            for cand_name, cand_args in candidates:
-                if cand_name == name and all(a in cand_args for a in args):
-                    return i
-        return None
+        return next((i for i in range(len(self.apis)) if self.makes_call(api_call, i, candidates)), None)
+
+    def makes_call(self, source, i, candidates=None):
+        """Does `source` (an api_call or a code section) make entry i's call, by match()'s rule?"""
+        name, args = self.refs[i]
+        if name is None:
+            return bool(args) and unquote(args) in unquote(squash(source))
+        candidates = calls_in(source) if candidates is None else candidates
+        return any(cand_name == name and all(a in cand_text for a in args) for cand_name, _, cand_text in candidates)
+
+    def unknown_model_ids(self, source):
+        """The Hub ids that `source`'s calls pass as a model (a positional argument or an ID_KEYWORDS
+        keyword) and that no entry of the database names."""
+        try:
+            tree = ast.parse(source.strip())
+        except (SyntaxError, ValueError):
+            return []
+        given = [a for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 for a in node.args + [k.value for k in node.keywords if k.arg in ID_KEYWORDS]]
+        return [a.value for a in given if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                and MODEL_ID.fullmatch(a.value) and a.value not in self.known_ids]
 
     def model_ids(self):
         """Every 'org/name' string literal of the database's calls, names and examples."""
@@ -112,6 +130,14 @@ class APIDatabase:
             if m and not m.group(1).startswith("Auto"):
                 out[m.group(2)] = m.group(1)
         return out
+
+
+def canonical_domain(label):
+    """A domain label with its noise removed: lower case, repeated words once ('Tabular Tabular
+    Classification' = 'Tabular Classification'), '-ing' forms as their stem ('Document Question
+    Answering' = '... Answer'). The database spells 8 of its 40 domains in two ways."""
+    words = [re.sub(r"ing$", "", w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", str(label).lower())]
+    return " ".join(dict.fromkeys(words))
 
 
 def library_names():
