@@ -64,8 +64,8 @@ class PPOConfig:
     kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)"] = 1000
     missing_eos_penalty: Annotated[float, "added to the score of answers cut off before <|endoftext|> "
                                           "[N-details: EOS trick]; 0 disables"] = -1.0
-    val_every: Annotated[int, "score greedy answers to the validation questions every N iterations "
-                              "(0 = never)"] = 10
+    val_every: Annotated[int, "score greedy answers to the validation questions after the first, every N-th "
+                              "and the last iteration (0 = never)"] = 10
 
 
 # -----------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
                    answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].float().mean().item(),
                    t_generate=batch["t_gen"], t_score=batch["t_score"], t_update=t_update,
                    tokens_per_s=int(mask.sum()) / (time.time() - t0))
-        if validate is not None and cfg.val_every and ((it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
+        if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
             row.update(validate(policy))
         history.append(row)
         log(f"[ppo] it {it + 1}/{cfg.iterations}{' (critic warm-up)' if warmup else ''} score {row['score']:+.3f} "
@@ -443,7 +443,8 @@ def main():
                                 "reward model (run_dir/sft, run_dir/reward) and save it to run_dir/ppo. Uses the "
                                 "run's recorded settings (config.json); the flags below override them and are "
                                 "recorded. An interrupted PPO resumes; later results (evaluate) are set aside.")
-    p.add_argument("--run-dir", required=True, help="a run directory whose reward stage is done")
+    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose reward stage is done "
+                   "(default: runs/tiny, the default run of rlaif.py)")
     p.add_argument("--force", action="store_true", help="redo a finished PPO stage")
     add_flags(p, PPOConfig, "", lambda f: "the run's")
     args = vars(p.parse_args())

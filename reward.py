@@ -475,7 +475,8 @@ def main():
     p = argparse.ArgumentParser(description="Reward-model stage of a run of rlaif.py: train the reward model on the "
                                 "run's AI feedback (run_dir/feedback) and save it to run_dir/reward. Uses the "
                                 "run's recorded settings; flags override and are recorded.")
-    p.add_argument("--run-dir", required=True, help="a run directory whose feedback stage is done")
+    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose feedback stage is done "
+                   "(default: runs/tiny, the default run of rlaif.py)")
     p.add_argument("--force", action="store_true", help="redo a finished reward stage (later stages are set aside)")
     add_flags(p, RMConfig, "", lambda f: "the run's")
     args = vars(p.parse_args())
