@@ -296,6 +296,52 @@ def check_config(cfg):
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
 
 
+def advantages_and_returns(batch, cfg, kl_coef):
+    """Steps 2-3 of an iteration: (shaped score, per-token rewards, per-token KL, advantages, returns,
+    Monte-Carlo returns). returns is None for RLOO, which has no critic to train."""
+    mask = batch["mask"]
+    score = shaped_score(batch["score"], batch["ended"], cfg.rollouts_per_prompt, cfg.missing_eos_penalty)
+    rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
+    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # the rewards to go
+    if cfg.advantage == "gae":
+        advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+    else:
+        advantages, returns = rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return score, rewards, kl, advantages, returns, mc_returns
+
+
+def log_iteration(row, iterations, log):
+    ev = row["explained_variance"]
+    log(f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
+        f"score {row['score']:+.3f} kl {row['kl']:.2f} pg {row.get('policy_loss', 0):+.3f} "
+        f"vf {row.get('value_loss', 0):.3f} clip {row.get('clipfrac', 0):.2f} approx_kl {row.get('approx_kl', 0):.4f} "
+        f"ev {ev if ev is not None else float('nan'):.2f} share {row['score_share']:.2f} "
+        f"len {row['answer_length']:.0f} eos {row['ended_with_eos']:.2f} {row['tokens_per_s']:.0f} tok/s"
+        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
+
+
+def training_state(policy, value_model, cfg, ckpt_file, device, log):
+    """(optimizers, modules by checkpoint key, KL controller, first iteration, history): new, or resumed
+    from ckpt_file. The value model has its own optimizer and learning rate (vf_lr)."""
+    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
+    modules = dict(policy=policy)
+    if value_model is not None:
+        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
+        modules["value"] = value_model
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.init_kl_coef))
+    if not Path(ckpt_file).exists():
+        return optimizers, modules, kl_ctl, 0, []
+    ckpt = resume(ckpt_file, device, None, **modules)
+    for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+        optimizer.load_state_dict(state)
+    kl_ctl.value = ckpt["kl_coef"]
+    log(f"[ppo] resumed from {ckpt_file} at iteration {ckpt['iteration']}")
+    return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
+
+
 def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, out_dir,
               decode=None, validate=None, log=log):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
@@ -310,35 +356,14 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
     ref_policy.eval().requires_grad_(False)
     critic = cfg.advantage == "gae"
     value_model = value_model if critic else None
-    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
-    modules = dict(policy=policy)
-    if critic:
-        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
-        modules["value"] = value_model
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.init_kl_coef))
-    start, history = 0, []
-    if ckpt_file.exists():
-        ckpt = resume(ckpt_file, device, None, **modules)
-        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(state)
-        kl_ctl.value, start, history = ckpt["kl_coef"], ckpt["iteration"], ckpt["history"]
-        log(f"[ppo] resumed from {ckpt_file} at iteration {start}")
+    optimizers, modules, kl_ctl, start, history = training_state(policy, value_model, cfg, ckpt_file, device, log)
     for it in range(start, cfg.iterations):
         t0 = time.time()
         generator = torch.Generator().manual_seed(sampling.seed * 104729 + it)
         batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, sampling.seed, it),
                         sampling.temperature, sampling.max_answer_tokens, eot, device, generator)
         mask = batch["mask"]
-        score = shaped_score(batch["score"], batch["ended"], cfg.rollouts_per_prompt, cfg.missing_eos_penalty)
-        rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value)
-        _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # rewards to go
-        if critic:
-            advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        else:
-            advantages, returns = rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        score, rewards, kl, advantages, returns, mc_returns = advantages_and_returns(batch, cfg, kl_ctl.value)
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, sampling.temperature,
@@ -354,15 +379,11 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
                    answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].float().mean().item(),
                    t_generate=batch["t_gen"], t_score=batch["t_score"], t_update=t_update,
                    tokens_per_s=int(mask.sum()) / (time.time() - t0))
-        if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations):
+        if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0
+                                                       or it + 1 == cfg.iterations):
             row.update(validate(policy))
         history.append(row)
-        log(f"[ppo] it {it + 1}/{cfg.iterations}{' (critic warm-up)' if warmup else ''} score {row['score']:+.3f} "
-            f"kl {mean_kl:.2f} pg {stats.get('policy_loss', 0):+.3f} vf {stats.get('value_loss', 0):.3f} "
-            f"clip {stats.get('clipfrac', 0):.2f} approx_kl {stats.get('approx_kl', 0):.4f} "
-            f"ev {row['explained_variance'] if critic else float('nan'):.2f} share {row['score_share']:.2f} "
-            f"len {row['answer_length']:.0f} eos {row['ended_with_eos']:.2f} {row['tokens_per_s']:.0f} tok/s"
-            + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
+        log_iteration(row, cfg.iterations, log)
         if decode is not None and (it + 1) % 10 == 0:
             r = batch["response"][0][:int(mask[0].sum())].tolist()
             log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
