@@ -411,8 +411,8 @@ def fresh_value_model(reward_model_file, device):
 
 
 def greedy_validation(records, tok, cfg, judge=None, score_fn=None):
-    """validate(policy) for train_ppo: greedy answers to the validation questions, their mean reward
-    (score_fn) and, when a judge is given, their mean judge score."""
+    """validate(policy) for train_ppo: greedy answers to the validation questions, their mean reward-model
+    score (score_fn) and, when a judge is given, their mean judge score."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
 
     def validate(policy):
@@ -445,13 +445,13 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
     value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device) if ppo_cfg.advantage == "gae" else None
-    if score_fn is None:
-        reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-        score_fn = reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False).score
-    # Validation answers are judged only where judging is free (the rules judge); with an LLM judge the
-    # reward model's score of them is the validation signal.
+    reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    rm_score = reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False).score
+    score_fn = score_fn or rm_score
+    # Validation: the reward model's score of greedy answers to the validation questions, whatever the
+    # training reward; and the judge's, where judging is free (the rules judge).
     judge = make_judge("rules", None, None, 1, None) if cfg.judge == "rules" else None
-    validate = greedy_validation(splits["val"], tok, cfg, judge, score_fn)
+    validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, ppo_cfg, cfg, tok.eot,
                         cfg.device, out_dir, decode=tok.decode, validate=validate, log=log)

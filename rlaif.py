@@ -102,8 +102,7 @@ PAPER = dict(run_dir="runs/paper", device="cuda", init="gpt2-large", compact=Fal
              train_file=prepare.HUB_TRAIN, max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4,
              sft_lr=5e-5, sft_warmup=100, eval_every=250, sample_prompts=2000, temperature=1.0,
              contrast_answers=False, judge="openai", exec_mode="real", exec_timeout=300.0,
-             ppo=dict(iterations=200, batch_size=64, grad_accum=2, epochs=4, lr=1e-5, init_kl_coef=0.05,
-                      target_kl=6.0, kl_horizon=10000),
+             ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, epochs=4, lr=1e-5),
              rm=dict(lr=1e-5, batch_size=8))
 PRESETS = {"tiny": {}, "paper": PAPER}
 
