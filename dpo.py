@@ -6,8 +6,12 @@ No reward model and no sampling: the judge-ordered pairs (reward.make_pairs, the
 learns from) train the policy directly, with the frozen SFT model as the reference (eq. 7):
 
     loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+    python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
+import argparse
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, Tokenizer, autocast, log, make_optimizer, pad_pairs,
-                   pair_batches, read_jsonl, response_logprobs, resume, save_checkpoint)
+from model import (GPT, RUN_FILES, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs, pair_batches,
+                   read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside, verify_done)
+from reward import make_pairs
 
 
 @dataclass
 class DPOConfig:
     steps: Annotated[int, "optimizer steps (each on batch_size judge-ordered pairs)"] = 100
     batch_size: Annotated[int, "judge-ordered pairs per step"] = 16
-    # 1e-4 (the PPO default) collapsed DPO on seeds 1-5 (hallucination 73-89%); 1e-5 keeps it near SFT
-    # (docs/experiments.md, "The same feedback four ways").
     lr: Annotated[float, "AdamW learning rate (constant)"] = 1e-5
     beta: Annotated[float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)"] = 0.1
 
@@ -86,3 +89,37 @@ def dpo_model(cfg, run, pairs, out_dir):
     train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg.seed, cfg.grad_clip, cfg.device,
               Path(out_dir) / "ckpt.pt")
     policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
+
+
+def main():
+    p = argparse.ArgumentParser(description="DPO [not in the paper] on the AI feedback of a run of rlaif.py: the "
+                                "run's SFT model trained on its judge-ordered pairs, saved to run_dir/compare/dpo "
+                                "(where rlaif.py --compare looks for it). Uses the run's recorded settings; the "
+                                "flags below override them for this training only.")
+    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose feedback stage is done "
+                   "(default: runs/tiny, the default run of rlaif.py)")
+    p.add_argument("--force", action="store_true", help="retrain an existing DPO model (the run's evaluation "
+                   "and compare marker are set aside: rlaif.py --compare redoes them)")
+    add_flags(p, DPOConfig, "", lambda f: "the run's")
+    args = vars(p.parse_args())
+    run, force = Path(args.pop("run_dir")), args.pop("force")
+    cfg = read_run_config(run)
+    for stage in ("sft", "sample", "feedback"):
+        if not (run / stage / "done.json").exists():
+            raise SystemExit(f"{run / stage} is not done: python rlaif.py --run-dir {run} --until feedback")
+        verify_done(run / stage)
+    out = run / "compare" / "dpo"
+    if (out / "model" / "config.json").exists():
+        if not force:
+            raise SystemExit(f"{out / 'model'} exists; --force retrains it")
+        set_aside(run, ["evaluate"])
+        (run / "compare" / "done.json").unlink(missing_ok=True)
+        (out / "ckpt.pt").unlink(missing_ok=True)
+    cfg.dpo = DPOConfig(**dict(vars(cfg.dpo), **{k: v for k, v in args.items() if v is not None}))
+    pairs = make_pairs(read_jsonl(run / RUN_FILES["feedback"]), cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
+    dpo_model(cfg, run, pairs, out)
+    log(f"[dpo] done -> {out / 'model'}")
+
+
+if __name__ == "__main__":
+    main()

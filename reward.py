@@ -40,7 +40,7 @@ from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, 
 # 0.3: Gorilla's AST accuracy), with 0.1 for each of the other checks. No question gates the others, so
 # runnable code with a wrong API is worth more than garbage, and an answer is not rewarded twice for its
 # domain. A generic runnable API for every task (the reward hack a score without task fit invites) scores
-# at most 0.6 against 1.0 for the right one (docs/experiments.md, "The judge").
+# at most 0.6 against 1.0 for the right one (docs/experiments.md, "What changed, and why").
 QUESTIONS = (
     ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.1),
     ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.1),
@@ -363,10 +363,9 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     step = ckpt["step"] if ckpt else 0
     if ckpt:
         log(f"[reward] resumed at step {step}")
-    # Every step's batch, fixed up front so a resumed run trains on the same batches. Batches of pairs from
-    # many prompts: batches of one or two prompts' comparisons (InstructGPT's layout) were 4.6x faster here
-    # but generalised worse (held-out accuracy 0.56 vs 0.62, and empty code went unpunished on new
-    # prompts, which PPO exploited; docs/experiments.md). Length grouping keeps padding low instead.
+    # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
+    # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
+    # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
     order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     t0 = time.time()
     while step < steps:

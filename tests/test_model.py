@@ -148,25 +148,24 @@ def test_tokenizer_round_trip_on_gorilla_text(tok):
     assert compact.decode(compact.encode(odd)) == odd
 
 
-def test_same_seed_same_samples_and_generator_stays_on_its_device():
-    """The sampler draws its uniforms on the generator's device and moves them (a CPU generator cannot
-    fill a CUDA tensor): same seed, same tokens; the draw is made where the generator lives."""
+def test_same_seed_same_samples():
     probs = torch.rand(64, 100)
-    a = sample(probs, torch.Generator().manual_seed(3))
-    b = sample(probs, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-    seen = []
-    real_rand = torch.rand
+    assert torch.equal(sample(probs, torch.Generator().manual_seed(3)), sample(probs, torch.Generator().manual_seed(3)))
+
+
+def test_sampler_draws_on_its_generators_device(monkeypatch):
+    """A CPU generator cannot fill a CUDA tensor: the uniforms are drawn on the generator's device, then
+    moved to the probabilities'. Probabilities on the 'meta' device stand in for a GPU: a draw made on
+    the probabilities' device shows up here as a 'meta' draw."""
+    probs = torch.rand(4, 10).to("meta")
+    seen, real_rand = [], torch.rand
 
     def spy(*args, **kw):
-        seen.append((kw.get("device"), kw["generator"].device if kw.get("generator") is not None else None))
+        seen.append(torch.device(kw["device"]))
         return real_rand(*args, **kw)
-    torch.rand, _ = spy, None
-    try:
-        sample(probs, torch.Generator().manual_seed(3))
-    finally:
-        torch.rand = real_rand
-    assert seen and all(torch.device(d) == g for d, g in seen)
+    monkeypatch.setattr(torch, "rand", spy)
+    out = sample(probs, torch.Generator().manual_seed(0))
+    assert seen == [torch.device("cpu")] and out.device.type == "meta"
 
 
 @pytest.mark.parametrize("vocab_size, eot", [(50257, 50256), (11184, 11183)])

@@ -166,3 +166,19 @@ def test_compare_adds_d_rlaif_rloo_dpo_and_best_of_n_from_the_same_sft_model_and
     assert sum("best-of-2" in k for k in results) == 2
     picks = [json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()]
     assert len(picks) == 12  # one answer per evaluated question
+
+
+@pytest.mark.slow
+def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    dpo = lambda *a: subprocess.run([sys.executable, "dpo.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=600)
+    out = dpo("--steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    weights = run_dir / "compare" / "dpo" / "model" / "model.safetensors"
+    first = weights.read_bytes()
+    out = dpo("--steps", "2")
+    assert out.returncode != 0 and "--force" in out.stderr and weights.read_bytes() == first
+    out = dpo("--force", "--steps", "3", "--lr", "1e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert weights.read_bytes() != first and not (run_dir / "evaluate").exists()

@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # model <- data <- reward, ppo, evaluate, sandbox <- rlaif: a module imports only lower layers, with one
 # stated exception: evaluate's executability metric runs code through sandbox (never the reverse).
 LAYER = {"model": 0, "data": 1, "reward": 2, "ppo": 2, "dpo": 2, "evaluate": 2, "sandbox": 2, "rlaif": 3}
-# evaluate runs code through sandbox; ppo and evaluate ask the judge (reward) to score greedy answers
-ALLOWED = {("evaluate", "sandbox"), ("ppo", "reward"), ("evaluate", "reward")}
-SCRIPTS = ["rlaif.py", "ppo.py", "reward.py", "evaluate.py", "sandbox.py", "data/gorilla/prepare.py"]
+# evaluate runs code through sandbox; ppo and evaluate ask the judge (reward) to score greedy answers; dpo
+# trains on the feedback's pairs (reward.make_pairs)
+ALLOWED = {("evaluate", "sandbox"), ("ppo", "reward"), ("evaluate", "reward"), ("dpo", "reward")}
+SCRIPTS = ["rlaif.py", "ppo.py", "reward.py", "dpo.py", "evaluate.py", "sandbox.py", "data/gorilla/prepare.py"]
 
 
 def project_imports(path):
@@ -113,3 +114,15 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                 long.append(f"{path.name}:{node.name} {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "reward.py", "dpo.py"])
+def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path):
+    """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
+    the command that makes it (and starts nothing)."""
+    out = subprocess.run([sys.executable, str(ROOT / script)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "python rlaif.py --run-dir runs/tiny" in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
