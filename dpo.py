@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs, pair_batches,
-                   read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside, verify_done)
+                   progress, read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside,
+                   verify_done, write_jsonl)
 from reward import make_pairs
 
 
@@ -51,13 +52,13 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
     ckpt = resume(ckpt_file, device, optimizer, policy=policy)
-    step = ckpt["step"] if ckpt else 0
+    step, history = (ckpt["step"], ckpt.get("history", [])) if ckpt else (0, [])
     if ckpt:
         log(f"[dpo] resumed at step {step}")
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)
-    t0 = time.time()
-    while step < min(cfg.steps, len(order)):
+    steps, t0, start = min(cfg.steps, len(order)), time.time(), step
+    while step < steps:
         batch = [pairs[i] for i in order[step]]
         chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
         policy.train()
@@ -71,10 +72,17 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % 20 == 0 or step == cfg.steps:
-            log(f"[dpo] step {step}/{cfg.steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
-                f"({time.time() - t0:.0f}s)")
-            save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step)
+        with torch.no_grad():  # the implicit rewards beta * log(pi / ref) of the chosen and rejected answers
+            r_c, r_r = cfg.beta * (logp_c.float() - ref_c.float()), cfg.beta * (logp_r.float() - ref_r.float())
+        history.append(dict(step=step, loss=loss.item(), chosen_reward=r_c.mean().item(),
+                            rejected_reward=r_r.mean().item(), margin=margin.item(),
+                            accuracy=(r_c > r_r).float().mean().item(), lr=cfg.lr))
+        if step % 20 == 0 or step == steps:
+            log(f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
+                f"{progress(step - start, steps - start, t0)}")
+            save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                            history=history)
+            write_jsonl(Path(ckpt_file).parent / "metrics.jsonl", history)
 
 
 def dpo_model(cfg, run, pairs, out_dir):

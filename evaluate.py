@@ -286,6 +286,8 @@ def evaluate_stage(cfg, run, splits):
     if sandbox is not None and not sandbox.isolated:
         results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
     (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
+    write_jsonl(run / "evaluate" / "metrics.jsonl", [dict(method=k, **{m: v for m, v in s.items() if m != "exec_failures"})
+                                                     for k, s in results.items()])
     return dict(results=results)
 
 

@@ -519,7 +519,8 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
                                                   generator=generator)
         for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist()):
             out[i] = r[:m]
-        log(f"[generate] {min(start + batch_size, len(order))}/{len(order)} answers ({time.time() - t0:.0f}s)")
+        n = min(start + batch_size, len(order))
+        log(f"[generate] {n}/{len(order)} answers {progress(n, len(order), t0)}")
     return out
 
 
@@ -575,6 +576,14 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
 def autocast(device):
     """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+def progress(done, total, t0):
+    """'(elapsed, ETA)' of a loop that has done `done` of `total` units since time t0: every stage's
+    progress lines end with it."""
+    elapsed = time.time() - t0
+    eta = elapsed / done * (total - done) if done else float("nan")
+    return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
 
 
 def atomic_write(path, write):

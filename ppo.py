@@ -21,7 +21,6 @@ Comments tagged [N-details] name the implementation details of Huang et al. 2023
 Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
 """
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ import torch
 
 from data.gorilla import prepare
 from reward import combine, make_judge
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, generate, left_pad,
-                   log, make_optimizer, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
-                   save_checkpoint)
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, generate, left_pad, log,
+                   make_optimizer, progress, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
+                   save_checkpoint, write_jsonl)
 
 
 @dataclass
@@ -312,14 +311,14 @@ def advantages_and_returns(batch, cfg, kl_coef):
     return score, rewards, kl, advantages, returns, mc_returns
 
 
-def log_iteration(row, iterations, log):
+def log_iteration(row, iterations, eta, log):
     ev = row["explained_variance"]
     log(f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
         f"score {row['score']:+.3f} kl {row['kl']:.2f} pg {row.get('policy_loss', 0):+.3f} "
         f"vf {row.get('value_loss', 0):.3f} clip {row.get('clipfrac', 0):.2f} approx_kl {row.get('approx_kl', 0):.4f} "
         f"ev {ev if ev is not None else float('nan'):.2f} share {row['score_share']:.2f} "
         f"len {row['answer_length']:.0f} eos {row['ended_with_eos']:.2f} {row['tokens_per_s']:.0f} tok/s"
-        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")))
+        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")) + f" {eta}")
 
 
 def training_state(policy, value_model, cfg, ckpt_file, device, log):
@@ -357,6 +356,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
     critic = cfg.advantage == "gae"
     value_model = value_model if critic else None
     optimizers, modules, kl_ctl, start, history = training_state(policy, value_model, cfg, ckpt_file, device, log)
+    t_start = time.time()
     for it in range(start, cfg.iterations):
         t0 = time.time()
         generator = torch.Generator().manual_seed(sampling.seed * 104729 + it)
@@ -383,7 +383,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
                                                        or it + 1 == cfg.iterations):
             row.update(validate(policy))
         history.append(row)
-        log_iteration(row, cfg.iterations, log)
+        log_iteration(row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start), log)
         if decode is not None and (it + 1) % 10 == 0:
             r = batch["response"][0][:int(mask[0].sum())].tolist()
             log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
@@ -391,8 +391,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
         save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
                         optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value, iteration=it + 1,
                         history=history)
-        # rewritten from the checkpointed history, so a crash and resume never duplicates a row
-        atomic_write(metrics_file, lambda p: Path(p).write_text("".join(json.dumps(h) + "\n" for h in history)))
+        write_jsonl(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     return history
 
 

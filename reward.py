@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log,
-                   make_optimizer, pad_pairs, pair_batches, read_jsonl, resume, run_stage_cli)
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs,
+                   pair_batches, progress, read_jsonl, resume, run_stage_cli, write_jsonl)
 
 # (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
 # what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
@@ -238,6 +238,7 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
             except (json.JSONDecodeError, KeyError):
                 pass
     todo = [s for s in samples if s["id"] not in done]
+    before = len(done)
     log(f"[feedback] judge: {judge.name}; {len(done)} judged already, {len(todo)} to go")
     lock, t0 = threading.Lock(), time.time()
 
@@ -253,7 +254,7 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
             n = len(done)
             if n % 100 == 0 or n == len(samples):
                 cost = f", {judge.cost()}" if hasattr(judge, "cost") else ""
-                log(f"[feedback] {n}/{len(samples)} judged ({time.time() - t0:.0f}s{cost})")
+                log(f"[feedback] {n}/{len(samples)} judged{cost} {progress(n - before, len(samples) - before, t0)}")
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
@@ -304,22 +305,29 @@ def rm_batch(samples, ids, tok, device):
     return pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
 
 
-def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0):
+def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None):
     """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
     distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give up to
     K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary cross-entropy
     of the per-question logits against the judge's answers, targets: {id: [P(yes) per QUESTIONS]}.
     [not in the paper] The scalar comparisons tell the model which answer won, not why; the six answers
-    say why (a dense target for every answer)."""
+    say why (a dense target for every answer). stats: a dict to receive the batch's pairwise accuracy and,
+    with targets, each question's accuracy (logit > 0 against P(yes) > 0.5), for the metrics."""
     ids = sorted({i for pair in pairs for i in pair})
     at = {i: k for k, i in enumerate(ids)}
     r, aux = rm.score_and_aux(*rm_batch(samples, ids, tok, device))
     better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
     worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
     loss = -F.logsigmoid(r[better] - r[worse]).mean()
-    if aux_weight and aux is not None:
+    if stats is not None:
+        stats["accuracy"] = (r[better] > r[worse]).float().mean().item()
+    if aux is not None and targets:
         y = torch.tensor([targets[i] for i in ids], device=aux.device, dtype=torch.float32)
-        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux.float(), y)
+        if aux_weight:
+            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux.float(), y)
+        if stats is not None:
+            right = ((aux.float() > 0) == (y > 0.5)).float().mean(0).tolist()
+            stats.update({f"accuracy_{k}": a for (k, _, _), a in zip(QUESTIONS, right)})
     return loss
 
 
@@ -360,28 +368,33 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         f"({len(heldout_records)} held-out prompts), {steps} steps")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     ckpt = resume(ckpt_file, device, optimizer, model=rm)
-    step = ckpt["step"] if ckpt else 0
+    step, history = (ckpt["step"], ckpt.get("history", [])) if ckpt else (0, [])
     if ckpt:
         log(f"[reward] resumed at step {step}")
     # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
     # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
     # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
     order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
-    t0 = time.time()
+    metrics_file, t0, start = Path(ckpt_file).parent / "metrics.jsonl", time.time(), step
     while step < steps:
         batch = [train_pairs[i] for i in order[step]]
         rm.train()
+        stats = {}
         with autocast(device):
-            loss = comparisons_loss(rm, samples, batch, tok, device, targets, cfg.aux_weight)
+            loss = comparisons_loss(rm, samples, batch, tok, device, targets, cfg.aux_weight, stats)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        history.append(dict(step=step, loss=loss.item(), lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
-            log(f"[reward] step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-            rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step)
-    return heldout_metrics(rm, samples, test_fb, test_pairs, tok, device)
+            log(f"[reward] step {step}/{steps} loss {loss.item():.4f} {progress(step - start, steps - start, t0)}")
+            rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history)
+            write_jsonl(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+    heldout = heldout_metrics(rm, samples, test_fb, test_pairs, tok, device)
+    write_jsonl(metrics_file, history + [dict(step=step, **heldout)])
+    return heldout
 
 
 def heldout_metrics(rm, samples, test_fb, test_pairs, tok, device):

@@ -38,7 +38,7 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, STAGE_ORDER, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
-                   log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, read_jsonl, response_logprobs, resume, sample_answers,
+                   log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, progress, read_jsonl, response_logprobs, resume, sample_answers,
                    save_checkpoint, set_aside, verify_done, write_jsonl)
 from dpo import DPOConfig
 from ppo import PPOConfig
@@ -201,17 +201,17 @@ def sft(cfg, tok, train, val, out_dir):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr))
+        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr,
+                            tokens_per_s=round(tokens_seen / (time.time() - t0))))
         if step % 25 == 0 or step == cfg.sft_steps:
-            elapsed = time.time() - t0
-            eta = elapsed / (step - start) * (cfg.sft_steps - step)
             log(f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{tokens_seen / elapsed:,.0f} tok/s ETA {eta / 60:.1f} min")
+                f"{history[-1]['tokens_per_s']:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}")
         if step % cfg.eval_every == 0 or step == cfg.sft_steps:
             history[-1]["val_loss"] = round(validation_loss(model, val, tok.eot, cfg.device), 4)
             log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
             save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             step=step, history=history)
+            write_jsonl(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
     model.eval()
     return model, history
 

@@ -54,11 +54,21 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
             assert f["answers"]["code_valid"] == 0.0
     assert {f["judge"] for f in feedback} == {"rules judge"}
     assert (run_dir / "reward" / "reward_model.pt").exists()
-    metrics = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in metrics][-1] == 6
+    read = lambda stage: [json.loads(l) for l in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    metrics = read("ppo")
+    assert [m["iteration"] for m in metrics] == list(range(1, 7))  # resumed mid-way: no row twice, none missing
+    assert {"score", "kl", "explained_variance", "score_share", "answer_length", "ended_with_eos"} <= set(metrics[0])
+    sft_rows = read("sft")
+    assert [m["step"] for m in sft_rows] == list(range(1, 41))
+    assert {"loss", "lr", "tokens_per_s"} <= set(sft_rows[0]) and "val_loss" in sft_rows[19] and "val_loss" in sft_rows[-1]
+    rm_rows = read("reward")
+    assert [m["step"] for m in rm_rows[:-1]] == list(range(1, len(rm_rows)))
+    assert {"loss", "accuracy", "accuracy_code_valid"} <= set(rm_rows[0])
+    assert "heldout_pairwise_accuracy" in rm_rows[-1]
     assert (run_dir / "ppo" / "model" / "model.safetensors").exists()
     results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
     assert len(results) == 3 and [k.split()[0] for k in results] == ["SFT", "RLAIF", "Gorilla-7B"]
+    assert [m["method"] for m in read("evaluate")] == list(results)
     for s in results.values():
         assert set(s) >= {"n", "executability", "ast_accuracy", "hallucination", "rouge_l", "codebleu"}
     table = [l for l in out.splitlines() if l.startswith("| ")]
