@@ -52,6 +52,38 @@ QUESTIONS = (
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
 
 
+def judge_cost_usd(model, input_tokens, output_tokens):
+    """USD for that many tokens of `model` (PRICE_PER_MTOK), or None for a model without a known price."""
+    price = PRICE_PER_MTOK.get(model)
+    return None if price is None else (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+
+
+def approx_tokens(text):
+    """Tokens of a judge prompt, approximately (about 3.5 characters a token in English with code): the
+    judge's own tokenizer is not available offline, and a budget must be known before any call."""
+    return len(text) * 2 // 7 + 1
+
+
+def judge_plan(model, samples, records, db, cached=0):
+    """(requests, input tokens, output tokens, USD or None) to judge `samples` [{record, answer}]:
+    len(QUESTIONS) requests each, one output token each; `cached` judged samples are free."""
+    todo = samples[cached:]
+    tokens = sum(approx_tokens(judge_prompt(records[s["record"]].instruction, s["answer"],
+                                            db.apis[i] if (i := db.match(answer_api_call(s["answer"]))) is not None
+                                            else None, q)) for s in todo for _, q, _ in QUESTIONS)
+    requests = len(todo) * len(QUESTIONS)
+    return requests, tokens, requests, judge_cost_usd(model, tokens, requests)
+
+
+def plan_text(model, requests, tokens_in, tokens_out, usd):
+    cost = f"about ${usd:.2f}" if usd is not None else f"cost unknown (no price for {model!r} in PRICE_PER_MTOK)"
+    return f"{requests:,} requests, about {tokens_in:,} input + {tokens_out:,} output tokens, {cost}"
+
+
+class JudgeBudgetExceeded(Exception):
+    pass
+
+
 def combine(answers):
     """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
@@ -125,7 +157,7 @@ class OpenAIJudge:
     bounded concurrency, retries with exponential backoff and jitter, and an append-only cache."""
 
     def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, concurrency=8,
-                 max_retries=5, timeout=30.0, backoff=1.0, api_key=None, db=None, log=log):
+                 max_retries=5, timeout=30.0, backoff=1.0, api_key=None, db=None, max_usd=0.0, log=log):
         import openai  # only the LLM judge needs it
         self.openai, self.model, self.log = openai, model, log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
@@ -139,6 +171,7 @@ class OpenAIJudge:
         self.cache_file = Path(cache_file) if cache_file else None
         self.cache, self.lock = {}, threading.Lock()
         self.tokens = [0, 0]  # prompt, completion tokens actually paid for
+        self.max_usd, self.reserved, self.paid_requests = max_usd, 0.0, 0  # budget (0 = none), USD in flight
         if self.cache_file and self.cache_file.exists():
             for line in self.cache_file.read_text().splitlines():
                 try:
@@ -155,6 +188,32 @@ class OpenAIJudge:
         key = self.key(prompt)
         if key in self.cache:
             return self.cache[key]
+        reserve = self.reserve(prompt)
+        try:
+            return self.ask_endpoint(key, prompt)
+        finally:
+            with self.lock:
+                self.reserved -= reserve
+
+    def spent_usd(self):
+        return judge_cost_usd(self.model, *self.tokens)
+
+    def reserve(self, prompt):
+        """Book the estimated cost of one request against max_usd, or raise JudgeBudgetExceeded when the
+        money spent plus the requests in flight plus this one would pass it."""
+        if not self.max_usd or self.spent_usd() is None:
+            return 0.0
+        with self.lock:  # the estimate, or the mean billed so far if larger: the estimate is approximate
+            paid = self.paid_requests
+            cost = judge_cost_usd(self.model, max(approx_tokens(prompt), self.tokens[0] / max(1, paid)),
+                                  max(1, self.tokens[1] / max(1, paid)))
+            if self.spent_usd() + self.reserved + cost > self.max_usd:
+                raise JudgeBudgetExceeded(f"the judge has spent ${self.spent_usd():.4f}; one more request would "
+                                          f"pass --judge-max-usd {self.max_usd}")
+            self.reserved += cost
+        return cost
+
+    def ask_endpoint(self, key, prompt):
         last = None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -174,6 +233,7 @@ class OpenAIJudge:
             with self.lock:
                 self.tokens[0] += usage[0]
                 self.tokens[1] += usage[1]
+                self.paid_requests += 1
                 self.cache[key] = p_yes
                 if self.cache_file:
                     self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -477,10 +537,11 @@ def judge_problems(base_url):
     return []
 
 
-def make_judge(kind, model, base_url, concurrency, cache_file, log=log):
+def make_judge(kind, model, base_url, concurrency, cache_file, max_usd=0.0, log=log):
     if kind == "rules":
         return RulesJudge()
-    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, concurrency=concurrency, log=log)
+    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, concurrency=concurrency,
+                       max_usd=max_usd, log=log)
 
 
 def main():

@@ -83,6 +83,8 @@ class Config:
     judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
                                    "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
     judge_concurrency: Annotated[int, "judge requests in flight"] = 8
+    judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
+                                    "this many USD (0 = no cap); what was judged is kept"] = 0.0
     eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
     exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
                               "libraries) or none", ("offline", "real", "none")] = "offline"
@@ -279,13 +281,25 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 def feedback_stage(cfg, run, splits):
     judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
-                              cache_file=run / RUN_FILES["judge_cache"], log=log)
+                              cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
+    samples, partial = read_jsonl(run / RUN_FILES["samples"]), run / "feedback" / "feedback.partial.jsonl"
     if cfg.judge == "rules":
         log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
             "this is not LLM feedback. Use --judge openai for AI feedback.")
-    samples = read_jsonl(run / RUN_FILES["samples"])
-    feedback = reward.judge_answers(judge, samples, splits["train"], run / "feedback" / "feedback.partial.jsonl",
-                                    cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
+    else:  # what the judge will cost, before the first paid request
+        judged = {r["id"] for r in read_jsonl(partial)} if partial.exists() else set()
+        plan = reward.judge_plan(cfg.judge_model, [s for s in samples if s["id"] not in judged], splits["train"],
+                                 judge.db)
+        log(f"[feedback] judge {cfg.judge_model}: {reward.plan_text(cfg.judge_model, *plan)} (cached answers free)")
+        if cfg.judge_max_usd and plan[3] is not None and plan[3] > cfg.judge_max_usd:
+            raise SystemExit(f"[feedback] the estimate passes --judge-max-usd {cfg.judge_max_usd}: nothing was sent. "
+                             "Raise the cap, or judge fewer answers (--sample-prompts, --samples-per-prompt).")
+    try:
+        feedback = reward.judge_answers(judge, samples, splits["train"], partial,
+                                        cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
+    except reward.JudgeBudgetExceeded as e:
+        raise SystemExit(f"[feedback] stopped: {e}. Every answer so far is kept ({partial}, "
+                         f"{RUN_FILES['judge_cache']}); rerun with a higher --judge-max-usd to resume.") from None
     for source in sorted({f["source"] for f in feedback}):
         fb = [f for f in feedback if f["source"] == source]
         scores = [f["score"] for f in fb if f["score"] is not None]
@@ -308,7 +322,7 @@ def compare_stage(cfg, run, splits):
     out, tok = run / "compare", tokenizer_for(cfg)
     feedback = read_jsonl(run / RUN_FILES["feedback"])
     judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
-                              cache_file=run / RUN_FILES["judge_cache"], log=log)
+                              cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
     if not (out / "drlaif" / "model" / "config.json").exists():
         log("[compare] d-RLAIF: PPO with the judge's score as the reward")
         ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out / "drlaif")
@@ -340,7 +354,7 @@ def compare_stage(cfg, run, splits):
 STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, feedback_stage, reward.reward_stage, ppo.ppo_stage,
                                 compare_stage, evaluate.evaluate_stage)))
 # Settings that change no result (where and how fast, not what): a finished run may be resumed with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency")
+NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd")
 
 
 def settings_diff(recorded, cfg):
@@ -475,10 +489,12 @@ def parse_args(argv=None):
                         "Without it and without settings, an existing --run-dir resumes with its recorded settings")
     p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
     p.add_argument("--until", choices=list(STAGES), default="evaluate", help="stop after this stage")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (stages, sizes, the judge's requests and "
+                   "estimated cost, device) and exit: nothing runs, nothing is written, no network")
     for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-"), (DPOConfig, "dpo-")):
         add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
     args = vars(p.parse_args(argv))
-    preset, from_stage, until = args.pop("config"), args.pop("from_stage"), args.pop("until")
+    preset, from_stage, until, dry_run = args.pop("config"), args.pop("from_stage"), args.pop("until"), args.pop("dry_run")
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
     recorded = Path(cfg.run_dir) / "config.json"
@@ -487,6 +503,7 @@ def parse_args(argv=None):
         for key, value in overrides.items():
             sub, name = key.split("_", 1) if key.startswith(("ppo_", "rm_", "dpo_")) else (None, key)
             setattr(getattr(cfg, sub) if sub else cfg, name, value)
+    cfg.dry_run = dry_run  # not a setting of the run (asdict leaves it out): how this command runs
     return cfg, from_stage, until
 
 
@@ -497,8 +514,47 @@ def config_from_record(d, where):
         raise SystemExit(f"{where}: not a config of this version ({e}); start a new --run-dir") from None
 
 
+GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1.5B"}
+
+
+def print_plan(cfg, until):
+    """--dry-run: what `python rlaif.py` with these settings would do, offline and without writing."""
+    names = list(STAGES)[:list(STAGES).index(until) + 1]
+    splits = prepare.load_splits("" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None)
+    train = splits["train"]
+    size = (f"{sum(p.numel() for p in GPT(preset_config(cfg.init, tokenizer_for(cfg).vocab_size)).parameters()) / 1e6:.1f}M"
+            if cfg.init in CPU_PRESETS else GPT2_PARAMS.get(cfg.init, "size read from its config.json"))
+    n_prompts = min(cfg.sample_prompts, len(train))
+    n_answers = n_prompts * (cfg.samples_per_prompt + (3 if cfg.contrast_answers else 0))
+    proxy = [dict(record=i % len(train), answer=prepare.format_answer(train[i % len(train)].sections, cfg.compact))
+             for i in range(n_answers)]  # reference answers stand in for the answers not yet sampled
+    judge = (f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *reward.judge_plan(
+        cfg.judge_model, proxy, train, reward.APIDatabase())) if cfg.judge == "openai" else "rules judge (free)")
+    cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""
+    lines = dict(sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
+                     f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
+                 sample=f"{n_prompts} instructions x {cfg.samples_per_prompt} answers at T={cfg.temperature}"
+                        f"{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
+                 feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
+                 reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
+                 ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
+                     f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
+                 compare=(f"d-RLAIF and RLOO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
+                          f"the judge {cfg.ppo.iterations * cfg.ppo.batch_size * len(reward.QUESTIONS):,} questions), "
+                          f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}") if cfg.compare else "skipped",
+                 evaluate=f"{len(splits['test'][:cfg.eval_limit or None])} held-out questions, executability "
+                          f"{cfg.exec_mode}")
+    log(f"[dry run] {cfg.run_dir}: {cfg.init} ({size} parameters), device {cfg.device}; nothing is run"
+        + (" (sizes of the offline split: the Hub's train file is not read)" if cfg.train_file == prepare.HUB_TRAIN
+           else ""))
+    for name in names:
+        log(f"  {name:9s} {lines[name]}")
+
+
 def main(argv=None):
     cfg, from_stage, until = parse_args(argv)
+    if cfg.dry_run:
+        return print_plan(cfg, until)
     t0 = time.time()
     run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")

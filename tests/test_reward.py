@@ -226,3 +226,35 @@ def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
 
 def fb_by_id_score(fb, i):
     return next(f["score"] for f in fb if f["id"] == i)
+
+
+def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(server, tmp_path):
+    """Each request costs 100 + 1 tokens at gpt-3.5-turbo's price ($0.0000515); a cap of $0.0003 allows
+    five. Past that the judge refuses before sending; a new judge with the same cache pays for nothing it has."""
+    from reward import JudgeBudgetExceeded
+    j = judge(server, tmp_path, max_usd=0.0003)
+    answered = []
+    with pytest.raises(JudgeBudgetExceeded):
+        for i in range(20):
+            answered.append(j.ask(f"question {i} " + "x" * 40))
+    assert 1 <= len(answered) < 20 and len(server.requests) == len(answered)
+    assert j.spent_usd() <= 0.0003
+    again = judge(server, tmp_path, max_usd=1.0)
+    for i in range(len(answered)):
+        again.ask(f"question {i} " + "x" * 40)
+    assert len(server.requests) == len(answered)  # all from the cache
+
+
+def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(server, tmp_path, records):
+    import rlaif
+    from model import write_jsonl
+    run = tmp_path / "run"
+    train = prepare.offline_splits(records)["train"]
+    write_jsonl(run / "sample" / "samples.jsonl", [dict(id=i, record=i, source="policy", query=[1], response=[2],
+                                                         answer=prepare.format_answer(train[i].sections))
+                                                    for i in range(5)])
+    cfg = rlaif.make_config(judge="openai", judge_base_url=server.url, judge_max_usd=0.0001)
+    os.environ.setdefault("OPENAI_API_KEY", "k")
+    with pytest.raises(SystemExit, match="passes --judge-max-usd"):
+        rlaif.feedback_stage(cfg, run, dict(train=train))
+    assert server.requests == []

@@ -126,3 +126,19 @@ def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "python rlaif.py --run-dir runs/tiny" in lines[0], out.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
+    """--dry-run --config paper: the plan with the judge's cost, exit 0, nothing written, and (where a network
+    namespace can be made) no network to reach at all."""
+    import shutil
+    isolate = ["unshare", "-rn"] if shutil.which("unshare") and subprocess.run(
+        ["unshare", "-rn", "true"], capture_output=True).returncode == 0 else []
+    out = subprocess.run(isolate + [sys.executable, str(ROOT / "rlaif.py"), "--dry-run", "--config", "paper"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gpt2-large" in out.stdout and "requests" in out.stdout and "$" in out.stdout
+    for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
+        assert f"  {stage}" in out.stdout
+    assert not any(tmp_path.iterdir())  # nothing written
