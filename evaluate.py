@@ -291,6 +291,76 @@ def evaluate_stage(cfg, run, splits):
     return dict(results=results)
 
 
+# -----------------------------------------------------------------------------
+# Pictures of a run: training curves and the results table (matplotlib, optional)
+
+CURVES = (("sft", "loss", "SFT loss"), ("reward", "accuracy", "reward model: batch pairwise accuracy"),
+          ("ppo", "score", "PPO: mean score of the rollouts"), ("ppo", "kl", "PPO: KL to SFT (nats per answer)"),
+          ("ppo", "answer_length", "PPO: answer length (tokens)"), ("ppo", "ended_with_eos", "PPO: end-of-text rate"))
+POLICY_RUNS = (("ppo", "RLAIF (PPO)"), ("compare/drlaif", "d-RLAIF"), ("compare/rloo", "RLOO"))
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def smooth(ys, k=10):
+    return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+
+
+def plot_runs(run_dirs, out_dir=None):
+    """curves.png (the first run's SFT loss, reward-model accuracy and PPO curves; d-RLAIF and RLOO beside
+    PPO when --compare ran) and results.png (each method's executability, AST accuracy and hallucination:
+    the mean over the runs, a bar from min to max). Returns {file: number of panels}."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the plots need matplotlib: pip install matplotlib") from None
+    runs = [Path(r) for r in run_dirs]
+    out = Path(out_dir) if out_dir else runs[0] / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
+    for ax, (stage, key, title) in zip(axes.flat, CURVES):
+        sources = POLICY_RUNS if stage == "ppo" else ((stage, stage),)
+        for folder, label in sources:
+            rows = [r for r in read_metrics(runs[0] / folder / "metrics.jsonl") if r.get(key) is not None]
+            xs, ys = [r.get("iteration", r.get("step")) for r in rows], [r[key] for r in rows]
+            if ys:
+                ax.plot(xs, smooth(ys) if stage == "reward" else ys, label=label)
+        if stage == "sft":
+            val = [r for r in read_metrics(runs[0] / "sft" / "metrics.jsonl") if "val_loss" in r]
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_title(title, fontsize=10)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {stage}/metrics.jsonl in this run", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    plt.close(fig)
+    by_method = {}
+    for run in runs:
+        results = json.loads((run / "evaluate" / "done.json").read_text())["results"]
+        for name, m in results.items():
+            by_method.setdefault(name.split(" (")[0], []).append(m)
+    metrics = (("executability", "executability"), ("ast_accuracy", "AST accuracy"), ("hallucination", "hallucination"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), dpi=100)
+    for ax, (key, title) in zip(axes, metrics):
+        names = [n for n, ms in by_method.items() if all(key in m for m in ms)]
+        vals = [[100 * m[key] for m in by_method[n]] for n in names]
+        means = [sum(v) / len(v) for v in vals]
+        ax.barh(names, means, xerr=[[mu - min(v) for mu, v in zip(means, vals)],
+                                    [max(v) - mu for mu, v in zip(means, vals)]], capsize=3)
+        ax.invert_yaxis()
+        ax.set_title(f"{title} (%, {len(runs)} run{'s' if len(runs) > 1 else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "results.png")
+    plt.close(fig)
+    return {"curves.png": len(CURVES), "results.png": len(metrics)}
+
+
 def read_answers(path):
     """{question_id: text} of a JSONL answers file; Gorilla's own escaped format ('\\n' for newlines)
     is recognised and undone, as prepare.load_gorilla_answers does for the published file."""
@@ -324,6 +394,8 @@ def main():
     src.add_argument("--answers", help="JSONL with question_id and text (Gorilla's response format)")
     src.add_argument("--model", help="a model directory (config.json + model.safetensors) to generate with")
     src.add_argument("--gorilla", action="store_true", help="Gorilla-7B's published answers")
+    src.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw curves.png and results.png of run "
+                     "directories (results: the range over them) into the first one's evaluate/; needs matplotlib")
     p.add_argument("--split", choices=("test", "all"), default="test",
                    help="questions: the offline held-out split or all parsable eval records")
     p.add_argument("--exec-mode", choices=("offline", "real", "none"), default="offline",
@@ -333,6 +405,9 @@ def main():
     p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
     args = p.parse_args()
+    if args.plot:
+        made = plot_runs(args.plot)
+        return print("\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items()))
 
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True)
     if args.split == "test":

@@ -19,6 +19,7 @@ skipped on the next run, so an interrupted run resumes where it stopped.
 Results land in run_dir/evaluate/results.md (and results in its done.json).
 """
 import argparse
+import importlib.util
 import json
 import random
 import re
@@ -454,6 +455,11 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
         (run / ".previous").rmdir()
     if until == "evaluate":
         print_results(cfg, run)
+        if importlib.util.find_spec("matplotlib"):
+            evaluate.plot_runs([run])
+            log(f"  -> {run / 'evaluate' / 'curves.png'}, {run / 'evaluate' / 'results.png'}")
+        else:
+            log("  (no plots: pip install matplotlib, then python evaluate.py --plot RUN_DIR)")
 
 
 def print_results(cfg, run):

@@ -192,3 +192,15 @@ def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finish
     out = dpo("--force", "--steps", "3", "--lr", "1e-3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert weights.read_bytes() != first and not (run_dir / "evaluate").exists()
+
+
+@pytest.mark.slow
+def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+    from evaluate import plot_runs
+    made = plot_runs([finished, finished], tmp_path)
+    assert made == {"curves.png": 6, "results.png": 3}
+    for name, size in (("curves.png", (1500, 800)), ("results.png", (1500, 500))):
+        head = (tmp_path / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == size
