@@ -345,8 +345,8 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
               decode=None, validate=None, log=log):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
     response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. sampling: the run's
-    seed, temperature, max_answer_tokens and grad_clip (shared with the other stages). validate(policy)
-    -> dict of metrics, every cfg.val_every iterations. Checkpoints after each iteration (atomic) and
+    seed, temperature, max_answer_tokens and grad_clip (shared with the other stages). validate(policy,
+    iteration) -> dict of metrics, every cfg.val_every iterations. Checkpoints after each iteration (atomic) and
     resumes from the last."""
     check_config(cfg)
     out_dir = Path(out_dir)
@@ -381,7 +381,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
                    tokens_per_s=int(mask.sum()) / (time.time() - t0))
         if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0
                                                        or it + 1 == cfg.iterations):
-            row.update(validate(policy))
+            row.update(validate(policy, it + 1))
         history.append(row)
         log_iteration(row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start), log)
         if decode is not None and (it + 1) % 10 == 0:
@@ -409,23 +409,35 @@ def fresh_value_model(reward_model_file, device):
     return value_model
 
 
-def greedy_validation(records, tok, cfg, judge=None, score_fn=None):
-    """validate(policy) for train_ppo: greedy answers to the validation questions, their mean reward-model
-    score (score_fn) and, when a judge is given, their mean judge score."""
+def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file=None, n_shown=3):
+    """validate(policy, iteration) for train_ppo: greedy answers to the validation questions, their mean
+    reward-model score (score_fn) and, when a judge is given, their mean judge score. The first n_shown
+    questions, their answers and scores are appended to samples_file (markdown), so a reader sees what RL
+    changed."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
 
-    def validate(policy):
+    def validate(policy, iteration):
         answers = sample_answers(policy, prompts, tok.eot, cfg.max_answer_tokens, 0.0, cfg.seed, log=lambda *a: None)
-        out = {}
+        texts, out = [tok.decode(a) for a in answers], {}
+        rewards = judged = [None] * len(answers)
         if score_fn is not None:
             query, query_mask = left_pad(prompts, tok.eot, cfg.device)
             response, response_mask = right_pad(answers, tok.eot, cfg.device)
             with torch.no_grad(), autocast(cfg.device):
-                out["val_reward"] = score_fn(query, query_mask, response, response_mask).float().mean().item()
+                rewards = score_fn(query, query_mask, response, response_mask).float().tolist()
+            out["val_reward"] = sum(rewards) / len(rewards)
         if judge is not None:
-            scores = [combine(judge.answers(r, tok.decode(a))) for r, a in zip(records, answers)]
-            out["val_judge_score"] = sum(s or 0.0 for s in scores) / len(scores)
-        out["val_empty_code"] = sum(not prepare.parse_answer(tok.decode(a))["code"] for a in answers) / len(answers)
+            judged = [combine(judge.answers(r, t)) or 0.0 for r, t in zip(records, texts)]
+            out["val_judge_score"] = sum(judged) / len(judged)
+        out["val_empty_code"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(texts)
+        if samples_file is not None:
+            cell = lambda x: str(x).replace("|", "\\|").replace("\n", " <br> ")
+            rows = [f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "
+                    f"{'-' if j is None else f'{j:.2f}'} |"
+                    for r, t, w, j in list(zip(records, texts, rewards, judged))[:n_shown]]
+            with open(samples_file, "a") as f:  # append-only, like every log of a run
+                f.write(f"\n### iteration {iteration}\n\n| question | greedy answer | reward model | judge |\n"
+                        "|---|---|---|---|\n" + "\n".join(rows) + "\n")
         return out
     return validate
 
@@ -450,7 +462,8 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     # Validation: the reward model's score of greedy answers to the validation questions, whatever the
     # training reward; and the judge's, where judging is free (the rules judge).
     judge = make_judge("rules", None, None, 1, None) if cfg.judge == "rules" else None
-    validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md")
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, ppo_cfg, cfg, tok.eot,
                         cfg.device, out_dir, decode=tok.decode, validate=validate, log=log)

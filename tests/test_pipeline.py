@@ -58,6 +58,8 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     metrics = read("ppo")
     assert [m["iteration"] for m in metrics] == list(range(1, 7))  # resumed mid-way: no row twice, none missing
     assert {"score", "kl", "explained_variance", "score_share", "answer_length", "ended_with_eos"} <= set(metrics[0])
+    shown = (run_dir / "ppo" / "samples.md").read_text()  # greedy validation answers at iterations 1 and 6
+    assert "### iteration 1\n" in shown and "### iteration 6\n" in shown and "| question | greedy answer |" in shown
     sft_rows = read("sft")
     assert [m["step"] for m in sft_rows] == list(range(1, 41))
     assert {"loss", "lr", "tokens_per_s"} <= set(sft_rows[0]) and "val_loss" in sft_rows[19] and "val_loss" in sft_rows[-1]
