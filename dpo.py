@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs, pair_batches,
                    progress, read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside,
-                   verify_done, write_jsonl)
+                   verify_done, write_metrics)
 from reward import make_pairs
 
 
@@ -82,7 +82,7 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
                 f"{progress(step - start, steps - start, t0)}")
             save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step,
                             history=history)
-            write_jsonl(Path(ckpt_file).parent / "metrics.jsonl", history)
+            write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
 
 
 def dpo_model(cfg, run, pairs, out_dir):

@@ -21,7 +21,7 @@ from pathlib import Path
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from reward import RulesJudge, combine
-from model import GPT, RUN_FILES, Tokenizer, log, sample_answers, write_jsonl
+from model import GPT, RUN_FILES, Tokenizer, log, sample_answers, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
@@ -286,7 +286,8 @@ def evaluate_stage(cfg, run, splits):
     if sandbox is not None and not sandbox.isolated:
         results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
     (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
-    write_jsonl(run / "evaluate" / "metrics.jsonl", [dict(method=k, **{m: v for m, v in s.items() if m != "exec_failures"})
+    tensorboard_text("evaluate/results", results_table(results), 0)
+    write_metrics(run / "evaluate" / "metrics.jsonl", [dict(method=k, **{m: v for m, v in s.items() if m != "exec_failures"})
                                                      for k, s in results.items()])
     return dict(results=results)
 

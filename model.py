@@ -599,6 +599,47 @@ def write_jsonl(path, rows):
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
+class TensorBoard:
+    """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per metrics file."""
+    writer, sent = None, {}
+
+
+def open_tensorboard(log_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    TensorBoard.writer, TensorBoard.sent = SummaryWriter(str(log_dir)), {}
+
+
+def metrics_tag(path):
+    """'ppo', 'reward', 'compare/drlaif': where a stage's metrics.jsonl lives, as its TensorBoard prefix."""
+    parent = Path(path).parent
+    return f"{parent.parent.name}/{parent.name}" if parent.parent.name == "compare" else parent.name
+
+
+def write_metrics(path, rows):
+    """Rewrite a stage's metrics.jsonl from its checkpointed rows (atomic: after a resume no row appears
+    twice); with --tensorboard, also send the rows not sent yet, as '<stage>/<name>' scalars."""
+    write_jsonl(path, rows)
+    if TensorBoard.writer is None:
+        return
+    tag, start = metrics_tag(path), TensorBoard.sent.get(str(path), 0)
+    for i, row in enumerate(rows[start:], start):
+        step = row.get("iteration", row.get("step", i))
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "iteration"):
+                TensorBoard.writer.add_scalar(f"{tag}/{key}", value, step)
+    TensorBoard.sent[str(path)] = len(rows)
+    TensorBoard.writer.flush()
+
+
+def tensorboard_text(tag, text, step):
+    if TensorBoard.writer is not None:
+        TensorBoard.writer.add_text(tag, text, step)
+        TensorBoard.writer.flush()
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -742,6 +783,8 @@ def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_spli
         d[section].update(overrides)
         atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(d, indent=1)))
         log(f"[{stage}] recorded overrides in {run / 'config.json'}: {overrides}")
+    if getattr(cfg, "tensorboard", False):
+        open_tensorboard(run / "tb")
     t0 = time.time()
     (run / stage).mkdir(parents=True, exist_ok=True)
     summary = stage_fn(cfg, run, load_splits(cfg.train_file))

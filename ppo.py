@@ -33,7 +33,7 @@ from data.gorilla import prepare
 from reward import combine, make_judge
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, generate, left_pad, log,
                    make_optimizer, progress, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
-                   save_checkpoint, write_jsonl)
+                   save_checkpoint, metrics_tag, tensorboard_text, write_metrics)
 
 
 @dataclass
@@ -391,7 +391,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
         save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
                         optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value, iteration=it + 1,
                         history=history)
-        write_jsonl(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+        write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     return history
 
 
@@ -435,9 +435,10 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
             rows = [f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "
                     f"{'-' if j is None else f'{j:.2f}'} |"
                     for r, t, w, j in list(zip(records, texts, rewards, judged))[:n_shown]]
+            table = "| question | greedy answer | reward model | judge |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
             with open(samples_file, "a") as f:  # append-only, like every log of a run
-                f.write(f"\n### iteration {iteration}\n\n| question | greedy answer | reward model | judge |\n"
-                        "|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                f.write(f"\n### iteration {iteration}\n\n{table}")
+            tensorboard_text(f"{metrics_tag(samples_file)}/samples", table, iteration)
         return out
     return validate
 

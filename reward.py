@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs,
-                   pair_batches, progress, read_jsonl, resume, run_stage_cli, write_jsonl)
+                   pair_batches, progress, read_jsonl, resume, run_stage_cli, write_metrics)
 
 # (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
 # what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
@@ -451,9 +451,9 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         if step % 20 == 0 or step == steps:
             log(f"[reward] step {step}/{steps} loss {loss.item():.4f} {progress(step - start, steps - start, t0)}")
             rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history)
-            write_jsonl(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+            write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     heldout = heldout_metrics(rm, samples, test_fb, test_pairs, tok, device)
-    write_jsonl(metrics_file, history + [dict(step=step, **heldout)])
+    write_metrics(metrics_file, history + [dict(step=step, **heldout)])
     return heldout
 
 

@@ -40,7 +40,7 @@ import sandbox
 from data.gorilla import prepare
 from model import (GPT, RUN_FILES, STAGE_ORDER, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
                    log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, progress, read_jsonl, response_logprobs, resume, sample_answers,
-                   save_checkpoint, set_aside, verify_done, write_jsonl)
+                   open_tensorboard, save_checkpoint, set_aside, verify_done, write_jsonl, write_metrics)
 from dpo import DPOConfig
 from ppo import PPOConfig
 from reward import RMConfig
@@ -84,6 +84,8 @@ class Config:
     judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
                                    "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
     judge_concurrency: Annotated[int, "judge requests in flight"] = 8
+    tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
+                                 "files in run_dir/tb (needs: pip install tensorboard)"] = False
     judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
                                     "this many USD (0 = no cap); what was judged is kept"] = 0.0
     eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
@@ -214,7 +216,7 @@ def sft(cfg, tok, train, val, out_dir):
             log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
             save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             step=step, history=history)
-            write_jsonl(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
+            write_metrics(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
     model.eval()
     return model, history
 
@@ -355,7 +357,7 @@ def compare_stage(cfg, run, splits):
 STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, feedback_stage, reward.reward_stage, ppo.ppo_stage,
                                 compare_stage, evaluate.evaluate_stage)))
 # Settings that change no result (where and how fast, not what): a finished run may be resumed with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd")
+NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard")
 
 
 def settings_diff(recorded, cfg):
@@ -439,6 +441,9 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
         f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
     splits = prepare.load_splits(cfg.train_file, log=log)
+    if cfg.tensorboard:
+        open_tensorboard(run / "tb")
+        log(f"[rlaif] TensorBoard: tensorboard --logdir {run / 'tb'}")
     names = list(STAGES)
     for stage in names[:names.index(until) + 1]:
         if (run / stage / "done.json").exists():

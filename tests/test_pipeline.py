@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--init", "micro", "--sft-steps", "40", "--eval-every", "20", "--sample-prompts", "24",
          "--samples-per-prompt", "4", "--max-answer-tokens", "40", "--ppo-iterations", "6",
-         "--ppo-batch-size", "8", "--ppo-minibatch-size", "4", "--eval-limit", "12", "--device", "cpu"]
+         "--ppo-batch-size", "8", "--ppo-minibatch-size", "4", "--eval-limit", "12", "--device", "cpu",
+         "--tensorboard"]
 
 
 def run(run_dir, **kw):
@@ -58,6 +59,7 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     metrics = read("ppo")
     assert [m["iteration"] for m in metrics] == list(range(1, 7))  # resumed mid-way: no row twice, none missing
     assert {"score", "kl", "explained_variance", "score_share", "answer_length", "ended_with_eos"} <= set(metrics[0])
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))  # --tensorboard mirrored the rows
     shown = (run_dir / "ppo" / "samples.md").read_text()  # greedy validation answers at iterations 1 and 6
     assert "### iteration 1\n" in shown and "### iteration 6\n" in shown and "| question | greedy answer |" in shown
     sft_rows = read("sft")
