@@ -21,7 +21,8 @@ from pathlib import Path
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from reward import RulesJudge, combine
-from model import GPT, RUN_FILES, Tokenizer, log, sample_answers, tensorboard_text, write_jsonl, write_metrics
+from model import (GPT, RUN_FILES, Tokenizer, log, run_stage_cli, sample_answers, tensorboard_text, write_jsonl,
+                   write_metrics)
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
@@ -389,9 +390,12 @@ def read_answers(path):
 
 def main():
     p = argparse.ArgumentParser(description="Score answers to the held-out Gorilla questions with the paper's "
-                                "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU.",
+                                "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
+                                "source flag: the evaluation stage of the run in --run-dir.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--run-dir", default="runs/tiny", help="a run whose earlier stages are done (no source flag)")
+    p.add_argument("--force", action="store_true", help="redo a finished evaluation of --run-dir")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--answers", help="JSONL with question_id and text (Gorilla's response format)")
     src.add_argument("--model", help="a model directory (config.json + model.safetensors) to generate with")
     src.add_argument("--gorilla", action="store_true", help="Gorilla-7B's published answers")
@@ -406,6 +410,8 @@ def main():
     p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
     args = p.parse_args()
+    if not (args.answers or args.model or args.gorilla or args.plot):
+        return run_stage_cli(args.run_dir, "evaluate", evaluate_stage, None, {}, args.force, prepare.load_splits)
     if args.plot:
         made = plot_runs(args.plot)
         return print("\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items()))

@@ -208,3 +208,17 @@ def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
     for name, size in (("curves.png", (1500, 800)), ("results.png", (1500, 500))):
         head = (tmp_path / name).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == size
+
+
+@pytest.mark.slow
+def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    ev = lambda *a: subprocess.run([sys.executable, "evaluate.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=600)
+    out = ev()
+    assert out.returncode != 0 and "--force" in out.stderr  # finished: kept
+    before = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
+    out = ev("--force")
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
+    assert {k: v["ast_accuracy"] for k, v in after.items()} == {k: v["ast_accuracy"] for k, v in before.items()}

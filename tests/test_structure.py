@@ -115,7 +115,7 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
     assert not long, long
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "reward.py", "dpo.py"])
+@pytest.mark.parametrize("script", ["ppo.py", "reward.py", "dpo.py", "evaluate.py"])
 def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path):
     """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
     the command that makes it (and starts nothing)."""
