@@ -125,3 +125,32 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
             policy = answer(c["record"])
             assert c["response"][-1] == tok.eot and policy.startswith(c["answer"].replace("<|endoftext|>", ""))
             assert prepare.parse_answer(c["answer"])["api_call"] == r.sections["api_call"]
+
+
+def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monkeypatch):
+    """SFT crashes after its step-20 checkpoint (at step 25); the resumed run's metrics.jsonl has every step
+    1..40 exactly once, with validation losses at the checkpoints."""
+    import json
+    import rlaif
+    from model import Tokenizer
+    from data.gorilla import prepare
+    cfg = rlaif.make_config(init="micro", sft_steps=40, eval_every=20, sft_batch_size=4, max_answer_tokens=40)
+    tok = Tokenizer(prepare.VOCAB_FILE)
+    examples = [([1, 2, 3, i % 50 + 5], [i % 40 + 7, 9, tok.eot]) for i in range(64)]
+
+    def crash_at_25(msg):
+        if msg.startswith("[sft] step 25/"):
+            raise RuntimeError("killed")
+    monkeypatch.setattr(rlaif, "log", crash_at_25)
+    with pytest.raises(RuntimeError):
+        rlaif.sft(cfg, tok, examples, examples[:8], tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))  # as checkpointed, not as far as it got
+    said = []
+    monkeypatch.setattr(rlaif, "log", said.append)
+    rlaif.sft(cfg, tok, examples, examples[:8], tmp_path)
+    assert any(m.startswith("[sft] resumed from") and m.endswith("at step 20") for m in said)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    assert {"loss", "lr", "tokens_per_s"} <= set(rows[0])

@@ -258,3 +258,36 @@ def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(serv
     with pytest.raises(SystemExit, match="passes --judge-max-usd"):
         rlaif.feedback_stage(cfg, run, dict(train=train))
     assert server.requests == []
+
+
+def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path):
+    """Killed at step 40, after its step-20 checkpoint: the resumed training's metrics.jsonl has steps 1..N
+    once each, then one held-out row."""
+    import reward
+    from model import GPT, GPTConfig, ScalarModel
+    from reward import RMConfig, train_reward_model
+    g = torch.Generator().manual_seed(0)
+    samples = {k: dict(query=[1, 2, 3], response=torch.randint(10, 60, (6,), generator=g).tolist() + [63])
+               for k in range(400)}
+    feedback = [dict(id=k, record=k // 4, source="policy", score=float(k % 4), answers={}) for k in samples]
+
+    class Tok:
+        eot = 63
+    cfg = RMConfig(epochs=1, lr=1e-3, batch_size=8, heldout_fraction=0.2)
+    make = lambda: ScalarModel(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+
+    def crash_at_40(msg):
+        if msg.startswith("[reward] step 40/"):
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=crash_at_40)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20  # as checkpointed
+    said = []
+    metrics = train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt",
+                                 log=said.append)
+    assert "[reward] resumed at step 20" in said
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows[:-1]]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
+    assert rows[-1]["heldout_pairwise_accuracy"] == metrics["heldout_pairwise_accuracy"]
+    assert {"loss", "accuracy", "lr"} <= set(rows[0])
