@@ -9,7 +9,6 @@ learns from) train the policy directly, with the frozen SFT model as the referen
 
     python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
-import argparse
 import math
 import random
 import time
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs, pair_batches,
+from model import (GPT, RUN_FILES, Tokenizer, autocast, log, make_optimizer, pad_pairs, pair_batches,
                    progress, read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside,
-                   verify_done, write_metrics)
+                   stage_cli_args, verify_done, write_metrics)
 from reward import make_pairs
 
 
@@ -100,17 +99,12 @@ def dpo_model(cfg, run, pairs, out_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description="DPO [not in the paper] on the AI feedback of a run of rlaif.py: the "
-                                "run's SFT model trained on its judge-ordered pairs, saved to run_dir/compare/dpo "
-                                "(where rlaif.py --compare looks for it). Uses the run's recorded settings; the "
-                                "flags below override them for this training only.")
-    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose feedback stage is done "
-                   "(default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help="retrain an existing DPO model (the run's evaluation "
-                   "and compare marker are set aside: rlaif.py --compare redoes them)")
-    add_flags(p, DPOConfig, "", lambda f: "the run's")
-    args = vars(p.parse_args())
-    run, force = Path(args.pop("run_dir")), args.pop("force")
+    run, force, overrides = stage_cli_args(
+        "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model trained on its "
+        "judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py --compare looks for it). Uses the "
+        "run's recorded settings; the flags below override them for this training only.", "feedback",
+        "retrain an existing DPO model (the run's evaluation and compare marker are set aside: rlaif.py "
+        "--compare redoes them)", DPOConfig)
     cfg = read_run_config(run)
     for stage in ("sft", "sample", "feedback"):
         if not (run / stage / "done.json").exists():
@@ -123,7 +117,7 @@ def main():
         set_aside(run, ["evaluate"])
         (run / "compare" / "done.json").unlink(missing_ok=True)
         (out / "ckpt.pt").unlink(missing_ok=True)
-    cfg.dpo = DPOConfig(**dict(vars(cfg.dpo), **{k: v for k, v in args.items() if v is not None}))
+    cfg.dpo = DPOConfig(**dict(vars(cfg.dpo), **overrides))
     pairs = make_pairs(read_jsonl(run / RUN_FILES["feedback"]), cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
     dpo_model(cfg, run, pairs, out)
     log(f"[dpo] done -> {out / 'model'}")

@@ -762,6 +762,20 @@ def add_flags(parser, cls, prefix, default_text):
             group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
 
 
+def stage_cli_args(description, needs, force_help, config_cls, argv=None):
+    """(run_dir, force, overrides) of a stage script's command line: --run-dir (default runs/tiny), --force,
+    and one flag per field of the stage's config dataclass (unset flags are not overrides)."""
+    import argparse
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--run-dir", default="runs/tiny", help=f"a run directory whose {needs} stage is done "
+                   "(default: runs/tiny, the default run of rlaif.py)")
+    p.add_argument("--force", action="store_true", help=force_help)
+    add_flags(p, config_cls, "", lambda f: "the run's")
+    args = vars(p.parse_args(argv))
+    run_dir, force = Path(args.pop("run_dir")), args.pop("force")
+    return run_dir, force, {k: v for k, v in args.items() if v is not None}
+
+
 def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_splits):
     """One stage of an existing run from its own script (python ppo.py / reward.py): the run's recorded
     settings with `overrides` of cfg.<section> (recorded in config.json), earlier stages verified, an

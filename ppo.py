@@ -20,7 +20,6 @@ answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and cli
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
 Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
 """
-import argparse
 import random
 import time
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ import torch
 
 from data.gorilla import prepare
 from reward import combine, make_judge
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, generate, left_pad, log,
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, generate, left_pad, log,
                    make_optimizer, progress, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
-                   save_checkpoint, metrics_tag, tensorboard_text, write_metrics)
+                   save_checkpoint, metrics_tag, stage_cli_args, tensorboard_text, write_metrics)
 
 
 @dataclass
@@ -473,18 +472,12 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description="PPO stage of a run of rlaif.py: tune the run's SFT policy against its "
-                                "reward model (run_dir/sft, run_dir/reward) and save it to run_dir/ppo. Uses the "
-                                "run's recorded settings (config.json); the flags below override them and are "
-                                "recorded. An interrupted PPO resumes; later results (evaluate) are set aside.")
-    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose reward stage is done "
-                   "(default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help="redo a finished PPO stage")
-    add_flags(p, PPOConfig, "", lambda f: "the run's")
-    args = vars(p.parse_args())
-    run_dir, force = args.pop("run_dir"), args.pop("force")
-    run_stage_cli(run_dir, "ppo", ppo_stage, "ppo", {k: v for k, v in args.items() if v is not None}, force,
-                  prepare.load_splits)
+    run_dir, force, overrides = stage_cli_args(
+        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
+        "run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded settings (config.json); the flags "
+        "below override them and are recorded. An interrupted PPO resumes; later results (evaluate) are set aside.",
+        "reward", "redo a finished PPO stage", PPOConfig)
+    run_stage_cli(run_dir, "ppo", ppo_stage, "ppo", overrides, force, prepare.load_splits)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
 
     python reward.py --run-dir runs/tiny --force    # redo the reward stage of a run (see rlaif.py)
 """
-import argparse
 import ast
 import hashlib
 import json
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, add_flags, autocast, log, make_optimizer, pad_pairs,
-                   pair_batches, progress, read_jsonl, resume, run_stage_cli, write_metrics)
+from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, log, make_optimizer, pad_pairs,
+                   pair_batches, progress, read_jsonl, resume, run_stage_cli, stage_cli_args, write_metrics)
 
 # (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
 # what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
@@ -545,17 +544,11 @@ def make_judge(kind, model, base_url, concurrency, cache_file, max_usd=0.0, log=
 
 
 def main():
-    p = argparse.ArgumentParser(description="Reward-model stage of a run of rlaif.py: train the reward model on the "
-                                "run's AI feedback (run_dir/feedback) and save it to run_dir/reward. Uses the "
-                                "run's recorded settings; flags override and are recorded.")
-    p.add_argument("--run-dir", default="runs/tiny", help="a run directory whose feedback stage is done "
-                   "(default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help="redo a finished reward stage (later stages are set aside)")
-    add_flags(p, RMConfig, "", lambda f: "the run's")
-    args = vars(p.parse_args())
-    run_dir, force = Path(args.pop("run_dir")), args.pop("force")
-    run_stage_cli(run_dir, "reward", reward_stage, "rm", {k: v for k, v in args.items() if v is not None}, force,
-                  prepare.load_splits)
+    run_dir, force, overrides = stage_cli_args(
+        "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
+        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings; flags override "
+        "and are recorded.", "feedback", "redo a finished reward stage (later stages are set aside)", RMConfig)
+    run_stage_cli(run_dir, "reward", reward_stage, "rm", overrides, force, prepare.load_splits)
 
 
 if __name__ == "__main__":
