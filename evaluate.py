@@ -353,8 +353,8 @@ def plot_runs(run_dirs, out_dir=None):
         names = [n for n, ms in by_method.items() if all(key in m for m in ms)]
         vals = [[100 * m[key] for m in by_method[n]] for n in names]
         means = [sum(v) / len(v) for v in vals]
-        ax.barh(names, means, xerr=[[mu - min(v) for mu, v in zip(means, vals)],
-                                    [max(v) - mu for mu, v in zip(means, vals)]], capsize=3)
+        ax.barh(names, means, xerr=[[max(0.0, mu - min(v)) for mu, v in zip(means, vals)],  # rounding: never < 0
+                                    [max(0.0, max(v) - mu) for mu, v in zip(means, vals)]], capsize=3)
         ax.invert_yaxis()
         ax.set_title(f"{title} (%, {len(runs)} run{'s' if len(runs) > 1 else ''})", fontsize=10)
     fig.tight_layout()

@@ -263,7 +263,6 @@ def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(serv
 def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path):
     """Killed at step 40, after its step-20 checkpoint: the resumed training's metrics.jsonl has steps 1..N
     once each, then one held-out row."""
-    import reward
     from model import GPT, GPTConfig, ScalarModel
     from reward import RMConfig, train_reward_model
     g = torch.Generator().manual_seed(0)
