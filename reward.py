@@ -63,10 +63,9 @@ def approx_tokens(text):
     return len(text) * 2 // 7 + 1
 
 
-def judge_plan(model, samples, records, db, cached=0):
-    """(requests, input tokens, output tokens, USD or None) to judge `samples` [{record, answer}]:
-    len(QUESTIONS) requests each, one output token each; `cached` judged samples are free."""
-    todo = samples[cached:]
+def judge_plan(model, todo, records, db):
+    """(requests, input tokens, output tokens, USD or None) to judge the samples `todo` [{record, answer}]:
+    len(QUESTIONS) requests each, one output token each."""
     tokens = sum(approx_tokens(judge_prompt(records[s["record"]].instruction, s["answer"],
                                             db.apis[i] if (i := db.match(answer_api_call(s["answer"]))) is not None
                                             else None, q)) for s in todo for _, q, _ in QUESTIONS)
@@ -284,18 +283,25 @@ class OpenAIJudge:
         return f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens{usd}"
 
 
-def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
-    """Judge every sample {id, record, answer}; feedback records are appended to out_file as they
-    finish, and samples already in it are skipped, so an interrupted run resumes without re-asking."""
-    out_file = Path(out_file)
+def judged_so_far(out_file):
+    """{sample id: feedback record} of a partial feedback file; a line cut short by a crash is skipped, so
+    that answer is simply judged again."""
     done = {}
-    if out_file.exists():
-        for line in out_file.read_text().splitlines():
+    if Path(out_file).exists():
+        for line in Path(out_file).read_text().splitlines():
             try:
                 r = json.loads(line)
                 done[r["id"]] = r
             except (json.JSONDecodeError, KeyError):
                 pass
+    return done
+
+
+def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
+    """Judge every sample {id, record, answer}; feedback records are appended to out_file as they
+    finish, and samples already in it are skipped, so an interrupted run resumes without re-asking."""
+    out_file = Path(out_file)
+    done = judged_so_far(out_file)
     todo = [s for s in samples if s["id"] not in done]
     before = len(done)
     log(f"[feedback] judge: {judge.name}; {len(done)} judged already, {len(todo)} to go")

@@ -290,7 +290,7 @@ def feedback_stage(cfg, run, splits):
         log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
             "this is not LLM feedback. Use --judge openai for AI feedback.")
     else:  # what the judge will cost, before the first paid request
-        judged = {r["id"] for r in read_jsonl(partial)} if partial.exists() else set()
+        judged = reward.judged_so_far(partial)
         plan = reward.judge_plan(cfg.judge_model, [s for s in samples if s["id"] not in judged], splits["train"],
                                  judge.db)
         log(f"[feedback] judge {cfg.judge_model}: {reward.plan_text(cfg.judge_model, *plan)} (cached answers free)")
