@@ -1,7 +1,7 @@
 """
 PPO for language models against a learned reward, with a per-token KL penalty to the SFT model.
 
-    python ppo.py --run-dir runs/tiny  # runs the PPO stage of that run (tiny on CPU, paper on GPU)
+    python ppo.py                      # the PPO stage of runs/tiny (--run-dir another run; tiny on CPU, paper on GPU)
 
 The algorithm, in the order of one iteration (train_ppo):
   1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts, sampled with
