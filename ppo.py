@@ -295,8 +295,8 @@ def check_config(cfg):
 
 
 def advantages_and_returns(batch, cfg, kl_coef):
-    """Steps 2-3 of an iteration: (shaped score, per-token rewards, per-token KL, advantages, returns,
-    Monte-Carlo returns). returns is None for RLOO, which has no critic to train."""
+    """Steps 2-3 of an iteration: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns).
+    returns is None for RLOO, which has no critic to train."""
     mask = batch["mask"]
     score = shaped_score(batch["score"], batch["ended"], cfg.rollouts_per_prompt, cfg.missing_eos_penalty)
     rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
@@ -307,7 +307,7 @@ def advantages_and_returns(batch, cfg, kl_coef):
         advantages, returns = rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)
-    return score, rewards, kl, advantages, returns, mc_returns
+    return score, kl, advantages, returns, mc_returns
 
 
 def log_iteration(row, iterations, eta, log):
@@ -362,7 +362,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
         batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, sampling.seed, it),
                         sampling.temperature, sampling.max_answer_tokens, eot, device, generator)
         mask = batch["mask"]
-        score, rewards, kl, advantages, returns, mc_returns = advantages_and_returns(batch, cfg, kl_ctl.value)
+        score, kl, advantages, returns, mc_returns = advantages_and_returns(batch, cfg, kl_ctl.value)
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, sampling.temperature,

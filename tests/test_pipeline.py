@@ -93,6 +93,12 @@ def finished(tmp_path_factory):
     return run_dir
 
 
+def stage_script(script, run_dir, *args):
+    """A stage script (ppo.py, dpo.py, evaluate.py) run on run_dir as a user would."""
+    return subprocess.run([sys.executable, script, "--run-dir", str(run_dir), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
 def copy_of(run_dir, tmp_path):
     import shutil
     shutil.copytree(run_dir, tmp_path / "run")
@@ -143,8 +149,7 @@ def test_from_keeps_old_results_until_the_new_ones_exist(finished, tmp_path):
 @pytest.mark.slow
 def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    ppo = lambda *a: subprocess.run([sys.executable, "ppo.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=900)
+    ppo = lambda *a: stage_script("ppo.py", run_dir, *a)
     out = ppo()
     assert out.returncode == 1 and "already done" in out.stderr + out.stdout
     out = ppo("--force", "--iterations", "2")
@@ -185,8 +190,7 @@ def test_compare_adds_d_rlaif_rloo_dpo_and_best_of_n_from_the_same_sft_model_and
 @pytest.mark.slow
 def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    dpo = lambda *a: subprocess.run([sys.executable, "dpo.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=600)
+    dpo = lambda *a: stage_script("dpo.py", run_dir, *a)
     out = dpo("--steps", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     weights = run_dir / "compare" / "dpo" / "model" / "model.safetensors"
@@ -213,8 +217,7 @@ def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
 @pytest.mark.slow
 def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    ev = lambda *a: subprocess.run([sys.executable, "evaluate.py", "--run-dir", str(run_dir), *a], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=600)
+    ev = lambda *a: stage_script("evaluate.py", run_dir, *a)
     out = ev()
     assert out.returncode != 0 and "--force" in out.stderr  # finished: kept
     before = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
