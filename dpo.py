@@ -9,6 +9,7 @@ learns from) train the policy directly, with the frozen SFT model as the referen
 
     python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
+import argparse
 import math
 import random
 import time
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, Tokenizer, autocast, log, make_optimizer, pad_pairs, pair_batches,
-                   progress, read_jsonl, read_run_config, response_logprobs, resume, save_checkpoint, set_aside,
-                   stage_cli_args, verify_done, write_metrics)
-from reward import make_pairs
+from model import GPT, autocast, log, make_optimizer, pad_pairs, progress, response_logprobs, save_checkpoint
+from reward import RMConfig, make_pairs, pair_batches
+from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, load_config, read_rows, resume, save_config, set_aside, verify_done,
+                  write_metrics)
 
 
 @dataclass
@@ -42,7 +43,7 @@ def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
 
 def sequence_logprobs(model, samples, ids, tok, device):
     """Sum of each answer's token log-probs, log pi(y|x), at temperature 1 (the shared response_logprobs)."""
-    batch = pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
+    batch = pad_pairs([(samples[i].query, samples[i].response) for i in ids], tok.eot, device)
     return response_logprobs(model, *batch).sum(1)
 
 
@@ -84,11 +85,13 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
             write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
 
 
-def dpo_model(cfg, run, pairs, out_dir):
-    """The DPO policy of a run: from its SFT model, on judge-ordered `pairs` of its samples, saved to
-    out_dir/model. cfg: rlaif.Config."""
-    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
-    samples = {s["id"]: s for s in read_jsonl(run / RUN_FILES["samples"])}
+def dpo_stage(cfg, run, splits, out_dir):
+    """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its feedback (the reward
+    model's pairs, reward.make_pairs), saved to out_dir/model. A part of rlaif.py's compare stage."""
+    tok = prepare.tokenizer(cfg.compact)
+    samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
+    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
+    pairs = make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
@@ -98,28 +101,36 @@ def dpo_model(cfg, run, pairs, out_dir):
     policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
 
 
-def main():
-    run, force, overrides = stage_cli_args(
+def main(argv=None):
+    """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo."""
+    p = argparse.ArgumentParser(description=(
         "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model trained on its "
         "judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py --compare looks for it). Uses the "
-        "run's recorded settings; the flags below override them for this training only.", "feedback",
-        "retrain an existing DPO model (the run's evaluation and compare marker are set aside: rlaif.py "
-        "--compare redoes them)", DPOConfig)
-    cfg = read_run_config(run)
+        "run's recorded settings (config.json); the flags below override them and are recorded."))
+    p.add_argument("--run-dir", default="runs/tiny", help="a run of rlaif.py whose feedback stage is done "
+                   "(default: runs/tiny, the default run of rlaif.py)")
+    p.add_argument("--force", action="store_true", help="retrain an existing DPO model (the run's evaluation and "
+                   "compare marker are set aside: rlaif.py --compare redoes them)")
+    add_flags(p, DPOConfig, "", lambda f: "the run's")
+    args = vars(p.parse_args(argv))
+    run, force = Path(args.pop("run_dir")), args.pop("force")
+    cfg = load_config(run, dpo=DPOConfig, rm=RMConfig)
     for stage in ("sft", "sample", "feedback"):
         if not (run / stage / "done.json").exists():
             raise SystemExit(f"{run / stage} is not done: python rlaif.py --run-dir {run} --until feedback")
         verify_done(run / stage)
-    out = run / "compare" / "dpo"
+    out = run / RUN_FILES["dpo"]
     if (out / "model" / "config.json").exists():
         if not force:
             raise SystemExit(f"{out / 'model'} exists; --force retrains it")
         set_aside(run, ["evaluate"])
         (run / "compare" / "done.json").unlink(missing_ok=True)
         (out / "ckpt.pt").unlink(missing_ok=True)
-    cfg.dpo = DPOConfig(**dict(vars(cfg.dpo), **overrides))
-    pairs = make_pairs(read_jsonl(run / RUN_FILES["feedback"]), cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
-    dpo_model(cfg, run, pairs, out)
+    overrides = {f"dpo_{k}": v for k, v in args.items() if v is not None}
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        save_config(cfg, run)
+    dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), out)
     log(f"[dpo] done -> {out / 'model'}")
 
 

@@ -15,14 +15,15 @@ import json
 import keyword
 import math
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from reward import RulesJudge, combine
-from model import (GPT, RUN_FILES, Tokenizer, log, run_stage_cli, sample_answers, tensorboard_text, write_jsonl,
-                   write_metrics)
+from model import GPT, log, progress, sample_answers
+from runs import RUN_FILES, run_stage, stage_command_line, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
@@ -202,7 +203,12 @@ def score_answers(answers, records, db, sandbox=None):
                          rouge_l=rouge_l(without_explanation(text), without_explanation(r.sections)),
                          codebleu=cb))
     if sandbox is not None:
-        for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db)):
+        t0, total = time.time(), len(answers)
+
+        def show(n):
+            if n % 50 == 0 or n == total:
+                log(f"[evaluate] ran {n}/{total} snippets {progress(n, total, t0)}")
+        for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db, show)):
             row["exec"], row["exec_detail"] = verdict, detail
     n = len(rows)
     mean = lambda k: sum(row[k] for row in rows) / max(1, n)
@@ -244,7 +250,7 @@ def gorilla_answers_for(records):
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained with)."""
     model = GPT.from_pretrained(model_dir).to(device)
-    tok = Tokenizer(prepare.VOCAB_FILE if model.config.vocab_size < 50257 else None)
+    tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
     responses = sample_answers(model, prompts, tok.eot, max_answer_tokens, temperature=0.0, seed=seed)
     n = sum(p.numel() for p in model.parameters())
@@ -261,8 +267,8 @@ def evaluate_stage(cfg, run, splits):
     results = {}
     judge = RulesJudge(db) if cfg.judge == "rules" else None  # judging test answers is free offline only
     models = (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"]),
-              ("d-RLAIF", run / "compare" / "drlaif" / "model"), ("RLOO", run / "compare" / "rloo" / "model"),
-              ("DPO", run / "compare" / "dpo" / "model"))
+              ("d-RLAIF", run / RUN_FILES["drlaif"] / "model"), ("RLOO", run / RUN_FILES["rloo"] / "model"),
+              ("DPO", run / RUN_FILES["dpo"] / "model"))
     for name, model_dir in models:
         if not model_dir.exists():  # d-RLAIF, RLOO and DPO exist with --compare only
             continue
@@ -276,7 +282,7 @@ def evaluate_stage(cfg, run, splits):
             results[key]["judge_score"] = sum(combine(judge.answers(r, a)) for r, a in zip(test, answers)) / len(test)
         log(f"[evaluate] {name} scored")
     for pick in ("rm", "judge"):
-        picked = run / "compare" / f"best_of_n_{pick}.jsonl"
+        picked = run / RUN_FILES["best_of_n"].format(pick=pick)
         if picked.exists():
             given = read_answers(picked)
             name = f"SFT best-of-{cfg.best_of_n} ({'reward model' if pick == 'rm' else 'judge'}'s pick)"
@@ -388,7 +394,7 @@ def read_answers(path):
     return given
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Score answers to the held-out Gorilla questions with the paper's "
                                 "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
                                 "source flag: the evaluation stage of the run in --run-dir.",
@@ -409,9 +415,11 @@ def main():
     p.add_argument("--max-answer-tokens", type=int, default=160, help="answer length cap for --model")
     p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not (args.answers or args.model or args.gorilla or args.plot):
-        return run_stage_cli(args.run_dir, "evaluate", evaluate_stage, None, {}, args.force, prepare.load_splits)
+        cfg, run = stage_command_line("evaluate", p.description, None, ["--run-dir", args.run_dir] +
+                                      ["--force"] * args.force)
+        return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))
     if args.plot:
         made = plot_runs(args.plot)
         return print("\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items()))

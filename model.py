@@ -8,13 +8,13 @@ Everything the rest of the project does with a language model lives here, once:
   - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
     SFT samples, PPO rollouts and evaluation.
   - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and the reward model.
-  - training helpers shared by every stage: optimizer, LR schedule, atomic checkpoints, autocast.
+  - training helpers shared by every stage: optimizer, LR schedule, autocast, progress lines, and saving
+    and loading weights and plain state atomically (run directories and their files: runs.py).
 """
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -545,15 +545,6 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
     return logprobs, entropy
 
 
-def pair_batches(samples, pairs, batch_size, epochs, seed):
-    """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
-    resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
-    keys = [(len(samples[a]["query"]) // 16, max(len(samples[a]["response"]), len(samples[b]["response"])))
-            for a, b in pairs]
-    return [batch for epoch in range(epochs)
-            for batch in length_grouped_batches(keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch)]
-
-
 # -----------------------------------------------------------------------------
 # Training helpers shared by SFT, the reward model and PPO
 
@@ -595,55 +586,6 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def write_jsonl(path, rows):
-    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-
-class TensorBoard:
-    """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per metrics file."""
-    writer, sent = None, {}
-
-
-def open_tensorboard(log_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    TensorBoard.writer, TensorBoard.sent = SummaryWriter(str(log_dir)), {}
-
-
-def metrics_tag(path):
-    """'ppo', 'reward', 'compare/drlaif': where a stage's metrics.jsonl lives, as its TensorBoard prefix."""
-    parent = Path(path).parent
-    return f"{parent.parent.name}/{parent.name}" if parent.parent.name == "compare" else parent.name
-
-
-def write_metrics(path, rows):
-    """Rewrite a stage's metrics.jsonl from its checkpointed rows (atomic: after a resume no row appears
-    twice); with --tensorboard, also send the rows not sent yet, as '<stage>/<name>' scalars."""
-    write_jsonl(path, rows)
-    if TensorBoard.writer is None:
-        return
-    tag, start = metrics_tag(path), TensorBoard.sent.get(str(path), 0)
-    for i, row in enumerate(rows[start:], start):
-        step = row.get("iteration", row.get("step", i))
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "iteration"):
-                TensorBoard.writer.add_scalar(f"{tag}/{key}", value, step)
-    TensorBoard.sent[str(path)] = len(rows)
-    TensorBoard.writer.flush()
-
-
-def tensorboard_text(tag, text, step):
-    if TensorBoard.writer is not None:
-        TensorBoard.writer.add_text(tag, text, step)
-        TensorBoard.writer.flush()
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def save_checkpoint(path, **state):
     """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
     atomic_write(path, lambda p: torch.save(state, p))
@@ -660,147 +602,5 @@ def load_checkpoint(path, device="cpu"):
                          "stage's done.json) to redo the stage that wrote it") from None
 
 
-def resume(ckpt_file, device, optimizer, **modules):
-    """Load each module's state (saved under its keyword's name) and the optimizer's from ckpt_file;
-    returns the checkpoint, or None when there is none yet (a stage's resumable state)."""
-    if not Path(ckpt_file).exists():
-        return None
-    ckpt = load_checkpoint(ckpt_file, device)
-    for key, module in modules.items():
-        module.load_state_dict(ckpt[key])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt
-
-
 def config_from_dict(d):
     return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
-
-
-# -----------------------------------------------------------------------------
-# Run directories: each stage writes run_dir/<stage>/ and, last, a done.json with the sha256 of its
-# outputs, checked whenever a later run relies on them (a truncated or altered file is an error)
-
-RUN_FILES = dict(sft_model="sft/model", samples="sample/samples.jsonl", feedback="feedback/feedback.jsonl",
-                 judge_cache="judge_cache.jsonl", reward_model="reward/reward_model.pt", ppo_model="ppo/model",
-                 results="evaluate/results.md")
-SCRATCH = ("done.json", "ckpt.pt", ".partial.jsonl", ".tmp")  # not outputs: resumable state
-
-
-def output_hashes(stage_dir):
-    import hashlib
-    out = {}
-    for f in sorted(Path(stage_dir).rglob("*")):
-        if f.is_file() and not f.name.endswith(SCRATCH):
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(f.relative_to(stage_dir))] = h.hexdigest()
-    return out
-
-
-def mark_done(stage_dir, summary):
-    summary = dict(summary, outputs=output_hashes(stage_dir))
-    atomic_write(Path(stage_dir) / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
-
-
-def verify_done(stage_dir):
-    """Raise, naming the file, if an output of a finished stage is missing or not what it wrote."""
-    recorded = json.loads((Path(stage_dir) / "done.json").read_text()).get("outputs", {})
-    now = output_hashes(stage_dir)
-    for name, digest in recorded.items():
-        if now.get(name) != digest:
-            state = "is missing" if name not in now else "has changed since the stage finished (truncated or altered?)"
-            raise SystemExit(f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}")
-
-
-def read_run_config(run_dir):
-    """A run's config.json as attributes (cfg.seed, cfg.ppo.lr): what rlaif.py recorded when it started."""
-    from types import SimpleNamespace
-    config_file = Path(run_dir) / "config.json"
-    if not config_file.exists():
-        raise SystemExit(f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}")
-    d = json.loads(config_file.read_text())
-    return SimpleNamespace(**{k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in d.items()})
-
-
-STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluate")
-
-
-def set_aside(run, stages):
-    """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays until its
-    redo is complete (rlaif.py then deletes it); an unfinished one is deleted, so a failed redo never
-    replaces the last complete result."""
-    for name in stages:
-        current, previous = Path(run) / name, Path(run) / ".previous" / name
-        if (current / "done.json").exists():
-            previous.parent.mkdir(exist_ok=True)
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(current, previous)
-        elif current.exists():
-            shutil.rmtree(current)
-
-
-def add_flags(parser, cls, prefix, default_text):
-    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices)]`:
-    --prefix-name, yes/no flags as --name / --no-name, default None (unset). default_text(field) says
-    what an unset flag means, shown in --help."""
-    import argparse
-    import typing
-    hints = typing.get_type_hints(cls, include_extras=True)
-    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
-    for f in fields(cls):
-        if typing.get_origin(hints[f.name]) is not typing.Annotated:
-            continue  # a nested config (Config.ppo, Config.rm) has flags of its own
-        kind, help_text, *choices = typing.get_args(hints[f.name])
-        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
-        help_text += f" (default: {default_text(f)})"
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
-
-
-def stage_cli_args(description, needs, force_help, config_cls, argv=None):
-    """(run_dir, force, overrides) of a stage script's command line: --run-dir (default runs/tiny), --force,
-    and one flag per field of the stage's config dataclass (unset flags are not overrides)."""
-    import argparse
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--run-dir", default="runs/tiny", help=f"a run directory whose {needs} stage is done "
-                   "(default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help=force_help)
-    add_flags(p, config_cls, "", lambda f: "the run's")
-    args = vars(p.parse_args(argv))
-    run_dir, force = Path(args.pop("run_dir")), args.pop("force")
-    return run_dir, force, {k: v for k, v in args.items() if v is not None}
-
-
-def run_stage_cli(run_dir, stage, stage_fn, section, overrides, force, load_splits):
-    """One stage of an existing run from its own script (python ppo.py / reward.py): the run's recorded
-    settings with `overrides` of cfg.<section> (recorded in config.json), earlier stages verified, an
-    interrupted stage resumed, a finished one kept unless `force`, and later stages set aside so that
-    no result computed from the old stage survives as if it were current."""
-    from types import SimpleNamespace
-    run = Path(run_dir)
-    cfg = read_run_config(run)
-    for earlier in STAGE_ORDER[:STAGE_ORDER.index(stage)]:
-        if not (run / earlier / "done.json").exists():
-            raise SystemExit(f"{run / earlier} is not done: python rlaif.py --run-dir {run} --until {earlier}")
-        verify_done(run / earlier)
-    if (run / stage / "done.json").exists() and not force:
-        raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
-    set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
-    if overrides:
-        setattr(cfg, section, SimpleNamespace(**dict(vars(getattr(cfg, section)), **overrides)))
-        d = json.loads((run / "config.json").read_text())
-        d[section].update(overrides)
-        atomic_write(run / "config.json", lambda p: Path(p).write_text(json.dumps(d, indent=1)))
-        log(f"[{stage}] recorded overrides in {run / 'config.json'}: {overrides}")
-    if getattr(cfg, "tensorboard", False):
-        open_tensorboard(run / "tb")
-    t0 = time.time()
-    (run / stage).mkdir(parents=True, exist_ok=True)
-    summary = stage_fn(cfg, run, load_splits(cfg.train_file))
-    mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
-    log(f"[{stage}] done -> {run / stage}\nNext: python rlaif.py --run-dir {run}   (runs the later stages)")

@@ -29,10 +29,10 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
-from reward import combine, make_judge
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, generate, left_pad, log,
-                   make_optimizer, progress, response_logprobs, resume, right_pad, run_stage_cli, sample_answers,
-                   save_checkpoint, metrics_tag, stage_cli_args, tensorboard_text, write_metrics)
+from reward import RMConfig, combine, make_judge
+from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
+                   right_pad, sample_answers, save_checkpoint)
+from runs import RUN_FILES, metrics_tag, resume, run_stage, stage_command_line, tensorboard_text, write_metrics
 
 
 @dataclass
@@ -340,11 +340,12 @@ def training_state(policy, value_model, cfg, ckpt_file, device, log):
     return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
 
 
-def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling, eot, device, out_dir,
+def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, eot, device, out_dir,
               decode=None, validate=None, log=log):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
-    response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. sampling: the run's
-    seed, temperature, max_answer_tokens and grad_clip (shared with the other stages). validate(policy,
+    response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. run_cfg: the run's
+    Config (runs.Config), for the settings PPO shares with the other stages: seed, temperature,
+    max_answer_tokens, grad_clip. validate(policy,
     iteration) -> dict of metrics, every cfg.val_every iterations. Checkpoints after each iteration (atomic) and
     resumes from the last."""
     check_config(cfg)
@@ -358,15 +359,15 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, sampling,
     t_start = time.time()
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        generator = torch.Generator().manual_seed(sampling.seed * 104729 + it)
-        batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, sampling.seed, it),
-                        sampling.temperature, sampling.max_answer_tokens, eot, device, generator)
+        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it)
+        batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, run_cfg.seed, it),
+                        run_cfg.temperature, run_cfg.max_answer_tokens, eot, device, generator)
         mask = batch["mask"]
         score, kl, advantages, returns, mc_returns = advantages_and_returns(batch, cfg, kl_ctl.value)
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
-        stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, sampling.temperature,
-                           sampling.grad_clip, device, generator, train_policy=not warmup)
+        stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
+                           run_cfg.grad_clip, device, generator, train_policy=not warmup)
         t_update = time.time() - t_update
         mean_kl = kl.sum(1).mean().item()
         kl_ctl.update(mean_kl, cfg.batch_size)
@@ -444,11 +445,11 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
 
 def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; value model from the reward model's network
-    (fresh_value_model); frozen reward model. cfg: rlaif.Config or its config.json.
+    (fresh_value_model); frozen reward model. cfg: the run's runs.Config.
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
     score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
     advantage: overrides cfg.ppo.advantage (--compare's RLOO row)."""
-    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    tok = prepare.tokenizer(cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
     ppo_cfg = cfg.ppo if advantage is None else type(cfg.ppo)(**dict(vars(cfg.ppo), advantage=advantage))
     torch.manual_seed(cfg.seed)
@@ -471,13 +472,14 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     return history[-1] if history else {}
 
 
-def main():
-    run_dir, force, overrides = stage_cli_args(
-        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
+def main(argv=None):
+    """python ppo.py: the PPO stage alone, on an existing run (default runs/tiny)."""
+    cfg, run = stage_command_line(
+        "ppo", "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
         "run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded settings (config.json); the flags "
         "below override them and are recorded. An interrupted PPO resumes; later results (evaluate) are set aside.",
-        "reward", "redo a finished PPO stage", PPOConfig)
-    run_stage_cli(run_dir, "ppo", ppo_stage, "ppo", overrides, force, prepare.load_splits)
+        PPOConfig, argv, ppo=PPOConfig, rm=RMConfig)
+    run_stage(cfg, run, "ppo", ppo_stage, prepare.load_splits(cfg.train_file))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -31,8 +31,29 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import (GPT, RUN_FILES, ScalarModel, Tokenizer, autocast, log, make_optimizer, pad_pairs,
-                   pair_batches, progress, read_jsonl, resume, run_stage_cli, stage_cli_args, write_metrics)
+from model import GPT, ScalarModel, autocast, length_grouped_batches, log, make_optimizer, pad_pairs, progress
+from runs import (RUN_FILES, Feedback, Sample, read_rows, resume, run_stage, stage_command_line, write_metrics,
+                  write_rows)
+
+# -----------------------------------------------------------------------------
+# Settings of the reward model (rlaif.py --rm-*, python reward.py --*)
+
+@dataclass
+class RMConfig:
+    epochs: Annotated[int, "passes over the training pairs"] = 1
+    lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
+    batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts"] = 16
+    max_contrast_pairs: Annotated[int, "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
+                                       "the policy's own answers is kept (ties are dropped)"] = 4
+    heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
+                                       "own answers"] = 0.1
+    weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
+    aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
+                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)"] = 1.0
+
+
+# -----------------------------------------------------------------------------
+# 1. AI feedback: the questions, the judges, the score
 
 # (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
 # what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
@@ -64,11 +85,15 @@ def approx_tokens(text):
 
 
 def judge_plan(model, todo, records, db):
-    """(requests, input tokens, output tokens, USD or None) to judge the samples `todo` [{record, answer}]:
-    len(QUESTIONS) requests each, one output token each."""
-    tokens = sum(approx_tokens(judge_prompt(records[s["record"]].instruction, s["answer"],
-                                            db.apis[i] if (i := db.match(answer_api_call(s["answer"]))) is not None
-                                            else None, q)) for s in todo for _, q, _ in QUESTIONS)
+    """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`: len(QUESTIONS)
+    requests each, one output token each."""
+    tokens, known = 0, {}  # many answers repeat (the same API call sampled again): each is matched once
+    for s in todo:
+        if (s.record, s.answer) not in known:
+            entry = db.apis[i] if (i := db.match(answer_api_call(s.answer))) is not None else None
+            known[s.record, s.answer] = sum(approx_tokens(judge_prompt(records[s.record].instruction, s.answer,
+                                                                       entry, q)) for _, q, _ in QUESTIONS)
+        tokens += known[s.record, s.answer]
     requests = len(todo) * len(QUESTIONS)
     return requests, tokens, requests, judge_cost_usd(model, tokens, requests)
 
@@ -290,32 +315,32 @@ def judged_so_far(out_file):
     if Path(out_file).exists():
         for line in Path(out_file).read_text().splitlines():
             try:
-                r = json.loads(line)
-                done[r["id"]] = r
-            except (json.JSONDecodeError, KeyError):
+                row = Feedback(**json.loads(line))
+                done[row.id] = row
+            except (json.JSONDecodeError, TypeError):
                 pass
     return done
 
 
 def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
-    """Judge every sample {id, record, answer}; feedback records are appended to out_file as they
-    finish, and samples already in it are skipped, so an interrupted run resumes without re-asking."""
+    """Judge every Sample; its Feedback is appended to out_file as it finishes, and samples already in it
+    are skipped, so an interrupted run resumes without re-asking."""
     out_file = Path(out_file)
     done = judged_so_far(out_file)
-    todo = [s for s in samples if s["id"] not in done]
+    todo = [s for s in samples if s.id not in done]
     before = len(done)
     log(f"[feedback] judge: {judge.name}; {len(done)} judged already, {len(todo)} to go")
     lock, t0 = threading.Lock(), time.time()
 
-    def one(sample):
-        answers = judge.answers(records[sample["record"]], sample["answer"])
+    def judge_one(sample):
+        answers = judge.answers(records[sample.record], sample.answer)
         error = answers.pop("error", None)
-        result = dict(id=sample["id"], record=sample["record"], source=sample["source"],
-                      judge=judge.name, answers=answers, score=combine(answers), error=error)
+        result = Feedback(id=sample.id, record=sample.record, source=sample.source, judge=judge.name,
+                          answers=answers, score=combine(answers), error=error)
         with lock:
             with open(out_file, "a") as f:
-                f.write(json.dumps(result) + "\n")
-            done[sample["id"]] = result
+                f.write(json.dumps(asdict(result)) + "\n")
+            done[sample.id] = result
             n = len(done)
             if n % 100 == 0 or n == len(samples):
                 cost = f", {judge.cost()}" if hasattr(judge, "cost") else ""
@@ -323,29 +348,15 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        list(pool.map(one, todo))
-    failed = sum(r["score"] is None for r in done.values())
+        list(pool.map(judge_one, todo))
+    failed = sum(r.score is None for r in done.values())
     if failed:
         log(f"[feedback] {failed} sample(s) have no score (judge gave up); they are left out of training")
-    return [done[s["id"]] for s in samples]
+    return [done[s.id] for s in samples]
 
 
 # -----------------------------------------------------------------------------
 # The reward model
-
-@dataclass
-class RMConfig:
-    epochs: Annotated[int, "passes over the training pairs"] = 1
-    lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
-    batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts"] = 16
-    max_contrast_pairs: Annotated[int, "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
-                                       "the policy's own answers is kept (ties are dropped)"] = 4
-    heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
-                                       "own answers"] = 0.1
-    weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
-    aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
-                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)"] = 1.0
-
 
 def make_pairs(feedback, max_contrast_pairs, rng):
     """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped. Every pair
@@ -354,20 +365,29 @@ def make_pairs(feedback, max_contrast_pairs, rng):
     teach relevance and missing code without outnumbering the policy's comparisons."""
     by_record = {}
     for f in feedback:
-        if f["score"] is not None:
-            by_record.setdefault(f["record"], []).append(f)
+        if f.score is not None:
+            by_record.setdefault(f.record, []).append(f)
     pairs = []
     for group in by_record.values():
-        ordered = [(a, b) for a in group for b in group if a["score"] > b["score"]]
-        own = [(a["id"], b["id"]) for a, b in ordered if a["source"] == b["source"] == "policy"]
-        contrast = [(a["id"], b["id"]) for a, b in ordered if not a["source"] == b["source"] == "policy"]
+        ordered = [(a, b) for a in group for b in group if a.score > b.score]
+        own = [(a.id, b.id) for a, b in ordered if a.source == b.source == "policy"]
+        contrast = [(a.id, b.id) for a, b in ordered if not a.source == b.source == "policy"]
         rng.shuffle(contrast)
         pairs.extend(own + contrast[:max_contrast_pairs])
     return pairs
 
 
+def pair_batches(samples, pairs, batch_size, epochs, seed):
+    """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
+    resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
+    keys = [(len(samples[a].query) // 16, max(len(samples[a].response), len(samples[b].response)))
+            for a, b in pairs]
+    return [batch for epoch in range(epochs)
+            for batch in length_grouped_batches(keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch)]
+
+
 def rm_batch(samples, ids, tok, device):
-    return pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in ids], tok.eot, device)
+    return pad_pairs([(samples[i].query, samples[i].response) for i in ids], tok.eot, device)
 
 
 def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None):
@@ -398,7 +418,7 @@ def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0
 
 def question_targets(feedback):
     """{sample id: [P(yes) for each of QUESTIONS]} of every fully answered sample."""
-    return {f["id"]: [f["answers"][k] for k, _, _ in QUESTIONS] for f in feedback if f["score"] is not None}
+    return {f.id: [f.answers[k] for k, _, _ in QUESTIONS] for f in feedback if f.score is not None}
 
 
 @torch.no_grad()
@@ -414,13 +434,13 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
 def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
     """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: {query, response}}."""
     rng = random.Random(seed)
-    records = sorted({f["record"] for f in feedback})
+    records = sorted({f.record for f in feedback})
     rng.shuffle(records)
     heldout_records = set(records[:max(1, int(len(records) * cfg.heldout_fraction))])
-    train_fb = [f for f in feedback if f["record"] not in heldout_records]
+    train_fb = [f for f in feedback if f.record not in heldout_records]
     # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
-    test_fb = [f for f in feedback if f["record"] in heldout_records and f["score"] is not None
-               and f["source"] == "policy"]
+    test_fb = [f for f in feedback if f.record in heldout_records and f.score is not None
+               and f.source == "policy"]
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
     test_pairs = make_pairs(test_fb, 0, rng)  # the policy's own answers only, ties excluded
     targets = question_targets(train_fb) if rm.aux is not None else {}
@@ -464,11 +484,11 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
 
 def heldout_metrics(rm, samples, test_fb, test_pairs, tok, device):
     """Pairwise accuracy on held-out prompts' judge-ordered pairs, and Pearson r with judge scores."""
-    ids = [f["id"] for f in test_fb]
+    ids = [f.id for f in test_fb]
     r = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist()))
     acc = sum(r[a] > r[b] for a, b in test_pairs) / max(1, len(test_pairs))
     x = torch.tensor([r[i] for i in ids])
-    y = torch.tensor([f["score"] for f in test_fb])
+    y = torch.tensor([f.score for f in test_fb])
     corr = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if len(ids) > 1 else float("nan")
     return dict(heldout_pairwise_accuracy=acc, heldout_pairs=len(test_pairs),
                 heldout_correlation=corr, heldout_samples=len(ids))
@@ -490,16 +510,16 @@ def judge_score_fn(judge, records, tok, feedback):
     """d-RLAIF ("direct RLAIF", Lee et al. 2023): the judge scores each PPO rollout itself, with no reward
     model in between. Scores are normalised as the reward model's are: mean 0, std 1 over the SFT
     samples' judge scores. A PPO score_fn (see ppo.train_ppo)."""
-    scores = [f["score"] for f in feedback if f["source"] == "policy" and f["score"] is not None]
+    scores = [f.score for f in feedback if f.source == "policy" and f.score is not None]
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) + 1e-8
     by_prompt = {tuple(prepare.prompt_ids(tok, r.instruction)): r for r in records}
 
     def score(query, query_mask, response, response_mask):
         out = []
-        for q, qm, r, rm in zip(query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()):
-            record = by_prompt[tuple(t for t, m in zip(q, qm) if m)]
-            s = combine(judge.answers(record, tok.decode([t for t, m in zip(r, rm) if m])))
+        for q, q_mask, r, r_mask in zip(query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()):
+            record = by_prompt[tuple(t for t, m in zip(q, q_mask) if m)]
+            s = combine(judge.answers(record, tok.decode([t for t, m in zip(r, r_mask) if m])))
             out.append(((s if s is not None else mean) - mean) / std)  # no answer from the judge: no signal
         return torch.tensor(out, device=query.device)
     return score
@@ -511,23 +531,7 @@ def best_of_n(scores, n):
 
 
 # -----------------------------------------------------------------------------
-# The reward stage of a run (rlaif.py), and the judge's setup
-
-def reward_stage(cfg, run, splits):
-    """Reward model initialised from the SFT model, trained on the feedback, normalised on policy samples.
-    cfg: rlaif.Config (or its config.json read back)."""
-    tok = Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
-    samples = {s["id"]: s for s in read_jsonl(run / RUN_FILES["samples"])}
-    torch.manual_seed(cfg.seed)
-    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
-    metrics = train_reward_model(rm, samples, read_jsonl(run / RUN_FILES["feedback"]), tok, cfg.rm, cfg.seed,
-                                 cfg.grad_clip, cfg.device, run / "reward" / "ckpt.pt", log=log)
-    normalise(rm, samples, [i for i, s in samples.items() if s["source"] == "policy"], tok, cfg.device)
-    rm.save(run / RUN_FILES["reward_model"])
-    log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
-          f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
-    return metrics
-
+# The judge of a run: which one, and what stops it from working (checked before any stage runs)
 
 def judge_base_url(base_url):
     return base_url or os.environ.get("OPENAI_BASE_URL", "")
@@ -549,12 +553,65 @@ def make_judge(kind, model, base_url, concurrency, cache_file, max_usd=0.0, log=
                        max_usd=max_usd, log=log)
 
 
-def main():
-    run_dir, force, overrides = stage_cli_args(
-        "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
-        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings; flags override "
-        "and are recorded.", "feedback", "redo a finished reward stage (later stages are set aside)", RMConfig)
-    run_stage_cli(run_dir, "reward", reward_stage, "rm", overrides, force, prepare.load_splits)
+# -----------------------------------------------------------------------------
+# The stages of a run (rlaif.py): 4. AI feedback on the samples, 5. the reward model
+
+def feedback_stage(cfg, run, splits):
+    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
+    go to run_dir/feedback. Resumable: answers already judged are in the partial file (and the judge's cache)."""
+    judge = make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
+                       cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
+    samples, partial = read_rows(run / RUN_FILES["samples"], Sample), run / RUN_FILES["feedback_partial"]
+    if cfg.judge == "rules":
+        log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
+            "this is not LLM feedback. Use --judge openai for AI feedback.")
+    else:  # what the judge will cost, before the first paid request
+        judged = judged_so_far(partial)
+        plan = judge_plan(cfg.judge_model, [s for s in samples if s.id not in judged], splits["train"], judge.db)
+        log(f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)")
+        if cfg.judge_max_usd and plan[3] is not None and plan[3] > cfg.judge_max_usd:
+            raise SystemExit(f"[feedback] the estimate passes --judge-max-usd {cfg.judge_max_usd}: nothing was sent. "
+                             "Raise the cap, or judge fewer answers (--sample-prompts, --samples-per-prompt).")
+    try:
+        feedback = judge_answers(judge, samples, splits["train"], partial,
+                                 cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
+    except JudgeBudgetExceeded as e:
+        raise SystemExit(f"[feedback] stopped: {e}. Every answer so far is kept ({partial}, "
+                         f"{RUN_FILES['judge_cache']}); rerun with a higher --judge-max-usd to resume.") from None
+    for source in sorted({f.source for f in feedback}):
+        fb = [f for f in feedback if f.source == source]
+        scores = [f.score for f in fb if f.score is not None]
+        log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
+            "P(yes) per question: " + ", ".join(f"{k} {sum(f.answers[k] or 0 for f in fb) / len(fb):.2f}"
+                                                for k, _, _ in QUESTIONS))
+    write_rows(run / RUN_FILES["feedback"], feedback)
+    return dict(judge=judge.name, judged=sum(f.score is not None for f in feedback))
+
+
+def reward_stage(cfg, run, splits):
+    """Step 5: the reward model, initialised from the SFT model, trained on the feedback, normalised on the
+    policy's samples."""
+    tok = prepare.tokenizer(cfg.compact)
+    samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
+    torch.manual_seed(cfg.seed)
+    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
+    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
+    metrics = train_reward_model(rm, samples, feedback, tok, cfg.rm, cfg.seed, cfg.grad_clip, cfg.device,
+                                 run / "reward" / "ckpt.pt", log=log)
+    normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
+    rm.save(run / RUN_FILES["reward_model"])
+    log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
+        f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
+    return metrics
+
+
+def main(argv=None):
+    """python reward.py: the reward-model stage alone, on an existing run (default runs/tiny)."""
+    cfg, run = stage_command_line(
+        "reward", "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
+        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings (config.json); the "
+        "flags below override them and are recorded.", RMConfig, argv, rm=RMConfig)
+    run_stage(cfg, run, "reward", reward_stage, prepare.load_splits(cfg.train_file))
 
 
 if __name__ == "__main__":

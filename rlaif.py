@@ -10,25 +10,23 @@ skipped on the next run, so an interrupted run resumes where it stopped.
   1. data      the Gorilla APIBench HuggingFace split                       data/gorilla/prepare.py
   2. sft       supervised fine-tuning on (instruction -> answer)            sft_stage below
   3. sample    answers to the training instructions from the SFT policy     sample_stage, model.sample_answers
-  4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   feedback_stage, reward.judge_answers
+  4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   reward.feedback_stage
   5. reward    reward model trained on the judge's scores                   reward.reward_stage
   6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
   7. compare   [not in the paper, --compare] the same feedback used four     compare_stage below, dpo.py
                more ways: d-RLAIF (PPO on the judge's score), RLOO, DPO, best-of-n
   8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
-Results land in run_dir/evaluate/results.md (and results in its done.json).
+Results land in run_dir/evaluate/results.md (and results in its done.json). Every setting is a field of
+runs.Config (PPO's, the reward model's and DPO's in their own files); runs.py keeps the run directory.
 """
 import argparse
 import importlib.util
 import json
 import random
 import re
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
 
 import torch
 
@@ -38,68 +36,18 @@ import ppo
 import reward
 import sandbox
 from data.gorilla import prepare
-from model import (GPT, RUN_FILES, STAGE_ORDER, ScalarModel, Tokenizer, add_flags, atomic_write, autocast, length_grouped_batches,
-                   log, lr_at, make_optimizer, mark_done, pad_pairs, preset_config, progress, read_jsonl, response_logprobs, resume, sample_answers,
-                   open_tensorboard, save_checkpoint, set_aside, verify_done, write_jsonl, write_metrics)
 from dpo import DPOConfig
+from model import (GPT, ScalarModel, autocast, length_grouped_batches, log, lr_at, make_optimizer, pad_pairs,
+                   preset_config, progress, response_logprobs, sample_answers, save_checkpoint)
 from ppo import PPOConfig
 from reward import RMConfig
+from runs import (RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_flags, apply_overrides, load_config,
+                  open_tensorboard, read_rows, resume, run_stage, save_config, set_aside, settings_diff,
+                  verify_done, write_jsonl, write_metrics, write_rows)
 
 CODE_TAG = "<<<code>>>:"
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
-
-
-@dataclass
-class Config:
-    """Every knob of the pipeline, defaults = the embedded tiny run; PAPER below lists what differs.
-    Each field is a command-line flag (--sft-steps); PPO and reward-model knobs are --ppo-* and --rm-*."""
-    run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
-    seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
-    device: Annotated[str, "cpu, cuda or cuda:N"] = "cpu"
-    init: Annotated[str, "model preset trained from scratch (tiny, micro) or HF weights to start from "
-                         "(gpt2-large, or a directory with config.json + model.safetensors)"] = "tiny"
-    compact: Annotated[bool, "[offline stand-in] compact vocabulary + compact answers (no explanation, "
-                             "code cut after the api_call)"] = True
-    api_pairs: Annotated[bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"] = True
-    train_file: Annotated[str, "SFT data: '' = the offline split of the eval file; hub = APIBench's "
-                               "huggingface_train.json from the Hub; or a local file of its schema"] = ""
-    max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
-                                      "evaluation stop at it"] = 160
-    sft_steps: Annotated[int, "SFT optimizer steps"] = 800
-    sft_batch_size: Annotated[int, "SFT examples per micro-batch"] = 16
-    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step"] = 1
-    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)"] = 2e-3
-    sft_warmup: Annotated[int, "SFT warmup steps"] = 50
-    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)"] = 0.1
-    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)"] = 1.0
-    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps"] = 100
-    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback"] = 4
-    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)"] = 1000
-    contrast_answers: Annotated[bool, "[not in the paper] also judge, per sampled instruction, its reference, "
-                                      "another domain's, and a policy answer cut before its code"] = True
-    temperature: Annotated[float, "sampling temperature of the feedback samples and the PPO rollouts"] = 0.7
-    judge: Annotated[str, "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's "
-                          "GPT-3.5)", ("rules", "openai")] = "rules"
-    judge_model: Annotated[str, "model name sent to the judge endpoint"] = "gpt-3.5-turbo"
-    judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
-                                   "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
-    judge_concurrency: Annotated[int, "judge requests in flight"] = 8
-    tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
-                                 "files in run_dir/tb (needs: pip install tensorboard)"] = False
-    judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
-                                    "this many USD (0 = no cap); what was judged is kept"] = 0.0
-    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
-    exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
-                              "libraries) or none", ("offline", "real", "none")] = "offline"
-    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)"] = 10.0
-    unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
-                                 "unavailable (NOT isolated; marked in the results)"] = False
-    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), DPO and best-of-n "
-                             "from the same SFT model and feedback, in the same results table"] = False
-    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n"] = 8
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
+SECTIONS = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)  # Config's sections, each in its stage's file
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
@@ -113,24 +61,10 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 
 
 def make_config(preset="tiny", **overrides):
-    """Config of a preset with overrides: top-level names, ppo_<name> / rm_<name>, or ppo=dict(...)."""
-    cfg = Config()
-    for source in (PRESETS[preset], overrides):
-        for key, value in source.items():
-            if value is None:
-                continue
-            if key in ("ppo", "rm", "dpo"):
-                setattr(cfg, key, replace(getattr(cfg, key), **value))
-            elif key.startswith(("ppo_", "rm_", "dpo_")):
-                sub, name = key.split("_", 1)
-                setattr(cfg, sub, replace(getattr(cfg, sub), **{name: value}))
-            else:
-                setattr(cfg, key, value)
-    return cfg
-
-
-def tokenizer_for(cfg):
-    return Tokenizer(prepare.VOCAB_FILE if cfg.compact else None)
+    """Config of a preset (every setting of runs.Config) with overrides: top-level names, ppo_<name> /
+    rm_<name> / dpo_<name>, or ppo=dict(...)."""
+    cfg = Config(**{name: cls() for name, cls in SECTIONS.items()})
+    return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +156,7 @@ def sft(cfg, tok, train, val, out_dir):
 
 
 def sft_stage(cfg, run, splits):
-    tok = tokenizer_for(cfg)
+    tok = prepare.tokenizer(cfg.compact)
     extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     train = sft_examples(cfg, tok, splits["train"] + extra)
     model, history = sft(cfg, tok, train, sft_examples(cfg, tok, splits["val"]), run / "sft")
@@ -236,18 +170,18 @@ def sft_stage(cfg, run, splits):
 
 def sample_stage(cfg, run, splits):
     """samples_per_prompt answers to the first sample_prompts training instructions (a seeded shuffle)."""
-    tok, train = tokenizer_for(cfg), splits["train"]
+    tok, train = prepare.tokenizer(cfg.compact), splits["train"]
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
     chosen = order[:cfg.sample_prompts]
     prompts = [prepare.prompt_ids(tok, train[i].instruction) for i in chosen for _ in range(cfg.samples_per_prompt)]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
-    samples = [dict(id=k, record=chosen[k // cfg.samples_per_prompt], source="policy", query=q, response=r,
-                    answer=tok.decode(r)) for k, (q, r) in enumerate(zip(prompts, responses))]
+    samples = [Sample(id=k, record=chosen[k // cfg.samples_per_prompt], source="policy", query=q, response=r,
+                      answer=tok.decode(r)) for k, (q, r) in enumerate(zip(prompts, responses))]
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
-    write_jsonl(run / RUN_FILES["samples"], samples)
+    write_rows(run / RUN_FILES["samples"], samples)
     return dict(samples=len(samples))
 
 
@@ -262,8 +196,8 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
     elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
     with_code = {}
     for s in samples:
-        if s["record"] not in with_code and prepare.parse_answer(s["answer"])["code"] and CODE_TAG in s["answer"]:
-            with_code[s["record"]] = s
+        if s.record not in with_code and prepare.parse_answer(s.answer)["code"] and CODE_TAG in s.answer:
+            with_code[s.record] = s
     out = []
     for i in chosen:
         other = rng.choice(elsewhere[domains[i]])
@@ -271,46 +205,12 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
         answers = [("reference", prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)),
                    ("mismatched", prepare.answer_ids(tok, train[other].sections, cfg.compact, cfg.max_answer_tokens))]
         if i in with_code:
-            policy = with_code[i]["answer"]
+            policy = with_code[i].answer
             answers.append(("no_code", tok.encode(policy[:policy.index(CODE_TAG) + len(CODE_TAG)]) + [tok.eot]))
         for source, response in answers:
-            out.append(dict(id=start_id + len(out), record=i, source=source, query=query, response=response,
-                            answer=tok.decode(response)))
+            out.append(Sample(id=start_id + len(out), record=i, source=source, query=query, response=response,
+                              answer=tok.decode(response)))
     return out
-
-
-# -----------------------------------------------------------------------------
-# 4. AI feedback
-
-def feedback_stage(cfg, run, splits):
-    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
-                              cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
-    samples, partial = read_jsonl(run / RUN_FILES["samples"]), run / "feedback" / "feedback.partial.jsonl"
-    if cfg.judge == "rules":
-        log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
-            "this is not LLM feedback. Use --judge openai for AI feedback.")
-    else:  # what the judge will cost, before the first paid request
-        judged = reward.judged_so_far(partial)
-        plan = reward.judge_plan(cfg.judge_model, [s for s in samples if s["id"] not in judged], splits["train"],
-                                 judge.db)
-        log(f"[feedback] judge {cfg.judge_model}: {reward.plan_text(cfg.judge_model, *plan)} (cached answers free)")
-        if cfg.judge_max_usd and plan[3] is not None and plan[3] > cfg.judge_max_usd:
-            raise SystemExit(f"[feedback] the estimate passes --judge-max-usd {cfg.judge_max_usd}: nothing was sent. "
-                             "Raise the cap, or judge fewer answers (--sample-prompts, --samples-per-prompt).")
-    try:
-        feedback = reward.judge_answers(judge, samples, splits["train"], partial,
-                                        cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
-    except reward.JudgeBudgetExceeded as e:
-        raise SystemExit(f"[feedback] stopped: {e}. Every answer so far is kept ({partial}, "
-                         f"{RUN_FILES['judge_cache']}); rerun with a higher --judge-max-usd to resume.") from None
-    for source in sorted({f["source"] for f in feedback}):
-        fb = [f for f in feedback if f["source"] == source]
-        scores = [f["score"] for f in fb if f["score"] is not None]
-        log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
-            "P(yes) per question: " + ", ".join(f"{k} {sum(f['answers'][k] or 0 for f in fb) / len(fb):.2f}"
-                                                for k, _, _ in reward.QUESTIONS))
-    write_jsonl(run / RUN_FILES["feedback"], feedback)
-    return dict(judge=judge.name, judged=sum(f["score"] is not None for f in feedback))
 
 
 # -----------------------------------------------------------------------------
@@ -322,59 +222,41 @@ def compare_stage(cfg, run, splits):
     (n samples each, picked by the reward model, and by the judge itself for reference)."""
     if not cfg.compare:
         return dict(skipped="--compare not given")
-    out, tok = run / "compare", tokenizer_for(cfg)
-    feedback = read_jsonl(run / RUN_FILES["feedback"])
+    tok = prepare.tokenizer(cfg.compact)
+    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
                               cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
-    if not (out / "drlaif" / "model" / "config.json").exists():
+    if not (run / RUN_FILES["drlaif"] / "model" / "config.json").exists():
         log("[compare] d-RLAIF: PPO with the judge's score as the reward")
-        ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out / "drlaif")
-    if not (out / "rloo" / "model" / "config.json").exists():
+        ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback),
+                      run / RUN_FILES["drlaif"])
+    if not (run / RUN_FILES["rloo"] / "model" / "config.json").exists():
         log("[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
-        ppo.ppo_stage(cfg, run, splits, out_dir=out / "rloo", advantage="rloo")
-    if not (out / "dpo" / "model" / "config.json").exists():
-        pairs = reward.make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
-        dpo.dpo_model(cfg, run, pairs, out / "dpo")
+        ppo.ppo_stage(cfg, run, splits, out_dir=run / RUN_FILES["rloo"], advantage="rloo")
+    if not (run / RUN_FILES["dpo"] / "model" / "config.json").exists():
+        dpo.dpo_stage(cfg, run, splits, run / RUN_FILES["dpo"])
     test = splits["test"][:cfg.eval_limit or None]
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     log(f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions")
     responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
-    samples = {i: dict(query=q, response=r) for i, (q, r) in enumerate(zip(prompts, responses))}
+    samples = {i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
+               for i, (q, r) in enumerate(zip(prompts, responses))}
     rm, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
-    answers = [tok.decode(r) for r in responses]
+    answers = [s.answer for s in samples.values()]
     judge_score = [reward.combine(judge.answers(test[i // cfg.best_of_n], a)) or 0.0 for i, a in enumerate(answers)]
     for name, scores in (("rm", rm_score), ("judge", judge_score)):
-        write_jsonl(out / f"best_of_n_{name}.jsonl", [dict(question_id=r.line, text=answers[j])
-                                                     for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))])
+        picked = [dict(question_id=r.line, text=answers[j]) for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))]
+        write_jsonl(run / RUN_FILES["best_of_n"].format(pick=name), picked)
     return dict(best_of_n=cfg.best_of_n)
 
 
 # -----------------------------------------------------------------------------
 # The driver: the stages in order, each skipped when its done.json exists and its outputs are intact
 
-STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, feedback_stage, reward.reward_stage, ppo.ppo_stage,
+STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, reward.feedback_stage, reward.reward_stage, ppo.ppo_stage,
                                 compare_stage, evaluate.evaluate_stage)))
-# Settings that change no result (where and how fast, not what): a finished run may be resumed with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard")
-
-
-def settings_diff(recorded, cfg):
-    """['field: recorded -> requested', ...] between a run's config.json and the requested config."""
-    wanted = asdict(cfg)
-    diff = []
-    for key in sorted(set(recorded) | set(wanted)):
-        if key in NOT_RESULTS:
-            continue
-        old, new = recorded.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            diff += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                     if old.get(k) != new.get(k)]
-        elif old != new:
-            diff.append(f"{key}: {old!r} -> {new!r}")
-    return diff
-
 
 def reachable(host, port=443, timeout=3.0):
     import socket
@@ -429,7 +311,7 @@ def prepare_run_dir(cfg, from_stage):
     if from_stage:
         set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write(config_file, lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+    save_config(cfg, run)
     return run
 
 
@@ -450,14 +332,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
             verify_done(run / stage)
             log(f"[{stage}] already done ({run / stage / 'done.json'}), skipped")
             continue
-        t0 = time.time()
-        (run / stage).mkdir(parents=True, exist_ok=True)
-        summary = STAGES[stage](cfg, run, splits)
-        mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
-        shutil.rmtree(run / ".previous" / stage, ignore_errors=True)  # its new result is complete
-        log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
-    if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
-        (run / ".previous").rmdir()
+        run_stage(cfg, run, stage, STAGES[stage], splits)
     if until == "evaluate":
         print_results(cfg, run)
         if importlib.util.find_spec("matplotlib"):
@@ -508,21 +383,10 @@ def parse_args(argv=None):
     preset, from_stage, until, dry_run = args.pop("config"), args.pop("from_stage"), args.pop("until"), args.pop("dry_run")
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
-    recorded = Path(cfg.run_dir) / "config.json"
-    if preset is None and recorded.exists():  # an existing run: its own settings, plus the flags given
-        cfg = config_from_record(json.loads(recorded.read_text()), recorded)
-        for key, value in overrides.items():
-            sub, name = key.split("_", 1) if key.startswith(("ppo_", "rm_", "dpo_")) else (None, key)
-            setattr(getattr(cfg, sub) if sub else cfg, name, value)
+    if preset is None and (Path(cfg.run_dir) / "config.json").exists():  # an existing run: its settings + flags
+        cfg = apply_overrides(load_config(cfg.run_dir, **SECTIONS), overrides)
     cfg.dry_run = dry_run  # not a setting of the run (asdict leaves it out): how this command runs
     return cfg, from_stage, until
-
-
-def config_from_record(d, where):
-    try:
-        return Config(**dict(d, ppo=PPOConfig(**d["ppo"]), rm=RMConfig(**d["rm"]), dpo=DPOConfig(**d.get("dpo", {}))))
-    except (TypeError, KeyError) as e:
-        raise SystemExit(f"{where}: not a config of this version ({e}); start a new --run-dir") from None
 
 
 GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1.5B"}
@@ -533,12 +397,12 @@ def print_plan(cfg, until):
     names = list(STAGES)[:list(STAGES).index(until) + 1]
     splits = prepare.load_splits("" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None)
     train = splits["train"]
-    size = (f"{sum(p.numel() for p in GPT(preset_config(cfg.init, tokenizer_for(cfg).vocab_size)).parameters()) / 1e6:.1f}M"
+    size = (f"{sum(p.numel() for p in GPT(preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)).parameters()) / 1e6:.1f}M"
             if cfg.init in CPU_PRESETS else GPT2_PARAMS.get(cfg.init, "size read from its config.json"))
     n_prompts = min(cfg.sample_prompts, len(train))
     n_answers = n_prompts * (cfg.samples_per_prompt + (3 if cfg.contrast_answers else 0))
-    proxy = [dict(record=i % len(train), answer=prepare.format_answer(train[i % len(train)].sections, cfg.compact))
-             for i in range(n_answers)]  # reference answers stand in for the answers not yet sampled
+    proxy = [Sample(i, i % len(train), "reference", [], [], prepare.format_answer(train[i % len(train)].sections,
+                                                                                  cfg.compact)) for i in range(n_answers)]  # reference answers stand in for the answers not yet sampled
     judge = (f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *reward.judge_plan(
         cfg.judge_model, proxy, train, reward.APIDatabase())) if cfg.judge == "openai" else "rules judge (free)")
     cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""

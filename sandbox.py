@@ -47,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import tokenize
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -525,10 +526,20 @@ class Sandbox:
             return "crashed", "the verdict file was not written by the sandbox"
         return v["verdict"], v["detail"]
 
-    def run_all(self, codes, db=None):
-        base = self.spec(db or APIDatabase())
+    def run_all(self, codes, db=None, on_done=None):
+        """(verdict, detail) of each snippet, `workers` at a time; on_done(n finished) after each one
+        (progress lines)."""
+        base, finished, lock = self.spec(db or APIDatabase()), [0], threading.Lock()
+
+        def run_one(code):
+            result = self.run(code, base)
+            if on_done is not None:
+                with lock:
+                    finished[0] += 1
+                    on_done(finished[0])
+            return result
         with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(lambda c: self.run(c, base), codes))
+            return list(pool.map(run_one, codes))
 
 
 def main():

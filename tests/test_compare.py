@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from dpo import dpo_loss
-from model import GPT, GPTConfig, ScalarModel, Tokenizer, pad_pairs
+from model import GPT, GPTConfig, ScalarModel, pad_pairs
+from runs import Feedback, Sample
 from reward import QUESTIONS, RulesJudge, best_of_n, combine, comparisons_loss, judge_score_fn
 
 
@@ -32,11 +33,11 @@ def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
     """d-RLAIF's reward: the judge's score of the decoded rollout for the record its prompt came from,
     normalised by the SFT samples' judge scores."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)[:3]
-    tok = Tokenizer(prepare.VOCAB_FILE)
+    tok = prepare.tokenizer(compact=True)
     answers = [" <<<domain>>>: " + r.sections["domain"] + "\n<<<api_call>>>: " + r.sections["api_call"] +
                "\n<<<api_provider>>>: x\n<<<code>>>: " + r.sections["code"] for r in records]
     answers[1] = answers[2]  # record 1 gets record 2's (wrong) answer
-    feedback = [dict(source="policy", score=s) for s in (0.2, 0.4, 0.6, 0.8)]
+    feedback = [Feedback(i, i, "policy", "test", {}, s) for i, s in enumerate((0.2, 0.4, 0.6, 0.8))]
     mean, std = 0.5, math.sqrt(0.05)
     pairs = [(prepare.prompt_ids(tok, r.instruction), tok.encode(a) + [tok.eot]) for r, a in zip(records, answers)]
     score = judge_score_fn(RulesJudge(), records, tok, feedback)(*pad_pairs(pairs, tok.eot))
@@ -49,7 +50,7 @@ def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
 def test_auxiliary_loss_adds_per_question_cross_entropy():
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)), len(QUESTIONS))
-    samples = {i: dict(query=[1, 2], response=[5 + i, 6, 63]) for i in range(3)}
+    samples = {i: Sample(i, i, "policy", [1, 2], [5 + i, 6, 63], "") for i in range(3)}
     targets = {0: [1.0] * 6, 1: [0.0] * 6, 2: [1, 0, 1, 0, 1, 0]}
 
     class Tok:
@@ -57,6 +58,6 @@ def test_auxiliary_loss_adds_per_question_cross_entropy():
     pairs = [(0, 1), (2, 1)]
     plain = comparisons_loss(rm, samples, pairs, Tok, "cpu")
     with_aux = comparisons_loss(rm, samples, pairs, Tok, "cpu", targets, aux_weight=0.5)
-    _, aux = rm.score_and_aux(*pad_pairs([(samples[i]["query"], samples[i]["response"]) for i in range(3)], 63))
+    _, aux = rm.score_and_aux(*pad_pairs([(samples[i].query, samples[i].response) for i in range(3)], 63))
     bce = F.binary_cross_entropy_with_logits(aux, torch.tensor([targets[i] for i in range(3)], dtype=torch.float32))
     assert with_aux.item() == pytest.approx(plain.item() + 0.5 * bce.item(), abs=1e-6)

@@ -101,30 +101,29 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
     the same answer cut before its code: the judge's code answer flips and nothing before the code changes."""
     import rlaif
     import reward
-    from model import Tokenizer
-    tok = Tokenizer(prepare.VOCAB_FILE)
+    from runs import Sample
+    tok = prepare.tokenizer(compact=True)
     cfg = rlaif.make_config("tiny")
     train = prepare.offline_splits(prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None))["train"]
     chosen = [0, 5, 9]
     answer = lambda i: tok.decode(prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens))
-    samples = [dict(id=0, record=0, source="policy", answer=" <<<domain>>>: x"),  # no code tag: not used
-               dict(id=1, record=0, source="policy", answer=answer(0)),
-               dict(id=2, record=5, source="policy", answer=answer(5))]
+    samples = [Sample(0, 0, "policy", [], [], " <<<domain>>>: x"),  # no code tag: not used
+               Sample(1, 0, "policy", [], [], answer(0)), Sample(2, 5, "policy", [], [], answer(5))]
     out = rlaif.contrast_answers(cfg, tok, train, chosen, samples, start_id=3)
-    assert [(c["record"], c["source"]) for c in out] == [(0, "reference"), (0, "mismatched"), (0, "no_code"),
+    assert [(c.record, c.source) for c in out] == [(0, "reference"), (0, "mismatched"), (0, "no_code"),
                                                          (5, "reference"), (5, "mismatched"), (5, "no_code"),
                                                          (9, "reference"), (9, "mismatched")]
-    assert [c["id"] for c in out] == list(range(3, 11))
+    assert [c.id for c in out] == list(range(3, 11))
     judge = reward.RulesJudge()
     for c in out:
-        r = train[c["record"]]
-        yes = judge.answers(r, c["answer"])
-        assert yes["domain_right"] == float(c["source"] != "mismatched")
-        assert yes["code_valid"] == float(c["source"] != "no_code")
-        if c["source"] == "no_code":
-            policy = answer(c["record"])
-            assert c["response"][-1] == tok.eot and policy.startswith(c["answer"].replace("<|endoftext|>", ""))
-            assert prepare.parse_answer(c["answer"])["api_call"] == r.sections["api_call"]
+        r = train[c.record]
+        yes = judge.answers(r, c.answer)
+        assert yes["domain_right"] == float(c.source != "mismatched")
+        assert yes["code_valid"] == float(c.source != "no_code")
+        if c.source == "no_code":
+            policy = answer(c.record)
+            assert c.response[-1] == tok.eot and policy.startswith(c.answer.replace("<|endoftext|>", ""))
+            assert prepare.parse_answer(c.answer)["api_call"] == r.sections["api_call"]
 
 
 def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ how they were labelled): agreement and Cohen's kappa, and every disagreement pri
 import json
 from pathlib import Path
 
+import pytest
+
 from sandbox import Sandbox
 
 LABELS = Path(__file__).with_name("data") / "exec_labels.jsonl"
@@ -29,6 +31,7 @@ def test_agreement_formula_on_a_hand_computed_case():
     assert confusion == {(True, True): 5, (True, False): 1, (False, True): 1, (False, False): 3}
 
 
+@pytest.mark.slow
 def test_offline_verdicts_agree_with_hand_labels():
     rows = [json.loads(line) for line in LABELS.read_text().splitlines()]
     assert len(rows) >= 100 and all(r["reason"] for r in rows)

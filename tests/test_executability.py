@@ -127,6 +127,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
     sentinel_dir = tmp_path / "host"
     sentinel_dir.mkdir()

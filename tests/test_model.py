@@ -208,35 +208,3 @@ def test_unreadable_checkpoint_names_its_file(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="cut.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
-
-
-def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
-    """write_metrics rewrites the JSONL from the checkpointed rows and sends TensorBoard only the new rows;
-    tensorboard's own reader sees one value per step."""
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    import model
-    model.open_tensorboard(tmp_path / "tb")
-    try:
-        rows = [dict(iteration=i, score=0.1 * i, kl=float(i), phase="ppo") for i in range(1, 4)]
-        model.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows[:2])
-        model.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows)  # the next checkpoint: one new row
-        model.tensorboard_text("ppo/samples", "| a | b |", 3)
-        model.write_metrics(tmp_path / "compare" / "rloo" / "metrics.jsonl", rows[:1])
-    finally:
-        model.TensorBoard.writer.close()
-        model.TensorBoard.writer = None
-    assert [json.loads(l)["iteration"] for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("ppo/score")] == [1, 2, 3]
-    assert [e.value for e in events.Scalars("ppo/kl")] == [1.0, 2.0, 3.0]
-    assert "compare/rloo/score" in events.Tags()["scalars"]
-
-
-def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
-    import sys
-    import model
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match="pip install tensorboard"):
-        model.open_tensorboard("unused")

@@ -89,6 +89,7 @@ def test_clipped_objective_gradient_is_zero_where_clipped():
     assert clipfrac.item() == 0.5
 
 
+@pytest.mark.slow
 def test_ppo_learns_a_programmatic_reward(tmp_path):
     """Tiny random policy; score = fraction of answer tokens that are token 5. A short PPO run must raise
     the mean score well above its start while the KL to the reference stays bounded."""

@@ -11,6 +11,7 @@ import torch
 
 from data.gorilla import prepare
 from reward import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
+from runs import Feedback, Sample
 from tests.openai_server import FakeOpenAI
 
 
@@ -53,9 +54,9 @@ def test_429_then_success_retries(server, tmp_path):
 def test_persistent_500_gives_up_and_records_failure(server, tmp_path, records):
     server.default = "500"
     j = judge(server, tmp_path, max_retries=2)
-    samples = [dict(id=0, record=0, source="policy", answer=prepare.format_answer(records[0].sections))]
+    samples = [Sample(0, 0, "policy", [], [], prepare.format_answer(records[0].sections))]
     out = judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
-    assert out[0]["score"] is None and "gave up" in out[0]["error"]
+    assert out[0].score is None and "gave up" in out[0].error
     assert len(server.requests) == 3 * len(QUESTIONS)  # 1 + 2 retries per question, then recorded
 
 
@@ -82,7 +83,7 @@ def test_cache_means_never_paying_twice(server, tmp_path):
 def _judge_forever(url, cache, out, n):
     recs = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
     j = OpenAIJudge("gpt-3.5-turbo", url, cache_file=cache, api_key="k", timeout=2, backoff=0.01)
-    samples = [dict(id=i, record=i, source="policy", answer=prepare.format_answer(recs[i].sections)) for i in range(n)]
+    samples = [Sample(i, i, "policy", [], [], prepare.format_answer(recs[i].sections)) for i in range(n)]
     judge_answers(j, samples, recs, out, concurrency=2, log=lambda *a: None)
 
 
@@ -143,6 +144,7 @@ def test_rules_judge_on_hand_written_answers(records):
     assert j.answers(r, gamed)["api_exists"] == 0
 
 
+@pytest.mark.slow
 def test_reward_model_learns_a_ranking(tmp_path):
     """Judge scores that depend on one token: the reward model must rank held-out pairs by them."""
     from model import GPT, GPTConfig
@@ -157,8 +159,8 @@ def test_reward_model_learns_a_ranking(tmp_path):
         good = k % 4 < 2
         if good:
             response[int(torch.randint(0, 8, (1,), generator=g))] = 7
-        samples[k] = dict(query=[1, 2, 3], response=response + [63])
-        feedback.append(dict(id=k, record=k // 4, source="policy", score=float(good), answers={}))
+        samples[k] = Sample(k, k // 4, "policy", [1, 2, 3], response + [63], "")
+        feedback.append(Feedback(k, k // 4, "policy", "test", {}, float(good)))
 
     class Tok:
         eot = 63
@@ -179,7 +181,7 @@ def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
     g = torch.Generator().manual_seed(1)
-    samples = {i: dict(query=[1, 2, 3 + i % 2], response=torch.randint(5, 60, (3 + i,), generator=g).tolist() + [63])
+    samples = {i: Sample(i, 0, "policy", [1, 2, 3 + i % 2], torch.randint(5, 60, (3 + i,), generator=g).tolist() + [63], "")
                for i in range(6)}
     pairs = [(0, 1), (0, 2), (2, 1), (3, 4), (5, 4), (3, 5), (0, 4)]
 
@@ -214,8 +216,8 @@ def test_judge_accepts_the_reference_answers(records):
 def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
     from reward import make_pairs
     import random
-    fb = [dict(id=i, record=0, source="policy", score=s) for i, s in enumerate([0.1, 0.5, 0.9, 0.5])]
-    fb += [dict(id=10 + i, record=0, source=src, score=s) for i, (src, s) in
+    fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.5, 0.9, 0.5])]
+    fb += [Feedback(10 + i, 0, src, "test", {}, s) for i, (src, s) in
            enumerate([("reference", 1.0), ("mismatched", 0.0), ("no_code", 0.2)])]
     pairs = make_pairs(fb, 2, random.Random(0))
     own = {p for p in pairs if p[0] < 10 and p[1] < 10}
@@ -225,7 +227,7 @@ def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
 
 
 def fb_by_id_score(fb, i):
-    return next(f["score"] for f in fb if f["id"] == i)
+    return next(f.score for f in fb if f.id == i)
 
 
 def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(server, tmp_path):
@@ -247,16 +249,16 @@ def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(se
 
 def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(server, tmp_path, records):
     import rlaif
-    from model import write_jsonl
+    from reward import feedback_stage
+    from runs import write_rows
     run = tmp_path / "run"
     train = prepare.offline_splits(records)["train"]
-    write_jsonl(run / "sample" / "samples.jsonl", [dict(id=i, record=i, source="policy", query=[1], response=[2],
-                                                         answer=prepare.format_answer(train[i].sections))
-                                                    for i in range(5)])
+    write_rows(run / "sample" / "samples.jsonl", [Sample(i, i, "policy", [1], [2], prepare.format_answer(train[i].sections))
+                                                  for i in range(5)])
     cfg = rlaif.make_config(judge="openai", judge_base_url=server.url, judge_max_usd=0.0001)
     os.environ.setdefault("OPENAI_API_KEY", "k")
     with pytest.raises(SystemExit, match="passes --judge-max-usd"):
-        rlaif.feedback_stage(cfg, run, dict(train=train))
+        feedback_stage(cfg, run, dict(train=train))
     assert server.requests == []
 
 
@@ -266,9 +268,9 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
     from model import GPT, GPTConfig, ScalarModel
     from reward import RMConfig, train_reward_model
     g = torch.Generator().manual_seed(0)
-    samples = {k: dict(query=[1, 2, 3], response=torch.randint(10, 60, (6,), generator=g).tolist() + [63])
+    samples = {k: Sample(k, k // 4, "policy", [1, 2, 3], torch.randint(10, 60, (6,), generator=g).tolist() + [63], "")
                for k in range(400)}
-    feedback = [dict(id=k, record=k // 4, source="policy", score=float(k % 4), answers={}) for k in samples]
+    feedback = [Feedback(k, k // 4, "policy", "test", {}, float(k % 4)) for k in samples]
 
     class Tok:
         eot = 63

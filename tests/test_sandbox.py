@@ -90,6 +90,7 @@ class Listener:
                 pass
 
 
+@pytest.mark.slow
 def test_escape_attempts_are_contained(tmp_path, monkeypatch):
     host = tmp_path / "host"
     host.mkdir()

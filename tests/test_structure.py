@@ -1,6 +1,7 @@
 """The project's shape: imports run one way, every script explains itself, settings are checked before
 any work, and the documentation's command lines are ones the scripts accept."""
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# model <- data <- sandbox, reward (the judge) <- ppo, dpo, evaluate <- rlaif: a module imports only lower
-# layers (ppo and evaluate ask the judge to score greedy answers, dpo trains on its pairs, evaluate runs code
-# through the sandbox).
-LAYER = {"model": 0, "data": 1, "sandbox": 2, "reward": 2, "ppo": 3, "dpo": 3, "evaluate": 3, "rlaif": 4}
+# model <- runs (run directories) <- data <- sandbox, reward (the judge) <- ppo, dpo, evaluate <- rlaif: a
+# module imports only lower layers (ppo and evaluate ask the judge to score greedy answers, dpo trains on its
+# pairs, evaluate runs code through the sandbox).
+LAYER = {"model": 0, "runs": 1, "data": 2, "sandbox": 3, "reward": 3, "ppo": 4, "dpo": 4, "evaluate": 4, "rlaif": 5}
 ALLOWED = set()
 SCRIPTS = ["rlaif.py", "ppo.py", "reward.py", "dpo.py", "evaluate.py", "sandbox.py", "data/gorilla/prepare.py"]
 
@@ -38,7 +39,8 @@ def test_imports_run_one_way():
     assert not wrong, wrong
 
 
-def help_text(script):
+@functools.lru_cache(maxsize=None)
+def help_text(script):  # once per script per session: two tests read it
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (script, out.stderr[-2000:])
     return out.stdout
@@ -61,10 +63,12 @@ def test_rlaif_help_shows_each_default():
 
 @pytest.mark.parametrize("argv, needle", [(["--exec-mode", "Offline"], "offline"), (["--judge", "foo"], "rules"),
                                           (["--no-such-flag"], "unrecognized"), (["--config", "huge"], "paper")])
-def test_bad_settings_fail_before_any_work(tmp_path, argv, needle):
-    out = subprocess.run([sys.executable, "rlaif.py", "--run-dir", str(tmp_path / "run"), *argv], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and needle in out.stderr, out.stderr
+def test_bad_settings_fail_before_any_work(tmp_path, argv, needle, capsys):
+    import rlaif
+    with pytest.raises(SystemExit) as stop:
+        rlaif.main(["--run-dir", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and needle in err, err
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
@@ -115,15 +119,16 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
     assert not long, long
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "reward.py", "dpo.py", "evaluate.py"])
-def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path):
+@pytest.mark.parametrize("script", ["ppo", "reward", "dpo", "evaluate"])
+def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monkeypatch):
     """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
-    the command that makes it (and starts nothing)."""
-    out = subprocess.run([sys.executable, str(ROOT / script)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "python rlaif.py --run-dir runs/tiny" in lines[0], out.stderr[-2000:]
+    the command that makes it (and starts nothing). In-process: main() with no arguments."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).main([])
+    message = str(stop.value)
+    assert len(message.splitlines()) == 1 and "python rlaif.py --run-dir runs/tiny" in message, message
     assert not (tmp_path / "runs").exists()
 
 

@@ -68,6 +68,14 @@ def compact_code(code, api_call):
     return "\n".join(lines[:6])
 
 
+def tokenizer(compact):
+    """A run's tokenizer: GPT-2's BPE, remapped onto the compact vocabulary of VOCAB_FILE when `compact`
+    ([offline stand-in] for models trained from scratch). Imported here, not at the top, so that the
+    sandbox's children, which read this package's API tables, never import torch."""
+    from model import Tokenizer
+    return Tokenizer(VOCAB_FILE if compact else None)
+
+
 def prompt_ids(tok, instruction):
     return tok.encode(format_prompt(instruction))
 

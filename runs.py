@@ -1,0 +1,387 @@
+"""
+Run directories: the files every stage of rlaif.py reads and writes, and how one stage is run.
+
+A run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
+summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs are
+checked whenever a later stage relies on them. Here, in order:
+  - Config: every setting of a run, recorded in run_dir/config.json; load_config() reads it back.
+  - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
+  - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
+  - metrics.jsonl (and TensorBoard), resumable training state.
+  - the command line of a stage script (python ppo.py, reward.py, evaluate.py) and run_stage(), which
+    rlaif.py and every stage script use to run a stage.
+Nothing here knows the model beyond saving and loading state (model.py).
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Annotated
+
+from model import atomic_write, load_checkpoint, log
+
+# -----------------------------------------------------------------------------
+# The settings of a run
+
+
+@dataclass
+class Config:
+    """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the paper changes).
+    Each field is a flag of rlaif.py (--sft-steps). The sections ppo, rm and dpo hold the stages' own
+    settings, defined at the top of ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their
+    flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script)."""
+    run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
+    seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
+    device: Annotated[str, "cpu, cuda or cuda:N"] = "cpu"
+    init: Annotated[str, "model preset trained from scratch (tiny, micro) or HF weights to start from "
+                         "(gpt2-large, or a directory with config.json + model.safetensors)"] = "tiny"
+    compact: Annotated[bool, "[offline stand-in] compact vocabulary + compact answers (no explanation, "
+                             "code cut after the api_call)"] = True
+    api_pairs: Annotated[bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"] = True
+    train_file: Annotated[str, "SFT data: '' = the offline split of the eval file; hub = APIBench's "
+                               "huggingface_train.json from the Hub; or a local file of its schema"] = ""
+    max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
+                                      "evaluation stop at it"] = 160
+    sft_steps: Annotated[int, "SFT optimizer steps"] = 800
+    sft_batch_size: Annotated[int, "SFT examples per micro-batch"] = 16
+    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step"] = 1
+    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)"] = 2e-3
+    sft_warmup: Annotated[int, "SFT warmup steps"] = 50
+    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)"] = 0.1
+    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)"] = 1.0
+    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps"] = 100
+    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback"] = 4
+    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)"] = 1000
+    contrast_answers: Annotated[bool, "[not in the paper] also judge, per sampled instruction, its reference, "
+                                      "another domain's, and a policy answer cut before its code"] = True
+    temperature: Annotated[float, "sampling temperature of the feedback samples and the PPO rollouts"] = 0.7
+    judge: Annotated[str, "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's "
+                          "GPT-3.5)", ("rules", "openai")] = "rules"
+    judge_model: Annotated[str, "model name sent to the judge endpoint"] = "gpt-3.5-turbo"
+    judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
+                                   "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
+    judge_concurrency: Annotated[int, "judge requests in flight"] = 8
+    tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
+                                 "files in run_dir/tb (needs: pip install tensorboard)"] = False
+    judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
+                                    "this many USD (0 = no cap); what was judged is kept"] = 0.0
+    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
+    exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
+                              "libraries) or none", ("offline", "real", "none")] = "offline"
+    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)"] = 10.0
+    unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
+                                 "unavailable (NOT isolated; marked in the results)"] = False
+    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, DPO and "
+                             "best-of-n from the same SFT model and feedback, in the same results table"] = False
+    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n"] = 8
+    ppo: typing.Any = field(default_factory=dict)  # ppo.PPOConfig
+    rm: typing.Any = field(default_factory=dict)   # reward.RMConfig
+    dpo: typing.Any = field(default_factory=dict)  # dpo.DPOConfig
+
+
+SECTIONS = ("ppo", "rm", "dpo")
+# Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
+NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard")
+
+
+def apply_overrides(cfg, overrides, where="command line"):
+    """cfg with `overrides` applied: top-level names, '<section>_<name>' (ppo_lr) or a section's dict
+    (ppo=dict(lr=...)); None means unset. The one place settings change after their defaults."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, name = key.split("_", 1) if key.startswith(tuple(s + "_" for s in SECTIONS)) else (None, key)
+        if key in SECTIONS:
+            for name, v in value.items():
+                cfg = apply_overrides(cfg, {f"{key}_{name}": v}, where)
+        elif section:
+            sub = getattr(cfg, section)
+            if isinstance(sub, dict):  # a section whose class this process has not loaded: kept as recorded
+                setattr(cfg, section, dict(sub, **{name: value}))
+            elif name not in {f.name for f in fields(sub)}:
+                raise SystemExit(f"{where}: {section} has no setting {name!r}")
+            else:
+                setattr(cfg, section, replace(sub, **{name: value}))
+        elif key not in {f.name for f in fields(Config)}:
+            raise SystemExit(f"{where}: no setting {key!r}")
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def load_config(run_dir, **sections):
+    """The Config a run recorded in run_dir/config.json, its sections built with the classes given
+    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict."""
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.exists():
+        raise SystemExit(f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}")
+    d = json.loads(config_file.read_text())
+    try:
+        built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
+        return Config(**dict(d, **built))
+    except TypeError as e:
+        raise SystemExit(f"{config_file}: not a config of this version ({e}); start a new --run-dir") from None
+
+
+def save_config(cfg, run_dir):
+    atomic_write(Path(run_dir) / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+
+
+def settings_diff(recorded, cfg):
+    """['field: recorded -> requested', ...] between a run's config.json and the requested config."""
+    wanted = asdict(cfg)
+    diff = []
+    for key in sorted(set(recorded) | set(wanted)):
+        if key in NOT_RESULTS:
+            continue
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
+        elif old != new:
+            diff.append(f"{key}: {old!r} -> {new!r}")
+    return diff
+
+
+# -----------------------------------------------------------------------------
+# The rows the stages pass on: one sampled answer, and the judge's verdict on it
+
+
+@dataclass
+class Sample:
+    """One answer to a training instruction (sample/samples.jsonl)."""
+    id: int
+    record: int     # index of the instruction in the training split
+    source: str     # "policy" (sampled from SFT) or a contrast answer: "reference", "mismatched", "no_code"
+    query: list     # prompt token ids
+    response: list  # answer token ids (ending in <|endoftext|> unless cut at max_answer_tokens)
+    answer: str     # the answer as text
+
+
+@dataclass
+class Feedback:
+    """The judge's verdict on one Sample (feedback/feedback.jsonl)."""
+    id: int
+    record: int
+    source: str
+    judge: str      # which judge answered (rules judge, or the LLM's name)
+    answers: dict   # question -> P(yes) in [0, 1], or None where the judge gave no answer
+    score: float    # reward.combine(answers); None when the judge gave up on this answer
+    error: str = None
+
+
+def write_rows(path, rows):
+    write_jsonl(path, [asdict(r) for r in rows])
+
+
+def read_rows(path, cls):
+    """The rows of a JSONL file as `cls` records; an error names the file, the line and the fields."""
+    names = {f.name for f in fields(cls)}
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            rows.append(cls(**d))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not JSON ({e})") from None
+        except TypeError:
+            required = {f.name for f in fields(cls) if f.default is MISSING}
+            raise SystemExit(f"{path}:{n}: not a {cls.__name__} row (missing {sorted(required - set(d))}, "
+                             f"unknown {sorted(set(d) - names)}); redo the stage that wrote it") from None
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Files of a run; each stage ends with done.json, the sha256 of its outputs, checked whenever a later
+# stage relies on them (a truncated or altered file is an error)
+
+STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluate")
+RUN_FILES = dict(sft_model="sft/model", samples="sample/samples.jsonl", feedback="feedback/feedback.jsonl",
+                 feedback_partial="feedback/feedback.partial.jsonl", judge_cache="judge_cache.jsonl",
+                 reward_model="reward/reward_model.pt", ppo_model="ppo/model", drlaif="compare/drlaif",
+                 rloo="compare/rloo", dpo="compare/dpo", best_of_n="compare/best_of_n_{pick}.jsonl",
+                 results="evaluate/results.md")
+RESUMABLE_STATE = ("done.json", "ckpt.pt", ".partial.jsonl", ".tmp")  # not outputs: excluded from the hashes
+
+
+def output_hashes(stage_dir):
+    out = {}
+    for f in sorted(Path(stage_dir).rglob("*")):
+        if f.is_file() and not f.name.endswith(RESUMABLE_STATE):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(stage_dir))] = h.hexdigest()
+    return out
+
+
+def mark_done(stage_dir, summary):
+    summary = dict(summary, outputs=output_hashes(stage_dir))
+    atomic_write(Path(stage_dir) / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+
+
+def verify_done(stage_dir):
+    """Raise, naming the file, if an output of a finished stage is missing or not what it wrote."""
+    recorded = json.loads((Path(stage_dir) / "done.json").read_text()).get("outputs", {})
+    now = output_hashes(stage_dir)
+    for name, digest in recorded.items():
+        if now.get(name) != digest:
+            state = "is missing" if name not in now else "has changed since the stage finished (truncated or altered?)"
+            raise SystemExit(f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}")
+
+
+def set_aside(run, stages):
+    """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays until its
+    redo is complete (run_stage then deletes it); an unfinished one is deleted, so a failed redo never
+    replaces the last complete result."""
+    for name in stages:
+        current, previous = Path(run) / name, Path(run) / ".previous" / name
+        if (current / "done.json").exists():
+            previous.parent.mkdir(exist_ok=True)
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(current, previous)
+        elif current.exists():
+            shutil.rmtree(current)
+
+
+# -----------------------------------------------------------------------------
+# JSONL, metrics and resumable training state
+
+
+def write_jsonl(path, rows):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class TensorBoard:
+    """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per metrics file."""
+    writer, sent = None, {}
+
+
+def open_tensorboard(log_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    TensorBoard.writer, TensorBoard.sent = SummaryWriter(str(log_dir)), {}
+
+
+def metrics_tag(path):
+    """'ppo', 'reward', 'compare/drlaif': where a stage's metrics.jsonl lives, as its TensorBoard prefix."""
+    parent = Path(path).parent
+    return f"{parent.parent.name}/{parent.name}" if parent.parent.name == "compare" else parent.name
+
+
+def write_metrics(path, rows):
+    """Rewrite a stage's metrics.jsonl from its checkpointed rows (atomic: after a resume no row appears
+    twice); with --tensorboard, also send the rows not sent yet, as '<stage>/<name>' scalars."""
+    write_jsonl(path, rows)
+    if TensorBoard.writer is None:
+        return
+    tag, start = metrics_tag(path), TensorBoard.sent.get(str(path), 0)
+    for i, row in enumerate(rows[start:], start):
+        step = row.get("iteration", row.get("step", i))
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "iteration"):
+                TensorBoard.writer.add_scalar(f"{tag}/{key}", value, step)
+    TensorBoard.sent[str(path)] = len(rows)
+    TensorBoard.writer.flush()
+
+
+def tensorboard_text(tag, text, step):
+    if TensorBoard.writer is not None:
+        TensorBoard.writer.add_text(tag, text, step)
+        TensorBoard.writer.flush()
+
+
+def resume(ckpt_file, device, optimizer, **modules):
+    """Load each module's state (saved under its keyword's name) and the optimizer's from ckpt_file;
+    returns the checkpoint, or None when there is none yet (a stage's resumable state)."""
+    if not Path(ckpt_file).exists():
+        return None
+    ckpt = load_checkpoint(ckpt_file, device)
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Running a stage: from rlaif.py, or alone from its own script
+
+
+def add_flags(parser, cls, prefix, default_text):
+    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices)]`:
+    --prefix-name, yes/no flags as --name / --no-name, default None (unset). default_text(field) says
+    what an unset flag means, shown in --help."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
+    for f in fields(cls):
+        if typing.get_origin(hints[f.name]) is not typing.Annotated:
+            continue  # a section (Config.ppo, Config.rm) has flags of its own
+        kind, help_text, *choices = typing.get_args(hints[f.name])
+        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
+        help_text += f" (default: {default_text(f)})"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
+
+
+def run_stage(cfg, run, stage, stage_fn, splits):
+    """Run one stage: its directory, stage_fn(cfg, run, splits) -> summary, then done.json (summary,
+    seconds, output hashes). The stage's set-aside previous result is deleted only now that the new one is
+    complete."""
+    t0 = time.time()
+    (run / stage).mkdir(parents=True, exist_ok=True)
+    summary = stage_fn(cfg, run, splits)
+    mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+    shutil.rmtree(run / ".previous" / stage, ignore_errors=True)
+    if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
+        (run / ".previous").rmdir()
+    log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
+
+
+def stage_command_line(stage, description, section_cls=None, argv=None, **sections):
+    """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force, and one
+    flag per field of its section's dataclass. Returns (cfg, run): the run's recorded Config with the flags
+    applied and recorded; earlier stages verified, the stage resumable if interrupted, a finished one kept
+    unless --force, and later stages set aside so no result of the old stage survives as if current."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--run-dir", default="runs/tiny", help="a run directory of rlaif.py whose earlier stages are "
+                   "done (default: runs/tiny, the default run of rlaif.py)")
+    p.add_argument("--force", action="store_true", help="redo a finished stage (later stages are set aside)")
+    section = next((name for name, cls in sections.items() if cls is section_cls), None)
+    if section_cls is not None:
+        add_flags(p, section_cls, "", lambda f: "the run's")
+    args = vars(p.parse_args(argv))
+    run, force = Path(args.pop("run_dir")), args.pop("force")
+    overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
+    cfg = load_config(run, **sections)
+    earlier = STAGE_ORDER[:STAGE_ORDER.index(stage)]
+    for name in earlier:
+        if not (run / name / "done.json").exists():
+            raise SystemExit(f"{run / name} is not done: python rlaif.py --run-dir {run} --until {earlier[-1]}")
+        verify_done(run / name)
+    if (run / stage / "done.json").exists() and not force:
+        raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
+    set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        save_config(cfg, run)
+        log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
+    if cfg.tensorboard:
+        open_tensorboard(run / "tb")
+    return cfg, run

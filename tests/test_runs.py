@@ -1,0 +1,81 @@
+"""Run directories (runs.py): the config a run records and reads back, the typed rows, metrics files and
+their TensorBoard mirror."""
+import json
+from dataclasses import asdict
+
+import pytest
+
+import rlaif
+import runs
+from dpo import DPOConfig
+from ppo import PPOConfig
+from reward import RMConfig
+
+
+def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
+    """What rlaif.py records is what a stage script loads: the same type, the same values, sections included."""
+    cfg = rlaif.make_config("paper", run_dir=str(tmp_path), ppo_lr=3e-6, rm=dict(epochs=2))
+    runs.save_config(cfg, tmp_path)
+    back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+    assert type(back) is runs.Config and isinstance(back.ppo, PPOConfig) and back == cfg
+    assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
+    partial = runs.load_config(tmp_path, ppo=PPOConfig)  # a section whose class is not given stays as recorded
+    assert partial.rm == asdict(cfg.rm)
+
+
+@pytest.mark.parametrize("overrides, needle", [({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
+                                               ({"no_such": 1}, "no setting 'no_such'")])
+def test_an_unknown_setting_is_named(overrides, needle):
+    with pytest.raises(SystemExit, match=needle):
+        runs.apply_overrides(rlaif.make_config(), overrides)
+
+
+def test_a_config_of_another_version_names_its_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(seed=1, retired_setting=3)))
+    with pytest.raises(SystemExit, match=r"config.json: not a config of this version"):
+        runs.load_config(tmp_path)
+
+
+def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
+    rows = [runs.Sample(0, 3, "policy", [1, 2], [5, 63], "x"), runs.Sample(1, 3, "reference", [1, 2], [6, 63], "y")]
+    runs.write_rows(tmp_path / "samples.jsonl", rows)
+    assert runs.read_rows(tmp_path / "samples.jsonl", runs.Sample) == rows
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1])
+    del broken["response"]
+    broken["extra"] = 1
+    (tmp_path / "samples.jsonl").write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(SystemExit, match=r"samples.jsonl:2: not a Sample row \(missing \['response'\], unknown \['extra'\]\)"):
+        runs.read_rows(tmp_path / "samples.jsonl", runs.Sample)
+
+
+def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
+    """write_metrics rewrites the JSONL from the checkpointed rows and sends TensorBoard only the new rows;
+    tensorboard's own reader sees one value per step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import runs
+    runs.open_tensorboard(tmp_path / "tb")
+    try:
+        rows = [dict(iteration=i, score=0.1 * i, kl=float(i), phase="ppo") for i in range(1, 4)]
+        runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows[:2])
+        runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows)  # the next checkpoint: one new row
+        runs.tensorboard_text("ppo/samples", "| a | b |", 3)
+        runs.write_metrics(tmp_path / "compare" / "rloo" / "metrics.jsonl", rows[:1])
+    finally:
+        runs.TensorBoard.writer.close()
+        runs.TensorBoard.writer = None
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("ppo/score")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("ppo/kl")] == [1.0, 2.0, 3.0]
+    assert "compare/rloo/score" in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
+    import sys
+    import runs
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        runs.open_tensorboard("unused")
