@@ -303,8 +303,10 @@ def evaluate_stage(cfg, run, splits):
 # Pictures of a run: training curves and the results table (matplotlib, optional)
 
 CURVES = (("sft", "loss", "SFT loss"), ("reward", "accuracy", "reward model: batch pairwise accuracy"),
-          ("ppo", "score", "PPO: mean score of the rollouts"), ("ppo", "kl", "PPO: KL to SFT (nats per answer)"),
-          ("ppo", "answer_length", "PPO: answer length (tokens)"), ("ppo", "ended_with_eos", "PPO: end-of-text rate"))
+          ("ppo", "objective/scores", "PPO: mean score of the rollouts"),
+          ("ppo", "objective/kl", "PPO: KL to SFT (nats per answer)"),
+          ("ppo", "completions/mean_length", "PPO: answer length (tokens)"),
+          ("ppo", "completions/clipped_ratio", "PPO: share cut off before end-of-text"))
 POLICY_RUNS = (("ppo", "RLAIF (PPO)"), ("compare/drlaif", "d-RLAIF"), ("compare/rloo", "RLOO"))
 
 

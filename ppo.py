@@ -235,7 +235,8 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
     """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
     train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only."""
     B = batch["response"].size(0)
-    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy")}
+    stats = {k: [] for k in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg",
+                             "objective/entropy")}
     policy.train()
     if value_model is not None:
         value_model.train()
@@ -259,13 +260,13 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
                 pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
                                                            cfg.cliprange)
                 loss = loss + pg_loss
-                for k, v in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                             ("entropy", masked_mean(entropy, mb["mask"]))):
+                for k, v in (("loss/policy_avg", pg_loss), ("policy/clipfrac_avg", clipfrac),
+                             ("policy/approxkl_avg", approx_kl), ("objective/entropy", masked_mean(entropy, mb["mask"]))):
                     stats[k].append(v.item())
             if value_model is not None:
                 vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
                 loss = loss + cfg.vf_coef * vf_loss
-                stats["value_loss"].append(vf_loss.item())
+                stats["loss/value_avg"].append(vf_loss.item())
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -311,13 +312,14 @@ def advantages_and_returns(batch, cfg, kl_coef):
 
 
 def log_iteration(row, iterations, eta, log):
-    ev = row["explained_variance"]
+    ev = row["val/explained_variance"]
     log(f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
-        f"score {row['score']:+.3f} kl {row['kl']:.2f} pg {row.get('policy_loss', 0):+.3f} "
-        f"vf {row.get('value_loss', 0):.3f} clip {row.get('clipfrac', 0):.2f} approx_kl {row.get('approx_kl', 0):.4f} "
-        f"ev {ev if ev is not None else float('nan'):.2f} share {row['score_share']:.2f} "
-        f"len {row['answer_length']:.0f} eos {row['ended_with_eos']:.2f} {row['tokens_per_s']:.0f} tok/s"
-        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("val_")) + f" {eta}")
+        f"score {row['objective/scores']:+.3f} kl {row['objective/kl']:.2f} pg {row.get('loss/policy_avg', 0):+.3f} "
+        f"vf {row.get('loss/value_avg', 0):.3f} clip {row.get('policy/clipfrac_avg', 0):.2f} "
+        f"approx_kl {row.get('policy/approxkl_avg', 0):.4f} ev {ev if ev is not None else float('nan'):.2f} "
+        f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
+        f"clipped {row['completions/clipped_ratio']:.2f} {row['time/tokens_per_s']:.0f} tok/s"
+        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/")) + f" {eta}")
 
 
 def training_state(policy, value_model, cfg, ckpt_file, device, log):
@@ -369,16 +371,22 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
                            run_cfg.grad_clip, device, generator, train_policy=not warmup)
         t_update = time.time() - t_update
-        mean_kl = kl.sum(1).mean().item()
+        mean_kl, kl_coef = kl.sum(1).mean().item(), kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
-        row = dict(iteration=it + 1, phase="critic warm-up" if warmup else "ppo",
-                   score=batch["score"].mean().item(), score_std=batch["score"].std().item(), kl=mean_kl,
-                   kl_coef=kl_ctl.value, **stats,
-                   explained_variance=explained_variance(batch["values"], mc_returns, mask) if critic else None,
-                   score_share=score_share(score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0),
-                   answer_length=mask.sum(1).mean().item(), ended_with_eos=batch["ended"].float().mean().item(),
-                   t_generate=batch["t_gen"], t_score=batch["t_score"], t_update=t_update,
-                   tokens_per_s=int(mask.sum()) / (time.time() - t0))
+        # TRL's names where TRL has the metric (objective/, policy/, loss/, val/, lr, episode), its GRPO
+        # trainer's for completions/; eval/ (greedy validation) and time/ are ours.
+        row = {"iteration": it + 1, "episode": (it + 1) * cfg.batch_size,
+               "phase": "critic warm-up" if warmup else "ppo", "lr": cfg.lr,
+               "objective/scores": batch["score"].mean().item(), "objective/scores_std": batch["score"].std().item(),
+               "objective/kl": mean_kl, "objective/non_score_reward": -kl_coef * mean_kl, "objective/kl_coef": kl_coef,
+               **stats,
+               "objective/score_share": score_share(score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0),
+               "val/explained_variance": explained_variance(batch["values"], mc_returns, mask) if critic else None,
+               "val/num_eos_tokens": int(batch["ended"].sum()),
+               "completions/mean_length": mask.sum(1).mean().item(),
+               "completions/clipped_ratio": 1 - batch["ended"].float().mean().item(),
+               "time/generate": batch["t_gen"], "time/score": batch["t_score"], "time/update": t_update,
+               "time/tokens_per_s": int(mask.sum()) / (time.time() - t0)}
         if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0
                                                        or it + 1 == cfg.iterations):
             row.update(validate(policy, it + 1))
@@ -425,11 +433,11 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
             response, response_mask = right_pad(answers, tok.eot, cfg.device)
             with torch.no_grad(), autocast(cfg.device):
                 rewards = score_fn(query, query_mask, response, response_mask).float().tolist()
-            out["val_reward"] = sum(rewards) / len(rewards)
+            out["eval/reward"] = sum(rewards) / len(rewards)
         if judge is not None:
             judged = [combine(judge.answers(r, t)) or 0.0 for r, t in zip(records, texts)]
-            out["val_judge_score"] = sum(judged) / len(judged)
-        out["val_empty_code"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(texts)
+            out["eval/judge_score"] = sum(judged) / len(judged)
+        out["eval/empty_code_rate"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(texts)
         if samples_file is not None:
             cell = lambda x: str(x).replace("|", "\\|").replace("\n", " <br> ")
             rows = [f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "

@@ -37,9 +37,9 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         history = train_ppo(policy, ref, value, rm.score, prompts, cfg, sampling, eot, "cpu", d, log=lambda *a: None)
     h = history[-1]
-    total = h["t_generate"] + h["t_score"] + h["t_update"]
+    total = h["time/generate"] + h["time/score"] + h["time/update"]
     print(f"PPO iteration (tiny preset, batch {cfg.batch_size}, {sampling.max_answer_tokens} new tokens, {cfg.epochs} epochs): "
-          f"generate {h['t_generate']:.2f}s, score {h['t_score']:.2f}s, update {h['t_update']:.2f}s, total {total:.2f}s")
+          f"generate {h['time/generate']:.2f}s, score {h['time/score']:.2f}s, update {h['time/update']:.2f}s, total {total:.2f}s")
 
     # the unavoidable work, bare
     query, query_mask = left_pad(prompts[:cfg.batch_size], 0)

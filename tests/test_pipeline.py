@@ -58,7 +58,11 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     read = lambda stage: [json.loads(l) for l in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
     metrics = read("ppo")
     assert [m["iteration"] for m in metrics] == list(range(1, 7))  # resumed mid-way: no row twice, none missing
-    assert {"score", "kl", "explained_variance", "score_share", "answer_length", "ended_with_eos"} <= set(metrics[0])
+    assert {"objective/scores", "objective/kl", "objective/non_score_reward", "objective/entropy", "policy/approxkl_avg",
+            "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "lr", "episode", "val/explained_variance",
+            "objective/score_share", "completions/mean_length", "completions/clipped_ratio",
+            "val/num_eos_tokens"} <= set(metrics[-1])
+    assert {"eval/reward", "eval/judge_score", "eval/empty_code_rate"} <= set(metrics[-1])  # validated at the end
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))  # --tensorboard mirrored the rows
     shown = (run_dir / "ppo" / "samples.md").read_text()  # greedy validation answers at iterations 1 and 6
     assert "### iteration 1\n" in shown and "### iteration 6\n" in shown and "| question | greedy answer |" in shown
@@ -174,11 +178,11 @@ def test_compare_adds_d_rlaif_rloo_dpo_and_best_of_n_from_the_same_sft_model_and
     ppo_rows = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     d_rows = [json.loads(l) for l in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()]
     assert len(d_rows) == len(ppo_rows) and set(d_rows[0]) == set(ppo_rows[0])
-    assert [r["score"] for r in d_rows] != [r["score"] for r in ppo_rows]
+    assert [r["objective/scores"] for r in d_rows] != [r["objective/scores"] for r in ppo_rows]
     # RLOO: the same rollouts and reward model, no critic (no value loss, no explained variance)
     rloo_rows = [json.loads(l) for l in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rloo_rows) == len(ppo_rows) and all(r["explained_variance"] is None for r in rloo_rows)
-    assert all("value_loss" not in r and "policy_loss" in r for r in rloo_rows)
+    assert len(rloo_rows) == len(ppo_rows) and all(r["val/explained_variance"] is None for r in rloo_rows)
+    assert all("loss/value_avg" not in r and "loss/policy_avg" in r for r in rloo_rows)
     results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
     assert [k.split()[0] for k in results] == ["SFT", "RLAIF", "d-RLAIF", "RLOO", "DPO", "SFT", "SFT",
                                                 "Gorilla-7B"]

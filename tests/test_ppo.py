@@ -112,11 +112,11 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
     sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=12, grad_clip=1.0)
     history = train_ppo(policy, ref, value, score_fn, prompts, cfg, sampling, eot=15, device="cpu", out_dir=tmp_path,
                         log=lambda *a: None)
-    start = sum(h["score"] for h in history[:3]) / 3
-    end = sum(h["score"] for h in history[-3:]) / 3
+    start = sum(h["objective/scores"] for h in history[:3]) / 3
+    end = sum(h["objective/scores"] for h in history[-3:]) / 3
     print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['kl']:.2f}")
     assert end > start + 0.25
-    assert history[-1]["kl"] < 15.0
+    assert history[-1]["objective/kl"] < 15.0
 
 
 def test_leave_one_out_baseline_and_rloo_advantages():
@@ -189,7 +189,7 @@ def test_ppo_without_reward_stays_at_the_reference(tmp_path):
     full-size steps, once moved it 6 nats in 3 updates)."""
     policy, ref, value, sampling = toy(tmp_path)
     history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: torch.zeros(len(r)), iterations=10)
-    assert max(h["kl"] for h in history) < 0.5, [round(h["kl"], 3) for h in history]
+    assert max(h["objective/kl"] for h in history) < 0.5, [round(h["objective/kl"], 3) for h in history]
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
     before = p_first_token(policy, TARGET)
     history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: (r[:, 0] == TARGET).float())
-    assert min(h["answer_length"] for h in history) >= 50
+    assert min(h["completions/mean_length"] for h in history) >= 50
     after = p_first_token(policy, TARGET)
     print(f"\nP(first token rewarded) {before:.3f} -> {after:.3f} in {len(history)} iterations")
     assert before < 0.1 and after > 0.7
@@ -220,4 +220,4 @@ def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path)
     # rollout, i.e. the critic as the warm-up left it
     history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2)
     assert [h["phase"] for h in history][-1] == "ppo"
-    assert history[-1]["explained_variance"] > 0, [h["explained_variance"] for h in history]
+    assert history[-1]["val/explained_variance"] > 0, [h["val/explained_variance"] for h in history]
