@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from model import GPT, autocast, log, make_optimizer, pad_pairs, progress, response_logprobs, save_checkpoint
 from reward import RMConfig, make_pairs, pair_batches
-from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, load_config, read_rows, resume, save_config, set_aside, verify_done,
+from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, average_gradients, barrier, global_mean,
+                  is_main, load_config, setup_distributed, shard, read_rows, resume, save_config, set_aside, verify_done,
                   write_metrics)
 
 
@@ -38,7 +39,7 @@ class DPOConfig:
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
     """Mean DPO loss of sequence log-probs (B,) each; also the implicit reward margin, for logging."""
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean(), (beta * margin).mean()
+    return global_mean(-F.logsigmoid(beta * margin)), global_mean(beta * margin)  # over every rank's pairs
 
 
 def sequence_logprobs(model, samples, ids, tok, device):
@@ -59,7 +60,7 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)
     steps, t0, start = min(cfg.steps, len(order)), time.time(), step
     while step < steps:
-        batch = [pairs[i] for i in order[step]]
+        batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
         chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
         policy.train()
         with autocast(device):
@@ -68,21 +69,23 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
             logp_c, logp_r = (sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected))
         loss, margin = dpo_loss(logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float(), cfg.beta)
         loss.backward()
+        average_gradients(policy.parameters())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         with torch.no_grad():  # the implicit rewards beta * log(pi / ref) of the chosen and rejected answers
             r_c, r_r = cfg.beta * (logp_c.float() - ref_c.float()), cfg.beta * (logp_r.float() - ref_r.float())
-        history.append(dict(step=step, loss=loss.item(), chosen_reward=r_c.mean().item(),
-                            rejected_reward=r_r.mean().item(), margin=margin.item(),
-                            accuracy=(r_c > r_r).float().mean().item(), lr=cfg.lr))
+        history.append(dict(step=step, loss=loss.item(), chosen_reward=global_mean(r_c).item(),
+                            rejected_reward=global_mean(r_r).item(), margin=margin.item(),
+                            accuracy=global_mean((r_c > r_r).float()).item(), lr=cfg.lr))
         if step % 20 == 0 or step == steps:
             log(f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
                 f"{progress(step - start, steps - start, t0)}")
-            save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                            history=history)
-            write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
+            if is_main():
+                save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                history=history)
+                write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
 
 
 def dpo_stage(cfg, run, splits, out_dir):
@@ -98,7 +101,9 @@ def dpo_stage(cfg, run, splits, out_dir):
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
     train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg.seed, cfg.grad_clip, cfg.device,
               Path(out_dir) / "ckpt.pt")
-    policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
+    if is_main():
+        policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
+    barrier()
 
 
 def main(argv=None):
@@ -115,6 +120,7 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
     cfg = load_config(run, dpo=DPOConfig, rm=RMConfig)
+    setup_distributed(cfg.device, cfg.dist_timeout)
     for stage in ("sft", "sample", "feedback"):
         if not (run / stage / "done.json").exists():
             raise SystemExit(f"{run / stage} is not done: python rlaif.py --run-dir {run} --until feedback")
@@ -123,13 +129,14 @@ def main(argv=None):
     if (out / "model" / "config.json").exists():
         if not force:
             raise SystemExit(f"{out / 'model'} exists; --force retrains it")
-        set_aside(run, ["evaluate"])
-        (run / "compare" / "done.json").unlink(missing_ok=True)
-        (out / "ckpt.pt").unlink(missing_ok=True)
-    overrides = {f"dpo_{k}": v for k, v in args.items() if v is not None}
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
+        if is_main():
+            set_aside(run, ["evaluate"])
+            (run / "compare" / "done.json").unlink(missing_ok=True)
+            (out / "ckpt.pt").unlink(missing_ok=True)
+    cfg = apply_overrides(cfg, {f"dpo_{k}": v for k, v in args.items() if v is not None})
+    if is_main():
         save_config(cfg, run)
+    barrier()
     dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), out)
     log(f"[dpo] done -> {out / 'model'}")
 

@@ -32,7 +32,8 @@ from data.gorilla import prepare
 from reward import RMConfig, combine, make_judge
 from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
                    right_pad, sample_answers, save_checkpoint)
-from runs import RUN_FILES, metrics_tag, resume, run_stage, stage_command_line, tensorboard_text, write_metrics
+from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_mean, global_std, is_main, metrics_tag,
+                  resume, run_stage, shard, stage_command_line, tensorboard_text, write_metrics)
 
 
 @dataclass
@@ -93,12 +94,14 @@ class AdaptiveKLController:
 # The pieces, each a few lines, each tested in tests/test_ppo.py
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the real tokens of the batch: of every rank's batch under torchrun (runs.all_sum is
+    differentiable, so the losses are the global batch's too)."""
+    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
 def masked_var(x, mask):
     mean = masked_mean(x, mask)
-    n = mask.sum()
+    n = all_sum(mask.sum())
     return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # unbiased
 
 
@@ -234,18 +237,18 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
                device, generator, train_policy=True):
     """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
     train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only."""
-    B = batch["response"].size(0)
+    B, minibatch_size = batch["response"].size(0), cfg.minibatch_size // DIST.world  # this rank's rows
     stats = {k: [] for k in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg",
                              "objective/entropy")}
     policy.train()
     if value_model is not None:
         value_model.train()
     params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
-    starts = range(0, B, cfg.minibatch_size)
+    starts = range(0, B, minibatch_size)
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
         for i, start in enumerate(starts):
-            idx = perm[start:start + cfg.minibatch_size].to(device)
+            idx = perm[start:start + minibatch_size].to(device)
             mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
                                                 "logprobs", "values")}
             loss = 0.0
@@ -269,6 +272,7 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
                 stats["loss/value_avg"].append(vf_loss.item())
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
+                average_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 for optimizer in optimizers:
                     optimizer.step()
@@ -282,7 +286,7 @@ def iteration_prompts(prompts, cfg, seed, it):
     n = cfg.batch_size // cfg.rollouts_per_prompt
     rng = random.Random(seed * 104729 + it)
     chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
-    return [p for p in chosen for _ in range(cfg.rollouts_per_prompt)]
+    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]  # torchrun: this rank's prompts
 
 
 def check_config(cfg):
@@ -293,6 +297,9 @@ def check_config(cfg):
         raise ValueError("ppo advantage rloo needs rollouts_per_prompt >= 2 (a leave-one-out baseline)")
     if cfg.minibatch_size < 1:
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
+    if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
+        raise ValueError(f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
+                         f"{DIST.world} x rollouts_per_prompt and minibatch_size a multiple of {DIST.world}")
 
 
 def advantages_and_returns(batch, cfg, kl_coef):
@@ -361,7 +368,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
     t_start = time.time()
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it)
+        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it + 7919 * DIST.rank)  # rank 0 of 1: seed
         batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, run_cfg.seed, it),
                         run_cfg.temperature, run_cfg.max_answer_tokens, eot, device, generator)
         mask = batch["mask"]
@@ -371,20 +378,20 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
                            run_cfg.grad_clip, device, generator, train_policy=not warmup)
         t_update = time.time() - t_update
-        mean_kl, kl_coef = kl.sum(1).mean().item(), kl_ctl.value
+        mean_kl, kl_coef = global_mean(kl.sum(1)).item(), kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
         # TRL's names where TRL has the metric (objective/, policy/, loss/, val/, lr, episode), its GRPO
         # trainer's for completions/; eval/ (greedy validation) and time/ are ours.
         row = {"iteration": it + 1, "episode": (it + 1) * cfg.batch_size,
                "phase": "critic warm-up" if warmup else "ppo", "lr": cfg.lr,
-               "objective/scores": batch["score"].mean().item(), "objective/scores_std": batch["score"].std().item(),
+               "objective/scores": global_mean(batch["score"]).item(), "objective/scores_std": global_std(batch["score"]),
                "objective/kl": mean_kl, "objective/non_score_reward": -kl_coef * mean_kl, "objective/kl_coef": kl_coef,
                **stats,
                "objective/score_share": score_share(score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0),
                "val/explained_variance": explained_variance(batch["values"], mc_returns, mask) if critic else None,
-               "val/num_eos_tokens": int(batch["ended"].sum()),
-               "completions/mean_length": mask.sum(1).mean().item(),
-               "completions/clipped_ratio": 1 - batch["ended"].float().mean().item(),
+               "val/num_eos_tokens": int(all_sum(batch["ended"].float().sum())),
+               "completions/mean_length": global_mean(mask.sum(1)).item(),
+               "completions/clipped_ratio": 1 - global_mean(batch["ended"].float()).item(),
                "time/generate": batch["t_gen"], "time/score": batch["t_score"], "time/update": t_update,
                "time/tokens_per_s": int(mask.sum()) / (time.time() - t0)}
         if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0
@@ -396,10 +403,11 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
             r = batch["response"][0][:int(mask[0].sum())].tolist()
             log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
                 f"{decode(r)[:300]!r}")
-        save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
-                        optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value, iteration=it + 1,
-                        history=history)
-        write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+        if is_main():
+            save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
+                            optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value,
+                            iteration=it + 1, history=history)
+            write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     return history
 
 
@@ -472,11 +480,14 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     # training reward; and the judge's, where judging is free (the rules judge).
     judge = make_judge("rules", None, None, 1, None) if cfg.judge == "rules" else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md")
+    validate = (greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md")
+                if is_main() else None)  # under torchrun, rank 0 validates and writes
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, ppo_cfg, cfg, tok.eot,
                         cfg.device, out_dir, decode=tok.decode, validate=validate, log=log)
-    policy.save_pretrained(out_dir / "model", eot=tok.eot)
+    if is_main():
+        policy.save_pretrained(out_dir / "model", eot=tok.eot)
+    barrier()
     return history[-1] if history else {}
 
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from model import GPT, ScalarModel, autocast, length_grouped_batches, log, make_optimizer, pad_pairs, progress
-from runs import (RUN_FILES, Feedback, Sample, read_rows, resume, run_stage, stage_command_line, write_metrics,
-                  write_rows)
+from runs import (DIST, RUN_FILES, Feedback, Sample, average_gradients, global_mean, is_main, read_rows, resume,
+                  run_stage, shard, stage_command_line, write_metrics, write_rows)
 
 # -----------------------------------------------------------------------------
 # Settings of the reward model (rlaif.py --rm-*, python reward.py --*)
@@ -382,8 +382,9 @@ def pair_batches(samples, pairs, batch_size, epochs, seed):
     resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
     keys = [(len(samples[a].query) // 16, max(len(samples[a].response), len(samples[b].response)))
             for a, b in pairs]
-    return [batch for epoch in range(epochs)
-            for batch in length_grouped_batches(keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch)]
+    # Under torchrun the last, short batch of an epoch is dropped, so that every rank has pairs in every step.
+    return [batch for epoch in range(epochs) for batch in length_grouped_batches(
+        keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch, drop_last=DIST.world > 1)]
 
 
 def rm_batch(samples, ids, tok, device):
@@ -403,13 +404,13 @@ def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0
     r, aux = rm.score_and_aux(*rm_batch(samples, ids, tok, device))
     better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
     worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
-    loss = -F.logsigmoid(r[better] - r[worse]).mean()
+    loss = global_mean(-F.logsigmoid(r[better] - r[worse]))  # over every rank's pairs under torchrun
     if stats is not None:
-        stats["accuracy"] = (r[better] > r[worse]).float().mean().item()
+        stats["accuracy"] = global_mean((r[better] > r[worse]).float()).item()
     if aux is not None and targets:
         y = torch.tensor([targets[i] for i in ids], device=aux.device, dtype=torch.float32)
         if aux_weight:
-            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux.float(), y)
+            loss = loss + aux_weight * global_mean(F.binary_cross_entropy_with_logits(aux.float(), y, reduction="none"))
         if stats is not None:
             right = ((aux.float() > 0) == (y > 0.5)).float().mean(0).tolist()
             stats.update({f"accuracy_{k}": a for (k, _, _), a in zip(QUESTIONS, right)})
@@ -444,7 +445,11 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
     test_pairs = make_pairs(test_fb, 0, rng)  # the policy's own answers only, ties excluded
     targets = question_targets(train_fb) if rm.aux is not None else {}
-    steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
+    # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
+    # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
+    order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
+    steps = len(order)
     if not train_pairs:
         log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
             "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
@@ -456,18 +461,15 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     step, history = (ckpt["step"], ckpt.get("history", [])) if ckpt else (0, [])
     if ckpt:
         log(f"[reward] resumed at step {step}")
-    # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
-    # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
-    # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
-    order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     metrics_file, t0, start = Path(ckpt_file).parent / "metrics.jsonl", time.time(), step
     while step < steps:
-        batch = [train_pairs[i] for i in order[step]]
+        batch = shard([train_pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
         rm.train()
         stats = {}
         with autocast(device):
             loss = comparisons_loss(rm, samples, batch, tok, device, targets, cfg.aux_weight, stats)
         loss.backward()
+        average_gradients(rm.parameters())
         torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -475,10 +477,12 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         history.append(dict(step=step, loss=loss.item(), lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
             log(f"[reward] step {step}/{steps} loss {loss.item():.4f} {progress(step - start, steps - start, t0)}")
-            rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history)
-            write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+            if is_main():
+                rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history)
+                write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     heldout = heldout_metrics(rm, samples, test_fb, test_pairs, tok, device)
-    write_metrics(metrics_file, history + [dict(step=step, **heldout)])
+    if is_main():
+        write_metrics(metrics_file, history + [dict(step=step, **heldout)])
     return heldout
 
 
@@ -599,7 +603,8 @@ def reward_stage(cfg, run, splits):
     metrics = train_reward_model(rm, samples, feedback, tok, cfg.rm, cfg.seed, cfg.grad_clip, cfg.device,
                                  run / "reward" / "ckpt.pt", log=log)
     normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
-    rm.save(run / RUN_FILES["reward_model"])
+    if is_main():
+        rm.save(run / RUN_FILES["reward_model"])
     log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
     return metrics

@@ -41,9 +41,10 @@ from model import (GPT, ScalarModel, autocast, length_grouped_batches, log, lr_a
                    preset_config, progress, response_logprobs, sample_answers, save_checkpoint)
 from ppo import PPOConfig
 from reward import RMConfig
-from runs import (RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_flags, apply_overrides, load_config,
-                  open_tensorboard, read_rows, resume, run_stage, save_config, set_aside, settings_diff,
-                  verify_done, write_jsonl, write_metrics, write_rows)
+from runs import (DIST, RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_flags, all_sum, apply_overrides,
+                  average_gradients, barrier, is_main, load_config, open_tensorboard, read_rows, resume, run_stage,
+                  save_config, set_aside, settings_diff, setup_distributed, shard, verify_done, write_jsonl,
+                  write_metrics, write_rows)
 
 CODE_TAG = "<<<code>>>:"
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
@@ -83,11 +84,12 @@ def sft_examples(cfg, tok, records):
 
 
 def sft_loss(model, examples, pad, device):
-    """Mean negative log-likelihood of the answer tokens; prompt tokens carry no loss."""
+    """Mean negative log-likelihood of the answer tokens (of every rank's examples under torchrun); prompt
+    tokens carry no loss."""
     query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
     with autocast(device):
         logprobs = response_logprobs(model, query, query_mask, response, response_mask)
-    return -logprobs.sum() / response_mask.sum(), int(query_mask.sum() + response_mask.sum())
+    return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), int(query_mask.sum() + response_mask.sum())
 
 
 @torch.no_grad()
@@ -132,10 +134,11 @@ def sft(cfg, tok, train, val, out_dir):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.sft_grad_accum):
-            batch = batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed)
+            batch = shard(batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed))
             loss, n_tokens = sft_loss(model, batch, tok.eot, cfg.device)
             (loss / cfg.sft_grad_accum).backward()
             tokens_seen += n_tokens
+        average_gradients(model.parameters())  # torchrun: every rank takes the global batch's step
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,9 +151,10 @@ def sft(cfg, tok, train, val, out_dir):
         if step % cfg.eval_every == 0 or step == cfg.sft_steps:
             history[-1]["val_loss"] = round(validation_loss(model, val, tok.eot, cfg.device), 4)
             log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
-            save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            step=step, history=history)
-            write_metrics(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
+            if is_main():
+                save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                step=step, history=history)
+                write_metrics(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
     model.eval()
     return model, history
 
@@ -160,7 +164,8 @@ def sft_stage(cfg, run, splits):
     extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     train = sft_examples(cfg, tok, splits["train"] + extra)
     model, history = sft(cfg, tok, train, sft_examples(cfg, tok, splits["val"]), run / "sft")
-    model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
+    if is_main():
+        model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
     return dict(train_examples=len(train), final_loss=history[-1]["loss"],
                 val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1])
 
@@ -235,7 +240,13 @@ def compare_stage(cfg, run, splits):
         ppo.ppo_stage(cfg, run, splits, out_dir=run / RUN_FILES["rloo"], advantage="rloo")
     if not (run / RUN_FILES["dpo"] / "model" / "config.json").exists():
         dpo.dpo_stage(cfg, run, splits, run / RUN_FILES["dpo"])
-    test = splits["test"][:cfg.eval_limit or None]
+    if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
+        best_of_n_answers(cfg, run, splits["test"][:cfg.eval_limit or None], judge, tok)
+    return dict(best_of_n=cfg.best_of_n)
+
+
+def best_of_n_answers(cfg, run, test, judge, tok):
+    """best_of_n SFT samples per test question; the reward model's pick and the judge's are kept."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     log(f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions")
@@ -249,7 +260,6 @@ def compare_stage(cfg, run, splits):
     for name, scores in (("rm", rm_score), ("judge", judge_score)):
         picked = [dict(question_id=r.line, text=answers[j]) for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))]
         write_jsonl(run / RUN_FILES["best_of_n"].format(pick=name), picked)
-    return dict(best_of_n=cfg.best_of_n)
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +306,8 @@ def check_ready(cfg):
         problems.append("--max-answer-tokens must be at least 8")
     if problems:
         raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
+    if DIST.world > 1 and cfg.device == "cpu" and torch.cuda.is_available():
+        log(f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible (--device cuda uses it)")
 
 
 def prepare_run_dir(cfg, from_stage):
@@ -308,10 +320,12 @@ def prepare_run_dir(cfg, from_stage):
         if diff:
             raise SystemExit(f"rlaif.py: {run} was run with other settings:\n  " + "\n  ".join(diff) +
                              "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")
-    if from_stage:
-        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
+    if is_main():  # under torchrun, rank 0 alone touches the files
+        if from_stage:
+            set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run)
+    barrier()
     return run
 
 
@@ -323,7 +337,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
         f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
     splits = prepare.load_splits(cfg.train_file, log=log)
-    if cfg.tensorboard:
+    if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
         log(f"[rlaif] TensorBoard: tensorboard --logdir {run / 'tb'}")
     names = list(STAGES)
@@ -333,7 +347,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
             log(f"[{stage}] already done ({run / stage / 'done.json'}), skipped")
             continue
         run_stage(cfg, run, stage, STAGES[stage], splits)
-    if until == "evaluate":
+    if until == "evaluate" and is_main():
         print_results(cfg, run)
         if importlib.util.find_spec("matplotlib"):
             evaluate.plot_runs([run])
@@ -431,6 +445,7 @@ def main(argv=None):
     if cfg.dry_run:
         return print_plan(cfg, until)
     t0 = time.time()
+    setup_distributed(cfg.device, cfg.dist_timeout)
     run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")
 

@@ -8,11 +8,14 @@ checked whenever a later stage relies on them. Here, in order:
   - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
   - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
   - metrics.jsonl (and TensorBoard), resumable training state.
+  - several processes under torchrun: each rank's share of a batch, global means, gradients averaged
+    over ranks, barriers that end a run whose rank died; without torchrun all of it is a no-op.
   - the command line of a stage script (python ppo.py, reward.py, evaluate.py) and run_stage(), which
     rlaif.py and every stage script use to run a stage.
 Nothing here knows the model beyond saving and loading state (model.py).
 """
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -22,6 +25,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated
+
+import torch
 
 from model import atomic_write, load_checkpoint, log
 
@@ -79,6 +84,9 @@ class Config:
     compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, DPO and "
                              "best-of-n from the same SFT model and feedback, in the same results table"] = False
     best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n"] = 8
+    dist_timeout: Annotated[float, "under torchrun: seconds a rank waits for the others (at a barrier, or while "
+                                   "rank 0 alone samples, judges or evaluates) before the run ends with an "
+                                   "error"] = 3600.0
     ppo: typing.Any = field(default_factory=dict)  # ppo.PPOConfig
     rm: typing.Any = field(default_factory=dict)   # reward.RMConfig
     dpo: typing.Any = field(default_factory=dict)  # dpo.DPOConfig
@@ -86,7 +94,7 @@ class Config:
 
 SECTIONS = ("ppo", "rm", "dpo")
 # Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard")
+NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard", "dist_timeout")
 
 
 def apply_overrides(cfg, overrides, where="command line"):
@@ -319,6 +327,118 @@ def resume(ckpt_file, device, optimizer, **modules):
 
 
 # -----------------------------------------------------------------------------
+# Several processes: torchrun --nproc_per_node N rlaif.py (or ppo.py, ...), one process (rank) per device.
+# Each rank trains on its share of every batch; the loss is the mean over the global batch (all_sum is
+# differentiable) and average_gradients() makes every rank take the same step, as DistributedDataParallel
+# would. Rank 0 alone samples, judges, evaluates and writes files. Without torchrun: rank 0 of 1, and
+# every function here returns its input.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    timeout: float = 3600.0
+
+
+DIST = Dist()
+
+
+def setup_distributed(device, timeout):
+    """Join torchrun's process group when RANK is set (NCCL on GPUs, gloo on CPU) and take this rank's GPU;
+    the other ranks print nothing (rank 0 speaks for all). Returns the device."""
+    if "RANK" not in os.environ or DIST.world > 1:
+        return device
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout))
+    DIST.rank, DIST.world, DIST.timeout = dist.get_rank(), dist.get_world_size(), timeout
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if DIST.rank:
+        import sys
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def is_main():
+    return DIST.rank == 0
+
+
+def barrier(timeout=None):
+    """Wait until every rank is here. A rank that does not come within the timeout (dead, or stuck) ends
+    this one with an error that names it (gloo's monitored barrier; with NCCL, the group's timeout)."""
+    if DIST.world == 1:
+        return
+    import torch.distributed as dist
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout or DIST.timeout))
+    else:
+        dist.barrier()
+
+
+def shard(items):
+    """This rank's share of a batch: every world-th item from its rank on (one process: all of them)."""
+    return items[DIST.rank::DIST.world]
+
+
+class AllSum(torch.autograd.Function):
+    """all_reduce(SUM), differentiable: its backward pass sums the ranks' gradients too, so that a loss built
+    from all_sum is the global batch's loss on every rank, with every rank's share of its gradient."""
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllSum.forward(ctx, grad)
+
+
+def all_sum(x):
+    """x summed over the ranks (one process: x itself)."""
+    return x if DIST.world == 1 else AllSum.apply(x)
+
+
+def global_mean(x):
+    """The mean of x's entries over every rank's x (one process: x.mean())."""
+    if DIST.world == 1:
+        return x.mean()
+    return all_sum(x.sum()) / all_sum(torch.tensor(float(x.numel()), device=x.device))
+
+
+def global_std(x):
+    """Standard deviation (unbiased) of x's entries over every rank's x, as a float (one process: x.std())."""
+    if DIST.world == 1:
+        return x.std().item()
+    n = all_sum(torch.tensor(float(x.numel()), device=x.device))
+    return (all_sum(((x - global_mean(x)) ** 2).sum()) / (n - 1)).sqrt().item()
+
+
+def average_gradients(params):
+    """Every rank's gradients averaged, in place: what DistributedDataParallel computes, with one all_reduce
+    per bucket of 16M values and optimizer step (gradient-accumulation steps communicate nothing). The
+    stages call the network through hidden_states and selected positions of its head, which DDP's forward
+    hooks would not see."""
+    if DIST.world == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket, size = [], 0
+    for i, g in enumerate(grads):
+        bucket, size = bucket + [g], size + g.numel()
+        if size >= 1 << 24 or i == len(grads) - 1:
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            for b, part in zip(bucket, flat.div_(DIST.world).split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
+
+
+# -----------------------------------------------------------------------------
 # Running a stage: from rlaif.py, or alone from its own script
 
 
@@ -340,18 +460,24 @@ def add_flags(parser, cls, prefix, default_text):
             group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
 
 
+EVERY_RANK = ("sft", "reward", "ppo", "compare")  # under torchrun, the training stages run on every rank
+
+
 def run_stage(cfg, run, stage, stage_fn, splits):
     """Run one stage: its directory, stage_fn(cfg, run, splits) -> summary, then done.json (summary,
     seconds, output hashes). The stage's set-aside previous result is deleted only now that the new one is
-    complete."""
+    complete. Under torchrun, a stage that does not train runs on rank 0 while the others wait."""
     t0 = time.time()
     (run / stage).mkdir(parents=True, exist_ok=True)
-    summary = stage_fn(cfg, run, splits)
-    mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
-    shutil.rmtree(run / ".previous" / stage, ignore_errors=True)
-    if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
-        (run / ".previous").rmdir()
-    log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
+    summary = stage_fn(cfg, run, splits) if is_main() or stage in EVERY_RANK else {}
+    barrier()
+    if is_main():
+        mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+        shutil.rmtree(run / ".previous" / stage, ignore_errors=True)
+        if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
+            (run / ".previous").rmdir()
+        log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
+    barrier()
 
 
 def stage_command_line(stage, description, section_cls=None, argv=None, **sections):
@@ -370,6 +496,7 @@ def stage_command_line(stage, description, section_cls=None, argv=None, **sectio
     run, force = Path(args.pop("run_dir")), args.pop("force")
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
     cfg = load_config(run, **sections)
+    setup_distributed(cfg.device, cfg.dist_timeout)
     earlier = STAGE_ORDER[:STAGE_ORDER.index(stage)]
     for name in earlier:
         if not (run / name / "done.json").exists():
@@ -377,11 +504,13 @@ def stage_command_line(stage, description, section_cls=None, argv=None, **sectio
         verify_done(run / name)
     if (run / stage / "done.json").exists() and not force:
         raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
-    set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-        save_config(cfg, run)
-        log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
-    if cfg.tensorboard:
-        open_tensorboard(run / "tb")
+    cfg = apply_overrides(cfg, overrides)
+    if is_main():
+        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
+        if overrides:
+            save_config(cfg, run)
+            log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
+        if cfg.tensorboard:
+            open_tensorboard(run / "tb")
+    barrier()
     return cfg, run

@@ -114,7 +114,7 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
                         log=lambda *a: None)
     start = sum(h["objective/scores"] for h in history[:3]) / 3
     end = sum(h["objective/scores"] for h in history[-3:]) / 3
-    print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['kl']:.2f}")
+    print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['objective/kl']:.2f}")
     assert end > start + 0.25
     assert history[-1]["objective/kl"] < 15.0
 
