@@ -419,8 +419,12 @@ def main(argv=None):
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
     args = p.parse_args(argv)
     if not (args.answers or args.model or args.gorilla or args.plot):
-        cfg, run = stage_command_line("evaluate", p.description, None, ["--run-dir", args.run_dir] +
-                                      ["--force"] * args.force)
+        given = [f"--{k.replace('_', '-')}" for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens",
+                                                       "device", "out") if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage of "
+                    f"--run-dir uses the run's recorded settings")
+        cfg, run = stage_command_line("evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force)
         return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))
     if args.plot:
         made = plot_runs(args.plot)

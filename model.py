@@ -7,7 +7,7 @@ Everything the rest of the project does with a language model lives here, once:
     optionally remapped onto the compact vocabulary the tiny CPU preset uses.
   - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
     SFT samples, PPO rollouts and evaluation.
-  - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and the reward model.
+  - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and DPO.
   - training helpers shared by every stage: optimizer, LR schedule, autocast, progress lines, and saving
     and loading weights and plain state atomically (run directories and their files: runs.py).
 """
@@ -431,7 +431,7 @@ def right_pad(seqs, pad, device="cpu"):
 
 def pad_pairs(pairs, pad, device="cpu"):
     """(prompt, answer) token lists -> query, query_mask (left-padded), response, response_mask
-    (right-padded): the batch layout of response_logprobs, for SFT, the reward model and PPO alike."""
+    (right-padded): the batch layout of response_logprobs, for SFT, the reward model and DPO alike."""
     query, query_mask = left_pad([p for p, _ in pairs], pad, device)
     response, response_mask = right_pad([a for _, a in pairs], pad, device)
     return query, query_mask, response, response_mask

@@ -14,7 +14,7 @@ The algorithm, in the order of one iteration (train_ppo):
      reaches every token, the API choice near the start included; returns = advantages + values.
   4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
      clipped value loss. The value model starts from the reward model's network with a zero head and is
-     trained alone on the first `critic_warmup` batches, so its first predictions are on the score's scale.
+     trained alone in the first `critic_warmup` iterations, so its first predictions are on the score's scale.
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on the whole
 answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped update.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
@@ -29,7 +29,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
-from reward import RMConfig, combine, make_judge
+from reward import combine, make_judge
 from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
                    right_pad, sample_answers, save_checkpoint)
 from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_mean, global_std, is_main, metrics_tag,
@@ -497,7 +497,7 @@ def main(argv=None):
         "ppo", "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
         "run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded settings (config.json); the flags "
         "below override them and are recorded. An interrupted PPO resumes; later results (evaluate) are set aside.",
-        PPOConfig, argv, ppo=PPOConfig, rm=RMConfig)
+        argv, section="ppo", section_cls=PPOConfig)
     run_stage(cfg, run, "ppo", ppo_stage, prepare.load_splits(cfg.train_file))
 
 

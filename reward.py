@@ -12,6 +12,9 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
    Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples (lm-human-preferences).
 
     python reward.py --run-dir runs/tiny --force    # redo the reward stage of a run (see rlaif.py)
+
+The feedback stage (feedback_stage, below) has no script of its own: python rlaif.py --run-dir R --from
+feedback redoes it and what follows.
 """
 import ast
 import hashlib
@@ -433,7 +436,7 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
 
 
 def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
-    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: {query, response}}."""
+    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}."""
     rng = random.Random(seed)
     records = sorted({f.record for f in feedback})
     rng.shuffle(records)
@@ -615,7 +618,7 @@ def main(argv=None):
     cfg, run = stage_command_line(
         "reward", "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
         "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings (config.json); the "
-        "flags below override them and are recorded.", RMConfig, argv, rm=RMConfig)
+        "flags below override them and are recorded.", argv, section="rm", section_cls=RMConfig)
     run_stage(cfg, run, "reward", reward_stage, prepare.load_splits(cfg.train_file))
 
 

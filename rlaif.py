@@ -48,7 +48,7 @@ from runs import (DIST, RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_fl
 
 CODE_TAG = "<<<code>>>:"
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
-SECTIONS = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)  # Config's sections, each in its stage's file
+SECTION_CLASSES = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)  # Config's sections, in their stages' files
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
@@ -64,7 +64,7 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 def make_config(preset="tiny", **overrides):
     """Config of a preset (every setting of runs.Config) with overrides: top-level names, ppo_<name> /
     rm_<name> / dpo_<name>, or ppo=dict(...)."""
-    cfg = Config(**{name: cls() for name, cls in SECTIONS.items()})
+    cfg = Config(**{name: cls() for name, cls in SECTION_CLASSES.items()})
     return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
 
 
@@ -219,7 +219,7 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 
 # -----------------------------------------------------------------------------
-# 7. [not in the paper] The same feedback used three more ways, for one table (--compare)
+# 7. [not in the paper] The same feedback used four more ways, for one table (--compare)
 
 def compare_stage(cfg, run, splits):
     """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
@@ -373,7 +373,7 @@ def print_results(cfg, run):
 
 
 # -----------------------------------------------------------------------------
-# Command line: one flag per Config field (--ppo-* and --rm-* for the nested ones)
+# Command line: one flag per Config field (--ppo-*, --rm-*, --dpo-* for the sections)
 
 def tiny_and_paper_defaults(prefix):
     paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
@@ -398,7 +398,7 @@ def parse_args(argv=None):
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
     if preset is None and (Path(cfg.run_dir) / "config.json").exists():  # an existing run: its settings + flags
-        cfg = apply_overrides(load_config(cfg.run_dir, **SECTIONS), overrides)
+        cfg = apply_overrides(load_config(cfg.run_dir, **SECTION_CLASSES), overrides)
     cfg.dry_run = dry_run  # not a setting of the run (asdict leaves it out): how this command runs
     return cfg, from_stage, until
 

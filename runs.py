@@ -11,7 +11,8 @@ checked whenever a later stage relies on them. Here, in order:
   - several processes under torchrun: each rank's share of a batch, global means, gradients averaged
     over ranks, barriers that end a run whose rank died; without torchrun all of it is a no-op.
   - the command line of a stage script (python ppo.py, reward.py, evaluate.py) and run_stage(), which
-    rlaif.py and every stage script use to run a stage.
+    rlaif.py and those scripts use to run a stage. dpo.py trains one part of the compare stage, so it
+    has a command line of its own (the same flags and checks, no done.json).
 Nothing here knows the model beyond saving and loading state (model.py).
 """
 import argparse
@@ -450,7 +451,7 @@ def add_flags(parser, cls, prefix, default_text):
     group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
     for f in fields(cls):
         if typing.get_origin(hints[f.name]) is not typing.Annotated:
-            continue  # a section (Config.ppo, Config.rm) has flags of its own
+            continue  # a section (Config.ppo, .rm, .dpo) has flags of its own
         kind, help_text, *choices = typing.get_args(hints[f.name])
         flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
         help_text += f" (default: {default_text(f)})"
@@ -480,22 +481,22 @@ def run_stage(cfg, run, stage, stage_fn, splits):
     barrier()
 
 
-def stage_command_line(stage, description, section_cls=None, argv=None, **sections):
+def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
     """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force, and one
-    flag per field of its section's dataclass. Returns (cfg, run): the run's recorded Config with the flags
-    applied and recorded; earlier stages verified, the stage resumable if interrupted, a finished one kept
-    unless --force, and later stages set aside so no result of the old stage survives as if current."""
+    flag per field of its section of Config (section="ppo", section_cls=PPOConfig). Returns (cfg, run): the
+    run's recorded Config with the flags applied and recorded; earlier stages verified, the stage resumable
+    if interrupted, a finished one kept unless --force, and later stages set aside so that no result of the
+    old stage survives as if current."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--run-dir", default="runs/tiny", help="a run directory of rlaif.py whose earlier stages are "
                    "done (default: runs/tiny, the default run of rlaif.py)")
     p.add_argument("--force", action="store_true", help="redo a finished stage (later stages are set aside)")
-    section = next((name for name, cls in sections.items() if cls is section_cls), None)
     if section_cls is not None:
         add_flags(p, section_cls, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
-    cfg = load_config(run, **sections)
+    cfg = load_config(run, **({section: section_cls} if section else {}))
     setup_distributed(cfg.device, cfg.dist_timeout)
     earlier = STAGE_ORDER[:STAGE_ORDER.index(stage)]
     for name in earlier:

@@ -146,3 +146,11 @@ def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
         assert f"  {stage}" in out.stdout
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_evaluate_of_a_run_refuses_flags_that_only_apply_to_other_sources(capsys):
+    import evaluate
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--exec-mode", "none", "--device", "cuda"])
+    assert stop.value.code == 2
+    assert "--exec-mode --device apply to --answers, --model or --gorilla" in capsys.readouterr().err
