@@ -19,7 +19,7 @@ bubblewrap or nsjail would be one more system package to install.
 Two modes, one code path:
   real:    the snippet runs with the real libraries and network (downloads allowed), as a user would.
   offline: no weights or network exist, so the model libraries (standins.STUBBED) are replaced by the
-           stand-ins of standins.py that check what the code asks of them [offline stand-in], against data/gorilla/api_names.json
+           stand-ins of data/gorilla/standins.py that check what the code asks of them [offline stand-in], against data/gorilla/api_names.json
            (transformers 4.57.6): names a library does not have, calls that do not fit the real
            signature, unknown pipeline tasks and models a task cannot run, model ids not in the API
            database. Missing input files and names the code marks as the user's are placeholders.
@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import standins
+from data.gorilla import standins
 from data.gorilla.apis import APIDatabase
 
 ROOT = Path(__file__).resolve().parent

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# model <- runs (run directories) <- data <- standins <- sandbox, reward (the judge) <- ppo, dpo, evaluate <-
-# rlaif: a module imports only lower layers (ppo and evaluate ask the judge to score greedy answers, dpo
-# trains on its pairs, evaluate runs code through the sandbox, whose child uses the stand-in libraries).
-LAYER = {"model": 0, "runs": 1, "data": 2, "standins": 3, "sandbox": 4, "reward": 4, "ppo": 5, "dpo": 5,
-         "evaluate": 5, "rlaif": 6}
+# model <- runs (run directories) <- data (with the sandbox's stand-in libraries) <- sandbox, reward (the
+# judge) <- ppo, dpo, evaluate <- rlaif: a module imports only lower layers (ppo and evaluate ask the judge
+# to score greedy answers, dpo trains on its pairs, evaluate runs code through the sandbox).
+LAYER = {"model": 0, "runs": 1, "data": 2, "sandbox": 3, "reward": 3, "ppo": 4, "dpo": 4, "evaluate": 4, "rlaif": 5}
 ALLOWED = set()
 SCRIPTS = ["rlaif.py", "ppo.py", "reward.py", "dpo.py", "evaluate.py", "sandbox.py", "data/gorilla/prepare.py"]
 

@@ -1,5 +1,6 @@
 """
 [offline stand-in] The model libraries as checking stand-ins, for the sandbox's offline mode (sandbox.py).
+They live beside the API tables they check against (apis.py, api_names.json).
 
 Offline there are no weights and no network, so inside the sandbox's child the libraries in STUBBED are
 replaced by stand-ins that check what the code asks of them, against data/gorilla/api_names.json
