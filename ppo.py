@@ -478,7 +478,7 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     score_fn = score_fn or rm_score
     # Validation: the reward model's score of greedy answers to the validation questions, whatever the
     # training reward; and the judge's, where judging is free (the rules judge).
-    judge = make_judge("rules", None, None, 1, None) if cfg.judge == "rules" else None
+    judge = make_judge("rules", None, None, None) if cfg.judge == "rules" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     validate = (greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md")
                 if is_main() else None)  # under torchrun, rank 0 validates and writes

@@ -180,10 +180,11 @@ class JudgeError(Exception):
 
 class OpenAIJudge:
     """Asks an OpenAI-compatible chat endpoint each question, one request per (answer, question), with
-    bounded concurrency, retries with exponential backoff and jitter, and an append-only cache."""
+    retries with exponential backoff and jitter, and an append-only cache. Thread-safe: judge_answers
+    calls it from a pool of --judge-concurrency threads."""
 
-    def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, concurrency=8,
-                 max_retries=5, timeout=30.0, backoff=1.0, api_key=None, db=None, max_usd=0.0, log=log):
+    def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, max_retries=5, timeout=30.0,
+                 backoff=1.0, api_key=None, db=None, max_usd=0.0, log=log):
         import openai  # only the LLM judge needs it
         self.openai, self.model, self.log = openai, model, log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
@@ -192,7 +193,7 @@ class OpenAIJudge:
             raise RuntimeError("the OpenAI judge needs OPENAI_API_KEY (or --judge-base-url for a local "
                                "OpenAI-compatible server); use --judge rules for the offline stand-in")
         self.client = openai.OpenAI(api_key=key, base_url=base_url or None, timeout=timeout, max_retries=0)
-        self.concurrency, self.max_retries, self.backoff = concurrency, max_retries, backoff
+        self.max_retries, self.backoff = max_retries, backoff
         self.db = db or APIDatabase()
         self.cache_file = Path(cache_file) if cache_file else None
         self.cache, self.lock = {}, threading.Lock()
@@ -553,11 +554,10 @@ def judge_problems(base_url):
     return []
 
 
-def make_judge(kind, model, base_url, concurrency, cache_file, max_usd=0.0, log=log):
+def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log):
     if kind == "rules":
         return RulesJudge()
-    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, concurrency=concurrency,
-                       max_usd=max_usd, log=log)
+    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, max_usd=max_usd, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -566,8 +566,8 @@ def make_judge(kind, model, base_url, concurrency, cache_file, max_usd=0.0, log=
 def feedback_stage(cfg, run, splits):
     """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
     go to run_dir/feedback. Resumable: answers already judged are in the partial file (and the judge's cache)."""
-    judge = make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
-                       cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
+    judge = make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
+                       cfg.judge_max_usd, log=log)
     samples, partial = read_rows(run / RUN_FILES["samples"], Sample), run / RUN_FILES["feedback_partial"]
     if cfg.judge == "rules":
         log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "

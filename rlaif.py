@@ -229,8 +229,8 @@ def compare_stage(cfg, run, splits):
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, cfg.judge_concurrency,
-                              cache_file=run / RUN_FILES["judge_cache"], max_usd=cfg.judge_max_usd, log=log)
+    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
+                              cfg.judge_max_usd, log=log)
     if not (run / RUN_FILES["drlaif"] / "model" / "config.json").exists():
         log("[compare] d-RLAIF: PPO with the judge's score as the reward")
         ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback),
