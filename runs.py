@@ -40,7 +40,8 @@ class Config:
     """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the paper changes).
     Each field is a flag of rlaif.py (--sft-steps). The sections ppo, rm and dpo hold the stages' own
     settings, defined at the top of ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their
-    flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script)."""
+    flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
+    or read back by load_config, which build the sections as those dataclasses."""
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
     seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
     device: Annotated[str, "cpu, cuda or cuda:N"] = "cpu"
