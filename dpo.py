@@ -24,7 +24,7 @@ from data.gorilla import prepare
 from model import GPT, autocast, log, make_optimizer, pad_pairs, progress, response_logprobs, save_checkpoint
 from reward import RMConfig, make_pairs, pair_batches
 from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, average_gradients, barrier, global_mean,
-                  is_main, load_config, setup_distributed, shard, read_rows, resume, save_config, set_aside, verify_done,
+                  is_main, load_config, require_done, setup_distributed, shard, read_rows, resume, save_config, set_aside,
                   write_metrics)
 
 
@@ -121,10 +121,7 @@ def main(argv=None):
     run, force = Path(args.pop("run_dir")), args.pop("force")
     cfg = load_config(run, dpo=DPOConfig, rm=RMConfig)
     setup_distributed(cfg.device, cfg.dist_timeout)
-    for stage in ("sft", "sample", "feedback"):
-        if not (run / stage / "done.json").exists():
-            raise SystemExit(f"{run / stage} is not done: python rlaif.py --run-dir {run} --until feedback")
-        verify_done(run / stage)
+    require_done(run, ("sft", "sample", "feedback"))
     out = run / RUN_FILES["dpo"]
     if (out / "model" / "config.json").exists():
         if not force:

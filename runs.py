@@ -248,6 +248,14 @@ def verify_done(stage_dir):
             raise SystemExit(f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}")
 
 
+def require_done(run, stages):
+    """Every one of `stages` finished and intact (verify_done), or one line naming the command that runs them."""
+    for name in stages:
+        if not (run / name / "done.json").exists():
+            raise SystemExit(f"{run / name} is not done: python rlaif.py --run-dir {run} --until {stages[-1]}")
+        verify_done(run / name)
+
+
 def set_aside(run, stages):
     """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays until its
     redo is complete (run_stage then deletes it); an unfinished one is deleted, so a failed redo never
@@ -499,11 +507,7 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
     cfg = load_config(run, **({section: section_cls} if section else {}))
     setup_distributed(cfg.device, cfg.dist_timeout)
-    earlier = STAGE_ORDER[:STAGE_ORDER.index(stage)]
-    for name in earlier:
-        if not (run / name / "done.json").exists():
-            raise SystemExit(f"{run / name} is not done: python rlaif.py --run-dir {run} --until {earlier[-1]}")
-        verify_done(run / name)
+    require_done(run, STAGE_ORDER[:STAGE_ORDER.index(stage)])
     if (run / stage / "done.json").exists() and not force:
         raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
     cfg = apply_overrides(cfg, overrides)
