@@ -362,18 +362,31 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
 # -----------------------------------------------------------------------------
 # The reward model
 
+# [not in the paper] The answers a contrast answer (rlaif.contrast_answers) is compared with. Another
+# domain's reference is compared only with this prompt's reference: the two differ in relevance alone.
+# Against the policy's own answers it wins on its (runnable, real) code, so those pairs taught that a
+# foreign domain wins (docs/experiments.md, "Where the reward model's ranking fails").
+CONTRAST_PARTNERS = {"mismatched": {"reference"}}
+
+
+def comparable(a, b):
+    return (b.source in CONTRAST_PARTNERS.get(a.source, {b.source})
+            and a.source in CONTRAST_PARTNERS.get(b.source, {a.source}))
+
+
 def make_pairs(feedback, max_contrast_pairs, rng):
     """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped. Every pair
     of the policy's own answers is kept: they are what PPO asks the reward model to rank. Pairs with a
     contrast answer (rlaif.contrast_answers) are capped at max_contrast_pairs per prompt, so that they
-    teach relevance and missing code without outnumbering the policy's comparisons."""
+    teach relevance and missing code without outnumbering the policy's comparisons, and are made only
+    between answers that CONTRAST_PARTNERS lets be compared."""
     by_record = {}
     for f in feedback:
         if f.score is not None:
             by_record.setdefault(f.record, []).append(f)
     pairs = []
     for group in by_record.values():
-        ordered = [(a, b) for a in group for b in group if a.score > b.score]
+        ordered = [(a, b) for a in group for b in group if a.score > b.score and comparable(a, b)]
         own = [(a.id, b.id) for a, b in ordered if a.source == b.source == "policy"]
         contrast = [(a.id, b.id) for a, b in ordered if not a.source == b.source == "policy"]
         rng.shuffle(contrast)

@@ -226,6 +226,18 @@ def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
     assert all(fb_by_id_score(fb, a) > fb_by_id_score(fb, b) for a, b in pairs)
 
 
+def test_another_domains_answer_is_compared_only_with_the_prompts_reference():
+    from reward import make_pairs
+    import random
+    # It outscores every policy answer and the no-code one (its code runs), yet only loses to the reference.
+    fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.3])]
+    fb += [Feedback(10 + i, 0, src, "test", {}, s) for i, (src, s) in
+           enumerate([("reference", 0.9), ("mismatched", 0.4), ("no_code", 0.05)])]
+    pairs = make_pairs(fb, 100, random.Random(0))
+    assert [p for p in pairs if 11 in p] == [(10, 11)]
+    assert {(10, 0), (10, 1), (10, 12), (0, 12), (1, 12), (1, 0)} <= set(pairs)
+
+
 def fb_by_id_score(fb, i):
     return next(f.score for f in fb if f.id == i)
 
