@@ -94,14 +94,16 @@ def sft_loss(model, examples, pad, device):
 
 @torch.no_grad()
 def validation_loss(model, examples, pad, device, batch_size=32):
+    """Mean loss per answer token over `examples`; under torchrun each rank scores its share."""
     model.eval()
-    total, n = 0.0, 0
+    examples, total, n = shard(examples), 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         loss, _ = sft_loss(model, chunk, pad, device)
         tokens = sum(len(a) for _, a in chunk)
         total, n = total + loss.item() * tokens, n + tokens
     model.train()
+    total, n = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device)).tolist()
     return total / max(n, 1)
 
 

@@ -37,7 +37,17 @@ def sft_steps(out):
     examples = [(torch.randint(1, 60, (3 + i % 3,), generator=g).tolist(),
                  torch.randint(1, 60, (2 + i % 4,), generator=g).tolist() + [EOT]) for i in range(32)]
     model, _ = rlaif.sft(cfg, tok, examples, examples[:4], out / f"sft_{DIST.world}")
-    return params(model)
+    return params(model), validation(model, examples[:7])
+
+
+def validation(model, examples):
+    """rlaif.validation_loss on 7 examples, and how many of them this rank scored."""
+    seen, sft_loss = [], rlaif.sft_loss
+    rlaif.sft_loss = lambda m, chunk, *a: seen.extend(chunk) or sft_loss(m, chunk, *a)
+    try:
+        return dict(loss=rlaif.validation_loss(model, examples, EOT, "cpu"), scored=len(seen))
+    finally:
+        rlaif.sft_loss = sft_loss
 
 
 def reward_model_step():
@@ -87,10 +97,10 @@ def main(mode, out):
             raise RuntimeError("rank 1 died before the barrier")
         barrier(timeout=5)
         return
-    sft = sft_steps(out)
+    sft, val = sft_steps(out)
     rm = reward_model_step()
     policy, value, rows, advantages = ppo_update()
-    torch.save(dict(sft=sft, rm=rm, policy=policy, value=value, rows=rows, advantages=advantages),
+    torch.save(dict(sft=sft, val=val, rm=rm, policy=policy, value=value, rows=rows, advantages=advantages),
                out / f"rank{DIST.rank}_of_{DIST.world}.pt")
 
 

@@ -46,6 +46,14 @@ def test_two_ranks_take_the_steps_of_one_process_with_their_joint_batch(results,
 
 
 @pytest.mark.slow
+def test_validation_loss_is_split_between_the_ranks(results):
+    one, rank0, rank1 = results
+    assert (rank0["val"]["scored"], rank1["val"]["scored"], one["val"]["scored"]) == (4, 3, 7)
+    for rank in (rank0, rank1):
+        assert abs(rank["val"]["loss"] - one["val"]["loss"]) < 1e-5
+
+
+@pytest.mark.slow
 def test_advantages_are_whitened_over_the_global_batch(results):
     one, rank0, rank1 = results
     assert sorted(rank0["rows"].tolist() + rank1["rows"].tolist()) == list(range(8))
