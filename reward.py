@@ -370,6 +370,8 @@ CONTRAST_PARTNERS = {"mismatched": {"reference"}}
 
 
 def comparable(a, b):
+    """Whether two answers to one prompt may form a pair: a source CONTRAST_PARTNERS names is compared only
+    with the sources it lists; the others with any answer."""
     return (b.source in CONTRAST_PARTNERS.get(a.source, {b.source})
             and a.source in CONTRAST_PARTNERS.get(b.source, {a.source}))
 
