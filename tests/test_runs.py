@@ -23,6 +23,17 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     assert partial.rm == asdict(cfg.rm)
 
 
+def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A field missing from a recorded config.json (an older version's run) is no difference at its default;
+    asked for with another value, it is named, in a section and at the top level."""
+    cfg = rlaif.make_config("tiny", run_dir=str(tmp_path))
+    recorded = json.loads(json.dumps(asdict(cfg)))
+    del recorded["rm"]["lm_weight"], recorded["best_of_n"]
+    assert runs.settings_diff(recorded, cfg) == []
+    assert runs.settings_diff(recorded, runs.apply_overrides(cfg, dict(rm_lm_weight=2.0, best_of_n=3))) == [
+        "best_of_n: 8 -> 3", "rm.lm_weight: 0.0 -> 2.0"]
+
+
 @pytest.mark.parametrize("overrides, needle", [({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
                                                ({"no_such": 1}, "no setting 'no_such'")])
 def test_an_unknown_setting_is_named(overrides, needle):
