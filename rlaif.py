@@ -26,6 +26,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -318,7 +319,9 @@ def prepare_run_dir(cfg, from_stage):
     run = Path(cfg.run_dir)
     config_file = run / "config.json"
     if config_file.exists() and not from_stage:
-        diff = settings_diff(json.loads(config_file.read_text()), cfg)
+        # Read as this version reads it: a setting the run did not record (made before the setting existed)
+        # is at its default, so that a run of an older version still resumes.
+        diff = settings_diff(asdict(load_config(run, **SECTION_CLASSES)), cfg)
         if diff:
             raise SystemExit(f"rlaif.py: {run} was run with other settings:\n  " + "\n  ".join(diff) +
                              "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")

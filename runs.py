@@ -143,20 +143,16 @@ def save_config(cfg, run_dir):
 
 
 def settings_diff(recorded, cfg):
-    """['field: recorded -> requested', ...] between a run's config.json and the requested config. A field
-    the run did not record (it was made before the field existed) counts as that field's default, so that
-    a run made by an older version still resumes."""
-    def default(obj, name):
-        return next((f.default for f in fields(obj) if f.name == name and f.default is not MISSING), None)
+    """['field: recorded -> requested', ...] between a run's config.json and the requested config."""
     wanted = asdict(cfg)
     diff = []
     for key in sorted(set(recorded) | set(wanted)):
         if key in NOT_RESULTS:
             continue
-        old, new = recorded.get(key, default(cfg, key)), wanted.get(key)
+        old, new = recorded.get(key), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            old = {k: old.get(k, default(getattr(cfg, key), k)) for k in set(old) | set(new)}
-            diff += [f"{key}.{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old) if old[k] != new.get(k)]
+            diff += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
         elif old != new:
             diff.append(f"{key}: {old!r} -> {new!r}")
     return diff

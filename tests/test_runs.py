@@ -29,9 +29,13 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
     cfg = rlaif.make_config("tiny", run_dir=str(tmp_path))
     recorded = json.loads(json.dumps(asdict(cfg)))
     del recorded["rm"]["lm_weight"], recorded["best_of_n"]
-    assert runs.settings_diff(recorded, cfg) == []
-    assert runs.settings_diff(recorded, runs.apply_overrides(cfg, dict(rm_lm_weight=2.0, best_of_n=3))) == [
-        "best_of_n: 8 -> 3", "rm.lm_weight: 0.0 -> 2.0"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit) as e:
+        rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-lm-weight", "2",
+                                                "--best-of-n", "3"])[0], None)
+    assert "best_of_n: 8 -> 3" in str(e.value) and "rm.lm_weight: 0.0 -> 2.0" in str(e.value)
 
 
 @pytest.mark.parametrize("overrides, needle", [({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
