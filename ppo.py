@@ -17,6 +17,11 @@ The algorithm, in the order of one iteration (train_ppo):
      trained alone in the first `critic_warmup` iterations, so its first predictions are on the score's scale.
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on the whole
 answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped update.
+`--advantage grpo` [not in the paper] is GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): the score normalised
+within the prompt's group (minus the group's mean, over its std), no critic, and the KL to the SFT model as
+a loss term (the k3 estimator) instead of a reward term. Where it differs from RLOO: the group mean includes
+the answer itself, the std rescales every prompt's advantages to the same size, and the KL does not enter
+the advantage.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
 Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
 """
@@ -48,8 +53,9 @@ class PPOConfig:
     lr: Annotated[float, "AdamW learning rate of the policy"] = 2e-5
     vf_lr: Annotated[float, "AdamW learning rate of the value model"] = 1e-4
     critic_warmup: Annotated[int, "first iterations that train only the value model (the policy waits)"] = 2
-    advantage: Annotated[str, "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic "
-                              "[not in the paper]", ("gae", "rloo")] = "gae"
+    advantage: Annotated[str, "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic; "
+                              "grpo: group-normalised score, KL as a loss term [not in the paper]",
+                         ("gae", "rloo", "grpo")] = "gae"
     gamma: Annotated[float, "discount; 1 as in lm-human-preferences"] = 1.0
     lam: Annotated[float, "GAE lambda; 1 carries the final score to every answer token"] = 1.0
     whiten_advantages: Annotated[bool, "whiten advantages over the batch [N-details]; off: a batch with no "
@@ -160,10 +166,26 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def rloo_advantages(rewards, mask, k):
-    """[not in the paper] RLOO (Ahmadian et al. 2024): the whole answer is one action; its return (score
-    minus the summed KL penalty) minus the mean return of the prompt's other k-1 answers, given to every
-    token of the answer."""
+    """[not in the paper] RLOO (Ahmadian et al. 2024, eq. 8): the whole answer is one action; its return
+    (score minus the summed KL penalty) minus the mean return of the prompt's other k-1 answers, given to
+    every token of the answer. `rewards` carry the raw score: the baseline is subtracted here, once."""
     return leave_one_out(rewards.sum(1), k)[:, None] * mask
+
+
+def grpo_advantages(score, mask, k):
+    """[not in the paper] GRPO (Shao et al. 2024, eq. 3 with outcome supervision): each answer's score
+    minus its group's mean, over the group's std, given to every token. The group is the k answers to
+    one prompt (consecutive entries); a group whose answers all score the same gets advantage 0."""
+    groups = score.view(-1, k)
+    normalised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    return normalised.view(-1)[:, None] * mask
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token KL(policy || reference) estimate, always >= 0 and unbiased (Schulman 2020, "Approximating
+    KL divergence", k3): exp(ref - logp) - (ref - logp) - 1. GRPO adds it to the loss (eq. 4)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
 
 
 def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
@@ -191,9 +213,13 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(returns - values) / Var(returns); measured against Monte-Carlo returns, since GAE's returns
-    with lam < 1 are built from the values themselves and would flatter a bad critic."""
-    return 1 - (masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+    """1 - Var(returns - values) / Var(returns), or None for a batch whose returns have no variance;
+    measured against Monte-Carlo returns, since GAE's returns with lam < 1 are built from the values
+    themselves and would flatter a bad critic."""
+    var = masked_var(returns, mask).item()
+    if var < 1e-8:  # every return the same: nothing to explain, and the ratio would be noise / ~0
+        return None
+    return 1 - masked_var(returns - values, mask).item() / var
 
 
 def score_share(score, advantages, mask, gamma, lam):
@@ -234,9 +260,10 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, temperature, max
 
 
 def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, temperature, grad_clip,
-               device, generator, train_policy=True):
+               device, generator, train_policy=True, kl_coef=0.0):
     """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
-    train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only."""
+    train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only.
+    GRPO adds kl_coef x the k3 KL to the SFT model to the loss."""
     B, minibatch_size = batch["response"].size(0), cfg.minibatch_size // DIST.world  # this rank's rows
     stats = {k: [] for k in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg",
                              "objective/entropy")}
@@ -250,7 +277,7 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
         for i, start in enumerate(starts):
             idx = perm[start:start + minibatch_size].to(device)
             mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
-                                                "logprobs", "values")}
+                                                "logprobs", "ref_logprobs", "values")}
             loss = 0.0
             with autocast(device):
                 if train_policy:
@@ -263,6 +290,8 @@ def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg,
                 pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
                                                            cfg.cliprange)
                 loss = loss + pg_loss
+                if cfg.advantage == "grpo":  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
+                    loss = loss + kl_coef * masked_mean(k3_kl(new_logprobs, mb["ref_logprobs"]), mb["mask"])
                 for k, v in (("loss/policy_avg", pg_loss), ("policy/clipfrac_avg", clipfrac),
                              ("policy/approxkl_avg", approx_kl), ("objective/entropy", masked_mean(entropy, mb["mask"]))):
                     stats[k].append(v.item())
@@ -293,8 +322,9 @@ def check_config(cfg):
     if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
         raise ValueError(f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
                          f"{cfg.rollouts_per_prompt}")
-    if cfg.advantage == "rloo" and cfg.rollouts_per_prompt < 2:
-        raise ValueError("ppo advantage rloo needs rollouts_per_prompt >= 2 (a leave-one-out baseline)")
+    if cfg.advantage != "gae" and cfg.rollouts_per_prompt < 2:
+        raise ValueError(f"ppo advantage {cfg.advantage} needs rollouts_per_prompt >= 2 (a baseline from the "
+                         "prompt's other answers)")
     if cfg.minibatch_size < 1:
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
     if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
@@ -304,15 +334,21 @@ def check_config(cfg):
 
 def advantages_and_returns(batch, cfg, kl_coef):
     """Steps 2-3 of an iteration: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns).
-    returns is None for RLOO, which has no critic to train."""
-    mask = batch["mask"]
-    score = shaped_score(batch["score"], batch["ended"], cfg.rollouts_per_prompt, cfg.missing_eos_penalty)
-    rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
-    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # the rewards to go
+    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts the
+    prompt's baseline once: GAE from the shaped score, RLOO and GRPO from their own group statistics."""
+    mask, k = batch["mask"], cfg.rollouts_per_prompt
+    eos_score = shaped_score(batch["score"], batch["ended"], 1, cfg.missing_eos_penalty)
+    score = leave_one_out(eos_score, k)  # minus the mean score of the prompt's other answers
     if cfg.advantage == "gae":
+        rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
         advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-    else:
-        advantages, returns = rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
+    elif cfg.advantage == "rloo":
+        rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
+        advantages, returns = rloo_advantages(rewards, mask, k), None
+    else:  # grpo: the KL is a loss term (ppo_update), not a reward
+        rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0)
+        advantages, returns = grpo_advantages(eos_score, mask, k), None
+    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # the rewards to go
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)
     return score, kl, advantages, returns, mc_returns
@@ -376,7 +412,8 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
-                           run_cfg.grad_clip, device, generator, train_policy=not warmup)
+                           run_cfg.grad_clip, device, generator, train_policy=not warmup,
+                           kl_coef=kl_ctl.value)
         t_update = time.time() - t_update
         mean_kl, kl_coef = global_mean(kl.sum(1)).item(), kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from model import GPT, GPTConfig, ScalarModel
-from ppo import (AdaptiveKLController, FixedKLController, PPOConfig, compute_rewards, fresh_value_model, gae,
-                 iteration_prompts, leave_one_out, policy_loss, rloo_advantages, shaped_score, train_ppo, whiten)
+from ppo import (AdaptiveKLController, FixedKLController, PPOConfig, advantages_and_returns, compute_rewards,
+                 explained_variance, fresh_value_model, gae, grpo_advantages, iteration_prompts, k3_kl,
+                 leave_one_out, policy_loss, rloo_advantages, shaped_score, train_ppo, whiten)
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):
@@ -130,6 +131,50 @@ def test_leave_one_out_baseline_and_rloo_advantages():
     rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert torch.allclose(rloo_advantages(rewards, mask, 2), torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]]))
+
+
+def rollout_batch(score, logprobs, ref_logprobs):
+    """A rollout batch as train_ppo's rollout returns it: every answer ended, every token real."""
+    mask = torch.ones_like(logprobs)
+    return dict(score=torch.tensor(score), ended=torch.ones(len(score), dtype=torch.bool), mask=mask,
+                logprobs=logprobs, ref_logprobs=ref_logprobs, values=torch.zeros_like(logprobs))
+
+
+def test_rloo_subtracts_the_baseline_once_on_the_combined_path():
+    """Scores [1, 0, 0, 0] with no KL: advantages [1, -1/3, -1/3, -1/3] (Ahmadian et al. 2024, eq. 8),
+    not the twice-subtracted [4/3, -4/9, ...]; the KL term keeps its kl_coef against the score."""
+    cfg = PPOConfig(advantage="rloo", rollouts_per_prompt=4, missing_eos_penalty=0.0)
+    zeros = torch.zeros(4, 2)
+    _, _, advantages, returns, _ = advantages_and_returns(rollout_batch([1.0, 0, 0, 0], zeros, zeros), cfg, 0.05)
+    assert returns is None
+    assert torch.allclose(advantages[:, 0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    logprobs = torch.tensor([[1.0, 1.0], [0, 0], [0, 0], [0, 0]])  # answer 0: KL 2 nats more than the others
+    _, _, advantages, _, _ = advantages_and_returns(rollout_batch([0.0] * 4, logprobs, zeros), cfg, 0.5)
+    assert torch.allclose(advantages[:, 0], torch.tensor([-1.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_grpo_normalises_within_the_group_and_keeps_the_kl_out_of_the_advantage():
+    score = torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0])
+    adv = grpo_advantages(score, torch.ones(8, 3), 4)[:, 0]
+    std = torch.tensor([1.0, 0, 0, 0]).std()
+    assert torch.allclose(adv[:4], (torch.tensor([1.0, 0, 0, 0]) - 0.25) / (std + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))  # a group without differences teaches nothing
+    cfg = PPOConfig(advantage="grpo", rollouts_per_prompt=4, missing_eos_penalty=0.0)
+    logprobs = torch.tensor([[1.0, 1.0]] + [[0.0, 0.0]] * 3)
+    _, kl, advantages, _, _ = advantages_and_returns(
+        rollout_batch([1.0, 0, 0, 0], logprobs, torch.zeros(4, 2)), cfg, 0.5)
+    assert torch.allclose(advantages[:, 0], adv[:4])  # the KL of answer 0 does not lower its advantage
+    assert kl[0].sum() == 2.0  # but it is measured
+    # k3: >= 0, 0 only where the two models agree
+    k3 = k3_kl(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -0.5, -2.0]))
+    assert k3[0] == 0 and (k3[1:] > 0).all()
+
+
+def test_explained_variance_of_a_batch_without_variance_is_none():
+    mask = torch.ones(2, 3)
+    assert explained_variance(torch.randn(2, 3), torch.full((2, 3), 0.7), mask) is None
+    returns = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
+    assert abs(explained_variance(returns, returns, mask) - 1.0) < 1e-6
 
 
 def test_iteration_prompts_come_in_groups():
