@@ -23,17 +23,18 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from model import GPT, autocast, log, make_optimizer, pad_pairs, progress, response_logprobs, save_checkpoint
 from reward import RMConfig, make_pairs, pair_batches
-from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, average_gradients, barrier, global_mean,
-                  is_main, load_config, require_done, setup_distributed, shard, read_rows, resume, save_config, set_aside,
-                  write_metrics)
+from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, average_gradients, barrier,
+                  check_settings, global_mean, is_main, load_config, require_done, run_part, setup_distributed, shard,
+                  read_rows, resume, save_config, set_aside, write_metrics)
 
 
 @dataclass
 class DPOConfig:
-    steps: Annotated[int, "optimizer steps (each on batch_size judge-ordered pairs)"] = 100
-    batch_size: Annotated[int, "judge-ordered pairs per step"] = 16
-    lr: Annotated[float, "AdamW learning rate (constant)"] = 1e-5
-    beta: Annotated[float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)"] = 0.1
+    steps: Annotated[int, "optimizer steps (each on batch_size judge-ordered pairs)", ">= 1"] = 100
+    batch_size: Annotated[int, "judge-ordered pairs per step", ">= 1"] = 16
+    lr: Annotated[float, "AdamW learning rate (constant)", "> 0"] = 1e-5
+    beta: Annotated[float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)",
+                    "> 0"] = 0.1
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
@@ -120,21 +121,23 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
     cfg = load_config(run, dpo=DPOConfig, rm=RMConfig)
+    cfg = apply_overrides(cfg, {f"dpo_{k}": v for k, v in args.items() if v is not None})
+    check_settings(cfg, unprefixed="dpo")  # before anything is set aside or recorded
     setup_distributed(cfg.device, cfg.dist_timeout)
     require_done(run, ("sft", "sample", "feedback"))
     out = run / RUN_FILES["dpo"]
-    if (out / "model" / "config.json").exists():
+    if (out / "done.json").exists():  # the part's own marker, written after its model
         if not force:
             raise SystemExit(f"{out / 'model'} exists; --force retrains it")
         if is_main():
             set_aside(run, ["evaluate"])
             (run / "compare" / "done.json").unlink(missing_ok=True)
-            (out / "ckpt.pt").unlink(missing_ok=True)
-    cfg = apply_overrides(cfg, {f"dpo_{k}": v for k, v in args.items() if v is not None})
+            for name in ("done.json", "ckpt.pt"):
+                (out / name).unlink(missing_ok=True)
     if is_main():
         save_config(cfg, run)
     barrier()
-    dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), out)
+    run_part(out, lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), o))
     log(f"[dpo] done -> {out / 'model'}")
 
 

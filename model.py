@@ -11,10 +11,13 @@ Everything the rest of the project does with a language model lives here, once:
   - training helpers shared by every stage: optimizer, LR schedule, autocast, progress lines, and saving
     and loading weights and plain state atomically (run directories and their files: runs.py).
 """
+import contextlib
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -256,10 +259,9 @@ class GPT(nn.Module):
 
     def save_pretrained(self, out_dir, eot=50256):
         """Write config.json, generation_config.json and model.safetensors, which transformers'
-        GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the compact vocabulary)."""
+        GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the compact vocabulary).
+        Written aside and renamed into place (atomic_dir): out_dir is a complete model or absent."""
         from safetensors.torch import save_file
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         c = self.config
         hf_config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
                          n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
@@ -274,12 +276,15 @@ class GPT(nn.Module):
                 continue  # tied; transformers re-ties it on load
             t = t.detach().to("cpu", torch.float32)
             tensors[key] = (t.t() if key.endswith(self.CONV1D) else t).contiguous()
-        atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
-        atomic_write(out_dir / "generation_config.json", lambda p: Path(p).write_text(json.dumps(generation)))
+        files = {"config.json": json.dumps(hf_config, indent=2), "generation_config.json": json.dumps(generation)}
         if c.vocab_size >= 50257:  # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
-            for name, text in gpt2_tokenizer_files(c.block_size).items():
-                atomic_write(out_dir / name, lambda p, text=text: Path(p).write_text(text))
-        atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            files.update(gpt2_tokenizer_files(c.block_size))
+
+        def write(tmp_dir):
+            for name, text in files.items():
+                atomic_write(tmp_dir / name, lambda p, text=text: Path(p).write_text(text))
+            atomic_write(tmp_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_dir(out_dir, write)
 
 
 class ScalarModel(nn.Module):
@@ -590,17 +595,88 @@ def progress(done, total, t0):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A write
+    that fails is re-raised as an OSError naming the file and the cause (torch's own message for a full
+    disk names neither); the half-written tmp file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(str(tmp))
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        error = write_error(path, e)  # before the tmp file goes: a full disk is still full
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise error from e
+
+
+def write_error(path, e):
+    """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit it."""
+    full = (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+            or free_bytes(Path(path).parent) < 1 << 20)
+    cause = "no space left on device" if full else f"{type(e).__name__}: {e}"
+    code = errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO
+    return OSError(code, f"cannot write {path}: {cause}")
+
+
+def free_bytes(directory):
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 1 << 62  # unknown: not called full
+
+
+class RecordingFile:
+    """A binary file that keeps the OSError of a failed write: torch.save reports one only as
+    'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes unnamed."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def torch_save(obj, path):
+    """torch.save through a Python file, so that a failed write raises its own OSError (ENOSPC...)."""
+    with open(path, "wb") as f:
+        out = RecordingFile(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def save_checkpoint(path, **state):
     """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
-    atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch_save(state, p))
+
+
+def atomic_dir(path, write):
+    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent, never
+    half-written. A finished older one is replaced only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what a full disk needs; a kill's leftover goes next time
+        raise
+    if path.exists():
+        shutil.rmtree(path)  # a crash here leaves the new one complete in tmp, none at `path`
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -43,34 +43,36 @@ from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_m
 
 @dataclass
 class PPOConfig:
-    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each), critic warm-up included"] = 40
-    batch_size: Annotated[int, "answers sampled per iteration"] = 32
+    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each), critic warm-up included",
+                          ">= 1"] = 40
+    batch_size: Annotated[int, "answers sampled per iteration", ">= 1"] = 32
     rollouts_per_prompt: Annotated[int, "answers per prompt in a batch; their mean score is each one's "
-                                        "baseline (1 = no per-prompt baseline)"] = 4
-    minibatch_size: Annotated[int, "answers per gradient step"] = 16
-    grad_accum: Annotated[int, "minibatches accumulated per optimizer step (big models on one GPU)"] = 1
-    epochs: Annotated[int, "passes over each rollout batch"] = 2
-    lr: Annotated[float, "AdamW learning rate of the policy"] = 2e-5
-    vf_lr: Annotated[float, "AdamW learning rate of the value model"] = 1e-4
-    critic_warmup: Annotated[int, "first iterations that train only the value model (the policy waits)"] = 2
+                                        "baseline (1 = no per-prompt baseline)", ">= 1"] = 4
+    minibatch_size: Annotated[int, "answers per gradient step", ">= 1"] = 16
+    grad_accum: Annotated[int, "minibatches accumulated per optimizer step (big models on one GPU)", ">= 1"] = 1
+    epochs: Annotated[int, "passes over each rollout batch", ">= 1"] = 2
+    lr: Annotated[float, "AdamW learning rate of the policy", "> 0"] = 2e-5
+    vf_lr: Annotated[float, "AdamW learning rate of the value model", "> 0"] = 1e-4
+    critic_warmup: Annotated[int, "first iterations that train only the value model (the policy waits)",
+                             ">= 0"] = 2
     advantage: Annotated[str, "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic; "
                               "grpo: group-normalised score, KL as a loss term [not in the paper]",
                          ("gae", "rloo", "grpo")] = "gae"
-    gamma: Annotated[float, "discount; 1 as in lm-human-preferences"] = 1.0
-    lam: Annotated[float, "GAE lambda; 1 carries the final score to every answer token"] = 1.0
+    gamma: Annotated[float, "discount; 1 as in lm-human-preferences", ">= 0 and <= 1"] = 1.0
+    lam: Annotated[float, "GAE lambda; 1 carries the final score to every answer token", ">= 0 and <= 1"] = 1.0
     whiten_advantages: Annotated[bool, "whiten advantages over the batch [N-details]; off: a batch with no "
                                        "reward signal would be scaled up to full-size steps"] = False
-    cliprange: Annotated[float, "PPO ratio clip epsilon"] = 0.2
-    cliprange_value: Annotated[float, "value-prediction clip around the rollout values"] = 0.2
-    vf_coef: Annotated[float, "weight of the value loss"] = 0.1
-    init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start"] = 0.05
+    cliprange: Annotated[float, "PPO ratio clip epsilon", "> 0"] = 0.2
+    cliprange_value: Annotated[float, "value-prediction clip around the rollout values", "> 0"] = 0.2
+    vf_coef: Annotated[float, "weight of the value loss", ">= 0"] = 0.1
+    init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start", ">= 0"] = 0.05
     adaptive_kl: Annotated[bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"] = False
-    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)"] = 3.0
-    kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)"] = 1000
+    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)", "> 0"] = 3.0
+    kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)", ">= 1"] = 1000
     missing_eos_penalty: Annotated[float, "added to the score of answers cut off before <|endoftext|> "
                                           "[N-details: EOS trick]; 0 disables"] = -1.0
     val_every: Annotated[int, "score greedy answers to the validation questions after the first, every N-th "
-                              "and the last iteration (0 = never)"] = 10
+                              "and the last iteration (0 = never)", ">= 0"] = 10
 
 
 # -----------------------------------------------------------------------------

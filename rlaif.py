@@ -26,7 +26,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -43,9 +43,9 @@ from model import (GPT, ScalarModel, autocast, length_grouped_batches, log, lr_a
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (DIST, RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_flags, all_sum, apply_overrides,
-                  average_gradients, barrier, is_main, load_config, open_tensorboard, read_rows, resume, run_stage,
-                  save_config, set_aside, settings_diff, setup_distributed, shard, verify_done, write_jsonl,
-                  write_metrics, write_rows)
+                  average_gradients, barrier, check_settings, is_main, load_config, open_tensorboard, read_rows,
+                  resume, run_part, run_stage, save_config, set_aside, settings_diff, setup_distributed, shard,
+                  verify_done, write_jsonl, write_metrics, write_rows)
 
 CODE_TAG = "<<<code>>>:"
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
@@ -234,15 +234,13 @@ def compare_stage(cfg, run, splits):
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
                               cfg.judge_max_usd, log=log)
-    if not (run / RUN_FILES["drlaif"] / "model" / "config.json").exists():
-        log("[compare] d-RLAIF: PPO with the judge's score as the reward")
-        ppo.ppo_stage(cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback),
-                      run / RUN_FILES["drlaif"])
-    if not (run / RUN_FILES["rloo"] / "model" / "config.json").exists():
-        log("[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
-        ppo.ppo_stage(cfg, run, splits, out_dir=run / RUN_FILES["rloo"], advantage="rloo")
-    if not (run / RUN_FILES["dpo"] / "model" / "config.json").exists():
-        dpo.dpo_stage(cfg, run, splits, run / RUN_FILES["dpo"])
+    # Each part is skipped only when its own done.json, written after its model, says it finished.
+    run_part(run / RUN_FILES["drlaif"], lambda out: ppo.ppo_stage(
+        cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out),
+        "[compare] d-RLAIF: PPO with the judge's score as the reward")
+    run_part(run / RUN_FILES["rloo"], lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="rloo"),
+             "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
+    run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
         best_of_n_answers(cfg, run, splits["test"][:cfg.eval_limit or None], judge, tok)
     return dict(best_of_n=cfg.best_of_n)
@@ -305,12 +303,52 @@ def check_ready(cfg):
     if cfg.compact and cfg.init not in CPU_PRESETS:
         problems.append(f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models trained "
                         "from scratch: add --no-compact")
-    if cfg.max_answer_tokens < 8:
-        problems.append("--max-answer-tokens must be at least 8")
     if problems:
         raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
     if DIST.world > 1 and cfg.device == "cpu" and torch.cuda.is_available():
         log(f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible (--device cuda uses it)")
+
+
+def refuse_bad_settings(cfg):
+    """Every setting within its declared type and range (runs.check_settings), then the checks across
+    settings; before the first stage, so that no setting is refused after hours of work."""
+    check_settings(cfg)
+    problems = []
+    for advantage in sorted({cfg.ppo.advantage} | ({"rloo"} if cfg.compare else set())):
+        try:  # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run trains
+            ppo.check_config(replace(cfg.ppo, advantage=advantage))
+        except ValueError as e:
+            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else " (--compare's RLOO row)"))
+    if not cfg.contrast_answers and cfg.samples_per_prompt < 2:
+        problems.append(f"--samples-per-prompt {cfg.samples_per_prompt}: must be >= 2 with --no-contrast-answers "
+                        "(the reward model learns from pairs of answers to one instruction)")
+    check_settings(cfg, more=problems)
+
+
+def context_length(cfg):
+    """The longest sequence (prompt + answer) the model of --init takes, or None if unknown before loading."""
+    if cfg.init in CPU_PRESETS:
+        return preset_config(cfg.init).block_size
+    try:
+        return int(json.loads((Path(cfg.init) / "config.json").read_text())["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1024 if cfg.init in GPT2_PARAMS else None  # every GPT-2 on the Hub
+
+
+def check_answer_room(cfg, splits):
+    """--max-answer-tokens leaves room for the longest prompt in the model's context (SFT's examples are
+    whole prompt + answer sequences)."""
+    block = context_length(cfg)
+    if block is None:
+        return
+    tok = prepare.tokenizer(cfg.compact)
+    records = [r for split in splits.values() for r in split]
+    records += prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
+    longest = max(len(prepare.prompt_ids(tok, r.instruction)) for r in records)
+    if cfg.max_answer_tokens > block - longest:
+        raise SystemExit(f"refused before anything ran:\n  --max-answer-tokens {cfg.max_answer_tokens}: must be "
+                         f"<= {block - longest} (the longest prompt has {longest} tokens, the model's context "
+                         f"{block})")
 
 
 def prepare_run_dir(cfg, from_stage):
@@ -335,13 +373,15 @@ def prepare_run_dir(cfg, from_stage):
 
 
 def run_pipeline(cfg, from_stage=None, until="evaluate"):
+    refuse_bad_settings(cfg)
     check_ready(cfg)
+    splits = prepare.load_splits(cfg.train_file, log=log)  # a bad train file is refused before the run starts
+    check_answer_room(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
     log(f"[rlaif] run {run}: model {cfg.init} "
         f"({'trained from scratch' if cfg.init in CPU_PRESETS else 'HF weights'}), judge "
         f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
         f"device {cfg.device}")
-    splits = prepare.load_splits(cfg.train_file, log=log)
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
         log(f"[rlaif] TensorBoard: tensorboard --logdir {run / 'tb'}")
@@ -448,6 +488,7 @@ def print_plan(cfg, until):
 def main(argv=None):
     cfg, from_stage, until = parse_args(argv)
     if cfg.dry_run:
+        refuse_bad_settings(cfg)
         return print_plan(cfg, until)
     t0 = time.time()
     setup_distributed(cfg.device, cfg.dist_timeout)

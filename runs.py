@@ -4,7 +4,8 @@ Run directories: the files every stage of rlaif.py reads and writes, and how one
 A run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
 summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs are
 checked whenever a later stage relies on them. Here, in order:
-  - Config: every setting of a run, recorded in run_dir/config.json; load_config() reads it back.
+  - Config: every setting of a run, recorded in run_dir/config.json; load_config() reads it back;
+    check_settings() holds every setting to the type and range declared with it, before anything runs.
   - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
   - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
   - metrics.jsonl (and TensorBoard), resumable training state.
@@ -19,7 +20,9 @@ import argparse
 import datetime
 import hashlib
 import json
+import operator
 import os
+import re
 import shutil
 import time
 import typing
@@ -38,9 +41,9 @@ from model import atomic_write, load_checkpoint, log
 @dataclass
 class Config:
     """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the paper changes).
-    Each field is a flag of rlaif.py (--sft-steps). The sections ppo, rm and dpo hold the stages' own
-    settings, defined at the top of ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their
-    flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
+    Each field is a flag of rlaif.py (--sft-steps), declared with its help, choices and range (check_settings).
+    The sections ppo, rm and dpo hold the stages' own settings, defined at the top of ppo.py (PPOConfig),
+    reward.py (RMConfig) and dpo.py (DPOConfig); their flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
     or read back by load_config, which build the sections as those dataclasses."""
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
     seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
@@ -53,42 +56,44 @@ class Config:
     train_file: Annotated[str, "SFT data: '' = the offline split of the eval file; hub = APIBench's "
                                "huggingface_train.json from the Hub; or a local file of its schema"] = ""
     max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
-                                      "evaluation stop at it"] = 160
-    sft_steps: Annotated[int, "SFT optimizer steps"] = 800
-    sft_batch_size: Annotated[int, "SFT examples per micro-batch"] = 16
-    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step"] = 1
-    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)"] = 2e-3
-    sft_warmup: Annotated[int, "SFT warmup steps"] = 50
-    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)"] = 0.1
-    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)"] = 1.0
-    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps"] = 100
-    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback"] = 4
-    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)"] = 1000
+                                      "evaluation stop at it", ">= 8"] = 160
+    sft_steps: Annotated[int, "SFT optimizer steps", ">= 1"] = 800
+    sft_batch_size: Annotated[int, "SFT examples per micro-batch", ">= 1"] = 16
+    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step", ">= 1"] = 1
+    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)", "> 0"] = 2e-3
+    sft_warmup: Annotated[int, "SFT warmup steps", ">= 0"] = 50
+    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)", ">= 0"] = 0.1
+    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)", "> 0"] = 1.0
+    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps", ">= 1"] = 100
+    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback", ">= 1"] = 4
+    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)", ">= 1"] = 1000
     contrast_answers: Annotated[bool, "[not in the paper] also judge, per sampled instruction, its reference, "
                                       "another domain's, and a policy answer cut before its code"] = True
-    temperature: Annotated[float, "sampling temperature of the feedback samples and the PPO rollouts"] = 0.7
+    temperature: Annotated[float, "sampling temperature of the feedback samples, the PPO rollouts and best-of-n; "
+                                  "0 (greedy) would make every answer to a prompt the same: no pairs to learn "
+                                  "from", "> 0"] = 0.7
     judge: Annotated[str, "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's "
                           "GPT-3.5)", ("rules", "openai")] = "rules"
     judge_model: Annotated[str, "model name sent to the judge endpoint"] = "gpt-3.5-turbo"
     judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
                                    "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
-    judge_concurrency: Annotated[int, "judge requests in flight"] = 8
+    judge_concurrency: Annotated[int, "judge requests in flight", ">= 1"] = 8
     tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
                                  "files in run_dir/tb (needs: pip install tensorboard)"] = False
     judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
-                                    "this many USD (0 = no cap); what was judged is kept"] = 0.0
-    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)"] = 0
+                                    "this many USD (0 = no cap); what was judged is kept", ">= 0"] = 0.0
+    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"] = 0
     exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
                               "libraries) or none", ("offline", "real", "none")] = "offline"
-    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)"] = 10.0
+    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)", "> 0"] = 10.0
     unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
                                  "unavailable (NOT isolated; marked in the results)"] = False
     compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, DPO and "
                              "best-of-n from the same SFT model and feedback, in the same results table"] = False
-    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n"] = 8
+    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n", ">= 1"] = 8
     dist_timeout: Annotated[float, "under torchrun: seconds a rank waits for the others (at a barrier, or while "
                                    "rank 0 alone samples, judges or evaluates) before the run ends with an "
-                                   "error"] = 3600.0
+                                   "error", "> 0"] = 3600.0
     ppo: typing.Any = field(default_factory=dict)  # ppo.PPOConfig
     rm: typing.Any = field(default_factory=dict)   # reward.RMConfig
     dpo: typing.Any = field(default_factory=dict)  # dpo.DPOConfig
@@ -126,20 +131,90 @@ def apply_overrides(cfg, overrides, where="command line"):
 
 def load_config(run_dir, **sections):
     """The Config a run recorded in run_dir/config.json, its sections built with the classes given
-    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict."""
+    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict. A file that is not
+    JSON, not an object, or has a setting of the wrong type or out of its range is refused, naming the
+    file and the field, before anything runs."""
     config_file = Path(run_dir) / "config.json"
     if not config_file.exists():
         raise SystemExit(f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}")
-    d = json.loads(config_file.read_text())
+    try:
+        d = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{config_file}: not JSON (line {e.lineno} column {e.colno}: {e.msg}); rlaif.py "
+                         "wrote it as JSON: edited by hand? Fix it, or start a new --run-dir") from None
+    for name, value in [("", d)] + [(n, d.get(n, {})) for n in sections if isinstance(d, dict)]:
+        if not isinstance(value, dict):
+            raise SystemExit(f"{config_file}: {name or 'the file'} is a JSON {type(value).__name__}, not an "
+                             "object of settings; fix it, or start a new --run-dir")
     try:
         built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
-        return Config(**dict(d, **built))
+        cfg = Config(**dict(d, **built))
     except TypeError as e:
         raise SystemExit(f"{config_file}: not a config of this version ({e}); start a new --run-dir") from None
+    check_settings(cfg, where=config_file)
+    return cfg
 
 
 def save_config(cfg, run_dir):
     atomic_write(Path(run_dir) / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+
+
+# Every setting's type, choices and range are declared with it: `name: Annotated[type, help, (choices),
+# "range"]`, the range as comparisons joined by "and" (">= 1", "> 0", ">= 0 and < 1"). check_settings holds
+# every field of Config and of its sections to its own declaration, before the first stage, whether the
+# value came from a flag or from a run's config.json: a setting is refused before any work, never after.
+
+BOUND = re.compile(r"(>=|<=|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)")
+COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def declared_settings(cls):
+    """(name, type, help, choices or None, range or None) of each Annotated field of a config dataclass."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in fields(cls):
+        if typing.get_origin(hints[f.name]) is typing.Annotated:  # a section (Config.ppo) is not
+            kind, help_text, *extra = typing.get_args(hints[f.name])
+            choices = next((e for e in extra if isinstance(e, tuple)), None)
+            bounds = next((e for e in extra if isinstance(e, str)), None)
+            yield f.name, kind, help_text, choices, bounds
+
+
+def setting_problem(value, kind, choices, bounds):
+    """Why `value` is not a valid setting of its declaration ('must be >= 1'), or None."""
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        return f"must be {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}"
+    if choices and value not in choices:
+        return f"must be one of {', '.join(choices)}"
+    if bounds and not all(COMPARE[op](value, float(x)) for op, x in BOUND.findall(bounds)):
+        return f"must be {bounds}"
+    return None
+
+
+def settings_problems(cfg, where=None, unprefixed=None):
+    """One line per setting of cfg (Config and every section built as its dataclass) that breaks its
+    declaration. A line names the flag (where=None: --ppo-batch-size, or --batch-size for the section
+    `unprefixed`, the one of a stage script) or the field of the file `where` (ppo.batch_size)."""
+    problems = []
+    for section in (None, *SECTIONS):
+        obj = cfg if section is None else getattr(cfg, section)
+        if section is not None and isinstance(obj, dict):
+            continue  # a section whose class this process has not loaded
+        for name, kind, help_text, choices, bounds in declared_settings(type(obj)):
+            value, why = getattr(obj, name), setting_problem(getattr(obj, name), kind, choices, bounds)
+            if why is None:
+                continue
+            prefix = "" if section in (None, unprefixed) else section + ("." if where else "-")
+            label = f"{prefix}{name}" if where else f"--{prefix}{name}".replace("_", "-")
+            problems.append(f"{label} {value if where is None else json.dumps(value)}: {why} ({help_text})")
+    return problems
+
+
+def check_settings(cfg, where=None, unprefixed=None, more=()):
+    """SystemExit listing every problem of settings_problems(), and `more` (checks across settings)."""
+    problems = settings_problems(cfg, where, unprefixed) + list(more)
+    if problems:
+        source = f"{where}: refused" if where else "refused before anything ran"
+        raise SystemExit(f"{source}:\n  " + "\n  ".join(problems))
 
 
 def settings_diff(recorded, cfg):
@@ -453,21 +528,18 @@ def average_gradients(params):
 
 
 def add_flags(parser, cls, prefix, default_text):
-    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices)]`:
+    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices), "range"]`:
     --prefix-name, yes/no flags as --name / --no-name, default None (unset). default_text(field) says
-    what an unset flag means, shown in --help."""
-    hints = typing.get_type_hints(cls, include_extras=True)
+    what an unset flag means, shown in --help with the range (check_settings enforces it)."""
     group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
-    for f in fields(cls):
-        if typing.get_origin(hints[f.name]) is not typing.Annotated:
-            continue  # a section (Config.ppo, .rm, .dpo) has flags of its own
-        kind, help_text, *choices = typing.get_args(hints[f.name])
-        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", prefix.replace("-", "_") + f.name
-        help_text += f" (default: {default_text(f)})"
+    defaults = {f.name: f for f in fields(cls)}
+    for name, kind, help_text, choices, bounds in declared_settings(cls):
+        flag, dest = f"--{prefix}{name.replace('_', '-')}", prefix.replace("-", "_") + name
+        help_text += f" (default: {default_text(defaults[name])}{'; ' + bounds if bounds else ''})"
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices[0] if choices else None)
+            group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices)
 
 
 EVERY_RANK = ("sft", "reward", "ppo", "compare")  # under torchrun, the training stages run on every rank
@@ -490,6 +562,21 @@ def run_stage(cfg, run, stage, stage_fn, splits):
     barrier()
 
 
+def run_part(out_dir, train, announce=None):
+    """One part of a stage that trains several models (compare's d-RLAIF, RLOO, DPO): log `announce` and
+    train(out_dir) unless the part's own done.json says it finished, then that done.json, written last.
+    Whether a file of the part exists says nothing: only the marker does. Returns whether it ran."""
+    if (Path(out_dir) / "done.json").exists():
+        return False
+    if announce:
+        log(announce)
+    summary = train(out_dir)
+    if is_main():
+        mark_done(out_dir, summary if isinstance(summary, dict) else {})
+    barrier()
+    return True
+
+
 def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
     """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force, and one
     flag per field of its section of Config (section="ppo", section_cls=PPOConfig). Returns (cfg, run): the
@@ -506,11 +593,12 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
     run, force = Path(args.pop("run_dir")), args.pop("force")
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
     cfg = load_config(run, **({section: section_cls} if section else {}))
+    cfg = apply_overrides(cfg, overrides)
+    check_settings(cfg, unprefixed=section)  # before anything is set aside or recorded
     setup_distributed(cfg.device, cfg.dist_timeout)
     require_done(run, STAGE_ORDER[:STAGE_ORDER.index(stage)])
     if (run / stage / "done.json").exists() and not force:
         raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
-    cfg = apply_overrides(cfg, overrides)
     if is_main():
         set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
         if overrides:

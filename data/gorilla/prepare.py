@@ -162,12 +162,16 @@ HUB_TRAIN = "hub"  # train_file value: APIBench's huggingface_train.json from th
 
 def load_splits(train_file="", log=print):
     """train / val / test records. Test is always the held-out part of the eval file. train_file: ""
-    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that schema."""
+    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that schema;
+    a train file without one usable record ends the program, naming the file, the line and the reason."""
     splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
     if train_file:
         log(f"[data] split: train = {'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
             ", test = held-out eval records")
-        splits["train"] = train_records(train_file, log=log)
+        try:
+            splits["train"] = train_records(train_file, log=log)
+        except DataError as e:
+            raise SystemExit(f"--train-file: {e}") from None
     else:
         log("[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
             "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)")
@@ -176,23 +180,40 @@ def load_splits(train_file="", log=print):
 
 
 def train_records(train_file, log=print):
-    """APIBench's huggingface_train.json through `datasets`: from the Hub dataset gorilla-llm/APIBench
-    (online), or a local copy (same schema, same code path)."""
-    from datasets import load_dataset
+    """APIBench's huggingface_train.json: from the Hub dataset gorilla-llm/APIBench through `datasets`
+    (online), or a local copy, read line by line (JSON lines, as APIBench ships it). Malformed records are
+    skipped and named; a file without one usable record is refused (DataError: file, line, what is
+    missing), before any stage trains on it."""
     if train_file == HUB_TRAIN:
-        name, ds = "gorilla-llm/APIBench/huggingface_train.json", load_dataset(
-            "gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+        from datasets import load_dataset
+        name = "gorilla-llm/APIBench/huggingface_train.json"
+        hub = load_dataset("gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+        rows = enumerate(hub, 1)
     else:
-        name, ds = train_file, load_dataset("json", data_files=str(train_file), split="train")
-    records, bad = [], 0
-    for i, obj in enumerate(ds, 1):
+        name, rows = train_file, json_lines(train_file)
+    records, bad = [], []
+    for i, obj in rows:
         try:
             records.append(parse_record(obj, f"{name}:{i}"))
         except DataError as e:
-            bad += 1
+            bad.append(str(e))
             log(f"[data]   skipped {e}")
-    log(f"[data] train file: {len(records)} records, {bad} skipped")
+    if not records:
+        raise DataError(f"{name}: no usable record" + (f" ({len(bad)} malformed; the first: {bad[0]})" if bad else
+                                                       " (the file is empty)"))
+    log(f"[data] train file: {len(records)} records, {len(bad)} skipped")
     return records
+
+
+def json_lines(path):
+    """(line number, object) of a JSON-lines file; a line that is not JSON is a DataError naming it."""
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not JSON ({e.msg} at column {e.colno})") from None
 
 
 # -----------------------------------------------------------------------------
