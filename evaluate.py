@@ -302,8 +302,9 @@ def evaluate_stage(cfg, run, splits):
 # -----------------------------------------------------------------------------
 # Pictures of a run: training curves and the results table (matplotlib, optional)
 
-CURVES = (("sft", "loss", "SFT loss"), ("reward", "accuracy", "reward model: batch pairwise accuracy"),
-          ("ppo", "objective/scores", "PPO: mean score of the rollouts"),
+CURVES = (("sft", "loss", "SFT loss"),
+          ("reward", "accuracy", "reward model: pairwise accuracy (train batches, held-out prompts)"),
+          ("ppo", "objective/scores", "PPO: rollouts' score (moving average), greedy validation"),
           ("ppo", "objective/kl", "PPO: KL to SFT (nats per answer)"),
           ("ppo", "completions/mean_length", "PPO: answer length (tokens)"),
           ("ppo", "completions/clipped_ratio", "PPO: share cut off before end-of-text"))
@@ -316,6 +317,29 @@ def read_metrics(path):
 
 def smooth(ys, k=10):
     return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+
+
+def plot_measured(ax, run, stage, key):
+    """What a panel shows beside its per-batch curve: SFT's validation loss, the reward model's held-out
+    accuracy (reward.train_reward_model measures it every few steps), the judge's mean score of the
+    policies' greedy answers to the validation questions (right axis)."""
+    if stage == "sft":
+        val = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "val_loss" in r]
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    if stage == "reward":
+        held = [r for r in read_metrics(run / "reward" / "metrics.jsonl") if "heldout/accuracy" in r]
+        ax.plot([r["step"] for r in held], [r["heldout/accuracy"] for r in held], "o-",
+                label="held-out prompts, policy pairs")
+    if key == "objective/scores":
+        twin = None
+        for folder, label in POLICY_RUNS:
+            val = [r for r in read_metrics(run / folder / "metrics.jsonl") if "eval/judge_score" in r]
+            if val:
+                twin = twin or ax.twinx()
+                twin.plot([r["iteration"] for r in val], [r["eval/judge_score"] for r in val], "o--",
+                          label=f"{label}: greedy validation, judge score (right)")
+        if twin is not None:
+            twin.legend(fontsize=7, loc="lower right")
 
 
 def plot_runs(run_dirs, out_dir=None):
@@ -337,11 +361,10 @@ def plot_runs(run_dirs, out_dir=None):
         for folder, label in sources:
             rows = [r for r in read_metrics(runs[0] / folder / "metrics.jsonl") if r.get(key) is not None]
             xs, ys = [r.get("iteration", r.get("step")) for r in rows], [r[key] for r in rows]
-            if ys:
-                ax.plot(xs, smooth(ys) if stage == "reward" else ys, label=label)
-        if stage == "sft":
-            val = [r for r in read_metrics(runs[0] / "sft" / "metrics.jsonl") if "val_loss" in r]
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+            if ys:  # noisy per-batch values are drawn as a moving average
+                noisy = stage == "reward" or key == "objective/scores"
+                ax.plot(xs, smooth(ys) if noisy else ys, label=label + (" (batch)" if stage == "reward" else ""))
+        plot_measured(ax, runs[0], stage, key)
         ax.set_title(title, fontsize=10)
         if ax.lines:
             ax.legend(fontsize=8)

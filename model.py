@@ -308,6 +308,17 @@ class ScalarModel(nn.Module):
     def forward(self, ids, mask):
         return self.head(self.backbone.hidden_states(ids, mask)).squeeze(-1)
 
+    def freeze_below(self, train_blocks):
+        """Train only the heads and the top `train_blocks` transformer blocks (with the final LayerNorm);
+        -1 trains everything. A frozen trunk keeps what the SFT network already knows."""
+        if train_blocks < 0:
+            return
+        blocks = self.backbone.transformer.h
+        self.backbone.requires_grad_(False)
+        for block in list(blocks)[len(blocks) - train_blocks:] if train_blocks else []:
+            block.requires_grad_(True)
+        self.backbone.transformer.ln_f.requires_grad_(train_blocks > 0)
+
     def score_and_aux(self, query, query_mask, response, response_mask):
         """(normalised reward, auxiliary logits or None) of each (query, response), read at the
         response's last real token."""

@@ -414,8 +414,7 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
         stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
-                           run_cfg.grad_clip, device, generator, train_policy=not warmup,
-                           kl_coef=kl_ctl.value)
+                           run_cfg.grad_clip, device, generator, not warmup, kl_ctl.value)
         t_update = time.time() - t_update
         mean_kl, kl_coef = global_mean(kl.sum(1)).item(), kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)

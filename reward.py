@@ -34,25 +34,33 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import GPT, ScalarModel, autocast, length_grouped_batches, log, make_optimizer, pad_pairs, progress
-from runs import (DIST, RUN_FILES, Feedback, Sample, average_gradients, global_mean, is_main, read_rows, resume,
-                  run_stage, shard, stage_command_line, write_metrics, write_rows)
+from model import (GPT, ScalarModel, autocast, length_grouped_batches, load_checkpoint, log, make_optimizer,
+                   pad_pairs, progress)
+from runs import (DIST, RUN_FILES, Feedback, Sample, average_gradients, barrier, global_mean, is_main, read_rows,
+                  resume, run_stage, shard, stage_command_line, write_metrics, write_rows)
 
 # -----------------------------------------------------------------------------
 # Settings of the reward model (rlaif.py --rm-*, python reward.py --*)
 
 @dataclass
 class RMConfig:
-    epochs: Annotated[int, "passes over the training pairs"] = 1
-    lr: Annotated[float, "AdamW learning rate (constant)"] = 3e-4
-    batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts"] = 16
+    epochs: Annotated[int, "passes over the training pairs", ">= 1"] = 1
+    lr: Annotated[float, "AdamW learning rate (constant)", "> 0"] = 3e-4
+    batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts", ">= 1"] = 16
     max_contrast_pairs: Annotated[int, "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
-                                       "the policy's own answers is kept (ties are dropped)"] = 4
+                                       "the policy's own answers is kept (ties are dropped)", ">= 0"] = 4
     heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
-                                       "own answers"] = 0.1
-    weight_decay: Annotated[float, "AdamW weight decay (matrices only)"] = 0.0
+                                       "own answers", ">= 0 and < 1"] = 0.1
+    val_fraction: Annotated[float, "training prompts set aside to choose the step that is kept (the best "
+                                   "validation accuracy, step 0 included)", ">= 0 and < 1"] = 0.1
+    eval_every: Annotated[int, "steps between measurements of the held-out and validation pairs", ">= 1"] = 50
+    train_blocks: Annotated[int, "top transformer blocks trained with the head (-1: the whole network; 0: the "
+                                 "head alone, a probe on the SFT features)", ">= -1"] = -1
+    margin: Annotated[float, "Llama 2's margin: the pair's judge-score difference x this, subtracted inside "
+                             "the Bradley-Terry loss (0 = none)", ">= 0"] = 0.0
+    weight_decay: Annotated[float, "AdamW weight decay (matrices only)", ">= 0"] = 0.0
     aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
-                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)"] = 1.0
+                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)", ">= 0"] = 1.0
     # [not in the paper] lm_weight: the reward model also reads how likely its own language model finds the
     # answer. Initialised from the SFT policy, that language model tells an existing api_call from an invented
     # one better than the scalar head learns to from a few thousand comparisons (docs/experiments.md, "The
@@ -61,7 +69,7 @@ class RMConfig:
     # Off by default: it ranks the held-out pairs better, yet PPO against it gained less (same section).
     lm_weight: Annotated[float, "[not in the paper] weight of the answer's mean token log-prob under the reward "
                                 "model's own language model (initialised from SFT), added to its head's score "
-                                "(0 = the head only, the default)"] = 0.0
+                                "(0 = the head only, the default)", ">= 0"] = 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -405,6 +413,44 @@ def make_pairs(feedback, max_contrast_pairs, rng):
     return pairs
 
 
+# -----------------------------------------------------------------------------
+# What the reward model gets right, pair by pair (the diagnostics of docs/experiments.md)
+
+MARGIN_BINS = (0.1, 0.3)  # judge-score differences: small (< 0.1), medium, large (>= 0.3)
+
+
+def pair_kind(a, b):
+    """'policy-policy', 'policy-reference', 'mismatched-reference', ...: the sources of a pair's answers."""
+    return "-".join(sorted((a.source, b.source)))
+
+
+def separating_question(a, b):
+    """The judge question that contributes most to the two answers' score difference."""
+    gap = lambda q: q[2] * abs((a.answers.get(q[0]) or 0.0) - (b.answers.get(q[0]) or 0.0))
+    return max(QUESTIONS, key=gap)[0]
+
+
+def margin_bin(a, b):
+    d = abs(a.score - b.score)
+    return "<0.1" if d < MARGIN_BINS[0] else "0.1-0.3" if d < MARGIN_BINS[1] else ">=0.3"
+
+
+def pair_accuracy(scores, feedback, pairs, prefix):
+    """{prefix/accuracy, prefix/pairs, prefix/kind/K, prefix/question/Q, prefix/margin/M}: the share of
+    (better, worse) `pairs` that `scores` ({id: score}) order as the judge does; pairs the scores tie
+    count as wrong. feedback: {id: Feedback}."""
+    groups = {}
+    for a, b in pairs:
+        fa, fb = feedback[a], feedback[b]
+        right = float(scores[a] > scores[b])
+        for key in ("accuracy", f"kind/{pair_kind(fa, fb)}", f"question/{separating_question(fa, fb)}",
+                    f"margin/{margin_bin(fa, fb)}"):
+            groups.setdefault(key, []).append(right)
+    out = {f"{prefix}/{k}": sum(v) / len(v) for k, v in sorted(groups.items())}
+    out[f"{prefix}/pairs"] = len(pairs)
+    return out
+
+
 def pair_batches(samples, pairs, batch_size, epochs, seed):
     """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
     resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
@@ -419,20 +465,23 @@ def rm_batch(samples, ids, tok, device):
     return pad_pairs([(samples[i].query, samples[i].response) for i in ids], tok.eot, device)
 
 
-def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None):
+def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None, margins=None):
     """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
     distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give up to
     K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary cross-entropy
     of the per-question logits against the judge's answers, targets: {id: [P(yes) per QUESTIONS]}.
     [not in the paper] The scalar comparisons tell the model which answer won, not why; the six answers
-    say why (a dense target for every answer). stats: a dict to receive the batch's pairwise accuracy and,
+    say why (a dense target for every answer). margins: {pair: margin} or None. stats: a dict to receive the batch's pairwise accuracy and,
     with targets, each question's accuracy (logit > 0 against P(yes) > 0.5), for the metrics."""
     ids = sorted({i for pair in pairs for i in pair})
     at = {i: k for k, i in enumerate(ids)}
     r, aux = rm.score_and_aux(*rm_batch(samples, ids, tok, device))
     better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
     worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
-    loss = global_mean(-F.logsigmoid(r[better] - r[worse]))  # over every rank's pairs under torchrun
+    # Llama 2's margin (Touvron et al. 2023, eq. 2): a pair the judge separates widely must be separated
+    # by at least that margin; a close call asks for less.
+    margin = torch.tensor([margins[p] for p in pairs], device=r.device) if margins else 0.0
+    loss = global_mean(-F.logsigmoid(r[better] - r[worse] - margin))  # every rank's pairs under torchrun
     if stats is not None:
         stats["accuracy"] = global_mean((r[better] > r[worse]).float()).item()
     if aux is not None and targets:
@@ -460,19 +509,45 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
-    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}."""
+def split_prompts(feedback, cfg, seed):
+    """(held-out, validation) sets of training-split record ids; the rest trains. Held-out prompts only
+    measure (the number the docs report); validation prompts choose the step that is kept."""
     rng = random.Random(seed)
     records = sorted({f.record for f in feedback})
     rng.shuffle(records)
-    heldout_records = set(records[:max(1, int(len(records) * cfg.heldout_fraction))])
-    train_fb = [f for f in feedback if f.record not in heldout_records]
-    # Held-out pairs are policy samples only: the answers PPO will ask the reward model about.
-    test_fb = [f for f in feedback if f.record in heldout_records and f.score is not None
-               and f.source == "policy"]
+    n_held = max(1, int(len(records) * cfg.heldout_fraction))
+    n_val = int(len(records) * cfg.val_fraction)
+    return set(records[:n_held]), set(records[n_held:n_held + n_val]), rng
+
+
+def policy_pairs(feedback, records, rng):
+    """Judge-ordered pairs of the policy's own answers to `records`: what PPO asks the reward model."""
+    fb = [f for f in feedback if f.record in records and f.score is not None and f.source == "policy"]
+    return fb, make_pairs(fb, 0, rng)
+
+
+def measure(rm, samples, feedback, sets, tok, device):
+    """Pairwise accuracy of rm on each named (Feedback rows, pairs) set, by kind, question and margin."""
+    out, by_id = {}, {f.id: f for f in feedback}
+    for name, (fb, pairs) in sets.items():
+        ids = sorted({i for pair in pairs for i in pair})
+        scores = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist()))
+        out.update(pair_accuracy(scores, by_id, pairs, name))
+    return out
+
+
+def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
+    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}.
+    Every eval_every steps (and at step 0) it measures the held-out and validation prompts' pairs; the
+    step with the best validation accuracy is the one kept (step 0, the untrained network, included)."""
+    heldout, val, rng = split_prompts(feedback, cfg, seed)
+    train_fb = [f for f in feedback if f.record not in heldout | val]
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
-    test_pairs = make_pairs(test_fb, 0, rng)  # the policy's own answers only, ties excluded
+    sets = dict(heldout=policy_pairs(feedback, heldout, rng), val=policy_pairs(feedback, val, rng),
+                train=(train_fb, train_pairs[:512]))  # a fixed slice of the training pairs: overfitting
     targets = question_targets(train_fb) if rm.aux is not None else {}
+    judge_scores = {f.id: f.score for f in train_fb}
+    rm.freeze_below(cfg.train_blocks)
     # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
     # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
     # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
@@ -482,48 +557,61 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
         log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
             "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
             "more answers per prompt (--samples-per-prompt).")
-    log(f"[reward] {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
-        f"({len(heldout_records)} held-out prompts), {steps} steps")
+    log(f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
+        f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts), {steps} steps")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    best_file, metrics_file = Path(ckpt_file).with_name("best.pt"), Path(ckpt_file).parent / "metrics.jsonl"
     ckpt = resume(ckpt_file, device, optimizer, model=rm)
-    step, history = (ckpt["step"], ckpt.get("history", [])) if ckpt else (0, [])
+    step, history, best = (ckpt["step"], ckpt["history"], ckpt["best"]) if ckpt else (0, [], (-1.0, 0))
     if ckpt:
         log(f"[reward] resumed at step {step}")
-    metrics_file, t0, start = Path(ckpt_file).parent / "metrics.jsonl", time.time(), step
-    while step < steps:
-        batch = shard([train_pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
-        rm.train()
-        stats = {}
-        with autocast(device):
-            loss = comparisons_loss(rm, samples, batch, tok, device, targets, cfg.aux_weight, stats)
-        loss.backward()
-        average_gradients(rm.parameters())
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    t0, start = time.time(), step
+    while True:
+        if step % cfg.eval_every == 0 or step == steps:
+            row = dict(step=step, **measure(rm, samples, feedback, sets, tok, device))
+            history.append(row)
+            log(f"[reward] step {step}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
+                f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
+            # Without validation pairs, the last step is kept.
+            if (row.get("val/accuracy", 0.0) > best[0] or not sets["val"][1]) and is_main():
+                best = (row.get("val/accuracy", 0.0), step)
+                rm.save(best_file, step=step)
+        if step == steps:
+            break
+        stats = train_step(rm, samples, [train_pairs[i] for i in order[step]], judge_scores, targets,
+                           optimizer, tok, cfg, grad_clip, device)
         step += 1
-        history.append(dict(step=step, loss=loss.item(), lr=cfg.lr, **stats))
+        history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
-            log(f"[reward] step {step}/{steps} loss {loss.item():.4f} {progress(step - start, steps - start, t0)}")
+            log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {progress(step - start, steps - start, t0)}")
             if is_main():
-                rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history)
+                rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history, best=best)
                 write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
-    heldout = heldout_metrics(rm, samples, test_fb, test_pairs, tok, device)
+    barrier()
+    rm.load_state_dict(load_checkpoint(best_file, device)["model"])
+    kept = next(r for r in history if r["step"] == best[1] and "heldout/pairs" in r)
+    log(f"[reward] kept step {best[1]} (validation accuracy {best[0]:.3f})")
+    heldout_metrics = dict(kept_step=best[1], heldout_pairwise_accuracy=kept.get("heldout/accuracy", 0.0),
+                           heldout_pairs=kept["heldout/pairs"], val_pairwise_accuracy=best[0])
     if is_main():
-        write_metrics(metrics_file, history + [dict(step=step, **heldout)])
-    return heldout
+        write_metrics(metrics_file, history + [dict(step=steps, **heldout_metrics)])
+    return heldout_metrics
 
 
-def heldout_metrics(rm, samples, test_fb, test_pairs, tok, device):
-    """Pairwise accuracy on held-out prompts' judge-ordered pairs, and Pearson r with judge scores."""
-    ids = [f.id for f in test_fb]
-    r = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist()))
-    acc = sum(r[a] > r[b] for a, b in test_pairs) / max(1, len(test_pairs))
-    x = torch.tensor([r[i] for i in ids])
-    y = torch.tensor([f.score for f in test_fb])
-    corr = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if len(ids) > 1 else float("nan")
-    return dict(heldout_pairwise_accuracy=acc, heldout_pairs=len(test_pairs),
-                heldout_correlation=corr, heldout_samples=len(ids))
+def train_step(rm, samples, pairs, scores, targets, optimizer, tok, cfg, grad_clip, device):
+    """One optimizer step on a batch of pairs (this rank's share under torchrun); returns its stats.
+    scores: {id: judge score}, for the margin."""
+    rm.train()
+    stats = {}
+    margins = {(a, b): cfg.margin * (scores[a] - scores[b]) for a, b in pairs} if cfg.margin else None
+    with autocast(device):
+        loss = comparisons_loss(rm, samples, shard(pairs), tok, device, targets, cfg.aux_weight, stats, margins)
+    loss.backward()
+    average_gradients([p for p in rm.parameters() if p.requires_grad])
+    torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss.item(), **stats)
 
 
 def normalise(rm, samples, ids, tok, device):

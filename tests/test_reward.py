@@ -294,16 +294,19 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
             raise RuntimeError("killed")
     with pytest.raises(RuntimeError):
         train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=crash_at_40)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20  # as checkpointed
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))  # as checkpointed
     said = []
     metrics = train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt",
                                  log=said.append)
     assert "[reward] resumed at step 20" in said
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows[:-1]]
+    steps = [r["step"] for r in rows[:-1] if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
+    measured = [r["step"] for r in rows if "heldout/pairs" in r]  # every eval_every steps, each once
+    assert measured == sorted(set(measured)) and measured[:2] == [0, cfg.eval_every] and measured[-1] == steps[-1]
     assert rows[-1]["heldout_pairwise_accuracy"] == metrics["heldout_pairwise_accuracy"]
-    assert {"loss", "accuracy", "lr"} <= set(rows[0])
+    assert {"loss", "accuracy", "lr"} <= set(rows[1])
 
 
 def test_reward_adds_the_weighted_mean_logprob_of_its_own_language_model(tmp_path):
