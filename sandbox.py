@@ -4,41 +4,60 @@ Running code a model wrote, for the executability rate (Dutta et al. 2024, secti
     python sandbox.py --check              # is OS-level isolation available here?
     python sandbox.py FILE.py [--real]     # one snippet's verdict
 
-Generated code is hostile until proven otherwise, so each snippet runs in a fresh process that the
+Generated code is hostile until proven otherwise, so each snippet runs in fresh processes that the
 operating system isolates (not Python: an audit hook can be switched off from inside, PEP 578):
-  - namespaces (util-linux `unshare`): mount, PID, IPC, UTS, and in offline mode network, so the child
-    sees only its own processes and a fresh /proc, and offline it has no network interface at all;
-  - every mount read-only except the fresh working directory (and, in real mode, a model cache);
+  - namespaces (util-linux `unshare`): mount, PID, IPC, UTS, and in offline mode network, so the
+    snippet sees only its own processes and a fresh /proc, and offline it has no network interface;
+  - every mount read-only except the snippet's scratch directory, a size-limited tmpfs mounted in its
+    own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real mode a
+    model cache whose growth a watchdog bounds;
   - an unprivileged uid (65534 via `setpriv` when we are root; otherwise a user namespace with every
-    capability dropped), no new privileges;
-  - rlimits on CPU, address space, file size, open files and processes; a scrubbed environment;
-  - at the time limit the namespace's first process is killed, which kills every process in it.
+    capability dropped), no new privileges, a scrubbed environment;
+  - a cgroup per snippet (v1 memory + pids, or v2 memory.max + pids.max) bounds the memory and the
+    number of processes of all its processes together; rlimits bound CPU time, file size and open
+    files per process. Without a usable cgroup, memory and processes fall back to per-process rlimits
+    (said once on stderr; docs/reliability.md);
+  - no process outlives its snippet: the namespace's first process is the supervisor below; when it
+    exits, or our process dies (parent-death signal and a lifeline pipe), the kernel kills every
+    process in the namespace, and the cgroup is emptied with SIGKILL before it is removed.
 Why `unshare` + `setpriv`: both ship with util-linux, already on every Linux machine we target, where
 bubblewrap or nsjail would be one more system package to install.
+
+Who decides the verdict. Anything inside the snippet's process is readable and writable by it (its
+frames, `gc`, its file descriptors), so no secret lives there and the verdict is not written there.
+Inside the namespace a supervisor (first process, the namespace's root, not dumpable: the snippet can
+neither read its memory nor signal it) starts the runner as a separate process that drops to uid 65534
+and execs a fresh interpreter. The supervisor alone holds the pipe to us; it judges from the runner's
+exit status and from one report the runner sends after the snippet returns. A snippet that exits early
+(`os._exit(0)`, `sys.exit(0)`, a signal) sends no report: `early_exit`. A snippet can at most imitate
+the runner's report ("I reached my end"), which it can also get by wrapping its lines in `try:`; it
+cannot write a verdict, touch another snippet's, or stop the supervisor from judging the timeout.
 
 Two modes, one code path:
   real:    the snippet runs with the real libraries and network (downloads allowed), as a user would.
   offline: no weights or network exist, so the model libraries (standins.STUBBED) are replaced by the
-           stand-ins of data/gorilla/standins.py that check what the code asks of them [offline stand-in], against data/gorilla/api_names.json
-           (transformers 4.57.6): names a library does not have, calls that do not fit the real
-           signature, unknown pipeline tasks and models a task cannot run, model ids not in the API
-           database. Missing input files and names the code marks as the user's are placeholders.
-           Everything else (Python, the standard library, numpy) really runs (docs/metrics.md).
-A snippet is executable only if it runs to its end: the child writes its verdict after the snippet
-returns, so `os._exit(0)` or `sys.exit(0)` halfway is not executable.
+           stand-ins of data/gorilla/standins.py that check what the code asks of them [offline stand-in],
+           against data/gorilla/api_names.json (transformers 4.57.6): names a library does not have,
+           calls that do not fit the real signature, unknown pipeline tasks and models a task cannot
+           run, model ids not in the API database. Missing input files and names the code marks as
+           the user's are placeholders. Everything else (Python, the standard library, numpy) really
+           runs (docs/metrics.md).
 """
 import argparse
 import builtins
+import ctypes
 import json
 import os
 import resource
-import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +67,22 @@ from data.gorilla.apis import APIDatabase
 
 ROOT = Path(__file__).resolve().parent
 NOBODY = 65534
-VERDICT_FILE = ".verdict"
-# Verdicts: "executable" or the class of failure.
+# Verdicts: "executable" or the class of failure. The runner can only report the first seven.
 VERDICTS = ("executable", "syntax", "import", "hallucinated_api", "runtime", "blocked", "early_exit",
             "timeout", "no_code", "crashed")
+RUNNER_VERDICTS = VERDICTS[:7]
+SPEC_FILE = ".spec.json"  # what the runner needs (code, offline API tables); holds no secret
+REPORT_FD = 3             # the runner's socket to the supervisor
+GRACE = 10.0              # seconds we wait beyond the timeout for the supervisor to say "timeout"
+# The scratch tmpfs is mounted here inside each snippet's own mount namespace; on the host it is one
+# permanent, always empty directory (namespaces are private, so snippets never see each other's).
+SCRATCH = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}"
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: dlopen between fork and exec could deadlock
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 
 
 # -----------------------------------------------------------------------------
-# The child: runs one snippet and writes its verdict after the snippet's last line
+# The runner (uid 65534, its own process): runs one snippet, then reports how it ended
 
 BLOCKED_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                   "os.forkpty", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
@@ -81,44 +108,189 @@ def verdict_of(exc):
     return "runtime"
 
 
-def child_main(spec_file):
-    spec = json.loads(Path(spec_file).read_text())
-    os.remove(spec_file)
-    verdict, detail = "executable", ""
+def run_snippet(spec):
+    """(verdict, detail) of running spec["code"] in this process."""
     try:
         compiled = compile(spec["code"], "<answer>", "exec")
     except (SyntaxError, ValueError) as e:
-        compiled, verdict, detail = None, "syntax", str(e)
-    if compiled is not None:
-        scope = {"__name__": "__main__", "__builtins__": builtins}
-        if spec["offline"]:
-            scope.update(standins.install(spec))
-            sys.addaudithook(name_blocked)
-        try:
-            exec(compiled, scope)
-        except BaseException as e:  # SystemExit too: only code that reaches its end is executable
-            verdict, detail = verdict_of(e), f"{type(e).__name__}: {e}"
-    if verdict == "executable" and standins.Checks.placeholders:
-        detail = "placeholder inputs: " + ", ".join(sorted(set(map(str, standins.Checks.placeholders))))
+        return "syntax", str(e)
+    scope = {"__name__": "__main__", "__builtins__": builtins}
+    if spec["offline"]:
+        scope.update(standins.install(spec))
+        sys.addaudithook(name_blocked)
+    try:
+        exec(compiled, scope)
+    except BaseException as e:  # SystemExit too: only code that reaches its end is executable
+        return verdict_of(e), f"{type(e).__name__}: {e}"
+    if standins.Checks.placeholders:
+        return "executable", "placeholder inputs: " + ", ".join(sorted(set(map(str, standins.Checks.placeholders))))
+    return "executable", ""
+
+
+def runner_main():
+    report = socket.socket(fileno=REPORT_FD)
+    spec = json.loads(Path(SPEC_FILE).read_text())
+    os.remove(SPEC_FILE)
+    report.send(b"started")  # from here on, an exit without a report is the snippet's early exit
+    verdict, detail = run_snippet(spec)
     sys.stdout.flush()
-    Path(VERDICT_FILE).write_text(json.dumps(dict(nonce=spec["nonce"], verdict=verdict, detail=detail[:500])))
+    sys.stderr.flush()
+    try:
+        report.send(json.dumps(dict(verdict=verdict, detail=detail[:500])).encode())
+    except OSError:  # the snippet closed or replaced our socket: no report, so not executable
+        pass
     os._exit(0)
 
 
 # -----------------------------------------------------------------------------
-# The isolation: namespaces, read-only mounts, an unprivileged uid
+# The supervisor: the namespace's first process; starts the runner, judges it, tells us
 
-# Runs as (namespace-)root inside the new mount namespace, then drops privileges for good.
+def supervisor_main(verdict_fd, lifeline_fd, job_fd):
+    """Not dumpable, so the runner (another uid, or no capabilities) cannot read our memory or fds.
+    Our exit, as the PID namespace's first process, makes the kernel kill everything left in it."""
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    with os.fdopen(job_fd) as f:
+        job = json.load(f)
+    try:
+        result = supervise(job, lifeline_fd)
+    except Exception as e:  # our side: one crashed verdict
+        result = dict(verdict="crashed", detail=f"supervisor: {type(e).__name__}: {e}")
+    with os.fdopen(verdict_fd, "w") as out:
+        out.write(json.dumps(result))
+    os._exit(0)
+
+
+def supervise(job, lifeline):
+    Path(SPEC_FILE).write_text(json.dumps(job["spec"]))
+    if job["chown"]:
+        os.chown(SPEC_FILE, NOBODY, NOBODY)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        start_runner(job["runner"], theirs.fileno(), out_w)
+    theirs.close()
+    os.close(out_w)
+    return judge(*watch(job, pid, ours, out_r, lifeline))
+
+
+def start_runner(argv, report_fd, out_fd):
+    """In the forked child: only the report socket and the output pipe survive into the runner."""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.dup2(report_fd, REPORT_FD)
+        os.closerange(REPORT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+def watch(job, pid, ours, out_r, lifeline):
+    """Wait for the runner, keeping the tail of its output and its reports; (status, reports, tail),
+    status None at the time limit. Our host's death (lifeline at EOF) ends us, hence the namespace."""
+    deadline, next_disk = time.monotonic() + job["timeout"], 0.0
+    cache_start = dir_size(job["cache_dir"]) if job["cache_dir"] else 0
+    reports, tail, status, open_fds = [], b"", None, [ours.fileno(), out_r, lifeline]
+    os.set_blocking(out_r, False)
+    ours.setblocking(False)
+    while status is None and time.monotonic() < deadline:
+        ready = select.select(open_fds, [], [], 0.05)[0]
+        if lifeline in ready:
+            os._exit(1)
+        if out_r in ready:
+            chunk = read_some(out_r)
+            tail = (tail + chunk)[-job["max_output"]:]
+            if not chunk:
+                open_fds.remove(out_r)
+        if ours.fileno() in ready:
+            message = recv_some(ours)
+            reports.append(message) if message else open_fds.remove(ours.fileno())
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        status = wait_status if done else None
+        if job["cache_dir"] and time.monotonic() > next_disk:  # real mode: the shared model cache
+            next_disk = time.monotonic() + 1.0
+            if dir_size(job["cache_dir"]) - cache_start > job["cache_mb"] << 20:
+                return "disk", reports, tail
+    for _ in range(64):  # what was sent just before the exit
+        message = recv_some(ours)
+        if not message:
+            break
+        reports.append(message)
+    return (status if status is not None else "timeout"), reports, tail + read_some(out_r)
+
+
+def read_some(fd):
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+def recv_some(sock):
+    try:
+        return sock.recv(1 << 16)
+    except (BlockingIOError, OSError):
+        return b""
+
+
+def dir_size(path, max_entries=200_000):
+    """Bytes under `path` (allocated blocks); a tree of more than max_entries counts as infinite."""
+    total, seen = 0, 0
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            seen += 1
+            if seen > max_entries:
+                return float("inf")
+            try:
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def judge(status, reports, tail):
+    """The verdict from the runner's exit status and its last report (sent after the snippet returned)."""
+    lines = tail.decode(errors="replace").strip().splitlines()
+    last = lines[-1][:300] if lines else ""
+    if status == "timeout":
+        return dict(verdict="timeout", detail="killed at the time limit")
+    if status == "disk":
+        return dict(verdict="runtime", detail="killed: over the disk limit of the model cache")
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        if sig == signal.SIGXCPU:
+            return dict(verdict="timeout", detail="killed at the CPU time limit")
+        return dict(verdict="runtime", detail=f"killed by {sig.name} ({last or 'no output'})")
+    if not reports or reports[0] != b"started":
+        return dict(verdict="crashed", detail=f"the runner did not start ({last or os.WEXITSTATUS(status)})")
+    try:
+        report = json.loads(reports[-1])
+    except ValueError:
+        report = {}
+    if os.WEXITSTATUS(status) != 0 or not isinstance(report, dict) or report.get("verdict") not in RUNNER_VERDICTS:
+        return dict(verdict="early_exit", detail=f"ended before its last line, exit {os.WEXITSTATUS(status)} ({last})")
+    return dict(verdict=report["verdict"], detail=str(report.get("detail", ""))[:500])
+
+
+# -----------------------------------------------------------------------------
+# The isolation: namespaces, read-only mounts, a tmpfs scratch directory, an unprivileged uid
+
+# Runs as (namespace-)root inside the new mount namespace, then becomes the supervisor. $@: the
+# directories that stay writable besides the scratch tmpfs (real mode: the model cache).
 MOUNT_SCRIPT = r"""
 set -e
 mount --make-rprivate /
 for w in "$@"; do mount --bind "$w" "$w"; done
+mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$SCRATCH"
 awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
-  keep=0; for w in "$@"; do [ "$m" = "$w" ] && keep=1; done
+  keep=0; for w in "$SCRATCH" "$@"; do [ "$m" = "$w" ] && keep=1; done
   [ "$keep" = 1 ] || mount -o remount,bind,ro "$m" 2>/dev/null || [ "$m" = /proc ] || [ "${m#/proc/}" != "$m" ] || { echo "sandbox: cannot make $m read-only" >&2; exit 97; }
 done
-cd "$1"  # the bind mount, not the read-only directory under it
-exec $DROP "$PYTHON" -I -c "$CHILD"
+cd "$SCRATCH"  # the tmpfs, not the empty directory under it
+exec "$PYTHON" -I -c "$CHILD"
 """
 
 
@@ -147,11 +319,209 @@ def drop_privileges():
     return ["setpriv"] + caps
 
 
-def isolated_command(writable, offline, child_code):
-    """argv that runs `child_code` isolated, with only `writable` directories writable."""
-    env_setup = ["env", f"DROP={' '.join(drop_privileges())}", f"PYTHON={sys.executable}",
+def isolated_command(writable, offline, child_code, disk_mb):
+    """argv that runs `child_code` isolated, with a `disk_mb` tmpfs as its working directory and only
+    `writable` directories writable besides."""
+    owner = f",uid={NOBODY},gid={NOBODY}" if os.geteuid() == 0 else ""
+    tmpfs = f"size={disk_mb}m,nr_inodes=65536,mode=0700,nosuid,nodev{owner}"
+    env_setup = ["env", f"TMPFS_OPTIONS={tmpfs}", f"SCRATCH={SCRATCH}", f"PYTHON={sys.executable}",
                  f"CHILD={child_code}"]
     return namespace_command(offline) + env_setup + ["sh", "-c", MOUNT_SCRIPT, "sandbox", *writable]
+
+
+def scratch_mountpoint():
+    """The host side of the scratch directory: ours, a real directory (not a link someone planted)."""
+    SCRATCH.mkdir(mode=0o755, exist_ok=True)
+    st = os.lstat(SCRATCH)
+    if not os.path.isdir(SCRATCH) or os.path.islink(SCRATCH) or st.st_uid != os.geteuid():
+        raise RuntimeError(f"sandbox: {SCRATCH} is not a directory of ours")
+    return SCRATCH
+
+
+# -----------------------------------------------------------------------------
+# Cgroups: memory and process count of all a snippet's processes together
+
+def cgroup_mounts():
+    """{"memory": (mount point, our group), "pids": ..., "v2": ...} from /proc/self/{mountinfo,cgroup}."""
+    ours = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in (controllers.split(",") if controllers else ["v2"]):
+            ours[c] = path
+    found = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, after = line.split(" - ", 1)
+        fields, (fstype, _, options) = fields.split(), after.split()[:3]
+        root, point = fields[3], fields[4]
+        keys = ["v2"] if fstype == "cgroup2" else [c for c in ("memory", "pids") if fstype == "cgroup"
+                                                      and c in options.split(",")]
+        for key in keys:
+            if key in ours:  # our group, relative to what this mount shows
+                rel = ours[key][len(root):] if ours[key].startswith(root) and root != "/" else ours[key]
+                found[key] = (Path(point), Path(point) / rel.lstrip("/"))
+    return found
+
+
+class Cgroup:
+    """One snippet's cgroup (one directory per v1 controller, or one v2 directory)."""
+
+    def __init__(self, dirs, v2):
+        self.dirs, self.v2 = dirs, v2
+
+    def join(self):
+        """Called between fork and exec: this process and all it starts belong to the snippet."""
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_killed(self):
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        try:
+            fields = dict(line.split() for line in (self.dirs[0] / name).read_text().splitlines())
+        except (OSError, ValueError):
+            return False
+        return int(fields.get("oom_kill", 0)) > 0 or (not self.v2 and self.failcnt() > 0)
+
+    def failcnt(self):
+        try:
+            return int((self.dirs[0] / "memory.failcnt").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def kill(self):
+        """SIGKILL every process in it until it is empty (a process forking meanwhile is caught next round)."""
+        if self.v2 and (self.dirs[0] / "cgroup.kill").exists():
+            (self.dirs[0] / "cgroup.kill").write_text("1")
+        for _ in range(200):
+            pids = [int(p) for d in self.dirs for p in read_or_empty(d / "cgroup.procs").split()]
+            if not pids:
+                return
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+
+    def remove(self):
+        self.kill()
+        for d in self.dirs:
+            for _ in range(100):  # a killed process leaves its group a moment later
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def read_or_empty(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+class Cgroups:
+    """Makes one cgroup per snippet under our own group (so whatever limits us still limits them):
+    cgroup v1 memory + pids controllers, else a v2 group with both controllers delegated to us."""
+    counter = 0
+    lock = threading.Lock()
+    warned = False
+
+    def __init__(self, parents, v2, memory_mb, max_procs):
+        self.parents, self.v2, self.memory_mb, self.max_procs = parents, v2, memory_mb, max_procs
+
+    @classmethod
+    def detect(cls, memory_mb, max_procs):
+        """(Cgroups, None) or (None, the reason there are none)."""
+        try:
+            mounts = cgroup_mounts()
+            if "memory" in mounts and "pids" in mounts:
+                parents = [make_dir(mounts[c][1] / "rlaif-sandbox") for c in ("memory", "pids")]
+                v2 = False
+            elif "v2" in mounts:
+                parents, v2 = [v2_parent(*mounts["v2"])], True
+            else:
+                return None, "no cgroup v1 memory+pids controllers and no cgroup v2 mounted"
+            groups = cls(parents, v2, memory_mb, max_procs)
+            groups.remove_stale()
+            groups.create().remove()  # a trial: permissions, controllers
+            return groups, None
+        except (OSError, RuntimeError) as e:
+            return None, f"{type(e).__name__}: {e}"
+
+    def create(self):
+        with Cgroups.lock:
+            Cgroups.counter += 1
+            name = f"snippet-{os.getpid()}-{Cgroups.counter}"
+        dirs = [make_dir(p / name) for p in self.parents]
+        group = Cgroup(dirs, self.v2)
+        limit = str(self.memory_mb << 20)
+        if self.v2:
+            (dirs[0] / "memory.max").write_text(limit)
+            write_if_exists(dirs[0] / "memory.swap.max", "0")
+            (dirs[0] / "pids.max").write_text(str(self.max_procs))
+        else:
+            (dirs[0] / "memory.limit_in_bytes").write_text(limit)
+            write_if_exists(dirs[0] / "memory.memsw.limit_in_bytes", limit)  # no swapping past it
+            (dirs[1] / "pids.max").write_text(str(self.max_procs))
+        return group
+
+    def remove_stale(self):
+        """Groups left by a process of ours that died (kill -9): empty them, remove them."""
+        for parent in self.parents:
+            for d in parent.glob("snippet-*-*"):
+                pid = int(d.name.split("-")[1])
+                if pid != os.getpid() and not pid_alive(pid):
+                    Cgroup([d], self.v2).remove()
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def make_dir(path):
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def write_if_exists(path, value):
+    if path.exists():
+        try:
+            path.write_text(value)
+        except OSError:
+            pass
+
+
+def v2_parent(mount, own):
+    """A v2 group under ours whose children may get memory and pids limits. cgroup v2 lets only a
+    group without processes (or the root) give controllers to its children, so if ours has
+    processes we move this one into a leaf beside them first (what systemd's Delegate= expects)."""
+    if not {"memory", "pids"} <= set((own / "cgroup.controllers").read_text().split()):
+        raise RuntimeError(f"the memory and pids controllers are not delegated to {own}")
+    try:
+        (own / "cgroup.subtree_control").write_text("+memory +pids")
+    except OSError:
+        if own == mount:
+            raise
+        (make_dir(own / "rlaif-host") / "cgroup.procs").write_text(str(os.getpid()))
+        (own / "cgroup.subtree_control").write_text("+memory +pids")
+    parent = make_dir(own / "rlaif-sandbox")
+    (parent / "cgroup.subtree_control").write_text("+memory +pids")
+    return parent
+
+
+def warn_once(message):
+    if not Cgroups.warned:
+        Cgroups.warned = True
+        print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -161,33 +531,52 @@ def isolated_command(writable, offline, child_code):
 class Sandbox:
     offline: bool = True
     timeout: float = 10.0          # wall-clock seconds per snippet (real mode: time to download models too)
-    memory_mb: int = 0             # address-space limit (0: 2 GiB offline, 16 GiB real: torch maps a lot)
-    max_output: int = 64 * 1024    # bytes of stdout/stderr kept
+    memory_mb: int = 0             # memory of all the snippet's processes (0: 2 GiB offline, 16 GiB real)
+    disk_mb: int = 0               # its scratch tmpfs (0: 256 MiB offline, 4 GiB real; also counts as memory)
+    max_procs: int = 0             # processes and threads of the snippet (0: 64 offline, 512 real)
+    cache_mb: int = 32768          # real mode: how much the model cache may grow while a snippet runs
+    max_output: int = 64 * 1024    # bytes of output kept (its last line is a failure's detail)
     workers: int = max(1, os.cpu_count() or 1)
     cache_dir: str = ""            # real mode: the writable model cache (default ~/.cache/rlaif-sandbox)
     unsafe: bool = False           # offline only: run without OS isolation when it is unavailable
 
     def __post_init__(self):
         self.memory_mb = self.memory_mb or (2048 if self.offline else 16384)
+        self.disk_mb = self.disk_mb or (256 if self.offline else 4096)
+        self.max_procs = self.max_procs or (64 if self.offline else 512)
         reason = isolation_available()
         if reason and (not self.offline or not self.unsafe):
             raise RuntimeError(f"sandbox: OS-level isolation is unavailable ({reason}). Generated code is not "
                                "run without it. Offline mode can be forced with --unsafe-exec (NOT isolated).")
         self.isolated = reason is None
+        if self.isolated:
+            scratch_mountpoint()
+        self.cgroups, why = Cgroups.detect(self.memory_mb, self.max_procs)
+        if self.cgroups is None:
+            warn_once(f"sandbox: no usable cgroup ({why}); memory and processes are limited per process "
+                      "(rlimits), not per snippet (docs/reliability.md)")
         if not self.offline:
             self.cache_dir = self.cache_dir or str(Path.home() / ".cache" / "rlaif-sandbox")
             Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 os.chown(self.cache_dir, NOBODY, NOBODY)
 
-    def limits(self):
+    def launcher_setup(self, cgroup, parent):
+        """Between fork and exec of the namespace's launcher (`unshare`): our death kills it (and it
+        kills the namespace); it joins the snippet's cgroup; per-process limits."""
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before the line above
+            os._exit(1)
+        if cgroup is not None:
+            cgroup.join()
         cpu = int(self.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_AS, (self.memory_mb << 20, self.memory_mb << 20))
-        size = (16 << 20) if self.offline else (64 << 30)  # real mode writes model files to its cache
+        size = (16 << 20) if self.offline else (self.cache_mb << 20)  # real mode: model files in its cache
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))  # per uid: bounds a fork bomb (not for root)
+        if cgroup is None:  # the fallback: per uid, so it bounds a fork bomb (not for root)
+            resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     def spec(self, db):
@@ -195,9 +584,9 @@ class Sandbox:
             return dict(offline=False)
         return dict(offline=True, ids=sorted(db.model_ids()), id_class=db.model_classes())
 
-    def environment(self, workdir):
-        """The child's whole environment: nothing of ours (API keys, tokens) is passed on."""
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0",
+    def environment(self, scratch):
+        """The snippet's whole environment: nothing of ours (API keys, tokens) is passed on."""
+        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
         if not self.offline:  # the model cache, and the user's (secret-free) Hub settings
             env.update(HF_HOME=self.cache_dir, TORCH_HOME=self.cache_dir, XDG_CACHE_HOME=self.cache_dir)
@@ -209,55 +598,80 @@ class Sandbox:
         """(verdict, detail) of one snippet; anything that goes wrong on our side is 'crashed'."""
         if not code.strip():
             return "no_code", "the answer has no code section"
-        workdir = tempfile.mkdtemp(prefix="rlaif-exec-")
         try:
-            return self.run_in(workdir, code, base_spec)
+            return self.run_in(code, base_spec)
         except Exception as e:  # one snippet's verdict, never a lost batch
             return "crashed", f"sandbox side: {type(e).__name__}: {e}"
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
-    def run_in(self, workdir, code, base_spec):
-        nonce = secrets.token_hex(16)
-        spec_file = Path(workdir) / ".spec.json"
-        spec_file.write_text(json.dumps(dict(base_spec, code=code, nonce=nonce)))
-        child = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; sandbox.child_main('.spec.json')"
-        if self.isolated:
-            if os.geteuid() == 0:
-                os.chown(workdir, NOBODY, NOBODY)
-                os.chown(spec_file, NOBODY, NOBODY)
-            writable = [workdir] + ([self.cache_dir] if not self.offline else [])
-            argv = isolated_command(writable, self.offline, child)
-        else:  # --unsafe-exec: offline mode on a machine without namespaces, said loudly in the results
-            argv = [sys.executable, "-I", "-c", child]
-        # Output goes to files outside the child's reach, never into this process's memory.
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, cwd=workdir, env=self.environment(workdir), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, preexec_fn=self.limits, start_new_session=True)
+    def run_in(self, code, base_spec):
+        cgroup = self.cgroups.create() if self.cgroups else None
+        scratch = str(SCRATCH) if self.isolated else tempfile.mkdtemp(prefix="rlaif-exec-")
+        try:
+            verdict, detail = self.launch(code, base_spec, scratch, cgroup)
+            if cgroup is not None and verdict != "executable" and cgroup.oom_killed():
+                verdict, detail = "runtime", f"out of memory: its processes together used {self.memory_mb} MB"
+            return verdict, detail
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+            if not self.isolated:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def job(self, code, base_spec):
+        """What the supervisor needs: the runner's spec and argv, the limits it watches."""
+        runner = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; sandbox.runner_main()"
+        argv = (drop_privileges() if self.isolated else []) + [sys.executable, "-I", "-c", runner]
+        return dict(spec=dict(base_spec, code=code), runner=argv, timeout=self.timeout,
+                    max_output=self.max_output, chown=self.isolated and os.geteuid() == 0,
+                    cache_dir=None if self.offline else self.cache_dir, cache_mb=self.cache_mb)
+
+    def launch(self, code, base_spec, scratch, cgroup):
+        verdict_r, verdict_w = os.pipe()  # the supervisor's report to us; the snippet never holds it
+        lifeline_r, lifeline_w = os.pipe()  # at EOF (we died) the supervisor ends the namespace
+        with tempfile.TemporaryFile() as job_file, tempfile.TemporaryFile() as err:
+            job_file.write(json.dumps(self.job(code, base_spec)).encode())
+            job_file.seek(0)
+            fds, parent = (verdict_w, lifeline_r, job_file.fileno()), os.getpid()
+            sup = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; "
+                   f"sandbox.supervisor_main{fds}")
+            writable = [] if self.offline else [self.cache_dir]
+            argv = (isolated_command(writable, self.offline, sup, self.disk_mb) if self.isolated
+                    else [sys.executable, "-I", "-c", sup])  # --unsafe-exec: said loudly in the results
             try:
-                proc.wait(timeout=self.timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:  # unshare --kill-child: killing it kills the namespace's first process, hence all
-                os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-                proc.wait()
+                proc = subprocess.Popen(argv, cwd=scratch, env=self.environment(scratch), stdin=subprocess.DEVNULL,
+                                        stdout=err, stderr=err, pass_fds=fds, start_new_session=True,
+                                        preexec_fn=lambda: self.launcher_setup(cgroup, parent))
+            finally:
+                os.close(verdict_w)
+                os.close(lifeline_r)
+            try:
+                try:
+                    proc.wait(timeout=self.timeout + GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:  # unshare --kill-child: killing it kills the namespace's first process, hence all
+                    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+                    if cgroup is not None:
+                        cgroup.kill()
+                    proc.wait()
+                message = read_message(verdict_r)
+            finally:
+                os.close(verdict_r)
+                os.close(lifeline_w)
             err.seek(max(0, err.seek(0, 2) - self.max_output))
             stderr = err.read().decode(errors="replace").strip().splitlines()
-        if timed_out:
-            return "timeout", f"killed after {self.timeout:.0f}s"
-        return self.read_verdict(Path(workdir) / VERDICT_FILE, nonce, proc.returncode, stderr)
+        return self.read_verdict(message, proc.returncode, stderr)
 
     @staticmethod
-    def read_verdict(path, nonce, returncode, stderr):
+    def read_verdict(message, returncode, stderr):
         try:
-            v = json.loads(path.read_text())
-        except (OSError, ValueError):
+            v = json.loads(message)
+        except ValueError:
             last = stderr[-1] if stderr else f"exit {returncode}"
-            return ("early_exit" if returncode == 0 else "crashed"), f"no verdict written ({last})"
-        if v.get("nonce") != nonce or v.get("verdict") not in VERDICTS:
-            return "crashed", "the verdict file was not written by the sandbox"
-        return v["verdict"], v["detail"]
+            return "crashed", f"no verdict from the supervisor ({last})"
+        if v.get("verdict") not in VERDICTS:
+            return "crashed", f"unknown verdict {v.get('verdict')!r}"
+        return v["verdict"], v.get("detail", "")
 
     def run_all(self, codes, db=None, on_done=None):
         """(verdict, detail) of each snippet, `workers` at a time; on_done(n finished) after each one
@@ -273,6 +687,17 @@ class Sandbox:
             return result
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(run_one, codes))
+
+
+def read_message(fd, wait=5.0):
+    """Everything the supervisor wrote, until EOF (all writers gone) or `wait` seconds."""
+    chunks, end = [], time.monotonic() + wait
+    while time.monotonic() < end and select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def main():

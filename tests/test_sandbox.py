@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -139,8 +140,8 @@ def test_early_exit_is_not_executable():
 def test_a_failure_on_our_side_is_one_crashed_verdict(monkeypatch):
     sandbox = Sandbox(timeout=5)
     real = sandbox.run_in
-    monkeypatch.setattr(sandbox, "run_in", lambda w, c, s: (_ for _ in ()).throw(OSError("boom")) if "boom" in c
-                        else real(w, c, s))
+    monkeypatch.setattr(sandbox, "run_in", lambda c, s: (_ for _ in ()).throw(OSError("boom")) if "boom" in c
+                        else real(c, s))
     verdicts = sandbox.run_all(["x = 1", "boom = 1", "y = 2"])
     assert [v for v, _ in verdicts] == ["executable", "crashed", "executable"]
 
@@ -163,3 +164,101 @@ def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch
     assert verdicts[0][0] == "executable", verdicts[0]
     assert verdicts[1][0] != "executable" and outside.read_text() == "original"
     assert verdicts[2][0] == "executable", verdicts[2]
+
+
+# -----------------------------------------------------------------------------
+# The issue "Nothing lost, nothing forged": items 10-13, each with the real sandbox and real processes
+
+FORGERIES = {
+    # finding 10: the nonce from the runner's frame, a verdict of our own, then an early exit
+    "nonce from the caller's frame": "import sys, json, os\nf = sys._getframe(1)\n"
+    "while f is not None and 'spec' not in f.f_locals:\n    f = f.f_back\nspec = f.f_locals['spec'] if f else {{}}\n"
+    "open('.verdict', 'w').write(json.dumps(dict(nonce=spec.get('nonce'), verdict='executable', detail='')))\n"
+    "os._exit(0)",
+    "nonce found by gc": "import gc, json, os\nfor o in gc.get_objects():\n    if isinstance(o, dict) and 'nonce' in o:\n"
+    "        open('.verdict', 'w').write(json.dumps(dict(nonce=o['nonce'], verdict='executable', detail='')))\n"
+    "os._exit(0)",
+    "the supervisor's fds": "import os, json\nv = json.dumps(dict(verdict='executable', detail='')).encode()\n"
+    "for pid in ('1', str(os.getppid())):\n    for n in range(64):\n        try:\n"
+    "            fd = os.open(f'/proc/{{pid}}/fd/{{n}}', os.O_WRONLY)\n            os.write(fd, v)\n"
+    "        except OSError:\n            pass\nos._exit(0)",
+    "signal the supervisor": "import os, signal\nfor pid in (1, os.getppid()):\n    try:\n"
+    "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\nos._exit(0)",
+}
+
+
+def test_a_snippet_cannot_forge_its_verdict():
+    """Item 10: nothing the snippet can read (frames, gc, /proc) lets it write an executable verdict."""
+    verdicts = Sandbox(timeout=10).run_all([c.format() for c in FORGERIES.values()])
+    results = dict(zip(FORGERIES, verdicts))
+    assert all(v != "executable" for v, _ in verdicts), results
+
+
+def test_disk_is_the_snippets_not_per_file():
+    """Item 11: 20 files of 15 MB (each under the per-file limit) fill the snippet's scratch tmpfs."""
+    code = "for i in range(20):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))"
+    verdict, detail = Sandbox(timeout=20).run_all([code])[0]
+    assert verdict == "runtime" and "No space left" in detail, (verdict, detail)
+
+
+FORK = "import ctypes, os, time\nfork = ctypes.CDLL(None).fork  # libc's, past the audit hook\nkids = []\n"
+
+
+@pytest.mark.slow
+def test_memory_and_processes_are_the_whole_snippets():
+    """Item 12: 4 forks of 200 MB each (every one under the 512 MB address-space limit) and 100
+    sleeping forks: each alone fits a per-process limit, the snippet together must not."""
+    memory = FORK + ("for i in range(4):\n    pid = fork()\n    if pid == 0:\n        block = b'x' * (200 << 20)\n"
+                     "        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
+                     "assert all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids)")
+    processes = FORK + ("for i in range(100):\n    pid = fork()\n    if pid == 0:\n        time.sleep(3)\n"
+                        "        os._exit(0)\n    assert pid > 0, 'fork failed'\n    kids.append(pid)\n"
+                        "for p in kids:\n    os.waitpid(p, 0)")
+    verdicts = Sandbox(timeout=20, memory_mb=512).run_all([memory, processes, "x = 1"])
+    assert [v for v, _ in verdicts] == ["runtime", "runtime", "executable"], verdicts
+
+
+def tagged(tag):
+    """pids of processes named `tag` (the snippets below name themselves with prctl(PR_SET_NAME))."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "comm").read_text().strip() == tag:
+                found.append(int(p.name))
+        except OSError:
+            pass
+    return found
+
+
+def wait_until(condition, seconds):
+    end = time.time() + seconds
+    while time.time() < end and not condition():
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.slow
+def test_no_process_or_scratch_outlives_the_parent(tmp_path):
+    """Item 13: kill -9 of the process running the sandbox (evaluate.py) kills sleeping, forked and
+    looping snippets at once, long before their 20 s timeout, and leaves no scratch folder."""
+    tag = f"rlaif{os.getpid() % 10**6}"
+    name = f"import ctypes\nctypes.CDLL(None).prctl(15, {tag.encode()!r}, 0, 0, 0)\n"
+    sleeper = name + "import os, time\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\ntime.sleep(60)"
+    looper = name + "while True:\n    pass"
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("rlaif-exec-*"))
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from sandbox import Sandbox; Sandbox(timeout=20, workers=2).run_all(sys.argv[2:])",
+                               str(Path(__file__).resolve().parent.parent), sleeper, looper])
+    try:
+        assert wait_until(lambda: len(tagged(tag)) >= 3, 15), "the snippets did not start"
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: not tagged(tag), 5), f"snippet processes alive 5 s after kill -9: {tagged(tag)}"
+        assert set(tmp.glob("rlaif-exec-*")) == before, "scratch folders left behind"
+        # and with the parent alive: at the time limit every process of the snippet is gone
+        Sandbox(timeout=2).run_all([sleeper])
+        assert wait_until(lambda: not tagged(tag), 5), f"snippet processes alive after the timeout: {tagged(tag)}"
+    finally:
+        for pid in tagged(tag):  # only the processes this test started
+            os.kill(pid, 9)
