@@ -262,3 +262,13 @@ def test_no_process_or_scratch_outlives_the_parent(tmp_path):
     finally:
         for pid in tagged(tag):  # only the processes this test started
             os.kill(pid, 9)
+
+
+def test_without_a_cgroup_the_fallback_is_said_once(monkeypatch, capsys):
+    """No usable cgroup (e.g. cgroup v2 not delegated to us): per-process rlimits, said once on stderr."""
+    import sandbox
+    monkeypatch.setattr(sandbox.Cgroups, "detect", classmethod(lambda cls, m, p: (None, "none here")))
+    monkeypatch.setattr(sandbox.Cgroups, "warned", False)
+    verdicts = Sandbox(timeout=5).run_all(["x = 1"]) + Sandbox(timeout=5).run_all(["import os\nos._exit(0)"])
+    assert [v for v, _ in verdicts] == ["executable", "early_exit"]
+    assert capsys.readouterr().err.count("no usable cgroup (none here)") == 1
