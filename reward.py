@@ -3,8 +3,9 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
 
 1. A judge answers fixed yes/no questions about each sampled answer, seeing the instruction, the answer
    and the API database entry its api_call refers to. Each question's answer becomes P(yes) (from the
-   judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from its text otherwise);
-   the weighted sum of the P(yes) is the answer's score in [0, 1].
+   judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from its text otherwise,
+   counted in feedback/done.json); the weighted sum of the P(yes) is the answer's score in [0, 1]. The
+   feedback stage is done only when every answer has a score (judge_answers).
      - OpenAIJudge: GPT-3.5 (the paper) or any OpenAI-compatible server (vLLM, Ollama) by base_url.
      - RulesJudge: the offline stand-in. It answers the same questions with deterministic checks and
        labels every record "rules judge": it is NOT LLM feedback.
@@ -92,10 +93,38 @@ QUESTIONS = (
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
 
 
-def judge_cost_usd(model, input_tokens, output_tokens):
-    """USD for that many tokens of `model` (PRICE_PER_MTOK), or None for a model without a known price."""
-    price = PRICE_PER_MTOK.get(model)
+def judge_price(model, price=""):
+    """(USD per million input tokens, per million output tokens) of `model`: --judge-price "IN,OUT" when
+    given, else PRICE_PER_MTOK's, else None (unknown). ValueError for a --judge-price that is not two
+    numbers >= 0."""
+    if not price:
+        return PRICE_PER_MTOK.get(model)
+    try:
+        pair = tuple(float(x) for x in price.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise ValueError(f"--judge-price {price!r}: give USD per million input and output tokens, e.g. 2.5,10")
+    return pair
+
+
+def judge_cost_usd(model, input_tokens, output_tokens, price=None):
+    """USD for that many tokens of `model` at `price` (else PRICE_PER_MTOK's), or None for an unknown price."""
+    price = price or PRICE_PER_MTOK.get(model)
     return None if price is None else (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+
+
+def judge_setting_problems(model, max_usd, price):
+    """What makes --judge-model / --judge-max-usd / --judge-price unusable, before anything runs: a cap on a
+    model without a price would be a cap on nothing (every request sent, "cost unknown")."""
+    try:
+        known = judge_price(model, price)
+    except ValueError as e:
+        return [str(e)]
+    if max_usd and known is None:
+        return [f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap could not "
+                f"be kept; give one with --judge-price IN,OUT (USD per million input,output tokens)"]
+    return []
 
 
 def approx_tokens(text):
@@ -104,7 +133,7 @@ def approx_tokens(text):
     return len(text) * 2 // 7 + 1
 
 
-def judge_plan(model, todo, records, db):
+def judge_plan(model, todo, records, db, price=None):
     """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`: len(QUESTIONS)
     requests each, one output token each."""
     tokens, known = 0, {}  # many answers repeat (the same API call sampled again): each is matched once
@@ -115,11 +144,11 @@ def judge_plan(model, todo, records, db):
                                                                        entry, q)) for _, q, _ in QUESTIONS)
         tokens += known[s.record, s.answer]
     requests = len(todo) * len(QUESTIONS)
-    return requests, tokens, requests, judge_cost_usd(model, tokens, requests)
+    return requests, tokens, requests, judge_cost_usd(model, tokens, requests, price)
 
 
 def plan_text(model, requests, tokens_in, tokens_out, usd):
-    cost = f"about ${usd:.2f}" if usd is not None else f"cost unknown (no price for {model!r} in PRICE_PER_MTOK)"
+    cost = f"about ${usd:.2f}" if usd is not None else f"cost unknown (no price for {model!r}: --judge-price)"
     return f"{requests:,} requests, about {tokens_in:,} input + {tokens_out:,} output tokens, {cost}"
 
 
@@ -195,34 +224,133 @@ class JudgeError(Exception):
     pass
 
 
-class OpenAIJudge:
-    """Asks an OpenAI-compatible chat endpoint each question, one request per (answer, question), with
-    retries with exponential backoff and jitter, and an append-only cache. Thread-safe: judge_answers
-    calls it from a pool of --judge-concurrency threads."""
+class UnusableReply(JudgeError):
+    """A reply that is neither Yes nor No: paid for, and no answer."""
 
-    def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, max_retries=5, timeout=30.0,
-                 backoff=1.0, api_key=None, db=None, max_usd=0.0, log=log):
+    def __init__(self, reply, usage):
+        super().__init__(f"the judge replied {reply!r}, neither Yes nor No")
+        self.reply, self.usage = reply, usage
+
+
+class JudgeFailed(Exception):
+    """Answers left without a score: the feedback stage is not done (feedback_stage says how to resume)."""
+
+
+# How long the judge waits before asking again, and why. A rate-limited endpoint says how long (Retry-After):
+# the judge waits that long, but at most RETRY_AFTER_CAP_S (a server asking for an hour is asked again after
+# two minutes, and again: the retries run out and the stage stops, resumable). Without a Retry-After
+# (connection refused, 5xx, time-outs) the wait doubles from --backoff up to BACKOFF_CAP_S: about three
+# minutes over the 8 retries, so a minute-long outage is waited out. A reply that is neither Yes nor No comes
+# back fast and mostly the same again (temperature 0): it is asked again UNUSABLE_RETRIES times, at once.
+RETRY_AFTER_CAP_S = 120.0
+BACKOFF_CAP_S = 60.0
+UNUSABLE_RETRIES = 2
+
+
+def retry_after_s(response):
+    """Seconds an HTTP response asks to wait (Retry-After-Ms, or Retry-After in seconds or as an HTTP date),
+    or None when it does not say."""
+    headers = getattr(response, "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def judge_api_key(base_url, api_key=None):
+    """The key sent to the judge: a local server (base_url) needs none, api.openai.com does."""
+    return api_key or os.environ.get("OPENAI_API_KEY") or ("none" if base_url else None)
+
+
+def reply_p_yes(r):
+    """(P(yes), (prompt, completion) tokens, from_text) of a chat completion. P(yes) is the paper's: the
+    log-probabilities of "Yes" and "No" renormalised over the two. UnusableReply if it is neither.
+
+    Missing log-probabilities are counted, not refused. Some OpenAI-compatible servers (local builds,
+    proxies) return none; their Yes/No text still answers the question, as a P(yes) of 0 or 1. Refusing
+    them would make those judges unusable; taking them silently would change what a score means (0 or 1
+    where the paper has a probability). So from_text marks them: the cache keeps the mark, the first one
+    is logged, and feedback/done.json counts them per answer (p_yes_from_text)."""
+    try:
+        choice = r.choices[0]
+        text = (choice.message.content or "").strip()
+        usage = (r.usage.prompt_tokens, r.usage.completion_tokens) if r.usage else (0, 0)
+    except (AttributeError, IndexError, TypeError) as e:
+        raise JudgeError(f"malformed reply: {e}") from e
+    top = {}
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if content:
+        for t in content[0].top_logprobs or []:
+            word = t.token.strip().lower()
+            if word in ("yes", "no") and word not in top:
+                top[word] = math.exp(t.logprob)
+    if top:
+        return top.get("yes", 0.0) / (top.get("yes", 0.0) + top.get("no", 0.0)), usage, False
+    if text.lower().startswith("yes"):
+        return 1.0, usage, True
+    if text.lower().startswith("no"):
+        return 0.0, usage, True
+    raise UnusableReply(text[:80], usage)
+
+
+class OpenAIJudge:
+    """Asks an OpenAI-compatible chat endpoint each question, one request per (answer, question), retried
+    as RETRY_AFTER_CAP_S above says, with an append-only cache that also records what each reply cost (so
+    that --judge-max-usd holds for the whole run). Thread-safe: judge_answers calls it from a pool of
+    --judge-concurrency threads."""
+
+    def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, max_retries=8, timeout=30.0,
+                 backoff=1.0, api_key=None, db=None, max_usd=0.0, price=None, log=log):
         import openai  # only the LLM judge needs it
         self.openai, self.model, self.log = openai, model, log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
-        key = api_key or os.environ.get("OPENAI_API_KEY") or ("none" if base_url else None)
+        key = judge_api_key(base_url, api_key)
         if key is None:
             raise RuntimeError("the OpenAI judge needs OPENAI_API_KEY (or --judge-base-url for a local "
                                "OpenAI-compatible server); use --judge rules for the offline stand-in")
+        self.price = price or PRICE_PER_MTOK.get(model)  # USD per million (input, output) tokens, or None
+        if max_usd and self.price is None:
+            raise JudgeError(judge_setting_problems(model, max_usd, "")[0])
         self.client = openai.OpenAI(api_key=key, base_url=base_url or None, timeout=timeout, max_retries=0)
         self.max_retries, self.backoff = max_retries, backoff
         self.db = db or APIDatabase()
         self.cache_file = Path(cache_file) if cache_file else None
-        self.cache, self.lock = {}, threading.Lock()
-        self.tokens = [0, 0]  # prompt, completion tokens actually paid for
+        self.cache, self.from_text, self.lock, self.said = {}, set(), threading.Lock(), {}
+        self.tokens = [0, 0]  # prompt, completion tokens this process paid for
+        self.usd_before, self.tokens_before = 0.0, [0, 0]  # what the run paid before (the cache file)
+        self.billed_before = [0, 0, 0]  # prompt, completion tokens and replies of those earlier requests
         self.max_usd, self.reserved, self.paid_requests = max_usd, 0.0, 0  # budget (0 = none), USD in flight
         if self.cache_file and self.cache_file.exists():
-            for line in self.cache_file.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
+            self.read_cache()
+
+    def read_cache(self):
+        """The run's judgements and spending so far. Each line is one paid reply: a judgement (key, p_yes,
+        text) or a reply that answered nothing (unusable), with its tokens and usd (None when no price was
+        known: its tokens are priced now). Lines of older versions have no usd: their cost is not known."""
+        for line in self.cache_file.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                if entry.get("usd") is not None:
+                    self.usd_before += float(entry["usd"])
+                elif entry.get("tokens"):
+                    self.tokens_before = [a + int(b) for a, b in zip(self.tokens_before, entry["tokens"])]
+                if entry.get("tokens"):
+                    self.billed_before = [a + int(b) for a, b in zip(self.billed_before, entry["tokens"] + [1])]
+                if entry.get("key") is not None and entry.get("p_yes") is not None:
                     self.cache[entry["key"]] = entry["p_yes"]
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a line cut short by a crash: that judgement is simply asked again
+                    if entry.get("text"):
+                        self.from_text.add(entry["key"])
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                pass  # a line cut short by a crash: that judgement is simply asked again
 
     def key(self, prompt):
         return hashlib.sha256(f"{self.model}\n{prompt}".encode()).hexdigest()
@@ -240,125 +368,178 @@ class OpenAIJudge:
                 self.reserved -= reserve
 
     def spent_usd(self):
-        return judge_cost_usd(self.model, *self.tokens)
+        """USD the run's judge has paid, earlier processes (the cache file) and this one; None without a price."""
+        now = judge_cost_usd(self.model, self.tokens_before[0] + self.tokens[0],
+                             self.tokens_before[1] + self.tokens[1], self.price)
+        return None if now is None else self.usd_before + now
 
     def reserve(self, prompt):
         """Book the estimated cost of one request against max_usd, or raise JudgeBudgetExceeded when the
-        money spent plus the requests in flight plus this one would pass it."""
+        money the run has spent plus the requests in flight plus this one would pass it."""
         if not self.max_usd or self.spent_usd() is None:
             return 0.0
-        with self.lock:  # the estimate, or the mean billed so far if larger: the estimate is approximate
-            paid = self.paid_requests
-            cost = judge_cost_usd(self.model, max(approx_tokens(prompt), self.tokens[0] / max(1, paid)),
-                                  max(1, self.tokens[1] / max(1, paid)))
+        with self.lock:  # the estimate, or the mean billed so far (by the run) if larger: it is approximate
+            paid = max(1, self.paid_requests + self.billed_before[2])
+            mean_in, mean_out = ((self.tokens[i] + self.billed_before[i]) / paid for i in (0, 1))
+            cost = judge_cost_usd(self.model, max(approx_tokens(prompt), mean_in), max(1, mean_out), self.price)
             if self.spent_usd() + self.reserved + cost > self.max_usd:
-                raise JudgeBudgetExceeded(f"the judge has spent ${self.spent_usd():.4f}; one more request would "
-                                          f"pass --judge-max-usd {self.max_usd}")
+                raise JudgeBudgetExceeded(f"the run's judge has spent ${self.spent_usd():.4f} (this and earlier "
+                                          f"runs); one more request would pass --judge-max-usd {self.max_usd}")
             self.reserved += cost
         return cost
 
     def ask_endpoint(self, key, prompt):
-        last = None
+        """P(yes) from the endpoint; JudgeError naming the last failure once the retries are used up."""
+        last, unusable = None, 0
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))  # full jitter
             try:
-                p_yes, usage = self.request(prompt)
+                p_yes, usage, from_text = self.request(prompt)
+            except UnusableReply as e:  # paid for, so recorded; asked again at once, a few times
+                self.record(usage=e.usage, unusable=e.reply)
+                last, unusable = e, unusable + 1
+                if unusable > UNUSABLE_RETRIES:
+                    break
+                continue
             except (self.openai.RateLimitError, self.openai.APITimeoutError, self.openai.APIConnectionError,
                     self.openai.InternalServerError, self.openai.APIResponseValidationError, JudgeError,
                     ValueError) as e:  # ValueError: a body that is not JSON
                 last = e
-                continue
             except self.openai.APIStatusError as e:
-                if e.status_code >= 500:
-                    last = e
-                    continue
-                raise JudgeError(f"judge endpoint refused the request: {e}") from e
-            with self.lock:
-                self.tokens[0] += usage[0]
-                self.tokens[1] += usage[1]
-                self.paid_requests += 1
+                if e.status_code < 500:
+                    raise JudgeError(f"judge endpoint refused the request: {e}") from e
+                last = e
+            else:
+                self.record(key, usage, p_yes, from_text)
+                return p_yes
+            if attempt < self.max_retries:
+                time.sleep(self.wait_after(last, attempt))
+        raise JudgeError(f"gave up after {attempt + 1} attempts: {type(last).__name__}: {last}")
+
+    def wait_after(self, error, attempt):
+        """Seconds to wait after a failed attempt (see RETRY_AFTER_CAP_S); said in the log every 10 s at most."""
+        asked = retry_after_s(getattr(error, "response", None))
+        if asked is not None:
+            wait = min(asked, RETRY_AFTER_CAP_S)
+            self.say("wait", f"[feedback] judge: {type(error).__name__}; waiting {wait:.0f} s as the endpoint's "
+                             f"Retry-After asks ({asked:.0f} s; capped at {RETRY_AFTER_CAP_S:.0f} s)")
+            return wait * (1 + 0.1 * random.random())  # the threads do not all come back at the same instant
+        wait = min(BACKOFF_CAP_S, self.backoff * 2 ** attempt * (0.5 + random.random()))  # with jitter
+        self.say("wait", f"[feedback] judge: {type(error).__name__}: {error}; asking again in {wait:.1f} s "
+                         f"(attempt {attempt + 2} of {self.max_retries + 1})")
+        return wait
+
+    def say(self, kind, message, every=10.0):
+        """Log `message` unless one of its kind was logged less than `every` seconds ago."""
+        with self.lock:
+            if time.time() - self.said.get(kind, float("-inf")) < every:
+                return
+            self.said[kind] = time.time()
+        self.log(message)
+
+    def record(self, key=None, usage=(0, 0), p_yes=None, from_text=False, unusable=None):
+        """Count one paid reply and append it to the cache file. Append-only: a judgement is never lost, and
+        the next process knows what the run has spent (--judge-max-usd counts it)."""
+        entry = dict(key=key, p_yes=p_yes, text=from_text) if key else dict(unusable=unusable)
+        entry.update(tokens=list(usage), usd=judge_cost_usd(self.model, *usage, self.price))
+        with self.lock:
+            self.tokens[0] += usage[0]
+            self.tokens[1] += usage[1]
+            self.paid_requests += 1
+            if key:
                 self.cache[key] = p_yes
-                if self.cache_file:
-                    self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    with open(self.cache_file, "a") as f:  # append-only: a finished judgement is never lost
-                        f.write(json.dumps(dict(key=key, p_yes=p_yes)) + "\n")
-            return p_yes
-        raise JudgeError(f"gave up after {self.max_retries + 1} attempts: {type(last).__name__}: {last}")
+                if from_text:
+                    self.from_text.add(key)
+            if self.cache_file:
+                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.cache_file, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+        if from_text:
+            self.say("text", f"[feedback] WARNING: {self.name} sent no log-probabilities of Yes/No: P(yes) is 0 "
+                             "or 1, read from the reply's text; counted in feedback/done.json (p_yes_from_text)",
+                     every=float("inf"))
 
     def request(self, prompt):
         r = self.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": prompt}],
             max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
-        try:
-            choice = r.choices[0]
-            text = (choice.message.content or "").strip().lower()
-            usage = (r.usage.prompt_tokens, r.usage.completion_tokens) if r.usage else (0, 0)
-        except (AttributeError, IndexError, TypeError) as e:
-            raise JudgeError(f"malformed reply: {e}") from e
-        top = {}
-        content = getattr(getattr(choice, "logprobs", None), "content", None)
-        if content:
-            for t in content[0].top_logprobs or []:
-                word = t.token.strip().lower()
-                if word in ("yes", "no") and word not in top:
-                    top[word] = math.exp(t.logprob)
-        if top:  # P(yes) renormalised over {yes, no}, the paper's log-probability score
-            return top.get("yes", 0.0) / (top.get("yes", 0.0) + top.get("no", 0.0)), usage
-        if text.startswith("yes"):
-            return 1.0, usage
-        if text.startswith("no"):
-            return 0.0, usage
-        raise JudgeError(f"reply is neither Yes nor No: {text[:40]!r}")
+        return reply_p_yes(r)
+
+    def api_entry(self, answer):
+        i = self.db.match(answer_api_call(answer))
+        return self.db.apis[i] if i is not None else None
 
     def answers(self, record, answer):
-        i = self.db.match(answer_api_call(answer))
-        entry = self.db.apis[i] if i is not None else None
-        out = {}
+        """{question: P(yes)} for one answer. At the first question the judge gives up on, the rest are not
+        asked (the answer has no score either way, and a dead endpoint costs one question's retries per
+        answer, not six): those are None, and "error" says why."""
+        entry, out = self.api_entry(answer), {}
         for key, question, _ in QUESTIONS:
             try:
                 out[key] = self.ask(judge_prompt(record.instruction, answer, entry, question))
             except JudgeError as e:
-                out[key] = None
-                out.setdefault("error", str(e))
+                return dict({k: out.get(k) for k, _, _ in QUESTIONS}, error=str(e))
         return out
 
+    def text_judgements(self, record, answer):
+        """How many of the answer's questions have a P(yes) read from the reply's text (no log-probabilities)."""
+        entry = self.api_entry(answer)
+        return sum(self.key(judge_prompt(record.instruction, answer, entry, q)) in self.from_text
+                   for _, q, _ in QUESTIONS)
+
     def cost(self):
-        price = PRICE_PER_MTOK.get(self.model)
-        usd = f", ${(self.tokens[0] * price[0] + self.tokens[1] * price[1]) / 1e6:.4f}" if price else ""
-        return f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens{usd}"
+        usd = self.spent_usd()
+        return (f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens"
+                + (f", ${usd:.4f} spent by the run" if usd is not None else ""))
 
 
 def judged_so_far(out_file):
-    """{sample id: feedback record} of a partial feedback file; a line cut short by a crash is skipped, so
-    that answer is simply judged again."""
+    """{sample id: feedback record} of a partial feedback file; a line cut short by a crash, or a row
+    without a score (written by older versions when the judge gave up), is skipped: that answer is simply
+    judged again."""
     done = {}
     if Path(out_file).exists():
         for line in Path(out_file).read_text().splitlines():
             try:
                 row = Feedback(**json.loads(line))
-                done[row.id] = row
             except (json.JSONDecodeError, TypeError):
-                pass
+                continue
+            if row.score is not None:
+                done[row.id] = row
     return done
 
 
 def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
-    """Judge every Sample; its Feedback is appended to out_file as it finishes, and samples already in it
-    are skipped, so an interrupted run resumes without re-asking."""
+    """Judge every Sample; each Feedback is appended to out_file once it has a score, and samples already
+    there are skipped, so an interrupted run resumes without re-asking (the judge's cache also keeps every
+    question answered about the others). Returns every sample's Feedback, each with a score, or raises
+    JudgeFailed: an answer the judge gave up on is not written, and after max(concurrency, 3) of them in a
+    row (a dead endpoint, a judge that never says Yes or No) no new answer is started."""
     out_file = Path(out_file)
     done = judged_so_far(out_file)
     todo = [s for s in samples if s.id not in done]
-    before = len(done)
+    before, stop_after = len(done), max(concurrency, 3)
     log(f"[feedback] judge: {judge.name}; {len(done)} judged already, {len(todo)} to go")
-    lock, t0 = threading.Lock(), time.time()
+    lock, t0, stop, failed, streak = threading.Lock(), time.time(), threading.Event(), [], [0]
 
     def judge_one(sample):
-        answers = judge.answers(records[sample.record], sample.answer)
+        if stop.is_set():
+            return
+        try:
+            answers = judge.answers(records[sample.record], sample.answer)
+        except BaseException:
+            stop.set()  # JudgeBudgetExceeded, say: the answers not started are not asked
+            raise
         error = answers.pop("error", None)
         result = Feedback(id=sample.id, record=sample.record, source=sample.source, judge=judge.name,
                           answers=answers, score=combine(answers), error=error)
         with lock:
+            if result.score is None:
+                failed.append(result)
+                streak[0] += 1
+                if streak[0] >= stop_after:
+                    stop.set()
+                return
+            streak[0] = 0
             with open(out_file, "a") as f:
                 f.write(json.dumps(asdict(result)) + "\n")
             done[sample.id] = result
@@ -370,9 +551,16 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
         list(pool.map(judge_one, todo))
-    failed = sum(r.score is None for r in done.values())
-    if failed:
-        log(f"[feedback] {failed} sample(s) have no score (judge gave up); they are left out of training")
+    missing = sum(s.id not in done for s in samples)
+    if missing:
+        last = failed[-1].error if failed else "no answer"
+        if len(done) == before:
+            raise JudgeFailed(f"the judge scored none of the {len(failed)} answer(s) it was asked ({missing} of "
+                              f"{len(samples)} have no score); the last: {last}")
+        rest = missing - len(failed)
+        raise JudgeFailed(f"{missing} of {len(samples)} answers have no score: the judge gave up on "
+                          f"{len(failed)} (the last: {last})"
+                          + (f", and {rest} were not asked after {stop_after} failures in a row" if rest else ""))
     return [done[s.id] for s in samples]
 
 
@@ -657,19 +845,63 @@ def judge_base_url(base_url):
     return base_url or os.environ.get("OPENAI_BASE_URL", "")
 
 
-def judge_problems(base_url):
-    """What stops the OpenAI-compatible judge from working, found before any stage runs."""
+# The probe's question has one right answer, so a judge that cannot say Yes to it cannot judge at all.
+# [connection check] at its start keeps it apart from the judge's prompts (a test server counts it apart).
+PROBE_PROMPT = "[connection check] Is 2 + 2 equal to 4? Answer with a single word, Yes or No."
+
+
+def probe_judge(base_url, model, timeout=30.0, log=log):
+    """One request of one output token, before any stage: does the endpoint answer, take the key, serve the
+    model and say Yes or No? A problem line naming the URL and the model, or None. Whether log-probabilities
+    came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
+    import openai
+    where = f"the judge endpoint {base_url or 'https://api.openai.com/v1'} (--judge-model {model})"
+    client = openai.OpenAI(api_key=judge_api_key(base_url), base_url=base_url or None, timeout=timeout,
+                           max_retries=0)
+    try:
+        _, _, from_text = reply_p_yes(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROBE_PROMPT}], max_tokens=1, temperature=0,
+            logprobs=True, top_logprobs=5))
+    except openai.RateLimitError as e:  # it answers; the judge's retries wait for it, unless the money is gone
+        if "insufficient_quota" in str(e):
+            return f"{where}: no quota left (429 insufficient_quota)"
+        log(f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it asks")
+        return None
+    except openai.NotFoundError as e:
+        return f"{where}: 404, the model is not served there, or the URL does not end in /v1 ({e})"
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        return f"{where}: the key was refused ({e.status_code}); check OPENAI_API_KEY"
+    except openai.APIStatusError as e:
+        return f"{where}: HTTP {e.status_code} to one request ({str(e)[:200]})"
+    except openai.APIConnectionError as e:  # time-outs too
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        return f"{where}: unreachable, {type(e).__name__}: {e}{cause}. Is the server running?"
+    except UnusableReply as e:
+        return f"{where}: asked {PROBE_PROMPT!r}, {e}: it cannot answer the judge's questions"
+    except (JudgeError, ValueError, openai.APIResponseValidationError) as e:  # ValueError: not JSON
+        return f"{where}: not an OpenAI chat completion ({e})"
+    log(f"[rlaif] judge probe: {where} answers " + ("WITHOUT log-probabilities: P(yes) will be 0 or 1 (counted in "
+                                                    "feedback/done.json)" if from_text else "with log-probabilities"))
+    return None
+
+
+def judge_problems(base_url, model="gpt-3.5-turbo", log=log):
+    """What stops the OpenAI-compatible judge from working, found before any stage runs: no key, or the
+    endpoint, the key or the model failing one cheap request (probe_judge)."""
     base_url = judge_base_url(base_url)
     if not base_url and not os.environ.get("OPENAI_API_KEY"):
         return ["--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / OPENAI_BASE_URL for a "
                 "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the offline stand-in"]
-    return []
+    problem = probe_judge(base_url, model, log=log)
+    return [problem] if problem else []
 
 
-def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log):
+def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log, price=""):
+    """The judge of a run; price: --judge-price's text (judge_price)."""
     if kind == "rules":
         return RulesJudge()
-    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, max_usd=max_usd, log=log)
+    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, max_usd=max_usd,
+                       price=judge_price(model, price), log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -677,34 +909,59 @@ def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log):
 
 def feedback_stage(cfg, run, splits):
     """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
-    go to run_dir/feedback. Resumable: answers already judged are in the partial file (and the judge's cache)."""
+    go to run_dir/feedback. Done only when every answer has a score: an answer the judge could not score
+    stops the stage with a count and the command that resumes it. Resumable: answers already judged are in
+    the partial file, and every answered question in the judge's cache; a rerun asks only for the rest."""
     judge = make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
-                       cfg.judge_max_usd, log=log)
+                       cfg.judge_max_usd, log=log, price=cfg.judge_price)
     samples, partial = read_rows(run / RUN_FILES["samples"], Sample), run / RUN_FILES["feedback_partial"]
     if cfg.judge == "rules":
         log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
             "this is not LLM feedback. Use --judge openai for AI feedback.")
-    else:  # what the judge will cost, before the first paid request
-        judged = judged_so_far(partial)
-        plan = judge_plan(cfg.judge_model, [s for s in samples if s.id not in judged], splits["train"], judge.db)
-        log(f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)")
-        if cfg.judge_max_usd and plan[3] is not None and plan[3] > cfg.judge_max_usd:
-            raise SystemExit(f"[feedback] the estimate passes --judge-max-usd {cfg.judge_max_usd}: nothing was sent. "
-                             "Raise the cap, or judge fewer answers (--sample-prompts, --samples-per-prompt).")
+    else:  # what the judge will cost, before the first paid request; what the run has spent counts
+        judged, spent = judged_so_far(partial), judge.spent_usd()
+        plan = judge_plan(cfg.judge_model, [s for s in samples if s.id not in judged], splits["train"], judge.db,
+                          judge.price)
+        log(f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)"
+            + (f"; the run has spent ${spent:.4f} on the judge so far" if spent else ""))
+        if cfg.judge_max_usd and plan[3] is not None and spent + plan[3] > cfg.judge_max_usd:
+            raise SystemExit(f"[feedback] the estimate (plus the ${spent:.4f} spent so far) passes "
+                             f"--judge-max-usd {cfg.judge_max_usd}: nothing was sent. Raise the cap, or judge "
+                             "fewer answers (--sample-prompts, --samples-per-prompt).")
+    kept = f"What was judged is kept ({partial}, {run / RUN_FILES['judge_cache']})"
     try:
         feedback = judge_answers(judge, samples, splits["train"], partial,
                                  cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
     except JudgeBudgetExceeded as e:
-        raise SystemExit(f"[feedback] stopped: {e}. Every answer so far is kept ({partial}, "
-                         f"{RUN_FILES['judge_cache']}); rerun with a higher --judge-max-usd to resume.") from None
+        raise SystemExit(f"[feedback] stopped: {e}. {kept}; rerun with a higher --judge-max-usd to "
+                         "resume.") from None
+    except JudgeFailed as e:
+        raise SystemExit(f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking only "
+                         "for what is missing.") from None
     for source in sorted({f.source for f in feedback}):
         fb = [f for f in feedback if f.source == source]
-        scores = [f.score for f in fb if f.score is not None]
+        scores = [f.score for f in fb]
         log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
-            "P(yes) per question: " + ", ".join(f"{k} {sum(f.answers[k] or 0 for f in fb) / len(fb):.2f}"
+            "P(yes) per question: " + ", ".join(f"{k} {sum(f.answers[k] for f in fb) / len(fb):.2f}"
                                                 for k, _, _ in QUESTIONS))
     write_rows(run / RUN_FILES["feedback"], feedback)
-    return dict(judge=judge.name, judged=sum(f.score is not None for f in feedback))
+    summary = dict(judge=judge.name, judged=len(feedback))
+    if cfg.judge == "openai":
+        summary.update(p_yes_from_text=p_yes_from_text(judge, feedback, samples, splits["train"]),
+                       judge_usd=None if judge.spent_usd() is None else round(judge.spent_usd(), 6))
+    return summary
+
+
+def p_yes_from_text(judge, feedback, samples, records):
+    """{answers, judgements} whose P(yes) was read from the reply's text (no log-probabilities): 0 or 1, not
+    the paper's probability (reply_p_yes says why they are counted, not refused)."""
+    answer = {s.id: s.answer for s in samples}
+    per_answer = [judge.text_judgements(records[f.record], answer[f.id]) for f in feedback]
+    counts = dict(answers=sum(n > 0 for n in per_answer), judgements=sum(per_answer))
+    if counts["answers"]:
+        log(f"[feedback] WARNING: {counts['judgements']} judgements of {counts['answers']} of {len(feedback)} "
+            "answers have P(yes) 0 or 1 from the reply's text (no log-probabilities)")
+    return counts
 
 
 def reward_stage(cfg, run, splits):

@@ -233,7 +233,7 @@ def compare_stage(cfg, run, splits):
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
-                              cfg.judge_max_usd, log=log)
+                              cfg.judge_max_usd, log=log, price=cfg.judge_price)
     # Each part is skipped only when its own done.json, written after its model, says it finished.
     run_part(run / RUN_FILES["drlaif"], lambda out: ppo.ppo_stage(
         cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out),
@@ -294,7 +294,7 @@ def check_ready(cfg):
     elif cfg.train_file and cfg.train_file != prepare.HUB_TRAIN and not Path(cfg.train_file).is_file():
         problems.append(f"--train-file {cfg.train_file}: no such file")
     if cfg.judge == "openai":
-        problems += reward.judge_problems(cfg.judge_base_url)
+        problems += reward.judge_problems(cfg.judge_base_url, cfg.judge_model)  # one request: the probe
     if cfg.exec_mode != "none":
         reason = sandbox.isolation_available()
         if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
@@ -319,6 +319,8 @@ def refuse_bad_settings(cfg):
             ppo.check_config(replace(cfg.ppo, advantage=advantage))
         except ValueError as e:
             problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else " (--compare's RLOO row)"))
+    if cfg.judge == "openai":  # a price to keep --judge-max-usd with, and a --judge-price that parses
+        problems += reward.judge_setting_problems(cfg.judge_model, cfg.judge_max_usd, cfg.judge_price)
     if not cfg.contrast_answers and cfg.samples_per_prompt < 2:
         problems.append(f"--samples-per-prompt {cfg.samples_per_prompt}: must be >= 2 with --no-contrast-answers "
                         "(the reward model learns from pairs of answers to one instruction)")
@@ -463,7 +465,8 @@ def print_plan(cfg, until):
     proxy = [Sample(i, i % len(train), "reference", [], [], prepare.format_answer(train[i % len(train)].sections,
                                                                                   cfg.compact)) for i in range(n_answers)]  # reference answers stand in for the answers not yet sampled
     judge = (f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *reward.judge_plan(
-        cfg.judge_model, proxy, train, reward.APIDatabase())) if cfg.judge == "openai" else "rules judge (free)")
+        cfg.judge_model, proxy, train, reward.APIDatabase(), reward.judge_price(cfg.judge_model, cfg.judge_price)))
+        if cfg.judge == "openai" else "rules judge (free)")
     cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""
     lines = dict(sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
                      f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",

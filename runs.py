@@ -81,7 +81,10 @@ class Config:
     tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
                                  "files in run_dir/tb (needs: pip install tensorboard)"] = False
     judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
-                                    "this many USD (0 = no cap); what was judged is kept", ">= 0"] = 0.0
+                                    "this many USD (0 = no cap); what the run spent before (reruns, --compare) "
+                                    "counts, and what was judged is kept", ">= 0"] = 0.0
+    judge_price: Annotated[str, "USD per million input,output tokens of --judge-model, e.g. 2.5,10 (empty: "
+                                "reward.PRICE_PER_MTOK's; --judge-max-usd needs a price)"] = ""
     eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"] = 0
     exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
                               "libraries) or none", ("offline", "real", "none")] = "offline"
@@ -101,7 +104,7 @@ class Config:
 
 SECTIONS = ("ppo", "rm", "dpo")
 # Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "tensorboard", "dist_timeout")
+NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "judge_price", "tensorboard", "dist_timeout")
 
 
 def apply_overrides(cfg, overrides, where="command line"):

@@ -51,13 +51,15 @@ def test_429_then_success_retries(server, tmp_path):
     assert len(server.requests) == 3
 
 
-def test_persistent_500_gives_up_and_records_failure(server, tmp_path, records):
+def test_persistent_500_gives_up_and_leaves_the_answer_unjudged(server, tmp_path, records):
+    from reward import JudgeFailed
     server.default = "500"
     j = judge(server, tmp_path, max_retries=2)
     samples = [Sample(0, 0, "policy", [], [], prepare.format_answer(records[0].sections))]
-    out = judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
-    assert out[0].score is None and "gave up" in out[0].error
-    assert len(server.requests) == 3 * len(QUESTIONS)  # 1 + 2 retries per question, then recorded
+    with pytest.raises(JudgeFailed, match="1 of 1 have no score.*gave up after 3 attempts"):
+        judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
+    assert len(server.requests) == 3  # 1 + 2 retries of the first question; the others are not asked
+    assert not (tmp_path / "fb.jsonl").exists()  # nothing written for it: a rerun judges it again
 
 
 def test_hung_request_times_out_then_succeeds(server, tmp_path):

@@ -1,0 +1,282 @@
+"""The judge fails loudly (docs/reliability.md, "The judge"): a run that ends with exit status 0 had every
+answer judged. Each fault is played by a real OpenAI-compatible HTTP server on 127.0.0.1
+(tests/openai_server.py) against the judge, the feedback stage or the whole command (rlaif.main on a run
+whose SFT and sampling are done), with small backoffs and Retry-After values of a second or two."""
+import functools
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import reward
+import rlaif
+from data.gorilla import prepare
+from runs import RUN_FILES, Sample, mark_done, save_config, write_rows
+from tests.openai_server import PROBE_MARK, FakeOpenAI
+
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return prepare.load_splits("", log=lambda *a: None)["train"]
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenAI()
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def quick_judge(monkeypatch):
+    """The stage's judge retries 3 times from a 10 ms backoff (tests wait seconds, not minutes); a
+    Retry-After is waited as the server asks. No key or URL from the environment."""
+    monkeypatch.setattr(reward, "OpenAIJudge", functools.partial(reward.OpenAIJudge, backoff=0.01, max_retries=3,
+                                                                 timeout=2.0))
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def make_run(tmp_path, server, train, n=4, **settings):
+    """A run (settings recorded) whose sft and sample stages are done: n answers, the references of the first
+    n training instructions, to be judged by the OpenAI judge at `server`."""
+    settings = dict(dict(judge_concurrency=1), **settings)
+    cfg = rlaif.make_config(run_dir=str(tmp_path / "run"), judge="openai", judge_base_url=server.url,
+                            exec_mode="none", **settings)
+    run = Path(cfg.run_dir)
+    (run / "sft").mkdir(parents=True)
+    mark_done(run / "sft", {})
+    answers = [prepare.format_answer(train[i].sections) for i in range(n)]
+    write_rows(run / RUN_FILES["samples"], [Sample(i, i, "policy", [1], [2], a) for i, a in enumerate(answers)])
+    mark_done(run / "sample", {})
+    save_config(cfg, run)
+    return run
+
+
+def rlaif_until_feedback(run, *flags):
+    """python rlaif.py --run-dir RUN --until feedback, in this process: returns normally (exit status 0) or
+    raises SystemExit (its message is what the user reads, exit status 1)."""
+    rlaif.main(["--run-dir", str(run), "--until", "feedback", *flags])
+
+
+def done_json(run):
+    return json.loads((run / "feedback" / "done.json").read_text())
+
+
+def cache_rows(run):
+    return [json.loads(line) for line in (run / RUN_FILES["judge_cache"]).read_text().splitlines()]
+
+
+def judge_alone(server, tmp_path, **kw):
+    kw = dict(dict(timeout=2.0, backoff=0.01, max_retries=3, api_key="k", cache_file=tmp_path / "cache.jsonl"),
+              **kw)
+    return reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, **kw)
+
+
+def is_probe(body):
+    return body["messages"][0]["content"].startswith(PROBE_MARK)
+
+
+def recorded_sleeps(monkeypatch):
+    """reward's time.sleep recorded instead of slept (time.time stays real)."""
+    waits = []
+    monkeypatch.setattr(reward, "time", SimpleNamespace(time=time.time, sleep=waits.append))
+    return waits
+
+
+# -----------------------------------------------------------------------------
+# 1. Retry-After, outages, and a stage that is done only when every answer has a score
+
+def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, monkeypatch):
+    waits, said = recorded_sleeps(monkeypatch), []
+    server.script, server.retry_after = ["429", "429"], 1000
+    j = judge_alone(server, tmp_path, log=said.append)
+    assert j.ask("q") == pytest.approx(0.8)
+    assert len(server.requests) == 3
+    cap = 120.0  # reward.RETRY_AFTER_CAP_S, stated in the log
+    assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), waits  # 1000 s asked: the cap
+    assert any("Retry-After" in m and "capped at 120 s" in m for m in said), said
+    assert reward.RETRY_AFTER_CAP_S == cap
+    server.script, server.retry_after = ["429"], 2
+    waits.clear()
+    j.ask("another q")
+    assert len(waits) == 1 and 2 <= waits[0] <= 2.2  # what the server asks, not the 10 ms backoff
+
+
+def test_the_default_retries_outlast_a_minute_long_outage(server, tmp_path, monkeypatch):
+    """A dead endpoint (connections dropped) with the default backoff: the waits add up to more than 60 s,
+    none longer than BACKOFF_CAP_S, before the judge gives up (then the stage stops: next tests)."""
+    waits = recorded_sleeps(monkeypatch)
+    server.default = "down"
+    j = reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, api_key="k", timeout=2.0, **QUIET)
+    with pytest.raises(reward.JudgeError, match="gave up"):
+        j.ask("q")
+    assert len(server.requests) == len(waits) + 1
+    assert sum(waits) > 60 and max(waits) <= reward.BACKOFF_CAP_S, waits
+
+
+def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_path, train):
+    """429 with Retry-After: 1 for 2 s, 3 retries from a 10 ms backoff: waiting as asked, every answer is
+    judged and the stage is done with all of them."""
+    run = make_run(tmp_path, server, train, n=3)
+    times = []  # of the judge's requests (the probe aside); 429 for 2 s from the first
+
+    def limited(body):
+        if not is_probe(body):
+            times.append(time.time())
+            return "429" if times[-1] - times[0] < 2.0 else None
+    server.mode_for, server.retry_after = limited, 1
+    rlaif_until_feedback(run)
+    assert done_json(run)["judged"] == 3
+    feedback = [json.loads(line) for line in (run / RUN_FILES["feedback"]).read_text().splitlines()]
+    assert len(feedback) == 3 and all(f["score"] is not None for f in feedback)
+    assert server.replies["429"] >= 2 and times[-1] - times[0] >= 2.0
+    assert len(cache_rows(run)) == 3 * len(reward.QUESTIONS)  # each question answered once
+
+
+def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_them(server, tmp_path, train):
+    """Two answers judged, then the endpoint drops every connection: the stage fails naming the count and
+    the command; nothing is marked done. That command, once the endpoint is back, asks only for the two
+    missing answers' questions and finishes the stage."""
+    run = make_run(tmp_path, server, train, n=4)
+    server.script = ["logprobs"] * (2 * len(reward.QUESTIONS)) + ["down"] * 100
+    resumes = rf"2 of 4 answers have no score.*python rlaif.py --run-dir {run} resumes"
+    with pytest.raises(SystemExit, match=resumes):
+        rlaif_until_feedback(run)
+    assert not (run / "feedback" / "done.json").exists()
+    assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 2
+    assert server.replies["down"] == 2 * 4  # one question of each failed answer, 1 + 3 retries; no more
+    server.script, sent = [], len(server.requests)
+    rlaif_until_feedback(run)
+    assert len(server.requests) - sent == 2 * len(reward.QUESTIONS)  # the missing ones, nothing twice
+    assert done_json(run)["judged"] == 4
+
+
+# -----------------------------------------------------------------------------
+# 2. A judge that never answers usably
+
+def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_reply(server, tmp_path, train):
+    run = make_run(tmp_path, server, train, n=20, judge_concurrency=2)
+    server.mode_for = lambda body: None if is_probe(body) else "text_other"
+    said = r"scored none of the \d answer\(s\).*replied 'Maybe', neither Yes nor No"
+    with pytest.raises(SystemExit, match=said):
+        rlaif_until_feedback(run)
+    assert not (run / "feedback" / "done.json").exists()
+    tries = 1 + reward.UNUSABLE_RETRIES  # per answer: its first question, asked again twice, then it stops
+    assert 3 * tries <= len(server.requests) <= 4 * tries  # 3 failures in a row, and the one in flight
+    unusable = [row for row in cache_rows(run) if "unusable" in row]
+    assert len(unusable) == len(server.requests) and all(row["usd"] > 0 for row in unusable)  # paid, counted
+
+
+# -----------------------------------------------------------------------------
+# 3. Replies without log-probabilities: counted and reported
+
+def test_replies_without_logprobs_are_counted_per_answer_in_done_json(server, tmp_path, train, capsys):
+    """The first answer's six replies come without log-probabilities (P(yes) 0 or 1 from the text), the
+    other two answers' with them: done.json says so, and the log warns."""
+    run = make_run(tmp_path, server, train, n=3)
+    server.script = ["text"] * len(reward.QUESTIONS)
+    rlaif_until_feedback(run)
+    done = done_json(run)
+    assert done["judged"] == 3 and done["p_yes_from_text"] == {"answers": 1, "judgements": len(reward.QUESTIONS)}
+    assert "WARNING" in capsys.readouterr().out
+    assert sum(row["text"] for row in cache_rows(run)) == len(reward.QUESTIONS)
+
+
+# -----------------------------------------------------------------------------
+# 4. The endpoint and the model are probed before the first stage
+
+def judge_config(server_url, **settings):
+    return rlaif.make_config(judge="openai", judge_base_url=server_url, exec_mode="none", **settings)
+
+
+def test_check_ready_probes_the_endpoint_with_one_cheap_request(server, capsys):
+    rlaif.check_ready(judge_config(server.url))
+    assert len(server.probes) == 1 and server.requests == []
+    assert server.probes[0]["max_tokens"] == 1 and server.probes[0]["model"] == "gpt-3.5-turbo"
+    assert "with log-probabilities" in capsys.readouterr().out
+    server.default = "text"
+    rlaif.check_ready(judge_config(server.url))
+    assert "WITHOUT log-probabilities" in capsys.readouterr().out
+
+
+def test_an_unreachable_endpoint_is_refused_before_the_first_stage_naming_the_url(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed once the with ends: nobody listens
+    with pytest.raises(SystemExit, match=rf"cannot start:\n.*{url} \(--judge-model gpt-3.5-turbo\): unreachable"):
+        rlaif.check_ready(judge_config(url))
+
+
+def test_a_model_the_endpoint_does_not_serve_is_refused_naming_it(server):
+    server.models = {"gpt-3.5-turbo"}
+    with pytest.raises(SystemExit, match=rf"{server.url} \(--judge-model llama3\): 404"):
+        rlaif.check_ready(judge_config(server.url, judge_model="llama3"))
+
+
+def test_a_model_that_cannot_say_yes_is_refused_before_the_first_stage(server, tmp_path, train):
+    run = make_run(tmp_path, server, train)
+    server.default = "text_other"
+    with pytest.raises(SystemExit, match="replied 'Maybe', neither Yes nor No: it cannot answer"):
+        rlaif_until_feedback(run)
+    assert server.requests == [] and len(server.probes) == 1
+    assert not (run / "feedback").exists()
+
+
+# -----------------------------------------------------------------------------
+# 5. The cost cap holds for the whole run, and needs a price
+
+def test_the_cap_counts_what_earlier_runs_spent(server, tmp_path):
+    """A cap of $0.0003 allows five requests of 101 tokens at gpt-3.5-turbo's price; a new judge on the same
+    cache file (the next command) with the same cap sends nothing more."""
+    j = judge_alone(server, tmp_path, max_usd=0.0003)
+    with pytest.raises(reward.JudgeBudgetExceeded):
+        for i in range(20):
+            j.ask(f"question {i} " + "x" * 40)
+    sent = len(server.requests)
+    again = judge_alone(server, tmp_path, max_usd=0.0003)
+    assert again.spent_usd() == pytest.approx(j.spent_usd())
+    with pytest.raises(reward.JudgeBudgetExceeded, match="has spent"):
+        again.ask("question 19 " + "x" * 40)
+    assert len(server.requests) == sent
+
+
+def test_rerunning_with_the_same_cap_spends_nothing_more(server, tmp_path, train):
+    """Requests bill 5,000 prompt tokens (more than the estimate): the first command stops at the cap; the
+    same command again sends nothing and says what the run has spent."""
+    run = make_run(tmp_path, server, train, n=4, judge_max_usd=0.01)
+    server.prompt_tokens = 5000
+    with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):
+        rlaif_until_feedback(run)
+    sent = len(server.requests)
+    assert 1 <= sent < 4 * len(reward.QUESTIONS)
+    with pytest.raises(SystemExit) as stop:
+        rlaif_until_feedback(run)
+    assert len(server.requests) == sent, stop.value  # the same cap: nothing more is spent
+    assert re.search(r"plus the \$0\.0\d+ spent so far\) passes --judge-max-usd", str(stop.value))
+    assert sum(row["usd"] for row in cache_rows(run)) <= 0.01 + 1e-12
+
+
+def test_a_cap_on_a_model_without_a_price_is_refused_before_any_request(server, tmp_path, train):
+    run = make_run(tmp_path, server, train, judge_model="gpt-4o", judge_max_usd=0.001)
+    with pytest.raises(SystemExit, match="no price is known for --judge-model gpt-4o.*--judge-price IN,OUT"):
+        rlaif_until_feedback(run)
+    assert server.requests == [] and server.probes == []
+
+
+def test_a_price_given_with_judge_price_keeps_the_cap(server, tmp_path, train):
+    """gpt-4o at --judge-price 2.5,10: 3,000 + 1 tokens cost $0.00751; a cap of $0.02 allows two requests."""
+    run = make_run(tmp_path, server, train, n=1, judge_model="gpt-4o", judge_max_usd=0.02)
+    server.prompt_tokens = 3000
+    with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):
+        rlaif_until_feedback(run, "--judge-price", "2.5,10")
+    rows = cache_rows(run)
+    assert len(server.requests) == len(rows) == 2 and sum(r["usd"] for r in rows) == pytest.approx(2 * 0.00751)
+    with pytest.raises(SystemExit, match="--judge-price 'abc': give USD per million"):
+        rlaif_until_feedback(run, "--judge-price", "abc")
