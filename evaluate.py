@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
-from reward import RulesJudge, combine
+from reward import RulesJudge, judge_score
 from model import GPT, log, progress, sample_answers
 from runs import RUN_FILES, run_stage, stage_command_line, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
@@ -268,9 +268,10 @@ def evaluate_stage(cfg, run, splits):
     judge = RulesJudge(db) if cfg.judge == "rules" else None  # judging test answers is free offline only
     models = (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"]),
               ("d-RLAIF", run / RUN_FILES["drlaif"] / "model"), ("RLOO", run / RUN_FILES["rloo"] / "model"),
+              ("GRPO", run / RUN_FILES["grpo"] / "model"),
               ("DPO", run / RUN_FILES["dpo"] / "model"))
     for name, model_dir in models:
-        if not model_dir.exists():  # d-RLAIF, RLOO and DPO exist with --compare only
+        if not model_dir.exists():  # d-RLAIF, RLOO, GRPO and DPO exist with --compare only
             continue
         answers, size = model_answers(model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device,
                                       cfg.seed)
@@ -279,7 +280,7 @@ def evaluate_stage(cfg, run, splits):
         key = f"{name} ({cfg.init}, {size})"
         results[key], _ = score_answers(answers, test, db, sandbox)
         if judge is not None:
-            results[key]["judge_score"] = sum(combine(judge.answers(r, a)) for r, a in zip(test, answers)) / len(test)
+            results[key]["judge_score"] = sum(judge_score(judge, r, a) for r, a in zip(test, answers)) / len(test)
         log(f"[evaluate] {name} scored")
     for pick in ("rm", "judge"):
         picked = run / RUN_FILES["best_of_n"].format(pick=pick)
@@ -308,7 +309,8 @@ CURVES = (("sft", "loss", "SFT loss"),
           ("ppo", "objective/kl", "PPO: KL to SFT (nats per answer)"),
           ("ppo", "completions/mean_length", "PPO: answer length (tokens)"),
           ("ppo", "completions/clipped_ratio", "PPO: share cut off before end-of-text"))
-POLICY_RUNS = (("ppo", "RLAIF (PPO)"), ("compare/drlaif", "d-RLAIF"), ("compare/rloo", "RLOO"))
+POLICY_RUNS = (("ppo", "RLAIF (PPO)"), ("compare/drlaif", "d-RLAIF"), ("compare/rloo", "RLOO"),
+               ("compare/grpo", "GRPO"))
 
 
 def read_metrics(path):

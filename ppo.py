@@ -34,7 +34,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
-from reward import combine, make_judge
+from reward import judge_score, make_judge
 from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
                    right_pad, sample_answers, save_checkpoint)
 from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_mean, global_std, is_main, metrics_tag,
@@ -481,7 +481,7 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
                 rewards = score_fn(query, query_mask, response, response_mask).float().tolist()
             out["eval/reward"] = sum(rewards) / len(rewards)
         if judge is not None:
-            judged = [combine(judge.answers(r, t)) or 0.0 for r, t in zip(records, texts)]
+            judged = [judge_score(judge, r, t) for r, t in zip(records, texts)]
             out["eval/judge_score"] = sum(judged) / len(judged)
         out["eval/empty_code_rate"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(texts)
         if samples_file is not None:

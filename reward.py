@@ -156,6 +156,17 @@ class JudgeBudgetExceeded(Exception):
     pass
 
 
+def judge_score(judge, record, answer):
+    """The judge's score of one answer outside the feedback stage (d-RLAIF's rollouts, best-of-n, greedy
+    validation). An answer the judge could not score stops the caller with the judge's error, rather than
+    becoming a made-up score; the stage resumes from its checkpoint and the judge's cache."""
+    answers = judge.answers(record, answer)
+    score = combine(answers)
+    if score is None:
+        raise JudgeError(f"the judge could not score an answer after its retries: {answers.get('error')}")
+    return score
+
+
 def combine(answers):
     """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
@@ -827,8 +838,8 @@ def judge_score_fn(judge, records, tok, feedback):
         out = []
         for q, q_mask, r, r_mask in zip(query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()):
             record = by_prompt[tuple(t for t, m in zip(q, q_mask) if m)]
-            s = combine(judge.answers(record, tok.decode([t for t, m in zip(r, r_mask) if m])))
-            out.append(((s if s is not None else mean) - mean) / std)  # no answer from the judge: no signal
+            s = judge_score(judge, record, tok.decode([t for t, m in zip(r, r_mask) if m]))
+            out.append((s - mean) / std)
         return torch.tensor(out, device=query.device)
     return score
 

@@ -14,7 +14,7 @@ skipped on the next run, so an interrupted run resumes where it stopped.
   5. reward    reward model trained on the judge's scores                   reward.reward_stage
   6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
   7. compare   [not in the paper, --compare] the same feedback used four     compare_stage below, dpo.py
-               more ways: d-RLAIF (PPO on the judge's score), RLOO, DPO, best-of-n
+               more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
   8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
 Results land in run_dir/evaluate/results.md (and results in its done.json). Every setting is a field of
 runs.Config (PPO's, the reward model's and DPO's in their own files); runs.py keeps the run directory.
@@ -226,8 +226,9 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 def compare_stage(cfg, run, splits):
     """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
-    judge's score as the reward), RLOO (the same rollouts and reward model, no critic), DPO on the judge-ordered pairs, and best-of-n on the test questions
-    (n samples each, picked by the reward model, and by the judge itself for reference)."""
+    judge's score as the reward), RLOO and GRPO (the same rollouts and reward model, no critic), DPO on the
+    judge-ordered pairs, and best-of-n on the test questions (n samples each, picked by the reward model,
+    and by the judge itself for reference)."""
     if not cfg.compare:
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
@@ -240,6 +241,8 @@ def compare_stage(cfg, run, splits):
         "[compare] d-RLAIF: PPO with the judge's score as the reward")
     run_part(run / RUN_FILES["rloo"], lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="rloo"),
              "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
+    run_part(run / RUN_FILES["grpo"], lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="grpo"),
+             "[compare] GRPO: the same rollouts and reward model, group-normalised scores, the KL as a loss")
     run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
         best_of_n_answers(cfg, run, splits["test"][:cfg.eval_limit or None], judge, tok)
@@ -257,7 +260,7 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     rm, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
     answers = [s.answer for s in samples.values()]
-    judge_score = [reward.combine(judge.answers(test[i // cfg.best_of_n], a)) or 0.0 for i, a in enumerate(answers)]
+    judge_score = [reward.judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)]
     for name, scores in (("rm", rm_score), ("judge", judge_score)):
         picked = [dict(question_id=r.line, text=answers[j]) for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))]
         write_jsonl(run / RUN_FILES["best_of_n"].format(pick=name), picked)
@@ -314,11 +317,11 @@ def refuse_bad_settings(cfg):
     settings; before the first stage, so that no setting is refused after hours of work."""
     check_settings(cfg)
     problems = []
-    for advantage in sorted({cfg.ppo.advantage} | ({"rloo"} if cfg.compare else set())):
+    for advantage in sorted({cfg.ppo.advantage} | ({"rloo", "grpo"} if cfg.compare else set())):
         try:  # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run trains
             ppo.check_config(replace(cfg.ppo, advantage=advantage))
         except ValueError as e:
-            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else " (--compare's RLOO row)"))
+            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else f" (--compare's {advantage} row)"))
     if cfg.judge == "openai":  # a price to keep --judge-max-usd with, and a --judge-price that parses
         problems += reward.judge_setting_problems(cfg.judge_model, cfg.judge_max_usd, cfg.judge_price)
     if not cfg.contrast_answers and cfg.samples_per_prompt < 2:
@@ -476,7 +479,7 @@ def print_plan(cfg, until):
                  reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
                  ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
                      f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
-                 compare=(f"d-RLAIF and RLOO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
+                 compare=(f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
                           f"the judge {cfg.ppo.iterations * cfg.ppo.batch_size * len(reward.QUESTIONS):,} questions), "
                           f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}") if cfg.compare else "skipped",
                  evaluate=f"{len(splits['test'][:cfg.eval_limit or None])} held-out questions, executability "

@@ -294,7 +294,7 @@ STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluat
 RUN_FILES = dict(sft_model="sft/model", samples="sample/samples.jsonl", feedback="feedback/feedback.jsonl",
                  feedback_partial="feedback/feedback.partial.jsonl", judge_cache="judge_cache.jsonl",
                  reward_model="reward/reward_model.pt", ppo_model="ppo/model", drlaif="compare/drlaif",
-                 rloo="compare/rloo", dpo="compare/dpo", best_of_n="compare/best_of_n_{pick}.jsonl",
+                 rloo="compare/rloo", grpo="compare/grpo", dpo="compare/dpo", best_of_n="compare/best_of_n_{pick}.jsonl",
                  results="evaluate/results.md")
 RESUMABLE_STATE = ("done.json", "ckpt.pt", ".partial.jsonl", ".tmp")  # not outputs: excluded from the hashes
 

@@ -168,7 +168,7 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
 
 
 @pytest.mark.slow
-def test_compare_adds_d_rlaif_rloo_dpo_and_best_of_n_from_the_same_sft_model_and_feedback(finished, tmp_path):
+def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_model_and_feedback(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     feedback = (run_dir / "feedback" / "feedback.jsonl").read_bytes()
     out = rlaif(run_dir, "--from", "compare", "--compare", "--dpo-steps", "3", "--best-of-n", "2")
@@ -183,8 +183,10 @@ def test_compare_adds_d_rlaif_rloo_dpo_and_best_of_n_from_the_same_sft_model_and
     rloo_rows = [json.loads(l) for l in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rloo_rows) == len(ppo_rows) and all(r["val/explained_variance"] is None for r in rloo_rows)
     assert all("loss/value_avg" not in r and "loss/policy_avg" in r for r in rloo_rows)
+    grpo_rows = [json.loads(l) for l in (run_dir / "compare" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(grpo_rows) == len(ppo_rows) and all(r["val/explained_variance"] is None for r in grpo_rows)
     results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
-    assert [k.split()[0] for k in results] == ["SFT", "RLAIF", "d-RLAIF", "RLOO", "DPO", "SFT", "SFT",
+    assert [k.split()[0] for k in results] == ["SFT", "RLAIF", "d-RLAIF", "RLOO", "GRPO", "DPO", "SFT", "SFT",
                                                 "Gorilla-7B"]
     assert sum("best-of-2" in k for k in results) == 2
     picks = [json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()]

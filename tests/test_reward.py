@@ -333,3 +333,20 @@ def test_reward_adds_the_weighted_mean_logprob_of_its_own_language_model(tmp_pat
     r = with_lm.score(*batch)
     (-torch.nn.functional.logsigmoid(r[0] - r[1])).backward()
     assert backbone.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
+    """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises, where
+    the score used to become the mean (no signal, silently)."""
+    from reward import JudgeError, QUESTIONS, judge_score
+
+    class GaveUp:
+        def answers(self, record, answer):
+            return dict({k: 1.0 for k, _, _ in QUESTIONS[1:]}, **{QUESTIONS[0][0]: None, "error": "HTTP 503"})
+
+    class Fine:
+        def answers(self, record, answer):
+            return {k: 1.0 for k, _, _ in QUESTIONS}
+    assert abs(judge_score(Fine(), None, "") - 1.0) < 1e-9
+    with pytest.raises(JudgeError, match="HTTP 503"):
+        judge_score(GaveUp(), None, "")
