@@ -290,14 +290,11 @@ class GPT(nn.Module):
 class ScalarModel(nn.Module):
     """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at the
     last real token; PPO's value model (initialised from the reward model) reads it at every step.
-    n_aux > 0 adds auxiliary logits read at the same token (the reward model's per-question heads).
-    lm_weight > 0 adds lm_weight x the answer's mean token log-prob under the backbone's own language-model
-    head to the reward (reward.RMConfig.lm_weight says why)."""
+    n_aux > 0 adds auxiliary logits read at the same token (the reward model's per-question heads)."""
 
-    def __init__(self, backbone, n_aux=0, lm_weight=0.0):
+    def __init__(self, backbone, n_aux=0):
         super().__init__()
         self.backbone = backbone
-        self.lm_weight = lm_weight
         self.head = nn.Linear(backbone.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))  # lm-human-preferences
         nn.init.zeros_(self.head.bias)
@@ -326,24 +323,23 @@ class ScalarModel(nn.Module):
         last = query.size(1) + response_mask.sum(1) - 1
         h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         raw = self.head(h).squeeze(-1)
-        if self.lm_weight:
-            logprobs = logprobs_from_hidden(self.backbone, hidden, query.size(1), response, response_mask)
-            raw = raw + self.lm_weight * logprobs.sum(1) / response_mask.sum(1).clamp(min=1)
         return self.gain * raw + self.bias, (self.aux(h) if self.aux is not None else None)
 
     def score(self, query, query_mask, response, response_mask):
-        """Normalised reward of each (query, response): the head at the response's last real token (plus the
-        weighted mean log-prob with lm_weight)."""
+        """Normalised reward of each (query, response): the head at the response's last real token."""
         return self.score_and_aux(query, query_mask, response, response_mask)[0]
 
     def save(self, path, **extra):
         save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config),
-                        n_aux=self.aux.out_features if self.aux is not None else 0, lm_weight=self.lm_weight, **extra)
+                        n_aux=self.aux.out_features if self.aux is not None else 0, **extra)
 
     @classmethod
     def load(cls, path, device="cpu"):
         ckpt = load_checkpoint(path, device)
-        m = cls(GPT(config_from_dict(ckpt["config"])), ckpt.get("n_aux", 0), ckpt.get("lm_weight", 0.0))
+        if ckpt.get("lm_weight"):  # a setting that was removed: its score cannot be read the same way
+            raise ValueError(f"{path}: made with --rm-lm-weight, which this version removed "
+                             "(docs/experiments.md); redo the reward stage (python reward.py --force)")
+        m = cls(GPT(config_from_dict(ckpt["config"])), ckpt.get("n_aux", 0))
         m.load_state_dict(ckpt["model"])
         return m.to(device), ckpt
 
@@ -557,8 +553,7 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
 
 
 def logprobs_from_hidden(model, hidden, Q, response, response_mask, temperature=1.0, with_entropy=False):
-    """response_logprobs from the hidden states (B, Q+R, C) of the query (length Q) and response; the reward
-    model's lm_weight term reads them from the hidden states it already has."""
+    """response_logprobs from the hidden states (B, Q+R, C) of the query (length Q) and response."""
     real = response_mask.bool()
     logits = model.lm_head(hidden[:, Q - 1:-1][real]).float()  # (N real tokens, vocab)
     if temperature not in (0, 1):

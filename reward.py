@@ -62,15 +62,6 @@ class RMConfig:
     weight_decay: Annotated[float, "AdamW weight decay (matrices only)", ">= 0"] = 0.0
     aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
                                  "binary cross-entropy against the judge's P(yes) (0 = scalar head only)", ">= 0"] = 1.0
-    # [not in the paper] lm_weight: the reward model also reads how likely its own language model finds the
-    # answer. Initialised from the SFT policy, that language model tells an existing api_call from an invented
-    # one better than the scalar head learns to from a few thousand comparisons (docs/experiments.md, "The
-    # reward model reads its own language model"). The Bradley-Terry loss trains the log-probs too, like
-    # DPO's implicit reward (Rafailov et al. 2023, eq. 5), but averaged per token so that length does not pay.
-    # Off by default: it ranks the held-out pairs better, yet PPO against it gained less (same section).
-    lm_weight: Annotated[float, "[not in the paper] weight of the answer's mean token log-prob under the reward "
-                                "model's own language model (initialised from SFT), added to its head's score "
-                                "(0 = the head only, the default)", ">= 0"] = 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -981,7 +972,7 @@ def reward_stage(cfg, run, splits):
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     torch.manual_seed(cfg.seed)
-    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS), cfg.rm.lm_weight).to(cfg.device)
+    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     metrics = train_reward_model(rm, samples, feedback, tok, cfg.rm, cfg.seed, cfg.grad_clip, cfg.device,
                                  run / "reward" / "ckpt.pt", log=log)

@@ -311,30 +311,6 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
     assert {"loss", "accuracy", "lr"} <= set(rows[1])
 
 
-def test_reward_adds_the_weighted_mean_logprob_of_its_own_language_model(tmp_path):
-    """lm_weight: score = gain x (head + lm_weight x mean log-prob of the real answer tokens) + bias, padding
-    excluded, kept through save/load, and trained through the language model (with the head at zero the
-    Bradley-Terry gradient still reaches the backbone)."""
-    from model import GPT, GPTConfig, ScalarModel, pad_pairs, response_logprobs
-    torch.manual_seed(0)
-    backbone = GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
-    plain, with_lm = ScalarModel(backbone), ScalarModel(backbone, lm_weight=3.0)
-    with_lm.head.load_state_dict(plain.head.state_dict())
-    with_lm.gain.fill_(0.5), with_lm.bias.fill_(0.2), plain.gain.fill_(0.5), plain.bias.fill_(0.2)
-    batch = pad_pairs([([1, 2, 3], [5, 6, 7, 63]), ([4, 5], [9, 63])], 63)
-    lp = response_logprobs(backbone, *batch)
-    mean_lp = torch.stack([lp[0, :4].mean(), lp[1, :2].mean()])
-    torch.testing.assert_close(with_lm.score(*batch), plain.score(*batch) + 0.5 * 3.0 * mean_lp)
-    with_lm.save(tmp_path / "rm.pt")
-    loaded, _ = ScalarModel.load(tmp_path / "rm.pt")
-    assert loaded.lm_weight == 3.0
-    torch.testing.assert_close(loaded.score(*batch), with_lm.score(*batch))
-    torch.nn.init.zeros_(with_lm.head.weight)
-    r = with_lm.score(*batch)
-    (-torch.nn.functional.logsigmoid(r[0] - r[1])).backward()
-    assert backbone.transformer.wte.weight.grad.abs().sum() > 0
-
-
 def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
     """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises, where
     the score used to become the mean (no signal, silently)."""

@@ -28,14 +28,14 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
     asked for with another value, it is named, in a section and at the top level."""
     cfg = rlaif.make_config("tiny", run_dir=str(tmp_path))
     recorded = json.loads(json.dumps(asdict(cfg)))
-    del recorded["rm"]["lm_weight"], recorded["best_of_n"]
+    del recorded["rm"]["margin"], recorded["best_of_n"]
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(SystemExit) as e:
-        rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-lm-weight", "2",
+        rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-margin", "2",
                                                 "--best-of-n", "3"])[0], None)
-    assert "best_of_n: 8 -> 3" in str(e.value) and "rm.lm_weight: 0.0 -> 2.0" in str(e.value)
+    assert "best_of_n: 8 -> 3" in str(e.value) and "rm.margin: 0.0 -> 2.0" in str(e.value)
 
 
 @pytest.mark.parametrize("overrides, needle", [({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
