@@ -15,6 +15,9 @@ The algorithm, in the order of one iteration (train_ppo):
   4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
      clipped value loss. The value model starts from the reward model's network with a zero head and is
      trained alone in the first `critic_warmup` iterations, so its first predictions are on the score's scale.
+     At the default settings the critic is a baseline that adds little beside the leave-one-out one: what
+     is left to predict is the difference between a prompt's answers, and its explained variance stays
+     near 0 or below (docs/experiments.md, "The critic at the default settings").
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on the whole
 answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped update.
 `--advantage grpo` [not in the paper] is GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): the score normalised
