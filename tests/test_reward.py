@@ -326,3 +326,45 @@ def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_i
     assert abs(judge_score(Fine(), None, "") - 1.0) < 1e-9
     with pytest.raises(JudgeError, match="HTTP 503"):
         judge_score(GaveUp(), None, "")
+
+
+@pytest.mark.slow
+def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_starts_from(tmp_path):
+    """A toy where the starting network's log-likelihood already ranks the pairs (it was trained on the
+    better answers): the reward model trained from it ranks held-out pairs at least as well as that
+    log-likelihood does, and the step kept is the one with the best validation accuracy."""
+    import json
+    from model import GPT, GPTConfig, ScalarModel, make_optimizer, pad_pairs, response_logprobs
+    from reward import RMConfig, pair_accuracy, policy_pairs, split_prompts, train_reward_model
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    samples, feedback = {}, []
+    for k in range(480):  # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
+        good = k % 4 < 2
+        response = [5 if good else 6] + torch.randint(10, 60, (6,), generator=g).tolist() + [63]
+        samples[k] = Sample(k, k // 4, "policy", [1 + (k // 4) % 3, 2, 3], response, "")
+        feedback.append(Feedback(k, k // 4, "policy", "test", {}, float(good) + 0.01 * (k % 2)))
+    lm = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    opt = make_optimizer(lm, 3e-3)
+    good_batch = pad_pairs([(samples[k].query, samples[k].response) for k in samples if k % 4 < 1][:64], 63)
+    for _ in range(30):  # "SFT" on a few of the better answers
+        (-response_logprobs(lm, *good_batch).sum(1).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    class Tok:
+        eot = 63
+    cfg = RMConfig(epochs=4, lr=1e-3, batch_size=16, heldout_fraction=0.2, val_fraction=0.2, eval_every=10)
+    heldout, _, rng = split_prompts(feedback, cfg, 1)
+    _, pairs = policy_pairs(feedback, heldout, rng)
+    with torch.no_grad():
+        lp = response_logprobs(lm, *pad_pairs([(s.query, s.response) for s in samples.values()], 63))
+    by_id = {f.id: f for f in feedback}
+    likelihood = pair_accuracy(dict(zip(samples, lp.sum(1).tolist())), by_id, pairs, "lp")["lp/accuracy"]
+    assert likelihood > 0.6  # the starting network already ranks the pairs
+    metrics = train_reward_model(ScalarModel(lm, 0), samples, feedback, Tok, cfg, 1, 1.0, "cpu",
+                                 tmp_path / "ckpt.pt", log=lambda *a: None)
+    assert metrics["heldout_pairwise_accuracy"] >= likelihood, (metrics, likelihood)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if "val/accuracy" in r]
+    assert metrics["kept_step"] == max(measured, key=lambda r: r["val/accuracy"])["step"]
