@@ -980,7 +980,7 @@ def reward_stage(cfg, run, splits):
     if is_main():
         rm.save(run / RUN_FILES["reward_model"])
     log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
-        f"({metrics['heldout_pairs']} pairs), correlation with judge scores {metrics['heldout_correlation']:.3f}")
+        f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}")
     return metrics
 
 
