@@ -205,9 +205,11 @@ def watch(job, pid, ours, out_r, lifeline):
             tail = (tail + chunk)[-job["max_output"]:]
             if not chunk:
                 open_fds.remove(out_r)
-        if ours.fileno() in ready:
+        if ours.fileno() in ready:  # the first report and the last count: a flood cannot fill our memory
             message = recv_some(ours)
-            reports.append(message) if message else open_fds.remove(ours.fileno())
+            reports[1:] = [message] if message else reports[1:]
+            if not message:
+                open_fds.remove(ours.fileno())
         done, wait_status = os.waitpid(pid, os.WNOHANG)
         status = wait_status if done else None
         if job["cache_dir"] and time.monotonic() > next_disk:  # real mode: the shared model cache
@@ -218,7 +220,7 @@ def watch(job, pid, ours, out_r, lifeline):
         message = recv_some(ours)
         if not message:
             break
-        reports.append(message)
+        reports[1:] = [message]
     return (status if status is not None else "timeout"), reports, tail + read_some(out_r)
 
 
@@ -251,6 +253,9 @@ def dir_size(path, max_entries=200_000):
     return total
 
 
+SIGNAL_NAMES = {int(sig) for sig in signal.Signals}  # realtime signals have numbers but no name
+
+
 def judge(status, reports, tail):
     """The verdict from the runner's exit status and its last report (sent after the snippet returned)."""
     lines = tail.decode(errors="replace").strip().splitlines()
@@ -260,10 +265,11 @@ def judge(status, reports, tail):
     if status == "disk":
         return dict(verdict="runtime", detail="killed: over the disk limit of the model cache")
     if os.WIFSIGNALED(status):
-        sig = signal.Signals(os.WTERMSIG(status))
-        if sig == signal.SIGXCPU:
+        number = os.WTERMSIG(status)
+        if number == signal.SIGXCPU:
             return dict(verdict="timeout", detail="killed at the CPU time limit")
-        return dict(verdict="runtime", detail=f"killed by {sig.name} ({last or 'no output'})")
+        name = signal.Signals(number).name if number in SIGNAL_NAMES else f"signal {number}"
+        return dict(verdict="runtime", detail=f"killed by {name} ({last or 'no output'})")
     if not reports or reports[0] != b"started":
         return dict(verdict="crashed", detail=f"the runner did not start ({last or os.WEXITSTATUS(status)})")
     try:

@@ -272,3 +272,12 @@ def test_without_a_cgroup_the_fallback_is_said_once(monkeypatch, capsys):
     verdicts = Sandbox(timeout=5).run_all(["x = 1"]) + Sandbox(timeout=5).run_all(["import os\nos._exit(0)"])
     assert [v for v, _ in verdicts] == ["executable", "early_exit"]
     assert capsys.readouterr().err.count("no usable cgroup (none here)") == 1
+
+
+def test_a_realtime_signal_or_a_report_flood_is_the_snippets_failure_not_ours():
+    """A snippet killed by a signal that has no name (realtime 40) is a runtime failure, not 'crashed';
+    a flood of reports on the runner's socket neither fills our memory nor passes for a verdict."""
+    flood = "import socket\ns = socket.socket(fileno=3)\nfor _ in range(20000):\n    s.send(b'x' * 1000)\nraise ValueError"
+    verdicts = Sandbox(timeout=20).run_all(["import signal\nsignal.raise_signal(40)", flood])
+    assert verdicts[0][0] == "runtime" and "signal 40" in verdicts[0][1], verdicts[0]
+    assert verdicts[1][0] != "executable" and verdicts[1][0] != "crashed", verdicts[1]
