@@ -752,7 +752,8 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     best_file, metrics_file = Path(ckpt_file).with_name("best.pt"), Path(ckpt_file).parent / "metrics.jsonl"
     ckpt = resume(ckpt_file, device, optimizer, model=rm)
-    step, history, best = (ckpt["step"], ckpt["history"], ckpt["best"]) if ckpt else (0, [], (-1.0, 0))
+    step, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
+    best = ckpt.get("best", (-1.0, 0)) if ckpt else (-1.0, 0)  # (validation accuracy, step) kept so far
     if ckpt:
         log(f"[reward] resumed at step {step}")
     t0, start = time.time(), step
@@ -762,10 +763,11 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
             history.append(row)
             log(f"[reward] step {step}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
                 f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
-            # Without validation pairs, the last step is kept.
-            if (row.get("val/accuracy", 0.0) > best[0] or not sets["val"][1]) and is_main():
+            # Without validation pairs, the last step is kept. Every rank keeps the same tuple.
+            if row.get("val/accuracy", 0.0) > best[0] or not sets["val"][1]:
                 best = (row.get("val/accuracy", 0.0), step)
-                rm.save(best_file, step=step)
+                if is_main():
+                    rm.save(best_file, step=step, val_accuracy=best[0])
         if step == steps:
             break
         stats = train_step(rm, samples, [train_pairs[i] for i in order[step]], judge_scores, targets,
@@ -778,7 +780,9 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
                 rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history, best=best)
                 write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
     barrier()
-    rm.load_state_dict(load_checkpoint(best_file, device)["model"])
+    kept_ckpt = load_checkpoint(best_file, device)  # its own step: a crash may have left `best` older
+    rm.load_state_dict(kept_ckpt["model"])
+    best = (kept_ckpt.get("val_accuracy", best[0]), kept_ckpt["step"])
     kept = next(r for r in history if r["step"] == best[1] and "heldout/pairs" in r)
     log(f"[reward] kept step {best[1]} (validation accuracy {best[0]:.3f})")
     heldout_metrics = dict(kept_step=best[1], heldout_pairwise_accuracy=kept.get("heldout/accuracy", 0.0),
