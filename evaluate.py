@@ -345,8 +345,8 @@ def plot_measured(ax, run, stage, key):
 
 
 def plot_runs(run_dirs, out_dir=None):
-    """curves.png (the first run's SFT loss, reward-model accuracy and PPO curves; d-RLAIF and RLOO beside
-    PPO when --compare ran) and results.png (each method's executability, AST accuracy and hallucination:
+    """curves.png (the first run's SFT loss, reward-model accuracy and PPO curves; d-RLAIF, RLOO and GRPO
+    beside PPO when --compare ran) and results.png (each method's executability, AST accuracy and hallucination:
     the mean over the runs, a bar from min to max). Returns {file: number of panels}."""
     try:
         import matplotlib

@@ -13,7 +13,7 @@ skipped on the next run, so an interrupted run resumes where it stopped.
   4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   reward.feedback_stage
   5. reward    reward model trained on the judge's scores                   reward.reward_stage
   6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
-  7. compare   [not in the paper, --compare] the same feedback used four     compare_stage below, dpo.py
+  7. compare   [not in the paper, --compare] the same feedback used five     compare_stage below, dpo.py
                more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
   8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
 Results land in run_dir/evaluate/results.md (and results in its done.json). Every setting is a field of
@@ -222,7 +222,7 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 
 # -----------------------------------------------------------------------------
-# 7. [not in the paper] The same feedback used four more ways, for one table (--compare)
+# 7. [not in the paper] The same feedback used five more ways, for one table (--compare)
 
 def compare_stage(cfg, run, splits):
     """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the

@@ -91,7 +91,7 @@ class Config:
     exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)", "> 0"] = 10.0
     unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
                                  "unavailable (NOT isolated; marked in the results)"] = False
-    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, DPO and "
+    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO and "
                              "best-of-n from the same SFT model and feedback, in the same results table"] = False
     best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n", ">= 1"] = 8
     dist_timeout: Annotated[float, "under torchrun: seconds a rank waits for the others (at a barrier, or while "
@@ -566,7 +566,7 @@ def run_stage(cfg, run, stage, stage_fn, splits):
 
 
 def run_part(out_dir, train, announce=None):
-    """One part of a stage that trains several models (compare's d-RLAIF, RLOO, DPO): log `announce` and
+    """One part of a stage that trains several models (compare's d-RLAIF, RLOO, GRPO, DPO): log `announce` and
     train(out_dir) unless the part's own done.json says it finished, then that done.json, written last.
     Whether a file of the part exists says nothing: only the marker does. Returns whether it ran."""
     if (Path(out_dir) / "done.json").exists():
