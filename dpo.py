@@ -128,7 +128,7 @@ def main(argv=None):
     out = run / RUN_FILES["dpo"]
     if (out / "done.json").exists():  # the part's own marker, written after its model
         if not force:
-            raise SystemExit(f"{out / 'model'} exists; --force retrains it")
+            raise SystemExit(f"DPO is done ({out / 'done.json'}); --force retrains it")
         if is_main():
             set_aside(run, ["evaluate"])
             (run / "compare" / "done.json").unlink(missing_ok=True)
