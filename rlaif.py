@@ -321,7 +321,7 @@ def refuse_bad_settings(cfg):
         try:  # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run trains
             ppo.check_config(replace(cfg.ppo, advantage=advantage))
         except ValueError as e:
-            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else f" (--compare's {advantage} row)"))
+            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else f" (--compare's {advantage.upper()} row)"))
     if cfg.judge == "openai":  # a price to keep --judge-max-usd with, and a --judge-price that parses
         problems += reward.judge_setting_problems(cfg.judge_model, cfg.judge_max_usd, cfg.judge_price)
     if not cfg.contrast_answers and cfg.samples_per_prompt < 2:

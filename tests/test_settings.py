@@ -74,6 +74,7 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
 
     def fake_ppo(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
         trained.append(advantage or "gae")
+        (out_dir / "model").mkdir(parents=True, exist_ok=True)
         (out_dir / "model" / "model.safetensors").write_text("weights")
         return {}
     monkeypatch.setattr(rlaif.ppo, "ppo_stage", fake_ppo)
@@ -81,8 +82,8 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
     monkeypatch.setattr(rlaif.reward, "make_judge", lambda *a, **k: None)
     monkeypatch.setattr(rlaif, "best_of_n_answers", lambda *a: None)
     rlaif.compare_stage(cfg, tmp_path, {"train": [], "val": [], "test": []})
-    assert trained == ["rloo", "dpo"]
-    assert all((tmp_path / runs.RUN_FILES[p] / "done.json").exists() for p in ("drlaif", "rloo", "dpo"))
+    assert trained == ["rloo", "grpo", "dpo"]
+    assert all((tmp_path / runs.RUN_FILES[p] / "done.json").exists() for p in ("drlaif", "rloo", "grpo", "dpo"))
 
 
 # -----------------------------------------------------------------------------
