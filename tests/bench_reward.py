@@ -96,6 +96,8 @@ def bench(run):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    for arg in sys.argv[1:] or ["runs/tiny"]:
-        bench(Path(arg))
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("run_dirs", nargs="*", default=["runs/tiny"], help="runs whose reward stage is done")
+    for run_dir in parser.parse_args().run_dirs:
+        bench(Path(run_dir))
