@@ -32,6 +32,7 @@ def sandbox():
     return Sandbox(timeout=10)
 
 
+@pytest.mark.slow  # every labelled snippet through the sandbox (two processes each): the full suite's
 def test_labelled_snippets_get_their_labels(sandbox):
     by_line = {r.line: r for r in prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)}
     labelled = [m for line in REFERENCE_LINES for m in mutations(by_line[line].sections["code"])]
