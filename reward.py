@@ -759,15 +759,8 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     t0, start = time.time(), step
     while True:
         if step % cfg.eval_every == 0 or step == steps:
-            row = dict(step=step, **measure(rm, samples, feedback, sets, tok, device))
-            history.append(row)
-            log(f"[reward] step {step}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
-                f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
-            # Without validation pairs, the last step is kept. Every rank keeps the same tuple.
-            if row.get("val/accuracy", 0.0) > best[0] or not sets["val"][1]:
-                best = (row.get("val/accuracy", 0.0), step)
-                if is_main():
-                    rm.save(best_file, step=step, val_accuracy=best[0])
+            history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
+            best = keep_if_best(rm, history[-1], best, best_file, bool(sets["val"][1]), log)
         if step == steps:
             break
         stats = train_step(rm, samples, [train_pairs[i] for i in order[step]], judge_scores, targets,
@@ -790,6 +783,18 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     if is_main():
         write_metrics(metrics_file, history + [dict(step=steps, **heldout_metrics)])
     return heldout_metrics
+
+
+def keep_if_best(rm, row, best, best_file, validated, log):
+    """Log a measured row; save the model to best_file if its validation accuracy beats best =
+    (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same tuple."""
+    log(f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
+        f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
+    if row.get("val/accuracy", 0.0) > best[0] or not validated:
+        best = (row.get("val/accuracy", 0.0), row["step"])
+        if is_main():
+            rm.save(best_file, step=row["step"], val_accuracy=best[0])
+    return best
 
 
 def train_step(rm, samples, pairs, scores, targets, optimizer, tok, cfg, grad_clip, device):
