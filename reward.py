@@ -53,7 +53,7 @@ class RMConfig:
     heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
                                        "own answers", ">= 0 and < 1"] = 0.1
     val_fraction: Annotated[float, "training prompts set aside to choose the step that is kept (the best "
-                                   "validation accuracy, step 0 included)", ">= 0 and < 1"] = 0.1
+                                   "validation accuracy among the trained steps)", ">= 0 and < 1"] = 0.1
     eval_every: Annotated[int, "steps between measurements of the held-out and validation pairs", ">= 1"] = 50
     train_blocks: Annotated[int, "top transformer blocks trained with the head (-1: the whole network; 0: the "
                                  "head alone, a probe on the SFT features)", ">= -1"] = -1
@@ -729,7 +729,7 @@ def measure(rm, samples, feedback, sets, tok, device):
 def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
     """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}.
     Every eval_every steps (and at step 0) it measures the held-out and validation prompts' pairs; the
-    step with the best validation accuracy is the one kept (step 0, the untrained network, included)."""
+    trained step with the best validation accuracy is the one kept."""
     heldout, val, rng = split_prompts(feedback, cfg, seed)
     train_fb = [f for f in feedback if f.record not in heldout | val]
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
@@ -760,7 +760,7 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     while True:
         if step % cfg.eval_every == 0 or step == steps:
             history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
-            best = keep_if_best(rm, history[-1], best, best_file, bool(sets["val"][1]), log)
+            best = keep_if_best(rm, history[-1], best, best_file, bool(sets["val"][1]), log, steps == 0)
         if step == steps:
             break
         stats = train_step(rm, samples, [train_pairs[i] for i in order[step]], judge_scores, targets,
@@ -785,11 +785,15 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     return heldout_metrics
 
 
-def keep_if_best(rm, row, best, best_file, validated, log):
+def keep_if_best(rm, row, best, best_file, validated, log, untrained_ok=False):
     """Log a measured row; save the model to best_file if its validation accuracy beats best =
-    (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same tuple."""
+    (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same tuple.
+    Step 0's head is random: it is kept only when there is no training step (seed 3 kept it by noise,
+    docs/experiments.md)."""
     log(f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
         f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
+    if row["step"] == 0 and not untrained_ok:
+        return best
     if row.get("val/accuracy", 0.0) > best[0] or not validated:
         best = (row.get("val/accuracy", 0.0), row["step"])
         if is_main():
