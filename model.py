@@ -549,13 +549,8 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
     predict a real response token: in a padded batch most positions are prompt or padding, and the head
     is about half of a small model's compute. with_entropy: also each position's entropy (B, R)."""
     hidden = model.hidden_states(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
-    return logprobs_from_hidden(model, hidden, query.size(1), response, response_mask, temperature, with_entropy)
-
-
-def logprobs_from_hidden(model, hidden, Q, response, response_mask, temperature=1.0, with_entropy=False):
-    """response_logprobs from the hidden states (B, Q+R, C) of the query (length Q) and response."""
     real = response_mask.bool()
-    logits = model.lm_head(hidden[:, Q - 1:-1][real]).float()  # (N real tokens, vocab)
+    logits = model.lm_head(hidden[:, query.size(1) - 1:-1][real]).float()  # (N real tokens, vocab)
     if temperature not in (0, 1):
         logits = logits / temperature
     logp = logits.log_softmax(-1)

@@ -731,7 +731,8 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     Every eval_every steps (and at step 0) it measures the held-out and validation prompts' pairs; the
     trained step with the best validation accuracy is the one kept."""
     heldout, val, rng = split_prompts(feedback, cfg, seed)
-    train_fb = [f for f in feedback if f.record not in heldout | val]
+    measured_only = heldout | val
+    train_fb = [f for f in feedback if f.record not in measured_only]
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
     sets = dict(heldout=policy_pairs(feedback, heldout, rng), val=policy_pairs(feedback, val, rng),
                 train=(train_fb, train_pairs[:512]))  # a fixed slice of the training pairs: overfitting
