@@ -37,7 +37,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
-from reward import judge_score, make_judge
+from reward import judge_score, load_reward_model, make_judge
 from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
                    right_pad, sample_answers, save_checkpoint)
 from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_mean, global_std, is_main, metrics_tag,
@@ -514,8 +514,8 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
     value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device) if ppo_cfg.advantage == "gae" else None
-    reward_model, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-    rm_score = reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False).score
+    reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, cfg.device)
+    reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
     score_fn = score_fn or rm_score
     # Validation: the reward model's score of greedy answers to the validation questions, whatever the
     # training reward; and the judge's, where judging is free (the rules judge).

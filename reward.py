@@ -11,6 +11,8 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
        labels every record "rules judge": it is NOT LLM feedback.
 2. A reward model (GPT-2 backbone + scalar head, model.ScalarModel) learns the scores with a pairwise
    Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples (lm-human-preferences).
+   [not in the paper] It reads each answer followed by a tool's report on it (tool_report: the API
+   database's entry for its api_call, the model ids the database does not know, whether the code parses).
 
     python reward.py --run-dir runs/tiny --force    # redo the reward stage of a run (see rlaif.py)
 
@@ -18,6 +20,7 @@ The feedback stage (feedback_stage, below) has no script of its own: python rlai
 feedback redoes it and what follows.
 """
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from model import (GPT, ScalarModel, autocast, length_grouped_batches, load_checkpoint, log, make_optimizer,
-                   pad_pairs, progress)
+                   pad_pairs, progress, right_pad)
 from runs import (DIST, RUN_FILES, Feedback, Sample, average_gradients, barrier, global_mean, is_main, read_rows,
                   resume, run_stage, shard, stage_command_line, write_metrics, write_rows)
 
@@ -60,6 +63,9 @@ class RMConfig:
     margin: Annotated[float, "Llama 2's margin: the pair's judge-score difference x this, subtracted inside "
                              "the Bradley-Terry loss (0 = none)", ">= 0"] = 0.0
     weight_decay: Annotated[float, "AdamW weight decay (matrices only)", ">= 0"] = 0.0
+    tools: Annotated[bool, "[not in the paper] the reward model reads a tool report after each answer (the "
+                           "API database's entry for its api_call, unknown model ids, whether the code "
+                           "parses; reward.tool_report)"] = True
     aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
                                  "binary cross-entropy against the judge's P(yes) (0 = scalar head only)", ">= 0"] = 1.0
 
@@ -641,6 +647,65 @@ def pair_accuracy(scores, feedback, pairs, prefix):
     return out
 
 
+# -----------------------------------------------------------------------------
+# What the reward model reads: the answer, then a tool's report on it [not in the paper]
+
+REPORT_TOKENS = 64  # the report is cut to this many tokens; rlaif.py leaves room for it in the context
+
+
+def tool_report(answer, db):
+    """[not in the paper] A tool-augmented reward model (Li et al. 2024, "Tool-Augmented Reward
+    Modeling"): after the answer, the reward model reads what a lookup in the API database and a Python
+    parser say about it: whether the code parses, how many model ids of the api_call and code no entry
+    names, and the entry the api_call makes (by APIDatabase.match, the entry the judge is shown): its
+    domain and call, or none. A small network cannot remember which of 925 APIs and thousands of model
+    ids exist, so its ranking of the policy's answers stayed near chance (docs/experiments.md); it can
+    read a line that says so."""
+    sections = prepare.parse_answer(answer)
+    api_call = answer_api_call(answer)
+    unknown = db.unknown_model_ids(api_call) + db.unknown_model_ids(sections["code"])
+    i = db.match(api_call)
+    entry = f"{db.apis[i]['domain']} | {db.apis[i]['api_call']}" if i is not None else "none"
+    return (f"\n### Tool: code parses {'yes' if python_parses(sections['code']) else 'no'}, unknown model ids "
+            f"{len(set(unknown))}, API entry: {entry}\n")
+
+
+def python_parses(code):
+    try:
+        return bool(code.strip()) and ast.parse(code) is not None
+    except (SyntaxError, ValueError):
+        return False
+
+
+def with_report(tok, response, db):
+    """An answer's token ids followed by its tool report's (cut to REPORT_TOKENS)."""
+    text = tok.decode([t for t in response if t != tok.eot])
+    return list(response) + tok.encode(tool_report(text, db))[:REPORT_TOKENS]
+
+
+def reading_reports(samples, tok, db):
+    """{id: Sample} whose responses carry their tool reports: what the reward model trains and is measured on."""
+    return {i: dataclasses.replace(s, response=with_report(tok, s.response, db)) for i, s in samples.items()}
+
+
+def load_reward_model(path, tok, device):
+    """(reward model, its score_fn for PPO and best-of-n): score_fn(query, query_mask, response,
+    response_mask) appends each response's tool report first when the model was trained reading them."""
+    rm, ckpt = ScalarModel.load(path, device)
+    if not ckpt.get("tools"):
+        return rm, rm.score
+    db = APIDatabase()
+
+    def score(query, query_mask, response, response_mask):
+        rows = [[t for t, m in zip(r, r_mask) if m] for r, r_mask in zip(response.tolist(), response_mask.tolist())]
+        response, response_mask = right_pad([with_report(tok, r, db) for r in rows], tok.eot, response.device)
+        return rm.score(query, query_mask, response, response_mask)
+    return rm, score
+
+
+# -----------------------------------------------------------------------------
+# The reward model's training: judge-ordered pairs, Bradley-Terry
+
 def pair_batches(samples, pairs, batch_size, epochs, seed):
     """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
     resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
@@ -985,6 +1050,8 @@ def reward_stage(cfg, run, splits):
     policy's samples."""
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
+    if cfg.rm.tools:
+        samples = reading_reports(samples, tok, APIDatabase())
     torch.manual_seed(cfg.seed)
     rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
@@ -992,7 +1059,7 @@ def reward_stage(cfg, run, splits):
                                  run / "reward" / "ckpt.pt", log=log)
     normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
     if is_main():
-        rm.save(run / RUN_FILES["reward_model"])
+        rm.save(run / RUN_FILES["reward_model"], tools=cfg.rm.tools)
     log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}")
     return metrics

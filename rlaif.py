@@ -257,7 +257,9 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
     samples = {i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
                for i, (q, r) in enumerate(zip(prompts, responses))}
-    rm, _ = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    rm, rm_ckpt = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    if rm_ckpt.get("tools"):  # the reward model reads each answer's tool report (reward.tool_report)
+        samples = reward.reading_reports(samples, tok, reward.APIDatabase())
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
     answers = [s.answer for s in samples.values()]
     judge_score = [reward.judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)]
@@ -350,10 +352,11 @@ def check_answer_room(cfg, splits):
     records = [r for split in splits.values() for r in split]
     records += prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     longest = max(len(prepare.prompt_ids(tok, r.instruction)) for r in records)
-    if cfg.max_answer_tokens > block - longest:
+    report = reward.REPORT_TOKENS if cfg.rm.tools else 0  # the reward model reads a tool report after the answer
+    if cfg.max_answer_tokens > block - longest - report:
         raise SystemExit(f"refused before anything ran:\n  --max-answer-tokens {cfg.max_answer_tokens}: must be "
-                         f"<= {block - longest} (the longest prompt has {longest} tokens, the model's context "
-                         f"{block})")
+                         f"<= {block - longest - report} (the longest prompt has {longest} tokens, the model's "
+                         f"context {block}" + (f", the reward model's tool report {report})" if report else ")"))
 
 
 def prepare_run_dir(cfg, from_stage):
