@@ -368,3 +368,40 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in rows if "val/accuracy" in r and r["step"] > 0]  # step 0's head is random
     assert metrics["kept_step"] == max(measured, key=lambda r: r["val/accuracy"])["step"]
+
+
+def test_tool_report_says_what_the_database_and_the_parser_know():
+    from reward import APIDatabase, tool_report
+    db = APIDatabase()
+    right = (" <<<domain>>>: Natural Language Processing Sentence Similarity\n"
+             "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
+             "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+             "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
+    report = tool_report(right, db)
+    assert "code parses yes" in report and "unknown model ids 0" in report
+    entry = db.apis[db.match("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")]
+    assert f"API entry: {entry['domain']} | {entry['api_call']}" in report
+    invented = tool_report(right.replace("unsup-simcse-roberta-base", "made-up-model"), db)
+    assert "unknown model ids 1" in invented and "API entry: none" in invented  # one id, named twice
+    assert "code parses no" in tool_report(right.replace("model = AutoModel", "model = = AutoModel"), db)
+
+
+def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tmp_path):
+    """load_reward_model's score_fn (PPO's rollouts) appends the same report as reading_reports (the
+    reward stage and best-of-n), so a rollout is scored as its twin sample was during training."""
+    from model import GPT, GPTConfig, ScalarModel, pad_pairs
+    from reward import APIDatabase, load_reward_model, reading_reports, rm_scores
+    tok = prepare.tokenizer(True)
+    torch.manual_seed(0)
+    rm = ScalarModel(GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)))
+    torch.nn.init.normal_(rm.head.weight)
+    rm.save(tmp_path / "rm.pt", tools=True)
+    answers = [" <<<domain>>>: Multimodal\n<<<api_call>>>: pipeline('summarization')\n<<<code>>>: x = (",
+               " <<<domain>>>: Audio\n<<<api_call>>>: AutoModel.from_pretrained('a/b')\n<<<code>>>: y = 1"]
+    samples = {i: Sample(i, i, "policy", tok.encode("### Instruction: do it"), tok.encode(a) + [tok.eot], a)
+               for i, a in enumerate(answers)}
+    rm, score_fn = load_reward_model(tmp_path / "rm.pt", tok, "cpu")
+    batch = pad_pairs([(s.query, s.response) for s in samples.values()], tok.eot)
+    trained_on = rm_scores(rm, reading_reports(samples, tok, APIDatabase()), list(samples), tok, "cpu")
+    assert torch.allclose(score_fn(*batch), trained_on, atol=1e-5)
+    assert not torch.allclose(rm.score(*batch), trained_on, atol=1e-3)  # the report changes the score
