@@ -9,6 +9,7 @@ learns from) train the policy directly, with the frozen SFT model as the referen
 
     python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
+
 import argparse
 import math
 import random
@@ -21,11 +22,39 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import GPT, autocast, log, make_optimizer, pad_pairs, progress, response_logprobs, save_checkpoint
+from model import (
+    GPT,
+    autocast,
+    log,
+    make_optimizer,
+    pad_pairs,
+    progress,
+    response_logprobs,
+    save_checkpoint,
+)
 from reward import RMConfig, make_pairs, pair_batches
-from runs import (RUN_FILES, Feedback, Sample, add_flags, apply_overrides, average_gradients, barrier,
-                  check_settings, global_mean, is_main, load_config, require_done, run_part, setup_distributed, shard,
-                  read_rows, resume, save_config, set_aside, write_metrics)
+from runs import (
+    RUN_FILES,
+    Feedback,
+    Sample,
+    add_flags,
+    apply_overrides,
+    average_gradients,
+    barrier,
+    check_settings,
+    global_mean,
+    is_main,
+    load_config,
+    require_done,
+    run_part,
+    setup_distributed,
+    shard,
+    read_rows,
+    resume,
+    save_config,
+    set_aside,
+    write_metrics,
+)
 
 
 @dataclass
@@ -33,14 +62,17 @@ class DPOConfig:
     steps: Annotated[int, "optimizer steps (each on batch_size judge-ordered pairs)", ">= 1"] = 100
     batch_size: Annotated[int, "judge-ordered pairs per step", ">= 1"] = 16
     lr: Annotated[float, "AdamW learning rate (constant)", "> 0"] = 1e-5
-    beta: Annotated[float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)",
-                    "> 0"] = 0.1
+    beta: Annotated[
+        float, "strength of the implicit KL penalty to the SFT model (Rafailov et al. eq. 7)", "> 0"
+    ] = 0.1
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
     """Mean DPO loss of sequence log-probs (B,) each; also the implicit reward margin, for logging."""
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return global_mean(-F.logsigmoid(beta * margin)), global_mean(beta * margin)  # over every rank's pairs
+    return global_mean(-F.logsigmoid(beta * margin)), global_mean(
+        beta * margin
+    )  # over every rank's pairs
 
 
 def sequence_logprobs(model, samples, ids, tok, device):
@@ -49,7 +81,9 @@ def sequence_logprobs(model, samples, ids, tok, device):
     return response_logprobs(model, *batch).sum(1)
 
 
-def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
+def train_dpo(
+    policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, device, ckpt_file, log=log
+):
     """cfg.steps of DPO on (chosen id, rejected id) pairs of `samples`; resumes from ckpt_file."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
@@ -66,26 +100,53 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, dev
         policy.train()
         with autocast(device):
             with torch.no_grad():
-                ref_c, ref_r = (sequence_logprobs(ref_policy, samples, ids, tok, device) for ids in (chosen, rejected))
-            logp_c, logp_r = (sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected))
-        loss, margin = dpo_loss(logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float(), cfg.beta)
+                ref_c, ref_r = (
+                    sequence_logprobs(ref_policy, samples, ids, tok, device)
+                    for ids in (chosen, rejected)
+                )
+            logp_c, logp_r = (
+                sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected)
+            )
+        loss, margin = dpo_loss(
+            logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float(), cfg.beta
+        )
         loss.backward()
         average_gradients(policy.parameters())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        with torch.no_grad():  # the implicit rewards beta * log(pi / ref) of the chosen and rejected answers
-            r_c, r_r = cfg.beta * (logp_c.float() - ref_c.float()), cfg.beta * (logp_r.float() - ref_r.float())
-        history.append(dict(step=step, loss=loss.item(), chosen_reward=global_mean(r_c).item(),
-                            rejected_reward=global_mean(r_r).item(), margin=margin.item(),
-                            accuracy=global_mean((r_c > r_r).float()).item(), lr=cfg.lr))
+        with (
+            torch.no_grad()
+        ):  # the implicit rewards beta * log(pi / ref) of the chosen and rejected answers
+            r_c, r_r = (
+                cfg.beta * (logp_c.float() - ref_c.float()),
+                cfg.beta * (logp_r.float() - ref_r.float()),
+            )
+        history.append(
+            dict(
+                step=step,
+                loss=loss.item(),
+                chosen_reward=global_mean(r_c).item(),
+                rejected_reward=global_mean(r_r).item(),
+                margin=margin.item(),
+                accuracy=global_mean((r_c > r_r).float()).item(),
+                lr=cfg.lr,
+            )
+        )
         if step % 20 == 0 or step == steps:
-            log(f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
-                f"{progress(step - start, steps - start, t0)}")
+            log(
+                f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
+                f"{progress(step - start, steps - start, t0)}"
+            )
             if is_main():
-                save_checkpoint(ckpt_file, policy=policy.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                history=history)
+                save_checkpoint(
+                    ckpt_file,
+                    policy=policy.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    history=history,
+                )
                 write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
 
 
@@ -100,8 +161,18 @@ def dpo_stage(cfg, run, splits, out_dir):
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
-    train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg.seed, cfg.grad_clip, cfg.device,
-              Path(out_dir) / "ckpt.pt")
+    train_dpo(
+        policy,
+        ref_policy,
+        samples,
+        pairs,
+        tok,
+        cfg.dpo,
+        cfg.seed,
+        cfg.grad_clip,
+        cfg.device,
+        Path(out_dir) / "ckpt.pt",
+    )
     if is_main():
         policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
     barrier()
@@ -109,14 +180,25 @@ def dpo_stage(cfg, run, splits, out_dir):
 
 def main(argv=None):
     """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo."""
-    p = argparse.ArgumentParser(description=(
-        "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model trained on its "
-        "judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py --compare looks for it). Uses the "
-        "run's recorded settings (config.json); the flags below override them and are recorded."))
-    p.add_argument("--run-dir", default="runs/tiny", help="a run of rlaif.py whose feedback stage is done "
-                   "(default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help="retrain an existing DPO model (the run's evaluation and "
-                   "compare marker are set aside: rlaif.py --compare redoes them)")
+    p = argparse.ArgumentParser(
+        description=(
+            "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model trained on its "
+            "judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py --compare looks for it). Uses the "
+            "run's recorded settings (config.json); the flags below override them and are recorded."
+        )
+    )
+    p.add_argument(
+        "--run-dir",
+        default="runs/tiny",
+        help="a run of rlaif.py whose feedback stage is done "
+        "(default: runs/tiny, the default run of rlaif.py)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain an existing DPO model (the run's evaluation and "
+        "compare marker are set aside: rlaif.py --compare redoes them)",
+    )
     add_flags(p, DPOConfig, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")

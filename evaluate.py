@@ -9,6 +9,7 @@ hallucination rate, ROUGE-L and CodeBLEU, for any set of answers to the held-out
 Every metric is written out here (no metric packages at run time); tests/test_evaluate.py checks them
 against rouge-score and codebleu.
 """
+
 import argparse
 import ast
 import json
@@ -23,11 +24,19 @@ from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from reward import RulesJudge, judge_score
 from model import GPT, log, progress, sample_answers
-from runs import RUN_FILES, run_stage, stage_command_line, tensorboard_text, write_jsonl, write_metrics
+from runs import (
+    RUN_FILES,
+    run_stage,
+    stage_command_line,
+    tensorboard_text,
+    write_jsonl,
+    write_metrics,
+)
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------
 # Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py), on Python's ast
+
 
 def ast_verdict(db, answer, reference_domain):
     """'correct' (a real API of the question's domain), 'wrong' (real API, other domain) or
@@ -36,11 +45,16 @@ def ast_verdict(db, answer, reference_domain):
     i = db.match(answer_api_call(answer))
     if i is None:
         return "hallucination"
-    return "correct" if canonical_domain(db.apis[i]["domain"]) == canonical_domain(reference_domain) else "wrong"
+    return (
+        "correct"
+        if canonical_domain(db.apis[i]["domain"]) == canonical_domain(reference_domain)
+        else "wrong"
+    )
 
 
 # -----------------------------------------------------------------------------
 # ROUGE-L (Lin 2004): F-measure of the longest common subsequence, rouge-score's tokenisation
+
 
 def rouge_tokens(text):
     return [t for t in re.split(r"\s+", re.sub(r"[^a-z0-9]+", " ", text.lower())) if t]
@@ -73,7 +87,7 @@ PY_KEYWORDS = set(keyword.kwlist) | {"match", "case", "type"}
 
 
 def ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu(prediction, reference, keyword_weighted=False, max_n=4, epsilon=0.1):
@@ -117,11 +131,13 @@ def parse_python(code):
 
 def subtree_shapes(tree):
     """Every inner node's shape (node types only, no names or values), like tree-sitter's s-expressions."""
+
     def kids(node):
         return [c for c in ast.iter_child_nodes(node) if not isinstance(c, ast.expr_context)]
 
     def shape(node):
         return type(node).__name__ + "(" + " ".join(shape(c) for c in kids(node)) + ")"
+
     return [shape(n) for n in ast.walk(tree) if kids(n)] if tree else []
 
 
@@ -161,7 +177,9 @@ def dataflow_match(prediction, reference):
     ref = data_flow(parse_python(reference))
     pred = Counter(data_flow(parse_python(prediction)))
     if not ref:
-        return None  # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`, which
+        return (
+            None  # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`, which
+        )
         #              also turns a match of 0.0 into 1; codebleu() below does the same, for parity)
     matched = 0
     for edge in ref:
@@ -173,18 +191,25 @@ def dataflow_match(prediction, reference):
 
 def codebleu(prediction, reference):
     """CodeBLEU with its default weights (0.25 each); also returns the four components."""
-    parts = dict(ngram_match=bleu(prediction.strip(), reference.strip()),
-                 weighted_ngram_match=bleu(prediction.strip(), reference.strip(), keyword_weighted=True),
-                 syntax_match=syntax_match(prediction, reference),
-                 dataflow_match=dataflow_match(prediction, reference))
+    parts = dict(
+        ngram_match=bleu(prediction.strip(), reference.strip()),
+        weighted_ngram_match=bleu(prediction.strip(), reference.strip(), keyword_weighted=True),
+        syntax_match=syntax_match(prediction, reference),
+        dataflow_match=dataflow_match(prediction, reference),
+    )
     flow = parts["dataflow_match"]
-    score = 0.25 * (parts["ngram_match"] + parts["weighted_ngram_match"] + parts["syntax_match"]
-                    + (flow if flow else 1.0))
+    score = 0.25 * (
+        parts["ngram_match"]
+        + parts["weighted_ngram_match"]
+        + parts["syntax_match"]
+        + (flow if flow else 1.0)
+    )
     return score, parts
 
 
 # -----------------------------------------------------------------------------
 # Generating and scoring a set of answers
+
 
 def without_explanation(answer):
     """Domain, api_call, provider and code of an answer (text or sections): the text ROUGE-L compares, so
@@ -199,41 +224,66 @@ def score_answers(answers, records, db, sandbox=None):
     for text, r in zip(answers, records):
         reference_code = r.sections["code"]
         cb, _ = codebleu(answer_code(text), reference_code)
-        rows.append(dict(question_id=r.line, ast=ast_verdict(db, text, r.api_data.get("domain") or r.sections["domain"]),
-                         rouge_l=rouge_l(without_explanation(text), without_explanation(r.sections)),
-                         codebleu=cb))
+        rows.append(
+            dict(
+                question_id=r.line,
+                ast=ast_verdict(db, text, r.api_data.get("domain") or r.sections["domain"]),
+                rouge_l=rouge_l(without_explanation(text), without_explanation(r.sections)),
+                codebleu=cb,
+            )
+        )
     if sandbox is not None:
         t0, total = time.time(), len(answers)
 
         def show(n):
             if n % 50 == 0 or n == total:
                 log(f"[evaluate] ran {n}/{total} snippets {progress(n, total, t0)}")
-        for row, (verdict, detail) in zip(rows, sandbox.run_all([answer_code(t) for t in answers], db, show)):
+
+        for row, (verdict, detail) in zip(
+            rows, sandbox.run_all([answer_code(t) for t in answers], db, show)
+        ):
             row["exec"], row["exec_detail"] = verdict, detail
     n = len(rows)
     mean = lambda k: sum(row[k] for row in rows) / max(1, n)
-    summary = dict(n=n, ast_accuracy=sum(r["ast"] == "correct" for r in rows) / max(1, n),
-                   hallucination=sum(r["ast"] == "hallucination" for r in rows) / max(1, n),
-                   rouge_l=mean("rouge_l"), codebleu=mean("codebleu"))
+    summary = dict(
+        n=n,
+        ast_accuracy=sum(r["ast"] == "correct" for r in rows) / max(1, n),
+        hallucination=sum(r["ast"] == "hallucination" for r in rows) / max(1, n),
+        rouge_l=mean("rouge_l"),
+        codebleu=mean("codebleu"),
+    )
     if sandbox is not None:
         classes = Counter(r["exec"] for r in rows)
-        summary.update(executability=classes["executable"] / max(1, n), executable=classes["executable"],
-                       on_placeholders=sum(r["exec"] == "executable" and r["exec_detail"].startswith("placeholder")
-                                           for r in rows),
-                       exec_failures={k: v for k, v in classes.items() if k != "executable"})
+        summary.update(
+            executability=classes["executable"] / max(1, n),
+            executable=classes["executable"],
+            on_placeholders=sum(
+                r["exec"] == "executable" and r["exec_detail"].startswith("placeholder")
+                for r in rows
+            ),
+            exec_failures={k: v for k, v in classes.items() if k != "executable"},
+        )
     return summary, rows
 
 
 def results_table(results):
     """Markdown table, one row per model, the paper's metrics in percent."""
-    lines = ["| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU | judge score |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU | judge score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in results.items():
-        ex = (f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; {s.get('on_placeholders', 0)} on "
-              f"placeholder inputs)" if "executability" in s else "-")
-        lines.append(f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} | {100 * s['hallucination']:.1f} "
-                     f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} | "
-                     + (f"{s['judge_score']:.3f} |" if "judge_score" in s else "- |"))
+        ex = (
+            f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; {s.get('on_placeholders', 0)} on "
+            f"placeholder inputs)"
+            if "executability" in s
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} | {100 * s['hallucination']:.1f} "
+            f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} | "
+            + (f"{s['judge_score']:.3f} |" if "judge_score" in s else "- |")
+        )
     return "\n".join(lines)
 
 
@@ -247,40 +297,58 @@ def gorilla_answers_for(records):
 # -----------------------------------------------------------------------------
 # The evaluation stage of a run: SFT vs RLAIF vs Gorilla-7B on the same held-out questions
 
+
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained with)."""
     model = GPT.from_pretrained(model_dir).to(device)
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
-    responses = sample_answers(model, prompts, tok.eot, max_answer_tokens, temperature=0.0, seed=seed)
+    responses = sample_answers(
+        model, prompts, tok.eot, max_answer_tokens, temperature=0.0, seed=seed
+    )
     n = sum(p.numel() for p in model.parameters())
     return [tok.decode(r) for r in responses], f"{n / 1e6:.1f}M params"
 
 
 def make_sandbox(exec_mode, timeout=10.0, unsafe=False):
-    return None if exec_mode == "none" else Sandbox(offline=exec_mode == "offline", timeout=timeout, unsafe=unsafe)
+    return (
+        None
+        if exec_mode == "none"
+        else Sandbox(offline=exec_mode == "offline", timeout=timeout, unsafe=unsafe)
+    )
 
 
 def evaluate_stage(cfg, run, splits):
-    test = splits["test"][:cfg.eval_limit or None]
+    test = splits["test"][: cfg.eval_limit or None]
     db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results = {}
-    judge = RulesJudge(db) if cfg.judge == "rules" else None  # judging test answers is free offline only
-    models = (("SFT", run / RUN_FILES["sft_model"]), ("RLAIF", run / RUN_FILES["ppo_model"]),
-              ("d-RLAIF", run / RUN_FILES["drlaif"] / "model"), ("RLOO", run / RUN_FILES["rloo"] / "model"),
-              ("GRPO", run / RUN_FILES["grpo"] / "model"),
-              ("DPO", run / RUN_FILES["dpo"] / "model"))
+    judge = (
+        RulesJudge(db) if cfg.judge == "rules" else None
+    )  # judging test answers is free offline only
+    models = (
+        ("SFT", run / RUN_FILES["sft_model"]),
+        ("RLAIF", run / RUN_FILES["ppo_model"]),
+        ("d-RLAIF", run / RUN_FILES["drlaif"] / "model"),
+        ("RLOO", run / RUN_FILES["rloo"] / "model"),
+        ("GRPO", run / RUN_FILES["grpo"] / "model"),
+        ("DPO", run / RUN_FILES["dpo"] / "model"),
+    )
     for name, model_dir in models:
         if not model_dir.exists():  # d-RLAIF, RLOO, GRPO and DPO exist with --compare only
             continue
-        answers, size = model_answers(model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device,
-                                      cfg.seed)
-        write_jsonl(run / "evaluate" / f"{name.lower()}_answers.jsonl",
-                    [dict(question_id=r.line, text=a) for r, a in zip(test, answers)])
+        answers, size = model_answers(
+            model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device, cfg.seed
+        )
+        write_jsonl(
+            run / "evaluate" / f"{name.lower()}_answers.jsonl",
+            [dict(question_id=r.line, text=a) for r, a in zip(test, answers)],
+        )
         key = f"{name} ({cfg.init}, {size})"
         results[key], _ = score_answers(answers, test, db, sandbox)
         if judge is not None:
-            results[key]["judge_score"] = sum(judge_score(judge, r, a) for r, a in zip(test, answers)) / len(test)
+            results[key]["judge_score"] = sum(
+                judge_score(judge, r, a) for r, a in zip(test, answers)
+            ) / len(test)
         log(f"[evaluate] {name} scored")
     for pick in ("rm", "judge"):
         picked = run / RUN_FILES["best_of_n"].format(pick=pick)
@@ -289,36 +357,55 @@ def evaluate_stage(cfg, run, splits):
             name = f"SFT best-of-{cfg.best_of_n} ({'reward model' if pick == 'rm' else 'judge'}'s pick)"
             results[name], _ = score_answers([given[r.line] for r in test], test, db, sandbox)
     gorilla, kept = gorilla_answers_for(test)
-    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = \
+    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = (
         score_answers(gorilla, kept, db, sandbox)
+    )
     if sandbox is not None and not sandbox.isolated:
         results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
     (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
     tensorboard_text("evaluate/results", results_table(results), 0)
-    write_metrics(run / "evaluate" / "metrics.jsonl", [dict(method=k, **{m: v for m, v in s.items() if m != "exec_failures"})
-                                                     for k, s in results.items()])
+    write_metrics(
+        run / "evaluate" / "metrics.jsonl",
+        [
+            dict(method=k, **{m: v for m, v in s.items() if m != "exec_failures"})
+            for k, s in results.items()
+        ],
+    )
     return dict(results=results)
 
 
 # -----------------------------------------------------------------------------
 # Pictures of a run: training curves and the results table (matplotlib, optional)
 
-CURVES = (("sft", "loss", "SFT loss"),
-          ("reward", "accuracy", "reward model: pairwise accuracy (train batches, held-out prompts)"),
-          ("ppo", "objective/scores", "PPO: rollouts' score (moving average), greedy validation"),
-          ("ppo", "objective/kl", "PPO: KL to SFT (nats per answer)"),
-          ("ppo", "completions/mean_length", "PPO: answer length (tokens)"),
-          ("ppo", "completions/clipped_ratio", "PPO: share cut off before end-of-text"))
-POLICY_RUNS = (("ppo", "RLAIF (PPO)"), ("compare/drlaif", "d-RLAIF"), ("compare/rloo", "RLOO"),
-               ("compare/grpo", "GRPO"))
+CURVES = (
+    ("sft", "loss", "SFT loss"),
+    ("reward", "accuracy", "reward model: pairwise accuracy (train batches, held-out prompts)"),
+    ("ppo", "objective/scores", "PPO: rollouts' score (moving average), greedy validation"),
+    ("ppo", "objective/kl", "PPO: KL to SFT (nats per answer)"),
+    ("ppo", "completions/mean_length", "PPO: answer length (tokens)"),
+    ("ppo", "completions/clipped_ratio", "PPO: share cut off before end-of-text"),
+)
+POLICY_RUNS = (
+    ("ppo", "RLAIF (PPO)"),
+    ("compare/drlaif", "d-RLAIF"),
+    ("compare/rloo", "RLOO"),
+    ("compare/grpo", "GRPO"),
+)
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+    return (
+        [json.loads(line) for line in Path(path).read_text().splitlines()]
+        if Path(path).exists()
+        else []
+    )
 
 
 def smooth(ys, k=10):
-    return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+    return [
+        sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+        for i in range(len(ys))
+    ]
 
 
 def plot_measured(ax, run, stage, key):
@@ -329,17 +416,29 @@ def plot_measured(ax, run, stage, key):
         val = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "val_loss" in r]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     if stage == "reward":
-        held = [r for r in read_metrics(run / "reward" / "metrics.jsonl") if "heldout/accuracy" in r]
-        ax.plot([r["step"] for r in held], [r["heldout/accuracy"] for r in held], "o-",
-                label="held-out prompts, policy pairs")
+        held = [
+            r for r in read_metrics(run / "reward" / "metrics.jsonl") if "heldout/accuracy" in r
+        ]
+        ax.plot(
+            [r["step"] for r in held],
+            [r["heldout/accuracy"] for r in held],
+            "o-",
+            label="held-out prompts, policy pairs",
+        )
     if key == "objective/scores":
         twin = None
         for folder, label in POLICY_RUNS:
-            val = [r for r in read_metrics(run / folder / "metrics.jsonl") if "eval/judge_score" in r]
+            val = [
+                r for r in read_metrics(run / folder / "metrics.jsonl") if "eval/judge_score" in r
+            ]
             if val:
                 twin = twin or ax.twinx()
-                twin.plot([r["iteration"] for r in val], [r["eval/judge_score"] for r in val], "o--",
-                          label=f"{label}: greedy validation, judge score (right)")
+                twin.plot(
+                    [r["iteration"] for r in val],
+                    [r["eval/judge_score"] for r in val],
+                    "o--",
+                    label=f"{label}: greedy validation, judge score (right)",
+                )
         if twin is not None:
             twin.legend(fontsize=7, loc="lower right")
 
@@ -350,6 +449,7 @@ def plot_runs(run_dirs, out_dir=None):
     the mean over the runs, a bar from min to max). Returns {file: number of panels}."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -361,17 +461,31 @@ def plot_runs(run_dirs, out_dir=None):
     for ax, (stage, key, title) in zip(axes.flat, CURVES):
         sources = POLICY_RUNS if stage == "ppo" else ((stage, stage),)
         for folder, label in sources:
-            rows = [r for r in read_metrics(runs[0] / folder / "metrics.jsonl") if r.get(key) is not None]
+            rows = [
+                r
+                for r in read_metrics(runs[0] / folder / "metrics.jsonl")
+                if r.get(key) is not None
+            ]
             xs, ys = [r.get("iteration", r.get("step")) for r in rows], [r[key] for r in rows]
             if ys:  # noisy per-batch values are drawn as a moving average
                 noisy = stage == "reward" or key == "objective/scores"
-                ax.plot(xs, smooth(ys) if noisy else ys, label=label + (" (batch)" if stage == "reward" else ""))
+                ax.plot(
+                    xs,
+                    smooth(ys) if noisy else ys,
+                    label=label + (" (batch)" if stage == "reward" else ""),
+                )
         plot_measured(ax, runs[0], stage, key)
         ax.set_title(title, fontsize=10)
         if ax.lines:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, f"no {stage}/metrics.jsonl in this run", ha="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"no {stage}/metrics.jsonl in this run",
+                ha="center",
+                transform=ax.transAxes,
+            )
     fig.tight_layout()
     fig.savefig(out / "curves.png")
     plt.close(fig)
@@ -380,14 +494,25 @@ def plot_runs(run_dirs, out_dir=None):
         results = json.loads((run / "evaluate" / "done.json").read_text())["results"]
         for name, m in results.items():
             by_method.setdefault(name.split(" (")[0], []).append(m)
-    metrics = (("executability", "executability"), ("ast_accuracy", "AST accuracy"), ("hallucination", "hallucination"))
+    metrics = (
+        ("executability", "executability"),
+        ("ast_accuracy", "AST accuracy"),
+        ("hallucination", "hallucination"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 5), dpi=100)
     for ax, (key, title) in zip(axes, metrics):
         names = [n for n, ms in by_method.items() if all(key in m for m in ms)]
         vals = [[100 * m[key] for m in by_method[n]] for n in names]
         means = [sum(v) / len(v) for v in vals]
-        ax.barh(names, means, xerr=[[max(0.0, mu - min(v)) for mu, v in zip(means, vals)],  # rounding: never < 0
-                                    [max(0.0, max(v) - mu) for mu, v in zip(means, vals)]], capsize=3)
+        ax.barh(
+            names,
+            means,
+            xerr=[
+                [max(0.0, mu - min(v)) for mu, v in zip(means, vals)],  # rounding: never < 0
+                [max(0.0, max(v) - mu) for mu, v in zip(means, vals)],
+            ],
+            capsize=3,
+        )
         ax.invert_yaxis()
         ax.set_title(f"{title} (%, {len(runs)} run{'s' if len(runs) > 1 else ''})", fontsize=10)
     fig.tight_layout()
@@ -409,51 +534,91 @@ def read_answers(path):
                 obj = json.loads(line)
                 qid, text = obj["question_id"], obj["text"]
                 if not isinstance(qid, int) or not isinstance(text, str):
-                    raise TypeError(f"question_id must be an integer and text a string, not "
-                                    f"{type(qid).__name__} and {type(text).__name__}")
+                    raise TypeError(
+                        f"question_id must be an integer and text a string, not "
+                        f"{type(qid).__name__} and {type(text).__name__}"
+                    )
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path}:{i}: expected a JSON object with question_id and text ({e})") from None
+                raise SystemExit(
+                    f"{path}:{i}: expected a JSON object with question_id and text ({e})"
+                ) from None
             given[qid] = text
     escaped = sum("\\n" in t and "\n" not in t for t in given.values())
     if escaped > len(given) / 2:  # Gorilla's response files escape newlines and quotes
         given = {q: prepare.unescape_gorilla(t) for q, t in given.items()}
-        print(f"[evaluate] {path}: Gorilla's escaped format recognised (newlines and quotes unescaped)")
+        print(
+            f"[evaluate] {path}: Gorilla's escaped format recognised (newlines and quotes unescaped)"
+        )
     return given
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score answers to the held-out Gorilla questions with the paper's "
-                                "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
-                                "source flag: the evaluation stage of the run in --run-dir.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run-dir", default="runs/tiny", help="a run whose earlier stages are done (no source flag)")
+    p = argparse.ArgumentParser(
+        description="Score answers to the held-out Gorilla questions with the paper's "
+        "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
+        "source flag: the evaluation stage of the run in --run-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--run-dir",
+        default="runs/tiny",
+        help="a run whose earlier stages are done (no source flag)",
+    )
     p.add_argument("--force", action="store_true", help="redo a finished evaluation of --run-dir")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--answers", help="JSONL with question_id and text (Gorilla's response format)")
-    src.add_argument("--model", help="a model directory (config.json + model.safetensors) to generate with")
+    src.add_argument(
+        "--answers", help="JSONL with question_id and text (Gorilla's response format)"
+    )
+    src.add_argument(
+        "--model", help="a model directory (config.json + model.safetensors) to generate with"
+    )
     src.add_argument("--gorilla", action="store_true", help="Gorilla-7B's published answers")
-    src.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw curves.png and results.png of run "
-                     "directories (results: the range over them) into the first one's evaluate/; needs matplotlib")
-    p.add_argument("--split", choices=("test", "all"), default="test",
-                   help="questions: the offline held-out split or all parsable eval records")
-    p.add_argument("--exec-mode", choices=("offline", "real", "none"), default="offline",
-                   help="executability: checking stand-ins without network, real libraries, or skip")
+    src.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="draw curves.png and results.png of run "
+        "directories (results: the range over them) into the first one's evaluate/; needs matplotlib",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "all"),
+        default="test",
+        help="questions: the offline held-out split or all parsable eval records",
+    )
+    p.add_argument(
+        "--exec-mode",
+        choices=("offline", "real", "none"),
+        default="offline",
+        help="executability: checking stand-ins without network, real libraries, or skip",
+    )
     p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per snippet")
-    p.add_argument("--max-answer-tokens", type=int, default=160, help="answer length cap for --model")
+    p.add_argument(
+        "--max-answer-tokens", type=int, default=160, help="answer length cap for --model"
+    )
     p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
     args = p.parse_args(argv)
     if not (args.answers or args.model or args.gorilla or args.plot):
-        given = [f"--{k.replace('_', '-')}" for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens",
-                                                       "device", "out") if getattr(args, k) != p.get_default(k)]
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens", "device", "out")
+            if getattr(args, k) != p.get_default(k)
+        ]
         if given:
-            p.error(f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage of "
-                    f"--run-dir uses the run's recorded settings")
-        cfg, run = stage_command_line("evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force)
+            p.error(
+                f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage of "
+                f"--run-dir uses the run's recorded settings"
+            )
+        cfg, run = stage_command_line(
+            "evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force
+        )
         return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))
     if args.plot:
         made = plot_runs(args.plot)
-        return print("\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items()))
+        return print(
+            "\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items())
+        )
 
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True)
     if args.split == "test":
@@ -462,17 +627,22 @@ def main(argv=None):
         given = read_answers(args.answers)
         records = [r for r in records if r.line in given]
         if not records:
-            raise SystemExit(f"{args.answers}: none of its {len(given)} question_ids is a question of the "
-                             f"{args.split} split (question_id = line of data/gorilla/huggingface_eval.json)")
+            raise SystemExit(
+                f"{args.answers}: none of its {len(given)} question_ids is a question of the "
+                f"{args.split} split (question_id = line of data/gorilla/huggingface_eval.json)"
+            )
         answers, name = [given[r.line] for r in records], Path(args.answers).stem
     elif args.gorilla:
         answers, records = gorilla_answers_for(records)
         name = "Gorilla-7B (published answers)"
     else:
-        answers, size = model_answers(args.model, [r.instruction for r in records], args.max_answer_tokens,
-                                      args.device)
+        answers, size = model_answers(
+            args.model, [r.instruction for r in records], args.max_answer_tokens, args.device
+        )
         name = f"{args.model} ({size})"
-    summary, rows = score_answers(answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout))
+    summary, rows = score_answers(
+        answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout)
+    )
     print(results_table({name: summary}))
     if "exec_failures" in summary:
         print(f"executability failures by class: {summary['exec_failures']}")

@@ -11,6 +11,7 @@ Everything the rest of the project does with a language model lives here, once:
   - training helpers shared by every stage: optimizer, LR schedule, autocast, progress lines, and saving
     and loading weights and plain state atomically (run directories and their files: runs.py).
 """
+
 import contextlib
 import errno
 import json
@@ -38,26 +39,29 @@ def log(msg):
 # -----------------------------------------------------------------------------
 # Config
 
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024      # longest sequence (prompt + answer) the position table covers
-    vocab_size: int = 50257     # GPT-2's BPE; the tiny preset uses a compact remap (see Tokenizer)
+    block_size: int = 1024  # longest sequence (prompt + answer) the position table covers
+    vocab_size: int = 50257  # GPT-2's BPE; the tiny preset uses a compact remap (see Tokenizer)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0        # off by default: RLHF needs deterministic log-probs (Huang et al. 2023)
+    dropout: float = 0.0  # off by default: RLHF needs deterministic log-probs (Huang et al. 2023)
     layer_norm_epsilon: float = 1e-5
 
 
 PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M, the paper's model
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M, the paper's model
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # CPU preset, trained from scratch: 4 layers, 256 wide, on the compact vocabulary
     # (data/gorilla/vocab.json), so that the embedding and output layer stop dominating compute.
     "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=512, vocab_size=None),
-    "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=None),  # tests, smoke runs
+    "micro": dict(
+        n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=None
+    ),  # tests, smoke runs
 }
 
 
@@ -67,12 +71,15 @@ def preset_config(name, vocab_size=50257):
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     kw = dict(PRESETS[name])
     if kw.get("vocab_size", 0) is None:
-        kw["vocab_size"] = -(-vocab_size // 64) * 64  # round up: matmuls like multiples of 64 (nanoGPT)
+        kw["vocab_size"] = (
+            -(-vocab_size // 64) * 64
+        )  # round up: matmuls like multiples of 64 (nanoGPT)
     return GPTConfig(**kw)
 
 
 # -----------------------------------------------------------------------------
 # The network
+
 
 class KVCache:
     """Preallocated keys/values for every layer, so sampling step t attends to steps < t
@@ -86,8 +93,8 @@ class KVCache:
 
     def update(self, layer, k, v):
         end = self.len + k.size(2)
-        self.k[layer][:, :, self.len:end] = k
-        self.v[layer][:, :, self.len:end] = v
+        self.k[layer][:, :, self.len : end] = k
+        self.v[layer][:, :, self.len : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -106,8 +113,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -120,7 +128,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+        return self.dropout(
+            self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        )  # GPT-2's "gelu_new"
 
 
 class Block(nn.Module):
@@ -142,17 +152,22 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+        for (
+            name,
+            p,
+        ) in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -173,7 +188,9 @@ class GPT(nn.Module):
         # Position ids count real tokens only, so a left-padded row sees the same positions as unpadded.
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if pos.max() >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}"
+            )
         # Boolean mask (B, 1, T, S): causal AND key is a real token. A query may always see itself,
         # so padding rows never have an empty softmax (their outputs are ignored downstream).
         q_idx = torch.arange(past, past + T, device=idx.device)[:, None]
@@ -205,12 +222,15 @@ class GPT(nn.Module):
             config_file, weights_file = path / "config.json", path / "model.safetensors"
         else:
             from huggingface_hub import hf_hub_download  # comes with `datasets`; only used online
+
             try:
                 config_file = Path(hf_hub_download(str(name_or_dir), "config.json"))
                 weights_file = Path(hf_hub_download(str(name_or_dir), "model.safetensors"))
             except Exception as e:
-                raise RuntimeError(f"could not download {name_or_dir!r} from the Hugging Face Hub ({e}); "
-                                   "pass a local directory with config.json and model.safetensors") from e
+                raise RuntimeError(
+                    f"could not download {name_or_dir!r} from the Hugging Face Hub ({e}); "
+                    "pass a local directory with config.json and model.safetensors"
+                ) from e
         config = cls._read_hf_config(config_file)
         model = cls(config)
         model._load_hf_weights(weights_file)
@@ -221,25 +241,39 @@ class GPT(nn.Module):
         try:
             hf = json.loads(Path(config_file).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{config_file}: missing (a GPT-2 checkpoint needs config.json)") from None
+            raise FileNotFoundError(
+                f"{config_file}: missing (a GPT-2 checkpoint needs config.json)"
+            ) from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        keys = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
-                    n_head="n_head", n_embd="n_embd")
+            raise ValueError(
+                f"{config_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
+        keys = dict(
+            block_size="n_positions",
+            vocab_size="vocab_size",
+            n_layer="n_layer",
+            n_head="n_head",
+            n_embd="n_embd",
+        )
         missing = [hf_key for hf_key in keys.values() if hf_key not in hf]
         if missing:
             raise ValueError(f"{config_file}: missing field(s) {missing}")
-        return GPTConfig(layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                         **{ours: int(hf[theirs]) for ours, theirs in keys.items()})
+        return GPTConfig(
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            **{ours: int(hf[theirs]) for ours, theirs in keys.items()},
+        )
 
     def _load_hf_weights(self, weights_file):
         from safetensors import safe_open
+
         ours = self.state_dict()
         try:
             with safe_open(str(weights_file), framework="pt") as f:
                 theirs = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
         except FileNotFoundError:
-            raise FileNotFoundError(f"{weights_file}: missing (a GPT-2 checkpoint needs model.safetensors)") from None
+            raise FileNotFoundError(
+                f"{weights_file}: missing (a GPT-2 checkpoint needs model.safetensors)"
+            ) from None
         except Exception as e:
             raise ValueError(f"{weights_file}: not a readable safetensors file ({e})") from None
         for key in ours:
@@ -252,8 +286,10 @@ class GPT(nn.Module):
             if key.endswith(self.CONV1D):
                 t = t.t()
             if t.shape != ours[key].shape:
-                raise ValueError(f"{weights_file}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(ours[key].shape)} for this config.json")
+                raise ValueError(
+                    f"{weights_file}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(ours[key].shape)} for this config.json"
+                )
             with torch.no_grad():
                 ours[key].copy_(t)
 
@@ -262,13 +298,26 @@ class GPT(nn.Module):
         GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the compact vocabulary).
         Written aside and renamed into place (atomic_dir): out_dir is a complete model or absent."""
         from safetensors.torch import save_file
+
         c = self.config
-        hf_config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
-                         n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                         n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon,
-                         activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                         attn_pdrop=c.dropout, tie_word_embeddings=True,
-                         bos_token_id=eot, eos_token_id=eot)
+        hf_config = dict(
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            n_positions=c.block_size,
+            n_ctx=c.block_size,
+            vocab_size=c.vocab_size,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            layer_norm_epsilon=c.layer_norm_epsilon,
+            activation_function="gelu_new",
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            tie_word_embeddings=True,
+            bos_token_id=eot,
+            eos_token_id=eot,
+        )
         generation = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
         tensors = {}
         for key, t in self.state_dict().items():
@@ -276,14 +325,23 @@ class GPT(nn.Module):
                 continue  # tied; transformers re-ties it on load
             t = t.detach().to("cpu", torch.float32)
             tensors[key] = (t.t() if key.endswith(self.CONV1D) else t).contiguous()
-        files = {"config.json": json.dumps(hf_config, indent=2), "generation_config.json": json.dumps(generation)}
-        if c.vocab_size >= 50257:  # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
+        files = {
+            "config.json": json.dumps(hf_config, indent=2),
+            "generation_config.json": json.dumps(generation),
+        }
+        if (
+            c.vocab_size >= 50257
+        ):  # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
             files.update(gpt2_tokenizer_files(c.block_size))
 
         def write(tmp_dir):
             for name, text in files.items():
                 atomic_write(tmp_dir / name, lambda p, text=text: Path(p).write_text(text))
-            atomic_write(tmp_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            atomic_write(
+                tmp_dir / "model.safetensors",
+                lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            )
+
         atomic_dir(out_dir, write)
 
 
@@ -296,10 +354,12 @@ class ScalarModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))  # lm-human-preferences
+        nn.init.normal_(
+            self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1)
+        )  # lm-human-preferences
         nn.init.zeros_(self.head.bias)
         self.aux = nn.Linear(backbone.config.n_embd, n_aux) if n_aux else None
-        self.register_buffer("gain", torch.ones(()))   # reward normalisation, set after training
+        self.register_buffer("gain", torch.ones(()))  # reward normalisation, set after training
         self.register_buffer("bias", torch.zeros(()))
 
     def forward(self, ids, mask):
@@ -312,14 +372,16 @@ class ScalarModel(nn.Module):
             return
         blocks = self.backbone.transformer.h
         self.backbone.requires_grad_(False)
-        for block in list(blocks)[len(blocks) - train_blocks:] if train_blocks else []:
+        for block in list(blocks)[len(blocks) - train_blocks :] if train_blocks else []:
             block.requires_grad_(True)
         self.backbone.transformer.ln_f.requires_grad_(train_blocks > 0)
 
     def score_and_aux(self, query, query_mask, response, response_mask):
         """(normalised reward, auxiliary logits or None) of each (query, response), read at the
         response's last real token."""
-        hidden = self.backbone.hidden_states(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+        hidden = self.backbone.hidden_states(
+            torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+        )
         last = query.size(1) + response_mask.sum(1) - 1
         h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         raw = self.head(h).squeeze(-1)
@@ -330,15 +392,24 @@ class ScalarModel(nn.Module):
         return self.score_and_aux(query, query_mask, response, response_mask)[0]
 
     def save(self, path, **extra):
-        save_checkpoint(path, model=self.state_dict(), config=vars(self.backbone.config),
-                        n_aux=self.aux.out_features if self.aux is not None else 0, **extra)
+        save_checkpoint(
+            path,
+            model=self.state_dict(),
+            config=vars(self.backbone.config),
+            n_aux=self.aux.out_features if self.aux is not None else 0,
+            **extra,
+        )
 
     @classmethod
     def load(cls, path, device="cpu"):
         ckpt = load_checkpoint(path, device)
-        if ckpt.get("lm_weight"):  # a setting that was removed: its score cannot be read the same way
-            raise ValueError(f"{path}: made with --rm-lm-weight, which this version removed "
-                             "(docs/experiments.md); redo the reward stage (python reward.py --force)")
+        if ckpt.get(
+            "lm_weight"
+        ):  # a setting that was removed: its score cannot be read the same way
+            raise ValueError(
+                f"{path}: made with --rm-lm-weight, which this version removed "
+                "(docs/experiments.md); redo the reward stage (python reward.py --force)"
+            )
         m = cls(GPT(config_from_dict(ckpt["config"])), ckpt.get("n_aux", 0))
         m.load_state_dict(ckpt["model"])
         return m.to(device), ckpt
@@ -354,13 +425,20 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 def gpt2_encoding():
     """tiktoken's GPT-2 encoding; offline, the identical one built from data/gpt2.tiktoken."""
     import tiktoken
+
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:
         from tiktoken.load import load_tiktoken_bpe
+
         ranks = load_tiktoken_bpe(str(ROOT / "data" / "gpt2.tiktoken"))
-        return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+        return tiktoken.Encoding(
+            "gpt2",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={EOT: 50256},
+            explicit_n_vocab=50257,
+        )
 
 
 def gpt2_tokenizer_files(max_length):
@@ -370,8 +448,10 @@ def gpt2_tokenizer_files(max_length):
     enc = gpt2_encoding()
     ranks = enc._mergeable_ranks
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode
-    alphabet = {b: chr(b) if b in printable else chr(256 + sum(1 for x in range(b) if x not in printable))
-                for b in range(256)}
+    alphabet = {
+        b: chr(b) if b in printable else chr(256 + sum(1 for x in range(b) if x not in printable))
+        for b in range(256)
+    }
     spell = lambda token: "".join(alphabet[b] for b in token)
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -379,14 +459,26 @@ def gpt2_tokenizer_files(max_length):
             continue
         parts = [bytes([b]) for b in token]
         while len(parts) > 2:
-            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], float("inf")))
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            i = min(
+                range(len(parts) - 1),
+                key=lambda i: ranks.get(parts[i] + parts[i + 1], float("inf")),
+            )
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
     vocab = {spell(t): r for t, r in ranks.items()} | {EOT: 50256}
-    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=max_length, bos_token=EOT, eos_token=EOT,
-                  unk_token=EOT, add_prefix_space=False)
-    return {"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-            "tokenizer_config.json": json.dumps(config)}
+    config = dict(
+        tokenizer_class="GPT2Tokenizer",
+        model_max_length=max_length,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        add_prefix_space=False,
+    )
+    return {
+        "vocab.json": json.dumps(vocab),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps(config),
+    }
 
 
 class Tokenizer:
@@ -400,7 +492,9 @@ class Tokenizer:
         if vocab_file is not None:
             self.gpt2_ids = json.loads(Path(vocab_file).read_text())
             self.compact = {g: i for i, g in enumerate(self.gpt2_ids)}
-            self.byte_ids = [self.compact[self.enc.encode_single_token(bytes([b]))] for b in range(256)]
+            self.byte_ids = [
+                self.compact[self.enc.encode_single_token(bytes([b]))] for b in range(256)
+            ]
         self.vocab_size = len(self.gpt2_ids) if self.gpt2_ids else self.enc.n_vocab
         self.eot = self.encode(EOT)[0]
 
@@ -425,6 +519,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # Batches, sampling and log-probs: one implementation each
 
+
 def left_pad(seqs, pad, device="cpu"):
     """Left-pad token lists into (B, T) ids and a 1/0 attention mask."""
     T = max(len(s) for s in seqs)
@@ -432,8 +527,8 @@ def left_pad(seqs, pad, device="cpu"):
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
+            ids[i, T - len(s) :] = torch.tensor(s)
+            mask[i, T - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -443,8 +538,8 @@ def right_pad(seqs, pad, device="cpu"):
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -464,7 +559,9 @@ def sample(probs, generator=None):
     # The uniforms come from `generator` on its own device (a CPU generator cannot fill a CUDA tensor)
     # and are then moved: the same seed gives the same draws on CPU and GPU.
     device = generator.device if generator is not None else cdf.device
-    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=device, generator=generator).to(cdf.device)
+    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=device, generator=generator).to(
+        cdf.device
+    )
     u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
@@ -515,9 +612,17 @@ def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last
     order = list(range(len(keys)))
     random.Random(shuffle_seed).shuffle(order)
     group = 32 * batch_size
-    order = [j for g in range(0, len(order), group) for j in sorted(order[g:g + group], key=lambda j: keys[j])]
-    end = len(order) // batch_size * batch_size if drop_last and len(order) >= batch_size else len(order)
-    batches = [order[b:b + batch_size] for b in range(0, end, batch_size)]
+    order = [
+        j
+        for g in range(0, len(order), group)
+        for j in sorted(order[g : g + group], key=lambda j: keys[j])
+    ]
+    end = (
+        len(order) // batch_size * batch_size
+        if drop_last and len(order) >= batch_size
+        else len(order)
+    )
+    batches = [order[b : b + batch_size] for b in range(0, end, batch_size)]
     random.Random(batch_seed).shuffle(batches)
     return batches
 
@@ -527,15 +632,18 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
     similar length (less left padding); one seeded generator on the CPU whatever the model's device."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: same seed, same order
+    order = sorted(
+        range(len(prompts)), key=lambda i: len(prompts[i])
+    )  # stable: same seed, same order
     out, t0 = [None] * len(prompts), time.time()
     model.eval()
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         query, query_mask = left_pad([prompts[i] for i in rows], eot, device)
         with autocast(device):
-            response, response_mask, _ = generate(model, query, query_mask, max_new_tokens, eot, temperature,
-                                                  generator=generator)
+            response, response_mask, _ = generate(
+                model, query, query_mask, max_new_tokens, eot, temperature, generator=generator
+            )
         for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist()):
             out[i] = r[:m]
         n = min(start + batch_size, len(order))
@@ -543,14 +651,20 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
     return out
 
 
-def response_logprobs(model, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False):
+def response_logprobs(
+    model, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False
+):
     """Teacher-forced log-probs (B, R) of `response` given left-padded `query` (zero on padding).
     Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions that
     predict a real response token: in a padded batch most positions are prompt or padding, and the head
     is about half of a small model's compute. with_entropy: also each position's entropy (B, R)."""
-    hidden = model.hidden_states(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+    hidden = model.hidden_states(
+        torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+    )
     real = response_mask.bool()
-    logits = model.lm_head(hidden[:, query.size(1) - 1:-1][real]).float()  # (N real tokens, vocab)
+    logits = model.lm_head(
+        hidden[:, query.size(1) - 1 : -1][real]
+    ).float()  # (N real tokens, vocab)
     if temperature not in (0, 1):
         logits = logits / temperature
     logp = logits.log_softmax(-1)
@@ -566,11 +680,14 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
 # -----------------------------------------------------------------------------
 # Training helpers shared by SFT, the reward model and PPO
 
+
 def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
     """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed (nanoGPT)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [
+        dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
 
 
@@ -584,7 +701,9 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
 
 def autocast(device):
     """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+    return torch.autocast(
+        device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")
+    )
 
 
 def progress(done, total, t0):
@@ -614,8 +733,11 @@ def atomic_write(path, write):
 
 def write_error(path, e):
     """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit it."""
-    full = (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-            or free_bytes(Path(path).parent) < 1 << 20)
+    full = (
+        getattr(e, "errno", None) == errno.ENOSPC
+        or "No space left" in str(e)
+        or free_bytes(Path(path).parent) < 1 << 20
+    )
     cause = "no space left on device" if full else f"{type(e).__name__}: {e}"
     code = errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO
     return OSError(code, f"cannot write {path}: {cause}")
@@ -673,7 +795,9 @@ def atomic_dir(path, write):
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # frees what a full disk needs; a kill's leftover goes next time
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # frees what a full disk needs; a kill's leftover goes next time
         raise
     if path.exists():
         shutil.rmtree(path)  # a crash here leaves the new one complete in tmp, none at `path`
@@ -687,8 +811,10 @@ def load_checkpoint(path, device="cpu"):
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
-                         "stage's done.json) to redo the stage that wrote it") from None
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
+            "stage's done.json) to redo the stage that wrote it"
+        ) from None
 
 
 def config_from_dict(d):

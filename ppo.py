@@ -28,6 +28,7 @@ the advantage.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
 Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
 """
+
 import random
 import time
 from dataclasses import dataclass
@@ -38,48 +39,107 @@ import torch
 
 from data.gorilla import prepare
 from reward import judge_score, load_reward_model, make_judge
-from model import (GPT, ScalarModel, autocast, generate, left_pad, log, make_optimizer, progress, response_logprobs,
-                   right_pad, sample_answers, save_checkpoint)
-from runs import (DIST, RUN_FILES, all_sum, average_gradients, barrier, global_mean, global_std, is_main, metrics_tag,
-                  resume, run_stage, shard, stage_command_line, tensorboard_text, write_metrics)
+from model import (
+    GPT,
+    ScalarModel,
+    autocast,
+    generate,
+    left_pad,
+    log,
+    make_optimizer,
+    progress,
+    response_logprobs,
+    right_pad,
+    sample_answers,
+    save_checkpoint,
+)
+from runs import (
+    DIST,
+    RUN_FILES,
+    all_sum,
+    average_gradients,
+    barrier,
+    global_mean,
+    global_std,
+    is_main,
+    metrics_tag,
+    resume,
+    run_stage,
+    shard,
+    stage_command_line,
+    tensorboard_text,
+    write_metrics,
+)
 
 
 @dataclass
 class PPOConfig:
-    iterations: Annotated[int, "PPO iterations (one rollout batch + its update each), critic warm-up included",
-                          ">= 1"] = 40
+    iterations: Annotated[
+        int, "PPO iterations (one rollout batch + its update each), critic warm-up included", ">= 1"
+    ] = 40
     batch_size: Annotated[int, "answers sampled per iteration", ">= 1"] = 32
-    rollouts_per_prompt: Annotated[int, "answers per prompt in a batch; their mean score is each one's "
-                                        "baseline (1 = no per-prompt baseline)", ">= 1"] = 4
+    rollouts_per_prompt: Annotated[
+        int,
+        "answers per prompt in a batch; their mean score is each one's "
+        "baseline (1 = no per-prompt baseline)",
+        ">= 1",
+    ] = 4
     minibatch_size: Annotated[int, "answers per gradient step", ">= 1"] = 16
-    grad_accum: Annotated[int, "minibatches accumulated per optimizer step (big models on one GPU)", ">= 1"] = 1
+    grad_accum: Annotated[
+        int, "minibatches accumulated per optimizer step (big models on one GPU)", ">= 1"
+    ] = 1
     epochs: Annotated[int, "passes over each rollout batch", ">= 1"] = 2
     lr: Annotated[float, "AdamW learning rate of the policy", "> 0"] = 2e-5
     vf_lr: Annotated[float, "AdamW learning rate of the value model", "> 0"] = 1e-4
-    critic_warmup: Annotated[int, "first iterations that train only the value model (the policy waits)",
-                             ">= 0"] = 2
-    advantage: Annotated[str, "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic; "
-                              "grpo: group-normalised score, KL as a loss term [not in the paper]",
-                         ("gae", "rloo", "grpo")] = "gae"
+    critic_warmup: Annotated[
+        int, "first iterations that train only the value model (the policy waits)", ">= 0"
+    ] = 2
+    advantage: Annotated[
+        str,
+        "gae: PPO's critic and GAE (the paper); rloo: leave-one-out baseline, no critic; "
+        "grpo: group-normalised score, KL as a loss term [not in the paper]",
+        ("gae", "rloo", "grpo"),
+    ] = "gae"
     gamma: Annotated[float, "discount; 1 as in lm-human-preferences", ">= 0 and <= 1"] = 1.0
-    lam: Annotated[float, "GAE lambda; 1 carries the final score to every answer token", ">= 0 and <= 1"] = 1.0
-    whiten_advantages: Annotated[bool, "whiten advantages over the batch [N-details]; off: a batch with no "
-                                       "reward signal would be scaled up to full-size steps"] = False
+    lam: Annotated[
+        float, "GAE lambda; 1 carries the final score to every answer token", ">= 0 and <= 1"
+    ] = 1.0
+    whiten_advantages: Annotated[
+        bool,
+        "whiten advantages over the batch [N-details]; off: a batch with no "
+        "reward signal would be scaled up to full-size steps",
+    ] = False
     cliprange: Annotated[float, "PPO ratio clip epsilon", "> 0"] = 0.2
-    cliprange_value: Annotated[float, "value-prediction clip around the rollout values", "> 0"] = 0.2
+    cliprange_value: Annotated[float, "value-prediction clip around the rollout values", "> 0"] = (
+        0.2
+    )
     vf_coef: Annotated[float, "weight of the value loss", ">= 0"] = 0.1
     init_kl_coef: Annotated[float, "beta, the KL penalty coefficient at the start", ">= 0"] = 0.05
-    adaptive_kl: Annotated[bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"] = False
-    target_kl: Annotated[float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)", "> 0"] = 3.0
-    kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)", ">= 1"] = 1000
-    missing_eos_penalty: Annotated[float, "added to the score of answers cut off before <|endoftext|> "
-                                          "[N-details: EOS trick]; 0 disables"] = -1.0
-    val_every: Annotated[int, "score greedy answers to the validation questions after the first, every N-th "
-                              "and the last iteration (0 = never)", ">= 0"] = 10
+    adaptive_kl: Annotated[
+        bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"
+    ] = False
+    target_kl: Annotated[
+        float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)", "> 0"
+    ] = 3.0
+    kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)", ">= 1"] = (
+        1000
+    )
+    missing_eos_penalty: Annotated[
+        float,
+        "added to the score of answers cut off before <|endoftext|> "
+        "[N-details: EOS trick]; 0 disables",
+    ] = -1.0
+    val_every: Annotated[
+        int,
+        "score greedy answers to the validation questions after the first, every N-th "
+        "and the last iteration (0 = never)",
+        ">= 0",
+    ] = 10
 
 
 # -----------------------------------------------------------------------------
 # KL controllers (lm-human-preferences, train_policy.py)
+
 
 class FixedKLController:
     def __init__(self, kl_coef):
@@ -103,6 +163,7 @@ class AdaptiveKLController:
 
 # -----------------------------------------------------------------------------
 # The pieces, each a few lines, each tested in tests/test_ppo.py
+
 
 def masked_mean(x, mask):
     """Mean over the real tokens of the batch: of every rank's batch under torchrun (runs.all_sum is
@@ -129,7 +190,7 @@ def leave_one_out(x, k):
     if k <= 1:
         return x
     groups = x.view(-1, k)
-    return ((groups - (groups.sum(1, keepdim=True) - groups) / (k - 1))).view(-1)
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
 
 
 def shaped_score(score, ended, rollouts_per_prompt, missing_eos_penalty):
@@ -214,7 +275,7 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
     """V(s_t) for each answer token t: the value head at the position that predicts token t."""
     Q = query.size(1)
     values = value_model(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
-    return values[:, Q - 1:-1].float() * response_mask
+    return values[:, Q - 1 : -1].float() * response_mask
 
 
 def explained_variance(values, returns, mask):
@@ -239,73 +300,163 @@ def score_share(score, advantages, mask, gamma, lam):
 # -----------------------------------------------------------------------------
 # Rollout and update
 
+
 @torch.no_grad()
-def rollout(policy, ref_policy, value_model, score_fn, prompts, temperature, max_answer_tokens, eot, device,
-            generator):
+def rollout(
+    policy,
+    ref_policy,
+    value_model,
+    score_fn,
+    prompts,
+    temperature,
+    max_answer_tokens,
+    eot,
+    device,
+    generator,
+):
     """Sample answers and everything the update needs; nothing here carries gradients."""
     query, query_mask = left_pad(prompts, eot, device)
     policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
     t0 = time.time()
     with autocast(device):
-        response, response_mask, _ = generate(policy, query, query_mask, max_answer_tokens, eot, temperature,
-                                              generator=generator)
+        response, response_mask, _ = generate(
+            policy, query, query_mask, max_answer_tokens, eot, temperature, generator=generator
+        )
     t_gen = time.time() - t0
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from ratio exactly 1 [N-details: recompute logprobs].
-        logprobs = response_logprobs(policy, query, query_mask, response, response_mask, temperature)
-        ref_logprobs = response_logprobs(ref_policy, query, query_mask, response, response_mask, temperature)
-        values = (value_predictions(value_model, query, query_mask, response, response_mask)
-                  if value_model is not None else torch.zeros(response.shape, device=device))
+        logprobs = response_logprobs(
+            policy, query, query_mask, response, response_mask, temperature
+        )
+        ref_logprobs = response_logprobs(
+            ref_policy, query, query_mask, response, response_mask, temperature
+        )
+        values = (
+            value_predictions(value_model, query, query_mask, response, response_mask)
+            if value_model is not None
+            else torch.zeros(response.shape, device=device)
+        )
         score = score_fn(query, query_mask, response, response_mask).float()
     ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
-    return dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                mask=response_mask.float(), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                score=score, ended=ended, t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+    return dict(
+        query=query,
+        query_mask=query_mask,
+        response=response,
+        response_mask=response_mask,
+        mask=response_mask.float(),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        score=score,
+        ended=ended,
+        t_gen=t_gen,
+        t_score=time.time() - t0 - t_gen,
+    )
 
 
-def ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, temperature, grad_clip,
-               device, generator, train_policy=True, kl_coef=0.0):
+def ppo_update(
+    policy,
+    value_model,
+    optimizers,
+    batch,
+    advantages,
+    returns,
+    cfg,
+    temperature,
+    grad_clip,
+    device,
+    generator,
+    train_policy=True,
+    kl_coef=0.0,
+):
     """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
     train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only.
     GRPO adds kl_coef x the k3 KL to the SFT model to the loss."""
-    B, minibatch_size = batch["response"].size(0), cfg.minibatch_size // DIST.world  # this rank's rows
-    stats = {k: [] for k in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg",
-                             "objective/entropy")}
+    B, minibatch_size = (
+        batch["response"].size(0),
+        cfg.minibatch_size // DIST.world,
+    )  # this rank's rows
+    stats = {
+        k: []
+        for k in (
+            "loss/policy_avg",
+            "loss/value_avg",
+            "policy/clipfrac_avg",
+            "policy/approxkl_avg",
+            "objective/entropy",
+        )
+    }
     policy.train()
     if value_model is not None:
         value_model.train()
-    params = list(policy.parameters()) + (list(value_model.parameters()) if value_model is not None else [])
+    params = list(policy.parameters()) + (
+        list(value_model.parameters()) if value_model is not None else []
+    )
     starts = range(0, B, minibatch_size)
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
         for i, start in enumerate(starts):
-            idx = perm[start:start + minibatch_size].to(device)
-            mb = {k: batch[k][idx] for k in ("query", "query_mask", "response", "response_mask", "mask",
-                                                "logprobs", "ref_logprobs", "values")}
+            idx = perm[start : start + minibatch_size].to(device)
+            mb = {
+                k: batch[k][idx]
+                for k in (
+                    "query",
+                    "query_mask",
+                    "response",
+                    "response_mask",
+                    "mask",
+                    "logprobs",
+                    "ref_logprobs",
+                    "values",
+                )
+            }
             loss = 0.0
             with autocast(device):
                 if train_policy:
-                    new_logprobs, entropy = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"],
-                                                              mb["response_mask"], temperature, with_entropy=True)
+                    new_logprobs, entropy = response_logprobs(
+                        policy,
+                        mb["query"],
+                        mb["query_mask"],
+                        mb["response"],
+                        mb["response_mask"],
+                        temperature,
+                        with_entropy=True,
+                    )
                 if value_model is not None:
-                    new_values = value_predictions(value_model, mb["query"], mb["query_mask"], mb["response"],
-                                                   mb["response_mask"])
+                    new_values = value_predictions(
+                        value_model,
+                        mb["query"],
+                        mb["query_mask"],
+                        mb["response"],
+                        mb["response_mask"],
+                    )
             if train_policy:
-                pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], advantages[idx], mb["mask"],
-                                                           cfg.cliprange)
+                pg_loss, clipfrac, approx_kl = policy_loss(
+                    new_logprobs, mb["logprobs"], advantages[idx], mb["mask"], cfg.cliprange
+                )
                 loss = loss + pg_loss
                 if cfg.advantage == "grpo":  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
-                    loss = loss + kl_coef * masked_mean(k3_kl(new_logprobs, mb["ref_logprobs"]), mb["mask"])
-                for k, v in (("loss/policy_avg", pg_loss), ("policy/clipfrac_avg", clipfrac),
-                             ("policy/approxkl_avg", approx_kl), ("objective/entropy", masked_mean(entropy, mb["mask"]))):
+                    loss = loss + kl_coef * masked_mean(
+                        k3_kl(new_logprobs, mb["ref_logprobs"]), mb["mask"]
+                    )
+                for k, v in (
+                    ("loss/policy_avg", pg_loss),
+                    ("policy/clipfrac_avg", clipfrac),
+                    ("policy/approxkl_avg", approx_kl),
+                    ("objective/entropy", masked_mean(entropy, mb["mask"])),
+                ):
                     stats[k].append(v.item())
             if value_model is not None:
-                vf_loss = value_loss(new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value)
+                vf_loss = value_loss(
+                    new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value
+                )
                 loss = loss + cfg.vf_coef * vf_loss
                 stats["loss/value_avg"].append(vf_loss.item())
             (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # no gradient carried past an epoch
+            if (i + 1) % cfg.grad_accum == 0 or i == len(
+                starts
+            ) - 1:  # no gradient carried past an epoch
                 average_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 for optimizer in optimizers:
@@ -320,21 +471,29 @@ def iteration_prompts(prompts, cfg, seed, it):
     n = cfg.batch_size // cfg.rollouts_per_prompt
     rng = random.Random(seed * 104729 + it)
     chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
-    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]  # torchrun: this rank's prompts
+    return [
+        p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)
+    ]  # torchrun: this rank's prompts
 
 
 def check_config(cfg):
     if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
-        raise ValueError(f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
-                         f"{cfg.rollouts_per_prompt}")
+        raise ValueError(
+            f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
+            f"{cfg.rollouts_per_prompt}"
+        )
     if cfg.advantage != "gae" and cfg.rollouts_per_prompt < 2:
-        raise ValueError(f"ppo advantage {cfg.advantage} needs rollouts_per_prompt >= 2 (a baseline from the "
-                         "prompt's other answers)")
+        raise ValueError(
+            f"ppo advantage {cfg.advantage} needs rollouts_per_prompt >= 2 (a baseline from the "
+            "prompt's other answers)"
+        )
     if cfg.minibatch_size < 1:
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
     if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
-        raise ValueError(f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
-                         f"{DIST.world} x rollouts_per_prompt and minibatch_size a multiple of {DIST.world}")
+        raise ValueError(
+            f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
+            f"{DIST.world} x rollouts_per_prompt and minibatch_size a multiple of {DIST.world}"
+        )
 
 
 def advantages_and_returns(batch, cfg, kl_coef):
@@ -345,15 +504,23 @@ def advantages_and_returns(batch, cfg, kl_coef):
     eos_score = shaped_score(batch["score"], batch["ended"], 1, cfg.missing_eos_penalty)
     score = leave_one_out(eos_score, k)  # minus the mean score of the prompt's other answers
     if cfg.advantage == "gae":
-        rewards, kl = compute_rewards(score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
+        rewards, kl = compute_rewards(
+            score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
+        )
         advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
     elif cfg.advantage == "rloo":
-        rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
+        rewards, kl = compute_rewards(
+            eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
+        )
         advantages, returns = rloo_advantages(rewards, mask, k), None
     else:  # grpo: the KL is a loss term (ppo_update), not a reward
-        rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0)
+        rewards, kl = compute_rewards(
+            eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0
+        )
         advantages, returns = grpo_advantages(eos_score, mask, k), None
-    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # the rewards to go
+    _, mc_returns = gae(
+        rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0
+    )  # the rewards to go
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)
     return score, kl, advantages, returns, mc_returns
@@ -361,13 +528,16 @@ def advantages_and_returns(batch, cfg, kl_coef):
 
 def log_iteration(row, iterations, eta, log):
     ev = row["val/explained_variance"]
-    log(f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
+    log(
+        f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
         f"score {row['objective/scores']:+.3f} kl {row['objective/kl']:.2f} pg {row.get('loss/policy_avg', 0):+.3f} "
         f"vf {row.get('loss/value_avg', 0):.3f} clip {row.get('policy/clipfrac_avg', 0):.2f} "
         f"approx_kl {row.get('policy/approxkl_avg', 0):.4f} ev {ev if ev is not None else float('nan'):.2f} "
         f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
         f"clipped {row['completions/clipped_ratio']:.2f} {row['time/tokens_per_s']:.0f} tok/s"
-        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/")) + f" {eta}")
+        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
+        + f" {eta}"
+    )
 
 
 def training_state(policy, value_model, cfg, ckpt_file, device, log):
@@ -378,8 +548,11 @@ def training_state(policy, value_model, cfg, ckpt_file, device, log):
     if value_model is not None:
         optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
         modules["value"] = value_model
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.init_kl_coef))
+    kl_ctl = (
+        AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.init_kl_coef)
+    )
     if not Path(ckpt_file).exists():
         return optimizers, modules, kl_ctl, 0, []
     ckpt = resume(ckpt_file, device, None, **modules)
@@ -390,8 +563,21 @@ def training_state(policy, value_model, cfg, ckpt_file, device, log):
     return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
 
 
-def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, eot, device, out_dir,
-              decode=None, validate=None, log=log):
+def train_ppo(
+    policy,
+    ref_policy,
+    value_model,
+    score_fn,
+    prompts,
+    cfg,
+    run_cfg,
+    eot,
+    device,
+    out_dir,
+    decode=None,
+    validate=None,
+    log=log,
+):
     """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
     response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. run_cfg: the run's
     Config (runs.Config), for the settings PPO shares with the other stages: seed, temperature,
@@ -405,55 +591,112 @@ def train_ppo(policy, ref_policy, value_model, score_fn, prompts, cfg, run_cfg, 
     ref_policy.eval().requires_grad_(False)
     critic = cfg.advantage == "gae"
     value_model = value_model if critic else None
-    optimizers, modules, kl_ctl, start, history = training_state(policy, value_model, cfg, ckpt_file, device, log)
+    optimizers, modules, kl_ctl, start, history = training_state(
+        policy, value_model, cfg, ckpt_file, device, log
+    )
     t_start = time.time()
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it + 7919 * DIST.rank)  # rank 0 of 1: seed
-        batch = rollout(policy, ref_policy, value_model, score_fn, iteration_prompts(prompts, cfg, run_cfg.seed, it),
-                        run_cfg.temperature, run_cfg.max_answer_tokens, eot, device, generator)
+        generator = torch.Generator().manual_seed(
+            run_cfg.seed * 104729 + it + 7919 * DIST.rank
+        )  # rank 0 of 1: seed
+        batch = rollout(
+            policy,
+            ref_policy,
+            value_model,
+            score_fn,
+            iteration_prompts(prompts, cfg, run_cfg.seed, it),
+            run_cfg.temperature,
+            run_cfg.max_answer_tokens,
+            eot,
+            device,
+            generator,
+        )
         mask = batch["mask"]
-        score, kl, advantages, returns, mc_returns = advantages_and_returns(batch, cfg, kl_ctl.value)
+        score, kl, advantages, returns, mc_returns = advantages_and_returns(
+            batch, cfg, kl_ctl.value
+        )
         warmup = critic and it < cfg.critic_warmup
         t_update = time.time()
-        stats = ppo_update(policy, value_model, optimizers, batch, advantages, returns, cfg, run_cfg.temperature,
-                           run_cfg.grad_clip, device, generator, not warmup, kl_ctl.value)
+        stats = ppo_update(
+            policy,
+            value_model,
+            optimizers,
+            batch,
+            advantages,
+            returns,
+            cfg,
+            run_cfg.temperature,
+            run_cfg.grad_clip,
+            device,
+            generator,
+            not warmup,
+            kl_ctl.value,
+        )
         t_update = time.time() - t_update
         mean_kl, kl_coef = global_mean(kl.sum(1)).item(), kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
         # TRL's names where TRL has the metric (objective/, policy/, loss/, val/, lr, episode), its GRPO
         # trainer's for completions/; eval/ (greedy validation) and time/ are ours.
-        row = {"iteration": it + 1, "episode": (it + 1) * cfg.batch_size,
-               "phase": "critic warm-up" if warmup else "ppo", "lr": cfg.lr,
-               "objective/scores": global_mean(batch["score"]).item(), "objective/scores_std": global_std(batch["score"]),
-               "objective/kl": mean_kl, "objective/non_score_reward": -kl_coef * mean_kl, "objective/kl_coef": kl_coef,
-               **stats,
-               "objective/score_share": score_share(score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0),
-               "val/explained_variance": explained_variance(batch["values"], mc_returns, mask) if critic else None,
-               "val/num_eos_tokens": int(all_sum(batch["ended"].float().sum())),
-               "completions/mean_length": global_mean(mask.sum(1)).item(),
-               "completions/clipped_ratio": 1 - global_mean(batch["ended"].float()).item(),
-               "time/generate": batch["t_gen"], "time/score": batch["t_score"], "time/update": t_update,
-               "time/tokens_per_s": int(mask.sum()) / (time.time() - t0)}
-        if validate is not None and cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0
-                                                       or it + 1 == cfg.iterations):
+        row = {
+            "iteration": it + 1,
+            "episode": (it + 1) * cfg.batch_size,
+            "phase": "critic warm-up" if warmup else "ppo",
+            "lr": cfg.lr,
+            "objective/scores": global_mean(batch["score"]).item(),
+            "objective/scores_std": global_std(batch["score"]),
+            "objective/kl": mean_kl,
+            "objective/non_score_reward": -kl_coef * mean_kl,
+            "objective/kl_coef": kl_coef,
+            **stats,
+            "objective/score_share": score_share(
+                score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
+            ),
+            "val/explained_variance": explained_variance(batch["values"], mc_returns, mask)
+            if critic
+            else None,
+            "val/num_eos_tokens": int(all_sum(batch["ended"].float().sum())),
+            "completions/mean_length": global_mean(mask.sum(1)).item(),
+            "completions/clipped_ratio": 1 - global_mean(batch["ended"].float()).item(),
+            "time/generate": batch["t_gen"],
+            "time/score": batch["t_score"],
+            "time/update": t_update,
+            "time/tokens_per_s": int(mask.sum()) / (time.time() - t0),
+        }
+        if (
+            validate is not None
+            and cfg.val_every
+            and (it == 0 or (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations)
+        ):
             row.update(validate(policy, it + 1))
         history.append(row)
-        log_iteration(row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start), log)
+        log_iteration(
+            row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start), log
+        )
         if decode is not None and (it + 1) % 10 == 0:
-            r = batch["response"][0][:int(mask[0].sum())].tolist()
-            log(f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
-                f"{decode(r)[:300]!r}")
+            r = batch["response"][0][: int(mask[0].sum())].tolist()
+            log(
+                f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
+                f"{decode(r)[:300]!r}"
+            )
         if is_main():
-            save_checkpoint(ckpt_file, **{k: m.state_dict() for k, m in modules.items()},
-                            optimizers=[o.state_dict() for o in optimizers], kl_coef=kl_ctl.value,
-                            iteration=it + 1, history=history)
-            write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+            save_checkpoint(
+                ckpt_file,
+                **{k: m.state_dict() for k, m in modules.items()},
+                optimizers=[o.state_dict() for o in optimizers],
+                kl_coef=kl_ctl.value,
+                iteration=it + 1,
+                history=history,
+            )
+            write_metrics(
+                metrics_file, history
+            )  # from the checkpointed history: no row twice after a resume
     return history
 
 
 # -----------------------------------------------------------------------------
 # The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
+
 
 def fresh_value_model(reward_model_file, device):
     """The value model: the reward model's network with a zero head. The reward model's head was trained
@@ -474,7 +717,9 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
 
     def validate(policy, iteration):
-        answers = sample_answers(policy, prompts, tok.eot, cfg.max_answer_tokens, 0.0, cfg.seed, log=lambda *a: None)
+        answers = sample_answers(
+            policy, prompts, tok.eot, cfg.max_answer_tokens, 0.0, cfg.seed, log=lambda *a: None
+        )
         texts, out = [tok.decode(a) for a in answers], {}
         rewards = judged = [None] * len(answers)
         if score_fn is not None:
@@ -486,17 +731,26 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
         if judge is not None:
             judged = [judge_score(judge, r, t) for r, t in zip(records, texts)]
             out["eval/judge_score"] = sum(judged) / len(judged)
-        out["eval/empty_code_rate"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(texts)
+        out["eval/empty_code_rate"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(
+            texts
+        )
         if samples_file is not None:
             cell = lambda x: str(x).replace("|", "\\|").replace("\n", " <br> ")
-            rows = [f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "
-                    f"{'-' if j is None else f'{j:.2f}'} |"
-                    for r, t, w, j in list(zip(records, texts, rewards, judged))[:n_shown]]
-            table = "| question | greedy answer | reward model | judge |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+            rows = [
+                f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "
+                f"{'-' if j is None else f'{j:.2f}'} |"
+                for r, t, w, j in list(zip(records, texts, rewards, judged))[:n_shown]
+            ]
+            table = (
+                "| question | greedy answer | reward model | judge |\n|---|---|---|---|\n"
+                + "\n".join(rows)
+                + "\n"
+            )
             with open(samples_file, "a") as f:  # append-only, like every log of a run
                 f.write(f"\n### iteration {iteration}\n\n{table}")
             tensorboard_text(f"{metrics_tag(samples_file)}/samples", table, iteration)
         return out
+
     return validate
 
 
@@ -508,12 +762,20 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     advantage: overrides cfg.ppo.advantage (--compare's RLOO row)."""
     tok = prepare.tokenizer(cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
-    ppo_cfg = cfg.ppo if advantage is None else type(cfg.ppo)(**dict(vars(cfg.ppo), advantage=advantage))
+    ppo_cfg = (
+        cfg.ppo if advantage is None else type(cfg.ppo)(**dict(vars(cfg.ppo), advantage=advantage))
+    )
     torch.manual_seed(cfg.seed)
-    frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32  # no gradients, half the memory
+    frozen_dtype = (
+        torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
+    )  # no gradients, half the memory
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
-    value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device) if ppo_cfg.advantage == "gae" else None
+    value_model = (
+        fresh_value_model(run / RUN_FILES["reward_model"], cfg.device)
+        if ppo_cfg.advantage == "gae"
+        else None
+    )
     reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, cfg.device)
     reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
     score_fn = score_fn or rm_score
@@ -521,11 +783,29 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     # training reward; and the judge's, where judging is free (the rules judge).
     judge = make_judge("rules", None, None, None) if cfg.judge == "rules" else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    validate = (greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md")
-                if is_main() else None)  # under torchrun, rank 0 validates and writes
+    validate = (
+        greedy_validation(
+            splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md"
+        )
+        if is_main()
+        else None
+    )  # under torchrun, rank 0 validates and writes
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
-    history = train_ppo(policy, ref_policy, value_model, score_fn, prompts, ppo_cfg, cfg, tok.eot,
-                        cfg.device, out_dir, decode=tok.decode, validate=validate, log=log)
+    history = train_ppo(
+        policy,
+        ref_policy,
+        value_model,
+        score_fn,
+        prompts,
+        ppo_cfg,
+        cfg,
+        tok.eot,
+        cfg.device,
+        out_dir,
+        decode=tok.decode,
+        validate=validate,
+        log=log,
+    )
     if is_main():
         policy.save_pretrained(out_dir / "model", eot=tok.eot)
     barrier()
@@ -535,10 +815,14 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
 def main(argv=None):
     """python ppo.py: the PPO stage alone, on an existing run (default runs/tiny)."""
     cfg, run = stage_command_line(
-        "ppo", "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
+        "ppo",
+        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
         "run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded settings (config.json); the flags "
         "below override them and are recorded. An interrupted PPO resumes; later results (evaluate) are set aside.",
-        argv, section="ppo", section_cls=PPOConfig)
+        argv,
+        section="ppo",
+        section_cls=PPOConfig,
+    )
     run_stage(cfg, run, "ppo", ppo_stage, prepare.load_splits(cfg.train_file))
 
 

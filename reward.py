@@ -19,6 +19,7 @@ AI feedback and the reward model (Dutta et al. 2024, section 3.2).
 The feedback stage (feedback_stage, below) has no script of its own: python rlaif.py --run-dir R --from
 feedback redoes it and what follows.
 """
+
 import ast
 import dataclasses
 import hashlib
@@ -38,36 +39,90 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import (GPT, ScalarModel, autocast, length_grouped_batches, load_checkpoint, log, make_optimizer,
-                   pad_pairs, progress, right_pad)
-from runs import (DIST, RUN_FILES, Feedback, Sample, average_gradients, barrier, global_mean, is_main, read_rows,
-                  resume, run_stage, shard, stage_command_line, write_metrics, write_rows)
+from model import (
+    GPT,
+    ScalarModel,
+    autocast,
+    length_grouped_batches,
+    load_checkpoint,
+    log,
+    make_optimizer,
+    pad_pairs,
+    progress,
+    right_pad,
+)
+from runs import (
+    DIST,
+    RUN_FILES,
+    Feedback,
+    Sample,
+    average_gradients,
+    barrier,
+    global_mean,
+    is_main,
+    read_rows,
+    resume,
+    run_stage,
+    shard,
+    stage_command_line,
+    write_metrics,
+    write_rows,
+)
 
 # -----------------------------------------------------------------------------
 # Settings of the reward model (rlaif.py --rm-*, python reward.py --*)
+
 
 @dataclass
 class RMConfig:
     epochs: Annotated[int, "passes over the training pairs", ">= 1"] = 1
     lr: Annotated[float, "AdamW learning rate (constant)", "> 0"] = 3e-4
     batch_size: Annotated[int, "judge-ordered pairs per step, from as many prompts", ">= 1"] = 16
-    max_contrast_pairs: Annotated[int, "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
-                                       "the policy's own answers is kept (ties are dropped)", ">= 0"] = 4
-    heldout_fraction: Annotated[float, "prompts held out to measure pairwise accuracy on the policy's "
-                                       "own answers", ">= 0 and < 1"] = 0.1
-    val_fraction: Annotated[float, "training prompts set aside to choose the step that is kept (the best "
-                                   "validation accuracy among the trained steps)", ">= 0 and < 1"] = 0.1
-    eval_every: Annotated[int, "steps between measurements of the held-out and validation pairs", ">= 1"] = 50
-    train_blocks: Annotated[int, "top transformer blocks trained with the head (-1: the whole network; 0: the "
-                                 "head alone, a probe on the SFT features)", ">= -1"] = -1
-    margin: Annotated[float, "Llama 2's margin: the pair's judge-score difference x this, subtracted inside "
-                             "the Bradley-Terry loss (0 = none)", ">= 0"] = 0.0
+    max_contrast_pairs: Annotated[
+        int,
+        "pairs with a contrast answer kept per prompt; every judge-ordered pair of "
+        "the policy's own answers is kept (ties are dropped)",
+        ">= 0",
+    ] = 4
+    heldout_fraction: Annotated[
+        float,
+        "prompts held out to measure pairwise accuracy on the policy's own answers",
+        ">= 0 and < 1",
+    ] = 0.1
+    val_fraction: Annotated[
+        float,
+        "training prompts set aside to choose the step that is kept (the best "
+        "validation accuracy among the trained steps)",
+        ">= 0 and < 1",
+    ] = 0.1
+    eval_every: Annotated[
+        int, "steps between measurements of the held-out and validation pairs", ">= 1"
+    ] = 50
+    train_blocks: Annotated[
+        int,
+        "top transformer blocks trained with the head (-1: the whole network; 0: the "
+        "head alone, a probe on the SFT features)",
+        ">= -1",
+    ] = -1
+    margin: Annotated[
+        float,
+        "Llama 2's margin: the pair's judge-score difference x this, subtracted inside "
+        "the Bradley-Terry loss (0 = none)",
+        ">= 0",
+    ] = 0.0
     weight_decay: Annotated[float, "AdamW weight decay (matrices only)", ">= 0"] = 0.0
-    tools: Annotated[bool, "[not in the paper] the reward model reads a tool report after each answer (the "
-                           "API database's entry for its api_call, unknown model ids, whether the code "
-                           "parses; reward.tool_report)"] = True
-    aux_weight: Annotated[float, "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
-                                 "binary cross-entropy against the judge's P(yes) (0 = scalar head only)", ">= 0"] = 1.0
+    tools: Annotated[
+        bool,
+        "[not in the paper] the reward model reads a tool report after each answer (the "
+        "API database's entry for its api_call, unknown model ids, whether the code "
+        "parses; reward.tool_report)",
+    ] = True
+    aux_weight: Annotated[
+        float,
+        "[not in the paper] weight of the auxiliary loss: one logit per judge question, "
+        "binary cross-entropy against the judge's P(yes) (0 = scalar head only)",
+        ">= 0",
+    ] = 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -80,11 +135,27 @@ class RMConfig:
 # domain. A generic runnable API for every task (the reward hack a score without task fit invites) scores
 # at most 0.6 against 1.0 for the right one (docs/experiments.md, "What changed, and why").
 QUESTIONS = (
-    ("domain_right", "Is the answer's <<<domain>>> the right one for the task in the instruction?", 0.1),
-    ("api_exists", "Does the answer's api_call call an API that exists in the API documentation shown?", 0.1),
+    (
+        "domain_right",
+        "Is the answer's <<<domain>>> the right one for the task in the instruction?",
+        0.1,
+    ),
+    (
+        "api_exists",
+        "Does the answer's api_call call an API that exists in the API documentation shown?",
+        0.1,
+    ),
     ("api_fits_task", "Does that API do the task described in the instruction?", 0.3),
-    ("arguments_right", "Are the api_call's arguments (model id, task name) the right ones for this task?", 0.1),
-    ("code_valid", "Is the code section valid, complete Python that names only real models and tasks?", 0.3),
+    (
+        "arguments_right",
+        "Are the api_call's arguments (model id, task name) the right ones for this task?",
+        0.1,
+    ),
+    (
+        "code_valid",
+        "Is the code section valid, complete Python that names only real models and tasks?",
+        0.3,
+    ),
     ("code_uses_api", "Does the code actually call the API named in the api_call?", 0.1),
 )
 PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output) tokens
@@ -101,7 +172,9 @@ def judge_price(model, price=""):
     except ValueError:
         pair = ()
     if len(pair) != 2 or min(pair) < 0:
-        raise ValueError(f"--judge-price {price!r}: give USD per million input and output tokens, e.g. 2.5,10")
+        raise ValueError(
+            f"--judge-price {price!r}: give USD per million input and output tokens, e.g. 2.5,10"
+        )
     return pair
 
 
@@ -119,8 +192,10 @@ def judge_setting_problems(model, max_usd, price):
     except ValueError as e:
         return [str(e)]
     if max_usd and known is None:
-        return [f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap could not "
-                f"be kept; give one with --judge-price IN,OUT (USD per million input,output tokens)"]
+        return [
+            f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap could not "
+            f"be kept; give one with --judge-price IN,OUT (USD per million input,output tokens)"
+        ]
     return []
 
 
@@ -133,20 +208,31 @@ def approx_tokens(text):
 def judge_plan(model, todo, records, db, price=None):
     """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`: len(QUESTIONS)
     requests each, one output token each."""
-    tokens, known = 0, {}  # many answers repeat (the same API call sampled again): each is matched once
+    tokens, known = (
+        0,
+        {},
+    )  # many answers repeat (the same API call sampled again): each is matched once
     for s in todo:
         if (s.record, s.answer) not in known:
             entry = db.apis[i] if (i := db.match(answer_api_call(s.answer))) is not None else None
-            known[s.record, s.answer] = sum(approx_tokens(judge_prompt(records[s.record].instruction, s.answer,
-                                                                       entry, q)) for _, q, _ in QUESTIONS)
+            known[s.record, s.answer] = sum(
+                approx_tokens(judge_prompt(records[s.record].instruction, s.answer, entry, q))
+                for _, q, _ in QUESTIONS
+            )
         tokens += known[s.record, s.answer]
     requests = len(todo) * len(QUESTIONS)
     return requests, tokens, requests, judge_cost_usd(model, tokens, requests, price)
 
 
 def plan_text(model, requests, tokens_in, tokens_out, usd):
-    cost = f"about ${usd:.2f}" if usd is not None else f"cost unknown (no price for {model!r}: --judge-price)"
-    return f"{requests:,} requests, about {tokens_in:,} input + {tokens_out:,} output tokens, {cost}"
+    cost = (
+        f"about ${usd:.2f}"
+        if usd is not None
+        else f"cost unknown (no price for {model!r}: --judge-price)"
+    )
+    return (
+        f"{requests:,} requests, about {tokens_in:,} input + {tokens_out:,} output tokens, {cost}"
+    )
 
 
 class JudgeBudgetExceeded(Exception):
@@ -160,7 +246,9 @@ def judge_score(judge, record, answer):
     answers = judge.answers(record, answer)
     score = combine(answers)
     if score is None:
-        raise JudgeError(f"the judge could not score an answer after its retries: {answers.get('error')}")
+        raise JudgeError(
+            f"the judge could not score an answer after its retries: {answers.get('error')}"
+        )
     return score
 
 
@@ -174,12 +262,19 @@ def combine(answers):
 # -----------------------------------------------------------------------------
 # The judges
 
+
 def judge_prompt(instruction, answer, api_entry, question):
-    doc = json.dumps(api_entry, indent=1) if api_entry else "(no entry of the API database matches this api_call)"
-    return (f"You are reviewing code written to use a Hugging Face API.\n\n"
-            f"### Instruction\n{instruction}\n\n### Answer\n{answer.strip()}\n\n"
-            f"### API documentation for the answer's api_call\n{doc}\n\n"
-            f"### Question\n{question}\nAnswer with a single word, Yes or No.")
+    doc = (
+        json.dumps(api_entry, indent=1)
+        if api_entry
+        else "(no entry of the API database matches this api_call)"
+    )
+    return (
+        f"You are reviewing code written to use a Hugging Face API.\n\n"
+        f"### Instruction\n{instruction}\n\n### Answer\n{answer.strip()}\n\n"
+        f"### API documentation for the answer's api_call\n{doc}\n\n"
+        f"### Question\n{question}\nAnswer with a single word, Yes or No."
+    )
 
 
 class RulesJudge:
@@ -188,6 +283,7 @@ class RulesJudge:
     evaluation); an api_call that passes a model id the documentation does not have does not exist (PPO
     against a judge without that check learned pipeline('text-generation', model='<invented>'),
     docs/experiments.md). Domains are compared as canonical_domain labels."""
+
     name = "rules judge"
 
     def __init__(self, db=None):
@@ -203,9 +299,14 @@ class RulesJudge:
         if tree is None or self.db.unknown_model_ids(code):
             return False
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("pipeline") and node.args \
-                    and isinstance(node.args[0], ast.Constant) and node.args[0].value not in self.tasks \
-                    and not str(node.args[0].value).startswith("translation"):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func).endswith("pipeline")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value not in self.tasks
+                and not str(node.args[0].value).startswith("translation")
+            ):
                 return False
         return True
 
@@ -218,13 +319,19 @@ class RulesJudge:
         task = canonical_domain(record.api_data.get("domain") or record.sections.get("domain"))
         reference = str(record.api_data.get("api_call") or record.sections.get("api_call"))
         ref = self.db.match(reference)
-        yes = dict(domain_right=canonical_domain(sections["domain"]) == task,
-                   api_exists=i is not None,
-                   api_fits_task=i is not None and canonical_domain(self.db.apis[i]["domain"]) == task,
-                   arguments_right=i is not None and (self.db.makes_call(api_call, ref) if ref is not None
-                                                      else squash(api_call) == squash(reference)),
-                   code_valid=self.code_valid(sections["code"]),
-                   code_uses_api=i is not None and self.db.makes_call(sections["code"], i))
+        yes = dict(
+            domain_right=canonical_domain(sections["domain"]) == task,
+            api_exists=i is not None,
+            api_fits_task=i is not None and canonical_domain(self.db.apis[i]["domain"]) == task,
+            arguments_right=i is not None
+            and (
+                self.db.makes_call(api_call, ref)
+                if ref is not None
+                else squash(api_call) == squash(reference)
+            ),
+            code_valid=self.code_valid(sections["code"]),
+            code_uses_api=i is not None and self.db.makes_call(sections["code"], i),
+        )
         return {k: float(v) for k, v in yes.items()}
 
 
@@ -269,6 +376,7 @@ def retry_after_s(response):
             return max(0.0, float(value))
         except ValueError:
             from email.utils import parsedate_to_datetime
+
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
@@ -316,27 +424,57 @@ class OpenAIJudge:
     that --judge-max-usd holds for the whole run). Thread-safe: judge_answers calls it from a pool of
     --judge-concurrency threads."""
 
-    def __init__(self, model="gpt-3.5-turbo", base_url="", cache_file=None, max_retries=8, timeout=30.0,
-                 backoff=1.0, api_key=None, db=None, max_usd=0.0, price=None, log=log):
+    def __init__(
+        self,
+        model="gpt-3.5-turbo",
+        base_url="",
+        cache_file=None,
+        max_retries=8,
+        timeout=30.0,
+        backoff=1.0,
+        api_key=None,
+        db=None,
+        max_usd=0.0,
+        price=None,
+        log=log,
+    ):
         import openai  # only the LLM judge needs it
+
         self.openai, self.model, self.log = openai, model, log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
         key = judge_api_key(base_url, api_key)
         if key is None:
-            raise RuntimeError("the OpenAI judge needs OPENAI_API_KEY (or --judge-base-url for a local "
-                               "OpenAI-compatible server); use --judge rules for the offline stand-in")
-        self.price = price or PRICE_PER_MTOK.get(model)  # USD per million (input, output) tokens, or None
+            raise RuntimeError(
+                "the OpenAI judge needs OPENAI_API_KEY (or --judge-base-url for a local "
+                "OpenAI-compatible server); use --judge rules for the offline stand-in"
+            )
+        self.price = price or PRICE_PER_MTOK.get(
+            model
+        )  # USD per million (input, output) tokens, or None
         if max_usd and self.price is None:
             raise JudgeError(judge_setting_problems(model, max_usd, "")[0])
-        self.client = openai.OpenAI(api_key=key, base_url=base_url or None, timeout=timeout, max_retries=0)
+        self.client = openai.OpenAI(
+            api_key=key, base_url=base_url or None, timeout=timeout, max_retries=0
+        )
         self.max_retries, self.backoff = max_retries, backoff
         self.db = db or APIDatabase()
         self.cache_file = Path(cache_file) if cache_file else None
         self.cache, self.from_text, self.lock, self.said = {}, set(), threading.Lock(), {}
         self.tokens = [0, 0]  # prompt, completion tokens this process paid for
-        self.usd_before, self.tokens_before = 0.0, [0, 0]  # what the run paid before (the cache file)
-        self.billed_before = [0, 0, 0]  # prompt, completion tokens and replies of those earlier requests
-        self.max_usd, self.reserved, self.paid_requests = max_usd, 0.0, 0  # budget (0 = none), USD in flight
+        self.usd_before, self.tokens_before = (
+            0.0,
+            [0, 0],
+        )  # what the run paid before (the cache file)
+        self.billed_before = [
+            0,
+            0,
+            0,
+        ]  # prompt, completion tokens and replies of those earlier requests
+        self.max_usd, self.reserved, self.paid_requests = (
+            max_usd,
+            0.0,
+            0,
+        )  # budget (0 = none), USD in flight
         if self.cache_file and self.cache_file.exists():
             self.read_cache()
 
@@ -350,9 +488,13 @@ class OpenAIJudge:
                 if entry.get("usd") is not None:
                     self.usd_before += float(entry["usd"])
                 elif entry.get("tokens"):
-                    self.tokens_before = [a + int(b) for a, b in zip(self.tokens_before, entry["tokens"])]
+                    self.tokens_before = [
+                        a + int(b) for a, b in zip(self.tokens_before, entry["tokens"])
+                    ]
                 if entry.get("tokens"):
-                    self.billed_before = [a + int(b) for a, b in zip(self.billed_before, entry["tokens"] + [1])]
+                    self.billed_before = [
+                        a + int(b) for a, b in zip(self.billed_before, entry["tokens"] + [1])
+                    ]
                 if entry.get("key") is not None and entry.get("p_yes") is not None:
                     self.cache[entry["key"]] = entry["p_yes"]
                     if entry.get("text"):
@@ -377,8 +519,12 @@ class OpenAIJudge:
 
     def spent_usd(self):
         """USD the run's judge has paid, earlier processes (the cache file) and this one; None without a price."""
-        now = judge_cost_usd(self.model, self.tokens_before[0] + self.tokens[0],
-                             self.tokens_before[1] + self.tokens[1], self.price)
+        now = judge_cost_usd(
+            self.model,
+            self.tokens_before[0] + self.tokens[0],
+            self.tokens_before[1] + self.tokens[1],
+            self.price,
+        )
         return None if now is None else self.usd_before + now
 
     def reserve(self, prompt):
@@ -386,13 +532,19 @@ class OpenAIJudge:
         money the run has spent plus the requests in flight plus this one would pass it."""
         if not self.max_usd or self.spent_usd() is None:
             return 0.0
-        with self.lock:  # the estimate, or the mean billed so far (by the run) if larger: it is approximate
+        with (
+            self.lock
+        ):  # the estimate, or the mean billed so far (by the run) if larger: it is approximate
             paid = max(1, self.paid_requests + self.billed_before[2])
             mean_in, mean_out = ((self.tokens[i] + self.billed_before[i]) / paid for i in (0, 1))
-            cost = judge_cost_usd(self.model, max(approx_tokens(prompt), mean_in), max(1, mean_out), self.price)
+            cost = judge_cost_usd(
+                self.model, max(approx_tokens(prompt), mean_in), max(1, mean_out), self.price
+            )
             if self.spent_usd() + self.reserved + cost > self.max_usd:
-                raise JudgeBudgetExceeded(f"the run's judge has spent ${self.spent_usd():.4f} (this and earlier "
-                                          f"runs); one more request would pass --judge-max-usd {self.max_usd}")
+                raise JudgeBudgetExceeded(
+                    f"the run's judge has spent ${self.spent_usd():.4f} (this and earlier "
+                    f"runs); one more request would pass --judge-max-usd {self.max_usd}"
+                )
             self.reserved += cost
         return cost
 
@@ -408,9 +560,15 @@ class OpenAIJudge:
                 if unusable > UNUSABLE_RETRIES:
                     break
                 continue
-            except (self.openai.RateLimitError, self.openai.APITimeoutError, self.openai.APIConnectionError,
-                    self.openai.InternalServerError, self.openai.APIResponseValidationError, JudgeError,
-                    ValueError) as e:  # ValueError: a body that is not JSON
+            except (
+                self.openai.RateLimitError,
+                self.openai.APITimeoutError,
+                self.openai.APIConnectionError,
+                self.openai.InternalServerError,
+                self.openai.APIResponseValidationError,
+                JudgeError,
+                ValueError,
+            ) as e:  # ValueError: a body that is not JSON
                 last = e
             except self.openai.APIStatusError as e:
                 if e.status_code < 500:
@@ -428,12 +586,22 @@ class OpenAIJudge:
         asked = retry_after_s(getattr(error, "response", None))
         if asked is not None:
             wait = min(asked, RETRY_AFTER_CAP_S)
-            self.say("wait", f"[feedback] judge: {type(error).__name__}; waiting {wait:.0f} s as the endpoint's "
-                             f"Retry-After asks ({asked:.0f} s; capped at {RETRY_AFTER_CAP_S:.0f} s)")
-            return wait * (1 + 0.1 * random.random())  # the threads do not all come back at the same instant
-        wait = min(BACKOFF_CAP_S, self.backoff * 2 ** attempt * (0.5 + random.random()))  # with jitter
-        self.say("wait", f"[feedback] judge: {type(error).__name__}: {error}; asking again in {wait:.1f} s "
-                         f"(attempt {attempt + 2} of {self.max_retries + 1})")
+            self.say(
+                "wait",
+                f"[feedback] judge: {type(error).__name__}; waiting {wait:.0f} s as the endpoint's "
+                f"Retry-After asks ({asked:.0f} s; capped at {RETRY_AFTER_CAP_S:.0f} s)",
+            )
+            return wait * (
+                1 + 0.1 * random.random()
+            )  # the threads do not all come back at the same instant
+        wait = min(
+            BACKOFF_CAP_S, self.backoff * 2**attempt * (0.5 + random.random())
+        )  # with jitter
+        self.say(
+            "wait",
+            f"[feedback] judge: {type(error).__name__}: {error}; asking again in {wait:.1f} s "
+            f"(attempt {attempt + 2} of {self.max_retries + 1})",
+        )
         return wait
 
     def say(self, kind, message, every=10.0):
@@ -462,14 +630,22 @@ class OpenAIJudge:
                 with open(self.cache_file, "a") as f:
                     f.write(json.dumps(entry) + "\n")
         if from_text:
-            self.say("text", f"[feedback] WARNING: {self.name} sent no log-probabilities of Yes/No: P(yes) is 0 "
-                             "or 1, read from the reply's text; counted in feedback/done.json (p_yes_from_text)",
-                     every=float("inf"))
+            self.say(
+                "text",
+                f"[feedback] WARNING: {self.name} sent no log-probabilities of Yes/No: P(yes) is 0 "
+                "or 1, read from the reply's text; counted in feedback/done.json (p_yes_from_text)",
+                every=float("inf"),
+            )
 
     def request(self, prompt):
         r = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}],
-            max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=1,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+        )
         return reply_p_yes(r)
 
     def api_entry(self, answer):
@@ -491,13 +667,16 @@ class OpenAIJudge:
     def text_judgements(self, record, answer):
         """How many of the answer's questions have a P(yes) read from the reply's text (no log-probabilities)."""
         entry = self.api_entry(answer)
-        return sum(self.key(judge_prompt(record.instruction, answer, entry, q)) in self.from_text
-                   for _, q, _ in QUESTIONS)
+        return sum(
+            self.key(judge_prompt(record.instruction, answer, entry, q)) in self.from_text
+            for _, q, _ in QUESTIONS
+        )
 
     def cost(self):
         usd = self.spent_usd()
-        return (f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens"
-                + (f", ${usd:.4f} spent by the run" if usd is not None else ""))
+        return f"{self.tokens[0]:,} prompt + {self.tokens[1]:,} completion tokens" + (
+            f", ${usd:.4f} spent by the run" if usd is not None else ""
+        )
 
 
 def judged_so_far(out_file):
@@ -538,8 +717,15 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
             stop.set()  # JudgeBudgetExceeded, say: the answers not started are not asked
             raise
         error = answers.pop("error", None)
-        result = Feedback(id=sample.id, record=sample.record, source=sample.source, judge=judge.name,
-                          answers=answers, score=combine(answers), error=error)
+        result = Feedback(
+            id=sample.id,
+            record=sample.record,
+            source=sample.source,
+            judge=judge.name,
+            answers=answers,
+            score=combine(answers),
+            error=error,
+        )
         with lock:
             if result.score is None:
                 failed.append(result)
@@ -554,7 +740,9 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
             n = len(done)
             if n % 100 == 0 or n == len(samples):
                 cost = f", {judge.cost()}" if hasattr(judge, "cost") else ""
-                log(f"[feedback] {n}/{len(samples)} judged{cost} {progress(n - before, len(samples) - before, t0)}")
+                log(
+                    f"[feedback] {n}/{len(samples)} judged{cost} {progress(n - before, len(samples) - before, t0)}"
+                )
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
@@ -563,12 +751,16 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
     if missing:
         last = failed[-1].error if failed else "no answer"
         if len(done) == before:
-            raise JudgeFailed(f"the judge scored none of the {len(failed)} answer(s) it was asked ({missing} of "
-                              f"{len(samples)} have no score); the last: {last}")
+            raise JudgeFailed(
+                f"the judge scored none of the {len(failed)} answer(s) it was asked ({missing} of "
+                f"{len(samples)} have no score); the last: {last}"
+            )
         rest = missing - len(failed)
-        raise JudgeFailed(f"{missing} of {len(samples)} answers have no score: the judge gave up on "
-                          f"{len(failed)} (the last: {last})"
-                          + (f", and {rest} were not asked after {stop_after} failures in a row" if rest else ""))
+        raise JudgeFailed(
+            f"{missing} of {len(samples)} answers have no score: the judge gave up on "
+            f"{len(failed)} (the last: {last})"
+            + (f", and {rest} were not asked after {stop_after} failures in a row" if rest else "")
+        )
     return [done[s.id] for s in samples]
 
 
@@ -585,8 +777,9 @@ CONTRAST_PARTNERS = {"mismatched": {"reference"}}
 def comparable(a, b):
     """Whether two answers to one prompt may form a pair: a source CONTRAST_PARTNERS names is compared only
     with the sources it lists; the others with any answer."""
-    return (b.source in CONTRAST_PARTNERS.get(a.source, {b.source})
-            and a.source in CONTRAST_PARTNERS.get(b.source, {a.source}))
+    return b.source in CONTRAST_PARTNERS.get(
+        a.source, {b.source}
+    ) and a.source in CONTRAST_PARTNERS.get(b.source, {a.source})
 
 
 def make_pairs(feedback, max_contrast_pairs, rng):
@@ -639,8 +832,12 @@ def pair_accuracy(scores, feedback, pairs, prefix):
     for a, b in pairs:
         fa, fb = feedback[a], feedback[b]
         right = float(scores[a] > scores[b])
-        for key in ("accuracy", f"kind/{pair_kind(fa, fb)}", f"question/{separating_question(fa, fb)}",
-                    f"margin/{margin_bin(fa, fb)}"):
+        for key in (
+            "accuracy",
+            f"kind/{pair_kind(fa, fb)}",
+            f"question/{separating_question(fa, fb)}",
+            f"margin/{margin_bin(fa, fb)}",
+        ):
             groups.setdefault(key, []).append(right)
     out = {f"{prefix}/{k}": sum(v) / len(v) for k, v in sorted(groups.items())}
     out[f"{prefix}/pairs"] = len(pairs)
@@ -650,7 +847,9 @@ def pair_accuracy(scores, feedback, pairs, prefix):
 # -----------------------------------------------------------------------------
 # What the reward model reads: the answer, then a tool's report on it [not in the paper]
 
-REPORT_TOKENS = 64  # the report is cut to this many tokens; rlaif.py leaves room for it in the context
+REPORT_TOKENS = (
+    64  # the report is cut to this many tokens; rlaif.py leaves room for it in the context
+)
 
 
 def tool_report(answer, db):
@@ -666,8 +865,10 @@ def tool_report(answer, db):
     unknown = db.unknown_model_ids(api_call) + db.unknown_model_ids(sections["code"])
     i = db.match(api_call)
     entry = f"{db.apis[i]['domain']} | {db.apis[i]['api_call']}" if i is not None else "none"
-    return (f"\n### Tool: code parses {'yes' if python_parses(sections['code']) else 'no'}, unknown model ids "
-            f"{len(set(unknown))}, API entry: {entry}\n")
+    return (
+        f"\n### Tool: code parses {'yes' if python_parses(sections['code']) else 'no'}, unknown model ids "
+        f"{len(set(unknown))}, API entry: {entry}\n"
+    )
 
 
 def python_parses(code):
@@ -685,7 +886,10 @@ def with_report(tok, response, db):
 
 def reading_reports(samples, tok, db):
     """{id: Sample} whose responses carry their tool reports: what the reward model trains and is measured on."""
-    return {i: dataclasses.replace(s, response=with_report(tok, s.response, db)) for i, s in samples.items()}
+    return {
+        i: dataclasses.replace(s, response=with_report(tok, s.response, db))
+        for i, s in samples.items()
+    }
 
 
 def load_reward_model(path, tok, device):
@@ -697,30 +901,46 @@ def load_reward_model(path, tok, device):
     db = APIDatabase()
 
     def score(query, query_mask, response, response_mask):
-        rows = [[t for t, m in zip(r, r_mask) if m] for r, r_mask in zip(response.tolist(), response_mask.tolist())]
-        response, response_mask = right_pad([with_report(tok, r, db) for r in rows], tok.eot, response.device)
+        rows = [
+            [t for t, m in zip(r, r_mask) if m]
+            for r, r_mask in zip(response.tolist(), response_mask.tolist())
+        ]
+        response, response_mask = right_pad(
+            [with_report(tok, r, db) for r in rows], tok.eot, response.device
+        )
         return rm.score(query, query_mask, response, response_mask)
+
     return rm, score
 
 
 # -----------------------------------------------------------------------------
 # The reward model's training: judge-ordered pairs, Bradley-Terry
 
+
 def pair_batches(samples, pairs, batch_size, epochs, seed):
     """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
     resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
-    keys = [(len(samples[a].query) // 16, max(len(samples[a].response), len(samples[b].response)))
-            for a, b in pairs]
+    keys = [
+        (len(samples[a].query) // 16, max(len(samples[a].response), len(samples[b].response)))
+        for a, b in pairs
+    ]
     # Under torchrun the last, short batch of an epoch is dropped, so that every rank has pairs in every step.
-    return [batch for epoch in range(epochs) for batch in length_grouped_batches(
-        keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch, drop_last=DIST.world > 1)]
+    return [
+        batch
+        for epoch in range(epochs)
+        for batch in length_grouped_batches(
+            keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch, drop_last=DIST.world > 1
+        )
+    ]
 
 
 def rm_batch(samples, ids, tok, device):
     return pad_pairs([(samples[i].query, samples[i].response) for i in ids], tok.eot, device)
 
 
-def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None, margins=None):
+def comparisons_loss(
+    rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None, margins=None
+):
     """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
     distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give up to
     K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary cross-entropy
@@ -736,13 +956,17 @@ def comparisons_loss(rm, samples, pairs, tok, device, targets=None, aux_weight=0
     # Llama 2's margin (Touvron et al. 2023, eq. 2): a pair the judge separates widely must be separated
     # by at least that margin; a close call asks for less.
     margin = torch.tensor([margins[p] for p in pairs], device=r.device) if margins else 0.0
-    loss = global_mean(-F.logsigmoid(r[better] - r[worse] - margin))  # every rank's pairs under torchrun
+    loss = global_mean(
+        -F.logsigmoid(r[better] - r[worse] - margin)
+    )  # every rank's pairs under torchrun
     if stats is not None:
         stats["accuracy"] = global_mean((r[better] > r[worse]).float()).item()
     if aux is not None and targets:
         y = torch.tensor([targets[i] for i in ids], device=aux.device, dtype=torch.float32)
         if aux_weight:
-            loss = loss + aux_weight * global_mean(F.binary_cross_entropy_with_logits(aux.float(), y, reduction="none"))
+            loss = loss + aux_weight * global_mean(
+                F.binary_cross_entropy_with_logits(aux.float(), y, reduction="none")
+            )
         if stats is not None:
             right = ((aux.float() > 0) == (y > 0.5)).float().mean(0).tolist()
             stats.update({f"accuracy_{k}": a for (k, _, _), a in zip(QUESTIONS, right)})
@@ -760,7 +984,7 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
     out = []
     for i in range(0, len(ids), batch_size):
         with autocast(device):
-            out.append(rm.score(*rm_batch(samples, ids[i:i + batch_size], tok, device)).float())
+            out.append(rm.score(*rm_batch(samples, ids[i : i + batch_size], tok, device)).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -772,12 +996,14 @@ def split_prompts(feedback, cfg, seed):
     rng.shuffle(records)
     n_held = max(1, int(len(records) * cfg.heldout_fraction))
     n_val = int(len(records) * cfg.val_fraction)
-    return set(records[:n_held]), set(records[n_held:n_held + n_val]), rng
+    return set(records[:n_held]), set(records[n_held : n_held + n_val]), rng
 
 
 def policy_pairs(feedback, records, rng):
     """Judge-ordered pairs of the policy's own answers to `records`: what PPO asks the reward model."""
-    fb = [f for f in feedback if f.record in records and f.score is not None and f.source == "policy"]
+    fb = [
+        f for f in feedback if f.record in records and f.score is not None and f.source == "policy"
+    ]
     return fb, make_pairs(fb, 0, rng)
 
 
@@ -791,7 +1017,9 @@ def measure(rm, samples, feedback, sets, tok, device):
     return out
 
 
-def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log):
+def train_reward_model(
+    rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log
+):
     """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}.
     Every eval_every steps (and at step 0) it measures the held-out and validation prompts' pairs; the
     trained step with the best validation accuracy is the one kept."""
@@ -799,8 +1027,11 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     measured_only = heldout | val
     train_fb = [f for f in feedback if f.record not in measured_only]
     train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
-    sets = dict(heldout=policy_pairs(feedback, heldout, rng), val=policy_pairs(feedback, val, rng),
-                train=(train_fb, train_pairs[:512]))  # a fixed slice of the training pairs: overfitting
+    sets = dict(
+        heldout=policy_pairs(feedback, heldout, rng),
+        val=policy_pairs(feedback, val, rng),
+        train=(train_fb, train_pairs[:512]),
+    )  # a fixed slice of the training pairs: overfitting
     targets = question_targets(train_fb) if rm.aux is not None else {}
     judge_scores = {f.id: f.score for f in train_fb}
     rm.freeze_below(cfg.train_blocks)
@@ -810,42 +1041,79 @@ def train_reward_model(rm, samples, feedback, tok, cfg, seed, grad_clip, device,
     order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     steps = len(order)
     if not train_pairs:
-        log("[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
+        log(
+            "[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
             "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
-            "more answers per prompt (--samples-per-prompt).")
-    log(f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
-        f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts), {steps} steps")
+            "more answers per prompt (--samples-per-prompt)."
+        )
+    log(
+        f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
+        f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts), {steps} steps"
+    )
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    best_file, metrics_file = Path(ckpt_file).with_name("best.pt"), Path(ckpt_file).parent / "metrics.jsonl"
+    best_file, metrics_file = (
+        Path(ckpt_file).with_name("best.pt"),
+        Path(ckpt_file).parent / "metrics.jsonl",
+    )
     ckpt = resume(ckpt_file, device, optimizer, model=rm)
     step, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
-    best = ckpt.get("best", (-1.0, 0)) if ckpt else (-1.0, 0)  # (validation accuracy, step) kept so far
+    best = (
+        ckpt.get("best", (-1.0, 0)) if ckpt else (-1.0, 0)
+    )  # (validation accuracy, step) kept so far
     if ckpt:
         log(f"[reward] resumed at step {step}")
     t0, start = time.time(), step
     while True:
         if step % cfg.eval_every == 0 or step == steps:
             history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
-            best = keep_if_best(rm, history[-1], best, best_file, bool(sets["val"][1]), log, steps == 0)
+            best = keep_if_best(
+                rm, history[-1], best, best_file, bool(sets["val"][1]), log, steps == 0
+            )
         if step == steps:
             break
-        stats = train_step(rm, samples, [train_pairs[i] for i in order[step]], judge_scores, targets,
-                           optimizer, tok, cfg, grad_clip, device)
+        stats = train_step(
+            rm,
+            samples,
+            [train_pairs[i] for i in order[step]],
+            judge_scores,
+            targets,
+            optimizer,
+            tok,
+            cfg,
+            grad_clip,
+            device,
+        )
         step += 1
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
-            log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {progress(step - start, steps - start, t0)}")
+            log(
+                f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {progress(step - start, steps - start, t0)}"
+            )
             if is_main():
-                rm.save(ckpt_file, optimizer=optimizer.state_dict(), step=step, history=history, best=best)
-                write_metrics(metrics_file, history)  # from the checkpointed history: no row twice after a resume
+                rm.save(
+                    ckpt_file,
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    history=history,
+                    best=best,
+                )
+                write_metrics(
+                    metrics_file, history
+                )  # from the checkpointed history: no row twice after a resume
     barrier()
-    kept_ckpt = load_checkpoint(best_file, device)  # its own step: a crash may have left `best` older
+    kept_ckpt = load_checkpoint(
+        best_file, device
+    )  # its own step: a crash may have left `best` older
     rm.load_state_dict(kept_ckpt["model"])
     best = (kept_ckpt.get("val_accuracy", best[0]), kept_ckpt["step"])
     kept = next(r for r in history if r["step"] == best[1] and "heldout/pairs" in r)
     log(f"[reward] kept step {best[1]} (validation accuracy {best[0]:.3f})")
-    heldout_metrics = dict(kept_step=best[1], heldout_pairwise_accuracy=kept.get("heldout/accuracy", 0.0),
-                           heldout_pairs=kept["heldout/pairs"], val_pairwise_accuracy=best[0])
+    heldout_metrics = dict(
+        kept_step=best[1],
+        heldout_pairwise_accuracy=kept.get("heldout/accuracy", 0.0),
+        heldout_pairs=kept["heldout/pairs"],
+        val_pairwise_accuracy=best[0],
+    )
     if is_main():
         write_metrics(metrics_file, history + [dict(step=steps, **heldout_metrics)])
     return heldout_metrics
@@ -856,8 +1124,10 @@ def keep_if_best(rm, row, best, best_file, validated, log, untrained_ok=False):
     (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same tuple.
     Step 0's head is random: it is kept only when there is no training step (seed 3 kept it by noise,
     docs/experiments.md)."""
-    log(f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
-        f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}")
+    log(
+        f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
+        f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}"
+    )
     if row["step"] == 0 and not untrained_ok:
         return best
     if row.get("val/accuracy", 0.0) > best[0] or not validated:
@@ -872,9 +1142,13 @@ def train_step(rm, samples, pairs, scores, targets, optimizer, tok, cfg, grad_cl
     scores: {id: judge score}, for the margin."""
     rm.train()
     stats = {}
-    margins = {(a, b): cfg.margin * (scores[a] - scores[b]) for a, b in pairs} if cfg.margin else None
+    margins = (
+        {(a, b): cfg.margin * (scores[a] - scores[b]) for a, b in pairs} if cfg.margin else None
+    )
     with autocast(device):
-        loss = comparisons_loss(rm, samples, shard(pairs), tok, device, targets, cfg.aux_weight, stats, margins)
+        loss = comparisons_loss(
+            rm, samples, shard(pairs), tok, device, targets, cfg.aux_weight, stats, margins
+        )
     loss.backward()
     average_gradients([p for p in rm.parameters() if p.requires_grad])
     torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], grad_clip)
@@ -895,6 +1169,7 @@ def normalise(rm, samples, ids, tok, device):
 # -----------------------------------------------------------------------------
 # The same feedback used without training a reward model [not in the paper] (rlaif.py --compare)
 
+
 def judge_score_fn(judge, records, tok, feedback):
     """d-RLAIF ("direct RLAIF", Lee et al. 2023): the judge scores each PPO rollout itself, with no reward
     model in between. Scores are normalised as the reward model's are: mean 0, std 1 over the SFT
@@ -906,11 +1181,14 @@ def judge_score_fn(judge, records, tok, feedback):
 
     def score(query, query_mask, response, response_mask):
         out = []
-        for q, q_mask, r, r_mask in zip(query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()):
+        for q, q_mask, r, r_mask in zip(
+            query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()
+        ):
             record = by_prompt[tuple(t for t, m in zip(q, q_mask) if m)]
             s = judge_score(judge, record, tok.decode([t for t, m in zip(r, r_mask) if m]))
             out.append((s - mean) / std)
         return torch.tensor(out, device=query.device)
+
     return score
 
 
@@ -921,6 +1199,7 @@ def best_of_n(scores, n):
 
 # -----------------------------------------------------------------------------
 # The judge of a run: which one, and what stops it from working (checked before any stage runs)
+
 
 def judge_base_url(base_url):
     return base_url or os.environ.get("OPENAI_BASE_URL", "")
@@ -936,17 +1215,30 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
     model and say Yes or No? A problem line naming the URL and the model, or None. Whether log-probabilities
     came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
     import openai
+
     where = f"the judge endpoint {base_url or 'https://api.openai.com/v1'} (--judge-model {model})"
-    client = openai.OpenAI(api_key=judge_api_key(base_url), base_url=base_url or None, timeout=timeout,
-                           max_retries=0)
+    client = openai.OpenAI(
+        api_key=judge_api_key(base_url), base_url=base_url or None, timeout=timeout, max_retries=0
+    )
     try:
-        _, _, from_text = reply_p_yes(client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": PROBE_PROMPT}], max_tokens=1, temperature=0,
-            logprobs=True, top_logprobs=5))
-    except openai.RateLimitError as e:  # it answers; the judge's retries wait for it, unless the money is gone
+        _, _, from_text = reply_p_yes(
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": PROBE_PROMPT}],
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=5,
+            )
+        )
+    except (
+        openai.RateLimitError
+    ) as e:  # it answers; the judge's retries wait for it, unless the money is gone
         if "insufficient_quota" in str(e):
             return f"{where}: no quota left (429 insufficient_quota)"
-        log(f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it asks")
+        log(
+            f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it asks"
+        )
         return None
     except openai.NotFoundError as e:
         return f"{where}: 404, the model is not served there, or the URL does not end in /v1 ({e})"
@@ -961,8 +1253,14 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
         return f"{where}: asked {PROBE_PROMPT!r}, {e}: it cannot answer the judge's questions"
     except (JudgeError, ValueError, openai.APIResponseValidationError) as e:  # ValueError: not JSON
         return f"{where}: not an OpenAI chat completion ({e})"
-    log(f"[rlaif] judge probe: {where} answers " + ("WITHOUT log-probabilities: P(yes) will be 0 or 1 (counted in "
-                                                    "feedback/done.json)" if from_text else "with log-probabilities"))
+    log(
+        f"[rlaif] judge probe: {where} answers "
+        + (
+            "WITHOUT log-probabilities: P(yes) will be 0 or 1 (counted in feedback/done.json)"
+            if from_text
+            else "with log-probabilities"
+        )
+    )
     return None
 
 
@@ -971,8 +1269,10 @@ def judge_problems(base_url, model="gpt-3.5-turbo", log=log):
     endpoint, the key or the model failing one cheap request (probe_judge)."""
     base_url = judge_base_url(base_url)
     if not base_url and not os.environ.get("OPENAI_API_KEY"):
-        return ["--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / OPENAI_BASE_URL for a "
-                "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the offline stand-in"]
+        return [
+            "--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / OPENAI_BASE_URL for a "
+            "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the offline stand-in"
+        ]
     problem = probe_judge(base_url, model, log=log)
     return [problem] if problem else []
 
@@ -981,55 +1281,98 @@ def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log, price=""
     """The judge of a run; price: --judge-price's text (judge_price)."""
     if kind == "rules":
         return RulesJudge()
-    return OpenAIJudge(model, judge_base_url(base_url), cache_file=cache_file, max_usd=max_usd,
-                       price=judge_price(model, price), log=log)
+    return OpenAIJudge(
+        model,
+        judge_base_url(base_url),
+        cache_file=cache_file,
+        max_usd=max_usd,
+        price=judge_price(model, price),
+        log=log,
+    )
 
 
 # -----------------------------------------------------------------------------
 # The stages of a run (rlaif.py): 4. AI feedback on the samples, 5. the reward model
+
 
 def feedback_stage(cfg, run, splits):
     """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
     go to run_dir/feedback. Done only when every answer has a score: an answer the judge could not score
     stops the stage with a count and the command that resumes it. Resumable: answers already judged are in
     the partial file, and every answered question in the judge's cache; a rerun asks only for the rest."""
-    judge = make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
-                       cfg.judge_max_usd, log=log, price=cfg.judge_price)
-    samples, partial = read_rows(run / RUN_FILES["samples"], Sample), run / RUN_FILES["feedback_partial"]
+    judge = make_judge(
+        cfg.judge,
+        cfg.judge_model,
+        cfg.judge_base_url,
+        run / RUN_FILES["judge_cache"],
+        cfg.judge_max_usd,
+        log=log,
+        price=cfg.judge_price,
+    )
+    samples, partial = (
+        read_rows(run / RUN_FILES["samples"], Sample),
+        run / RUN_FILES["feedback_partial"],
+    )
     if cfg.judge == "rules":
-        log("[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
-            "this is not LLM feedback. Use --judge openai for AI feedback.")
+        log(
+            "[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
+            "this is not LLM feedback. Use --judge openai for AI feedback."
+        )
     else:  # what the judge will cost, before the first paid request; what the run has spent counts
         judged, spent = judged_so_far(partial), judge.spent_usd()
-        plan = judge_plan(cfg.judge_model, [s for s in samples if s.id not in judged], splits["train"], judge.db,
-                          judge.price)
-        log(f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)"
-            + (f"; the run has spent ${spent:.4f} on the judge so far" if spent else ""))
+        plan = judge_plan(
+            cfg.judge_model,
+            [s for s in samples if s.id not in judged],
+            splits["train"],
+            judge.db,
+            judge.price,
+        )
+        log(
+            f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)"
+            + (f"; the run has spent ${spent:.4f} on the judge so far" if spent else "")
+        )
         if cfg.judge_max_usd and plan[3] is not None and spent + plan[3] > cfg.judge_max_usd:
-            raise SystemExit(f"[feedback] the estimate (plus the ${spent:.4f} spent so far) passes "
-                             f"--judge-max-usd {cfg.judge_max_usd}: nothing was sent. Raise the cap, or judge "
-                             "fewer answers (--sample-prompts, --samples-per-prompt).")
+            raise SystemExit(
+                f"[feedback] the estimate (plus the ${spent:.4f} spent so far) passes "
+                f"--judge-max-usd {cfg.judge_max_usd}: nothing was sent. Raise the cap, or judge "
+                "fewer answers (--sample-prompts, --samples-per-prompt)."
+            )
     kept = f"What was judged is kept ({partial}, {run / RUN_FILES['judge_cache']})"
     try:
-        feedback = judge_answers(judge, samples, splits["train"], partial,
-                                 cfg.judge_concurrency if cfg.judge == "openai" else 1, log=log)
+        feedback = judge_answers(
+            judge,
+            samples,
+            splits["train"],
+            partial,
+            cfg.judge_concurrency if cfg.judge == "openai" else 1,
+            log=log,
+        )
     except JudgeBudgetExceeded as e:
-        raise SystemExit(f"[feedback] stopped: {e}. {kept}; rerun with a higher --judge-max-usd to "
-                         "resume.") from None
+        raise SystemExit(
+            f"[feedback] stopped: {e}. {kept}; rerun with a higher --judge-max-usd to resume."
+        ) from None
     except JudgeFailed as e:
-        raise SystemExit(f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking only "
-                         "for what is missing.") from None
+        raise SystemExit(
+            f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking only "
+            "for what is missing."
+        ) from None
     for source in sorted({f.source for f in feedback}):
         fb = [f for f in feedback if f.source == source]
         scores = [f.score for f in fb]
-        log(f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
-            "P(yes) per question: " + ", ".join(f"{k} {sum(f.answers[k] for f in fb) / len(fb):.2f}"
-                                                for k, _, _ in QUESTIONS))
+        log(
+            f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
+            "P(yes) per question: "
+            + ", ".join(
+                f"{k} {sum(f.answers[k] for f in fb) / len(fb):.2f}" for k, _, _ in QUESTIONS
+            )
+        )
     write_rows(run / RUN_FILES["feedback"], feedback)
     summary = dict(judge=judge.name, judged=len(feedback))
     if cfg.judge == "openai":
-        summary.update(p_yes_from_text=p_yes_from_text(judge, feedback, samples, splits["train"]),
-                       judge_usd=None if judge.spent_usd() is None else round(judge.spent_usd(), 6))
+        summary.update(
+            p_yes_from_text=p_yes_from_text(judge, feedback, samples, splits["train"]),
+            judge_usd=None if judge.spent_usd() is None else round(judge.spent_usd(), 6),
+        )
     return summary
 
 
@@ -1040,8 +1383,10 @@ def p_yes_from_text(judge, feedback, samples, records):
     per_answer = [judge.text_judgements(records[f.record], answer[f.id]) for f in feedback]
     counts = dict(answers=sum(n > 0 for n in per_answer), judgements=sum(per_answer))
     if counts["answers"]:
-        log(f"[feedback] WARNING: {counts['judgements']} judgements of {counts['answers']} of {len(feedback)} "
-            "answers have P(yes) 0 or 1 from the reply's text (no log-probabilities)")
+        log(
+            f"[feedback] WARNING: {counts['judgements']} judgements of {counts['answers']} of {len(feedback)} "
+            "answers have P(yes) 0 or 1 from the reply's text (no log-probabilities)"
+        )
     return counts
 
 
@@ -1053,24 +1398,43 @@ def reward_stage(cfg, run, splits):
     if cfg.rm.tools:
         samples = reading_reports(samples, tok, APIDatabase())
     torch.manual_seed(cfg.seed)
-    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(cfg.device)
+    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(
+        cfg.device
+    )
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    metrics = train_reward_model(rm, samples, feedback, tok, cfg.rm, cfg.seed, cfg.grad_clip, cfg.device,
-                                 run / "reward" / "ckpt.pt", log=log)
+    metrics = train_reward_model(
+        rm,
+        samples,
+        feedback,
+        tok,
+        cfg.rm,
+        cfg.seed,
+        cfg.grad_clip,
+        cfg.device,
+        run / "reward" / "ckpt.pt",
+        log=log,
+    )
     normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
     if is_main():
         rm.save(run / RUN_FILES["reward_model"], tools=cfg.rm.tools)
-    log(f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
-        f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}")
+    log(
+        f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
+        f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"
+    )
     return metrics
 
 
 def main(argv=None):
     """python reward.py: the reward-model stage alone, on an existing run (default runs/tiny)."""
     cfg, run = stage_command_line(
-        "reward", "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
+        "reward",
+        "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
         "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings (config.json); the "
-        "flags below override them and are recorded.", argv, section="rm", section_cls=RMConfig)
+        "flags below override them and are recorded.",
+        argv,
+        section="rm",
+        section_cls=RMConfig,
+    )
     run_stage(cfg, run, "reward", reward_stage, prepare.load_splits(cfg.train_file))
 
 

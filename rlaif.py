@@ -19,6 +19,7 @@ skipped on the next run, so an interrupted run resumes where it stopped.
 Results land in run_dir/evaluate/results.md (and results in its done.json). Every setting is a field of
 runs.Config (PPO's, the reward model's and DPO's in their own files); runs.py keeps the run directory.
 """
+
 import argparse
 import importlib.util
 import json
@@ -38,27 +39,85 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from dpo import DPOConfig
-from model import (GPT, ScalarModel, autocast, length_grouped_batches, log, lr_at, make_optimizer, pad_pairs,
-                   preset_config, progress, response_logprobs, sample_answers, save_checkpoint)
+from model import (
+    GPT,
+    ScalarModel,
+    autocast,
+    length_grouped_batches,
+    log,
+    lr_at,
+    make_optimizer,
+    pad_pairs,
+    preset_config,
+    progress,
+    response_logprobs,
+    sample_answers,
+    save_checkpoint,
+)
 from ppo import PPOConfig
 from reward import RMConfig
-from runs import (DIST, RUN_FILES, STAGE_ORDER, Config, Feedback, Sample, add_flags, all_sum, apply_overrides,
-                  average_gradients, barrier, check_settings, is_main, load_config, open_tensorboard, read_rows,
-                  resume, run_part, run_stage, save_config, set_aside, settings_diff, setup_distributed, shard,
-                  verify_done, write_jsonl, write_metrics, write_rows)
+from runs import (
+    DIST,
+    RUN_FILES,
+    STAGE_ORDER,
+    Config,
+    Feedback,
+    Sample,
+    add_flags,
+    all_sum,
+    apply_overrides,
+    average_gradients,
+    barrier,
+    check_settings,
+    is_main,
+    load_config,
+    open_tensorboard,
+    read_rows,
+    resume,
+    run_part,
+    run_stage,
+    save_config,
+    set_aside,
+    settings_diff,
+    setup_distributed,
+    shard,
+    verify_done,
+    write_jsonl,
+    write_metrics,
+    write_rows,
+)
 
 CODE_TAG = "<<<code>>>:"
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
-SECTION_CLASSES = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)  # Config's sections, in their stages' files
+SECTION_CLASSES = dict(
+    ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig
+)  # Config's sections, in their stages' files
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
-PAPER = dict(run_dir="runs/paper", device="cuda", init="gpt2-large", compact=False, api_pairs=False,
-             train_file=prepare.HUB_TRAIN, max_answer_tokens=512, sft_steps=3000, sft_batch_size=8, sft_grad_accum=4,
-             sft_lr=5e-5, sft_warmup=100, eval_every=250, sample_prompts=2000, temperature=1.0,
-             contrast_answers=False, judge="openai", exec_mode="real", exec_timeout=300.0,
-             ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, epochs=4, lr=1e-5),
-             rm=dict(lr=1e-5, batch_size=8))
+PAPER = dict(
+    run_dir="runs/paper",
+    device="cuda",
+    init="gpt2-large",
+    compact=False,
+    api_pairs=False,
+    train_file=prepare.HUB_TRAIN,
+    max_answer_tokens=512,
+    sft_steps=3000,
+    sft_batch_size=8,
+    sft_grad_accum=4,
+    sft_lr=5e-5,
+    sft_warmup=100,
+    eval_every=250,
+    sample_prompts=2000,
+    temperature=1.0,
+    contrast_answers=False,
+    judge="openai",
+    exec_mode="real",
+    exec_timeout=300.0,
+    ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, epochs=4, lr=1e-5),
+    rm=dict(lr=1e-5, batch_size=8),
+)
 PRESETS = {"tiny": {}, "paper": PAPER}
 
 
@@ -72,6 +131,7 @@ def make_config(preset="tiny", **overrides):
 # -----------------------------------------------------------------------------
 # 2. SFT
 
+
 def init_model(cfg, tok):
     if cfg.init in CPU_PRESETS:
         return GPT(preset_config(cfg.init, tok.vocab_size))
@@ -80,8 +140,13 @@ def init_model(cfg, tok):
 
 def sft_examples(cfg, tok, records):
     """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
-    return [(prepare.prompt_ids(tok, r.instruction),
-             prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens)) for r in records]
+    return [
+        (
+            prepare.prompt_ids(tok, r.instruction),
+            prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens),
+        )
+        for r in records
+    ]
 
 
 def sft_loss(model, examples, pad, device):
@@ -90,7 +155,9 @@ def sft_loss(model, examples, pad, device):
     query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
     with autocast(device):
         logprobs = response_logprobs(model, query, query_mask, response, response_mask)
-    return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), int(query_mask.sum() + response_mask.sum())
+    return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), int(
+        query_mask.sum() + response_mask.sum()
+    )
 
 
 @torch.no_grad()
@@ -99,7 +166,7 @@ def validation_loss(model, examples, pad, device, batch_size=32):
     model.eval()
     examples, total, n = shard(examples), 0.0, 0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+        chunk = examples[i : i + batch_size]
         loss, _ = sft_loss(model, chunk, pad, device)
         tokens = sum(len(a) for _, a in chunk)
         total, n = total + loss.item() * tokens, n + tokens
@@ -114,7 +181,9 @@ def batch_at(examples, batch_size, index, seed):
     per_epoch = max(1, len(examples) // batch_size)
     epoch, i = divmod(index, per_epoch)
     keys = [len(q) + len(a) for q, a in examples]
-    batches = length_grouped_batches(keys, batch_size, seed * 1_000_003 + epoch, seed * 7 + epoch, drop_last=True)
+    batches = length_grouped_batches(
+        keys, batch_size, seed * 1_000_003 + epoch, seed * 7 + epoch, drop_last=True
+    )
     return [examples[j] for j in batches[i]]
 
 
@@ -137,7 +206,9 @@ def sft(cfg, tok, train, val, out_dir):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.sft_grad_accum):
-            batch = shard(batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed))
+            batch = shard(
+                batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed)
+            )
             loss, n_tokens = sft_loss(model, batch, tok.eot, cfg.device)
             (loss / cfg.sft_grad_accum).backward()
             tokens_seen += n_tokens
@@ -146,18 +217,33 @@ def sft(cfg, tok, train, val, out_dir):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr,
-                            tokens_per_s=round(tokens_seen / (time.time() - t0))))
+        history.append(
+            dict(
+                step=step,
+                loss=round(loss.item(), 4),
+                lr=lr,
+                tokens_per_s=round(tokens_seen / (time.time() - t0)),
+            )
+        )
         if step % 25 == 0 or step == cfg.sft_steps:
-            log(f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{history[-1]['tokens_per_s']:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}")
+            log(
+                f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"{history[-1]['tokens_per_s']:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}"
+            )
         if step % cfg.eval_every == 0 or step == cfg.sft_steps:
             history[-1]["val_loss"] = round(validation_loss(model, val, tok.eot, cfg.device), 4)
             log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
             if is_main():
-                save_checkpoint(ckpt_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                step=step, history=history)
-                write_metrics(out_dir / "metrics.jsonl", history)  # from the checkpointed history: resumable
+                save_checkpoint(
+                    ckpt_file,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    history=history,
+                )
+                write_metrics(
+                    out_dir / "metrics.jsonl", history
+                )  # from the checkpointed history: resumable
     model.eval()
     return model, history
 
@@ -169,24 +255,43 @@ def sft_stage(cfg, run, splits):
     model, history = sft(cfg, tok, train, sft_examples(cfg, tok, splits["val"]), run / "sft")
     if is_main():
         model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
-    return dict(train_examples=len(train), final_loss=history[-1]["loss"],
-                val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1])
+    return dict(
+        train_examples=len(train),
+        final_loss=history[-1]["loss"],
+        val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
+    )
 
 
 # -----------------------------------------------------------------------------
 # 3. Sample answers from the SFT policy
+
 
 def sample_stage(cfg, run, splits):
     """samples_per_prompt answers to the first sample_prompts training instructions (a seeded shuffle)."""
     tok, train = prepare.tokenizer(cfg.compact), splits["train"]
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
-    chosen = order[:cfg.sample_prompts]
-    prompts = [prepare.prompt_ids(tok, train[i].instruction) for i in chosen for _ in range(cfg.samples_per_prompt)]
+    chosen = order[: cfg.sample_prompts]
+    prompts = [
+        prepare.prompt_ids(tok, train[i].instruction)
+        for i in chosen
+        for _ in range(cfg.samples_per_prompt)
+    ]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
-    samples = [Sample(id=k, record=chosen[k // cfg.samples_per_prompt], source="policy", query=q, response=r,
-                      answer=tok.decode(r)) for k, (q, r) in enumerate(zip(prompts, responses))]
+    responses = sample_answers(
+        model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log
+    )
+    samples = [
+        Sample(
+            id=k,
+            record=chosen[k // cfg.samples_per_prompt],
+            source="policy",
+            query=q,
+            response=r,
+            answer=tok.decode(r),
+        )
+        for k, (q, r) in enumerate(zip(prompts, responses))
+    ]
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_rows(run / RUN_FILES["samples"], samples)
@@ -204,25 +309,51 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
     elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
     with_code = {}
     for s in samples:
-        if s.record not in with_code and prepare.parse_answer(s.answer)["code"] and CODE_TAG in s.answer:
+        if (
+            s.record not in with_code
+            and prepare.parse_answer(s.answer)["code"]
+            and CODE_TAG in s.answer
+        ):
             with_code[s.record] = s
     out = []
     for i in chosen:
         other = rng.choice(elsewhere[domains[i]])
         query = prepare.prompt_ids(tok, train[i].instruction)
-        answers = [("reference", prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)),
-                   ("mismatched", prepare.answer_ids(tok, train[other].sections, cfg.compact, cfg.max_answer_tokens))]
+        answers = [
+            (
+                "reference",
+                prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens),
+            ),
+            (
+                "mismatched",
+                prepare.answer_ids(tok, train[other].sections, cfg.compact, cfg.max_answer_tokens),
+            ),
+        ]
         if i in with_code:
             policy = with_code[i].answer
-            answers.append(("no_code", tok.encode(policy[:policy.index(CODE_TAG) + len(CODE_TAG)]) + [tok.eot]))
+            answers.append(
+                (
+                    "no_code",
+                    tok.encode(policy[: policy.index(CODE_TAG) + len(CODE_TAG)]) + [tok.eot],
+                )
+            )
         for source, response in answers:
-            out.append(Sample(id=start_id + len(out), record=i, source=source, query=query, response=response,
-                              answer=tok.decode(response)))
+            out.append(
+                Sample(
+                    id=start_id + len(out),
+                    record=i,
+                    source=source,
+                    query=query,
+                    response=response,
+                    answer=tok.decode(response),
+                )
+            )
     return out
 
 
 # -----------------------------------------------------------------------------
 # 7. [not in the paper] The same feedback used five more ways, for one table (--compare)
+
 
 def compare_stage(cfg, run, splits):
     """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
@@ -233,19 +364,36 @@ def compare_stage(cfg, run, splits):
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    judge = reward.make_judge(cfg.judge, cfg.judge_model, cfg.judge_base_url, run / RUN_FILES["judge_cache"],
-                              cfg.judge_max_usd, log=log, price=cfg.judge_price)
+    judge = reward.make_judge(
+        cfg.judge,
+        cfg.judge_model,
+        cfg.judge_base_url,
+        run / RUN_FILES["judge_cache"],
+        cfg.judge_max_usd,
+        log=log,
+        price=cfg.judge_price,
+    )
     # Each part is skipped only when its own done.json, written after its model, says it finished.
-    run_part(run / RUN_FILES["drlaif"], lambda out: ppo.ppo_stage(
-        cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out),
-        "[compare] d-RLAIF: PPO with the judge's score as the reward")
-    run_part(run / RUN_FILES["rloo"], lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="rloo"),
-             "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic")
-    run_part(run / RUN_FILES["grpo"], lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="grpo"),
-             "[compare] GRPO: the same rollouts and reward model, group-normalised scores, the KL as a loss")
+    run_part(
+        run / RUN_FILES["drlaif"],
+        lambda out: ppo.ppo_stage(
+            cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out
+        ),
+        "[compare] d-RLAIF: PPO with the judge's score as the reward",
+    )
+    run_part(
+        run / RUN_FILES["rloo"],
+        lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="rloo"),
+        "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic",
+    )
+    run_part(
+        run / RUN_FILES["grpo"],
+        lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="grpo"),
+        "[compare] GRPO: the same rollouts and reward model, group-normalised scores, the KL as a loss",
+    )
     run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
-        best_of_n_answers(cfg, run, splits["test"][:cfg.eval_limit or None], judge, tok)
+        best_of_n_answers(cfg, run, splits["test"][: cfg.eval_limit or None], judge, tok)
     return dict(best_of_n=cfg.best_of_n)
 
 
@@ -253,29 +401,56 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     """best_of_n SFT samples per test question; the reward model's pick and the judge's are kept."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    log(f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions")
-    responses = sample_answers(model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log)
-    samples = {i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
-               for i, (q, r) in enumerate(zip(prompts, responses))}
+    log(
+        f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions"
+    )
+    responses = sample_answers(
+        model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log
+    )
+    samples = {
+        i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
+        for i, (q, r) in enumerate(zip(prompts, responses))
+    }
     rm, rm_ckpt = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-    if rm_ckpt.get("tools"):  # the reward model reads each answer's tool report (reward.tool_report)
+    if rm_ckpt.get(
+        "tools"
+    ):  # the reward model reads each answer's tool report (reward.tool_report)
         samples = reward.reading_reports(samples, tok, reward.APIDatabase())
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
     answers = [s.answer for s in samples.values()]
-    judge_score = [reward.judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)]
+    judge_score = [
+        reward.judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)
+    ]
     for name, scores in (("rm", rm_score), ("judge", judge_score)):
-        picked = [dict(question_id=r.line, text=answers[j]) for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))]
+        picked = [
+            dict(question_id=r.line, text=answers[j])
+            for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))
+        ]
         write_jsonl(run / RUN_FILES["best_of_n"].format(pick=name), picked)
 
 
 # -----------------------------------------------------------------------------
 # The driver: the stages in order, each skipped when its done.json exists and its outputs are intact
 
-STAGES = dict(zip(STAGE_ORDER, (sft_stage, sample_stage, reward.feedback_stage, reward.reward_stage, ppo.ppo_stage,
-                                compare_stage, evaluate.evaluate_stage)))
+STAGES = dict(
+    zip(
+        STAGE_ORDER,
+        (
+            sft_stage,
+            sample_stage,
+            reward.feedback_stage,
+            reward.reward_stage,
+            ppo.ppo_stage,
+            compare_stage,
+            evaluate.evaluate_stage,
+        ),
+    )
+)
+
 
 def reachable(host, port=443, timeout=3.0):
     import socket
+
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True
@@ -289,29 +464,51 @@ def check_ready(cfg):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         problems.append(f"--device {cfg.device!r}: use cpu, cuda or cuda:N")
     elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {cfg.device}: no CUDA GPU is visible to torch here; use --device cpu")
-    if cfg.init not in CPU_PRESETS and not Path(cfg.init).is_dir() and not reachable("huggingface.co"):
-        problems.append(f"--init {cfg.init}: not a local directory, and the Hugging Face Hub is unreachable "
-                        "(offline?): pass a directory with config.json + model.safetensors")
+        problems.append(
+            f"--device {cfg.device}: no CUDA GPU is visible to torch here; use --device cpu"
+        )
+    if (
+        cfg.init not in CPU_PRESETS
+        and not Path(cfg.init).is_dir()
+        and not reachable("huggingface.co")
+    ):
+        problems.append(
+            f"--init {cfg.init}: not a local directory, and the Hugging Face Hub is unreachable "
+            "(offline?): pass a directory with config.json + model.safetensors"
+        )
     if cfg.train_file == prepare.HUB_TRAIN and not reachable("huggingface.co"):
-        problems.append("--train-file hub: the Hugging Face Hub is unreachable (offline?); --train-file '' uses "
-                        "the offline split of the eval file, or give a local copy of huggingface_train.json")
-    elif cfg.train_file and cfg.train_file != prepare.HUB_TRAIN and not Path(cfg.train_file).is_file():
+        problems.append(
+            "--train-file hub: the Hugging Face Hub is unreachable (offline?); --train-file '' uses "
+            "the offline split of the eval file, or give a local copy of huggingface_train.json"
+        )
+    elif (
+        cfg.train_file
+        and cfg.train_file != prepare.HUB_TRAIN
+        and not Path(cfg.train_file).is_file()
+    ):
         problems.append(f"--train-file {cfg.train_file}: no such file")
     if cfg.judge == "openai":
-        problems += reward.judge_problems(cfg.judge_base_url, cfg.judge_model)  # one request: the probe
+        problems += reward.judge_problems(
+            cfg.judge_base_url, cfg.judge_model
+        )  # one request: the probe
     if cfg.exec_mode != "none":
         reason = sandbox.isolation_available()
         if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
-            problems.append(f"--exec-mode {cfg.exec_mode}: OS-level isolation is unavailable ({reason}); "
-                            "generated code is not run without it (offline mode: --unsafe-exec forces it)")
+            problems.append(
+                f"--exec-mode {cfg.exec_mode}: OS-level isolation is unavailable ({reason}); "
+                "generated code is not run without it (offline mode: --unsafe-exec forces it)"
+            )
     if cfg.compact and cfg.init not in CPU_PRESETS:
-        problems.append(f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models trained "
-                        "from scratch: add --no-compact")
+        problems.append(
+            f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models trained "
+            "from scratch: add --no-compact"
+        )
     if problems:
         raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
     if DIST.world > 1 and cfg.device == "cpu" and torch.cuda.is_available():
-        log(f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible (--device cuda uses it)")
+        log(
+            f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible (--device cuda uses it)"
+        )
 
 
 def refuse_bad_settings(cfg):
@@ -323,12 +520,25 @@ def refuse_bad_settings(cfg):
         try:  # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run trains
             ppo.check_config(replace(cfg.ppo, advantage=advantage))
         except ValueError as e:
-            problems.append(f"{e}" + ("" if advantage == cfg.ppo.advantage else f" (--compare's {advantage.upper()} row)"))
-    if cfg.judge == "openai":  # a price to keep --judge-max-usd with, and a --judge-price that parses
-        problems += reward.judge_setting_problems(cfg.judge_model, cfg.judge_max_usd, cfg.judge_price)
+            problems.append(
+                f"{e}"
+                + (
+                    ""
+                    if advantage == cfg.ppo.advantage
+                    else f" (--compare's {advantage.upper()} row)"
+                )
+            )
+    if (
+        cfg.judge == "openai"
+    ):  # a price to keep --judge-max-usd with, and a --judge-price that parses
+        problems += reward.judge_setting_problems(
+            cfg.judge_model, cfg.judge_max_usd, cfg.judge_price
+        )
     if not cfg.contrast_answers and cfg.samples_per_prompt < 2:
-        problems.append(f"--samples-per-prompt {cfg.samples_per_prompt}: must be >= 2 with --no-contrast-answers "
-                        "(the reward model learns from pairs of answers to one instruction)")
+        problems.append(
+            f"--samples-per-prompt {cfg.samples_per_prompt}: must be >= 2 with --no-contrast-answers "
+            "(the reward model learns from pairs of answers to one instruction)"
+        )
     check_settings(cfg, more=problems)
 
 
@@ -352,11 +562,15 @@ def check_answer_room(cfg, splits):
     records = [r for split in splits.values() for r in split]
     records += prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     longest = max(len(prepare.prompt_ids(tok, r.instruction)) for r in records)
-    report = reward.REPORT_TOKENS if cfg.rm.tools else 0  # the reward model reads a tool report after the answer
+    report = (
+        reward.REPORT_TOKENS if cfg.rm.tools else 0
+    )  # the reward model reads a tool report after the answer
     if cfg.max_answer_tokens > block - longest - report:
-        raise SystemExit(f"refused before anything ran:\n  --max-answer-tokens {cfg.max_answer_tokens}: must be "
-                         f"<= {block - longest - report} (the longest prompt has {longest} tokens, the model's "
-                         f"context {block}" + (f", the reward model's tool report {report})" if report else ")"))
+        raise SystemExit(
+            f"refused before anything ran:\n  --max-answer-tokens {cfg.max_answer_tokens}: must be "
+            f"<= {block - longest - report} (the longest prompt has {longest} tokens, the model's "
+            f"context {block}" + (f", the reward model's tool report {report})" if report else ")")
+        )
 
 
 def prepare_run_dir(cfg, from_stage):
@@ -369,11 +583,14 @@ def prepare_run_dir(cfg, from_stage):
         # is at its default, so that a run of an older version still resumes.
         diff = settings_diff(asdict(load_config(run, **SECTION_CLASSES)), cfg)
         if diff:
-            raise SystemExit(f"rlaif.py: {run} was run with other settings:\n  " + "\n  ".join(diff) +
-                             "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings.")
+            raise SystemExit(
+                f"rlaif.py: {run} was run with other settings:\n  "
+                + "\n  ".join(diff)
+                + "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings."
+            )
     if is_main():  # under torchrun, rank 0 alone touches the files
         if from_stage:
-            set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage):])
+            set_aside(run, STAGE_ORDER[STAGE_ORDER.index(from_stage) :])
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run)
     barrier()
@@ -383,18 +600,22 @@ def prepare_run_dir(cfg, from_stage):
 def run_pipeline(cfg, from_stage=None, until="evaluate"):
     refuse_bad_settings(cfg)
     check_ready(cfg)
-    splits = prepare.load_splits(cfg.train_file, log=log)  # a bad train file is refused before the run starts
+    splits = prepare.load_splits(
+        cfg.train_file, log=log
+    )  # a bad train file is refused before the run starts
     check_answer_room(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
-    log(f"[rlaif] run {run}: model {cfg.init} "
+    log(
+        f"[rlaif] run {run}: model {cfg.init} "
         f"({'trained from scratch' if cfg.init in CPU_PRESETS else 'HF weights'}), judge "
         f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
-        f"device {cfg.device}")
+        f"device {cfg.device}"
+    )
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
         log(f"[rlaif] TensorBoard: tensorboard --logdir {run / 'tb'}")
     names = list(STAGES)
-    for stage in names[:names.index(until) + 1]:
+    for stage in names[: names.index(until) + 1]:
         if (run / stage / "done.json").exists():
             verify_done(run / stage)
             log(f"[{stage}] already done ({run / stage / 'done.json'}), skipped")
@@ -411,11 +632,19 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
 
 def print_results(cfg, run):
     done = json.loads((run / "evaluate" / "done.json").read_text())
-    judge = ("RULES JUDGE (offline deterministic stand-in for GPT-3.5; not LLM feedback)" if cfg.judge == "rules"
-             else f"LLM judge {cfg.judge_model}")
-    model = (f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)" if cfg.init in CPU_PRESETS
-             else f"{cfg.init} from Hugging Face weights")
-    split = f"trained on {cfg.train_file}" if cfg.train_file else "offline hash split of the eval file"
+    judge = (
+        "RULES JUDGE (offline deterministic stand-in for GPT-3.5; not LLM feedback)"
+        if cfg.judge == "rules"
+        else f"LLM judge {cfg.judge_model}"
+    )
+    model = (
+        f"{cfg.init} GPT-2 architecture trained FROM SCRATCH (not GPT-2 weights)"
+        if cfg.init in CPU_PRESETS
+        else f"{cfg.init} from Hugging Face weights"
+    )
+    split = (
+        f"trained on {cfg.train_file}" if cfg.train_file else "offline hash split of the eval file"
+    )
     log(f"\nResults on {next(iter(done['results'].values()))['n']} held-out questions ({split})")
     log(f"  model: {model}\n  judge: {judge}\n  executability: {cfg.exec_mode} mode\n")
     log(evaluate.results_table(done["results"]))
@@ -428,6 +657,7 @@ def print_results(cfg, run):
 # -----------------------------------------------------------------------------
 # Command line: one flag per Config field (--ppo-*, --rm-*, --dpo-* for the sections)
 
+
 def tiny_and_paper_defaults(prefix):
     paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
     return lambda f: f"{f.default}" + (f"; paper: {paper[f.name]}" if f.name in paper else "")
@@ -435,22 +665,45 @@ def tiny_and_paper_defaults(prefix):
 
 def parse_args(argv=None):
     """(config, --from, --until) from the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-)
-    p.add_argument("--config", choices=sorted(PRESETS),
-                   help="preset: tiny (offline, CPU; the default) or paper (gpt2-large, GPT-3.5 judge, one GPU). "
-                        "Without it and without settings, an existing --run-dir resumes with its recorded settings")
-    p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
-    p.add_argument("--until", choices=list(STAGES), default="evaluate", help="stop after this stage")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (stages, sizes, the judge's requests and "
-                   "estimated cost, device) and exit: nothing runs, nothing is written, no network")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        choices=sorted(PRESETS),
+        help="preset: tiny (offline, CPU; the default) or paper (gpt2-large, GPT-3.5 judge, one GPU). "
+        "Without it and without settings, an existing --run-dir resumes with its recorded settings",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=list(STAGES),
+        help="redo this stage and every later one",
+    )
+    p.add_argument(
+        "--until", choices=list(STAGES), default="evaluate", help="stop after this stage"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (stages, sizes, the judge's requests and "
+        "estimated cost, device) and exit: nothing runs, nothing is written, no network",
+    )
     for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-"), (DPOConfig, "dpo-")):
         add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
     args = vars(p.parse_args(argv))
-    preset, from_stage, until, dry_run = args.pop("config"), args.pop("from_stage"), args.pop("until"), args.pop("dry_run")
+    preset, from_stage, until, dry_run = (
+        args.pop("config"),
+        args.pop("from_stage"),
+        args.pop("until"),
+        args.pop("dry_run"),
+    )
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
-    if preset is None and (Path(cfg.run_dir) / "config.json").exists():  # an existing run: its settings + flags
+    if (
+        preset is None and (Path(cfg.run_dir) / "config.json").exists()
+    ):  # an existing run: its settings + flags
         cfg = apply_overrides(load_config(cfg.run_dir, **SECTION_CLASSES), overrides)
     cfg.dry_run = dry_run  # not a setting of the run (asdict leaves it out): how this command runs
     return cfg, from_stage, until
@@ -461,35 +714,72 @@ GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt
 
 def print_plan(cfg, until):
     """--dry-run: what `python rlaif.py` with these settings would do, offline and without writing."""
-    names = list(STAGES)[:list(STAGES).index(until) + 1]
-    splits = prepare.load_splits("" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None)
+    names = list(STAGES)[: list(STAGES).index(until) + 1]
+    splits = prepare.load_splits(
+        "" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None
+    )
     train = splits["train"]
-    size = (f"{sum(p.numel() for p in GPT(preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)).parameters()) / 1e6:.1f}M"
-            if cfg.init in CPU_PRESETS else GPT2_PARAMS.get(cfg.init, "size read from its config.json"))
+    size = (
+        f"{sum(p.numel() for p in GPT(preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)).parameters()) / 1e6:.1f}M"
+        if cfg.init in CPU_PRESETS
+        else GPT2_PARAMS.get(cfg.init, "size read from its config.json")
+    )
     n_prompts = min(cfg.sample_prompts, len(train))
     n_answers = n_prompts * (cfg.samples_per_prompt + (3 if cfg.contrast_answers else 0))
-    proxy = [Sample(i, i % len(train), "reference", [], [], prepare.format_answer(train[i % len(train)].sections,
-                                                                                  cfg.compact)) for i in range(n_answers)]  # reference answers stand in for the answers not yet sampled
-    judge = (f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *reward.judge_plan(
-        cfg.judge_model, proxy, train, reward.APIDatabase(), reward.judge_price(cfg.judge_model, cfg.judge_price)))
-        if cfg.judge == "openai" else "rules judge (free)")
+    proxy = [
+        Sample(
+            i,
+            i % len(train),
+            "reference",
+            [],
+            [],
+            prepare.format_answer(train[i % len(train)].sections, cfg.compact),
+        )
+        for i in range(n_answers)
+    ]  # reference answers stand in for the answers not yet sampled
+    judge = (
+        f"{cfg.judge_model}: "
+        + reward.plan_text(
+            cfg.judge_model,
+            *reward.judge_plan(
+                cfg.judge_model,
+                proxy,
+                train,
+                reward.APIDatabase(),
+                reward.judge_price(cfg.judge_model, cfg.judge_price),
+            ),
+        )
+        if cfg.judge == "openai"
+        else "rules judge (free)"
+    )
     cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""
-    lines = dict(sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
-                     f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
-                 sample=f"{n_prompts} instructions x {cfg.samples_per_prompt} answers at T={cfg.temperature}"
-                        f"{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
-                 feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
-                 reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
-                 ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
-                     f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
-                 compare=(f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
-                          f"the judge {cfg.ppo.iterations * cfg.ppo.batch_size * len(reward.QUESTIONS):,} questions), "
-                          f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}") if cfg.compare else "skipped",
-                 evaluate=f"{len(splits['test'][:cfg.eval_limit or None])} held-out questions, executability "
-                          f"{cfg.exec_mode}")
-    log(f"[dry run] {cfg.run_dir}: {cfg.init} ({size} parameters), device {cfg.device}; nothing is run"
-        + (" (sizes of the offline split: the Hub's train file is not read)" if cfg.train_file == prepare.HUB_TRAIN
-           else ""))
+    lines = dict(
+        sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
+        f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
+        sample=f"{n_prompts} instructions x {cfg.samples_per_prompt} answers at T={cfg.temperature}"
+        f"{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
+        feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
+        reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
+        ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
+        f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
+        compare=(
+            f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
+            f"the judge {cfg.ppo.iterations * cfg.ppo.batch_size * len(reward.QUESTIONS):,} questions), "
+            f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
+        )
+        if cfg.compare
+        else "skipped",
+        evaluate=f"{len(splits['test'][: cfg.eval_limit or None])} held-out questions, executability "
+        f"{cfg.exec_mode}",
+    )
+    log(
+        f"[dry run] {cfg.run_dir}: {cfg.init} ({size} parameters), device {cfg.device}; nothing is run"
+        + (
+            " (sizes of the offline split: the Hub's train file is not read)"
+            if cfg.train_file == prepare.HUB_TRAIN
+            else ""
+        )
+    )
     for name in names:
         log(f"  {name:9s} {lines[name]}")
 

@@ -16,6 +16,7 @@ checked whenever a later stage relies on them. Here, in order:
     has a command line of its own (the same flags and checks, no done.json).
 Nothing here knows the model beyond saving and loading state (model.py).
 """
+
 import argparse
 import datetime
 import hashlib
@@ -45,18 +46,34 @@ class Config:
     The sections ppo, rm and dpo hold the stages' own settings, defined at the top of ppo.py (PPOConfig),
     reward.py (RMConfig) and dpo.py (DPOConfig); their flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
     or read back by load_config, which build the sections as those dataclasses."""
+
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
     seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
     device: Annotated[str, "cpu, cuda or cuda:N"] = "cpu"
-    init: Annotated[str, "model preset trained from scratch (tiny, micro) or HF weights to start from "
-                         "(gpt2-large, or a directory with config.json + model.safetensors)"] = "tiny"
-    compact: Annotated[bool, "[offline stand-in] compact vocabulary + compact answers (no explanation, "
-                             "code cut after the api_call)"] = True
-    api_pairs: Annotated[bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"] = True
-    train_file: Annotated[str, "SFT data: '' = the offline split of the eval file; hub = APIBench's "
-                               "huggingface_train.json from the Hub; or a local file of its schema"] = ""
-    max_answer_tokens: Annotated[int, "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
-                                      "evaluation stop at it", ">= 8"] = 160
+    init: Annotated[
+        str,
+        "model preset trained from scratch (tiny, micro) or HF weights to start from "
+        "(gpt2-large, or a directory with config.json + model.safetensors)",
+    ] = "tiny"
+    compact: Annotated[
+        bool,
+        "[offline stand-in] compact vocabulary + compact answers (no explanation, "
+        "code cut after the api_call)",
+    ] = True
+    api_pairs: Annotated[
+        bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"
+    ] = True
+    train_file: Annotated[
+        str,
+        "SFT data: '' = the offline split of the eval file; hub = APIBench's "
+        "huggingface_train.json from the Hub; or a local file of its schema",
+    ] = ""
+    max_answer_tokens: Annotated[
+        int,
+        "answer length: SFT targets are cut to it; sampling, PPO rollouts and "
+        "evaluation stop at it",
+        ">= 8",
+    ] = 160
     sft_steps: Annotated[int, "SFT optimizer steps", ">= 1"] = 800
     sft_batch_size: Annotated[int, "SFT examples per micro-batch", ">= 1"] = 16
     sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step", ">= 1"] = 1
@@ -64,47 +81,102 @@ class Config:
     sft_warmup: Annotated[int, "SFT warmup steps", ">= 0"] = 50
     weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)", ">= 0"] = 0.1
     grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)", "> 0"] = 1.0
-    eval_every: Annotated[int, "SFT validation loss and checkpoint every this many steps", ">= 1"] = 100
-    samples_per_prompt: Annotated[int, "answers sampled per instruction for AI feedback", ">= 1"] = 4
-    sample_prompts: Annotated[int, "training instructions that get sampled answers (at most all)", ">= 1"] = 1000
-    contrast_answers: Annotated[bool, "[not in the paper] also judge, per sampled instruction, its reference, "
-                                      "another domain's, and a policy answer cut before its code"] = True
-    temperature: Annotated[float, "sampling temperature of the feedback samples, the PPO rollouts and best-of-n; "
-                                  "0 (greedy) would make every answer to a prompt the same: no pairs to learn "
-                                  "from", "> 0"] = 0.7
-    judge: Annotated[str, "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's "
-                          "GPT-3.5)", ("rules", "openai")] = "rules"
+    eval_every: Annotated[
+        int, "SFT validation loss and checkpoint every this many steps", ">= 1"
+    ] = 100
+    samples_per_prompt: Annotated[
+        int, "answers sampled per instruction for AI feedback", ">= 1"
+    ] = 4
+    sample_prompts: Annotated[
+        int, "training instructions that get sampled answers (at most all)", ">= 1"
+    ] = 1000
+    contrast_answers: Annotated[
+        bool,
+        "[not in the paper] also judge, per sampled instruction, its reference, "
+        "another domain's, and a policy answer cut before its code",
+    ] = True
+    temperature: Annotated[
+        float,
+        "sampling temperature of the feedback samples, the PPO rollouts and best-of-n; "
+        "0 (greedy) would make every answer to a prompt the same: no pairs to learn "
+        "from",
+        "> 0",
+    ] = 0.7
+    judge: Annotated[
+        str,
+        "rules (offline stand-in) or openai (any OpenAI-compatible LLM, the paper's GPT-3.5)",
+        ("rules", "openai"),
+    ] = "rules"
     judge_model: Annotated[str, "model name sent to the judge endpoint"] = "gpt-3.5-turbo"
-    judge_base_url: Annotated[str, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
-                                   "(empty: $OPENAI_BASE_URL, else api.openai.com)"] = ""
+    judge_base_url: Annotated[
+        str,
+        "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 for vLLM "
+        "(empty: $OPENAI_BASE_URL, else api.openai.com)",
+    ] = ""
     judge_concurrency: Annotated[int, "judge requests in flight", ">= 1"] = 8
-    tensorboard: Annotated[bool, "also write every stage's metrics and PPO's sample tables as TensorBoard event "
-                                 "files in run_dir/tb (needs: pip install tensorboard)"] = False
-    judge_max_usd: Annotated[float, "stop the AI feedback before the judge's estimated or running cost passes "
-                                    "this many USD (0 = no cap); what the run spent before (reruns, --compare) "
-                                    "counts, and what was judged is kept", ">= 0"] = 0.0
-    judge_price: Annotated[str, "USD per million input,output tokens of --judge-model, e.g. 2.5,10 (empty: "
-                                "reward.PRICE_PER_MTOK's; --judge-max-usd needs a price)"] = ""
-    eval_limit: Annotated[int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"] = 0
-    exec_mode: Annotated[str, "executability: offline (checking stand-ins, no network), real (real "
-                              "libraries) or none", ("offline", "real", "none")] = "offline"
-    exec_timeout: Annotated[float, "seconds per snippet (real mode includes model downloads)", "> 0"] = 10.0
-    unsafe_exec: Annotated[bool, "offline executability without OS isolation where namespaces are "
-                                 "unavailable (NOT isolated; marked in the results)"] = False
-    compare: Annotated[bool, "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO and "
-                             "best-of-n from the same SFT model and feedback, in the same results table"] = False
-    best_of_n: Annotated[int, "answers sampled per test question for --compare's best-of-n", ">= 1"] = 8
-    dist_timeout: Annotated[float, "under torchrun: seconds a rank waits for the others (at a barrier, or while "
-                                   "rank 0 alone samples, judges or evaluates) before the run ends with an "
-                                   "error", "> 0"] = 3600.0
+    tensorboard: Annotated[
+        bool,
+        "also write every stage's metrics and PPO's sample tables as TensorBoard event "
+        "files in run_dir/tb (needs: pip install tensorboard)",
+    ] = False
+    judge_max_usd: Annotated[
+        float,
+        "stop the AI feedback before the judge's estimated or running cost passes "
+        "this many USD (0 = no cap); what the run spent before (reruns, --compare) "
+        "counts, and what was judged is kept",
+        ">= 0",
+    ] = 0.0
+    judge_price: Annotated[
+        str,
+        "USD per million input,output tokens of --judge-model, e.g. 2.5,10 (empty: "
+        "reward.PRICE_PER_MTOK's; --judge-max-usd needs a price)",
+    ] = ""
+    eval_limit: Annotated[
+        int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"
+    ] = 0
+    exec_mode: Annotated[
+        str,
+        "executability: offline (checking stand-ins, no network), real (real libraries) or none",
+        ("offline", "real", "none"),
+    ] = "offline"
+    exec_timeout: Annotated[
+        float, "seconds per snippet (real mode includes model downloads)", "> 0"
+    ] = 10.0
+    unsafe_exec: Annotated[
+        bool,
+        "offline executability without OS isolation where namespaces are "
+        "unavailable (NOT isolated; marked in the results)",
+    ] = False
+    compare: Annotated[
+        bool,
+        "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO and "
+        "best-of-n from the same SFT model and feedback, in the same results table",
+    ] = False
+    best_of_n: Annotated[
+        int, "answers sampled per test question for --compare's best-of-n", ">= 1"
+    ] = 8
+    dist_timeout: Annotated[
+        float,
+        "under torchrun: seconds a rank waits for the others (at a barrier, or while "
+        "rank 0 alone samples, judges or evaluates) before the run ends with an "
+        "error",
+        "> 0",
+    ] = 3600.0
     ppo: typing.Any = field(default_factory=dict)  # ppo.PPOConfig
-    rm: typing.Any = field(default_factory=dict)   # reward.RMConfig
+    rm: typing.Any = field(default_factory=dict)  # reward.RMConfig
     dpo: typing.Any = field(default_factory=dict)  # dpo.DPOConfig
 
 
 SECTIONS = ("ppo", "rm", "dpo")
 # Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
-NOT_RESULTS = ("run_dir", "judge_concurrency", "judge_max_usd", "judge_price", "tensorboard", "dist_timeout")
+NOT_RESULTS = (
+    "run_dir",
+    "judge_concurrency",
+    "judge_max_usd",
+    "judge_price",
+    "tensorboard",
+    "dist_timeout",
+)
 
 
 def apply_overrides(cfg, overrides, where="command line"):
@@ -113,13 +185,17 @@ def apply_overrides(cfg, overrides, where="command line"):
     for key, value in overrides.items():
         if value is None:
             continue
-        section, name = key.split("_", 1) if key.startswith(tuple(s + "_" for s in SECTIONS)) else (None, key)
+        section, name = (
+            key.split("_", 1) if key.startswith(tuple(s + "_" for s in SECTIONS)) else (None, key)
+        )
         if key in SECTIONS:
             for name, v in value.items():
                 cfg = apply_overrides(cfg, {f"{key}_{name}": v}, where)
         elif section:
             sub = getattr(cfg, section)
-            if isinstance(sub, dict):  # a section whose class this process has not loaded: kept as recorded
+            if isinstance(
+                sub, dict
+            ):  # a section whose class this process has not loaded: kept as recorded
                 setattr(cfg, section, dict(sub, **{name: value}))
             elif name not in {f.name for f in fields(sub)}:
                 raise SystemExit(f"{where}: {section} has no setting {name!r}")
@@ -139,27 +215,38 @@ def load_config(run_dir, **sections):
     file and the field, before anything runs."""
     config_file = Path(run_dir) / "config.json"
     if not config_file.exists():
-        raise SystemExit(f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}")
+        raise SystemExit(
+            f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}"
+        )
     try:
         d = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{config_file}: not JSON (line {e.lineno} column {e.colno}: {e.msg}); rlaif.py "
-                         "wrote it as JSON: edited by hand? Fix it, or start a new --run-dir") from None
+        raise SystemExit(
+            f"{config_file}: not JSON (line {e.lineno} column {e.colno}: {e.msg}); rlaif.py "
+            "wrote it as JSON: edited by hand? Fix it, or start a new --run-dir"
+        ) from None
     for name, value in [("", d)] + [(n, d.get(n, {})) for n in sections if isinstance(d, dict)]:
         if not isinstance(value, dict):
-            raise SystemExit(f"{config_file}: {name or 'the file'} is a JSON {type(value).__name__}, not an "
-                             "object of settings; fix it, or start a new --run-dir")
+            raise SystemExit(
+                f"{config_file}: {name or 'the file'} is a JSON {type(value).__name__}, not an "
+                "object of settings; fix it, or start a new --run-dir"
+            )
     try:
         built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
         cfg = Config(**dict(d, **built))
     except TypeError as e:
-        raise SystemExit(f"{config_file}: not a config of this version ({e}); start a new --run-dir") from None
+        raise SystemExit(
+            f"{config_file}: not a config of this version ({e}); start a new --run-dir"
+        ) from None
     check_settings(cfg, where=config_file)
     return cfg
 
 
 def save_config(cfg, run_dir):
-    atomic_write(Path(run_dir) / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)))
+    atomic_write(
+        Path(run_dir) / "config.json",
+        lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=1)),
+    )
 
 
 # Every setting's type, choices and range are declared with it: `name: Annotated[type, help, (choices),
@@ -184,7 +271,9 @@ def declared_settings(cls):
 
 def setting_problem(value, kind, choices, bounds):
     """Why `value` is not a valid setting of its declaration ('must be >= 1'), or None."""
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+    if isinstance(value, bool) != (kind is bool) or not isinstance(
+        value, (int, float) if kind is float else kind
+    ):
         return f"must be {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}"
     if choices and value not in choices:
         return f"must be one of {', '.join(choices)}"
@@ -203,12 +292,17 @@ def settings_problems(cfg, where=None, unprefixed=None):
         if section is not None and isinstance(obj, dict):
             continue  # a section whose class this process has not loaded
         for name, kind, help_text, choices, bounds in declared_settings(type(obj)):
-            value, why = getattr(obj, name), setting_problem(getattr(obj, name), kind, choices, bounds)
+            value, why = (
+                getattr(obj, name),
+                setting_problem(getattr(obj, name), kind, choices, bounds),
+            )
             if why is None:
                 continue
             prefix = "" if section in (None, unprefixed) else section + ("." if where else "-")
             label = f"{prefix}{name}" if where else f"--{prefix}{name}".replace("_", "-")
-            problems.append(f"{label} {value if where is None else json.dumps(value)}: {why} ({help_text})")
+            problems.append(
+                f"{label} {value if where is None else json.dumps(value)}: {why} ({help_text})"
+            )
     return problems
 
 
@@ -229,8 +323,11 @@ def settings_diff(recorded, cfg):
             continue
         old, new = recorded.get(key), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            diff += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                     if old.get(k) != new.get(k)]
+            diff += [
+                f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
         elif old != new:
             diff.append(f"{key}: {old!r} -> {new!r}")
     return diff
@@ -243,23 +340,25 @@ def settings_diff(recorded, cfg):
 @dataclass
 class Sample:
     """One answer to a training instruction (sample/samples.jsonl)."""
+
     id: int
-    record: int     # index of the instruction in the training split
-    source: str     # "policy" (sampled from SFT) or a contrast answer: "reference", "mismatched", "no_code"
-    query: list     # prompt token ids
+    record: int  # index of the instruction in the training split
+    source: str  # "policy" (sampled from SFT) or a contrast answer: "reference", "mismatched", "no_code"
+    query: list  # prompt token ids
     response: list  # answer token ids (ending in <|endoftext|> unless cut at max_answer_tokens)
-    answer: str     # the answer as text
+    answer: str  # the answer as text
 
 
 @dataclass
 class Feedback:
     """The judge's verdict on one Sample (feedback/feedback.jsonl)."""
+
     id: int
     record: int
     source: str
-    judge: str      # which judge answered (rules judge, or the LLM's name)
-    answers: dict   # question -> P(yes) in [0, 1], or None where the judge gave no answer
-    score: float    # reward.combine(answers); None when the judge gave up on this answer
+    judge: str  # which judge answered (rules judge, or the LLM's name)
+    answers: dict  # question -> P(yes) in [0, 1], or None where the judge gave no answer
+    score: float  # reward.combine(answers); None when the judge gave up on this answer
     error: str = None
 
 
@@ -281,8 +380,10 @@ def read_rows(path, cls):
             raise SystemExit(f"{path}:{n}: not JSON ({e})") from None
         except TypeError:
             required = {f.name for f in fields(cls) if f.default is MISSING}
-            raise SystemExit(f"{path}:{n}: not a {cls.__name__} row (missing {sorted(required - set(d))}, "
-                             f"unknown {sorted(set(d) - names)}); redo the stage that wrote it") from None
+            raise SystemExit(
+                f"{path}:{n}: not a {cls.__name__} row (missing {sorted(required - set(d))}, "
+                f"unknown {sorted(set(d) - names)}); redo the stage that wrote it"
+            ) from None
     return rows
 
 
@@ -291,12 +392,27 @@ def read_rows(path, cls):
 # stage relies on them (a truncated or altered file is an error)
 
 STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluate")
-RUN_FILES = dict(sft_model="sft/model", samples="sample/samples.jsonl", feedback="feedback/feedback.jsonl",
-                 feedback_partial="feedback/feedback.partial.jsonl", judge_cache="judge_cache.jsonl",
-                 reward_model="reward/reward_model.pt", ppo_model="ppo/model", drlaif="compare/drlaif",
-                 rloo="compare/rloo", grpo="compare/grpo", dpo="compare/dpo", best_of_n="compare/best_of_n_{pick}.jsonl",
-                 results="evaluate/results.md")
-RESUMABLE_STATE = ("done.json", "ckpt.pt", ".partial.jsonl", ".tmp")  # not outputs: excluded from the hashes
+RUN_FILES = dict(
+    sft_model="sft/model",
+    samples="sample/samples.jsonl",
+    feedback="feedback/feedback.jsonl",
+    feedback_partial="feedback/feedback.partial.jsonl",
+    judge_cache="judge_cache.jsonl",
+    reward_model="reward/reward_model.pt",
+    ppo_model="ppo/model",
+    drlaif="compare/drlaif",
+    rloo="compare/rloo",
+    grpo="compare/grpo",
+    dpo="compare/dpo",
+    best_of_n="compare/best_of_n_{pick}.jsonl",
+    results="evaluate/results.md",
+)
+RESUMABLE_STATE = (
+    "done.json",
+    "ckpt.pt",
+    ".partial.jsonl",
+    ".tmp",
+)  # not outputs: excluded from the hashes
 
 
 def output_hashes(stage_dir):
@@ -313,7 +429,9 @@ def output_hashes(stage_dir):
 
 def mark_done(stage_dir, summary):
     summary = dict(summary, outputs=output_hashes(stage_dir))
-    atomic_write(Path(stage_dir) / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    atomic_write(
+        Path(stage_dir) / "done.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1))
+    )
 
 
 def verify_done(stage_dir):
@@ -322,15 +440,23 @@ def verify_done(stage_dir):
     now = output_hashes(stage_dir)
     for name, digest in recorded.items():
         if now.get(name) != digest:
-            state = "is missing" if name not in now else "has changed since the stage finished (truncated or altered?)"
-            raise SystemExit(f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}")
+            state = (
+                "is missing"
+                if name not in now
+                else "has changed since the stage finished (truncated or altered?)"
+            )
+            raise SystemExit(
+                f"{Path(stage_dir) / name} {state}. Redo that stage: --from {Path(stage_dir).name}"
+            )
 
 
 def require_done(run, stages):
     """Every one of `stages` finished and intact (verify_done), or one line naming the command that runs them."""
     for name in stages:
         if not (run / name / "done.json").exists():
-            raise SystemExit(f"{run / name} is not done: python rlaif.py --run-dir {run} --until {stages[-1]}")
+            raise SystemExit(
+                f"{run / name} is not done: python rlaif.py --run-dir {run} --until {stages[-1]}"
+            )
         verify_done(run / name)
 
 
@@ -362,6 +488,7 @@ def read_jsonl(path):
 
 class TensorBoard:
     """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per metrics file."""
+
     writer, sent = None, {}
 
 
@@ -369,7 +496,9 @@ def open_tensorboard(log_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        raise SystemExit(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
     TensorBoard.writer, TensorBoard.sent = SummaryWriter(str(log_dir)), {}
 
 
@@ -389,7 +518,11 @@ def write_metrics(path, rows):
     for i, row in enumerate(rows[start:], start):
         step = row.get("iteration", row.get("step", i))
         for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "iteration"):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and key not in ("step", "iteration")
+            ):
                 TensorBoard.writer.add_scalar(f"{tag}/{key}", value, step)
     TensorBoard.sent[str(path)] = len(rows)
     TensorBoard.writer.flush()
@@ -438,14 +571,17 @@ def setup_distributed(device, timeout):
     if "RANK" not in os.environ or DIST.world > 1:
         return device
     import torch.distributed as dist
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout))
+
+    dist.init_process_group(
+        "nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(seconds=timeout)
+    )
     DIST.rank, DIST.world, DIST.timeout = dist.get_rank(), dist.get_world_size(), timeout
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     if DIST.rank:
         import sys
+
         sys.stdout = open(os.devnull, "w")
     return device
 
@@ -460,6 +596,7 @@ def barrier(timeout=None):
     if DIST.world == 1:
         return
     import torch.distributed as dist
+
     if dist.get_backend() == "gloo":
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout or DIST.timeout))
     else:
@@ -468,15 +605,17 @@ def barrier(timeout=None):
 
 def shard(items):
     """This rank's share of a batch: every world-th item from its rank on (one process: all of them)."""
-    return items[DIST.rank::DIST.world]
+    return items[DIST.rank :: DIST.world]
 
 
 class AllSum(torch.autograd.Function):
     """all_reduce(SUM), differentiable: its backward pass sums the ranks' gradients too, so that a loss built
     from all_sum is the global batch's loss on every rank, with every rank's share of its gradient."""
+
     @staticmethod
     def forward(ctx, x):
         import torch.distributed as dist
+
         x = x.clone()
         dist.all_reduce(x)
         return x
@@ -514,6 +653,7 @@ def average_gradients(params):
     if DIST.world == 1:
         return
     import torch.distributed as dist
+
     grads = [p.grad for p in params if p.grad is not None]
     bucket, size = [], 0
     for i, g in enumerate(grads):
@@ -540,12 +680,19 @@ def add_flags(parser, cls, prefix, default_text):
         flag, dest = f"--{prefix}{name.replace('_', '-')}", prefix.replace("-", "_") + name
         help_text += f" (default: {default_text(defaults[name])}{'; ' + bounds if bounds else ''})"
         if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
+            )
         else:
             group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices)
 
 
-EVERY_RANK = ("sft", "reward", "ppo", "compare")  # under torchrun, the training stages run on every rank
+EVERY_RANK = (
+    "sft",
+    "reward",
+    "ppo",
+    "compare",
+)  # under torchrun, the training stages run on every rank
 
 
 def run_stage(cfg, run, stage, stage_fn, splits):
@@ -587,9 +734,15 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
     if interrupted, a finished one kept unless --force, and later stages set aside so that no result of the
     old stage survives as if current."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--run-dir", default="runs/tiny", help="a run directory of rlaif.py whose earlier stages are "
-                   "done (default: runs/tiny, the default run of rlaif.py)")
-    p.add_argument("--force", action="store_true", help="redo a finished stage (later stages are set aside)")
+    p.add_argument(
+        "--run-dir",
+        default="runs/tiny",
+        help="a run directory of rlaif.py whose earlier stages are "
+        "done (default: runs/tiny, the default run of rlaif.py)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="redo a finished stage (later stages are set aside)"
+    )
     if section_cls is not None:
         add_flags(p, section_cls, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
@@ -599,11 +752,13 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
     cfg = apply_overrides(cfg, overrides)
     check_settings(cfg, unprefixed=section)  # before anything is set aside or recorded
     setup_distributed(cfg.device, cfg.dist_timeout)
-    require_done(run, STAGE_ORDER[:STAGE_ORDER.index(stage)])
+    require_done(run, STAGE_ORDER[: STAGE_ORDER.index(stage)])
     if (run / stage / "done.json").exists() and not force:
-        raise SystemExit(f"{run / stage} is already done; --force redoes it (later stages are set aside)")
+        raise SystemExit(
+            f"{run / stage} is already done; --force redoes it (later stages are set aside)"
+        )
     if is_main():
-        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1):])
+        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1) :])
         if overrides:
             save_config(cfg, run)
             log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")

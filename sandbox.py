@@ -43,6 +43,7 @@ Two modes, one code path:
            the user's are placeholders. Everything else (Python, the standard library, numpy) really
            runs (docs/metrics.md).
 """
+
 import argparse
 import builtins
 import ctypes
@@ -68,12 +69,22 @@ from data.gorilla.apis import APIDatabase
 ROOT = Path(__file__).resolve().parent
 NOBODY = 65534
 # Verdicts: "executable" or the class of failure. The runner can only report the first seven.
-VERDICTS = ("executable", "syntax", "import", "hallucinated_api", "runtime", "blocked", "early_exit",
-            "timeout", "no_code", "crashed")
+VERDICTS = (
+    "executable",
+    "syntax",
+    "import",
+    "hallucinated_api",
+    "runtime",
+    "blocked",
+    "early_exit",
+    "timeout",
+    "no_code",
+    "crashed",
+)
 RUNNER_VERDICTS = VERDICTS[:7]
 SPEC_FILE = ".spec.json"  # what the runner needs (code, offline API tables); holds no secret
-REPORT_FD = 3             # the runner's socket to the supervisor
-GRACE = 10.0              # seconds we wait beyond the timeout for the supervisor to say "timeout"
+REPORT_FD = 3  # the runner's socket to the supervisor
+GRACE = 10.0  # seconds we wait beyond the timeout for the supervisor to say "timeout"
 # The scratch tmpfs is mounted here inside each snippet's own mount namespace; on the host it is one
 # permanent, always empty directory (namespaces are private, so snippets never see each other's).
 SCRATCH = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}"
@@ -84,9 +95,24 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 # -----------------------------------------------------------------------------
 # The runner (uid 65534, its own process): runs one snippet, then reports how it ended
 
-BLOCKED_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                  "os.forkpty", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
-                  "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto", "socket.sendmsg")
+BLOCKED_EVENTS = (
+    "subprocess.Popen",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "pty.spawn",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "socket.connect",
+    "socket.bind",
+    "socket.getaddrinfo",
+    "socket.sendto",
+    "socket.sendmsg",
+)
 
 
 def name_blocked(event, args):
@@ -123,7 +149,9 @@ def run_snippet(spec):
     except BaseException as e:  # SystemExit too: only code that reaches its end is executable
         return verdict_of(e), f"{type(e).__name__}: {e}"
     if standins.Checks.placeholders:
-        return "executable", "placeholder inputs: " + ", ".join(sorted(set(map(str, standins.Checks.placeholders))))
+        return "executable", "placeholder inputs: " + ", ".join(
+            sorted(set(map(str, standins.Checks.placeholders)))
+        )
     return "executable", ""
 
 
@@ -144,6 +172,7 @@ def runner_main():
 
 # -----------------------------------------------------------------------------
 # The supervisor: the namespace's first process; starts the runner, judges it, tells us
+
 
 def supervisor_main(verdict_fd, lifeline_fd, job_fd):
     """Not dumpable, so the runner (another uid, or no capabilities) cannot read our memory or fds.
@@ -202,10 +231,12 @@ def watch(job, pid, ours, out_r, lifeline):
             os._exit(1)
         if out_r in ready:
             chunk = read_some(out_r)
-            tail = (tail + chunk)[-job["max_output"]:]
+            tail = (tail + chunk)[-job["max_output"] :]
             if not chunk:
                 open_fds.remove(out_r)
-        if ours.fileno() in ready:  # the first report and the last count: a flood cannot fill our memory
+        if (
+            ours.fileno() in ready
+        ):  # the first report and the last count: a flood cannot fill our memory
             message = recv_some(ours)
             reports[1:] = [message] if message else reports[1:]
             if not message:
@@ -271,13 +302,22 @@ def judge(status, reports, tail):
         name = signal.Signals(number).name if number in SIGNAL_NAMES else f"signal {number}"
         return dict(verdict="runtime", detail=f"killed by {name} ({last or 'no output'})")
     if not reports or reports[0] != b"started":
-        return dict(verdict="crashed", detail=f"the runner did not start ({last or os.WEXITSTATUS(status)})")
+        return dict(
+            verdict="crashed", detail=f"the runner did not start ({last or os.WEXITSTATUS(status)})"
+        )
     try:
         report = json.loads(reports[-1])
     except ValueError:
         report = {}
-    if os.WEXITSTATUS(status) != 0 or not isinstance(report, dict) or report.get("verdict") not in RUNNER_VERDICTS:
-        return dict(verdict="early_exit", detail=f"ended before its last line, exit {os.WEXITSTATUS(status)} ({last})")
+    if (
+        os.WEXITSTATUS(status) != 0
+        or not isinstance(report, dict)
+        or report.get("verdict") not in RUNNER_VERDICTS
+    ):
+        return dict(
+            verdict="early_exit",
+            detail=f"ended before its last line, exit {os.WEXITSTATUS(status)} ({last})",
+        )
     return dict(verdict=report["verdict"], detail=str(report.get("detail", ""))[:500])
 
 
@@ -305,7 +345,9 @@ def isolation_available():
     for tool in ("unshare", "setpriv", "mount"):
         if shutil.which(tool) is None:
             return f"`{tool}` (util-linux) is not installed"
-    probe = subprocess.run(namespace_command(offline=True) + ["true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        namespace_command(offline=True) + ["true"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return f"cannot create namespaces: {probe.stderr.strip() or probe.returncode}"
     return None
@@ -330,8 +372,13 @@ def isolated_command(writable, offline, child_code, disk_mb):
     `writable` directories writable besides."""
     owner = f",uid={NOBODY},gid={NOBODY}" if os.geteuid() == 0 else ""
     tmpfs = f"size={disk_mb}m,nr_inodes=65536,mode=0700,nosuid,nodev{owner}"
-    env_setup = ["env", f"TMPFS_OPTIONS={tmpfs}", f"SCRATCH={SCRATCH}", f"PYTHON={sys.executable}",
-                 f"CHILD={child_code}"]
+    env_setup = [
+        "env",
+        f"TMPFS_OPTIONS={tmpfs}",
+        f"SCRATCH={SCRATCH}",
+        f"PYTHON={sys.executable}",
+        f"CHILD={child_code}",
+    ]
     return namespace_command(offline) + env_setup + ["sh", "-c", MOUNT_SCRIPT, "sandbox", *writable]
 
 
@@ -347,23 +394,31 @@ def scratch_mountpoint():
 # -----------------------------------------------------------------------------
 # Cgroups: memory and process count of all a snippet's processes together
 
+
 def cgroup_mounts():
     """{"memory": (mount point, our group), "pids": ..., "v2": ...} from /proc/self/{mountinfo,cgroup}."""
     ours = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        for c in (controllers.split(",") if controllers else ["v2"]):
+        for c in controllers.split(",") if controllers else ["v2"]:
             ours[c] = path
     found = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields, after = line.split(" - ", 1)
         fields, (fstype, _, options) = fields.split(), after.split()[:3]
         root, point = fields[3], fields[4]
-        keys = ["v2"] if fstype == "cgroup2" else [c for c in ("memory", "pids") if fstype == "cgroup"
-                                                      and c in options.split(",")]
+        keys = (
+            ["v2"]
+            if fstype == "cgroup2"
+            else [c for c in ("memory", "pids") if fstype == "cgroup" and c in options.split(",")]
+        )
         for key in keys:
             if key in ours:  # our group, relative to what this mount shows
-                rel = ours[key][len(root):] if ours[key].startswith(root) and root != "/" else ours[key]
+                rel = (
+                    ours[key][len(root) :]
+                    if ours[key].startswith(root) and root != "/"
+                    else ours[key]
+                )
                 found[key] = (Path(point), Path(point) / rel.lstrip("/"))
     return found
 
@@ -431,6 +486,7 @@ def read_or_empty(path):
 class Cgroups:
     """Makes one cgroup per snippet under our own group (so whatever limits us still limits them):
     cgroup v1 memory + pids controllers, else a v2 group with both controllers delegated to us."""
+
     counter = 0
     lock = threading.Lock()
     warned = False
@@ -533,18 +589,19 @@ def warn_once(message):
 # -----------------------------------------------------------------------------
 # Running one snippet, and many
 
+
 @dataclass
 class Sandbox:
     offline: bool = True
-    timeout: float = 10.0          # wall-clock seconds per snippet (real mode: time to download models too)
-    memory_mb: int = 0             # memory of all the snippet's processes (0: 2 GiB offline, 16 GiB real)
-    disk_mb: int = 0               # its scratch tmpfs (0: 256 MiB offline, 4 GiB real; also counts as memory)
-    max_procs: int = 0             # processes and threads of the snippet (0: 64 offline, 512 real)
-    cache_mb: int = 32768          # real mode: how much the model cache may grow while a snippet runs
-    max_output: int = 64 * 1024    # bytes of output kept (its last line is a failure's detail)
+    timeout: float = 10.0  # wall-clock seconds per snippet (real mode: time to download models too)
+    memory_mb: int = 0  # memory of all the snippet's processes (0: 2 GiB offline, 16 GiB real)
+    disk_mb: int = 0  # its scratch tmpfs (0: 256 MiB offline, 4 GiB real; also counts as memory)
+    max_procs: int = 0  # processes and threads of the snippet (0: 64 offline, 512 real)
+    cache_mb: int = 32768  # real mode: how much the model cache may grow while a snippet runs
+    max_output: int = 64 * 1024  # bytes of output kept (its last line is a failure's detail)
     workers: int = max(1, os.cpu_count() or 1)
-    cache_dir: str = ""            # real mode: the writable model cache (default ~/.cache/rlaif-sandbox)
-    unsafe: bool = False           # offline only: run without OS isolation when it is unavailable
+    cache_dir: str = ""  # real mode: the writable model cache (default ~/.cache/rlaif-sandbox)
+    unsafe: bool = False  # offline only: run without OS isolation when it is unavailable
 
     def __post_init__(self):
         self.memory_mb = self.memory_mb or (2048 if self.offline else 16384)
@@ -552,15 +609,19 @@ class Sandbox:
         self.max_procs = self.max_procs or (64 if self.offline else 512)
         reason = isolation_available()
         if reason and (not self.offline or not self.unsafe):
-            raise RuntimeError(f"sandbox: OS-level isolation is unavailable ({reason}). Generated code is not "
-                               "run without it. Offline mode can be forced with --unsafe-exec (NOT isolated).")
+            raise RuntimeError(
+                f"sandbox: OS-level isolation is unavailable ({reason}). Generated code is not "
+                "run without it. Offline mode can be forced with --unsafe-exec (NOT isolated)."
+            )
         self.isolated = reason is None
         if self.isolated:
             scratch_mountpoint()
         self.cgroups, why = Cgroups.detect(self.memory_mb, self.max_procs)
         if self.cgroups is None:
-            warn_once(f"sandbox: no usable cgroup ({why}); memory and processes are limited per process "
-                      "(rlimits), not per snippet (docs/reliability.md)")
+            warn_once(
+                f"sandbox: no usable cgroup ({why}); memory and processes are limited per process "
+                "(rlimits), not per snippet (docs/reliability.md)"
+            )
         if not self.offline:
             self.cache_dir = self.cache_dir or str(Path.home() / ".cache" / "rlaif-sandbox")
             Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -578,7 +639,9 @@ class Sandbox:
         cpu = int(self.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_AS, (self.memory_mb << 20, self.memory_mb << 20))
-        size = (16 << 20) if self.offline else (self.cache_mb << 20)  # real mode: model files in its cache
+        size = (
+            (16 << 20) if self.offline else (self.cache_mb << 20)
+        )  # real mode: model files in its cache
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         if cgroup is None:  # the fallback: per uid, so it bounds a fork bomb (not for root)
@@ -592,12 +655,26 @@ class Sandbox:
 
     def environment(self, scratch):
         """The snippet's whole environment: nothing of ours (API keys, tokens) is passed on."""
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": scratch,
+            "TMPDIR": scratch,
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "LANG": "C.UTF-8",
+        }
         if not self.offline:  # the model cache, and the user's (secret-free) Hub settings
-            env.update(HF_HOME=self.cache_dir, TORCH_HOME=self.cache_dir, XDG_CACHE_HOME=self.cache_dir)
-            env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE")
-                        if k in os.environ})
+            env.update(
+                HF_HOME=self.cache_dir, TORCH_HOME=self.cache_dir, XDG_CACHE_HOME=self.cache_dir
+            )
+            env.update(
+                {
+                    k: os.environ[k]
+                    for k in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE")
+                    if k in os.environ
+                }
+            )
         return env
 
     def run(self, code, base_spec):
@@ -615,7 +692,10 @@ class Sandbox:
         try:
             verdict, detail = self.launch(code, base_spec, scratch, cgroup)
             if cgroup is not None and verdict != "executable" and cgroup.oom_killed():
-                verdict, detail = "runtime", f"out of memory: its processes together used {self.memory_mb} MB"
+                verdict, detail = (
+                    "runtime",
+                    f"out of memory: its processes together used {self.memory_mb} MB",
+                )
             return verdict, detail
         finally:
             if cgroup is not None:
@@ -625,28 +705,51 @@ class Sandbox:
 
     def job(self, code, base_spec):
         """What the supervisor needs: the runner's spec and argv, the limits it watches."""
-        runner = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; sandbox.runner_main()"
+        runner = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; sandbox.runner_main()"
+        )
         argv = (drop_privileges() if self.isolated else []) + [sys.executable, "-I", "-c", runner]
-        return dict(spec=dict(base_spec, code=code), runner=argv, timeout=self.timeout,
-                    max_output=self.max_output, chown=self.isolated and os.geteuid() == 0,
-                    cache_dir=None if self.offline else self.cache_dir, cache_mb=self.cache_mb)
+        return dict(
+            spec=dict(base_spec, code=code),
+            runner=argv,
+            timeout=self.timeout,
+            max_output=self.max_output,
+            chown=self.isolated and os.geteuid() == 0,
+            cache_dir=None if self.offline else self.cache_dir,
+            cache_mb=self.cache_mb,
+        )
 
     def launch(self, code, base_spec, scratch, cgroup):
-        verdict_r, verdict_w = os.pipe()  # the supervisor's report to us; the snippet never holds it
+        verdict_r, verdict_w = (
+            os.pipe()
+        )  # the supervisor's report to us; the snippet never holds it
         lifeline_r, lifeline_w = os.pipe()  # at EOF (we died) the supervisor ends the namespace
         with tempfile.TemporaryFile() as job_file, tempfile.TemporaryFile() as err:
             job_file.write(json.dumps(self.job(code, base_spec)).encode())
             job_file.seek(0)
             fds, parent = (verdict_w, lifeline_r, job_file.fileno()), os.getpid()
-            sup = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; "
-                   f"sandbox.supervisor_main{fds}")
+            sup = (
+                f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sandbox; "
+                f"sandbox.supervisor_main{fds}"
+            )
             writable = [] if self.offline else [self.cache_dir]
-            argv = (isolated_command(writable, self.offline, sup, self.disk_mb) if self.isolated
-                    else [sys.executable, "-I", "-c", sup])  # --unsafe-exec: said loudly in the results
+            argv = (
+                isolated_command(writable, self.offline, sup, self.disk_mb)
+                if self.isolated
+                else [sys.executable, "-I", "-c", sup]
+            )  # --unsafe-exec: said loudly in the results
             try:
-                proc = subprocess.Popen(argv, cwd=scratch, env=self.environment(scratch), stdin=subprocess.DEVNULL,
-                                        stdout=err, stderr=err, pass_fds=fds, start_new_session=True,
-                                        preexec_fn=lambda: self.launcher_setup(cgroup, parent))
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=scratch,
+                    env=self.environment(scratch),
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    pass_fds=fds,
+                    start_new_session=True,
+                    preexec_fn=lambda: self.launcher_setup(cgroup, parent),
+                )
             finally:
                 os.close(verdict_w)
                 os.close(lifeline_r)
@@ -691,6 +794,7 @@ class Sandbox:
                     finished[0] += 1
                     on_done(finished[0])
             return result
+
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(run_one, codes))
 
@@ -698,7 +802,9 @@ class Sandbox:
 def read_message(fd, wait=5.0):
     """Everything the supervisor wrote, until EOF (all writers gone) or `wait` seconds."""
     chunks, end = [], time.monotonic() + wait
-    while time.monotonic() < end and select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+    while (
+        time.monotonic() < end and select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]
+    ):
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             break
@@ -707,19 +813,31 @@ def read_message(fd, wait=5.0):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Run a code snippet in the executability sandbox and print its "
-                                "verdict, or check that OS-level isolation works on this machine.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Run a code snippet in the executability sandbox and print its "
+        "verdict, or check that OS-level isolation works on this machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("file", nargs="?", help="a Python file to run")
-    p.add_argument("--check", action="store_true", help="only report whether isolation is available")
-    p.add_argument("--real", action="store_true", help="real libraries and network instead of stand-ins")
+    p.add_argument(
+        "--check", action="store_true", help="only report whether isolation is available"
+    )
+    p.add_argument(
+        "--real", action="store_true", help="real libraries and network instead of stand-ins"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds")
     args = p.parse_args()
     if args.check or not args.file:
         reason = isolation_available()
-        print("isolation: available (unshare + setpriv)" if reason is None else f"isolation: UNAVAILABLE: {reason}")
+        print(
+            "isolation: available (unshare + setpriv)"
+            if reason is None
+            else f"isolation: UNAVAILABLE: {reason}"
+        )
         sys.exit(0 if reason is None else 1)
-    verdict, detail = Sandbox(offline=not args.real, timeout=args.timeout).run_all([Path(args.file).read_text()])[0]
+    verdict, detail = Sandbox(offline=not args.real, timeout=args.timeout).run_all(
+        [Path(args.file).read_text()]
+    )[0]
     print(f"{verdict}: {detail}")
 
 

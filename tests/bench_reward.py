@@ -12,6 +12,7 @@ and best-of-n on those prompts: the mean judge score of the answer each scorer p
 own pick and a random one. The reward model's curve (measured every eval_every steps) is in
 run_dir/reward/metrics.jsonl; this prints it too.
 """
+
 import json
 import random
 import sys
@@ -43,7 +44,7 @@ def logprob_readouts(sft, samples, ids, tok):
     """{id: mean log-prob of the answer}, {id: mean log-prob of its api_call line} under the SFT model."""
     whole, api = {}, {}
     for i in range(0, len(ids), 32):
-        chunk = ids[i:i + 32]
+        chunk = ids[i : i + 32]
         q, qm, r, rm = pad_pairs([(samples[j].query, samples[j].response) for j in chunk], tok.eot)
         lp = response_logprobs(sft, q, qm, r, rm)
         for k, j in enumerate(chunk):
@@ -59,7 +60,9 @@ def best_of_n(scores, fb):
     by_prompt = {}
     for f in fb:
         by_prompt.setdefault(f.record, []).append(f)
-    return sum(max(g, key=lambda f: scores[f.id]).score for g in by_prompt.values()) / len(by_prompt)
+    return sum(max(g, key=lambda f: scores[f.id]).score for g in by_prompt.values()) / len(
+        by_prompt
+    )
 
 
 def bench(run):
@@ -82,22 +85,36 @@ def bench(run):
     print(f"\n## {run}: {len(pairs)} held-out pairs of {len(heldout)} prompts")
     for name, scores in scorers.items():
         acc = pair_accuracy(scores, by_id, pairs, "")
-        detail = ", ".join(f"{k[1:]} {v:.2f}" for k, v in acc.items() if "/question/" in k or "/margin/" in k)
-        print(f"- {name}: accuracy {acc['/accuracy']:.3f}, best-of-n judge score {best_of_n(scores, fb):.3f}"
-              f"  ({detail})")
+        detail = ", ".join(
+            f"{k[1:]} {v:.2f}" for k, v in acc.items() if "/question/" in k or "/margin/" in k
+        )
+        print(
+            f"- {name}: accuracy {acc['/accuracy']:.3f}, best-of-n judge score {best_of_n(scores, fb):.3f}"
+            f"  ({detail})"
+        )
     metrics = run / "reward" / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        curve = [(r["step"], r.get("heldout/accuracy"), r.get("val/accuracy"), r.get("train/accuracy"))
-                 for r in rows if "heldout/pairs" in r]
-        print("- curve (step, held-out, validation, training pairs):",
-              " ".join(f"({s}, {h:.3f}, {v:.3f}, {t:.3f})" for s, h, v, t in curve if None not in (h, v, t)))
+        curve = [
+            (r["step"], r.get("heldout/accuracy"), r.get("val/accuracy"), r.get("train/accuracy"))
+            for r in rows
+            if "heldout/pairs" in r
+        ]
+        print(
+            "- curve (step, held-out, validation, training pairs):",
+            " ".join(
+                f"({s}, {h:.3f}, {v:.3f}, {t:.3f})" for s, h, v, t in curve if None not in (h, v, t)
+            ),
+        )
     return scorers
 
 
 if __name__ == "__main__":
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("run_dirs", nargs="*", default=["runs/tiny"], help="runs whose reward stage is done")
+    parser.add_argument(
+        "run_dirs", nargs="*", default=["runs/tiny"], help="runs whose reward stage is done"
+    )
     for run_dir in parser.parse_args().run_dirs:
         bench(Path(run_dir))

@@ -9,7 +9,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds; `pytest -m 'not slow'` skips it")
+    config.addinivalue_line(
+        "markers", "slow: takes more than a few seconds; `pytest -m 'not slow'` skips it"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -20,4 +22,5 @@ def _seed():
 @pytest.fixture(scope="session")
 def tok():
     from model import Tokenizer
+
     return Tokenizer()

@@ -6,6 +6,7 @@
 
 `steps` saves OUT_DIR/rank<r>.pt: the parameters after each check and this rank's rows of the whitened
 advantages, for the test to compare one process against two."""
+
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,12 +31,24 @@ def params(module):
 
 def sft_steps(out):
     """3 steps of rlaif.sft with a global batch of 8 (each of 2 ranks: 4), accumulation 2."""
-    cfg = rlaif.make_config(init="micro", sft_steps=3, sft_batch_size=8, sft_grad_accum=2, eval_every=100,
-                            sft_lr=1e-3, sft_warmup=1)
+    cfg = rlaif.make_config(
+        init="micro",
+        sft_steps=3,
+        sft_batch_size=8,
+        sft_grad_accum=2,
+        eval_every=100,
+        sft_lr=1e-3,
+        sft_warmup=1,
+    )
     tok = SimpleNamespace(vocab_size=64, eot=EOT)
     g = torch.Generator().manual_seed(0)
-    examples = [(torch.randint(1, 60, (3 + i % 3,), generator=g).tolist(),
-                 torch.randint(1, 60, (2 + i % 4,), generator=g).tolist() + [EOT]) for i in range(32)]
+    examples = [
+        (
+            torch.randint(1, 60, (3 + i % 3,), generator=g).tolist(),
+            torch.randint(1, 60, (2 + i % 4,), generator=g).tolist() + [EOT],
+        )
+        for i in range(32)
+    ]
     model, _ = rlaif.sft(cfg, tok, examples, examples[:4], out / f"sft_{DIST.world}")
     return params(model), validation(model, examples[:7])
 
@@ -54,14 +67,23 @@ def reward_model_step():
     torch.manual_seed(0)
     rm = ScalarModel(GPT(SMALL), n_aux=6)
     g = torch.Generator().manual_seed(1)
-    samples = {i: SimpleNamespace(query=[1, 2, 3 + i % 2], response=torch.randint(5, 60, (3 + i % 5,), generator=g)
-                                  .tolist() + [EOT]) for i in range(12)}
+    samples = {
+        i: SimpleNamespace(
+            query=[1, 2, 3 + i % 2],
+            response=torch.randint(5, 60, (3 + i % 5,), generator=g).tolist() + [EOT],
+        )
+        for i in range(12)
+    }
     # Each rank's pairs share no answer with the other's: the auxiliary loss is a mean over the distinct
     # answers each rank sees, so an answer in pairs on two ranks would count twice (documented).
     pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (0, 4), (2, 6)]
     targets = {i: torch.rand(6, generator=g).tolist() for i in samples}
-    optimizer = torch.optim.SGD(rm.parameters(), lr=0.1)  # Adam's first step, lr * g / |g|, would magnify rounding
-    loss = comparisons_loss(rm, samples, shard(pairs), SimpleNamespace(eot=EOT), "cpu", targets, aux_weight=1.0)
+    optimizer = torch.optim.SGD(
+        rm.parameters(), lr=0.1
+    )  # Adam's first step, lr * g / |g|, would magnify rounding
+    loss = comparisons_loss(
+        rm, samples, shard(pairs), SimpleNamespace(eot=EOT), "cpu", targets, aux_weight=1.0
+    )
     loss.backward()
     average_gradients(rm.parameters())
     torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
@@ -76,16 +98,38 @@ def ppo_update():
     ref.load_state_dict(policy.state_dict())
     prompts = [[1, 2, 3 + i] for i in range(4) for _ in range(2)]
     score_fn = lambda q, qm, r, rm: (r == 7).float().sum(1)  # noqa: E731
-    batch = ppo.rollout(policy, ref, value, score_fn, prompts, 1.0, 8, EOT, "cpu", torch.Generator().manual_seed(3))
-    rows = torch.tensor(shard([[2 * g, 2 * g + 1] for g in range(4)])).flatten()  # this rank's prompt groups
+    batch = ppo.rollout(
+        policy, ref, value, score_fn, prompts, 1.0, 8, EOT, "cpu", torch.Generator().manual_seed(3)
+    )
+    rows = torch.tensor(
+        shard([[2 * g, 2 * g + 1] for g in range(4)])
+    ).flatten()  # this rank's prompt groups
     batch = {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
-    cfg = ppo.PPOConfig(batch_size=8, rollouts_per_prompt=2, minibatch_size=8, epochs=1, whiten_advantages=True,
-                        lr=1e-3, vf_lr=1e-3)
+    cfg = ppo.PPOConfig(
+        batch_size=8,
+        rollouts_per_prompt=2,
+        minibatch_size=8,
+        epochs=1,
+        whiten_advantages=True,
+        lr=1e-3,
+        vf_lr=1e-3,
+    )
     ppo.check_config(cfg)
     _, _, advantages, returns, _ = ppo.advantages_and_returns(batch, cfg, kl_coef=0.05)
     optimizers = [make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.vf_lr, 0.0)]
-    ppo.ppo_update(policy, value, optimizers, batch, advantages, returns, cfg, 1.0, 1.0, "cpu",
-                   torch.Generator().manual_seed(0))
+    ppo.ppo_update(
+        policy,
+        value,
+        optimizers,
+        batch,
+        advantages,
+        returns,
+        cfg,
+        1.0,
+        1.0,
+        "cpu",
+        torch.Generator().manual_seed(0),
+    )
     return params(policy), params(value), rows, advantages
 
 
@@ -100,8 +144,10 @@ def main(mode, out):
     sft, val = sft_steps(out)
     rm = reward_model_step()
     policy, value, rows, advantages = ppo_update()
-    torch.save(dict(sft=sft, val=val, rm=rm, policy=policy, value=value, rows=rows, advantages=advantages),
-               out / f"rank{DIST.rank}_of_{DIST.world}.pt")
+    torch.save(
+        dict(sft=sft, val=val, rm=rm, policy=policy, value=value, rows=rows, advantages=advantages),
+        out / f"rank{DIST.rank}_of_{DIST.world}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ connection is closed without a reply: the client sees a connection error). For a
 retry_after) answers every request 429, down(seconds) drops every connection. `models`: the only models
 served (404 for others). The judge's probe ("[connection check] ...") is counted in `probes`, not `requests`,
 and takes no script entry. `replies` counts what was answered, by behaviour."""
+
 import json
 import math
 import threading
@@ -43,8 +44,14 @@ class FakeOpenAI:
                 if mode in ("429", "500", "404"):
                     wait = owner.retry_after if mode == "429" else None
                     headers = {"Retry-After": str(wait)} if wait else {}
-                    message = f"The model `{body['model']}` does not exist" if mode == "404" else "try later"
-                    return self.reply(int(mode), {"error": {"message": message, "type": "x"}}, headers=headers)
+                    message = (
+                        f"The model `{body['model']}` does not exist"
+                        if mode == "404"
+                        else "try later"
+                    )
+                    return self.reply(
+                        int(mode), {"error": {"message": message, "type": "x"}}, headers=headers
+                    )
                 if mode == "malformed":
                     return self.reply(200, None, raw=b"{not json")
                 return self.reply(200, owner.completion(body, mode))
@@ -94,18 +101,38 @@ class FakeOpenAI:
 
     def completion(self, body, mode):
         word = "Yes" if self.p_yes >= 0.5 else "No"
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": word}}
+        choice = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": word},
+        }
         if mode == "logprobs":
-            top = [{"token": "Yes", "logprob": math.log(self.p_yes), "bytes": None},
-                   {"token": "No", "logprob": math.log(1 - self.p_yes), "bytes": None}]
-            choice["logprobs"] = {"content": [{"token": word, "logprob": top[0]["logprob"], "bytes": None,
-                                               "top_logprobs": top}]}
+            top = [
+                {"token": "Yes", "logprob": math.log(self.p_yes), "bytes": None},
+                {"token": "No", "logprob": math.log(1 - self.p_yes), "bytes": None},
+            ]
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": word,
+                        "logprob": top[0]["logprob"],
+                        "bytes": None,
+                        "top_logprobs": top,
+                    }
+                ]
+            }
         if mode == "text_other":
             choice["message"]["content"] = "Maybe"
         n = self.prompt_tokens
         usage = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [choice], "usage": usage}
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def close(self):
         self.server.shutdown()

@@ -1,5 +1,6 @@
 """The comparisons of rlaif.py --compare: DPO's loss, best-of-n's pick, d-RLAIF's score function, and the
 reward model's auxiliary per-question loss."""
+
 import math
 
 import pytest
@@ -16,10 +17,17 @@ from reward import QUESTIONS, RulesJudge, best_of_n, combine, comparisons_loss, 
 def test_dpo_loss_on_a_hand_computed_example():
     # pair 1: policy - ref = (-1 - -2) - (-3 - -2.5) = 1.5; pair 2: (-4 - -4) - (-1 - -2) = -1
     # beta 0.5: -log sigmoid(0.75) = 0.38687, -log sigmoid(-0.5) = 0.97408; mean 0.68048
-    loss, margin = dpo_loss(torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]),
-                            torch.tensor([-2.5, -2.0]), beta=0.5)
+    loss, margin = dpo_loss(
+        torch.tensor([-1.0, -4.0]),
+        torch.tensor([-3.0, -1.0]),
+        torch.tensor([-2.0, -4.0]),
+        torch.tensor([-2.5, -2.0]),
+        beta=0.5,
+    )
     want = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(0.5))) / 2
-    assert loss.item() == pytest.approx(want, abs=1e-6) and loss.item() == pytest.approx(0.68048, abs=1e-5)
+    assert loss.item() == pytest.approx(want, abs=1e-6) and loss.item() == pytest.approx(
+        0.68048, abs=1e-5
+    )
     assert margin.item() == pytest.approx(0.5 * (1.5 - 1.0) / 2)
 
 
@@ -34,30 +42,50 @@ def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
     normalised by the SFT samples' judge scores."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)[:3]
     tok = prepare.tokenizer(compact=True)
-    answers = [" <<<domain>>>: " + r.sections["domain"] + "\n<<<api_call>>>: " + r.sections["api_call"] +
-               "\n<<<api_provider>>>: x\n<<<code>>>: " + r.sections["code"] for r in records]
+    answers = [
+        " <<<domain>>>: "
+        + r.sections["domain"]
+        + "\n<<<api_call>>>: "
+        + r.sections["api_call"]
+        + "\n<<<api_provider>>>: x\n<<<code>>>: "
+        + r.sections["code"]
+        for r in records
+    ]
     answers[1] = answers[2]  # record 1 gets record 2's (wrong) answer
     feedback = [Feedback(i, i, "policy", "test", {}, s) for i, s in enumerate((0.2, 0.4, 0.6, 0.8))]
     mean, std = 0.5, math.sqrt(0.05)
-    pairs = [(prepare.prompt_ids(tok, r.instruction), tok.encode(a) + [tok.eot]) for r, a in zip(records, answers)]
+    pairs = [
+        (prepare.prompt_ids(tok, r.instruction), tok.encode(a) + [tok.eot])
+        for r, a in zip(records, answers)
+    ]
     score = judge_score_fn(RulesJudge(), records, tok, feedback)(*pad_pairs(pairs, tok.eot))
     judge = RulesJudge()
-    want = [(combine(judge.answers(r, a + "<|endoftext|>")) - mean) / std for r, a in zip(records, answers)]
+    want = [
+        (combine(judge.answers(r, a + "<|endoftext|>")) - mean) / std
+        for r, a in zip(records, answers)
+    ]
     assert score.tolist() == pytest.approx(want, abs=1e-5)
     assert score[0] > score[1]
 
 
 def test_auxiliary_loss_adds_per_question_cross_entropy():
     torch.manual_seed(0)
-    rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)), len(QUESTIONS))
+    rm = ScalarModel(
+        GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)), len(QUESTIONS)
+    )
     samples = {i: Sample(i, i, "policy", [1, 2], [5 + i, 6, 63], "") for i in range(3)}
     targets = {0: [1.0] * 6, 1: [0.0] * 6, 2: [1, 0, 1, 0, 1, 0]}
 
     class Tok:
         eot = 63
+
     pairs = [(0, 1), (2, 1)]
     plain = comparisons_loss(rm, samples, pairs, Tok, "cpu")
     with_aux = comparisons_loss(rm, samples, pairs, Tok, "cpu", targets, aux_weight=0.5)
-    _, aux = rm.score_and_aux(*pad_pairs([(samples[i].query, samples[i].response) for i in range(3)], 63))
-    bce = F.binary_cross_entropy_with_logits(aux, torch.tensor([targets[i] for i in range(3)], dtype=torch.float32))
+    _, aux = rm.score_and_aux(
+        *pad_pairs([(samples[i].query, samples[i].response) for i in range(3)], 63)
+    )
+    bce = F.binary_cross_entropy_with_logits(
+        aux, torch.tensor([targets[i] for i in range(3)], dtype=torch.float32)
+    )
     assert with_aux.item() == pytest.approx(plain.item() + 0.5 * bce.item(), abs=1e-6)

@@ -24,8 +24,12 @@ def test_every_eval_record_parses_or_is_reported_with_its_line():
 def test_malformed_file_fails_with_file_line_and_reason(tmp_path):
     good = prepare.EVAL_FILE.read_text().splitlines()[0]
     bad = tmp_path / "bad.json"
-    bad.write_text(good + "\n" + '{"code": "###Instruction: x ###Output: <<<domain>>>: d"}\n' + "{oops\n")
-    with pytest.raises(prepare.DataError, match=r"bad.json:2: answer lacks section\(s\) <<<api_call>>>"):
+    bad.write_text(
+        good + "\n" + '{"code": "###Instruction: x ###Output: <<<domain>>>: d"}\n' + "{oops\n"
+    )
+    with pytest.raises(
+        prepare.DataError, match=r"bad.json:2: answer lacks section\(s\) <<<api_call>>>"
+    ):
         prepare.load_records(bad)
     bad.write_text(good + "\n{oops\n")
     with pytest.raises(prepare.DataError, match=r"bad.json:2: invalid JSON"):
@@ -38,7 +42,9 @@ def test_malformed_file_fails_with_file_line_and_reason(tmp_path):
 def test_split_is_deterministic_and_disjoint():
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
     a, b = prepare.offline_splits(records), prepare.offline_splits(list(reversed(records)))
-    assert {k: sorted(r.line for r in v) for k, v in a.items()} == {k: sorted(r.line for r in v) for k, v in b.items()}
+    assert {k: sorted(r.line for r in v) for k, v in a.items()} == {
+        k: sorted(r.line for r in v) for k, v in b.items()
+    }
     train, test = {r.instruction for r in a["train"]}, {r.instruction for r in a["test"]}
     assert not train & test and 0.15 < len(a["test"]) / len(records) < 0.25
 
@@ -57,6 +63,7 @@ def test_sft_loss_has_zero_weight_on_prompt_tokens():
     """The loss is the mean NLL of the answer tokens alone, computed by hand on unpadded rows."""
     from model import GPT, GPTConfig
     from rlaif import sft_loss
+
     model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
     batch = [([1, 2, 3, 4], [5, 6, 49]), ([7, 8], [9, 49])]
     loss, _ = sft_loss(model, batch, 49, "cpu")
@@ -73,12 +80,22 @@ def test_sft_loss_has_zero_weight_on_prompt_tokens():
 def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     import rlaif
     from model import Tokenizer
+
     tok = Tokenizer(prepare.VOCAB_FILE)
     g = torch.Generator().manual_seed(0)
-    rand = lambda lo, hi: torch.randint(0, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+    rand = lambda lo, hi: torch.randint(
+        0, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+    ).tolist()
     examples = [(rand(3, 9), rand(2, 7) + [tok.eot]) for _ in range(64)]
-    cfg = rlaif.make_config("tiny", init="micro", sft_steps=12, sft_batch_size=8, eval_every=4,
-                            sft_warmup=2, device="cpu")
+    cfg = rlaif.make_config(
+        "tiny",
+        init="micro",
+        sft_steps=12,
+        sft_batch_size=8,
+        eval_every=4,
+        sft_warmup=2,
+        device="cpu",
+    )
     _, full = rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "a")
 
     real_save = rlaif.save_checkpoint
@@ -87,6 +104,7 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         real_save(path, **state)
         if state["step"] == 8:
             raise KeyboardInterrupt("simulated crash")
+
     monkeypatch.setattr(rlaif, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
         rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "b")
@@ -102,17 +120,32 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
     import rlaif
     import reward
     from runs import Sample
+
     tok = prepare.tokenizer(compact=True)
     cfg = rlaif.make_config("tiny")
-    train = prepare.offline_splits(prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None))["train"]
+    train = prepare.offline_splits(
+        prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    )["train"]
     chosen = [0, 5, 9]
-    answer = lambda i: tok.decode(prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens))
-    samples = [Sample(0, 0, "policy", [], [], " <<<domain>>>: x"),  # no code tag: not used
-               Sample(1, 0, "policy", [], [], answer(0)), Sample(2, 5, "policy", [], [], answer(5))]
+    answer = lambda i: tok.decode(
+        prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)
+    )
+    samples = [
+        Sample(0, 0, "policy", [], [], " <<<domain>>>: x"),  # no code tag: not used
+        Sample(1, 0, "policy", [], [], answer(0)),
+        Sample(2, 5, "policy", [], [], answer(5)),
+    ]
     out = rlaif.contrast_answers(cfg, tok, train, chosen, samples, start_id=3)
-    assert [(c.record, c.source) for c in out] == [(0, "reference"), (0, "mismatched"), (0, "no_code"),
-                                                         (5, "reference"), (5, "mismatched"), (5, "no_code"),
-                                                         (9, "reference"), (9, "mismatched")]
+    assert [(c.record, c.source) for c in out] == [
+        (0, "reference"),
+        (0, "mismatched"),
+        (0, "no_code"),
+        (5, "reference"),
+        (5, "mismatched"),
+        (5, "no_code"),
+        (9, "reference"),
+        (9, "mismatched"),
+    ]
     assert [c.id for c in out] == list(range(3, 11))
     judge = reward.RulesJudge()
     for c in out:
@@ -122,7 +155,9 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
         assert yes["code_valid"] == float(c.source != "no_code")
         if c.source == "no_code":
             policy = answer(c.record)
-            assert c.response[-1] == tok.eot and policy.startswith(c.answer.replace("<|endoftext|>", ""))
+            assert c.response[-1] == tok.eot and policy.startswith(
+                c.answer.replace("<|endoftext|>", "")
+            )
             assert prepare.parse_answer(c.answer)["api_call"] == r.sections["api_call"]
 
 
@@ -133,13 +168,17 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
     import rlaif
     from model import Tokenizer
     from data.gorilla import prepare
-    cfg = rlaif.make_config(init="micro", sft_steps=40, eval_every=20, sft_batch_size=4, max_answer_tokens=40)
+
+    cfg = rlaif.make_config(
+        init="micro", sft_steps=40, eval_every=20, sft_batch_size=4, max_answer_tokens=40
+    )
     tok = Tokenizer(prepare.VOCAB_FILE)
     examples = [([1, 2, 3, i % 50 + 5], [i % 40 + 7, 9, tok.eot]) for i in range(64)]
 
     def crash_at_25(msg):
         if msg.startswith("[sft] step 25/"):
             raise RuntimeError("killed")
+
     monkeypatch.setattr(rlaif, "log", crash_at_25)
     with pytest.raises(RuntimeError):
         rlaif.sft(cfg, tok, examples, examples[:8], tmp_path)

@@ -1,4 +1,5 @@
 """evaluate.py's metrics against the reference packages, on real Gorilla text."""
+
 import statistics
 
 import pytest
@@ -47,16 +48,20 @@ def test_codebleu_components_against_codebleu_package(gorilla):
         assert abs(ours["weighted_ngram_match"] - theirs["weighted_ngram_match_score"]) < 1e-9
         syntax_diff.append(abs(ours["syntax_match"] - theirs["syntax_match_score"]))
         flow_diff.append(abs((ours["dataflow_match"] or 0) - theirs["dataflow_match_score"]))
-    print(f"\nmean |syntax diff| {statistics.mean(syntax_diff):.3f}, "
-          f"mean |dataflow diff| {statistics.mean(flow_diff):.3f} over {len(syntax_diff)} samples")
+    print(
+        f"\nmean |syntax diff| {statistics.mean(syntax_diff):.3f}, "
+        f"mean |dataflow diff| {statistics.mean(flow_diff):.3f} over {len(syntax_diff)} samples"
+    )
     assert statistics.mean(syntax_diff) < 0.15
     assert statistics.mean(flow_diff) < 0.2
 
 
 def test_ast_accuracy_of_references_is_near_total(records):
     db = APIDatabase()
-    verdicts = [ast_verdict(db, full_answer(r), r.api_data.get("domain") or r.sections["domain"])
-                for r in records]
+    verdicts = [
+        ast_verdict(db, full_answer(r), r.api_data.get("domain") or r.sections["domain"])
+        for r in records
+    ]
     counts = {v: verdicts.count(v) for v in set(verdicts)}
     print(f"\nreference answers: {counts} of {len(records)}")
     assert counts["correct"] / len(records) > 0.9, counts
@@ -68,7 +73,9 @@ def test_ast_accuracy_of_references_is_near_total(records):
     for r, v in zip(records, verdicts):
         call = r.api_data.get("api_call")
         if v != "correct" and answer_api_call(full_answer(r)) == call and call in db_calls:
-            assert v == "wrong" and (db_calls.count(call) > 1 or db.match(call) < db_calls.index(call)), r.line
+            assert v == "wrong" and (
+                db_calls.count(call) > 1 or db.match(call) < db_calls.index(call)
+            ), r.line
 
 
 def test_hallucinated_and_malformed_answers_are_scored(records):
@@ -91,15 +98,24 @@ def run_evaluate(*argv):
     import subprocess
     import sys
     from pathlib import Path
-    return subprocess.run([sys.executable, "evaluate.py", *argv], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=600)
+
+    return subprocess.run(
+        [sys.executable, "evaluate.py", *argv],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_answers_file_in_gorillas_format_scores_as_gorilla():
     """Gorilla's own published file (escaped newlines) gives the same table row as --gorilla."""
-    row = lambda out: [l for l in out.stdout.splitlines() if l.startswith("| ") and "executability" not in l
-                       and "---" not in l][0].split("|")[2:]
+    row = lambda out: [
+        l
+        for l in out.stdout.splitlines()
+        if l.startswith("| ") and "executability" not in l and "---" not in l
+    ][0].split("|")[2:]
     published = run_evaluate("--answers", str(prepare.GORILLA_ANSWERS_FILE), "--exec-mode", "none")
     ours = run_evaluate("--gorilla", "--exec-mode", "none")
     assert published.returncode == 0 and ours.returncode == 0, published.stderr + ours.stderr
@@ -107,12 +123,19 @@ def test_answers_file_in_gorillas_format_scores_as_gorilla():
     assert row(published) == row(ours)
 
 
-@pytest.mark.parametrize("content, needle", [(b"", "none of its 0 question_ids"),
-                                             (b'{"question_id": 999999, "text": "x"}\n', "none of its 1"),
-                                             (b'{"question_id": 32, "text": null}\n', ":1: expected"),
-                                             (b'{"question_id": 32, "text": "ok"}\n\xff\xfe\n', ":2: expected")])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "none of its 0 question_ids"),
+        (b'{"question_id": 999999, "text": "x"}\n', "none of its 1"),
+        (b'{"question_id": 32, "text": null}\n', ":1: expected"),
+        (b'{"question_id": 32, "text": "ok"}\n\xff\xfe\n', ":2: expected"),
+    ],
+)
 def test_bad_answers_files_are_errors_naming_file_and_line(tmp_path, content, needle):
     path = tmp_path / "answers.jsonl"
     path.write_bytes(content)
     out = run_evaluate("--answers", str(path), "--exec-mode", "none")
-    assert out.returncode == 1 and needle in out.stderr and "answers.jsonl" in out.stderr, out.stderr
+    assert out.returncode == 1 and needle in out.stderr and "answers.jsonl" in out.stderr, (
+        out.stderr
+    )

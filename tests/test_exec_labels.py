@@ -1,5 +1,6 @@
 """The offline executability check against hand labels of real answers (tests/data/exec_labels.md says
 how they were labelled): agreement and Cohen's kappa, and every disagreement printed."""
+
 import json
 from pathlib import Path
 
@@ -13,11 +14,20 @@ LABELS = Path(__file__).with_name("data") / "exec_labels.jsonl"
 def agreement(labels, predicted):
     """(observed agreement, Cohen's kappa, confusion {(label, predicted): count}) of two boolean lists."""
     n = len(labels)
-    confusion = {(a, b): sum(x == a and y == b for x, y in zip(labels, predicted)) for a in (True, False)
-                 for b in (True, False)}
+    confusion = {
+        (a, b): sum(x == a and y == b for x, y in zip(labels, predicted))
+        for a in (True, False)
+        for b in (True, False)
+    }
     observed = (confusion[True, True] + confusion[False, False]) / n
-    chance = sum((confusion[v, True] + confusion[v, False]) * (confusion[True, v] + confusion[False, v])
-                 for v in (True, False)) / n / n
+    chance = (
+        sum(
+            (confusion[v, True] + confusion[v, False]) * (confusion[True, v] + confusion[False, v])
+            for v in (True, False)
+        )
+        / n
+        / n
+    )
     return observed, (observed - chance) / (1 - chance), confusion
 
 
@@ -38,8 +48,12 @@ def test_offline_verdicts_agree_with_hand_labels():
     verdicts = Sandbox(offline=True).run_all([r["code"] for r in rows])
     predicted = [v == "executable" for v, _ in verdicts]
     po, kappa, confusion = agreement([r["executable"] for r in rows], predicted)
-    print(f"\nagreement {po:.3f}, Cohen's kappa {kappa:.3f}, (label, offline verdict) counts {confusion}")
+    print(
+        f"\nagreement {po:.3f}, Cohen's kappa {kappa:.3f}, (label, offline verdict) counts {confusion}"
+    )
     for r, (verdict, detail), p in zip(rows, verdicts, predicted):
         if p != r["executable"]:
-            print(f"  uid {r['uid']}: label {r['executable']} ({r['reason'][:90]}); offline {verdict} {detail[:90]}")
+            print(
+                f"  uid {r['uid']}: label {r['executable']} ({r['reason'][:90]}); offline {verdict} {detail[:90]}"
+            )
     assert po >= 0.90, f"agreement {po:.3f} < 0.90"

@@ -1,5 +1,6 @@
 """The sandboxed executability check: labelled snippets (real Gorilla reference code and deliberately
 broken variants) and hostile snippets that must be contained."""
+
 import os
 import re
 import time
@@ -19,12 +20,14 @@ def mutations(code):
     first_id = re.search(r"'([\w.-]+/[\w.-]+)'", code).group(1)
     first_name = re.search(r"from transformers import (\w+)", code).group(1)
     last = code.rstrip().rsplit(")", 1)
-    return [("executable", code),
-            ("syntax", last[0] + last[1] if len(last) == 2 else code + "(("),
-            ("hallucinated_api", re.sub(rf"\b{first_name}\b", first_name + "Plus", code)),
-            ("hallucinated_api", code.replace(first_id, "nobody/no-such-model")),
-            ("import", "import transformerz\n" + code),
-            ("runtime", code + "\nprint(undefined_variable_xyz)")]
+    return [
+        ("executable", code),
+        ("syntax", last[0] + last[1] if len(last) == 2 else code + "(("),
+        ("hallucinated_api", re.sub(rf"\b{first_name}\b", first_name + "Plus", code)),
+        ("hallucinated_api", code.replace(first_id, "nobody/no-such-model")),
+        ("import", "import transformerz\n" + code),
+        ("runtime", code + "\nprint(undefined_variable_xyz)"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,16 @@ def sandbox():
 
 @pytest.mark.slow  # every labelled snippet through the sandbox (two processes each): the full suite's
 def test_labelled_snippets_get_their_labels(sandbox):
-    by_line = {r.line: r for r in prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)}
+    by_line = {
+        r.line: r
+        for r in prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    }
     labelled = [m for line in REFERENCE_LINES for m in mutations(by_line[line].sections["code"])]
-    labelled += [("executable", "import numpy as np\nx = np.arange(6).reshape(2, 3)\nprint(x.sum(axis=0))"),
-                 ("runtime", "import numpy as np\nnp.zeros(3) @ np.zeros(4)"),
-                 ("no_code", "   \n")]
+    labelled += [
+        ("executable", "import numpy as np\nx = np.arange(6).reshape(2, 3)\nprint(x.sum(axis=0))"),
+        ("runtime", "import numpy as np\nnp.zeros(3) @ np.zeros(4)"),
+        ("no_code", "   \n"),
+    ]
     assert len(labelled) >= 40
     verdicts = sandbox.run_all([code for _, code in labelled])
     wrong = [(label, v, code[:80]) for (label, code), v in zip(labelled, verdicts) if v[0] != label]
@@ -48,45 +56,108 @@ def test_labelled_snippets_get_their_labels(sandbox):
 # One snippet per checker rule (docs/metrics.md), each beside the variant the rule must refuse.
 RULES = [
     ("executable", "import json\nconfig = json.load(open('config.json'))\nprint(config['labels'])"),
-    ("executable", "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = pathlib.Path('a.txt').read_text()"),
-    ("executable", "open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'"),  # real files stay real
-    ("executable", "import requests\nfrom io import BytesIO\nfrom PIL import Image\n"
-                   "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = BytesIO()\nb.write(b'x')"),
+    (
+        "executable",
+        "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = pathlib.Path('a.txt').read_text()",
+    ),
+    (
+        "executable",
+        "open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'",
+    ),  # real files stay real
+    (
+        "executable",
+        "import requests\nfrom io import BytesIO\nfrom PIL import Image\n"
+        "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = BytesIO()\nb.write(b'x')",
+    ),
     ("executable", "clip = load_video_clip()  # Replace with your video loading code\nprint(clip)"),
     ("runtime", "clip = load_video_clip()\nprint(clip)"),
-    ("executable", "from transformers import pipeline\nc = pipeline('image-classification', "
-                   "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', top_k=2))"),
-    ("runtime", "from transformers import pipeline\nc = pipeline('image-classification', "
-                "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', ['cat', 'dog']))"),
-    ("runtime", "from transformers import pipeline\nc = pipeline('image-classification', "
-                "model='google/vit-base-patch16-224')\nprint(c(path='cat.jpg'))"),
-    ("executable", "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
-                   "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, torch.zeros(1), torch.zeros(1))"),
-    ("runtime", "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
-                "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1))"),
-    ("executable", "from transformers import ViTForImageClassification, ViTImageProcessor\np = ViTImageProcessor."
-                   "from_pretrained('google/vit-base-patch16-224')\nm = ViTForImageClassification.from_pretrained("
-                   "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = m(**inputs)"),
-    ("hallucinated_api", "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer('nobody/no-such-model')"),
-    ("executable", "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer("
-                   "'sentence-transformers/all-MiniLM-L6-v2')\nm.encode(['a b'])"),
-    ("hallucinated_api", "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', filename='m.bin')"),
-    ("executable", "from datasets import load_dataset\nd = load_dataset('some-user/some-dataset')"),  # not a model id
-    ("executable", "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
-                   "source='speechbrain/spkrec-xvect-voxceleb', savedir='pretrained_models/spkrec-xvect-voxceleb')"),
-    ("hallucinated_api", "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
-                         "source='speechbrain/spkrec-made-up', savedir='pretrained_models/x')"),
-    ("executable", "from stable_baselines3.common.env_util import make_vec_env\nenv = make_vec_env('seals/CartPole-v0')"),
+    (
+        "executable",
+        "from transformers import pipeline\nc = pipeline('image-classification', "
+        "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', top_k=2))",
+    ),
+    (
+        "runtime",
+        "from transformers import pipeline\nc = pipeline('image-classification', "
+        "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', ['cat', 'dog']))",
+    ),
+    (
+        "runtime",
+        "from transformers import pipeline\nc = pipeline('image-classification', "
+        "model='google/vit-base-patch16-224')\nprint(c(path='cat.jpg'))",
+    ),
+    (
+        "executable",
+        "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
+        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, torch.zeros(1), torch.zeros(1))",
+    ),
+    (
+        "runtime",
+        "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
+        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1))",
+    ),
+    (
+        "executable",
+        "from transformers import ViTForImageClassification, ViTImageProcessor\np = ViTImageProcessor."
+        "from_pretrained('google/vit-base-patch16-224')\nm = ViTForImageClassification.from_pretrained("
+        "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = m(**inputs)",
+    ),
+    (
+        "hallucinated_api",
+        "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer('nobody/no-such-model')",
+    ),
+    (
+        "executable",
+        "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer("
+        "'sentence-transformers/all-MiniLM-L6-v2')\nm.encode(['a b'])",
+    ),
+    (
+        "hallucinated_api",
+        "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', filename='m.bin')",
+    ),
+    (
+        "executable",
+        "from datasets import load_dataset\nd = load_dataset('some-user/some-dataset')",
+    ),  # not a model id
+    (
+        "executable",
+        "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
+        "source='speechbrain/spkrec-xvect-voxceleb', savedir='pretrained_models/spkrec-xvect-voxceleb')",
+    ),
+    (
+        "hallucinated_api",
+        "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
+        "source='speechbrain/spkrec-made-up', savedir='pretrained_models/x')",
+    ),
+    (
+        "executable",
+        "from stable_baselines3.common.env_util import make_vec_env\nenv = make_vec_env('seals/CartPole-v0')",
+    ),
     ("hallucinated_api", "from diffusers import StableDiffusionTurboPipelineXL"),
     ("hallucinated_api", "from transformers import pipeline\nt = pipeline('translation_to_en')"),
-    ("executable", "from transformers import pipeline\nt = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')"),
-    ("runtime", "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\nf('Paris is nice.')"),
-    ("executable", "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\n"
-                   "s = 'Paris is the <mask> of France.'\nprint(s.replace('<mask>', f(s)[0]['token_str']))"),
-    ("executable", "import numpy as np\nfrom PIL import Image\nimg = np.array(Image.open('cat.jpg'))\n"
-                   "print(img[:, :, 0].mean() / 255.0, round(img.mean(), 2))"),
-    ("runtime", "from transformers import pipeline\nv = pipeline('image-to-text', model='Salesforce/blip2-opt-2.7b')\n"
-                "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\nt('a.jpg')"),
+    (
+        "executable",
+        "from transformers import pipeline\nt = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')",
+    ),
+    (
+        "runtime",
+        "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\nf('Paris is nice.')",
+    ),
+    (
+        "executable",
+        "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\n"
+        "s = 'Paris is the <mask> of France.'\nprint(s.replace('<mask>', f(s)[0]['token_str']))",
+    ),
+    (
+        "executable",
+        "import numpy as np\nfrom PIL import Image\nimg = np.array(Image.open('cat.jpg'))\n"
+        "print(img[:, :, 0].mean() / 255.0, round(img.mean(), 2))",
+    ),
+    (
+        "runtime",
+        "from transformers import pipeline\nv = pipeline('image-to-text', model='Salesforce/blip2-opt-2.7b')\n"
+        "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\nt('a.jpg')",
+    ),
 ]
 
 
@@ -136,32 +207,61 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
     sentinel.write_text("original")
     monkeypatch.setenv("RLAIF_TEST_SECRET", "s3cret")
     sandbox = Sandbox(timeout=3, memory_mb=1024)
-    codes = [c.format(sentinel=str(sentinel), sentinel_dir=str(sentinel_dir)) for c in HOSTILE.values()]
+    codes = [
+        c.format(sentinel=str(sentinel), sentinel_dir=str(sentinel_dir)) for c in HOSTILE.values()
+    ]
     t0 = time.time()
     verdicts = sandbox.run_all(codes)  # in parallel, as evaluation runs them
-    assert time.time() - t0 < len(codes) / sandbox.workers * (sandbox.timeout + 5)  # each within its limit
+    assert time.time() - t0 < len(codes) / sandbox.workers * (
+        sandbox.timeout + 5
+    )  # each within its limit
     assert len(HOSTILE) >= 20
     assert sentinel.read_text() == "original"
-    assert sorted(p.name for p in sentinel_dir.iterdir()) == ["precious.txt"]  # nothing created or moved
+    assert sorted(p.name for p in sentinel_dir.iterdir()) == [
+        "precious.txt"
+    ]  # nothing created or moved
     assert os.stat(sentinel).st_mode & 0o777 != 0
     results = dict(zip(HOSTILE, verdicts))
     assert results["read environment"][0] == "executable"  # ran, and saw no secret
     # Containment is the operating system's (asserted above); these must also *fail* as snippets.
-    for name in ("infinite loop", "sleep forever", "C-level busy loop", "fork bomb", "huge allocation",
-                 "growing list", "write outside", "append outside", "delete outside", "pathlib write",
-                 "huge file", "huge output", "recursion", "shell via subprocess", "os.system"):
+    for name in (
+        "infinite loop",
+        "sleep forever",
+        "C-level busy loop",
+        "fork bomb",
+        "huge allocation",
+        "growing list",
+        "write outside",
+        "append outside",
+        "delete outside",
+        "pathlib write",
+        "huge file",
+        "huge output",
+        "recursion",
+        "shell via subprocess",
+        "os.system",
+    ):
         assert results[name][0] != "executable", (name, results[name])
-    print(f"\n{len(HOSTILE)} hostile snippets in {time.time() - t0:.1f}s: "
-          + ", ".join(f"{k}: {v[0]}" for k, v in results.items()))
+    print(
+        f"\n{len(HOSTILE)} hostile snippets in {time.time() - t0:.1f}s: "
+        + ", ".join(f"{k}: {v[0]}" for k, v in results.items())
+    )
 
 
 def test_checker_names_come_from_the_pinned_transformers():
     from data.gorilla.apis import library_names
     from pathlib import Path
-    pin = next(line.split("==")[1].split()[0] for line in
-               (Path(__file__).resolve().parent.parent / "requirements-dev.txt").read_text().splitlines()
-               if line.startswith("transformers=="))
+
+    pin = next(
+        line.split("==")[1].split()[0]
+        for line in (Path(__file__).resolve().parent.parent / "requirements-dev.txt")
+        .read_text()
+        .splitlines()
+        if line.startswith("transformers==")
+    )
     known = library_names()
     assert known["versions"]["transformers"] == pin
-    assert "ViTFeatureExtractor" in known["modules"]["transformers"]  # 4.x names Gorilla's answers use
+    assert (
+        "ViTFeatureExtractor" in known["modules"]["transformers"]
+    )  # 4.x names Gorilla's answers use
     assert known["tasks"]["image-classification"]["call"][0][:2] == ["inputs", "pk"]

@@ -2,6 +2,7 @@
 answer judged. Each fault is played by a real OpenAI-compatible HTTP server on 127.0.0.1
 (tests/openai_server.py) against the judge, the feedback stage or the whole command (rlaif.main on a run
 whose SFT and sampling are done), with small backoffs and Retry-After values of a second or two."""
+
 import functools
 import json
 import re
@@ -37,8 +38,11 @@ def server():
 def quick_judge(monkeypatch):
     """The stage's judge retries 3 times from a 10 ms backoff (tests wait seconds, not minutes); a
     Retry-After is waited as the server asks. No key or URL from the environment."""
-    monkeypatch.setattr(reward, "OpenAIJudge", functools.partial(reward.OpenAIJudge, backoff=0.01, max_retries=3,
-                                                                 timeout=2.0))
+    monkeypatch.setattr(
+        reward,
+        "OpenAIJudge",
+        functools.partial(reward.OpenAIJudge, backoff=0.01, max_retries=3, timeout=2.0),
+    )
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
 
@@ -47,13 +51,21 @@ def make_run(tmp_path, server, train, n=4, **settings):
     """A run (settings recorded) whose sft and sample stages are done: n answers, the references of the first
     n training instructions, to be judged by the OpenAI judge at `server`."""
     settings = dict(dict(judge_concurrency=1), **settings)
-    cfg = rlaif.make_config(run_dir=str(tmp_path / "run"), judge="openai", judge_base_url=server.url,
-                            exec_mode="none", **settings)
+    cfg = rlaif.make_config(
+        run_dir=str(tmp_path / "run"),
+        judge="openai",
+        judge_base_url=server.url,
+        exec_mode="none",
+        **settings,
+    )
     run = Path(cfg.run_dir)
     (run / "sft").mkdir(parents=True)
     mark_done(run / "sft", {})
     answers = [prepare.format_answer(train[i].sections) for i in range(n)]
-    write_rows(run / RUN_FILES["samples"], [Sample(i, i, "policy", [1], [2], a) for i, a in enumerate(answers)])
+    write_rows(
+        run / RUN_FILES["samples"],
+        [Sample(i, i, "policy", [1], [2], a) for i, a in enumerate(answers)],
+    )
     mark_done(run / "sample", {})
     save_config(cfg, run)
     return run
@@ -74,8 +86,16 @@ def cache_rows(run):
 
 
 def judge_alone(server, tmp_path, **kw):
-    kw = dict(dict(timeout=2.0, backoff=0.01, max_retries=3, api_key="k", cache_file=tmp_path / "cache.jsonl"),
-              **kw)
+    kw = dict(
+        dict(
+            timeout=2.0,
+            backoff=0.01,
+            max_retries=3,
+            api_key="k",
+            cache_file=tmp_path / "cache.jsonl",
+        ),
+        **kw,
+    )
     return reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, **kw)
 
 
@@ -93,6 +113,7 @@ def recorded_sleeps(monkeypatch):
 # -----------------------------------------------------------------------------
 # 1. Retry-After, outages, and a stage that is done only when every answer has a score
 
+
 def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, monkeypatch):
     waits, said = recorded_sleeps(monkeypatch), []
     server.script, server.retry_after = ["429", "429"], 1000
@@ -100,7 +121,9 @@ def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, m
     assert j.ask("q") == pytest.approx(0.8)
     assert len(server.requests) == 3
     cap = 120.0  # reward.RETRY_AFTER_CAP_S, stated in the log
-    assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), waits  # 1000 s asked: the cap
+    assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), (
+        waits
+    )  # 1000 s asked: the cap
     assert any("Retry-After" in m and "capped at 120 s" in m for m in said), said
     assert reward.RETRY_AFTER_CAP_S == cap
     server.script, server.retry_after = ["429"], 2
@@ -131,6 +154,7 @@ def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_p
         if not is_probe(body):
             times.append(time.time())
             return "429" if times[-1] - times[0] < 2.0 else None
+
     server.mode_for, server.retry_after = limited, 1
     rlaif_until_feedback(run)
     assert done_json(run)["judged"] == 3
@@ -140,7 +164,9 @@ def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_p
     assert len(cache_rows(run)) == 3 * len(reward.QUESTIONS)  # each question answered once
 
 
-def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_them(server, tmp_path, train):
+def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_them(
+    server, tmp_path, train
+):
     """Two answers judged, then the endpoint drops every connection: the stage fails naming the count and
     the command; nothing is marked done. That command, once the endpoint is back, asks only for the two
     missing answers' questions and finishes the stage."""
@@ -151,40 +177,59 @@ def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_t
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
     assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 2
-    assert server.replies["down"] == 2 * 4  # one question of each failed answer, 1 + 3 retries; no more
+    assert (
+        server.replies["down"] == 2 * 4
+    )  # one question of each failed answer, 1 + 3 retries; no more
     server.script, sent = [], len(server.requests)
     rlaif_until_feedback(run)
-    assert len(server.requests) - sent == 2 * len(reward.QUESTIONS)  # the missing ones, nothing twice
+    assert len(server.requests) - sent == 2 * len(
+        reward.QUESTIONS
+    )  # the missing ones, nothing twice
     assert done_json(run)["judged"] == 4
 
 
 # -----------------------------------------------------------------------------
 # 2. A judge that never answers usably
 
-def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_reply(server, tmp_path, train):
+
+def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_reply(
+    server, tmp_path, train
+):
     run = make_run(tmp_path, server, train, n=20, judge_concurrency=2)
     server.mode_for = lambda body: None if is_probe(body) else "text_other"
     said = r"scored none of the \d answer\(s\).*replied 'Maybe', neither Yes nor No"
     with pytest.raises(SystemExit, match=said):
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
-    tries = 1 + reward.UNUSABLE_RETRIES  # per answer: its first question, asked again twice, then it stops
-    assert 3 * tries <= len(server.requests) <= 4 * tries  # 3 failures in a row, and the one in flight
+    tries = (
+        1 + reward.UNUSABLE_RETRIES
+    )  # per answer: its first question, asked again twice, then it stops
+    assert (
+        3 * tries <= len(server.requests) <= 4 * tries
+    )  # 3 failures in a row, and the one in flight
     unusable = [row for row in cache_rows(run) if "unusable" in row]
-    assert len(unusable) == len(server.requests) and all(row["usd"] > 0 for row in unusable)  # paid, counted
+    assert len(unusable) == len(server.requests) and all(
+        row["usd"] > 0 for row in unusable
+    )  # paid, counted
 
 
 # -----------------------------------------------------------------------------
 # 3. Replies without log-probabilities: counted and reported
 
-def test_replies_without_logprobs_are_counted_per_answer_in_done_json(server, tmp_path, train, capsys):
+
+def test_replies_without_logprobs_are_counted_per_answer_in_done_json(
+    server, tmp_path, train, capsys
+):
     """The first answer's six replies come without log-probabilities (P(yes) 0 or 1 from the text), the
     other two answers' with them: done.json says so, and the log warns."""
     run = make_run(tmp_path, server, train, n=3)
     server.script = ["text"] * len(reward.QUESTIONS)
     rlaif_until_feedback(run)
     done = done_json(run)
-    assert done["judged"] == 3 and done["p_yes_from_text"] == {"answers": 1, "judgements": len(reward.QUESTIONS)}
+    assert done["judged"] == 3 and done["p_yes_from_text"] == {
+        "answers": 1,
+        "judgements": len(reward.QUESTIONS),
+    }
     assert "WARNING" in capsys.readouterr().out
     assert sum(row["text"] for row in cache_rows(run)) == len(reward.QUESTIONS)
 
@@ -192,8 +237,11 @@ def test_replies_without_logprobs_are_counted_per_answer_in_done_json(server, tm
 # -----------------------------------------------------------------------------
 # 4. The endpoint and the model are probed before the first stage
 
+
 def judge_config(server_url, **settings):
-    return rlaif.make_config(judge="openai", judge_base_url=server_url, exec_mode="none", **settings)
+    return rlaif.make_config(
+        judge="openai", judge_base_url=server_url, exec_mode="none", **settings
+    )
 
 
 def test_check_ready_probes_the_endpoint_with_one_cheap_request(server, capsys):
@@ -209,8 +257,12 @@ def test_check_ready_probes_the_endpoint_with_one_cheap_request(server, capsys):
 def test_an_unreachable_endpoint_is_refused_before_the_first_stage_naming_the_url(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed once the with ends: nobody listens
-    with pytest.raises(SystemExit, match=rf"cannot start:\n.*{url} \(--judge-model gpt-3.5-turbo\): unreachable"):
+        url = (
+            f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed once the with ends: nobody listens
+        )
+    with pytest.raises(
+        SystemExit, match=rf"cannot start:\n.*{url} \(--judge-model gpt-3.5-turbo\): unreachable"
+    ):
         rlaif.check_ready(judge_config(url))
 
 
@@ -231,6 +283,7 @@ def test_a_model_that_cannot_say_yes_is_refused_before_the_first_stage(server, t
 
 # -----------------------------------------------------------------------------
 # 5. The cost cap holds for the whole run, and needs a price
+
 
 def test_the_cap_counts_what_earlier_runs_spent(server, tmp_path):
     """A cap of $0.0003 allows five requests of 101 tokens at gpt-3.5-turbo's price; a new judge on the same
@@ -265,7 +318,9 @@ def test_rerunning_with_the_same_cap_spends_nothing_more(server, tmp_path, train
 
 def test_a_cap_on_a_model_without_a_price_is_refused_before_any_request(server, tmp_path, train):
     run = make_run(tmp_path, server, train, judge_model="gpt-4o", judge_max_usd=0.001)
-    with pytest.raises(SystemExit, match="no price is known for --judge-model gpt-4o.*--judge-price IN,OUT"):
+    with pytest.raises(
+        SystemExit, match="no price is known for --judge-model gpt-4o.*--judge-price IN,OUT"
+    ):
         rlaif_until_feedback(run)
     assert server.requests == [] and server.probes == []
 
@@ -277,6 +332,8 @@ def test_a_price_given_with_judge_price_keeps_the_cap(server, tmp_path, train):
     with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):
         rlaif_until_feedback(run, "--judge-price", "2.5,10")
     rows = cache_rows(run)
-    assert len(server.requests) == len(rows) == 2 and sum(r["usd"] for r in rows) == pytest.approx(2 * 0.00751)
+    assert len(server.requests) == len(rows) == 2 and sum(r["usd"] for r in rows) == pytest.approx(
+        2 * 0.00751
+    )
     with pytest.raises(SystemExit, match="--judge-price 'abc': give USD per million"):
         rlaif_until_feedback(run, "--judge-price", "abc")

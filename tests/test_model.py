@@ -1,4 +1,5 @@
 """model.py against a real transformers GPT-2 (random weights, saved with save_pretrained)."""
+
 import json
 
 import pytest
@@ -33,11 +34,13 @@ def test_left_padding_gives_same_logits(hf_dir):
     ids, mask = left_pad(rows, pad=0)
     with torch.no_grad():
         padded = ours(ids, mask)
-        theirs = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        theirs = hf(
+            ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
         for i, r in enumerate(rows):
             alone = ours(torch.tensor([r]))[0]
-            assert torch.allclose(padded[i, -len(r):], alone, atol=1e-4)
-            assert torch.allclose(padded[i, -len(r):], theirs[i, -len(r):], atol=1e-4)
+            assert torch.allclose(padded[i, -len(r) :], alone, atol=1e-4)
+            assert torch.allclose(padded[i, -len(r) :], theirs[i, -len(r) :], atol=1e-4)
 
 
 def test_greedy_generation_matches_transformers(hf_dir):
@@ -47,8 +50,14 @@ def test_greedy_generation_matches_transformers(hf_dir):
     ids, mask = left_pad(rows, pad=299)
     resp, resp_mask, _ = generate(ours, ids, mask, max_new_tokens=20, eot=299, temperature=0)
     with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                          pad_token_id=299, eos_token_id=299)[:, ids.size(1):]
+        ref = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=299,
+            eos_token_id=299,
+        )[:, ids.size(1) :]
     for i in range(len(rows)):
         n = int(resp_mask[i].sum())
         assert resp[i, :n].tolist() == ref[i, :n].tolist()
@@ -83,15 +92,16 @@ def test_generation_is_seeded_and_stops_per_row(hf_dir):
     d, _ = hf_dir
     ours = GPT.from_pretrained(d).eval()
     ids, mask = left_pad([[1, 2, 3]] * 4, pad=0)
-    run = lambda: generate(ours, ids, mask, 30, eot=5, temperature=2.0,
-                           generator=torch.Generator().manual_seed(3))
+    run = lambda: generate(
+        ours, ids, mask, 30, eot=5, temperature=2.0, generator=torch.Generator().manual_seed(3)
+    )
     a, am, _ = run()
     b, _, _ = run()
     assert torch.equal(a, b)
     for row, m in zip(a, am):  # after the first eot, the row is padding only
         n = int(m.sum())
         assert (row[n:] == 5).all()
-        assert (row[:n - 1] != 5).all()
+        assert (row[: n - 1] != 5).all()
 
 
 def test_sample_matches_distribution_and_skips_zero_probability():
@@ -107,6 +117,7 @@ def test_sample_matches_distribution_and_skips_zero_probability():
 @pytest.mark.parametrize("damage", ["missing", "shape", "json", "truncated"])
 def test_broken_checkpoint_errors_name_file_and_tensor(hf_dir, tmp_path, damage):
     from safetensors.torch import load_file, save_file
+
     d, _ = hf_dir
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     tensors = load_file(d / "model.safetensors")
@@ -123,10 +134,12 @@ def test_broken_checkpoint_errors_name_file_and_tensor(hf_dir, tmp_path, damage)
     with pytest.raises(Exception) as e:
         GPT.from_pretrained(tmp_path)
     msg = str(e.value)
-    expect = {"missing": ["model.safetensors", "h.1.mlp.c_fc.weight"],
-              "shape": ["model.safetensors", "h.0.attn.c_proj.weight", "(3, 3)"],
-              "json": ["config.json", "line 1"],
-              "truncated": ["model.safetensors"]}[damage]
+    expect = {
+        "missing": ["model.safetensors", "h.1.mlp.c_fc.weight"],
+        "shape": ["model.safetensors", "h.0.attn.c_proj.weight", "(3, 3)"],
+        "json": ["config.json", "line 1"],
+        "truncated": ["model.safetensors"],
+    }[damage]
     for s in expect:
         assert s in msg, msg
 
@@ -138,6 +151,7 @@ def test_tokenizer_offline_ids(tok):
 
 def test_tokenizer_round_trip_on_gorilla_text(tok):
     from data.gorilla.prepare import EVAL_FILE, VOCAB_FILE
+
     compact = Tokenizer(VOCAB_FILE)
     lines = EVAL_FILE.read_text().splitlines()[:200]
     for line in lines:
@@ -150,7 +164,10 @@ def test_tokenizer_round_trip_on_gorilla_text(tok):
 
 def test_same_seed_same_samples():
     probs = torch.rand(64, 100)
-    assert torch.equal(sample(probs, torch.Generator().manual_seed(3)), sample(probs, torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        sample(probs, torch.Generator().manual_seed(3)),
+        sample(probs, torch.Generator().manual_seed(3)),
+    )
 
 
 def test_sampler_draws_on_its_generators_device(monkeypatch):
@@ -163,6 +180,7 @@ def test_sampler_draws_on_its_generators_device(monkeypatch):
     def spy(*args, **kw):
         seen.append(torch.device(kw["device"]))
         return real_rand(*args, **kw)
+
     monkeypatch.setattr(torch, "rand", spy)
     out = sample(probs, torch.Generator().manual_seed(0))
     assert seen == [torch.device("cpu")] and out.device.type == "meta"
@@ -194,17 +212,19 @@ def test_export_generates_until_its_end_of_text_in_transformers(tmp_path, vocab_
 
 def prepare_file():
     from data.gorilla import prepare
+
     return prepare.EVAL_FILE
 
 
 def test_unreadable_checkpoint_names_its_file(tmp_path):
     from model import load_checkpoint, save_checkpoint
+
     empty = tmp_path / "ckpt.pt"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="ckpt.pt: not a readable checkpoint"):
         load_checkpoint(empty)
     save_checkpoint(tmp_path / "good.pt", step=3)
     data = (tmp_path / "good.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")

@@ -4,6 +4,7 @@ loading code as a Hub download; the train file through `datasets` from a local f
 file's schema; the judge through the `openai` client against an OpenAI-compatible server on 127.0.0.1
 (log-probs, no key); real-mode executability; then `python ppo.py` on the run, and evaluation again.
 Only sizes are overridden. A GPU user runs the same command with --device cuda before spending money."""
+
 import json
 import os
 import subprocess
@@ -15,47 +16,124 @@ import pytest
 from tests.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = ["--max-answer-tokens", "48", "--sft-steps", "4", "--sft-batch-size", "2", "--sft-grad-accum", "1",
-         "--eval-every", "2", "--sample-prompts", "4", "--samples-per-prompt", "2", "--ppo-iterations", "2",
-         "--ppo-batch-size", "4", "--ppo-minibatch-size", "2", "--ppo-grad-accum", "1", "--rm-batch-size", "2",
-         "--eval-limit", "3", "--exec-timeout", "120"]
+SIZES = [
+    "--max-answer-tokens",
+    "48",
+    "--sft-steps",
+    "4",
+    "--sft-batch-size",
+    "2",
+    "--sft-grad-accum",
+    "1",
+    "--eval-every",
+    "2",
+    "--sample-prompts",
+    "4",
+    "--samples-per-prompt",
+    "2",
+    "--ppo-iterations",
+    "2",
+    "--ppo-batch-size",
+    "4",
+    "--ppo-minibatch-size",
+    "2",
+    "--ppo-grad-accum",
+    "1",
+    "--rm-batch-size",
+    "2",
+    "--eval-limit",
+    "3",
+    "--exec-timeout",
+    "120",
+]
 
 
 @pytest.mark.slow
 def test_paper_configuration_rehearsal(tmp_path):
     transformers = pytest.importorskip("transformers")
     weights = tmp_path / "gpt2-random"
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256, vocab_size=50257)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, n_positions=256, vocab_size=50257
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(weights)
-    train_file = tmp_path / "huggingface_train.json"  # the Hub file's schema: code, api_call, provider, api_data
+    train_file = (
+        tmp_path / "huggingface_train.json"
+    )  # the Hub file's schema: code, api_call, provider, api_data
     lines = (ROOT / "data" / "gorilla" / "huggingface_eval.json").read_text().splitlines()
     train_file.write_text("\n".join(lines[:40]) + "\n")
     server = FakeOpenAI(default="logprobs", p_yes=0.7)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")} | {"HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")} | {
+        "HF_HUB_OFFLINE": "1"
+    }
     run_dir = tmp_path / "run"
     try:
-        out = subprocess.run([sys.executable, "rlaif.py", "--config", "paper", "--device", "cpu", "--run-dir",
-                              str(run_dir), "--init", str(weights), "--train-file", str(train_file),
-                              "--judge-base-url", server.url, *SIZES], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=1200)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "rlaif.py",
+                "--config",
+                "paper",
+                "--device",
+                "cpu",
+                "--run-dir",
+                str(run_dir),
+                "--init",
+                str(weights),
+                "--train-file",
+                str(train_file),
+                "--judge-base-url",
+                server.url,
+                *SIZES,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert len(server.requests) == 4 * 2 * 6 and all(r["logprobs"] for r in server.requests)
         recorded = json.loads((run_dir / "config.json").read_text())
-        assert recorded["compact"] is False and recorded["judge"] == "openai" and recorded["exec_mode"] == "real"
+        assert (
+            recorded["compact"] is False
+            and recorded["judge"] == "openai"
+            and recorded["exec_mode"] == "real"
+        )
         assert "train = " + str(train_file) in out.stdout
         results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
         gorilla = [v for k, v in results.items() if k.startswith("Gorilla")][0]
         assert gorilla["n"] == 3 and "executability" in gorilla
-        feedback = [json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()]
-        assert {f["judge"] for f in feedback} == {f"LLM judge gpt-3.5-turbo at {server.url}"} and all(f["score"] is not None for f in feedback)
-        assert (run_dir / "sft" / "model" / "vocab.json").exists()  # full vocabulary: tokenizer files exported
+        feedback = [
+            json.loads(l)
+            for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
+        ]
+        assert {f["judge"] for f in feedback} == {
+            f"LLM judge gpt-3.5-turbo at {server.url}"
+        } and all(f["score"] is not None for f in feedback)
+        assert (
+            run_dir / "sft" / "model" / "vocab.json"
+        ).exists()  # full vocabulary: tokenizer files exported
 
-        out = subprocess.run([sys.executable, "ppo.py", "--run-dir", str(run_dir), "--force", "--iterations", "1"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        out = subprocess.run(
+            [sys.executable, "ppo.py", "--run-dir", str(run_dir), "--force", "--iterations", "1"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert not (run_dir / "evaluate").exists()
-        out = subprocess.run([sys.executable, "rlaif.py", "--run-dir", str(run_dir)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=1200)
-        assert out.returncode == 0 and "| RLAIF" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+        out = subprocess.run(
+            [sys.executable, "rlaif.py", "--run-dir", str(run_dir)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert out.returncode == 0 and "| RLAIF" in out.stdout, (
+            out.stdout[-3000:] + out.stderr[-3000:]
+        )
     finally:
         server.close()

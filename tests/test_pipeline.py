@@ -1,4 +1,5 @@
 """End to end: every stage of rlaif.py on the micro preset, killed during PPO and resumed."""
+
 import json
 import os
 import signal
@@ -10,15 +11,42 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--init", "micro", "--sft-steps", "40", "--eval-every", "20", "--sample-prompts", "24",
-         "--samples-per-prompt", "4", "--max-answer-tokens", "40", "--ppo-iterations", "6",
-         "--ppo-batch-size", "8", "--ppo-minibatch-size", "4", "--eval-limit", "12", "--device", "cpu",
-         "--tensorboard"]
+SMALL = [
+    "--init",
+    "micro",
+    "--sft-steps",
+    "40",
+    "--eval-every",
+    "20",
+    "--sample-prompts",
+    "24",
+    "--samples-per-prompt",
+    "4",
+    "--max-answer-tokens",
+    "40",
+    "--ppo-iterations",
+    "6",
+    "--ppo-batch-size",
+    "8",
+    "--ppo-minibatch-size",
+    "4",
+    "--eval-limit",
+    "12",
+    "--device",
+    "cpu",
+    "--tensorboard",
+]
 
 
 def run(run_dir, **kw):
-    return subprocess.Popen([sys.executable, "rlaif.py", "--run-dir", str(run_dir), *SMALL], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "rlaif.py", "--run-dir", str(run_dir), *SMALL],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -42,11 +70,18 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     assert "[ppo] resumed from" in out
 
     assert (run_dir / "sft" / "model" / "model.safetensors").exists()
-    samples = [json.loads(l) for l in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()]
-    feedback = [json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(l) for l in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()
+    ]
+    feedback = [
+        json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
+    ]
     sources = [s["source"] for s in samples]
     assert len(samples) == len(feedback) and sources.count("policy") == 24 * 4
-    assert sources.count("reference") == sources.count("mismatched") == 24 and sources.count("no_code") <= 24
+    assert (
+        sources.count("reference") == sources.count("mismatched") == 24
+        and sources.count("no_code") <= 24
+    )
     by_id = {s["id"]: s for s in samples}
     for f in feedback:  # the judge, not the pipeline, labels the contrast answers
         if by_id[f["id"]]["source"] == "mismatched":
@@ -55,41 +90,88 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
             assert f["answers"]["code_valid"] == 0.0
     assert {f["judge"] for f in feedback} == {"rules judge"}
     assert (run_dir / "reward" / "reward_model.pt").exists()
-    read = lambda stage: [json.loads(l) for l in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    read = lambda stage: [
+        json.loads(l) for l in (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+    ]
     metrics = read("ppo")
-    assert [m["iteration"] for m in metrics] == list(range(1, 7))  # resumed mid-way: no row twice, none missing
-    assert {"objective/scores", "objective/kl", "objective/non_score_reward", "objective/entropy", "policy/approxkl_avg",
-            "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "lr", "episode", "val/explained_variance",
-            "objective/score_share", "completions/mean_length", "completions/clipped_ratio",
-            "val/num_eos_tokens"} <= set(metrics[-1])
-    assert {"eval/reward", "eval/judge_score", "eval/empty_code_rate"} <= set(metrics[-1])  # validated at the end
+    assert [m["iteration"] for m in metrics] == list(
+        range(1, 7)
+    )  # resumed mid-way: no row twice, none missing
+    assert {
+        "objective/scores",
+        "objective/kl",
+        "objective/non_score_reward",
+        "objective/entropy",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "lr",
+        "episode",
+        "val/explained_variance",
+        "objective/score_share",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "val/num_eos_tokens",
+    } <= set(metrics[-1])
+    assert {"eval/reward", "eval/judge_score", "eval/empty_code_rate"} <= set(
+        metrics[-1]
+    )  # validated at the end
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))  # --tensorboard mirrored the rows
-    shown = (run_dir / "ppo" / "samples.md").read_text()  # greedy validation answers at iterations 1 and 6
-    assert "### iteration 1\n" in shown and "### iteration 6\n" in shown and "| question | greedy answer |" in shown
+    shown = (
+        run_dir / "ppo" / "samples.md"
+    ).read_text()  # greedy validation answers at iterations 1 and 6
+    assert (
+        "### iteration 1\n" in shown
+        and "### iteration 6\n" in shown
+        and "| question | greedy answer |" in shown
+    )
     sft_rows = read("sft")
     assert [m["step"] for m in sft_rows] == list(range(1, 41))
-    assert {"loss", "lr", "tokens_per_s"} <= set(sft_rows[0]) and "val_loss" in sft_rows[19] and "val_loss" in sft_rows[-1]
+    assert (
+        {"loss", "lr", "tokens_per_s"} <= set(sft_rows[0])
+        and "val_loss" in sft_rows[19]
+        and "val_loss" in sft_rows[-1]
+    )
     rm_rows = read("reward")
     steps = [m["step"] for m in rm_rows if "loss" in m]
     assert steps == list(range(1, len(steps) + 1)) and steps
     assert {"loss", "accuracy", "accuracy_code_valid"} <= set(rm_rows[1])
-    measured = [m for m in rm_rows if "heldout/pairs" in m]  # step 0, every eval_every steps, the last
-    assert measured[0]["step"] == 0 and measured[-1]["step"] == steps[-1] and "val/pairs" in measured[-1]
+    measured = [
+        m for m in rm_rows if "heldout/pairs" in m
+    ]  # step 0, every eval_every steps, the last
+    assert (
+        measured[0]["step"] == 0
+        and measured[-1]["step"] == steps[-1]
+        and "val/pairs" in measured[-1]
+    )
     assert "heldout_pairwise_accuracy" in rm_rows[-1] and "kept_step" in rm_rows[-1]
     assert (run_dir / "ppo" / "model" / "model.safetensors").exists()
     results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
     assert len(results) == 3 and [k.split()[0] for k in results] == ["SFT", "RLAIF", "Gorilla-7B"]
     assert [m["method"] for m in read("evaluate")] == list(results)
     for s in results.values():
-        assert set(s) >= {"n", "executability", "ast_accuracy", "hallucination", "rouge_l", "codebleu"}
+        assert set(s) >= {
+            "n",
+            "executability",
+            "ast_accuracy",
+            "hallucination",
+            "rouge_l",
+            "codebleu",
+        }
     table = [l for l in out.splitlines() if l.startswith("| ")]
     assert len(table) == 4 and "executability" in table[0]
     assert "RULES JUDGE" in out and "FROM SCRATCH" in out
 
 
 def rlaif(run_dir, *argv, small=True):
-    return subprocess.run([sys.executable, "rlaif.py", "--run-dir", str(run_dir), *(SMALL if small else []), *argv],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "rlaif.py", "--run-dir", str(run_dir), *(SMALL if small else []), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +184,18 @@ def finished(tmp_path_factory):
 
 def stage_script(script, run_dir, *args):
     """A stage script (ppo.py, dpo.py, evaluate.py) run on run_dir as a user would."""
-    return subprocess.run([sys.executable, script, "--run-dir", str(run_dir), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, script, "--run-dir", str(run_dir), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def copy_of(run_dir, tmp_path):
     import shutil
+
     shutil.copytree(run_dir, tmp_path / "run")
     return tmp_path / "run"
 
@@ -117,7 +205,11 @@ def test_other_settings_on_a_finished_run_are_refused_and_no_flags_resume_it(fin
     run_dir = copy_of(finished, tmp_path)
     config_before = (run_dir / "config.json").read_text()
     out = rlaif(run_dir, "--seed", "7", "--sft-steps", "999")
-    assert out.returncode == 1 and "seed: 1 -> 7" in out.stderr and "sft_steps: 40 -> 999" in out.stderr, out.stderr
+    assert (
+        out.returncode == 1
+        and "seed: 1 -> 7" in out.stderr
+        and "sft_steps: 40 -> 999" in out.stderr
+    ), out.stderr
     assert (run_dir / "config.json").read_text() == config_before
     out = rlaif(run_dir, small=False)  # no settings: the run's own
     assert out.returncode == 0 and "[ppo] already done" in out.stdout, out.stderr
@@ -134,7 +226,11 @@ def test_a_damaged_output_is_named(finished, tmp_path):
     assert out.returncode == 1 and "model.safetensors has changed" in out.stderr, out.stderr
     (run_dir / "sample" / "samples.jsonl").write_text("")
     out = rlaif(run_dir, small=False)
-    assert out.returncode == 1 and "samples.jsonl has changed" in out.stderr and "--from sample" in out.stderr
+    assert (
+        out.returncode == 1
+        and "samples.jsonl has changed" in out.stderr
+        and "--from sample" in out.stderr
+    )
 
 
 @pytest.mark.slow
@@ -145,10 +241,17 @@ def test_from_keeps_old_results_until_the_new_ones_exist(finished, tmp_path):
     assert out.returncode == 2  # refused before anything moved
     assert (run_dir / "ppo" / "model" / "model.safetensors").read_bytes() == old_model
     # the redo killed during PPO, after its first checkpoint
-    redo = subprocess.Popen([sys.executable, "rlaif.py", "--run-dir", str(run_dir), *SMALL, "--from", "ppo"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    redo = subprocess.Popen(
+        [sys.executable, "rlaif.py", "--run-dir", str(run_dir), *SMALL, "--from", "ppo"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
-    started = lambda: (run_dir / ".previous" / "ppo").exists() and (run_dir / "ppo" / "ckpt.pt").exists()
+    started = lambda: (
+        (run_dir / ".previous" / "ppo").exists() and (run_dir / "ppo" / "ckpt.pt").exists()
+    )
     while not started() and redo.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert started() and redo.poll() is None
@@ -179,28 +282,56 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
 
 
 @pytest.mark.slow
-def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_model_and_feedback(finished, tmp_path):
+def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_model_and_feedback(
+    finished, tmp_path
+):
     run_dir = copy_of(finished, tmp_path)
     feedback = (run_dir / "feedback" / "feedback.jsonl").read_bytes()
     out = rlaif(run_dir, "--from", "compare", "--compare", "--dpo-steps", "3", "--best-of-n", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (run_dir / "feedback" / "feedback.jsonl").read_bytes() == feedback  # the same AI feedback
+    assert (
+        run_dir / "feedback" / "feedback.jsonl"
+    ).read_bytes() == feedback  # the same AI feedback
     # d-RLAIF is the same PPO code: the same metrics, one row per iteration, only the score differs
     ppo_rows = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    d_rows = [json.loads(l) for l in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()]
+    d_rows = [
+        json.loads(l)
+        for l in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(d_rows) == len(ppo_rows) and set(d_rows[0]) == set(ppo_rows[0])
     assert [r["objective/scores"] for r in d_rows] != [r["objective/scores"] for r in ppo_rows]
     # RLOO: the same rollouts and reward model, no critic (no value loss, no explained variance)
-    rloo_rows = [json.loads(l) for l in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rloo_rows) == len(ppo_rows) and all(r["val/explained_variance"] is None for r in rloo_rows)
+    rloo_rows = [
+        json.loads(l)
+        for l in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rloo_rows) == len(ppo_rows) and all(
+        r["val/explained_variance"] is None for r in rloo_rows
+    )
     assert all("loss/value_avg" not in r and "loss/policy_avg" in r for r in rloo_rows)
-    grpo_rows = [json.loads(l) for l in (run_dir / "compare" / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(grpo_rows) == len(ppo_rows) and all(r["val/explained_variance"] is None for r in grpo_rows)
+    grpo_rows = [
+        json.loads(l)
+        for l in (run_dir / "compare" / "grpo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(grpo_rows) == len(ppo_rows) and all(
+        r["val/explained_variance"] is None for r in grpo_rows
+    )
     results = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
-    assert [k.split()[0] for k in results] == ["SFT", "RLAIF", "d-RLAIF", "RLOO", "GRPO", "DPO", "SFT", "SFT",
-                                                "Gorilla-7B"]
+    assert [k.split()[0] for k in results] == [
+        "SFT",
+        "RLAIF",
+        "d-RLAIF",
+        "RLOO",
+        "GRPO",
+        "DPO",
+        "SFT",
+        "SFT",
+        "Gorilla-7B",
+    ]
     assert sum("best-of-2" in k for k in results) == 2
-    picks = [json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()]
+    picks = [
+        json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()
+    ]
     assert len(picks) == 12  # one answer per evaluated question
 
 
@@ -224,6 +355,7 @@ def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
     pytest.importorskip("matplotlib")
     import struct
     from evaluate import plot_runs
+
     made = plot_runs([finished, finished], tmp_path)
     assert made == {"curves.png": 6, "results.png": 3}
     for name, size in (("curves.png", (1500, 800)), ("results.png", (1500, 500))):
@@ -241,4 +373,6 @@ def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
     out = ev("--force")
     assert out.returncode == 0, out.stderr[-3000:]
     after = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]
-    assert {k: v["ast_accuracy"] for k, v in after.items()} == {k: v["ast_accuracy"] for k, v in before.items()}
+    assert {k: v["ast_accuracy"] for k, v in after.items()} == {
+        k: v["ast_accuracy"] for k, v in before.items()
+    }

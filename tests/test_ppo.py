@@ -1,4 +1,5 @@
 """ppo.py's pieces against plain reference computations, and a short learning run that can fail."""
+
 import torch
 
 from dataclasses import replace
@@ -7,9 +8,25 @@ from types import SimpleNamespace
 import pytest
 
 from model import GPT, GPTConfig, ScalarModel
-from ppo import (AdaptiveKLController, FixedKLController, PPOConfig, advantages_and_returns, compute_rewards,
-                 explained_variance, fresh_value_model, gae, grpo_advantages, iteration_prompts, k3_kl,
-                 leave_one_out, policy_loss, rloo_advantages, shaped_score, train_ppo, whiten)
+from ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    advantages_and_returns,
+    compute_rewards,
+    explained_variance,
+    fresh_value_model,
+    gae,
+    grpo_advantages,
+    iteration_prompts,
+    k3_kl,
+    leave_one_out,
+    policy_loss,
+    rloo_advantages,
+    shaped_score,
+    train_ppo,
+    whiten,
+)
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):
@@ -43,7 +60,10 @@ def test_gae_matches_reference_loop_with_padding():
 
 
 def test_rewards_put_score_on_last_real_token():
-    logprobs, ref = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]]), torch.tensor([[-1.5, -2.0, -1.0], [-2.0, -1.0, 0.0]])
+    logprobs, ref = (
+        torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]]),
+        torch.tensor([[-1.5, -2.0, -1.0], [-2.0, -1.0, 0.0]]),
+    )
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     rewards, kl = compute_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, mask, kl_coef=0.1)
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -2.0], [1.0, 0.0, 0.0]]))
@@ -97,6 +117,7 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
     from model import GPT, GPTConfig
     from model import ScalarModel
     from types import SimpleNamespace
+
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=16, n_layer=2, n_head=2, n_embd=32)
     policy = GPT(config)
@@ -108,11 +129,31 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
         return ((response == 5).float() * response_mask).sum(1) / response_mask.sum(1)
 
     prompts = [[1, 2, 3], [4, 6], [7, 8, 9, 10]] * 10
-    cfg = PPOConfig(iterations=25, batch_size=32, minibatch_size=8, epochs=4, lr=3e-3, init_kl_coef=0.02,
-                    target_kl=3.0, kl_horizon=10000, missing_eos_penalty=0.0)
+    cfg = PPOConfig(
+        iterations=25,
+        batch_size=32,
+        minibatch_size=8,
+        epochs=4,
+        lr=3e-3,
+        init_kl_coef=0.02,
+        target_kl=3.0,
+        kl_horizon=10000,
+        missing_eos_penalty=0.0,
+    )
     sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=12, grad_clip=1.0)
-    history = train_ppo(policy, ref, value, score_fn, prompts, cfg, sampling, eot=15, device="cpu", out_dir=tmp_path,
-                        log=lambda *a: None)
+    history = train_ppo(
+        policy,
+        ref,
+        value,
+        score_fn,
+        prompts,
+        cfg,
+        sampling,
+        eot=15,
+        device="cpu",
+        out_dir=tmp_path,
+        log=lambda *a: None,
+    )
     start = sum(h["objective/scores"] for h in history[:3]) / 3
     end = sum(h["objective/scores"] for h in history[-3:]) / 3
     print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['objective/kl']:.2f}")
@@ -130,14 +171,22 @@ def test_leave_one_out_baseline_and_rloo_advantages():
     # RLOO: the answer's summed reward minus the other answers' mean, on every real token
     rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert torch.allclose(rloo_advantages(rewards, mask, 2), torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]]))
+    assert torch.allclose(
+        rloo_advantages(rewards, mask, 2), torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]])
+    )
 
 
 def rollout_batch(score, logprobs, ref_logprobs):
     """A rollout batch as train_ppo's rollout returns it: every answer ended, every token real."""
     mask = torch.ones_like(logprobs)
-    return dict(score=torch.tensor(score), ended=torch.ones(len(score), dtype=torch.bool), mask=mask,
-                logprobs=logprobs, ref_logprobs=ref_logprobs, values=torch.zeros_like(logprobs))
+    return dict(
+        score=torch.tensor(score),
+        ended=torch.ones(len(score), dtype=torch.bool),
+        mask=mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=torch.zeros_like(logprobs),
+    )
 
 
 def test_rloo_subtracts_the_baseline_once_on_the_combined_path():
@@ -145,11 +194,17 @@ def test_rloo_subtracts_the_baseline_once_on_the_combined_path():
     not the twice-subtracted [4/3, -4/9, ...]; the KL term keeps its kl_coef against the score."""
     cfg = PPOConfig(advantage="rloo", rollouts_per_prompt=4, missing_eos_penalty=0.0)
     zeros = torch.zeros(4, 2)
-    _, _, advantages, returns, _ = advantages_and_returns(rollout_batch([1.0, 0, 0, 0], zeros, zeros), cfg, 0.05)
+    _, _, advantages, returns, _ = advantages_and_returns(
+        rollout_batch([1.0, 0, 0, 0], zeros, zeros), cfg, 0.05
+    )
     assert returns is None
     assert torch.allclose(advantages[:, 0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
-    logprobs = torch.tensor([[1.0, 1.0], [0, 0], [0, 0], [0, 0]])  # answer 0: KL 2 nats more than the others
-    _, _, advantages, _, _ = advantages_and_returns(rollout_batch([0.0] * 4, logprobs, zeros), cfg, 0.5)
+    logprobs = torch.tensor(
+        [[1.0, 1.0], [0, 0], [0, 0], [0, 0]]
+    )  # answer 0: KL 2 nats more than the others
+    _, _, advantages, _, _ = advantages_and_returns(
+        rollout_batch([0.0] * 4, logprobs, zeros), cfg, 0.5
+    )
     assert torch.allclose(advantages[:, 0], torch.tensor([-1.0, 1 / 3, 1 / 3, 1 / 3]))
 
 
@@ -162,8 +217,11 @@ def test_grpo_normalises_within_the_group_and_keeps_the_kl_out_of_the_advantage(
     cfg = PPOConfig(advantage="grpo", rollouts_per_prompt=4, missing_eos_penalty=0.0)
     logprobs = torch.tensor([[1.0, 1.0]] + [[0.0, 0.0]] * 3)
     _, kl, advantages, _, _ = advantages_and_returns(
-        rollout_batch([1.0, 0, 0, 0], logprobs, torch.zeros(4, 2)), cfg, 0.5)
-    assert torch.allclose(advantages[:, 0], adv[:4])  # the KL of answer 0 does not lower its advantage
+        rollout_batch([1.0, 0, 0, 0], logprobs, torch.zeros(4, 2)), cfg, 0.5
+    )
+    assert torch.allclose(
+        advantages[:, 0], adv[:4]
+    )  # the KL of answer 0 does not lower its advantage
     assert kl[0].sum() == 2.0  # but it is measured
     # k3: >= 0, 0 only where the two models agree
     k3 = k3_kl(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -0.5, -2.0]))
@@ -181,7 +239,9 @@ def test_iteration_prompts_come_in_groups():
     prompts = [[i] for i in range(20)]
     cfg = PPOConfig(batch_size=12, rollouts_per_prompt=4)
     chosen = iteration_prompts(prompts, cfg, seed=3, it=5)
-    assert len(chosen) == 12 and all(chosen[g * 4:(g + 1) * 4] == [chosen[g * 4]] * 4 for g in range(3))
+    assert len(chosen) == 12 and all(
+        chosen[g * 4 : (g + 1) * 4] == [chosen[g * 4]] * 4 for g in range(3)
+    )
     assert len({tuple(p) for p in chosen}) == 3
     assert chosen == iteration_prompts(prompts, cfg, seed=3, it=5)  # resumable: a pure function
 
@@ -189,7 +249,9 @@ def test_iteration_prompts_come_in_groups():
 # -----------------------------------------------------------------------------
 # Learning behaviour on toy policies (slow): the default settings, with a learning rate for a toy model
 
-TOY_LR = 3e-3  # a 2-layer, 32-wide random model needs larger steps than a trained one (default 2e-5)
+TOY_LR = (
+    3e-3  # a 2-layer, 32-wide random model needs larger steps than a trained one (default 2e-5)
+)
 EOT, TARGET = 15, 5
 
 
@@ -205,10 +267,14 @@ def toy(tmp_path, long_answers=False, seed=0):
             m.lm_head.bias.data[EOT] = -30.0
     ref.load_state_dict(policy.state_dict())
     rm = ScalarModel(GPT(config))
-    torch.nn.init.normal_(rm.head.weight, std=1.0)  # a trained head's raw scale, far from the score's
+    torch.nn.init.normal_(
+        rm.head.weight, std=1.0
+    )  # a trained head's raw scale, far from the score's
     rm.save(tmp_path / "rm.pt")
     value = fresh_value_model(tmp_path / "rm.pt", "cpu")
-    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=60 if long_answers else 12, grad_clip=1.0)
+    sampling = SimpleNamespace(
+        seed=1, temperature=1.0, max_answer_tokens=60 if long_answers else 12, grad_clip=1.0
+    )
     return policy, ref, value, sampling
 
 
@@ -217,8 +283,19 @@ TOY_PROMPTS = [[1, 2, 3], [4, 6], [7, 8, 9, 10], [11, 12]] * 10
 
 def run(tmp_path, policy, ref, value, sampling, score_fn, **overrides):
     cfg = replace(PPOConfig(lr=TOY_LR, missing_eos_penalty=0.0), **overrides)
-    return train_ppo(policy, ref, value, score_fn, TOY_PROMPTS, cfg, sampling, eot=EOT, device="cpu",
-                     out_dir=tmp_path / "ppo", log=lambda *a: None)
+    return train_ppo(
+        policy,
+        ref,
+        value,
+        score_fn,
+        TOY_PROMPTS,
+        cfg,
+        sampling,
+        eot=EOT,
+        device="cpu",
+        out_dir=tmp_path / "ppo",
+        log=lambda *a: None,
+    )
 
 
 @torch.no_grad()
@@ -233,8 +310,18 @@ def test_ppo_without_reward_stays_at_the_reference(tmp_path):
     """Score fixed at 0: nothing to learn, so the policy must not drift (the critic's noise, whitened to
     full-size steps, once moved it 6 nats in 3 updates)."""
     policy, ref, value, sampling = toy(tmp_path)
-    history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: torch.zeros(len(r)), iterations=10)
-    assert max(h["objective/kl"] for h in history) < 0.5, [round(h["objective/kl"], 3) for h in history]
+    history = run(
+        tmp_path,
+        policy,
+        ref,
+        value,
+        sampling,
+        lambda q, qm, r, rm: torch.zeros(len(r)),
+        iterations=10,
+    )
+    assert max(h["objective/kl"] for h in history) < 0.5, [
+        round(h["objective/kl"], 3) for h in history
+    ]
 
 
 @pytest.mark.slow
@@ -242,7 +329,9 @@ def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
     """Only the first of 60 answer tokens decides the score; the score must reach it (GAE lam = 1)."""
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
     before = p_first_token(policy, TARGET)
-    history = run(tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: (r[:, 0] == TARGET).float())
+    history = run(
+        tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: (r[:, 0] == TARGET).float()
+    )
     assert min(h["completions/mean_length"] for h in history) >= 50
     after = p_first_token(policy, TARGET)
     print(f"\nP(first token rewarded) {before:.3f} -> {after:.3f} in {len(history)} iterations")
@@ -258,11 +347,17 @@ def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path)
     with torch.no_grad():
         assert value(torch.tensor([[1, 2, 3]]), torch.ones(1, 3)).abs().max() == 0
     score_fn = lambda q, qm, r, rm: (r[:, 0] == TARGET).float() * 2.0
-    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=4, critic_warmup=4, vf_lr=1e-2)
-    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in start.items())  # the policy waited
+    history = run(
+        tmp_path, policy, ref, value, sampling, score_fn, iterations=4, critic_warmup=4, vf_lr=1e-2
+    )
+    assert all(
+        torch.equal(v, policy.state_dict()[k]) for k, v in start.items()
+    )  # the policy waited
     assert [h["phase"] for h in history] == ["critic warm-up"] * 4
     # one more iteration (resumed from the checkpoint): its explained variance is measured on its fresh
     # rollout, i.e. the critic as the warm-up left it
-    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2)
+    history = run(
+        tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2
+    )
     assert [h["phase"] for h in history][-1] == "ppo"
     assert history[-1]["val/explained_variance"] > 0, [h["val/explained_variance"] for h in history]

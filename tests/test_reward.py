@@ -1,5 +1,6 @@
 """AI feedback against a real OpenAI-compatible HTTP server on 127.0.0.1, the rules judge on
 hand-written answers, and the reward model's ability to learn a ranking."""
+
 import json
 import multiprocessing
 import os
@@ -29,7 +30,9 @@ def server():
 
 def judge(server, tmp_path, **kw):
     kw = dict(dict(timeout=1.0, backoff=0.01, max_retries=3), **kw)
-    return OpenAIJudge("gpt-3.5-turbo", server.url, cache_file=tmp_path / "cache.jsonl", api_key="k", **kw)
+    return OpenAIJudge(
+        "gpt-3.5-turbo", server.url, cache_file=tmp_path / "cache.jsonl", api_key="k", **kw
+    )
 
 
 def test_logprobs_give_p_yes(server, tmp_path):
@@ -53,12 +56,15 @@ def test_429_then_success_retries(server, tmp_path):
 
 def test_persistent_500_gives_up_and_leaves_the_answer_unjudged(server, tmp_path, records):
     from reward import JudgeFailed
+
     server.default = "500"
     j = judge(server, tmp_path, max_retries=2)
     samples = [Sample(0, 0, "policy", [], [], prepare.format_answer(records[0].sections))]
     with pytest.raises(JudgeFailed, match="1 of 1 have no score.*gave up after 3 attempts"):
         judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
-    assert len(server.requests) == 3  # 1 + 2 retries of the first question; the others are not asked
+    assert (
+        len(server.requests) == 3
+    )  # 1 + 2 retries of the first question; the others are not asked
     assert not (tmp_path / "fb.jsonl").exists()  # nothing written for it: a rerun judges it again
 
 
@@ -85,7 +91,9 @@ def test_cache_means_never_paying_twice(server, tmp_path):
 def _judge_forever(url, cache, out, n):
     recs = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
     j = OpenAIJudge("gpt-3.5-turbo", url, cache_file=cache, api_key="k", timeout=2, backoff=0.01)
-    samples = [Sample(i, i, "policy", [], [], prepare.format_answer(recs[i].sections)) for i in range(n)]
+    samples = [
+        Sample(i, i, "policy", [], [], prepare.format_answer(recs[i].sections)) for i in range(n)
+    ]
     judge_answers(j, samples, recs, out, concurrency=2, log=lambda *a: None)
 
 
@@ -93,7 +101,9 @@ def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
     server = FakeOpenAI(delay=0.02)
     try:
         n, cache, out = 12, tmp_path / "cache.jsonl", tmp_path / "fb.jsonl"
-        child = multiprocessing.get_context("fork").Process(target=_judge_forever, args=(server.url, cache, out, n))
+        child = multiprocessing.get_context("fork").Process(
+            target=_judge_forever, args=(server.url, cache, out, n)
+        )
         child.start()
         deadline = time.time() + 60
         while (not out.exists() or len(out.read_text().splitlines()) < 4) and child.is_alive():
@@ -109,26 +119,46 @@ def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
         assert sorted(ids) == list(range(n))  # every judgement present exactly once
         keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == n * len(QUESTIONS)
-        assert len(server.requests) <= n * len(QUESTIONS) + 2  # at most the in-flight ones asked again
+        assert (
+            len(server.requests) <= n * len(QUESTIONS) + 2
+        )  # at most the in-flight ones asked again
     finally:
         server.close()
 
 
 def test_rules_judge_on_hand_written_answers(records):
-    r = next(x for x in records if x.api_data.get("api_call") == "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
-    right = (" <<<domain>>>: Natural Language Processing Sentence Similarity\n"
-             "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
-             "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
-             "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
-    hallucinated = right.replace("princeton-nlp/unsup-simcse-roberta-base", "princeton-nlp/made-up-model")
-    wrong_domain = (" <<<domain>>>: Computer Vision Depth Estimation\n"
-                    "<<<api_call>>>: pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')\n"
-                    "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import pipeline\n"
-                    "p = pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')")
+    r = next(
+        x
+        for x in records
+        if x.api_data.get("api_call")
+        == "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
+    )
+    right = (
+        " <<<domain>>>: Natural Language Processing Sentence Similarity\n"
+        "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
+    )
+    hallucinated = right.replace(
+        "princeton-nlp/unsup-simcse-roberta-base", "princeton-nlp/made-up-model"
+    )
+    wrong_domain = (
+        " <<<domain>>>: Computer Vision Depth Estimation\n"
+        "<<<api_call>>>: pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import pipeline\n"
+        "p = pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')"
+    )
     syntax_error = right.replace("model = AutoModel", "model = = AutoModel")
     j = RulesJudge()
     a = j.answers(r, right)
-    assert a == dict(domain_right=1, api_exists=1, api_fits_task=1, arguments_right=1, code_valid=1, code_uses_api=1)
+    assert a == dict(
+        domain_right=1,
+        api_exists=1,
+        api_fits_task=1,
+        arguments_right=1,
+        code_valid=1,
+        code_uses_api=1,
+    )
     assert combine(a) == pytest.approx(1.0)
     a = j.answers(r, hallucinated)
     assert a["api_exists"] == 0 and a["api_fits_task"] == 0
@@ -136,12 +166,20 @@ def test_rules_judge_on_hand_written_answers(records):
     a = j.answers(r, wrong_domain)
     # a real, runnable API for another task: more than garbage, well below the right API
     assert a["domain_right"] == 0 and combine(a) == pytest.approx(0.5)
-    assert a["api_exists"] == 1 and a["api_fits_task"] == 0 and a["arguments_right"] == 0 and a["code_uses_api"] == 1
+    assert (
+        a["api_exists"] == 1
+        and a["api_fits_task"] == 0
+        and a["arguments_right"] == 0
+        and a["code_uses_api"] == 1
+    )
     a = j.answers(r, syntax_error)
     assert a["api_exists"] == 1 and a["code_valid"] == 0
     # Gorilla's lenient AST match accepts an invented model id beside a documented task; the judge does not
-    gamed = right.replace("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')",
-                          "pipeline('text-generation', model='laion/ner-base-base-base')", 1)
+    gamed = right.replace(
+        "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')",
+        "pipeline('text-generation', model='laion/ner-base-base-base')",
+        1,
+    )
     assert j.db.match("pipeline('text-generation', model='laion/ner-base-base-base')") is not None
     assert j.answers(r, gamed)["api_exists"] == 0
 
@@ -152,6 +190,7 @@ def test_reward_model_learns_a_ranking(tmp_path):
     from model import GPT, GPTConfig
     from model import ScalarModel
     from reward import RMConfig, train_reward_model, normalise
+
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
     g = torch.Generator().manual_seed(0)
@@ -166,11 +205,23 @@ def test_reward_model_learns_a_ranking(tmp_path):
 
     class Tok:
         eot = 63
-    metrics = train_reward_model(rm, samples, feedback, Tok, RMConfig(epochs=6, lr=1e-3, batch_size=16,
-                                 heldout_fraction=0.2), 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=lambda *a: None)
+
+    metrics = train_reward_model(
+        rm,
+        samples,
+        feedback,
+        Tok,
+        RMConfig(epochs=6, lr=1e-3, batch_size=16, heldout_fraction=0.2),
+        1,
+        1.0,
+        "cpu",
+        tmp_path / "ckpt.pt",
+        log=lambda *a: None,
+    )
     assert metrics["heldout_pairwise_accuracy"] > 0.9, metrics
     normalise(rm, samples, list(samples), Tok, "cpu")
     from reward import rm_scores
+
     r = rm_scores(rm, samples, list(samples), Tok, "cpu")
     assert abs(r.mean().item()) < 1e-4 and abs(r.std().item() - 1) < 1e-3
 
@@ -180,15 +231,26 @@ def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
     import torch.nn.functional as F
     from model import GPT, GPTConfig, ScalarModel
     from reward import comparisons_loss, rm_batch
+
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
     g = torch.Generator().manual_seed(1)
-    samples = {i: Sample(i, 0, "policy", [1, 2, 3 + i % 2], torch.randint(5, 60, (3 + i,), generator=g).tolist() + [63], "")
-               for i in range(6)}
+    samples = {
+        i: Sample(
+            i,
+            0,
+            "policy",
+            [1, 2, 3 + i % 2],
+            torch.randint(5, 60, (3 + i,), generator=g).tolist() + [63],
+            "",
+        )
+        for i in range(6)
+    }
     pairs = [(0, 1), (0, 2), (2, 1), (3, 4), (5, 4), (3, 5), (0, 4)]
 
     class Tok:
         eot = 63
+
     loss = comparisons_loss(rm, samples, pairs, Tok, "cpu")
     loss.backward()
     grads = [p.grad.clone() for p in rm.parameters()]
@@ -218,12 +280,21 @@ def test_judge_accepts_the_reference_answers(records):
 def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
     from reward import make_pairs
     import random
+
     fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.5, 0.9, 0.5])]
-    fb += [Feedback(10 + i, 0, src, "test", {}, s) for i, (src, s) in
-           enumerate([("reference", 1.0), ("mismatched", 0.0), ("no_code", 0.2)])]
+    fb += [
+        Feedback(10 + i, 0, src, "test", {}, s)
+        for i, (src, s) in enumerate([("reference", 1.0), ("mismatched", 0.0), ("no_code", 0.2)])
+    ]
     pairs = make_pairs(fb, 2, random.Random(0))
     own = {p for p in pairs if p[0] < 10 and p[1] < 10}
-    assert own == {(1, 0), (2, 0), (3, 0), (2, 1), (2, 3)}  # all five ordered policy pairs; the tie is dropped
+    assert own == {
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (2, 1),
+        (2, 3),
+    }  # all five ordered policy pairs; the tie is dropped
     assert len(pairs) == len(own) + 2
     assert all(fb_by_id_score(fb, a) > fb_by_id_score(fb, b) for a, b in pairs)
 
@@ -231,10 +302,13 @@ def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
 def test_another_domains_answer_is_compared_only_with_the_prompts_reference():
     from reward import make_pairs
     import random
+
     # It outscores every policy answer and the no-code one (its code runs), yet only loses to the reference.
     fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.3])]
-    fb += [Feedback(10 + i, 0, src, "test", {}, s) for i, (src, s) in
-           enumerate([("reference", 0.9), ("mismatched", 0.4), ("no_code", 0.05)])]
+    fb += [
+        Feedback(10 + i, 0, src, "test", {}, s)
+        for i, (src, s) in enumerate([("reference", 0.9), ("mismatched", 0.4), ("no_code", 0.05)])
+    ]
     pairs = make_pairs(fb, 100, random.Random(0))
     assert [p for p in pairs if 11 in p] == [(10, 11)]
     assert {(10, 0), (10, 1), (10, 12), (0, 12), (1, 12), (1, 0)} <= set(pairs)
@@ -248,6 +322,7 @@ def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(se
     """Each request costs 100 + 1 tokens at gpt-3.5-turbo's price ($0.0000515); a cap of $0.0003 allows
     five. Past that the judge refuses before sending; a new judge with the same cache pays for nothing it has."""
     from reward import JudgeBudgetExceeded
+
     j = judge(server, tmp_path, max_usd=0.0003)
     answered = []
     with pytest.raises(JudgeBudgetExceeded):
@@ -261,14 +336,22 @@ def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(se
     assert len(server.requests) == len(answered)  # all from the cache
 
 
-def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(server, tmp_path, records):
+def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(
+    server, tmp_path, records
+):
     import rlaif
     from reward import feedback_stage
     from runs import write_rows
+
     run = tmp_path / "run"
     train = prepare.offline_splits(records)["train"]
-    write_rows(run / "sample" / "samples.jsonl", [Sample(i, i, "policy", [1], [2], prepare.format_answer(train[i].sections))
-                                                  for i in range(5)])
+    write_rows(
+        run / "sample" / "samples.jsonl",
+        [
+            Sample(i, i, "policy", [1], [2], prepare.format_answer(train[i].sections))
+            for i in range(5)
+        ],
+    )
     cfg = rlaif.make_config(judge="openai", judge_base_url=server.url, judge_max_usd=0.0001)
     os.environ.setdefault("OPENAI_API_KEY", "k")
     with pytest.raises(SystemExit, match="passes --judge-max-usd"):
@@ -281,32 +364,64 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
     once each, then one held-out row."""
     from model import GPT, GPTConfig, ScalarModel
     from reward import RMConfig, train_reward_model
+
     g = torch.Generator().manual_seed(0)
-    samples = {k: Sample(k, k // 4, "policy", [1, 2, 3], torch.randint(10, 60, (6,), generator=g).tolist() + [63], "")
-               for k in range(400)}
+    samples = {
+        k: Sample(
+            k,
+            k // 4,
+            "policy",
+            [1, 2, 3],
+            torch.randint(10, 60, (6,), generator=g).tolist() + [63],
+            "",
+        )
+        for k in range(400)
+    }
     feedback = [Feedback(k, k // 4, "policy", "test", {}, float(k % 4)) for k in samples]
 
     class Tok:
         eot = 63
+
     cfg = RMConfig(epochs=1, lr=1e-3, batch_size=8, heldout_fraction=0.2)
-    make = lambda: ScalarModel(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    make = lambda: ScalarModel(
+        GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    )
 
     def crash_at_40(msg):
         if msg.startswith("[reward] step 40/"):
             raise RuntimeError("killed")
+
     with pytest.raises(RuntimeError):
-        train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=crash_at_40)
+        train_reward_model(
+            make(),
+            samples,
+            feedback,
+            Tok,
+            cfg,
+            1,
+            1.0,
+            "cpu",
+            tmp_path / "ckpt.pt",
+            log=crash_at_40,
+        )
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))  # as checkpointed
     said = []
-    metrics = train_reward_model(make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt",
-                                 log=said.append)
+    metrics = train_reward_model(
+        make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=said.append
+    )
     assert "[reward] resumed at step 20" in said
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows[:-1] if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
-    measured = [r["step"] for r in rows if "heldout/pairs" in r]  # every eval_every steps, each once
-    assert measured == sorted(set(measured)) and measured[:2] == [0, cfg.eval_every] and measured[-1] == steps[-1]
+    measured = [
+        r["step"] for r in rows if "heldout/pairs" in r
+    ]  # every eval_every steps, each once
+    assert (
+        measured == sorted(set(measured))
+        and measured[:2] == [0, cfg.eval_every]
+        and measured[-1] == steps[-1]
+    )
     assert rows[-1]["heldout_pairwise_accuracy"] == metrics["heldout_pairwise_accuracy"]
     assert {"loss", "accuracy", "lr"} <= set(rows[1])
 
@@ -318,11 +433,15 @@ def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_i
 
     class GaveUp:
         def answers(self, record, answer):
-            return dict({k: 1.0 for k, _, _ in QUESTIONS[1:]}, **{QUESTIONS[0][0]: None, "error": "HTTP 503"})
+            return dict(
+                {k: 1.0 for k, _, _ in QUESTIONS[1:]},
+                **{QUESTIONS[0][0]: None, "error": "HTTP 503"},
+            )
 
     class Fine:
         def answers(self, record, answer):
             return {k: 1.0 for k, _, _ in QUESTIONS}
+
     assert abs(judge_score(Fine(), None, "") - 1.0) < 1e-9
     with pytest.raises(JudgeError, match="HTTP 503"):
         judge_score(GaveUp(), None, "")
@@ -336,17 +455,22 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
     import json
     from model import GPT, GPTConfig, ScalarModel, make_optimizer, pad_pairs, response_logprobs
     from reward import RMConfig, pair_accuracy, policy_pairs, split_prompts, train_reward_model
+
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     samples, feedback = {}, []
-    for k in range(480):  # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
+    for k in range(
+        480
+    ):  # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
         good = k % 4 < 2
         response = [5 if good else 6] + torch.randint(10, 60, (6,), generator=g).tolist() + [63]
         samples[k] = Sample(k, k // 4, "policy", [1 + (k // 4) % 3, 2, 3], response, "")
         feedback.append(Feedback(k, k // 4, "policy", "test", {}, float(good) + 0.01 * (k % 2)))
     lm = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
     opt = make_optimizer(lm, 3e-3)
-    good_batch = pad_pairs([(samples[k].query, samples[k].response) for k in samples if k % 4 < 1][:64], 63)
+    good_batch = pad_pairs(
+        [(samples[k].query, samples[k].response) for k in samples if k % 4 < 1][:64], 63
+    )
     for _ in range(30):  # "SFT" on a few of the better answers
         (-response_logprobs(lm, *good_batch).sum(1).mean()).backward()
         opt.step()
@@ -354,16 +478,33 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
 
     class Tok:
         eot = 63
-    cfg = RMConfig(epochs=4, lr=1e-3, batch_size=16, heldout_fraction=0.2, val_fraction=0.2, eval_every=10)
+
+    cfg = RMConfig(
+        epochs=4, lr=1e-3, batch_size=16, heldout_fraction=0.2, val_fraction=0.2, eval_every=10
+    )
     heldout, _, rng = split_prompts(feedback, cfg, 1)
     _, pairs = policy_pairs(feedback, heldout, rng)
     with torch.no_grad():
-        lp = response_logprobs(lm, *pad_pairs([(s.query, s.response) for s in samples.values()], 63))
+        lp = response_logprobs(
+            lm, *pad_pairs([(s.query, s.response) for s in samples.values()], 63)
+        )
     by_id = {f.id: f for f in feedback}
-    likelihood = pair_accuracy(dict(zip(samples, lp.sum(1).tolist())), by_id, pairs, "lp")["lp/accuracy"]
+    likelihood = pair_accuracy(dict(zip(samples, lp.sum(1).tolist())), by_id, pairs, "lp")[
+        "lp/accuracy"
+    ]
     assert likelihood > 0.6  # the starting network already ranks the pairs
-    metrics = train_reward_model(ScalarModel(lm, 0), samples, feedback, Tok, cfg, 1, 1.0, "cpu",
-                                 tmp_path / "ckpt.pt", log=lambda *a: None)
+    metrics = train_reward_model(
+        ScalarModel(lm, 0),
+        samples,
+        feedback,
+        Tok,
+        cfg,
+        1,
+        1.0,
+        "cpu",
+        tmp_path / "ckpt.pt",
+        log=lambda *a: None,
+    )
     assert metrics["heldout_pairwise_accuracy"] >= likelihood, (metrics, likelihood)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in rows if "val/accuracy" in r and r["step"] > 0]  # step 0's head is random
@@ -372,18 +513,27 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
 
 def test_tool_report_says_what_the_database_and_the_parser_know():
     from reward import APIDatabase, tool_report
+
     db = APIDatabase()
-    right = (" <<<domain>>>: Natural Language Processing Sentence Similarity\n"
-             "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
-             "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
-             "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
+    right = (
+        " <<<domain>>>: Natural Language Processing Sentence Similarity\n"
+        "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
+    )
     report = tool_report(right, db)
     assert "code parses yes" in report and "unknown model ids 0" in report
-    entry = db.apis[db.match("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")]
+    entry = db.apis[
+        db.match("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
+    ]
     assert f"API entry: {entry['domain']} | {entry['api_call']}" in report
     invented = tool_report(right.replace("unsup-simcse-roberta-base", "made-up-model"), db)
-    assert "unknown model ids 1" in invented and "API entry: none" in invented  # one id, named twice
-    assert "code parses no" in tool_report(right.replace("model = AutoModel", "model = = AutoModel"), db)
+    assert (
+        "unknown model ids 1" in invented and "API entry: none" in invented
+    )  # one id, named twice
+    assert "code parses no" in tool_report(
+        right.replace("model = AutoModel", "model = = AutoModel"), db
+    )
 
 
 def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tmp_path):
@@ -391,17 +541,30 @@ def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tm
     reward stage and best-of-n), so a rollout is scored as its twin sample was during training."""
     from model import GPT, GPTConfig, ScalarModel, pad_pairs
     from reward import APIDatabase, load_reward_model, reading_reports, rm_scores
+
     tok = prepare.tokenizer(True)
     torch.manual_seed(0)
-    rm = ScalarModel(GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)))
+    rm = ScalarModel(
+        GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
+    )
     torch.nn.init.normal_(rm.head.weight)
     rm.save(tmp_path / "rm.pt", tools=True)
-    answers = [" <<<domain>>>: Multimodal\n<<<api_call>>>: pipeline('summarization')\n<<<code>>>: x = (",
-               " <<<domain>>>: Audio\n<<<api_call>>>: AutoModel.from_pretrained('a/b')\n<<<code>>>: y = 1"]
-    samples = {i: Sample(i, i, "policy", tok.encode("### Instruction: do it"), tok.encode(a) + [tok.eot], a)
-               for i, a in enumerate(answers)}
+    answers = [
+        " <<<domain>>>: Multimodal\n<<<api_call>>>: pipeline('summarization')\n<<<code>>>: x = (",
+        " <<<domain>>>: Audio\n<<<api_call>>>: AutoModel.from_pretrained('a/b')\n<<<code>>>: y = 1",
+    ]
+    samples = {
+        i: Sample(
+            i, i, "policy", tok.encode("### Instruction: do it"), tok.encode(a) + [tok.eot], a
+        )
+        for i, a in enumerate(answers)
+    }
     rm, score_fn = load_reward_model(tmp_path / "rm.pt", tok, "cpu")
     batch = pad_pairs([(s.query, s.response) for s in samples.values()], tok.eot)
-    trained_on = rm_scores(rm, reading_reports(samples, tok, APIDatabase()), list(samples), tok, "cpu")
+    trained_on = rm_scores(
+        rm, reading_reports(samples, tok, APIDatabase()), list(samples), tok, "cpu"
+    )
     assert torch.allclose(score_fn(*batch), trained_on, atol=1e-5)
-    assert not torch.allclose(rm.score(*batch), trained_on, atol=1e-3)  # the report changes the score
+    assert not torch.allclose(
+        rm.score(*batch), trained_on, atol=1e-3
+    )  # the report changes the score

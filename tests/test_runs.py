@@ -1,5 +1,6 @@
 """Run directories (runs.py): the config a run records and reads back, the typed rows, metrics files and
 their TensorBoard mirror."""
+
 import json
 from dataclasses import asdict
 
@@ -19,7 +20,9 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
     assert type(back) is runs.Config and isinstance(back.ppo, PPOConfig) and back == cfg
     assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
-    partial = runs.load_config(tmp_path, ppo=PPOConfig)  # a section whose class is not given stays as recorded
+    partial = runs.load_config(
+        tmp_path, ppo=PPOConfig
+    )  # a section whose class is not given stays as recorded
     assert partial.rm == asdict(cfg.rm)
 
 
@@ -33,13 +36,22 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
     rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(SystemExit) as e:
-        rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-margin", "2",
-                                                "--best-of-n", "3"])[0], None)
+        rlaif.prepare_run_dir(
+            rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-margin", "2", "--best-of-n", "3"])[
+                0
+            ],
+            None,
+        )
     assert "best_of_n: 8 -> 3" in str(e.value) and "rm.margin: 0.0 -> 2.0" in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, needle", [({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
-                                               ({"no_such": 1}, "no setting 'no_such'")])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"ppo_no_such": 1}, "ppo has no setting 'no_such'"),
+        ({"no_such": 1}, "no setting 'no_such'"),
+    ],
+)
 def test_an_unknown_setting_is_named(overrides, needle):
     with pytest.raises(SystemExit, match=needle):
         runs.apply_overrides(rlaif.make_config(), overrides)
@@ -52,7 +64,10 @@ def test_a_config_of_another_version_names_its_file(tmp_path):
 
 
 def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
-    rows = [runs.Sample(0, 3, "policy", [1, 2], [5, 63], "x"), runs.Sample(1, 3, "reference", [1, 2], [6, 63], "y")]
+    rows = [
+        runs.Sample(0, 3, "policy", [1, 2], [5, 63], "x"),
+        runs.Sample(1, 3, "reference", [1, 2], [6, 63], "y"),
+    ]
     runs.write_rows(tmp_path / "samples.jsonl", rows)
     assert runs.read_rows(tmp_path / "samples.jsonl", runs.Sample) == rows
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
@@ -60,7 +75,10 @@ def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
     del broken["response"]
     broken["extra"] = 1
     (tmp_path / "samples.jsonl").write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
-    with pytest.raises(SystemExit, match=r"samples.jsonl:2: not a Sample row \(missing \['response'\], unknown \['extra'\]\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"samples.jsonl:2: not a Sample row \(missing \['response'\], unknown \['extra'\]\)",
+    ):
         runs.read_rows(tmp_path / "samples.jsonl", runs.Sample)
 
 
@@ -70,17 +88,23 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import runs
+
     runs.open_tensorboard(tmp_path / "tb")
     try:
         rows = [dict(iteration=i, score=0.1 * i, kl=float(i), phase="ppo") for i in range(1, 4)]
         runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows[:2])
-        runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows)  # the next checkpoint: one new row
+        runs.write_metrics(
+            tmp_path / "ppo" / "metrics.jsonl", rows
+        )  # the next checkpoint: one new row
         runs.tensorboard_text("ppo/samples", "| a | b |", 3)
         runs.write_metrics(tmp_path / "compare" / "rloo" / "metrics.jsonl", rows[:1])
     finally:
         runs.TensorBoard.writer.close()
         runs.TensorBoard.writer = None
-    assert [json.loads(l)["iteration"] for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [
+        json.loads(l)["iteration"]
+        for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2, 3]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("ppo/score")] == [1, 2, 3]
@@ -91,6 +115,9 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
 def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
     import sys
     import runs
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", None
+    )  # import fails as if not installed
     with pytest.raises(SystemExit, match="pip install tensorboard"):
         runs.open_tensorboard("unused")

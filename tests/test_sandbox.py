@@ -1,6 +1,7 @@
 """The sandbox's isolation, tried the way an escaping snippet would: each payload is benign (a marker
 file, a changed canary, a signal to a dummy process, a packet to a loopback listener) and each must fail.
 The isolation is the operating system's (namespaces, read-only mounts, uid 65534), not Python's."""
+
 import os
 import socket
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 from sandbox import Sandbox, isolation_available
 
-pytestmark = pytest.mark.skipif(isolation_available() is not None, reason="no OS-level isolation here")
+pytestmark = pytest.mark.skipif(
+    isolation_available() is not None, reason="no OS-level isolation here"
+)
 
 ESCAPES = {
     "posixsubprocess fork_exec": "import _posixsubprocess, os\n_posixsubprocess.fork_exec(['/bin/sh', '-c', 'echo x > {marker}'], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, False, None, None, None, -1, None, False)",
@@ -100,15 +103,26 @@ def test_escape_attempts_are_contained(tmp_path, monkeypatch):
     os.chmod(canary, 0o644)
     before = os.stat(canary)
     marker = host / "marker"
-    dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    dummy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
     listener = Listener(tmp_path)
     secret = "s3cret-value-42"
     monkeypatch.setenv("RLAIF_TEST_SECRET", secret)
     project_file = Path(__file__).resolve().parent.parent / "sandbox.py"
     project_before = project_file.read_bytes()
-    fields = dict(marker=str(marker), marker_name=marker.name, canary=str(canary), canary_dir=str(host),
-                  dummy_pid=dummy.pid, udp_port=listener.udp.getsockname()[1], tcp_port=listener.tcp.getsockname()[1],
-                  unix_path=listener.unix_path, secret=secret, project_file=str(project_file))
+    fields = dict(
+        marker=str(marker),
+        marker_name=marker.name,
+        canary=str(canary),
+        canary_dir=str(host),
+        dummy_pid=dummy.pid,
+        udp_port=listener.udp.getsockname()[1],
+        tcp_port=listener.tcp.getsockname()[1],
+        unix_path=listener.unix_path,
+        secret=secret,
+        project_file=str(project_file),
+    )
     try:
         verdicts = Sandbox(timeout=3).run_all([c.format(**fields) for c in ESCAPES.values()])
         time.sleep(5)  # anything that outlived its sandbox would act now
@@ -124,8 +138,12 @@ def test_escape_attempts_are_contained(tmp_path, monkeypatch):
         assert project_file.read_bytes() == project_before
         results = dict(zip(ESCAPES, verdicts))
         assert all("FOUND" not in detail for _, detail in results.values()), results
-        assert results["immutable file in workdir"][0] != "crashed", results["immutable file in workdir"]
-        leftover = subprocess.run(["pgrep", "-u", "65534"], capture_output=True, text=True).stdout.split()
+        assert results["immutable file in workdir"][0] != "crashed", results[
+            "immutable file in workdir"
+        ]
+        leftover = subprocess.run(
+            ["pgrep", "-u", "65534"], capture_output=True, text=True
+        ).stdout.split()
         assert leftover == [], f"processes of the sandbox uid still alive: {leftover}"
     finally:
         listener.stop = True
@@ -133,15 +151,20 @@ def test_escape_attempts_are_contained(tmp_path, monkeypatch):
 
 
 def test_early_exit_is_not_executable():
-    verdicts = Sandbox(timeout=5).run_all(["import os\nos._exit(0)", "import sys\nsys.exit(0)", "x = 1"])
+    verdicts = Sandbox(timeout=5).run_all(
+        ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "x = 1"]
+    )
     assert [v for v, _ in verdicts] == ["early_exit", "early_exit", "executable"]
 
 
 def test_a_failure_on_our_side_is_one_crashed_verdict(monkeypatch):
     sandbox = Sandbox(timeout=5)
     real = sandbox.run_in
-    monkeypatch.setattr(sandbox, "run_in", lambda c, s: (_ for _ in ()).throw(OSError("boom")) if "boom" in c
-                        else real(c, s))
+    monkeypatch.setattr(
+        sandbox,
+        "run_in",
+        lambda c, s: (_ for _ in ()).throw(OSError("boom")) if "boom" in c else real(c, s),
+    )
     verdicts = sandbox.run_all(["x = 1", "boom = 1", "y = 2"])
     assert [v for v, _ in verdicts] == ["executable", "crashed", "executable"]
 
@@ -153,13 +176,15 @@ def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch
     outside = tmp_path / "outside.txt"
     outside.write_text("original")
     sandbox = Sandbox(offline=False, timeout=180, cache_dir=str(tmp_path / "cache"))
-    codes = ["import torch\nfrom transformers import GPT2Config, GPT2LMHeadModel\n"
-             "m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))\n"
-             "out = m(torch.tensor([[1, 2, 3]]))\nassert out.logits.shape == (1, 3, 50)",
-             f"open({str(outside)!r}, 'a').write('pwned')",
-             "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ\n"
-             "for p in os.listdir('/proc'):\n    try:\n        assert b'real-mode-secret' not in open(f'/proc/{p}/environ', 'rb').read()\n"
-             "    except OSError:\n        pass"]
+    codes = [
+        "import torch\nfrom transformers import GPT2Config, GPT2LMHeadModel\n"
+        "m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))\n"
+        "out = m(torch.tensor([[1, 2, 3]]))\nassert out.logits.shape == (1, 3, 50)",
+        f"open({str(outside)!r}, 'a').write('pwned')",
+        "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ\n"
+        "for p in os.listdir('/proc'):\n    try:\n        assert b'real-mode-secret' not in open(f'/proc/{p}/environ', 'rb').read()\n"
+        "    except OSError:\n        pass",
+    ]
     verdicts = sandbox.run_all(codes)
     assert verdicts[0][0] == "executable", verdicts[0]
     assert verdicts[1][0] != "executable" and outside.read_text() == "original"
@@ -208,12 +233,16 @@ FORK = "import ctypes, os, time\nfork = ctypes.CDLL(None).fork  # libc's, past t
 def test_memory_and_processes_are_the_whole_snippets():
     """Item 12: 4 forks of 200 MB each (every one under the 512 MB address-space limit) and 100
     sleeping forks: each alone fits a per-process limit, the snippet together must not."""
-    memory = FORK + ("for i in range(4):\n    pid = fork()\n    if pid == 0:\n        block = b'x' * (200 << 20)\n"
-                     "        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
-                     "assert all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids)")
-    processes = FORK + ("for i in range(100):\n    pid = fork()\n    if pid == 0:\n        time.sleep(3)\n"
-                        "        os._exit(0)\n    assert pid > 0, 'fork failed'\n    kids.append(pid)\n"
-                        "for p in kids:\n    os.waitpid(p, 0)")
+    memory = FORK + (
+        "for i in range(4):\n    pid = fork()\n    if pid == 0:\n        block = b'x' * (200 << 20)\n"
+        "        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
+        "assert all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids)"
+    )
+    processes = FORK + (
+        "for i in range(100):\n    pid = fork()\n    if pid == 0:\n        time.sleep(3)\n"
+        "        os._exit(0)\n    assert pid > 0, 'fork failed'\n    kids.append(pid)\n"
+        "for p in kids:\n    os.waitpid(p, 0)"
+    )
     verdicts = Sandbox(timeout=20, memory_mb=512).run_all([memory, processes, "x = 1"])
     assert [v for v, _ in verdicts] == ["runtime", "runtime", "executable"], verdicts
 
@@ -243,22 +272,36 @@ def test_no_process_or_scratch_outlives_the_parent(tmp_path):
     looping snippets at once, long before their 20 s timeout, and leaves no scratch folder."""
     tag = f"rlaif{os.getpid() % 10**6}"
     name = f"import ctypes\nctypes.CDLL(None).prctl(15, {tag.encode()!r}, 0, 0, 0)\n"
-    sleeper = name + "import os, time\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\ntime.sleep(60)"
+    sleeper = (
+        name + "import os, time\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\ntime.sleep(60)"
+    )
     looper = name + "while True:\n    pass"
     tmp = Path(tempfile.gettempdir())
     before = set(tmp.glob("rlaif-exec-*"))
-    parent = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                               "from sandbox import Sandbox; Sandbox(timeout=20, workers=2).run_all(sys.argv[2:])",
-                               str(Path(__file__).resolve().parent.parent), sleeper, looper])
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from sandbox import Sandbox; Sandbox(timeout=20, workers=2).run_all(sys.argv[2:])",
+            str(Path(__file__).resolve().parent.parent),
+            sleeper,
+            looper,
+        ]
+    )
     try:
         assert wait_until(lambda: len(tagged(tag)) >= 3, 15), "the snippets did not start"
         parent.kill()
         parent.wait()
-        assert wait_until(lambda: not tagged(tag), 5), f"snippet processes alive 5 s after kill -9: {tagged(tag)}"
+        assert wait_until(lambda: not tagged(tag), 5), (
+            f"snippet processes alive 5 s after kill -9: {tagged(tag)}"
+        )
         assert set(tmp.glob("rlaif-exec-*")) == before, "scratch folders left behind"
         # and with the parent alive: at the time limit every process of the snippet is gone
         Sandbox(timeout=2).run_all([sleeper])
-        assert wait_until(lambda: not tagged(tag), 5), f"snippet processes alive after the timeout: {tagged(tag)}"
+        assert wait_until(lambda: not tagged(tag), 5), (
+            f"snippet processes alive after the timeout: {tagged(tag)}"
+        )
     finally:
         for pid in tagged(tag):  # only the processes this test started
             os.kill(pid, 9)
@@ -267,9 +310,14 @@ def test_no_process_or_scratch_outlives_the_parent(tmp_path):
 def test_without_a_cgroup_the_fallback_is_said_once(monkeypatch, capsys):
     """No usable cgroup (e.g. cgroup v2 not delegated to us): per-process rlimits, said once on stderr."""
     import sandbox
-    monkeypatch.setattr(sandbox.Cgroups, "detect", classmethod(lambda cls, m, p: (None, "none here")))
+
+    monkeypatch.setattr(
+        sandbox.Cgroups, "detect", classmethod(lambda cls, m, p: (None, "none here"))
+    )
     monkeypatch.setattr(sandbox.Cgroups, "warned", False)
-    verdicts = Sandbox(timeout=5).run_all(["x = 1"]) + Sandbox(timeout=5).run_all(["import os\nos._exit(0)"])
+    verdicts = Sandbox(timeout=5).run_all(["x = 1"]) + Sandbox(timeout=5).run_all(
+        ["import os\nos._exit(0)"]
+    )
     assert [v for v, _ in verdicts] == ["executable", "early_exit"]
     assert capsys.readouterr().err.count("no usable cgroup (none here)") == 1
 

@@ -1,5 +1,6 @@
 """The project's shape: imports run one way, every script explains itself, settings are checked before
 any work, and the documentation's command lines are ones the scripts accept."""
+
 import ast
 import functools
 import re
@@ -13,23 +14,48 @@ ROOT = Path(__file__).resolve().parent.parent
 # model <- runs (run directories) <- data (with the sandbox's stand-in libraries) <- sandbox, reward (the
 # judge) <- ppo, dpo, evaluate <- rlaif: a module imports only lower layers (ppo and evaluate ask the judge
 # to score greedy answers, dpo trains on its pairs, evaluate runs code through the sandbox).
-LAYER = {"model": 0, "runs": 1, "data": 2, "sandbox": 3, "reward": 3, "ppo": 4, "dpo": 4, "evaluate": 4, "rlaif": 5}
+LAYER = {
+    "model": 0,
+    "runs": 1,
+    "data": 2,
+    "sandbox": 3,
+    "reward": 3,
+    "ppo": 4,
+    "dpo": 4,
+    "evaluate": 4,
+    "rlaif": 5,
+}
 ALLOWED = set()
-SCRIPTS = ["rlaif.py", "ppo.py", "reward.py", "dpo.py", "evaluate.py", "sandbox.py", "data/gorilla/prepare.py"]
+SCRIPTS = [
+    "rlaif.py",
+    "ppo.py",
+    "reward.py",
+    "dpo.py",
+    "evaluate.py",
+    "sandbox.py",
+    "data/gorilla/prepare.py",
+]
 
 
 def project_imports(path):
     """Top-level project modules that `path` imports, wherever in the file the import statement is."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            else []
+        )
         found |= {n.split(".")[0] for n in names if n.split(".")[0] in LAYER}
     return found
 
 
 def test_imports_run_one_way():
-    modules = [ROOT / f"{m}.py" for m in LAYER if m != "data"] + sorted((ROOT / "data" / "gorilla").glob("*.py"))
+    modules = [ROOT / f"{m}.py" for m in LAYER if m != "data"] + sorted(
+        (ROOT / "data" / "gorilla").glob("*.py")
+    )
     wrong = []
     for path in modules:
         own = "data" if "data" in path.parts[-3:-1] else path.stem
@@ -41,7 +67,9 @@ def test_imports_run_one_way():
 
 @functools.lru_cache(maxsize=None)
 def help_text(script):  # once per script per session: two tests read it
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, (script, out.stderr[-2000:])
     return out.stdout
 
@@ -56,15 +84,28 @@ def test_every_script_answers_help(script):
 
 def test_rlaif_help_shows_each_default():
     text = re.sub(r"\s+", " ", help_text("rlaif.py"))
-    for flag, default in (("--sft-steps", "800"), ("--ppo-init-kl-coef", "0.05"), ("--rm-max-contrast-pairs", "4"),
-                          ("--judge", "rules"), ("--exec-mode", "offline")):
+    for flag, default in (
+        ("--sft-steps", "800"),
+        ("--ppo-init-kl-coef", "0.05"),
+        ("--rm-max-contrast-pairs", "4"),
+        ("--judge", "rules"),
+        ("--exec-mode", "offline"),
+    ):
         assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default), text), flag
 
 
-@pytest.mark.parametrize("argv, needle", [(["--exec-mode", "Offline"], "offline"), (["--judge", "foo"], "rules"),
-                                          (["--no-such-flag"], "unrecognized"), (["--config", "huge"], "paper")])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--exec-mode", "Offline"], "offline"),
+        (["--judge", "foo"], "rules"),
+        (["--no-such-flag"], "unrecognized"),
+        (["--config", "huge"], "paper"),
+    ],
+)
 def test_bad_settings_fail_before_any_work(tmp_path, argv, needle, capsys):
     import rlaif
+
     with pytest.raises(SystemExit) as stop:
         rlaif.main(["--run-dir", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
@@ -75,9 +116,23 @@ def test_bad_settings_fail_before_any_work(tmp_path, argv, needle, capsys):
 def test_unreachable_judge_and_missing_gpu_fail_in_one_message(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    out = subprocess.run([sys.executable, "rlaif.py", "--run-dir", str(tmp_path / "run"), "--judge", "openai",
-                          "--device", "cuda:0"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI")})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "rlaif.py",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--judge",
+            "openai",
+            "--device",
+            "cuda:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI")},
+    )
     assert out.returncode == 1 and "cannot start" in out.stderr, out.stderr
     if "no CUDA" not in out.stderr:
         pytest.skip("a GPU is visible here")
@@ -88,9 +143,14 @@ def test_unreachable_judge_and_missing_gpu_fail_in_one_message(tmp_path, monkeyp
 def documented_commands():
     """(file, script, flags) of every `python X.py ...` command line in README.md and docs/."""
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for m in re.finditer(r"python (?:-m )?([\w/.]+\.py|data\.gorilla\.prepare)((?: [^\s`|#;&]+)*)", doc.read_text()):
+        for m in re.finditer(
+            r"python (?:-m )?([\w/.]+\.py|data\.gorilla\.prepare)((?: [^\s`|#;&]+)*)",
+            doc.read_text(),
+        ):
             script = m.group(1).replace("data.gorilla.prepare", "data/gorilla/prepare.py")
-            flags = re.findall(r"(--[a-z][a-z0-9-]*)", m.group(2).split(" -- ")[0])  # after `--`: another program's
+            flags = re.findall(
+                r"(--[a-z][a-z0-9-]*)", m.group(2).split(" -- ")[0]
+            )  # after `--`: another program's
             yield doc.name, script, flags
 
 
@@ -104,17 +164,24 @@ def test_documented_command_lines_use_real_flags():
         if script not in helps:
             helps[script] = help_text(script)
         text = helps[script]
-        wrong += [f"{doc}: {script} {f}" for f in flags if not re.search(re.escape(f) + r"\b", text)]
+        wrong += [
+            f"{doc}: {script} {f}" for f in flags if not re.search(re.escape(f) + r"\b", text)
+        ]
     assert seen >= 5 and not wrong, wrong
 
 
 def test_readme_is_short_and_functions_fit_on_a_screen():
     assert len((ROOT / "README.md").read_text()) <= 8000
-    core = [ROOT / f"{m}.py" for m in LAYER if m != "data"] + sorted((ROOT / "data" / "gorilla").glob("*.py"))
+    core = [ROOT / f"{m}.py" for m in LAYER if m != "data"] + sorted(
+        (ROOT / "data" / "gorilla").glob("*.py")
+    )
     long = []
     for path in core:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.lineno + 1 > 60
+            ):
                 long.append(f"{path.name}:{node.name} {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
 
@@ -124,11 +191,14 @@ def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monke
     """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
     the command that makes it (and starts nothing). In-process: main() with no arguments."""
     import importlib
+
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(script).main([])
     message = str(stop.value)
-    assert len(message.splitlines()) == 1 and "python rlaif.py --run-dir runs/tiny" in message, message
+    assert len(message.splitlines()) == 1 and "python rlaif.py --run-dir runs/tiny" in message, (
+        message
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -136,11 +206,21 @@ def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
     """--dry-run --config paper: the plan with the judge's cost, exit 0, nothing written, and (where a network
     namespace can be made) no network to reach at all."""
     import shutil
-    isolate = ["unshare", "-rn"] if shutil.which("unshare") and subprocess.run(
-        ["unshare", "-rn", "true"], capture_output=True).returncode == 0 else []
-    out = subprocess.run(isolate + [sys.executable, str(ROOT / "rlaif.py"), "--dry-run", "--config", "paper"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI")})
+
+    isolate = (
+        ["unshare", "-rn"]
+        if shutil.which("unshare")
+        and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+        else []
+    )
+    out = subprocess.run(
+        isolate + [sys.executable, str(ROOT / "rlaif.py"), "--dry-run", "--config", "paper"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("OPENAI")},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gpt2-large" in out.stdout and "requests" in out.stdout and "$" in out.stdout
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
@@ -150,7 +230,10 @@ def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
 
 def test_evaluate_of_a_run_refuses_flags_that_only_apply_to_other_sources(capsys):
     import evaluate
+
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--exec-mode", "none", "--device", "cuda"])
     assert stop.value.code == 2
-    assert "--exec-mode --device apply to --answers, --model or --gorilla" in capsys.readouterr().err
+    assert (
+        "--exec-mode --device apply to --answers, --model or --gorilla" in capsys.readouterr().err
+    )

@@ -3,6 +3,7 @@ Gorilla's HuggingFace API database (925 APIs) and the parsing of an answer's api
 what the judge shows as documentation, what the AST metric matches against, and what the offline
 executability check knows. Used by reward.py, evaluate.py and sandbox.py alike.
 """
+
 import ast
 import json
 import re
@@ -11,14 +12,25 @@ from pathlib import Path
 from data.gorilla import prepare
 
 API_NAMES_FILE = Path(__file__).resolve().parent / "api_names.json"  # made by make_api_names.py
-MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")                 # a Hub id: 'org/name'
+MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hub id: 'org/name'
 # Keyword arguments that name a model; elsewhere an 'org/name' string is usually a path (savedir=...).
-ID_KEYWORDS = ("model", "model_id", "model_name", "repo_id", "source", "pretrained_model_name_or_path",
-               "model_name_or_path", "checkpoint", "repo", "model_path")
+ID_KEYWORDS = (
+    "model",
+    "model_id",
+    "model_name",
+    "repo_id",
+    "source",
+    "pretrained_model_name_or_path",
+    "model_name_or_path",
+    "checkpoint",
+    "repo",
+    "model_path",
+)
 
 
 # -----------------------------------------------------------------------------
 # Answer parsing (tolerant of the partial answers small models write)
+
 
 def answer_api_call(text):
     """The api_call of an answer, cut as Gorilla's ast_eval_hf.py does: the text after
@@ -52,8 +64,16 @@ def calls_in(source):
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            args = [argument_text(source, a) for a in node.args] + [argument_text(source, k.value) for k in node.keywords]
-            out.append((ast.unparse(node.func), args, ast.get_source_segment(source, node) or ast.unparse(node)))
+            args = [argument_text(source, a) for a in node.args] + [
+                argument_text(source, k.value) for k in node.keywords
+            ]
+            out.append(
+                (
+                    ast.unparse(node.func),
+                    args,
+                    ast.get_source_segment(source, node) or ast.unparse(node),
+                )
+            )
     return out
 
 
@@ -67,6 +87,7 @@ def unquote(text):
 
 # -----------------------------------------------------------------------------
 # The database
+
 
 class APIDatabase:
     """The 925 HuggingFace APIs; match() finds the entry an answer's api_call refers to."""
@@ -89,7 +110,9 @@ class APIDatabase:
         command line, an unquoted 'org/v1.4' id) matches when its text, quotes aside, is in the api_call.
         The judge, the reward model's data and evaluation all use this one matcher."""
         candidates = calls_in(api_call)
-        return next((i for i in range(len(self.apis)) if self.makes_call(api_call, i, candidates)), None)
+        return next(
+            (i for i in range(len(self.apis)) if self.makes_call(api_call, i, candidates)), None
+        )
 
     def makes_call(self, source, i, candidates=None):
         """Does `source` (an api_call or a code section) make entry i's call, by match()'s rule?"""
@@ -97,7 +120,10 @@ class APIDatabase:
         if name is None:
             return bool(args) and unquote(args) in unquote(squash(source))
         candidates = calls_in(source) if candidates is None else candidates
-        return any(cand_name == name and all(a in cand_text for a in args) for cand_name, _, cand_text in candidates)
+        return any(
+            cand_name == name and all(a in cand_text for a in args)
+            for cand_name, _, cand_text in candidates
+        )
 
     def unknown_model_ids(self, source):
         """The Hub ids that `source`'s calls pass as a model (a positional argument or an ID_KEYWORDS
@@ -106,10 +132,20 @@ class APIDatabase:
             tree = ast.parse(source.strip())
         except (SyntaxError, ValueError):
             return []
-        given = [a for node in ast.walk(tree) if isinstance(node, ast.Call)
-                 for a in node.args + [k.value for k in node.keywords if k.arg in ID_KEYWORDS]]
-        return [a.value for a in given if isinstance(a, ast.Constant) and isinstance(a.value, str)
-                and MODEL_ID.fullmatch(a.value) and a.value not in self.known_ids]
+        given = [
+            a
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            for a in node.args + [k.value for k in node.keywords if k.arg in ID_KEYWORDS]
+        ]
+        return [
+            a.value
+            for a in given
+            if isinstance(a, ast.Constant)
+            and isinstance(a.value, str)
+            and MODEL_ID.fullmatch(a.value)
+            and a.value not in self.known_ids
+        ]
 
     def model_ids(self):
         """Every 'org/name' string literal of the database's calls, names and examples."""
@@ -120,13 +156,15 @@ class APIDatabase:
             ids.add(str(a.get("api_name", "")))
         return sorted(ids)
 
-
     def model_classes(self):
         """{model id: the class its api_call loads it with}, where that class is a concrete one
         (`Blip2ForConditionalGeneration.from_pretrained('...')`; not Auto classes or pipelines)."""
         out = {}
         for a in self.apis:
-            m = re.match(r"\s*(\w+)\.from_pretrained\(\s*['\"](%s)['\"]" % MODEL_ID.pattern, str(a.get("api_call", "")))
+            m = re.match(
+                r"\s*(\w+)\.from_pretrained\(\s*['\"](%s)['\"]" % MODEL_ID.pattern,
+                str(a.get("api_call", "")),
+            )
             if m and not m.group(1).startswith("Auto"):
                 out[m.group(2)] = m.group(1)
         return out
@@ -136,7 +174,9 @@ def canonical_domain(label):
     """A domain label with its noise removed: lower case, repeated words once ('Tabular Tabular
     Classification' = 'Tabular Classification'), '-ing' forms as their stem ('Document Question
     Answering' = '... Answer'). The database spells 8 of its 40 domains in two ways."""
-    words = [re.sub(r"ing$", "", w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", str(label).lower())]
+    words = [
+        re.sub(r"ing$", "", w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", str(label).lower())
+    ]
     return " ".join(dict.fromkeys(words))
 
 

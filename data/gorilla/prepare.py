@@ -9,6 +9,7 @@ A record's `code` field is "###Instruction: ... ###Output: <<<domain>>>: ... <<<
 <<<api_provider>>>: ... <<<explanation>>>: ... <<<code>>>: ...". We keep the instruction, the
 sections, and the record's `api_data` (the API database entry it was written from).
 """
+
 import hashlib
 import json
 import re
@@ -22,7 +23,12 @@ GORILLA_ANSWERS_FILE = HERE / "response_huggingface_Gorilla_FT_0_shot.jsonl"
 VOCAB_FILE = HERE / "vocab.json"
 
 SECTIONS = ("domain", "api_call", "api_provider", "explanation", "code")
-REQUIRED = ("domain", "api_call", "api_provider", "code")  # explanation is dropped by the compact format
+REQUIRED = (
+    "domain",
+    "api_call",
+    "api_provider",
+    "code",
+)  # explanation is dropped by the compact format
 SECTION_RE = re.compile(r"<<<(domain|api_call|api_provider|explanation|code)>>>:?")
 
 
@@ -32,14 +38,15 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
-    line: int                 # 1-based line in the source file; = Gorilla's question_id for the eval file
+    line: int  # 1-based line in the source file; = Gorilla's question_id for the eval file
     instruction: str
-    sections: dict            # domain, api_call, api_provider, explanation, code (see SECTIONS)
+    sections: dict  # domain, api_call, api_provider, explanation, code (see SECTIONS)
     api_data: dict = field(default_factory=dict)
 
 
 # -----------------------------------------------------------------------------
 # The one prompt and answer format
+
 
 def format_prompt(instruction):
     return f"###Instruction: {instruction.strip()}\n###Output:"
@@ -52,7 +59,9 @@ def format_answer(sections, compact=False):
     if not compact:
         return " " + "\n".join(f"<<<{n}>>>: {sections.get(n, '').strip()}" for n in SECTIONS)
     body = dict(sections, code=compact_code(sections.get("code", ""), sections.get("api_call", "")))
-    return " " + "\n".join(f"<<<{n}>>>: {body.get(n, '').strip()}" for n in SECTIONS if n != "explanation")
+    return " " + "\n".join(
+        f"<<<{n}>>>: {body.get(n, '').strip()}" for n in SECTIONS if n != "explanation"
+    )
 
 
 def compact_code(code, api_call):
@@ -60,11 +69,15 @@ def compact_code(code, api_call):
     name), or the first 6 lines when neither appears."""
     lines = code.strip().splitlines()
     m = re.search(r"\((['\"]?[^,)'\"]*)", api_call)
-    keys = [k for k in (m.group(1).strip("'\"") if m else "", api_call.split("(")[0].split(".")[-1]) if k]
+    keys = [
+        k
+        for k in (m.group(1).strip("'\"") if m else "", api_call.split("(")[0].split(".")[-1])
+        if k
+    ]
     for key in keys:
         for i, line in enumerate(lines):
             if key in line and not line.lstrip().startswith(("import ", "from ", "#")):
-                return "\n".join(lines[:i + 1])
+                return "\n".join(lines[: i + 1])
     return "\n".join(lines[:6])
 
 
@@ -73,6 +86,7 @@ def tokenizer(compact):
     ([offline stand-in] for models trained from scratch). Imported here, not at the top, so that the
     sandbox's children, which read this package's API tables, never import torch."""
     from model import Tokenizer
+
     return Tokenizer(VOCAB_FILE if compact else None)
 
 
@@ -82,7 +96,7 @@ def prompt_ids(tok, instruction):
 
 def answer_ids(tok, sections, compact, max_tokens):
     """The answer's tokens, cut to max_tokens - 1, then <|endoftext|>."""
-    return tok.encode(format_answer(sections, compact=compact))[:max_tokens - 1] + [tok.eot]
+    return tok.encode(format_answer(sections, compact=compact))[: max_tokens - 1] + [tok.eot]
 
 
 def parse_answer(text):
@@ -99,6 +113,7 @@ def parse_answer(text):
 # -----------------------------------------------------------------------------
 # Records
 
+
 def parse_record(obj, where):
     """Record from one APIBench JSON object; raises DataError naming `where` and what is missing."""
     if not isinstance(obj, dict) or not isinstance(obj.get("code"), str):
@@ -110,7 +125,9 @@ def parse_record(obj, where):
     sections = parse_answer(m.group(2))
     missing = [s for s in REQUIRED if not sections[s]]
     if missing:
-        raise DataError(f"{where}: answer lacks section(s) {', '.join('<<<%s>>>' % s for s in missing)}")
+        raise DataError(
+            f"{where}: answer lacks section(s) {', '.join('<<<%s>>>' % s for s in missing)}"
+        )
     return Record(where_line(where), instruction, sections, obj.get("api_data") or {})
 
 
@@ -130,14 +147,18 @@ def load_records(path=EVAL_FILE, skip_bad=False, log=print):
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(
+                        f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 records.append(parse_record(obj, f"{path}:{i}"))
             except DataError as e:
                 if not skip_bad:
                     raise
                 skipped.append(str(e))
     if skipped:
-        log(f"[data] skipped {len(skipped)} malformed record(s) of {path.name if hasattr(path, 'name') else path}:")
+        log(
+            f"[data] skipped {len(skipped)} malformed record(s) of {path.name if hasattr(path, 'name') else path}:"
+        )
         for s in skipped:
             log(f"[data]   {s}")
     return records
@@ -146,7 +167,13 @@ def load_records(path=EVAL_FILE, skip_bad=False, log=print):
 def split_of(record, test_percent=20, val_percent=5):
     """Deterministic split by a stable hash of the instruction (same on every machine and run)."""
     bucket = int(hashlib.sha256(record.instruction.encode()).hexdigest(), 16) % 100
-    return "test" if bucket < test_percent else "val" if bucket < test_percent + val_percent else "train"
+    return (
+        "test"
+        if bucket < test_percent
+        else "val"
+        if bucket < test_percent + val_percent
+        else "train"
+    )
 
 
 def offline_splits(records):
@@ -166,16 +193,22 @@ def load_splits(train_file="", log=print):
     a train file without one usable record ends the program, naming the file, the line and the reason."""
     splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
     if train_file:
-        log(f"[data] split: train = {'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
-            ", test = held-out eval records")
+        log(
+            f"[data] split: train = {'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
+            ", test = held-out eval records"
+        )
         try:
             splits["train"] = train_records(train_file, log=log)
         except DataError as e:
             raise SystemExit(f"--train-file: {e}") from None
     else:
-        log("[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
-            "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)")
-    log(f"[data] train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} records")
+        log(
+            "[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
+            "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)"
+        )
+    log(
+        f"[data] train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} records"
+    )
     return splits
 
 
@@ -186,8 +219,11 @@ def train_records(train_file, log=print):
     missing), before any stage trains on it."""
     if train_file == HUB_TRAIN:
         from datasets import load_dataset
+
         name = "gorilla-llm/APIBench/huggingface_train.json"
-        hub = load_dataset("gorilla-llm/APIBench", data_files="huggingface_train.json", split="train")
+        hub = load_dataset(
+            "gorilla-llm/APIBench", data_files="huggingface_train.json", split="train"
+        )
         rows = enumerate(hub, 1)
     else:
         name, rows = train_file, json_lines(train_file)
@@ -199,8 +235,10 @@ def train_records(train_file, log=print):
             bad.append(str(e))
             log(f"[data]   skipped {e}")
     if not records:
-        raise DataError(f"{name}: no usable record" + (f" ({len(bad)} malformed; the first: {bad[0]})" if bad else
-                                                       " (the file is empty)"))
+        raise DataError(
+            f"{name}: no usable record"
+            + (f" ({len(bad)} malformed; the first: {bad[0]})" if bad else " (the file is empty)")
+        )
     log(f"[data] train file: {len(records)} records, {len(bad)} skipped")
     return records
 
@@ -219,6 +257,7 @@ def json_lines(path):
 # -----------------------------------------------------------------------------
 # The API database (925 APIs): the judge's documentation and the AST metric's reference
 
+
 def load_api_database(path=API_FILE):
     apis = []
     with open(path) as f:
@@ -227,7 +266,9 @@ def load_api_database(path=API_FILE):
                 try:
                     apis.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(
+                        f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
     return apis
 
 
@@ -238,8 +279,13 @@ def api_database_pairs(apis):
     for a in apis:
         instruction = f"I need a {a['domain']} model. {a['description']}".strip()
         code = a.get("example_code")
-        sections = dict(domain=a["domain"], api_call=a["api_call"], api_provider=a["framework"],
-                        explanation="", code=code if isinstance(code, str) and code != "N/A" else "")
+        sections = dict(
+            domain=a["domain"],
+            api_call=a["api_call"],
+            api_provider=a["framework"],
+            explanation="",
+            code=code if isinstance(code, str) and code != "N/A" else "",
+        )
         pairs.append(Record(0, instruction, sections, a))
     return pairs
 
@@ -264,7 +310,10 @@ def unescape_gorilla(text):
 def build_vocab(out=VOCAB_FILE):
     """The tiny preset's compact vocabulary: every GPT-2 token of the eval and API files, plus the 256
     single-byte tokens (so any text still encodes) and <|endoftext|>."""
-    from model import gpt2_encoding  # here, not at the top: the sandbox child imports this module, not torch
+    from model import (
+        gpt2_encoding,
+    )  # here, not at the top: the sandbox child imports this module, not torch
+
     enc = gpt2_encoding()
     ids = {enc.encode_single_token(bytes([b])) for b in range(256)}
     for path in (EVAL_FILE, API_FILE):
@@ -278,9 +327,12 @@ def build_vocab(out=VOCAB_FILE):
 
 def main():
     import argparse
-    argparse.ArgumentParser(description="Print the offline splits of the Gorilla eval file and the API database "
-                            "size, and rebuild the tiny preset's compact vocabulary (data/gorilla/vocab.json). "
-                            "Run from the repository root: python -m data.gorilla.prepare").parse_args()
+
+    argparse.ArgumentParser(
+        description="Print the offline splits of the Gorilla eval file and the API database "
+        "size, and rebuild the tiny preset's compact vocabulary (data/gorilla/vocab.json). "
+        "Run from the repository root: python -m data.gorilla.prepare"
+    ).parse_args()
     records = load_records(EVAL_FILE, skip_bad=True)
     splits = offline_splits(records)
     print({k: len(v) for k, v in splits.items()}, "records (offline hash split of the eval file)")

