@@ -45,14 +45,14 @@ from runs import (
     global_mean,
     is_main,
     load_config,
-    require_done,
-    run_part,
-    setup_distributed,
-    shard,
     read_rows,
+    require_done,
     resume,
+    run_part,
     save_config,
     set_aside,
+    setup_distributed,
+    shard,
     write_metrics,
 )
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
-from reward import RulesJudge, judge_score
 from model import GPT, log, progress, sample_answers
+from reward import RulesJudge, judge_score
 from runs import (
     RUN_FILES,
     run_stage,

@@ -38,7 +38,6 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
-from reward import judge_score, load_reward_model, make_judge
 from model import (
     GPT,
     ScalarModel,
@@ -53,6 +52,7 @@ from model import (
     sample_answers,
     save_checkpoint,
 )
+from reward import judge_score, load_reward_model, make_judge
 from runs import (
     DIST,
     RUN_FILES,

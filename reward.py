@@ -25,8 +25,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 import os
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from dpo import dpo_loss
 from model import GPT, GPTConfig, ScalarModel, pad_pairs
-from runs import Feedback, Sample
 from reward import QUESTIONS, RulesJudge, best_of_n, combine, comparisons_loss, judge_score_fn
+from runs import Feedback, Sample
 
 
 def test_dpo_loss_on_a_hand_computed_example():

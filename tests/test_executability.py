@@ -249,8 +249,9 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
 
 
 def test_checker_names_come_from_the_pinned_transformers():
-    from data.gorilla.apis import library_names
     from pathlib import Path
+
+    from data.gorilla.apis import library_names
 
     pin = next(
         line.split("==")[1].split()[0]

@@ -354,6 +354,7 @@ def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finish
 def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
     pytest.importorskip("matplotlib")
     import struct
+
     from evaluate import plot_runs
 
     made = plot_runs([finished, finished], tmp_path)

@@ -1,11 +1,10 @@
 """ppo.py's pieces against plain reference computations, and a short learning run that can fail."""
 
-import torch
-
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from model import GPT, GPTConfig, ScalarModel
 from ppo import (
@@ -114,9 +113,9 @@ def test_clipped_objective_gradient_is_zero_where_clipped():
 def test_ppo_learns_a_programmatic_reward(tmp_path):
     """Tiny random policy; score = fraction of answer tokens that are token 5. A short PPO run must raise
     the mean score well above its start while the KL to the reference stays bounded."""
-    from model import GPT, GPTConfig
-    from model import ScalarModel
     from types import SimpleNamespace
+
+    from model import GPT, GPTConfig, ScalarModel
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=16, n_layer=2, n_head=2, n_embd=32)

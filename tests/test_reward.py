@@ -187,9 +187,8 @@ def test_rules_judge_on_hand_written_answers(records):
 @pytest.mark.slow
 def test_reward_model_learns_a_ranking(tmp_path):
     """Judge scores that depend on one token: the reward model must rank held-out pairs by them."""
-    from model import GPT, GPTConfig
-    from model import ScalarModel
-    from reward import RMConfig, train_reward_model, normalise
+    from model import GPT, GPTConfig, ScalarModel
+    from reward import RMConfig, normalise, train_reward_model
 
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
@@ -229,6 +228,7 @@ def test_reward_model_learns_a_ranking(tmp_path):
 def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
     """One forward pass per distinct answer gives the same loss and gradients as two passes per pair."""
     import torch.nn.functional as F
+
     from model import GPT, GPTConfig, ScalarModel
     from reward import comparisons_loss, rm_batch
 
@@ -278,8 +278,9 @@ def test_judge_accepts_the_reference_answers(records):
 
 
 def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
-    from reward import make_pairs
     import random
+
+    from reward import make_pairs
 
     fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.5, 0.9, 0.5])]
     fb += [
@@ -300,8 +301,9 @@ def test_pairs_keep_every_policy_comparison_and_cap_contrast_ones():
 
 
 def test_another_domains_answer_is_compared_only_with_the_prompts_reference():
-    from reward import make_pairs
     import random
+
+    from reward import make_pairs
 
     # It outscores every policy answer and the no-code one (its code runs), yet only loses to the reference.
     fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.3])]
@@ -429,7 +431,7 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
 def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
     """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises, where
     the score used to become the mean (no signal, silently)."""
-    from reward import JudgeError, QUESTIONS, judge_score
+    from reward import QUESTIONS, JudgeError, judge_score
 
     class GaveUp:
         def answers(self, record, answer):
@@ -453,6 +455,7 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
     better answers): the reward model trained from it ranks held-out pairs at least as well as that
     log-likelihood does, and the step kept is the one with the best validation accuracy."""
     import json
+
     from model import GPT, GPTConfig, ScalarModel, make_optimizer, pad_pairs, response_logprobs
     from reward import RMConfig, pair_accuracy, policy_pairs, split_prompts, train_reward_model
 

@@ -87,6 +87,7 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
     tensorboard's own reader sees one value per step."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     import runs
 
     runs.open_tensorboard(tmp_path / "tb")
@@ -114,6 +115,7 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
 
 def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
     import sys
+
     import runs
 
     monkeypatch.setitem(
