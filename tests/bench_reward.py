@@ -23,7 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.gorilla import prepare  # noqa: E402
 from model import GPT, ScalarModel, pad_pairs, response_logprobs  # noqa: E402
-from reward import RMConfig, pair_accuracy, policy_pairs, rm_scores, split_prompts  # noqa: E402
+from reward import (  # noqa: E402
+    APIDatabase,
+    RMConfig,
+    pair_accuracy,
+    policy_pairs,
+    reading_reports,
+    rm_scores,
+    split_prompts,
+)
 from runs import RUN_FILES, Feedback, Sample, load_config, read_rows  # noqa: E402
 
 
@@ -78,8 +86,9 @@ def bench(run):
     whole, api = logprob_readouts(sft, samples, ids, tok)
     scorers = {"SFT log-prob, whole answer": whole, "SFT log-prob, api_call line": api}
     if (run / RUN_FILES["reward_model"]).exists():
-        rm, _ = ScalarModel.load(run / RUN_FILES["reward_model"])
-        scorers["reward model"] = dict(zip(ids, rm_scores(rm, samples, ids, tok, "cpu").tolist()))
+        rm, ckpt = ScalarModel.load(run / RUN_FILES["reward_model"])
+        read = reading_reports(samples, tok, APIDatabase()) if ckpt.get("tools") else samples
+        scorers["reward model"] = dict(zip(ids, rm_scores(rm, read, ids, tok, "cpu").tolist()))
     scorers["judge"] = {f.id: f.score for f in fb}
     scorers["random"] = {i: random.Random(i).random() for i in ids}
     print(f"\n## {run}: {len(pairs)} held-out pairs of {len(heldout)} prompts")
