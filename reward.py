@@ -854,20 +854,23 @@ REPORT_TOKENS = (
 
 def tool_report(answer, db):
     """[not in the paper] A tool-augmented reward model (Li et al. 2024, "Tool-Augmented Reward
-    Modeling"): after the answer, the reward model reads what a lookup in the API database and a Python
-    parser say about it: whether the code parses, how many model ids of the api_call and code no entry
-    names, and the entry the api_call makes (by APIDatabase.match, the entry the judge is shown): its
-    domain and call, or none. A small network cannot remember which of 925 APIs and thousands of model
-    ids exist, so its ranking of the policy's answers stayed near chance (docs/experiments.md); it can
-    read a line that says so."""
+    Modeling"): after the answer, the reward model reads what a lookup in the API database and a
+    Python parser say about it: whether the code parses, how many model ids of the api_call and of the
+    code no entry names, and the entry the api_call makes (APIDatabase.match): its domain and call.
+    A documented call shape with an invented model id is no entry (as in RulesJudge): with Gorilla's
+    lenient match alone, PPO learned pipeline('<task>', model='<invented>') (docs/experiments.md). A
+    small network cannot remember which of 925 APIs and thousands of model ids exist, so its ranking of
+    the policy's answers stayed near chance; it can read a line that says so."""
     sections = prepare.parse_answer(answer)
     api_call = answer_api_call(answer)
-    unknown = db.unknown_model_ids(api_call) + db.unknown_model_ids(sections["code"])
-    i = db.match(api_call)
+    unknown_call = set(db.unknown_model_ids(api_call))
+    unknown_code = set(db.unknown_model_ids(sections["code"]))
+    i = db.match(api_call) if not unknown_call else None
     entry = f"{db.apis[i]['domain']} | {db.apis[i]['api_call']}" if i is not None else "none"
+    parses = "yes" if python_parses(sections["code"]) else "no"
     return (
-        f"\n### Tool: code parses {'yes' if python_parses(sections['code']) else 'no'}, unknown model ids "
-        f"{len(set(unknown))}, API entry: {entry}\n"
+        f"\n### Tool: code parses {parses}, unknown model ids: api_call {len(unknown_call)}, "
+        f"code {len(unknown_code)}, API entry: {entry}\n"
     )
 
 

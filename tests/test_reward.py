@@ -525,15 +525,19 @@ def test_tool_report_says_what_the_database_and_the_parser_know():
         "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
     )
     report = tool_report(right, db)
-    assert "code parses yes" in report and "unknown model ids 0" in report
+    assert "code parses yes" in report and "unknown model ids: api_call 0, code 0" in report
     entry = db.apis[
         db.match("AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')")
     ]
     assert f"API entry: {entry['domain']} | {entry['api_call']}" in report
     invented = tool_report(right.replace("unsup-simcse-roberta-base", "made-up-model"), db)
-    assert (
-        "unknown model ids 1" in invented and "API entry: none" in invented
-    )  # one id, named twice
+    assert "api_call 1, code 1" in invented and "API entry: none" in invented
+    # a documented call shape (Gorilla's lenient match accepts it) with an invented model: no entry
+    shape = "pipeline('text-generation', model='laion/ner-base-base-base')"
+    assert db.match(shape) is not None
+    call = "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
+    gamed = tool_report(right.replace(call, shape, 1), db)
+    assert "api_call 1, code 0" in gamed and "API entry: none" in gamed
     assert "code parses no" in tool_report(
         right.replace("model = AutoModel", "model = = AutoModel"), db
     )
