@@ -87,10 +87,7 @@ def train_dpo(
     """cfg.steps of DPO on (chosen id, rejected id) pairs of `samples`; resumes from ckpt_file."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
-    ckpt = resume(ckpt_file, device, optimizer, policy=policy)
-    step, history = (ckpt["step"], ckpt.get("history", [])) if ckpt else (0, [])
-    if ckpt:
-        log(f"[dpo] resumed at step {step}")
+    step, history, _ = resume(ckpt_file, device, optimizer, "dpo", log, policy=policy)
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)
     steps, t0, start = min(cfg.steps, len(order)), time.time(), step

@@ -1058,13 +1058,8 @@ def train_reward_model(
         Path(ckpt_file).with_name("best.pt"),
         Path(ckpt_file).parent / "metrics.jsonl",
     )
-    ckpt = resume(ckpt_file, device, optimizer, model=rm)
-    step, history = (ckpt["step"], ckpt["history"]) if ckpt else (0, [])
-    best = (
-        ckpt.get("best", (-1.0, 0)) if ckpt else (-1.0, 0)
-    )  # (validation accuracy, step) kept so far
-    if ckpt:
-        log(f"[reward] resumed at step {step}")
+    step, history, ckpt = resume(ckpt_file, device, optimizer, "reward", log, model=rm)
+    best = ckpt.get("best", (-1.0, 0))  # (validation accuracy, step) kept so far
     t0, start = time.time(), step
     while True:
         if step % cfg.eval_every == 0 or step == steps:

@@ -194,11 +194,7 @@ def sft(cfg, tok, train, val, out_dir):
     torch.manual_seed(cfg.seed)
     model = init_model(cfg, tok).to(cfg.device)
     optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
-    step, history = 0, []
-    ckpt = resume(ckpt_file, cfg.device, optimizer, model=model)
-    if ckpt:
-        step, history = ckpt["step"], ckpt["history"]
-        log(f"[sft] resumed from {ckpt_file} at step {step}")
+    step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
     model.train()
     t0, tokens_seen, start = time.time(), 0, step
     while step < cfg.sft_steps:

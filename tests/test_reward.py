@@ -412,7 +412,7 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
     metrics = train_reward_model(
         make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=said.append
     )
-    assert "[reward] resumed at step 20" in said
+    assert f"[reward] resumed from {tmp_path / 'ckpt.pt'} at step 20" in said
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows[:-1] if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
