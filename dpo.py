@@ -22,16 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
-from model import (
-    GPT,
-    autocast,
-    log,
-    make_optimizer,
-    pad_pairs,
-    progress,
-    response_logprobs,
-    save_checkpoint,
-)
+from model import GPT, pad_pairs, response_logprobs
 from reward import RMConfig, make_pairs, pair_batches
 from runs import (
     RUN_FILES,
@@ -39,16 +30,21 @@ from runs import (
     Sample,
     add_flags,
     apply_overrides,
+    autocast,
     average_gradients,
     barrier,
     check_settings,
     global_mean,
     is_main,
     load_config,
+    log,
+    make_optimizer,
+    progress,
     read_rows,
     require_done,
     resume,
     run_part,
+    save_checkpoint,
     save_config,
     set_aside,
     setup_distributed,

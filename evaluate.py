@@ -22,10 +22,12 @@ from pathlib import Path
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
-from model import GPT, log, progress, sample_answers
+from model import GPT, sample_answers
 from reward import RulesJudge, judge_score
 from runs import (
     RUN_FILES,
+    log,
+    progress,
     run_stage,
     stage_command_line,
     tensorboard_text,

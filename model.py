@@ -1,24 +1,19 @@
 """
 GPT-2, written out by hand (Radford et al. 2019), in the shape of nanoGPT's model.py.
 
-Everything the rest of the project does with a language model lives here, once:
+The network and what a porter needs with it, once:
   - GPT: the network; loads and exports Hugging Face GPT-2 checkpoints (safetensors, no pickle).
+  - ScalarModel: GPT-2 with a scalar head (the reward model, PPO's value model).
   - Tokenizer: tiktoken's GPT-2 BPE, built offline from data/gpt2.tiktoken when the download fails,
     optionally remapped onto the compact vocabulary the tiny CPU preset uses.
   - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
-    SFT samples, PPO rollouts and evaluation.
+    SFT samples, PPO rollouts and evaluation; sample_answers() runs it over many prompts.
   - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and DPO.
-  - training helpers shared by every stage: optimizer, LR schedule, autocast, progress lines, and saving
-    and loading weights and plain state atomically (run directories and their files: runs.py).
+Training helpers (optimizer, LR schedule, checkpoints, progress lines) and run directories: runs.py.
 """
 
-import contextlib
-import errno
 import json
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,13 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runs import atomic_dir, atomic_write, autocast, load_checkpoint, log, progress, save_checkpoint
+
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
-
-
-def log(msg):
-    """Progress output, flushed at once so that a log file shows it while a stage runs."""
-    print(msg, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -53,7 +45,7 @@ class GPTConfig:
 
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M, the paper's model
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # CPU preset, trained from scratch: 4 layers, 256 wide, on the compact vocabulary
@@ -605,28 +597,6 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
     return response, response_mask, torch.stack(logps, 1) * response_mask
 
 
-def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
-    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups of 32
-    batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts are left-
-    and answers right-padded, so both must agree), then the batches shuffled."""
-    order = list(range(len(keys)))
-    random.Random(shuffle_seed).shuffle(order)
-    group = 32 * batch_size
-    order = [
-        j
-        for g in range(0, len(order), group)
-        for j in sorted(order[g : g + group], key=lambda j: keys[j])
-    ]
-    end = (
-        len(order) // batch_size * batch_size
-        if drop_last and len(order) >= batch_size
-        else len(order)
-    )
-    batches = [order[b : b + batch_size] for b in range(0, end, batch_size)]
-    random.Random(batch_seed).shuffle(batches)
-    return batches
-
-
 def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=log):
     """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of prompts of
     similar length (less left padding); one seeded generator on the CPU whatever the model's device."""
@@ -677,145 +647,9 @@ def response_logprobs(
     return logprobs, entropy
 
 
-# -----------------------------------------------------------------------------
-# Training helpers shared by SFT, the reward model and PPO
-
-
-def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed (nanoGPT)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
-
-
-def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
-    """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def autocast(device):
-    """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
-    return torch.autocast(
-        device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")
-    )
-
-
-def progress(done, total, t0):
-    """'(elapsed, ETA)' of a loop that has done `done` of `total` units since time t0: every stage's
-    progress lines end with it."""
-    elapsed = time.time() - t0
-    eta = elapsed / done * (total - done) if done else float("nan")
-    return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A write
-    that fails is re-raised as an OSError naming the file and the cause (torch's own message for a full
-    disk names neither); the half-written tmp file is removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(str(tmp))
-        os.replace(tmp, path)
-    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
-        error = write_error(path, e)  # before the tmp file goes: a full disk is still full
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise error from e
-
-
-def write_error(path, e):
-    """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit it."""
-    full = (
-        getattr(e, "errno", None) == errno.ENOSPC
-        or "No space left" in str(e)
-        or free_bytes(Path(path).parent) < 1 << 20
-    )
-    cause = "no space left on device" if full else f"{type(e).__name__}: {e}"
-    code = errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO
-    return OSError(code, f"cannot write {path}: {cause}")
-
-
-def free_bytes(directory):
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return 1 << 62  # unknown: not called full
-
-
-class RecordingFile:
-    """A binary file that keeps the OSError of a failed write: torch.save reports one only as
-    'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes unnamed."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def torch_save(obj, path):
-    """torch.save through a Python file, so that a failed write raises its own OSError (ENOSPC...)."""
-    with open(path, "wb") as f:
-        out = RecordingFile(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise out.error from None
-
-
-def save_checkpoint(path, **state):
-    """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
-    atomic_write(path, lambda p: torch_save(state, p))
-
-
-def atomic_dir(path, write):
-    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent, never
-    half-written. A finished older one is replaced only once the new one is complete."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(
-            tmp, ignore_errors=True
-        )  # frees what a full disk needs; a kill's leftover goes next time
-        raise
-    if path.exists():
-        shutil.rmtree(path)  # a crash here leaves the new one complete in tmp, none at `path`
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load of plain state only (weights_only: no pickle code runs); errors name the file."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
-            "stage's done.json) to redo the stage that wrote it"
-        ) from None
-
-
 def config_from_dict(d):
     return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
+
+
+# TEMPORARY re-exports for ppo.py; the lead removes them
+from runs import autocast, log, make_optimizer, progress, save_checkpoint  # noqa: E402, F401, F811

@@ -39,27 +39,22 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import (
-    GPT,
-    ScalarModel,
-    autocast,
-    length_grouped_batches,
-    load_checkpoint,
-    log,
-    make_optimizer,
-    pad_pairs,
-    progress,
-    right_pad,
-)
+from model import GPT, ScalarModel, pad_pairs, right_pad
 from runs import (
     DIST,
     RUN_FILES,
     Feedback,
     Sample,
+    autocast,
     average_gradients,
     barrier,
     global_mean,
     is_main,
+    length_grouped_batches,
+    load_checkpoint,
+    log,
+    make_optimizer,
+    progress,
     read_rows,
     resume,
     run_stage,

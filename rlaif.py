@@ -4,20 +4,21 @@ RLAIF for code generation with API usage (Dutta et al. 2024, arXiv 2406.20060), 
     python rlaif.py                  # offline default: tiny GPT-2 from scratch, rules judge, CPU
     python rlaif.py --config paper   # gpt2-large from HF weights, GPT-3.5 judge, one GPU, online
 
-The paper's method, one stage each, in order. Every stage reads its inputs from --run-dir, writes its
-outputs under run_dir/<stage>/ and a done.json (summary + hashes of its outputs); a finished stage is
-skipped on the next run, so an interrupted run resumes where it stopped.
-  1. data      the Gorilla APIBench HuggingFace split                       data/gorilla/prepare.py
-  2. sft       supervised fine-tuning on (instruction -> answer)            sft_stage below
-  3. sample    answers to the training instructions from the SFT policy     sample_stage, model.sample_answers
-  4. feedback  AI feedback: yes/no questions to a judge -> score in [0,1]   reward.feedback_stage
-  5. reward    reward model trained on the judge's scores                   reward.reward_stage
-  6. ppo       PPO against the reward model, KL penalty to SFT              ppo.ppo_stage
-  7. compare   [not in the paper, --compare] the same feedback used five     compare_stage below, dpo.py
-               more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
-  8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B on held-out questions  evaluate.evaluate_stage
-Results land in run_dir/evaluate/results.md (and results in its done.json). Every setting is a field of
-runs.Config (PPO's, the reward model's and DPO's in their own files); runs.py keeps the run directory.
+The paper's method, one stage each, in order. Every stage reads its inputs from --run-dir, writes
+its outputs under run_dir/<stage>/ and a done.json (summary + hashes of its outputs); a finished
+stage is skipped on the next run, so an interrupted run resumes where it stopped.
+  1. data      the Gorilla APIBench HuggingFace split             data/gorilla/prepare.py
+  2. sft       supervised fine-tuning on (instruction -> answer)  sft.sft_stage
+  3. sample    answers to training instructions from SFT          sample_stage, model.sample_answers
+  4. feedback  AI feedback: yes/no questions to a judge -> score  reward.feedback_stage
+  5. reward    reward model trained on the judge's scores         reward.reward_stage
+  6. ppo       PPO against the reward model, KL penalty to SFT    ppo.ppo_stage
+  7. compare   [not in the paper, --compare] the same feedback    compare_stage below, dpo.py
+               five more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
+  8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
+Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
+directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
+Every setting is a field of runs.Config (PPO's, the reward model's and DPO's in their own files).
 """
 
 import argparse
@@ -39,21 +40,7 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from dpo import DPOConfig
-from model import (
-    GPT,
-    ScalarModel,
-    autocast,
-    length_grouped_batches,
-    log,
-    lr_at,
-    make_optimizer,
-    pad_pairs,
-    preset_config,
-    progress,
-    response_logprobs,
-    sample_answers,
-    save_checkpoint,
-)
+from model import GPT, ScalarModel, preset_config, sample_answers
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (
@@ -64,31 +51,27 @@ from runs import (
     Feedback,
     Sample,
     add_flags,
-    all_sum,
     apply_overrides,
-    average_gradients,
     barrier,
     check_settings,
     is_main,
     load_config,
+    log,
     open_tensorboard,
     read_rows,
-    resume,
     run_part,
     run_stage,
     save_config,
     set_aside,
     settings_diff,
     setup_distributed,
-    shard,
     verify_done,
     write_jsonl,
-    write_metrics,
     write_rows,
 )
+from sft import CPU_PRESETS, sft_stage
 
 CODE_TAG = "<<<code>>>:"
-CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
 SECTION_CLASSES = dict(
     ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig
 )  # Config's sections, in their stages' files
@@ -108,8 +91,8 @@ PAPER = dict(
     sft_grad_accum=4,
     sft_lr=5e-5,
     sft_warmup=100,
-    eval_every=250,
-    sample_prompts=2000,
+    sft_eval_every=250,
+    sampled_instructions=2000,
     temperature=1.0,
     contrast_answers=False,
     judge="openai",
@@ -129,149 +112,20 @@ def make_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# 2. SFT
-
-
-def init_model(cfg, tok):
-    if cfg.init in CPU_PRESETS:
-        return GPT(preset_config(cfg.init, tok.vocab_size))
-    return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
-
-
-def sft_examples(cfg, tok, records):
-    """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
-    return [
-        (
-            prepare.prompt_ids(tok, r.instruction),
-            prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens),
-        )
-        for r in records
-    ]
-
-
-def sft_loss(model, examples, pad, device):
-    """Mean negative log-likelihood of the answer tokens (of every rank's examples under torchrun); prompt
-    tokens carry no loss."""
-    query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
-    with autocast(device):
-        logprobs = response_logprobs(model, query, query_mask, response, response_mask)
-    return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), int(
-        query_mask.sum() + response_mask.sum()
-    )
-
-
-@torch.no_grad()
-def validation_loss(model, examples, pad, device, batch_size=32):
-    """Mean loss per answer token over `examples`; under torchrun each rank scores its share."""
-    model.eval()
-    examples, total, n = shard(examples), 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        loss, _ = sft_loss(model, chunk, pad, device)
-        tokens = sum(len(a) for _, a in chunk)
-        total, n = total + loss.item() * tokens, n + tokens
-    model.train()
-    total, n = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device)).tolist()
-    return total / max(n, 1)
-
-
-def batch_at(examples, batch_size, index, seed):
-    """The index-th batch of SFT: epochs of batches grouped by total length (model.length_grouped_batches).
-    A pure function of (index, seed): a resumed run sees exactly the batches of an uninterrupted one."""
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, i = divmod(index, per_epoch)
-    keys = [len(q) + len(a) for q, a in examples]
-    batches = length_grouped_batches(
-        keys, batch_size, seed * 1_000_003 + epoch, seed * 7 + epoch, drop_last=True
-    )
-    return [examples[j] for j in batches[i]]
-
-
-def sft(cfg, tok, train, val, out_dir):
-    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint."""
-    out_dir = Path(out_dir)
-    ckpt_file = out_dir / "ckpt.pt"
-    torch.manual_seed(cfg.seed)
-    model = init_model(cfg, tok).to(cfg.device)
-    optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
-    step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
-    model.train()
-    t0, tokens_seen, start = time.time(), 0, step
-    while step < cfg.sft_steps:
-        lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.sft_grad_accum):
-            batch = shard(
-                batch_at(train, cfg.sft_batch_size, step * cfg.sft_grad_accum + micro, cfg.seed)
-            )
-            loss, n_tokens = sft_loss(model, batch, tok.eot, cfg.device)
-            (loss / cfg.sft_grad_accum).backward()
-            tokens_seen += n_tokens
-        average_gradients(model.parameters())  # torchrun: every rank takes the global batch's step
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append(
-            dict(
-                step=step,
-                loss=round(loss.item(), 4),
-                lr=lr,
-                tokens_per_s=round(tokens_seen / (time.time() - t0)),
-            )
-        )
-        if step % 25 == 0 or step == cfg.sft_steps:
-            log(
-                f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{history[-1]['tokens_per_s']:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}"
-            )
-        if step % cfg.eval_every == 0 or step == cfg.sft_steps:
-            history[-1]["val_loss"] = round(validation_loss(model, val, tok.eot, cfg.device), 4)
-            log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
-            if is_main():
-                save_checkpoint(
-                    ckpt_file,
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    step=step,
-                    history=history,
-                )
-                write_metrics(
-                    out_dir / "metrics.jsonl", history
-                )  # from the checkpointed history: resumable
-    model.eval()
-    return model, history
-
-
-def sft_stage(cfg, run, splits):
-    tok = prepare.tokenizer(cfg.compact)
-    extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
-    train = sft_examples(cfg, tok, splits["train"] + extra)
-    model, history = sft(cfg, tok, train, sft_examples(cfg, tok, splits["val"]), run / "sft")
-    if is_main():
-        model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
-    return dict(
-        train_examples=len(train),
-        final_loss=history[-1]["loss"],
-        val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
-    )
-
-
-# -----------------------------------------------------------------------------
 # 3. Sample answers from the SFT policy
 
 
 def sample_stage(cfg, run, splits):
-    """samples_per_prompt answers to the first sample_prompts training instructions (a seeded shuffle)."""
+    """answers_per_instruction answers to each of the first sampled_instructions training instructions
+    (a seeded shuffle)."""
     tok, train = prepare.tokenizer(cfg.compact), splits["train"]
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
-    chosen = order[: cfg.sample_prompts]
+    chosen = order[: cfg.sampled_instructions]
     prompts = [
         prepare.prompt_ids(tok, train[i].instruction)
         for i in chosen
-        for _ in range(cfg.samples_per_prompt)
+        for _ in range(cfg.answers_per_instruction)
     ]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     responses = sample_answers(
@@ -280,7 +134,7 @@ def sample_stage(cfg, run, splits):
     samples = [
         Sample(
             id=k,
-            record=chosen[k // cfg.samples_per_prompt],
+            record=chosen[k // cfg.answers_per_instruction],
             source="policy",
             query=q,
             response=r,
@@ -530,9 +384,9 @@ def refuse_bad_settings(cfg):
         problems += reward.judge_setting_problems(
             cfg.judge_model, cfg.judge_max_usd, cfg.judge_price
         )
-    if not cfg.contrast_answers and cfg.samples_per_prompt < 2:
+    if not cfg.contrast_answers and cfg.answers_per_instruction < 2:
         problems.append(
-            f"--samples-per-prompt {cfg.samples_per_prompt}: must be >= 2 with --no-contrast-answers "
+            f"--answers-per-instruction {cfg.answers_per_instruction}: must be >= 2 with --no-contrast-answers "
             "(the reward model learns from pairs of answers to one instruction)"
         )
     check_settings(cfg, more=problems)
@@ -720,8 +574,8 @@ def print_plan(cfg, until):
         if cfg.init in CPU_PRESETS
         else GPT2_PARAMS.get(cfg.init, "size read from its config.json")
     )
-    n_prompts = min(cfg.sample_prompts, len(train))
-    n_answers = n_prompts * (cfg.samples_per_prompt + (3 if cfg.contrast_answers else 0))
+    n_prompts = min(cfg.sampled_instructions, len(train))
+    n_answers = n_prompts * (cfg.answers_per_instruction + (3 if cfg.contrast_answers else 0))
     proxy = [
         Sample(
             i,
@@ -752,7 +606,7 @@ def print_plan(cfg, until):
     lines = dict(
         sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
         f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
-        sample=f"{n_prompts} instructions x {cfg.samples_per_prompt} answers at T={cfg.temperature}"
+        sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at T={cfg.temperature}"
         f"{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
         feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
         reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",

@@ -1,28 +1,35 @@
 """
-Run directories: the files every stage of rlaif.py reads and writes, and how one stage is run.
-
-A run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
-summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs are
-checked whenever a later stage relies on them. Here, in order:
-  - Config: every setting of a run, recorded in run_dir/config.json; load_config() reads it back;
-    check_settings() holds every setting to the type and range declared with it, before anything runs.
+Run directories: the files every stage of rlaif.py reads and writes, how one stage is run, and the
+plumbing every training stage shares. Here, in order:
+  - training helpers: log and progress lines, atomic writes, checkpoints, AdamW, the LR schedule,
+    autocast, batches of similar length.
+  - Config: every setting of a run, recorded in run_dir/config.json; load_config() reads it back
+    (settings renamed since are read under their new names); check_settings() holds every setting
+    to the type and range declared with it, before anything runs.
   - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
-  - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
-  - metrics.jsonl (and TensorBoard), resumable training state.
+  - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo. A run is
+    one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
+    summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs
+    are checked whenever a later stage relies on them.
+  - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - several processes under torchrun: each rank's share of a batch, global means, gradients averaged
     over ranks, barriers that end a run whose rank died; without torchrun all of it is a no-op.
-  - the command line of a stage script (python ppo.py, reward.py, evaluate.py) and run_stage(), which
-    rlaif.py and those scripts use to run a stage. dpo.py trains one part of the compare stage, so it
-    has a command line of its own (the same flags and checks, no done.json).
-Nothing here knows the model beyond saving and loading state (model.py).
+  - the command line of a stage script (python sft.py, ppo.py, reward.py, evaluate.py) and
+    run_stage(), which rlaif.py and those scripts use to run a stage. dpo.py trains one part of the
+    compare stage, so it has a command line of its own (the same flags and checks, no done.json).
+The bottom layer: nothing here imports the project's other modules (model.py imports from here).
 """
 
 import argparse
+import contextlib
 import datetime
+import errno
 import hashlib
 import json
+import math
 import operator
 import os
+import random
 import re
 import shutil
 import time
@@ -33,7 +40,180 @@ from typing import Annotated
 
 import torch
 
-from model import atomic_write, load_checkpoint, log
+# -----------------------------------------------------------------------------
+# Training helpers shared by the stages: progress lines, files written atomically, checkpoints,
+# optimizer, LR schedule, autocast, and batches of similar length
+
+
+def log(msg):
+    """Progress output, flushed at once so that a log file shows it while a stage runs."""
+    print(msg, flush=True)
+
+
+def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
+    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed (nanoGPT)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
+
+
+def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device):
+    """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
+    return torch.autocast(
+        device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")
+    )
+
+
+def progress(done, total, t0):
+    """'(elapsed, ETA)' of a loop that has done `done` of `total` units since time t0: every stage's
+    progress lines end with it."""
+    elapsed = time.time() - t0
+    eta = elapsed / done * (total - done) if done else float("nan")
+    return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A write
+    that fails is re-raised as an OSError naming the file and the cause (torch's own message for a full
+    disk names neither); the half-written tmp file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(str(tmp))
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        error = write_error(path, e)  # before the tmp file goes: a full disk is still full
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise error from e
+
+
+def write_error(path, e):
+    """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit it."""
+    full = (
+        getattr(e, "errno", None) == errno.ENOSPC
+        or "No space left" in str(e)
+        or free_bytes(Path(path).parent) < 1 << 20
+    )
+    cause = "no space left on device" if full else f"{type(e).__name__}: {e}"
+    code = errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO
+    return OSError(code, f"cannot write {path}: {cause}")
+
+
+def free_bytes(directory):
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 1 << 62  # unknown: not called full
+
+
+class RecordingFile:
+    """A binary file that keeps the OSError of a failed write: torch.save reports one only as
+    'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes unnamed."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def torch_save(obj, path):
+    """torch.save through a Python file, so that a failed write raises its own OSError (ENOSPC...)."""
+    with open(path, "wb") as f:
+        out = RecordingFile(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+def save_checkpoint(path, **state):
+    """Atomic torch.save of plain state (tensors, numbers, strings, dicts)."""
+    atomic_write(path, lambda p: torch_save(state, p))
+
+
+def atomic_dir(path, write):
+    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent, never
+    half-written. A finished older one is replaced only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # frees what a full disk needs; a kill's leftover goes next time
+        raise
+    if path.exists():
+        shutil.rmtree(path)  # a crash here leaves the new one complete in tmp, none at `path`
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load of plain state only (weights_only: no pickle code runs); errors name the file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
+            "stage's done.json) to redo the stage that wrote it"
+        ) from None
+
+
+def stream_seed(seed, stream, index):
+    """The seed of draw `index` (an epoch, an iteration) of one stream of random numbers of a run:
+    seed * stream + index. Each stream (SFT's shuffle, its batch order, ...) has its own multiplier, so
+    that two streams of a run never share a seed; the values are the ones the stages always used."""
+    return seed * stream + index
+
+
+def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
+    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups of 32
+    batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts are left-
+    and answers right-padded, so both must agree), then the batches shuffled."""
+    order = list(range(len(keys)))
+    random.Random(shuffle_seed).shuffle(order)
+    group = 32 * batch_size
+    order = [
+        j
+        for g in range(0, len(order), group)
+        for j in sorted(order[g : g + group], key=lambda j: keys[j])
+    ]
+    end = (
+        len(order) // batch_size * batch_size
+        if drop_last and len(order) >= batch_size
+        else len(order)
+    )
+    batches = [order[b : b + batch_size] for b in range(0, end, batch_size)]
+    random.Random(batch_seed).shuffle(batches)
+    return batches
+
 
 # -----------------------------------------------------------------------------
 # The settings of a run
@@ -79,17 +259,16 @@ class Config:
     sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step", ">= 1"] = 1
     sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)", "> 0"] = 2e-3
     sft_warmup: Annotated[int, "SFT warmup steps", ">= 0"] = 50
-    weight_decay: Annotated[float, "AdamW weight decay on matrices (SFT)", ">= 0"] = 0.1
-    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)", "> 0"] = 1.0
-    eval_every: Annotated[
+    sft_eval_every: Annotated[
         int, "SFT validation loss and checkpoint every this many steps", ">= 1"
     ] = 100
-    samples_per_prompt: Annotated[
-        int, "answers sampled per instruction for AI feedback", ">= 1"
-    ] = 4
-    sample_prompts: Annotated[
-        int, "training instructions that get sampled answers (at most all)", ">= 1"
+    grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)", "> 0"] = 1.0
+    sampled_instructions: Annotated[
+        int, "training instructions whose answers the judge grades (at most all)", ">= 1"
     ] = 1000
+    answers_per_instruction: Annotated[
+        int, "policy answers sampled per sampled instruction (contrast answers come on top)", ">= 1"
+    ] = 4
     contrast_answers: Annotated[
         bool,
         "[not in the paper] also judge, per sampled instruction, its reference, "
@@ -168,6 +347,16 @@ class Config:
 
 
 SECTIONS = ("ppo", "rm", "dpo")
+# Settings renamed since runs were recorded: load_config reads an older config.json under the new
+# names, so that an existing run directory still resumes.
+RENAMED = dict(
+    eval_every="sft_eval_every",  # applies to SFT only
+    sample_prompts="sampled_instructions",
+    samples_per_prompt="answers_per_instruction",
+)
+# Settings that became constants, with the value each is fixed at: a run recorded with another value
+# cannot resume (its results could not be reproduced).
+REMOVED = dict(weight_decay=0.1)  # sft.WEIGHT_DECAY
 # Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
 NOT_RESULTS = (
     "run_dir",
@@ -231,6 +420,7 @@ def load_config(run_dir, **sections):
                 f"{config_file}: {name or 'the file'} is a JSON {type(value).__name__}, not an "
                 "object of settings; fix it, or start a new --run-dir"
             )
+    d = renamed_settings(d, config_file)
     try:
         built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
         cfg = Config(**dict(d, **built))
@@ -240,6 +430,18 @@ def load_config(run_dir, **sections):
         ) from None
     check_settings(cfg, where=config_file)
     return cfg
+
+
+def renamed_settings(recorded, config_file):
+    """A recorded config.json's settings under this version's names (RENAMED, REMOVED)."""
+    d = {RENAMED.get(key, key): value for key, value in recorded.items()}
+    for key, fixed in REMOVED.items():
+        if key in d and d.pop(key) != fixed:
+            raise SystemExit(
+                f"{config_file}: {key} {recorded[key]!r}: no longer a setting (fixed at {fixed}); "
+                "start a new --run-dir"
+            )
+    return d
 
 
 def save_config(cfg, run_dir):

@@ -17,9 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ppo  # noqa: E402
 import rlaif  # noqa: E402
-from model import GPT, GPTConfig, ScalarModel, make_optimizer  # noqa: E402
+import sft  # noqa: E402
+from model import GPT, GPTConfig, ScalarModel  # noqa: E402
 from reward import comparisons_loss  # noqa: E402
-from runs import DIST, average_gradients, barrier, setup_distributed, shard  # noqa: E402
+from runs import (  # noqa: E402
+    DIST,
+    average_gradients,
+    barrier,
+    make_optimizer,
+    setup_distributed,
+    shard,
+)
 
 SMALL = GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 EOT = 63
@@ -30,13 +38,13 @@ def params(module):
 
 
 def sft_steps(out):
-    """3 steps of rlaif.sft with a global batch of 8 (each of 2 ranks: 4), accumulation 2."""
+    """3 steps of sft.train_sft with a global batch of 8 (each of 2 ranks: 4), accumulation 2."""
     cfg = rlaif.make_config(
         init="micro",
         sft_steps=3,
         sft_batch_size=8,
         sft_grad_accum=2,
-        eval_every=100,
+        sft_eval_every=100,
         sft_lr=1e-3,
         sft_warmup=1,
     )
@@ -49,18 +57,18 @@ def sft_steps(out):
         )
         for i in range(32)
     ]
-    model, _ = rlaif.sft(cfg, tok, examples, examples[:4], out / f"sft_{DIST.world}")
+    model, _ = sft.train_sft(cfg, tok, examples, examples[:4], out / f"sft_{DIST.world}")
     return params(model), validation(model, examples[:7])
 
 
 def validation(model, examples):
-    """rlaif.validation_loss on 7 examples, and how many of them this rank scored."""
-    seen, sft_loss = [], rlaif.sft_loss
-    rlaif.sft_loss = lambda m, chunk, *a: seen.extend(chunk) or sft_loss(m, chunk, *a)
+    """sft.validation_loss on 7 examples, and how many of them this rank scored."""
+    seen, sft_loss = [], sft.sft_loss
+    sft.sft_loss = lambda m, chunk, *a: seen.extend(chunk) or sft_loss(m, chunk, *a)
     try:
-        return dict(loss=rlaif.validation_loss(model, examples, EOT, "cpu"), scored=len(seen))
+        return dict(loss=sft.validation_loss(model, examples, EOT, "cpu"), scored=len(seen))
     finally:
-        rlaif.sft_loss = sft_loss
+        sft.sft_loss = sft_loss
 
 
 def reward_model_step():

@@ -62,7 +62,7 @@ def test_answer_format_round_trips_through_the_parser():
 def test_sft_loss_has_zero_weight_on_prompt_tokens():
     """The loss is the mean NLL of the answer tokens alone, computed by hand on unpadded rows."""
     from model import GPT, GPTConfig
-    from rlaif import sft_loss
+    from sft import sft_loss
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
     batch = [([1, 2, 3, 4], [5, 6, 49]), ([7, 8], [9, 49])]
@@ -79,6 +79,7 @@ def test_sft_loss_has_zero_weight_on_prompt_tokens():
 
 def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     import rlaif
+    import sft
     from model import Tokenizer
 
     tok = Tokenizer(prepare.VOCAB_FILE)
@@ -92,24 +93,24 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         init="micro",
         sft_steps=12,
         sft_batch_size=8,
-        eval_every=4,
+        sft_eval_every=4,
         sft_warmup=2,
         device="cpu",
     )
-    _, full = rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "a")
+    _, full = sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "a")
 
-    real_save = rlaif.save_checkpoint
+    real_save = sft.save_checkpoint
 
     def crash_after_step_8(path, **state):
         real_save(path, **state)
         if state["step"] == 8:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(rlaif, "save_checkpoint", crash_after_step_8)
+    monkeypatch.setattr(sft, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
-        rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "b")
-    monkeypatch.setattr(rlaif, "save_checkpoint", real_save)
-    _, resumed = rlaif.sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+        sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    _, resumed = sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "b")
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     assert resumed[-1].get("val_loss") == full[-1].get("val_loss")
 
@@ -167,11 +168,12 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
     import json
 
     import rlaif
+    import sft
     from data.gorilla import prepare
     from model import Tokenizer
 
     cfg = rlaif.make_config(
-        init="micro", sft_steps=40, eval_every=20, sft_batch_size=4, max_answer_tokens=40
+        init="micro", sft_steps=40, sft_eval_every=20, sft_batch_size=4, max_answer_tokens=40
     )
     tok = Tokenizer(prepare.VOCAB_FILE)
     examples = [([1, 2, 3, i % 50 + 5], [i % 40 + 7, 9, tok.eot]) for i in range(64)]
@@ -180,14 +182,14 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
         if msg.startswith("[sft] step 25/"):
             raise RuntimeError("killed")
 
-    monkeypatch.setattr(rlaif, "log", crash_at_25)
+    monkeypatch.setattr(sft, "log", crash_at_25)
     with pytest.raises(RuntimeError):
-        rlaif.sft(cfg, tok, examples, examples[:8], tmp_path)
+        sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))  # as checkpointed, not as far as it got
     said = []
-    monkeypatch.setattr(rlaif, "log", said.append)
-    rlaif.sft(cfg, tok, examples, examples[:8], tmp_path)
+    monkeypatch.setattr(sft, "log", said.append)
+    sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
     assert any(m.startswith("[sft] resumed from") and m.endswith("at step 20") for m in said)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))

@@ -42,7 +42,7 @@ def max_difference(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("what", ["sft", "rm", "policy", "value"])
 def test_two_ranks_take_the_steps_of_one_process_with_their_joint_batch(results, what):
-    """sft: 3 AdamW steps of rlaif.sft (global batch 8, accumulation 2); rm: one step of the pairwise and
+    """sft: 3 AdamW steps of sft.train_sft (global batch 8, accumulation 2); rm: one step of the pairwise and
     auxiliary losses; policy, value: one PPO update on a fixed rollout batch."""
     one, rank0, rank1 = results
     assert max_difference(rank0[what], rank1[what]) == 0  # every rank holds the same model

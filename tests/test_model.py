@@ -217,7 +217,7 @@ def prepare_file():
 
 
 def test_unreadable_checkpoint_names_its_file(tmp_path):
-    from model import load_checkpoint, save_checkpoint
+    from runs import load_checkpoint, save_checkpoint
 
     empty = tmp_path / "ckpt.pt"
     empty.write_bytes(b"")

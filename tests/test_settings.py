@@ -15,7 +15,6 @@ import pytest
 
 import dpo
 import evaluate
-import model
 import ppo
 import reward
 import rlaif
@@ -109,14 +108,14 @@ def test_a_full_disk_is_named_with_the_file(tmp_path, monkeypatch):
     def torch_full(*args, **kwargs):
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(model.torch, "save", torch_full)
+    monkeypatch.setattr(runs.torch, "save", torch_full)
     monkeypatch.setattr(
         shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=0)
     )
     with pytest.raises(
         OSError, match=rf"cannot write {tmp_path / 'ckpt.pt'}: no space left on device"
     ):
-        model.save_checkpoint(tmp_path / "ckpt.pt", step=1)
+        runs.save_checkpoint(tmp_path / "ckpt.pt", step=1)
 
     def write_full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -147,7 +146,7 @@ def full_disk(tmp_path):
 def test_a_real_full_disk_is_named_with_the_file(full_disk):
     net = GPT(preset_config("micro", 1000))  # 300 KB of weights
     for path, write in (
-        (full_disk / "ckpt.pt", lambda p: model.save_checkpoint(p, model=net.state_dict())),
+        (full_disk / "ckpt.pt", lambda p: runs.save_checkpoint(p, model=net.state_dict())),
         (full_disk / "model", lambda p: net.save_pretrained(p)),
         (full_disk / "rows.jsonl", lambda p: runs.write_jsonl(p, [{"text": "x" * 1000}] * 100)),
     ):
@@ -166,7 +165,7 @@ def test_a_real_full_disk_is_named_with_the_file(full_disk):
         (["--ppo-batch-size", "0"], "--ppo-batch-size 0: must be >= 1"),
         (["--sft-steps", "0"], "--sft-steps 0: must be >= 1"),
         (["--sft-steps", "-1"], "--sft-steps -1: must be >= 1"),
-        (["--eval-every", "0"], "--eval-every 0: must be >= 1"),
+        (["--sft-eval-every", "0"], "--sft-eval-every 0: must be >= 1"),
         (["--sft-batch-size", "0"], "--sft-batch-size 0: must be >= 1"),
         (["--rm-batch-size", "0"], "--rm-batch-size 0: must be >= 1"),
         (["--max-answer-tokens", "100000"], "--max-answer-tokens 100000: must be <= "),
@@ -287,12 +286,12 @@ def test_a_train_file_without_usable_records_is_refused_before_sft(
     [
         (["--temperature", "0"], "--temperature 0.0: must be > 0 (sampling temperature"),
         (["--temperature", "-1"], "--temperature -1.0: must be > 0"),
-        (["--samples-per-prompt", "0"], "--samples-per-prompt 0: must be >= 1"),
+        (["--answers-per-instruction", "0"], "--answers-per-instruction 0: must be >= 1"),
         (
-            ["--no-contrast-answers", "--samples-per-prompt", "1"],
-            "--samples-per-prompt 1: must be >= 2 with --no-con",
+            ["--no-contrast-answers", "--answers-per-instruction", "1"],
+            "--answers-per-instruction 1: must be >= 2 with --no-con",
         ),
-        (["--sample-prompts", "0"], "--sample-prompts 0: must be >= 1"),
+        (["--sampled-instructions", "0"], "--sampled-instructions 0: must be >= 1"),
         (["--ppo-iterations", "0"], "--ppo-iterations 0: must be >= 1"),
         (["--eval-limit", "-1"], "--eval-limit -1: must be >= 0"),
         (["--exec-timeout", "0"], "--exec-timeout 0.0: must be > 0"),

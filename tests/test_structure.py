@@ -11,23 +11,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# model <- runs (run directories) <- data (with the sandbox's stand-in libraries) <- sandbox, reward (the
-# judge) <- ppo, dpo, evaluate <- rlaif: a module imports only lower layers (ppo and evaluate ask the judge
-# to score greedy answers, dpo trains on its pairs, evaluate runs code through the sandbox).
+# runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
+# libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A module
+# imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on its pairs,
+# evaluate runs code through the sandbox).
 LAYER = {
-    "model": 0,
-    "runs": 1,
+    "runs": 0,
+    "model": 1,
     "data": 2,
     "sandbox": 3,
-    "reward": 3,
-    "ppo": 4,
-    "dpo": 4,
-    "evaluate": 4,
-    "rlaif": 5,
+    "sft": 4,
+    "reward": 4,
+    "ppo": 5,
+    "dpo": 5,
+    "evaluate": 5,
+    "rlaif": 6,
 }
 ALLOWED = set()
 SCRIPTS = [
     "rlaif.py",
+    "sft.py",
     "ppo.py",
     "reward.py",
     "dpo.py",
@@ -186,7 +189,7 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
     assert not long, long
 
 
-@pytest.mark.parametrize("script", ["ppo", "reward", "dpo", "evaluate"])
+@pytest.mark.parametrize("script", ["sft", "ppo", "reward", "dpo", "evaluate"])
 def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monkeypatch):
     """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
     the command that makes it (and starts nothing). In-process: main() with no arguments."""

@@ -1,0 +1,219 @@
+"""
+Supervised fine-tuning (SFT) of GPT-2 on APIBench's (instruction -> answer) pairs: step 1 of the
+paper's method (Dutta et al. 2024, section 3), the policy that feedback, the reward model and PPO start
+from.
+
+    python sft.py                      # the SFT stage of runs/tiny (--run-dir another run)
+
+One optimizer step of train_sft, in order:
+  1. batch: the step's examples, grouped by length (batch_at: a pure function of the step, so a
+     resumed run sees the batches of an uninterrupted one); under torchrun each rank takes its share.
+  2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompt tokens carry none.
+     Gradients accumulate over sft_grad_accum micro-batches.
+  3. update: AdamW (decay on matrices only), linear warmup then cosine decay (runs.lr_at), the
+     gradient norm clipped at grad_clip (nanoGPT's train.py).
+Every sft_eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from data.gorilla import prepare
+from model import GPT, pad_pairs, preset_config, response_logprobs
+from runs import (
+    RUN_FILES,
+    all_sum,
+    autocast,
+    average_gradients,
+    is_main,
+    length_grouped_batches,
+    log,
+    lr_at,
+    make_optimizer,
+    progress,
+    resume,
+    run_stage,
+    save_checkpoint,
+    shard,
+    stage_command_line,
+    stream_seed,
+    write_metrics,
+)
+
+# -----------------------------------------------------------------------------
+# Settings: the sft_* fields of runs.Config (rlaif.py --sft-steps, --sft-batch-size, --sft-grad-accum,
+# --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and these, which no
+# experiment changes
+
+CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
+WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices (nanoGPT's; the flag --weight-decay until now)
+LOG_EVERY = 25  # steps between progress lines
+VAL_BATCH_SIZE = 32  # examples per forward pass of the validation loss
+
+
+# -----------------------------------------------------------------------------
+# The pieces, in the order they run
+
+
+def init_model(cfg, tok):
+    if cfg.init in CPU_PRESETS:
+        return GPT(preset_config(cfg.init, tok.vocab_size))
+    return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
+
+
+def sft_examples(cfg, tok, records):
+    """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
+    return [
+        (
+            prepare.prompt_ids(tok, r.instruction),
+            prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens),
+        )
+        for r in records
+    ]
+
+
+def batch_at(examples, batch_size, index, seed):
+    """The index-th batch of SFT: epochs of batches grouped by total length
+    (runs.length_grouped_batches). A pure function of (index, seed): a resumed run sees exactly the
+    batches of an uninterrupted one."""
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, i = divmod(index, per_epoch)
+    keys = [len(q) + len(a) for q, a in examples]
+    batches = length_grouped_batches(
+        keys,
+        batch_size,
+        stream_seed(seed, 1_000_003, epoch),
+        stream_seed(seed, 7, epoch),
+        drop_last=True,
+    )
+    return [examples[j] for j in batches[i]]
+
+
+def sft_loss(model, examples, pad, device):
+    """(Mean negative log-likelihood of the answer tokens (of every rank's examples under torchrun),
+    tokens in the batch); prompt tokens carry no loss."""
+    query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
+    with autocast(device):
+        logprobs = response_logprobs(model, query, query_mask, response, response_mask)
+    loss = -all_sum(logprobs.sum()) / all_sum(response_mask.sum())
+    return loss, int(query_mask.sum() + response_mask.sum())
+
+
+def optimizer_step(model, optimizer, cfg, train, step, pad):
+    """Optimizer step `step` of SFT: sft_grad_accum micro-batches, gradients averaged over ranks and
+    clipped, AdamW. Returns (the last micro-batch's loss, tokens seen)."""
+    tokens = 0
+    for micro in range(cfg.sft_grad_accum):
+        index = step * cfg.sft_grad_accum + micro
+        batch = shard(batch_at(train, cfg.sft_batch_size, index, cfg.seed))
+        loss, n_tokens = sft_loss(model, batch, pad, cfg.device)
+        (loss / cfg.sft_grad_accum).backward()
+        tokens += n_tokens
+    average_gradients(model.parameters())  # torchrun: every rank takes the global batch's step
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens
+
+
+@torch.no_grad()
+def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
+    """Mean loss per answer token over `examples`; under torchrun each rank scores its share."""
+    model.eval()
+    examples, total, n = shard(examples), 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        loss, _ = sft_loss(model, chunk, pad, device)
+        tokens = sum(len(a) for _, a in chunk)
+        total, n = total + loss.item() * tokens, n + tokens
+    model.train()
+    total, n = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device)).tolist()
+    return total / max(n, 1)
+
+
+def validate_and_save(model, optimizer, val, pad, cfg, history, out_dir):
+    """The validation loss into the step's history row, then the checkpoint and metrics.jsonl (from the
+    checkpointed history: a resumed run writes no row twice)."""
+    step = history[-1]["step"]
+    history[-1]["val_loss"] = round(validation_loss(model, val, pad, cfg.device), 4)
+    log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
+    if is_main():
+        save_checkpoint(
+            Path(out_dir) / "ckpt.pt",
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            step=step,
+            history=history,
+        )
+        write_metrics(Path(out_dir) / "metrics.jsonl", history)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def train_sft(cfg, tok, train, val, out_dir):
+    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint."""
+    torch.manual_seed(cfg.seed)
+    model = init_model(cfg, tok).to(cfg.device)
+    optimizer = make_optimizer(model, cfg.sft_lr, WEIGHT_DECAY)
+    ckpt_file = Path(out_dir) / "ckpt.pt"
+    step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
+    model.train()
+    t0, tokens_seen, start = time.time(), 0, step
+    while step < cfg.sft_steps:
+        lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens = optimizer_step(model, optimizer, cfg, train, step, tok.eot)
+        tokens_seen += tokens
+        step += 1
+        speed = round(tokens_seen / (time.time() - t0))
+        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
+        if step % LOG_EVERY == 0 or step == cfg.sft_steps:
+            log(
+                f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"{speed:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}"
+            )
+        if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
+            validate_and_save(model, optimizer, val, tok.eot, cfg, history, out_dir)
+    model.eval()
+    return model, history
+
+
+# -----------------------------------------------------------------------------
+# The SFT stage of a run (rlaif.py, or python sft.py on an existing run)
+
+
+def sft_stage(cfg, run, splits):
+    tok = prepare.tokenizer(cfg.compact)
+    extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
+    train = sft_examples(cfg, tok, splits["train"] + extra)
+    val = sft_examples(cfg, tok, splits["val"])
+    model, history = train_sft(cfg, tok, train, val, run / "sft")
+    if is_main():
+        model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
+    return dict(
+        train_examples=len(train),
+        final_loss=history[-1]["loss"],
+        val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
+    )
+
+
+def main(argv=None):
+    """python sft.py: the SFT stage alone, on an existing run (default runs/tiny)."""
+    cfg, run = stage_command_line(
+        "sft",
+        "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save it "
+        "to run_dir/sft. Uses the run's recorded settings (config.json); --sft-* flags of rlaif.py "
+        "change them (python rlaif.py --from sft). An interrupted SFT resumes; later stages are set "
+        "aside.",
+        argv,
+    )
+    run_stage(cfg, run, "sft", sft_stage, prepare.load_splits(cfg.train_file))
+
+
+if __name__ == "__main__":
+    main()
