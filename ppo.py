@@ -1,37 +1,46 @@
 """
 PPO for language models against a learned reward, with a per-token KL penalty to the SFT model.
 
-    python ppo.py                      # the PPO stage of runs/tiny (--run-dir another run; tiny on CPU, paper on GPU)
+    python ppo.py    # the PPO stage of runs/tiny (--run-dir another run; tiny on CPU, paper on GPU)
 
 The algorithm, in the order of one iteration (train_ppo):
-  1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts, sampled with
-     model.generate; policy `logprobs`, `ref_logprobs` and `values` by one teacher-forced pass each; `score`
-     = reward model at the answer's last token.
-  2. rewards: the score minus the mean score of the same prompt's other answers (a per-prompt baseline,
-     Kool et al. 2019; Ahmadian et al. 2024), then r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus
-     that score at the last token (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
-  3. advantages: GAE (Schulman et al. 2016, eq. 11-16) with gamma = 1 and lam = 1, so the answer's score
-     reaches every token, the API choice near the start included; returns = advantages + values.
-  4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7) plus the
-     clipped value loss. The value model starts from the reward model's network with a zero head and is
-     trained alone in the first `critic_warmup` iterations, so its first predictions are on the score's scale.
-     At the default settings the critic is a baseline that adds little beside the leave-one-out one: what
-     is left to predict is the difference between a prompt's answers, and its explained variance stays
-     near 0 or below (docs/experiments.md, "The critic at the default settings").
-`--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on the whole
-answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped update.
-`--advantage grpo` [not in the paper] is GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): the score normalised
-within the prompt's group (minus the group's mean, over its std), no critic, and the KL to the SFT model as
-a loss term (the k3 estimator) instead of a reward term. Where it differs from RLOO: the group mean includes
-the answer itself, the std rescales every prompt's advantages to the same size, and the KL does not enter
-the advantage.
-Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N Implementation
-Details of RLHF with PPO") each line implements; docs/experiments.md says why each default is what it is.
+  1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts,
+     sampled with model.generate; policy `logprobs`, `ref_logprobs` and `values` by one
+     teacher-forced pass each; `score` = reward model at the answer's last token.
+  2. rewards: the score minus the mean score of the same prompt's other answers (a per-prompt
+     baseline, Kool et al. 2019; Ahmadian et al. 2024), then
+     r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus that score at the last token
+     (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
+  3. advantages: GAE (Schulman et al. 2016, eq. 11-16) with gamma = 1 and lam = 1, so the answer's
+     score reaches every token, the API choice near the start included;
+     returns = advantages + values.
+  4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7)
+     plus the clipped value loss. The value model starts from the reward model's network with a
+     zero head and is trained alone in the first `critic_warmup` iterations, so its first
+     predictions are on the score's scale. At the default settings the critic is a baseline that
+     adds little beside the leave-one-out one: what is left to predict is the difference between a
+     prompt's answers, and its explained variance stays near 0 or below (docs/experiments.md,
+     "The critic at the default settings").
+  5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
+`--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
+the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
+update.
+`--advantage grpo` [not in the paper] is GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): the score
+normalised within the prompt's group (minus the group's mean, over its std), no critic, and the KL
+to the SFT model as a loss term (the k3 estimator) instead of a reward term. Where it differs from
+RLOO: the group mean includes the answer itself, the std rescales every prompt's advantages to the
+same size, and the KL does not enter the advantage.
+Under torchrun each rank samples its share of the prompts; the ranks' numbers meet in one section
+("Under torchrun"), so that every piece of math here is the single-process math on the global
+batch.
+Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N
+Implementation Details of RLHF with PPO") each line implements; docs/experiments.md says why each
+default is what it is.
 """
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -59,8 +68,6 @@ from runs import (
     all_sum,
     average_gradients,
     barrier,
-    global_mean,
-    global_std,
     is_main,
     metrics_tag,
     resume,
@@ -138,55 +145,34 @@ class PPOConfig:
 
 
 # -----------------------------------------------------------------------------
-# KL controllers (lm-human-preferences, train_policy.py)
-
-
-class FixedKLController:
-    def __init__(self, kl_coef):
-        self.value = kl_coef
-
-    def update(self, current_kl, n_steps):
-        pass
-
-
-class AdaptiveKLController:
-    """beta <- beta * (1 + K * e * n_steps / horizon), e = clip(KL / target - 1, -0.2, 0.2)
-    (Ziegler et al. 2019, section 2.2)."""
-
-    def __init__(self, init_kl_coef, target, horizon):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl, n_steps):
-        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.value *= 1 + proportional_error * n_steps / self.horizon
-
-
-# -----------------------------------------------------------------------------
-# The pieces, each a few lines, each tested in tests/test_ppo.py
+# The pieces, in the order of an iteration, each a few lines of single-process tensor code, each
+# tested in tests/test_ppo.py
 
 
 def masked_mean(x, mask):
-    """Mean over the real tokens of the batch: of every rank's batch under torchrun (runs.all_sum is
-    differentiable, so the losses are the global batch's too)."""
-    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
+    """Mean of x over the real tokens (mask 1); padding (mask 0) counts for nothing."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(x, mask):
+    """Unbiased variance of x over the real tokens."""
     mean = masked_mean(x, mask)
-    n = all_sum(mask.sum())
-    return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)  # unbiased
+    n = mask.sum()
+    return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
 
 
-def whiten(x, mask):
-    """Normalise over real tokens only, so padding never shifts the statistics [N-details: whitening]."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+def value_predictions(value_model, query, query_mask, response, response_mask):
+    """V(s_t) for each answer token t: the value head at the position that predicts token t."""
+    Q = query.size(1)
+    values = value_model(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+    return values[:, Q - 1 : -1].float() * response_mask
 
 
 def leave_one_out(x, k):
-    """x_i minus the mean of the other k-1 entries of its group; groups are k consecutive entries (the
-    answers to one prompt). The baseline does not depend on x_i, so the policy gradient stays unbiased
-    (Kool et al. 2019, "Buy 4 REINFORCE samples"; Ahmadian et al. 2024, eq. 8). k = 1: x unchanged."""
+    """x_i minus the mean of the other k-1 entries of its group; groups are k consecutive entries
+    (the answers to one prompt). The baseline does not depend on x_i, so the policy gradient stays
+    unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples"; Ahmadian et al. 2024, eq. 8).
+    k = 1: x unchanged."""
     if k <= 1:
         return x
     groups = x.view(-1, k)
@@ -194,10 +180,10 @@ def leave_one_out(x, k):
 
 
 def shaped_score(score, ended, rollouts_per_prompt, missing_eos_penalty):
-    """The score PPO maximises: the reward model's, plus missing_eos_penalty for an answer cut off before
-    <|endoftext|> [N-details: EOS trick], minus its prompt's baseline. Most of a learned reward's
-    variance is between prompts (how hard the task is), which no action of the policy changes; the
-    baseline removes it."""
+    """The score PPO maximises: the reward model's, plus missing_eos_penalty for an answer cut off
+    before <|endoftext|> [N-details: EOS trick], minus its prompt's baseline. Most of a learned
+    reward's variance is between prompts (how hard the task is), which no action of the policy
+    changes; the baseline removes it."""
     score = torch.where(ended, score, score + missing_eos_penalty)
     return leave_one_out(score, rollouts_per_prompt)
 
@@ -214,9 +200,10 @@ def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016, eq. 11-16) as the plain backwards loop:
-    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; V beyond the answer is 0.
-    With lam = 1 the returns are the Monte-Carlo returns (the rewards to go), whatever the values."""
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 11-16) as the plain backwards
+    loop: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; V beyond the
+    answer is 0. With lam = 1 the returns are the Monte-Carlo returns (the rewards to go), whatever
+    the values."""
     values = values * mask
     T = rewards.size(1)
     lastgaelam = torch.zeros_like(rewards[:, 0])
@@ -232,30 +219,34 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def rloo_advantages(rewards, mask, k):
-    """[not in the paper] RLOO (Ahmadian et al. 2024, eq. 8): the whole answer is one action; its return
-    (score minus the summed KL penalty) minus the mean return of the prompt's other k-1 answers, given to
-    every token of the answer. `rewards` carry the raw score: the baseline is subtracted here, once."""
+    """[not in the paper] RLOO (Ahmadian et al. 2024, eq. 8): the whole answer is one action; its
+    return (score minus the summed KL penalty) minus the mean return of the prompt's other k-1
+    answers, given to every token of the answer. `rewards` carry the raw score: the baseline is
+    subtracted here, once."""
     return leave_one_out(rewards.sum(1), k)[:, None] * mask
 
 
 def grpo_advantages(score, mask, k):
-    """[not in the paper] GRPO (Shao et al. 2024, eq. 3 with outcome supervision): each answer's score
-    minus its group's mean, over the group's std, given to every token. The group is the k answers to
-    one prompt (consecutive entries); a group whose answers all score the same gets advantage 0."""
+    """[not in the paper] GRPO (Shao et al. 2024, eq. 3 with outcome supervision): each answer's
+    score minus its group's mean, over the group's std, given to every token. The group is the k
+    answers to one prompt (consecutive entries); a group whose answers all score the same gets
+    advantage 0."""
     groups = score.view(-1, k)
     normalised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
     return normalised.view(-1)[:, None] * mask
 
 
-def k3_kl(logprobs, ref_logprobs):
-    """Per-token KL(policy || reference) estimate, always >= 0 and unbiased (Schulman 2020, "Approximating
-    KL divergence", k3): exp(ref - logp) - (ref - logp) - 1. GRPO adds it to the loss (eq. 4)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def whiten(x, mask):
+    """Normalise over real tokens only, so padding never shifts the statistics
+    [N-details: whitening]."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-e, 1+e))."""
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-e, 1+e)),
+    with the fraction of tokens where the clip is active and the approximate KL
+    0.5 (log r)^2 of the update (CleanRL's `clipfrac`, `approx_kl`)."""
     ratio = torch.exp(new_logprobs - logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -266,16 +257,42 @@ def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
 
 
 def value_loss(new_values, values, returns, mask, cliprange_value):
-    """Clipped value loss (PPO2 / lm-human-preferences) [N-details: value clipping]."""
+    """Clipped value loss (PPO2's baselines implementation, lm-human-preferences): the larger of
+    the squared errors of the new prediction and of the prediction clipped to within
+    cliprange_value of the rollout's value, so one update cannot move V far [N-details: value
+    clipping]."""
     clipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
     return 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def value_predictions(value_model, query, query_mask, response, response_mask):
-    """V(s_t) for each answer token t: the value head at the position that predicts token t."""
-    Q = query.size(1)
-    values = value_model(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
-    return values[:, Q - 1 : -1].float() * response_mask
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token KL(policy || reference) estimate, always >= 0 and unbiased (Schulman 2020,
+    "Approximating KL divergence", k3): exp(ref - logp) - (ref - logp) - 1. GRPO adds it to the
+    loss (Shao et al. 2024, eq. 4)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+class FixedKLController:
+    """kl_coef fixed (lm-human-preferences, train_policy.py)."""
+
+    def __init__(self, kl_coef):
+        self.value = kl_coef
+
+    def update(self, current_kl, n_steps):
+        pass
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + K * e * n_steps / horizon), e = clip(KL / target - 1, -0.2, 0.2)
+    (Ziegler et al. 2019, section 2.2; lm-human-preferences, train_policy.py)."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
 
 
 def explained_variance(values, returns, mask):
@@ -289,8 +306,8 @@ def explained_variance(values, returns, mask):
 
 
 def score_share(score, advantages, mask, gamma, lam):
-    """The share of the advantages' variance that the score's own contribution would have alone: near 1,
-    the update follows the reward; near 0, it follows the critic and the KL term."""
+    """The share of the advantages' variance that the score's own contribution would have alone:
+    near 1, the update follows the reward; near 0, it follows the critic and the KL term."""
     rewards = torch.zeros_like(advantages)
     rewards[torch.arange(len(score)), mask.sum(1).long() - 1] = score
     from_score, _ = gae(rewards, torch.zeros_like(advantages), mask, gamma, lam)
@@ -298,46 +315,101 @@ def score_share(score, advantages, mask, gamma, lam):
 
 
 # -----------------------------------------------------------------------------
-# Rollout and update
+# Under torchrun: where the ranks' numbers meet (one process: nothing happens here)
+
+ANSWER_KEYS = ("score", "ended", "mask", "logprobs", "ref_logprobs", "values")
+
+
+def gather_answers(batch):
+    """Steps 2-3 and the record see every rank's answers: the per-answer tensors of each rank's
+    rollout batch, concatenated in rank order, right-padded (mask 0) to the longest answer. Each
+    rank then runs the single-process math on the global batch, so whitening and every statistic
+    cover all answers. One process: the batch itself."""
+    if DIST.world == 1:
+        return batch
+    B, T = batch["mask"].shape
+    widths = torch.zeros(DIST.world, device=batch["mask"].device)
+    widths[DIST.rank] = T
+    width = int(all_sum(widths).max())
+    answers = {}
+    for key in ANSWER_KEYS:
+        x = batch[key].float()
+        if x.dim() == 2:
+            x = torch.nn.functional.pad(x, (0, width - T))
+        slots = torch.zeros(DIST.world, *x.shape, device=x.device)
+        slots[DIST.rank] = x  # the other ranks' slots stay 0: the sum is a gather
+        answers[key] = all_sum(slots).flatten(0, 1).to(batch[key].dtype)
+    return answers
+
+
+def own_rows(x, batch):
+    """This rank's rows of a tensor computed on gather_answers' global batch, cut to the width of
+    its own batch (one process: x; None stays None)."""
+    if DIST.world == 1 or x is None:
+        return x
+    B, T = batch["mask"].shape
+    return x[DIST.rank * B : (DIST.rank + 1) * B, :T]
+
+
+def global_means(means, n):
+    """Step 4's means over this rank's n real tokens -> means over every rank's tokens: each rank's
+    mean weighted by its share of the tokens, n / N. runs.all_sum is differentiable, so a loss
+    built from these is the global minibatch's loss and each rank's backward pass gets its share of
+    the gradient (runs.average_gradients then adds the shares). One process: the means as they
+    are."""
+    if DIST.world == 1:
+        return means
+    total = all_sum(n).clamp(min=1)
+    weighted = all_sum(torch.stack([m * n for m in means.values()])) / total
+    return dict(zip(means, weighted, strict=True))
+
+
+# -----------------------------------------------------------------------------
+# One iteration: rollout, advantages, update (train_ppo calls them in this order)
+
+
+def iteration_prompts(prompts, cfg, seed, it):
+    """The iteration's prompts, each repeated rollouts_per_prompt times in a row: a pure function of
+    (seed, iteration), so a resumed run samples exactly what an uninterrupted one would. Under
+    torchrun, this rank's share of them."""
+    n = cfg.batch_size // cfg.rollouts_per_prompt
+    rng = random.Random(seed * 104729 + it)
+    chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
+    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]
 
 
 @torch.no_grad()
-def rollout(
-    policy,
-    ref_policy,
-    value_model,
-    score_fn,
-    prompts,
-    temperature,
-    max_answer_tokens,
-    eot,
-    device,
-    generator,
-):
-    """Sample answers and everything the update needs; nothing here carries gradients."""
+def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, generator):
+    """Step 1: answers to `prompts` sampled from the policy, and what the update needs of them: the
+    policy's `logprobs`, the reference's `ref_logprobs`, the critic's `values` (zeros without a
+    critic) and the reward's `score`. run_cfg: device, temperature, max_answer_tokens. Nothing here
+    carries gradients."""
+    device, temperature = run_cfg.device, run_cfg.temperature
     query, query_mask = left_pad(prompts, eot, device)
     policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
     t0 = time.time()
     with autocast(device):
         response, response_mask, _ = generate(
-            policy, query, query_mask, max_answer_tokens, eot, temperature, generator=generator
+            policy,
+            query,
+            query_mask,
+            run_cfg.max_answer_tokens,
+            eot,
+            temperature,
+            generator=generator,
         )
-    t_gen = time.time() - t0
+    t_generate = time.time() - t0
+    answers = (query, query_mask, response, response_mask)
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from ratio exactly 1 [N-details: recompute logprobs].
-        logprobs = response_logprobs(
-            policy, query, query_mask, response, response_mask, temperature
-        )
-        ref_logprobs = response_logprobs(
-            ref_policy, query, query_mask, response, response_mask, temperature
-        )
-        values = (
-            value_predictions(value_model, query, query_mask, response, response_mask)
-            if value_model is not None
-            else torch.zeros(response.shape, device=device)
-        )
-        score = score_fn(query, query_mask, response, response_mask).float()
+        logprobs = response_logprobs(policy, *answers, temperature)
+        ref_logprobs = response_logprobs(ref_policy, *answers, temperature)
+        if value_model is not None:
+            values = value_predictions(value_model, *answers)
+        else:
+            values = torch.zeros(response.shape, device=device)
+        score = score_fn(*answers).float()
     ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
     return dict(
         query=query,
@@ -350,133 +422,233 @@ def rollout(
         values=values,
         score=score,
         ended=ended,
-        t_gen=t_gen,
-        t_score=time.time() - t0 - t_gen,
+        t_generate=t_generate,
+        t_forward=time.time() - t0 - t_generate,
     )
+
+
+def advantages_and_returns(answers, cfg, kl_coef):
+    """Steps 2-3: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns) of a
+    rollout batch. returns is None for RLOO and GRPO, which have no critic to train. Each advantage
+    subtracts the prompt's baseline once: GAE from the shaped score, RLOO and GRPO from their own
+    group statistics."""
+    mask, k = answers["mask"], cfg.rollouts_per_prompt
+    logprobs, ref_logprobs = answers["logprobs"], answers["ref_logprobs"]
+    eos_score = shaped_score(answers["score"], answers["ended"], 1, cfg.missing_eos_penalty)
+    score = leave_one_out(eos_score, k)  # minus the mean score of the prompt's other answers
+    if cfg.advantage == "gae":
+        rewards, kl = compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef)
+        advantages, returns = gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam)
+    elif cfg.advantage == "rloo":
+        rewards, kl = compute_rewards(eos_score, logprobs, ref_logprobs, mask, kl_coef)
+        advantages, returns = rloo_advantages(rewards, mask, k), None
+    else:  # grpo: the KL is a loss term (minibatch_loss), not a reward
+        rewards, kl = compute_rewards(eos_score, logprobs, ref_logprobs, mask, 0.0)
+        advantages, returns = grpo_advantages(eos_score, mask, k), None
+    # the rewards to go, which explained_variance measures the critic against
+    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return score, kl, advantages, returns, mc_returns
+
+
+# the update's statistics, in the order of a metrics row
+UPDATE_STATS = (
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/clipfrac_avg",
+    "policy/approxkl_avg",
+    "objective/entropy",
+)
+MINIBATCH_KEYS = ANSWER_KEYS[2:] + ("query", "query_mask", "response", "response_mask")
 
 
 def ppo_update(
-    policy,
-    value_model,
-    optimizers,
-    batch,
-    advantages,
-    returns,
-    cfg,
-    temperature,
-    grad_clip,
-    device,
-    generator,
-    train_policy=True,
-    kl_coef=0.0,
+    policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
 ):
-    """cfg.epochs passes of minibatch gradient steps on the clipped objectives; returns mean stats.
-    train_policy=False: the value loss only (critic warm-up); value_model None: the policy loss only.
-    GRPO adds kl_coef x the k3 KL to the SFT model to the loss."""
-    B, minibatch_size = (
-        batch["response"].size(0),
-        cfg.minibatch_size // DIST.world,
-    )  # this rank's rows
-    stats = {
-        k: []
-        for k in (
-            "loss/policy_avg",
-            "loss/value_avg",
-            "policy/clipfrac_avg",
-            "policy/approxkl_avg",
-            "objective/entropy",
-        )
-    }
+    """Step 4: cfg.epochs passes over random minibatches of this rank's answers (batch, with their
+    `advantages` and `returns`), one optimizer step per grad_accum minibatches; returns the mean
+    statistics. train_policy False: the value loss only (the critic warm-up). run_cfg: device,
+    temperature, grad_clip."""
+    B = batch["response"].size(0)
+    minibatch_size = cfg.minibatch_size // DIST.world  # this rank's rows
+    stats = {k: [] for k in UPDATE_STATS}
     policy.train()
+    params = list(policy.parameters())
     if value_model is not None:
         value_model.train()
-    params = list(policy.parameters()) + (
-        list(value_model.parameters()) if value_model is not None else []
-    )
+        params += list(value_model.parameters())
     starts = range(0, B, minibatch_size)
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=generator)
         for i, start in enumerate(starts):
-            idx = perm[start : start + minibatch_size].to(device)
-            mb = {
-                k: batch[k][idx]
-                for k in (
-                    "query",
-                    "query_mask",
-                    "response",
-                    "response_mask",
-                    "mask",
-                    "logprobs",
-                    "ref_logprobs",
-                    "values",
-                )
-            }
-            loss = 0.0
-            with autocast(device):
-                if train_policy:
-                    new_logprobs, entropy = response_logprobs(
-                        policy,
-                        mb["query"],
-                        mb["query_mask"],
-                        mb["response"],
-                        mb["response_mask"],
-                        temperature,
-                        with_entropy=True,
-                    )
-                if value_model is not None:
-                    new_values = value_predictions(
-                        value_model,
-                        mb["query"],
-                        mb["query_mask"],
-                        mb["response"],
-                        mb["response_mask"],
-                    )
-            if train_policy:
-                pg_loss, clipfrac, approx_kl = policy_loss(
-                    new_logprobs, mb["logprobs"], advantages[idx], mb["mask"], cfg.cliprange
-                )
-                loss = loss + pg_loss
-                if cfg.advantage == "grpo":  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
-                    loss = loss + kl_coef * masked_mean(
-                        k3_kl(new_logprobs, mb["ref_logprobs"]), mb["mask"]
-                    )
-                for k, v in (
-                    ("loss/policy_avg", pg_loss),
-                    ("policy/clipfrac_avg", clipfrac),
-                    ("policy/approxkl_avg", approx_kl),
-                    ("objective/entropy", masked_mean(entropy, mb["mask"])),
-                ):
-                    stats[k].append(v.item())
-            if value_model is not None:
-                vf_loss = value_loss(
-                    new_values, mb["values"], returns[idx], mb["mask"], cfg.cliprange_value
-                )
-                loss = loss + cfg.vf_coef * vf_loss
-                stats["loss/value_avg"].append(vf_loss.item())
+            idx = perm[start : start + minibatch_size].to(run_cfg.device)
+            mb = {k: batch[k][idx] for k in MINIBATCH_KEYS}
+            mb["advantages"] = batch["advantages"][idx]
+            mb["returns"] = None if batch["returns"] is None else batch["returns"][idx]
+            loss, minibatch_stats = minibatch_loss(
+                policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy
+            )
+            for k, v in minibatch_stats.items():
+                stats[k].append(v)
             (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i == len(
-                starts
-            ) - 1:  # no gradient carried past an epoch
-                average_gradients(params)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
+                average_gradients(params)  # torchrun: every rank steps with the global gradient
+                torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
                 for optimizer in optimizers:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
-def iteration_prompts(prompts, cfg, seed, it):
-    """The iteration's prompts, each repeated rollouts_per_prompt times in a row: a pure function of
-    (seed, iteration), so a resumed run samples exactly what an uninterrupted one would."""
-    n = cfg.batch_size // cfg.rollouts_per_prompt
-    rng = random.Random(seed * 104729 + it)
-    chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
-    return [
-        p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)
-    ]  # torchrun: this rank's prompts
+def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy):
+    """One minibatch's loss and its statistics (floats): the clipped surrogate, plus GRPO's KL term,
+    when train_policy; plus vf_coef x the clipped value loss when there is a critic."""
+    answers = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
+    mask = mb["mask"]
+    with autocast(run_cfg.device):
+        if train_policy:
+            new_logprobs, entropy = response_logprobs(
+                policy, *answers, run_cfg.temperature, with_entropy=True
+            )
+        if value_model is not None:
+            new_values = value_predictions(value_model, *answers)
+    means = {}  # over this rank's real tokens
+    if train_policy:
+        means["loss/policy_avg"], means["policy/clipfrac_avg"], means["policy/approxkl_avg"] = (
+            policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
+        )
+        means["objective/entropy"] = masked_mean(entropy, mask)
+        if cfg.advantage == "grpo":
+            means["k3_kl"] = masked_mean(k3_kl(new_logprobs, mb["ref_logprobs"]), mask)
+    if value_model is not None:
+        means["loss/value_avg"] = value_loss(
+            new_values, mb["values"], mb["returns"], mask, cfg.cliprange_value
+        )
+    means = global_means(means, mask.sum())
+    loss = 0.0
+    if train_policy:
+        loss = loss + means["loss/policy_avg"]
+    if "k3_kl" in means:  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
+        loss = loss + kl_coef * means["k3_kl"]
+    if value_model is not None:
+        loss = loss + cfg.vf_coef * means["loss/value_avg"]
+    return loss, {k: means[k].item() for k in UPDATE_STATS if k in means}
+
+
+# -----------------------------------------------------------------------------
+# Recording an iteration: metrics, log line, sample, checkpoint
+
+
+def in_critic_warmup(cfg, it):
+    return cfg.advantage == "gae" and it < cfg.critic_warmup
+
+
+def iteration_metrics(it, cfg, answers, score, kl, advantages, mc_returns, kl_coef, stats):
+    """The iteration's metrics row, over every rank's answers. TRL's names where TRL has the metric
+    (objective/, policy/, loss/, val/, lr, episode), its GRPO trainer's for completions/; eval/
+    (greedy validation) and time/ are ours (docs/metrics.md)."""
+    critic = cfg.advantage == "gae"
+    mask, ended = answers["mask"], answers["ended"].float()
+    mean_kl = kl.sum(1).mean().item()
+    return {
+        "iteration": it + 1,
+        "episode": (it + 1) * cfg.batch_size,
+        "phase": "critic warm-up" if in_critic_warmup(cfg, it) else "ppo",
+        "lr": cfg.lr,
+        "objective/scores": answers["score"].mean().item(),
+        "objective/scores_std": answers["score"].std().item(),
+        "objective/kl": mean_kl,
+        "objective/non_score_reward": -kl_coef * mean_kl,
+        "objective/kl_coef": kl_coef,
+        **stats,
+        "objective/score_share": score_share(
+            score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
+        ),
+        "val/explained_variance": (
+            explained_variance(answers["values"], mc_returns, mask) if critic else None
+        ),
+        "val/num_eos_tokens": int(ended.sum()),
+        "completions/mean_length": mask.sum(1).mean().item(),
+        "completions/clipped_ratio": 1 - ended.mean().item(),
+    }
+
+
+def validation_due(cfg, it):
+    """Greedy validation after the first, every val_every-th and the last iteration."""
+    last = it + 1 == cfg.iterations
+    return cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0 or last)
+
+
+def log_iteration(row, iterations, eta):
+    warmup = " (critic warm-up)" if row["phase"] != "ppo" else ""
+    ev = row["val/explained_variance"]
+    log(
+        f"[ppo] it {row['iteration']}/{iterations}{warmup} score {row['objective/scores']:+.3f} "
+        f"kl {row['objective/kl']:.2f} pg {row.get('loss/policy_avg', 0):+.3f} "
+        f"vf {row.get('loss/value_avg', 0):.3f} clip {row.get('policy/clipfrac_avg', 0):.2f} "
+        f"approx_kl {row.get('policy/approxkl_avg', 0):.4f} "
+        f"ev {ev if ev is not None else float('nan'):.2f} "
+        f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
+        f"clipped {row['completions/clipped_ratio']:.2f} "
+        f"{row['time/answer_tokens_per_s']:.0f} tok/s"
+        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
+        + f" {eta}"
+    )
+
+
+def log_sample(batch, kl, decode):
+    """The first answer of the batch with its score and KL, as lm-human-preferences prints them."""
+    answer = batch["response"][0][: int(batch["mask"][0].sum())].tolist()
+    score, answer_kl = batch["score"][0].item(), kl[0].sum().item()
+    log(f"[ppo]   sample (score {score:+.2f}, kl {answer_kl:.2f}): {decode(answer)[:300]!r}")
+
+
+def training_state(policy, value_model, cfg, ckpt_file, device):
+    """(optimizers, modules by checkpoint key, KL controller, first iteration, history): new, or
+    resumed from ckpt_file. The value model has its own optimizer and learning rate (vf_lr)."""
+    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
+    modules = dict(policy=policy)
+    if value_model is not None:
+        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
+        modules["value"] = value_model
+    kl_ctl = (
+        AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.init_kl_coef)
+    )
+    if not Path(ckpt_file).exists():
+        return optimizers, modules, kl_ctl, 0, []
+    ckpt = resume(ckpt_file, device, None, **modules)
+    for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        optimizer.load_state_dict(state)
+    kl_ctl.value = ckpt["kl_coef"]
+    log(f"[ppo] resumed from {ckpt_file} at iteration {ckpt['iteration']}")
+    return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
+
+
+def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
+    """Rank 0: the checkpoint train_ppo resumes from, then metrics.jsonl rewritten from the
+    checkpointed history, so no row appears twice after a resume."""
+    if not is_main():
+        return
+    save_checkpoint(
+        out_dir / "ckpt.pt",
+        **{k: m.state_dict() for k, m in modules.items()},
+        optimizers=[o.state_dict() for o in optimizers],
+        kl_coef=kl_ctl.value,
+        iteration=iteration,
+        history=history,
+    )
+    write_metrics(out_dir / "metrics.jsonl", history)
+
+
+# -----------------------------------------------------------------------------
+# The loop
 
 
 def check_config(cfg):
+    """Refuse settings train_ppo cannot run, before any work."""
     if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
         raise ValueError(
             f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
@@ -496,201 +668,62 @@ def check_config(cfg):
         )
 
 
-def advantages_and_returns(batch, cfg, kl_coef):
-    """Steps 2-3 of an iteration: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns).
-    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts the
-    prompt's baseline once: GAE from the shaped score, RLOO and GRPO from their own group statistics."""
-    mask, k = batch["mask"], cfg.rollouts_per_prompt
-    eos_score = shaped_score(batch["score"], batch["ended"], 1, cfg.missing_eos_penalty)
-    score = leave_one_out(eos_score, k)  # minus the mean score of the prompt's other answers
-    if cfg.advantage == "gae":
-        rewards, kl = compute_rewards(
-            score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
-        )
-        advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-    elif cfg.advantage == "rloo":
-        rewards, kl = compute_rewards(
-            eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
-        )
-        advantages, returns = rloo_advantages(rewards, mask, k), None
-    else:  # grpo: the KL is a loss term (ppo_update), not a reward
-        rewards, kl = compute_rewards(
-            eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0
-        )
-        advantages, returns = grpo_advantages(eos_score, mask, k), None
-    _, mc_returns = gae(
-        rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0
-    )  # the rewards to go
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return score, kl, advantages, returns, mc_returns
-
-
-def log_iteration(row, iterations, eta, log):
-    ev = row["val/explained_variance"]
-    log(
-        f"[ppo] it {row['iteration']}/{iterations}{' (critic warm-up)' if row['phase'] != 'ppo' else ''} "
-        f"score {row['objective/scores']:+.3f} kl {row['objective/kl']:.2f} pg {row.get('loss/policy_avg', 0):+.3f} "
-        f"vf {row.get('loss/value_avg', 0):.3f} clip {row.get('policy/clipfrac_avg', 0):.2f} "
-        f"approx_kl {row.get('policy/approxkl_avg', 0):.4f} ev {ev if ev is not None else float('nan'):.2f} "
-        f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
-        f"clipped {row['completions/clipped_ratio']:.2f} {row['time/tokens_per_s']:.0f} tok/s"
-        + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
-        + f" {eta}"
-    )
-
-
-def training_state(policy, value_model, cfg, ckpt_file, device, log):
-    """(optimizers, modules by checkpoint key, KL controller, first iteration, history): new, or resumed
-    from ckpt_file. The value model has its own optimizer and learning rate (vf_lr)."""
-    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
-    modules = dict(policy=policy)
-    if value_model is not None:
-        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
-        modules["value"] = value_model
-    kl_ctl = (
-        AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        if cfg.adaptive_kl
-        else FixedKLController(cfg.init_kl_coef)
-    )
-    if not Path(ckpt_file).exists():
-        return optimizers, modules, kl_ctl, 0, []
-    ckpt = resume(ckpt_file, device, None, **modules)
-    for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-        optimizer.load_state_dict(state)
-    kl_ctl.value = ckpt["kl_coef"]
-    log(f"[ppo] resumed from {ckpt_file} at iteration {ckpt['iteration']}")
-    return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
-
-
 def train_ppo(
-    policy,
-    ref_policy,
-    value_model,
-    score_fn,
-    prompts,
-    cfg,
-    run_cfg,
-    eot,
-    device,
-    out_dir,
-    decode=None,
-    validate=None,
-    log=log,
+    policy, ref_policy, value_model, score_fn, prompts, tok, cfg, run_cfg, out_dir, validate=None
 ):
-    """Run cfg.iterations of PPO. prompts: token lists. score_fn(query, query_mask, response,
-    response_mask) -> (B,) scores. value_model: None with cfg.advantage == 'rloo'. run_cfg: the run's
-    Config (runs.Config), for the settings PPO shares with the other stages: seed, temperature,
-    max_answer_tokens, grad_clip. validate(policy,
-    iteration) -> dict of metrics, every cfg.val_every iterations. Checkpoints after each iteration (atomic) and
-    resumes from the last."""
+    """Run cfg.iterations of PPO, the steps of this file's header; checkpoint after each iteration
+    (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
+    query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
+    shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
+    None. run_cfg: the run's runs.Config, for the settings PPO shares with the other stages (seed,
+    device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict of
+    metrics, at validation_due iterations."""
     check_config(cfg)
+    if (value_model is not None) != (cfg.advantage == "gae"):
+        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_file, metrics_file = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
     ref_policy.eval().requires_grad_(False)
-    critic = cfg.advantage == "gae"
-    value_model = value_model if critic else None
     optimizers, modules, kl_ctl, start, history = training_state(
-        policy, value_model, cfg, ckpt_file, device, log
+        policy, value_model, cfg, out_dir / "ckpt.pt", run_cfg.device
     )
     t_start = time.time()
     for it in range(start, cfg.iterations):
-        t0 = time.time()
-        generator = torch.Generator().manual_seed(
-            run_cfg.seed * 104729 + it + 7919 * DIST.rank
-        )  # rank 0 of 1: seed
+        t0, kl_coef = time.time(), kl_ctl.value  # the KL penalty of this iteration
+        # 1. rollout, this rank's share (one process: seeded seed * 104729 + it, as the prompts)
+        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it + 7919 * DIST.rank)
+        its_prompts = iteration_prompts(prompts, cfg, run_cfg.seed, it)
         batch = rollout(
-            policy,
-            ref_policy,
-            value_model,
-            score_fn,
-            iteration_prompts(prompts, cfg, run_cfg.seed, it),
-            run_cfg.temperature,
-            run_cfg.max_answer_tokens,
-            eot,
-            device,
-            generator,
+            policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
         )
-        mask = batch["mask"]
-        score, kl, advantages, returns, mc_returns = advantages_and_returns(
-            batch, cfg, kl_ctl.value
-        )
-        warmup = critic and it < cfg.critic_warmup
+        # 2-3. rewards, advantages and returns, on every rank's answers
+        answers = gather_answers(batch)
+        score, kl, advantages, returns, mc_returns = advantages_and_returns(answers, cfg, kl_coef)
+        # 4. update on this rank's answers (in the critic warm-up, the value model alone)
         t_update = time.time()
+        batch.update(advantages=own_rows(advantages, batch), returns=own_rows(returns, batch))
+        train_policy = not in_critic_warmup(cfg, it)
         stats = ppo_update(
-            policy,
-            value_model,
-            optimizers,
-            batch,
-            advantages,
-            returns,
-            cfg,
-            run_cfg.temperature,
-            run_cfg.grad_clip,
-            device,
-            generator,
-            not warmup,
-            kl_ctl.value,
+            policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
         )
         t_update = time.time() - t_update
-        mean_kl, kl_coef = global_mean(kl.sum(1)).item(), kl_ctl.value
-        kl_ctl.update(mean_kl, cfg.batch_size)
-        # TRL's names where TRL has the metric (objective/, policy/, loss/, val/, lr, episode), its GRPO
-        # trainer's for completions/; eval/ (greedy validation) and time/ are ours.
-        row = {
-            "iteration": it + 1,
-            "episode": (it + 1) * cfg.batch_size,
-            "phase": "critic warm-up" if warmup else "ppo",
-            "lr": cfg.lr,
-            "objective/scores": global_mean(batch["score"]).item(),
-            "objective/scores_std": global_std(batch["score"]),
-            "objective/kl": mean_kl,
-            "objective/non_score_reward": -kl_coef * mean_kl,
-            "objective/kl_coef": kl_coef,
-            **stats,
-            "objective/score_share": score_share(
-                score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
-            ),
-            "val/explained_variance": explained_variance(batch["values"], mc_returns, mask)
-            if critic
-            else None,
-            "val/num_eos_tokens": int(all_sum(batch["ended"].float().sum())),
-            "completions/mean_length": global_mean(mask.sum(1)).item(),
-            "completions/clipped_ratio": 1 - global_mean(batch["ended"].float()).item(),
-            "time/generate": batch["t_gen"],
-            "time/score": batch["t_score"],
-            "time/update": t_update,
-            "time/tokens_per_s": int(mask.sum()) / (time.time() - t0),
-        }
-        if (
-            validate is not None
-            and cfg.val_every
-            and (it == 0 or (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations)
-        ):
+        # 5. KL controller: beta for the next iteration
+        kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
+        # record: metrics, validation, log line, sample, checkpoint
+        row = iteration_metrics(it, cfg, answers, score, kl, advantages, mc_returns, kl_coef, stats)
+        row["time/generate"] = batch["t_generate"]
+        row["time/logprobs_values_score"] = batch["t_forward"]
+        row["time/update"] = t_update
+        row["time/answer_tokens_per_s"] = int(batch["mask"].sum()) / (time.time() - t0)
+        if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
         history.append(row)
         log_iteration(
-            row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start), log
+            row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
         )
-        if decode is not None and (it + 1) % 10 == 0:
-            r = batch["response"][0][: int(mask[0].sum())].tolist()
-            log(
-                f"[ppo]   sample (score {batch['score'][0].item():+.2f}, kl {kl[0].sum().item():.2f}): "
-                f"{decode(r)[:300]!r}"
-            )
-        if is_main():
-            save_checkpoint(
-                ckpt_file,
-                **{k: m.state_dict() for k, m in modules.items()},
-                optimizers=[o.state_dict() for o in optimizers],
-                kl_coef=kl_ctl.value,
-                iteration=it + 1,
-                history=history,
-            )
-            write_metrics(
-                metrics_file, history
-            )  # from the checkpointed history: no row twice after a resume
+        if (it + 1) % 10 == 0:
+            log_sample(batch, kl, tok.decode)
+        save_state(out_dir, modules, optimizers, kl_ctl, it + 1, history)
     return history
 
 
@@ -699,10 +732,11 @@ def train_ppo(
 
 
 def fresh_value_model(reward_model_file, device):
-    """The value model: the reward model's network with a zero head. The reward model's head was trained
-    only at the last token and its raw output is on another scale than the normalised score, so reusing
-    it [N-details: value init from the reward model] makes the first advantages mostly critic noise;
-    a zero head predicts 0, the baseline-corrected score's mean, until the warm-up trains it."""
+    """The value model: the reward model's network with a zero head. The reward model's head was
+    trained only at the last token and its raw output is on another scale than the normalised
+    score, so reusing it [N-details: value init from the reward model] makes the first advantages
+    mostly critic noise; a zero head predicts 0, the baseline-corrected score's mean, until the
+    warm-up trains it."""
     value_model, _ = ScalarModel.load(reward_model_file, device)
     torch.nn.init.zeros_(value_model.head.weight)
     torch.nn.init.zeros_(value_model.head.bias)
@@ -710,10 +744,10 @@ def fresh_value_model(reward_model_file, device):
 
 
 def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file=None, n_shown=3):
-    """validate(policy, iteration) for train_ppo: greedy answers to the validation questions, their mean
-    reward-model score (score_fn) and, when a judge is given, their mean judge score. The first n_shown
-    questions, their answers and scores are appended to samples_file (markdown), so a reader sees what RL
-    changed."""
+    """validate(policy, iteration) for train_ppo: greedy answers to the validation questions, their
+    mean reward-model score (score_fn) and, when a judge is given, their mean judge score. The first
+    n_shown questions, their answers and scores are appended to samples_file (markdown), so a
+    reader sees what RL changed."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
 
     def validate(policy, iteration):
@@ -729,23 +763,12 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
                 rewards = score_fn(query, query_mask, response, response_mask).float().tolist()
             out["eval/reward"] = sum(rewards) / len(rewards)
         if judge is not None:
-            judged = [judge_score(judge, r, t) for r, t in zip(records, texts)]
+            judged = [judge_score(judge, r, t) for r, t in zip(records, texts, strict=True)]
             out["eval/judge_score"] = sum(judged) / len(judged)
-        out["eval/empty_code_rate"] = sum(not prepare.parse_answer(t)["code"] for t in texts) / len(
-            texts
-        )
+        empty = sum(not prepare.parse_answer(t)["code"] for t in texts)
+        out["eval/empty_code_rate"] = empty / len(texts)
         if samples_file is not None:
-            cell = lambda x: str(x).replace("|", "\\|").replace("\n", " <br> ")
-            rows = [
-                f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} | "
-                f"{'-' if j is None else f'{j:.2f}'} |"
-                for r, t, w, j in list(zip(records, texts, rewards, judged))[:n_shown]
-            ]
-            table = (
-                "| question | greedy answer | reward model | judge |\n|---|---|---|---|\n"
-                + "\n".join(rows)
-                + "\n"
-            )
+            table = samples_table(records, texts, rewards, judged, n_shown)
             with open(samples_file, "a") as f:  # append-only, like every log of a run
                 f.write(f"\n### iteration {iteration}\n\n{table}")
             tensorboard_text(f"{metrics_tag(samples_file)}/samples", table, iteration)
@@ -754,57 +777,61 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
     return validate
 
 
+def samples_table(records, texts, rewards, judged, n_shown):
+    """The first n_shown questions, greedy answers and scores as a markdown table."""
+
+    def cell(x):
+        return str(x).replace("|", "\\|").replace("\n", " <br> ")
+
+    rows = [
+        f"| {cell(r.instruction[:120])} | {cell(t[:400])} | {'-' if w is None else f'{w:+.2f}'} "
+        f"| {'-' if j is None else f'{j:.2f}'} |"
+        for r, t, w, j in list(zip(records, texts, rewards, judged, strict=True))[:n_shown]
+    ]
+    header = "| question | greedy answer | reward model | judge |\n|---|---|---|---|\n"
+    return header + "\n".join(rows) + "\n"
+
+
 def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
-    """Policy and frozen reference from the SFT model; value model from the reward model's network
-    (fresh_value_model); frozen reward model. cfg: the run's runs.Config.
+    """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
+    the reward model's network (fresh_value_model); frozen reward model. cfg: the run's runs.Config.
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
     score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
-    advantage: overrides cfg.ppo.advantage (--compare's RLOO row)."""
+    advantage: overrides cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""
     tok = prepare.tokenizer(cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
-    ppo_cfg = (
-        cfg.ppo if advantage is None else type(cfg.ppo)(**dict(vars(cfg.ppo), advantage=advantage))
-    )
+    ppo_cfg = cfg.ppo if advantage is None else replace(cfg.ppo, advantage=advantage)
     torch.manual_seed(cfg.seed)
-    frozen_dtype = (
-        torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
-    )  # no gradients, half the memory
+    # the frozen models take no gradients: bf16 on GPU halves their memory
+    frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
-    value_model = (
-        fresh_value_model(run / RUN_FILES["reward_model"], cfg.device)
-        if ppo_cfg.advantage == "gae"
-        else None
-    )
+    value_model = None  # RLOO and GRPO take their baseline from the prompt's other answers
+    if ppo_cfg.advantage == "gae":
+        value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device)
     reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, cfg.device)
     reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
-    score_fn = score_fn or rm_score
-    # Validation: the reward model's score of greedy answers to the validation questions, whatever the
-    # training reward; and the judge's, where judging is free (the rules judge).
+    # Validation: the reward model's score of greedy answers to the validation questions, whatever
+    # the training reward; and the judge's, where judging is free (the rules judge). Under
+    # torchrun, rank 0 validates and writes.
     judge = make_judge("rules", None, None, None) if cfg.judge == "rules" else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    validate = (
-        greedy_validation(
-            splits["val"], tok, cfg, judge, rm_score, samples_file=out_dir / "samples.md"
-        )
-        if is_main()
-        else None
-    )  # under torchrun, rank 0 validates and writes
+    validate = None
+    if is_main():
+        samples_file = out_dir / "samples.md"
+        validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(
         policy,
         ref_policy,
         value_model,
-        score_fn,
+        score_fn or rm_score,
         prompts,
+        tok,
         ppo_cfg,
         cfg,
-        tok.eot,
-        cfg.device,
         out_dir,
-        decode=tok.decode,
         validate=validate,
-        log=log,
     )
     if is_main():
         policy.save_pretrained(out_dir / "model", eot=tok.eot)
@@ -816,9 +843,10 @@ def main(argv=None):
     """python ppo.py: the PPO stage alone, on an existing run (default runs/tiny)."""
     cfg, run = stage_command_line(
         "ppo",
-        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model (run_dir/sft, "
-        "run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded settings (config.json); the flags "
-        "below override them and are recorded. An interrupted PPO resumes; later results (evaluate) are set aside.",
+        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model "
+        "(run_dir/sft, run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded "
+        "settings (config.json); the flags below override them and are recorded. An interrupted "
+        "PPO resumes; later results (evaluate) are set aside.",
         argv,
         section="ppo",
         section_cls=PPOConfig,
