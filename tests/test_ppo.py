@@ -20,12 +20,21 @@ from ppo import (
     iteration_prompts,
     k3_kl,
     leave_one_out,
+    masked_mean,
+    masked_var,
     policy_loss,
     rloo_advantages,
+    score_share,
     shaped_score,
     train_ppo,
+    validation_due,
+    value_loss,
+    value_predictions,
     whiten,
 )
+
+# train_ppo's tokenizer: the end-of-text id of the toy vocabularies, and a decode for its samples
+TOY_TOK = SimpleNamespace(eot=15, decode=str)
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):
@@ -95,6 +104,55 @@ def test_whiten_ignores_padding():
     assert torch.allclose(whiten(x2, mask), w)
 
 
+def test_masked_mean_and_var_ignore_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_mean(x, mask).item() == 2.0  # (1 + 2 + 3) / 3
+    assert masked_var(x, mask).item() == 1.0  # unbiased: ((-1)^2 + 0^2 + 1^2) / (3 - 1)
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # no real token: 0, not nan
+
+
+def test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
+    """Rollout values 0, returns 1, cliprange 0.2 (PPO2's clipped value loss). A prediction of 0.5
+    is clipped to 0.2: the clipped error (0.8^2) is the larger and the gradient is 0 (the clip
+    holds it); -0.5 clipped to -0.2: the unclipped error (1.5^2) is the larger and keeps its
+    gradient. The third token is padding."""
+    new_values = torch.tensor([0.5, -0.5, 9.0], requires_grad=True)
+    values, returns, mask = torch.zeros(3), torch.ones(3), torch.tensor([1.0, 1.0, 0.0])
+    loss = value_loss(new_values, values, returns, mask, cliprange_value=0.2)
+    assert abs(loss.item() - 0.5 * (0.8**2 + 1.5**2) / 2) < 1e-6
+    loss.backward()
+    assert new_values.grad[0] == 0 and new_values.grad[2] == 0
+    assert abs(new_values.grad[1].item() - (-1.5 / 2)) < 1e-6  # d/dv 0.5 (v - 1)^2 / 2 at -0.5
+
+
+def test_value_predictions_read_the_positions_that_predict_each_answer_token():
+    """A value model that returns each position's index: with a 3-token query, the values of the 2
+    answer tokens are read at positions 2 and 3 (the ones that predict them), 0 on padding."""
+
+    def value_model(ids, mask):
+        return torch.arange(ids.size(1)).float().expand(ids.size(0), -1)
+
+    query, query_mask = torch.tensor([[0, 1, 2], [0, 3, 4]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response, response_mask = torch.tensor([[5, 6], [7, 15]]), torch.tensor([[1, 1], [1, 0]])
+    values = value_predictions(value_model, query, query_mask, response, response_mask)
+    assert torch.equal(values, torch.tensor([[2.0, 3.0], [2.0, 0.0]]))
+
+
+def test_score_share_is_the_scores_share_of_the_advantages_variance():
+    """With gamma = lam = 1 the score alone gives every token of its answer the score: advantages
+    twice that have 4 times its variance, a share of 1/4."""
+    score, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 3)
+    advantages = 2 * score[:, None] * mask
+    assert abs(score_share(score, advantages, mask, 1.0, 1.0) - 0.25) < 1e-6
+
+
+def test_validation_is_due_after_the_first_every_nth_and_the_last_iteration():
+    cfg = PPOConfig(iterations=12, val_every=5)
+    assert [it + 1 for it in range(12) if validation_due(cfg, it)] == [1, 5, 10, 12]
+    assert not any(validation_due(PPOConfig(iterations=12, val_every=0), it) for it in range(12))
+
+
 def test_clipped_objective_gradient_is_zero_where_clipped():
     old = torch.zeros(4)
     # ratio = exp(new): 1.5 (above 1+eps) and 0.5 (below 1-eps), with advantages of both signs
@@ -102,7 +160,8 @@ def test_clipped_objective_gradient_is_zero_where_clipped():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     loss, clipfrac, _ = policy_loss(new, old, adv, torch.ones(4), cliprange=0.2)
     loss.backward()
-    # positive advantage with ratio above 1+eps, negative with ratio below 1-eps: clipped, zero gradient
+    # positive advantage with ratio above 1+eps, negative with ratio below 1-eps: clipped, zero
+    # gradient
     assert new.grad[0] == 0 and new.grad[3] == 0
     # the pessimistic side keeps its gradient
     assert new.grad[1] != 0 and new.grad[2] != 0
@@ -111,8 +170,8 @@ def test_clipped_objective_gradient_is_zero_where_clipped():
 
 @pytest.mark.slow
 def test_ppo_learns_a_programmatic_reward(tmp_path):
-    """Tiny random policy; score = fraction of answer tokens that are token 5. A short PPO run must raise
-    the mean score well above its start while the KL to the reference stays bounded."""
+    """Tiny random policy; score = fraction of answer tokens that are token 5. A short PPO run must
+    raise the mean score well above its start while the KL to the reference stays bounded."""
     from types import SimpleNamespace
 
     from model import GPT, GPTConfig, ScalarModel
@@ -139,20 +198,10 @@ def test_ppo_learns_a_programmatic_reward(tmp_path):
         kl_horizon=10000,
         missing_eos_penalty=0.0,
     )
-    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=12, grad_clip=1.0)
-    history = train_ppo(
-        policy,
-        ref,
-        value,
-        score_fn,
-        prompts,
-        cfg,
-        sampling,
-        eot=15,
-        device="cpu",
-        out_dir=tmp_path,
-        log=lambda *a: None,
+    sampling = SimpleNamespace(
+        seed=1, temperature=1.0, max_answer_tokens=12, grad_clip=1.0, device="cpu"
     )
+    history = train_ppo(policy, ref, value, score_fn, prompts, TOY_TOK, cfg, sampling, tmp_path)
     start = sum(h["objective/scores"] for h in history[:3]) / 3
     end = sum(h["objective/scores"] for h in history[-3:]) / 3
     print(f"\nscore {start:.3f} -> {end:.3f}, final KL {history[-1]['objective/kl']:.2f}")
@@ -189,8 +238,9 @@ def rollout_batch(score, logprobs, ref_logprobs):
 
 
 def test_rloo_subtracts_the_baseline_once_on_the_combined_path():
-    """Scores [1, 0, 0, 0] with no KL: advantages [1, -1/3, -1/3, -1/3] (Ahmadian et al. 2024, eq. 8),
-    not the twice-subtracted [4/3, -4/9, ...]; the KL term keeps its kl_coef against the score."""
+    """Scores [1, 0, 0, 0] with no KL: advantages [1, -1/3, -1/3, -1/3] (Ahmadian et al. 2024,
+    eq. 8), not the twice-subtracted [4/3, -4/9, ...]; the KL term keeps its kl_coef against the
+    score."""
     cfg = PPOConfig(advantage="rloo", rollouts_per_prompt=4, missing_eos_penalty=0.0)
     zeros = torch.zeros(4, 2)
     _, _, advantages, returns, _ = advantages_and_returns(
@@ -198,9 +248,8 @@ def test_rloo_subtracts_the_baseline_once_on_the_combined_path():
     )
     assert returns is None
     assert torch.allclose(advantages[:, 0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
-    logprobs = torch.tensor(
-        [[1.0, 1.0], [0, 0], [0, 0], [0, 0]]
-    )  # answer 0: KL 2 nats more than the others
+    # answer 0: KL 2 nats more than the others
+    logprobs = torch.tensor([[1.0, 1.0], [0, 0], [0, 0], [0, 0]])
     _, _, advantages, _, _ = advantages_and_returns(
         rollout_batch([0.0] * 4, logprobs, zeros), cfg, 0.5
     )
@@ -218,9 +267,8 @@ def test_grpo_normalises_within_the_group_and_keeps_the_kl_out_of_the_advantage(
     _, kl, advantages, _, _ = advantages_and_returns(
         rollout_batch([1.0, 0, 0, 0], logprobs, torch.zeros(4, 2)), cfg, 0.5
     )
-    assert torch.allclose(
-        advantages[:, 0], adv[:4]
-    )  # the KL of answer 0 does not lower its advantage
+    # the KL of answer 0 does not lower its advantage
+    assert torch.allclose(advantages[:, 0], adv[:4])
     assert kl[0].sum() == 2.0  # but it is measured
     # k3: >= 0, 0 only where the two models agree
     k3 = k3_kl(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -0.5, -2.0]))
@@ -246,12 +294,13 @@ def test_iteration_prompts_come_in_groups():
 
 
 # -----------------------------------------------------------------------------
-# Learning behaviour on toy policies (slow): the default settings, with a learning rate for a toy model
+# Learning behaviour on toy policies (slow): the default settings, with a learning rate for a toy
+# model
 
 TOY_LR = (
     3e-3  # a 2-layer, 32-wide random model needs larger steps than a trained one (default 2e-5)
 )
-EOT, TARGET = 15, 5
+EOT, TARGET = TOY_TOK.eot, 5
 
 
 def toy(tmp_path, long_answers=False, seed=0):
@@ -271,8 +320,9 @@ def toy(tmp_path, long_answers=False, seed=0):
     )  # a trained head's raw scale, far from the score's
     rm.save(tmp_path / "rm.pt")
     value = fresh_value_model(tmp_path / "rm.pt", "cpu")
+    max_answer_tokens = 60 if long_answers else 12
     sampling = SimpleNamespace(
-        seed=1, temperature=1.0, max_answer_tokens=60 if long_answers else 12, grad_clip=1.0
+        seed=1, temperature=1.0, max_answer_tokens=max_answer_tokens, grad_clip=1.0, device="cpu"
     )
     return policy, ref, value, sampling
 
@@ -283,17 +333,7 @@ TOY_PROMPTS = [[1, 2, 3], [4, 6], [7, 8, 9, 10], [11, 12]] * 10
 def run(tmp_path, policy, ref, value, sampling, score_fn, **overrides):
     cfg = replace(PPOConfig(lr=TOY_LR, missing_eos_penalty=0.0), **overrides)
     return train_ppo(
-        policy,
-        ref,
-        value,
-        score_fn,
-        TOY_PROMPTS,
-        cfg,
-        sampling,
-        eot=EOT,
-        device="cpu",
-        out_dir=tmp_path / "ppo",
-        log=lambda *a: None,
+        policy, ref, value, score_fn, TOY_PROMPTS, TOY_TOK, cfg, sampling, tmp_path / "ppo"
     )
 
 
@@ -306,8 +346,8 @@ def p_first_token(policy, token):
 
 @pytest.mark.slow
 def test_ppo_without_reward_stays_at_the_reference(tmp_path):
-    """Score fixed at 0: nothing to learn, so the policy must not drift (the critic's noise, whitened to
-    full-size steps, once moved it 6 nats in 3 updates)."""
+    """Score fixed at 0: nothing to learn, so the policy must not drift (whitening the critic's
+    noise to full-size steps would move it)."""
     policy, ref, value, sampling = toy(tmp_path)
     history = run(
         tmp_path,
@@ -325,7 +365,8 @@ def test_ppo_without_reward_stays_at_the_reference(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
-    """Only the first of 60 answer tokens decides the score; the score must reach it (GAE lam = 1)."""
+    """Only the first of 60 answer tokens decides the score; the score must reach it
+    (GAE with lam = 1)."""
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
     before = p_first_token(policy, TARGET)
     history = run(
@@ -339,22 +380,24 @@ def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
 
 @pytest.mark.slow
 def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path):
-    """The value model starts at 0 (not the reward model's raw head) and, after the warm-up batches in which
-    the policy waits, predicts the Monte-Carlo returns better than their mean (explained variance > 0)."""
+    """The value model starts at 0 (not the reward model's raw head) and, after the warm-up batches
+    in which the policy waits, predicts the Monte-Carlo returns better than their mean (explained
+    variance > 0)."""
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     with torch.no_grad():
         assert value(torch.tensor([[1, 2, 3]]), torch.ones(1, 3)).abs().max() == 0
-    score_fn = lambda q, qm, r, rm: (r[:, 0] == TARGET).float() * 2.0
+
+    def score_fn(query, query_mask, response, response_mask):
+        return (response[:, 0] == TARGET).float() * 2.0
+
     history = run(
         tmp_path, policy, ref, value, sampling, score_fn, iterations=4, critic_warmup=4, vf_lr=1e-2
     )
-    assert all(
-        torch.equal(v, policy.state_dict()[k]) for k, v in start.items()
-    )  # the policy waited
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in start.items())  # it waited
     assert [h["phase"] for h in history] == ["critic warm-up"] * 4
-    # one more iteration (resumed from the checkpoint): its explained variance is measured on its fresh
-    # rollout, i.e. the critic as the warm-up left it
+    # one more iteration (resumed from the checkpoint): its explained variance is measured on its
+    # fresh rollout, i.e. the critic as the warm-up left it
     history = run(
         tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2
     )
