@@ -177,7 +177,8 @@ class GPT(nn.Module):
         past = cache.len if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
-        # Position ids count real tokens only, so a left-padded row sees the same positions as unpadded.
+        # Position ids count real tokens only, so a left-padded row sees the same positions as
+        # unpadded.
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if pos.max() >= self.config.block_size:
             raise ValueError(
@@ -338,9 +339,10 @@ class GPT(nn.Module):
 
 
 class ScalarModel(nn.Module):
-    """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at the
-    last real token; PPO's value model (initialised from the reward model) reads it at every step.
-    n_aux > 0 adds auxiliary logits read at the same token (the reward model's per-question heads)."""
+    """GPT-2 backbone + a linear head giving one scalar per position. The reward model reads it at
+    the last real token; PPO's value model (initialised from the reward model) reads it at every
+    step. n_aux > 0 adds auxiliary logits read at the same token (the reward model's per-question
+    heads)."""
 
     def __init__(self, backbone, n_aux=0):
         super().__init__()
@@ -358,8 +360,9 @@ class ScalarModel(nn.Module):
         return self.head(self.backbone.hidden_states(ids, mask)).squeeze(-1)
 
     def freeze_below(self, train_blocks):
-        """Train only the heads and the top `train_blocks` transformer blocks (with the final LayerNorm);
-        -1 trains everything. A frozen trunk keeps what the SFT network already knows."""
+        """Train only the heads and the top `train_blocks` transformer blocks (with the final
+        LayerNorm); -1 trains everything. A frozen trunk keeps what the SFT network already
+        knows."""
         if train_blocks < 0:
             return
         blocks = self.backbone.transformer.h
@@ -380,7 +383,8 @@ class ScalarModel(nn.Module):
         return self.gain * raw + self.bias, (self.aux(h) if self.aux is not None else None)
 
     def score(self, query, query_mask, response, response_mask):
-        """Normalised reward of each (query, response): the head at the response's last real token."""
+        """Normalised reward of each (query, response): the head at the response's last real
+        token."""
         return self.score_and_aux(query, query_mask, response, response_mask)[0]
 
     def save(self, path, **extra):
@@ -434,9 +438,9 @@ def gpt2_encoding():
 
 
 def gpt2_tokenizer_files(max_length):
-    """GPT-2's vocab.json and merges.txt (transformers' format) derived from the BPE ranks: each token
-    is written in GPT-2's printable byte alphabet; its merge is the pair that BPE, using only lower ranks,
-    joins into it."""
+    """GPT-2's vocab.json and merges.txt (transformers' format) derived from the BPE ranks: each
+    token is written in GPT-2's printable byte alphabet; its merge is the pair that BPE, using only
+    lower ranks, joins into it."""
     enc = gpt2_encoding()
     ranks = enc._mergeable_ranks
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode
@@ -537,7 +541,8 @@ def right_pad(seqs, pad, device="cpu"):
 
 def pad_pairs(pairs, pad, device="cpu"):
     """(prompt, answer) token lists -> query, query_mask (left-padded), response, response_mask
-    (right-padded): the batch layout of response_logprobs, for SFT, the reward model and DPO alike."""
+    (right-padded): the batch layout of response_logprobs, for SFT, the reward model and DPO
+    alike."""
     query, query_mask = left_pad([p for p, _ in pairs], pad, device)
     response, response_mask = right_pad([a for _, a in pairs], pad, device)
     return query, query_mask, response, response_mask
@@ -548,8 +553,8 @@ def sample(probs, generator=None):
     draws an exponential variate per vocabulary entry, 50k per row, which was half of CPU sampling
     time.) Zero-probability tokens are never chosen: their CDF step is empty."""
     cdf = probs.double().cumsum(-1)
-    # The uniforms come from `generator` on its own device (a CPU generator cannot fill a CUDA tensor)
-    # and are then moved: the same seed gives the same draws on CPU and GPU.
+    # The uniforms come from `generator` on its own device (a CPU generator cannot fill a CUDA
+    # tensor) and are then moved: the same seed gives the same draws on CPU and GPU.
     device = generator.device if generator is not None else cdf.device
     u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=device, generator=generator).to(
         cdf.device
@@ -598,8 +603,9 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
 
 
 def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=log):
-    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of prompts of
-    similar length (less left padding); one seeded generator on the CPU whatever the model's device."""
+    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of
+    prompts of similar length (less left padding); one seeded generator on the CPU whatever the
+    model's device."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     order = sorted(
@@ -625,9 +631,10 @@ def response_logprobs(
     model, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False
 ):
     """Teacher-forced log-probs (B, R) of `response` given left-padded `query` (zero on padding).
-    Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions that
-    predict a real response token: in a padded batch most positions are prompt or padding, and the head
-    is about half of a small model's compute. with_entropy: also each position's entropy (B, R)."""
+    Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions
+    that predict a real response token: in a padded batch most positions are prompt or padding, and
+    the head is about half of a small model's compute. with_entropy: also each position's entropy
+    (B, R)."""
     hidden = model.hidden_states(
         torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     )

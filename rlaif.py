@@ -105,8 +105,8 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 
 
 def make_config(preset="tiny", **overrides):
-    """Config of a preset (every setting of runs.Config) with overrides: top-level names, ppo_<name> /
-    rm_<name> / dpo_<name>, or ppo=dict(...)."""
+    """Config of a preset (every setting of runs.Config) with overrides: top-level names, ppo_<name>
+    / rm_<name> / dpo_<name>, or ppo=dict(...)."""
     cfg = Config(**{name: cls() for name, cls in SECTION_CLASSES.items()})
     return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
 
@@ -116,8 +116,8 @@ def make_config(preset="tiny", **overrides):
 
 
 def sample_stage(cfg, run, splits):
-    """answers_per_instruction answers to each of the first sampled_instructions training instructions
-    (a seeded shuffle)."""
+    """answers_per_instruction answers to each of the first sampled_instructions training
+    instructions (a seeded shuffle)."""
     tok, train = prepare.tokenizer(cfg.compact), splits["train"]
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
@@ -149,11 +149,12 @@ def sample_stage(cfg, run, splits):
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
-    """[not in the paper] For each sampled instruction, three more answers for the judge to score: its
-    reference answer; the reference of an instruction from another domain; and one of the policy's own
-    answers to it with the code section cut off. Policy samples to one instruction rarely differ in
-    relevance and almost never lack code, so without these the reward model had no pairs that teach
-    either (docs/experiments.md). Each pair of these differs in exactly one of the two properties."""
+    """[not in the paper] For each sampled instruction, three more answers for the judge to score:
+    its reference answer; the reference of an instruction from another domain; and one of the
+    policy's own answers to it with the code section cut off. Policy samples to one instruction
+    rarely differ in relevance and almost never lack code, so without these the reward model had no
+    pairs that teach either (docs/experiments.md). Each pair of these differs in exactly one of the
+    two properties."""
     rng = random.Random(cfg.seed + 1)
     domains = [r.api_data.get("domain") for r in train]
     elsewhere = {d: [j for j, e in enumerate(domains) if e != d] for d in set(domains)}
@@ -206,10 +207,10 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 
 def compare_stage(cfg, run, splits):
-    """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO with the
-    judge's score as the reward), RLOO and GRPO (the same rollouts and reward model, no critic), DPO on the
-    judge-ordered pairs, and best-of-n on the test questions (n samples each, picked by the reward model,
-    and by the judge itself for reference)."""
+    """From the same SFT model and the same AI feedback as the paper's PPO: d-RLAIF (the same PPO
+    with the judge's score as the reward), RLOO and GRPO (the same rollouts and reward model, no
+    critic), DPO on the judge-ordered pairs, and best-of-n on the test questions (n samples each,
+    picked by the reward model, and by the judge itself for reference)."""
     if not cfg.compare:
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
@@ -309,7 +310,8 @@ def reachable(host, port=443, timeout=3.0):
 
 
 def check_ready(cfg):
-    """Everything that can be known before any stage runs, so a run never fails after hours of work."""
+    """Everything that can be known before any stage runs, so a run never fails after hours of
+    work."""
     problems = []
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         problems.append(f"--device {cfg.device!r}: use cpu, cuda or cuda:N")
@@ -362,8 +364,8 @@ def check_ready(cfg):
 
 
 def refuse_bad_settings(cfg):
-    """Every setting within its declared type and range (runs.check_settings), then the checks across
-    settings; before the first stage, so that no setting is refused after hours of work."""
+    """Every setting within its declared type and range (runs.check_settings), then the checks
+    across settings; before the first stage, so that no setting is refused after hours of work."""
     check_settings(cfg)
     problems = []
     for advantage in sorted({cfg.ppo.advantage} | ({"rloo", "grpo"} if cfg.compare else set())):
@@ -393,7 +395,8 @@ def refuse_bad_settings(cfg):
 
 
 def context_length(cfg):
-    """The longest sequence (prompt + answer) the model of --init takes, or None if unknown before loading."""
+    """The longest sequence (prompt + answer) the model of --init takes, or None if unknown before
+    loading."""
     if cfg.init in CPU_PRESETS:
         return preset_config(cfg.init).block_size
     try:
@@ -403,8 +406,8 @@ def context_length(cfg):
 
 
 def check_answer_room(cfg, splits):
-    """--max-answer-tokens leaves room for the longest prompt in the model's context (SFT's examples are
-    whole prompt + answer sequences)."""
+    """--max-answer-tokens leaves room for the longest prompt in the model's context (SFT's examples
+    are whole prompt + answer sequences)."""
     block = context_length(cfg)
     if block is None:
         return
@@ -424,13 +427,13 @@ def check_answer_room(cfg, splits):
 
 
 def prepare_run_dir(cfg, from_stage):
-    """Check the run directory against the requested settings; with --from, set aside the stages to redo
-    (run_dir/.previous/<stage>) until the new ones are complete."""
+    """Check the run directory against the requested settings; with --from, set aside the stages to
+    redo (run_dir/.previous/<stage>) until the new ones are complete."""
     run = Path(cfg.run_dir)
     config_file = run / "config.json"
     if config_file.exists() and not from_stage:
-        # Read as this version reads it: a setting the run did not record (made before the setting existed)
-        # is at its default, so that a run of an older version still resumes.
+        # Read as this version reads it: a setting the run did not record (made before the setting
+        # existed) is at its default, so that a run of an older version still resumes.
         diff = settings_diff(asdict(load_config(run, **SECTION_CLASSES)), cfg)
         if diff:
             raise SystemExit(
@@ -563,7 +566,8 @@ GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt
 
 
 def print_plan(cfg, until):
-    """--dry-run: what `python rlaif.py` with these settings would do, offline and without writing."""
+    """--dry-run: what `python rlaif.py` with these settings would do, offline and without
+    writing."""
     names = list(STAGES)[: list(STAGES).index(until) + 1]
     splits = prepare.load_splits(
         "" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None

@@ -7,10 +7,10 @@ plumbing every training stage shares. Here, in order:
     (settings renamed since are read under their new names); check_settings() holds every setting
     to the type and range declared with it, before anything runs.
   - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
-  - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo. A run is
-    one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
-    summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs
-    are checked whenever a later stage relies on them.
+  - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo. A
+    run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json
+    with its summary and the sha256 of its outputs; a finished stage is skipped on the next run and
+    its outputs are checked whenever a later stage relies on them.
   - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - several processes under torchrun: each rank's share of a batch, global means, gradients averaged
     over ranks, barriers that end a run whose rank died; without torchrun all of it is a no-op.
@@ -51,7 +51,8 @@ def log(msg):
 
 
 def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed (nanoGPT)."""
+    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed
+    (nanoGPT)."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
         dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
@@ -84,9 +85,9 @@ def progress(done, total, t0):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A write
-    that fails is re-raised as an OSError naming the file and the cause (torch's own message for a full
-    disk names neither); the half-written tmp file is removed."""
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A
+    write that fails is re-raised as an OSError naming the file and the cause (torch's own message
+    for a full disk names neither); the half-written tmp file is removed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -101,7 +102,8 @@ def atomic_write(path, write):
 
 
 def write_error(path, e):
-    """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit it."""
+    """OSError('cannot write PATH: CAUSE'); a full disk is named as such whichever library hit
+    it."""
     full = (
         getattr(e, "errno", None) == errno.ENOSPC
         or "No space left" in str(e)
@@ -121,7 +123,8 @@ def free_bytes(directory):
 
 class RecordingFile:
     """A binary file that keeps the OSError of a failed write: torch.save reports one only as
-    'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes unnamed."""
+    'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes
+    unnamed."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -138,7 +141,8 @@ class RecordingFile:
 
 
 def torch_save(obj, path):
-    """torch.save through a Python file, so that a failed write raises its own OSError (ENOSPC...)."""
+    """torch.save through a Python file, so that a failed write raises its own OSError
+    (ENOSPC...)."""
     with open(path, "wb") as f:
         out = RecordingFile(f)
         try:
@@ -155,8 +159,8 @@ def save_checkpoint(path, **state):
 
 
 def atomic_dir(path, write):
-    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent, never
-    half-written. A finished older one is replaced only once the new one is complete."""
+    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent,
+    never half-written. A finished older one is replaced only once the new one is complete."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
@@ -188,15 +192,16 @@ def load_checkpoint(path, device="cpu"):
 
 def stream_seed(seed, stream, index):
     """The seed of draw `index` (an epoch, an iteration) of one stream of random numbers of a run:
-    seed * stream + index. Each stream (SFT's shuffle, its batch order, ...) has its own multiplier, so
-    that two streams of a run never share a seed; the values are the ones the stages always used."""
+    seed * stream + index. Each stream (SFT's shuffle, its batch order, ...) has its own multiplier,
+    so that two streams of a run never share a seed; the values are the ones the stages always
+    used."""
     return seed * stream + index
 
 
 def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
-    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups of 32
-    batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts are left-
-    and answers right-padded, so both must agree), then the batches shuffled."""
+    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups
+    of 32 batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts
+    are left- and answers right-padded, so both must agree), then the batches shuffled."""
     order = list(range(len(keys)))
     random.Random(shuffle_seed).shuffle(order)
     group = 32 * batch_size
@@ -221,10 +226,11 @@ def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last
 
 @dataclass
 class Config:
-    """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the paper changes).
-    Each field is a flag of rlaif.py (--sft-steps), declared with its help, choices and range (check_settings).
-    The sections ppo, rm and dpo hold the stages' own settings, defined at the top of ppo.py (PPOConfig),
-    reward.py (RMConfig) and dpo.py (DPOConfig); their flags are --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
+    """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the
+    paper changes). Each field is a flag of rlaif.py (--sft-steps), declared with its help, choices
+    and range (check_settings). The sections ppo, rm and dpo hold the stages' own settings, defined
+    at the top of ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their flags are
+    --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
     or read back by load_config, which build the sections as those dataclasses."""
 
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
@@ -357,7 +363,8 @@ RENAMED = dict(
 # Settings that became constants, with the value each is fixed at: a run recorded with another value
 # cannot resume (its results could not be reproduced).
 REMOVED = dict(weight_decay=0.1)  # sft.WEIGHT_DECAY
-# Settings that change where and how fast a run goes, not its results: a finished run may resume with others.
+# Settings that change where and how fast a run goes, not its results: a finished run may resume
+# with others.
 NOT_RESULTS = (
     "run_dir",
     "judge_concurrency",
@@ -369,8 +376,9 @@ NOT_RESULTS = (
 
 
 def apply_overrides(cfg, overrides, where="command line"):
-    """cfg with `overrides` applied: top-level names, '<section>_<name>' (ppo_lr) or a section's dict
-    (ppo=dict(lr=...)); None means unset. The one place settings change after their defaults."""
+    """cfg with `overrides` applied: top-level names, '<section>_<name>' (ppo_lr) or a section's
+    dict (ppo=dict(lr=...)); None means unset. The one place settings change after their
+    defaults."""
     for key, value in overrides.items():
         if value is None:
             continue
@@ -399,9 +407,9 @@ def apply_overrides(cfg, overrides, where="command line"):
 
 def load_config(run_dir, **sections):
     """The Config a run recorded in run_dir/config.json, its sections built with the classes given
-    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict. A file that is not
-    JSON, not an object, or has a setting of the wrong type or out of its range is refused, naming the
-    file and the field, before anything runs."""
+    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict. A file that is
+    not JSON, not an object, or has a setting of the wrong type or out of its range is refused,
+    naming the file and the field, before anything runs."""
     config_file = Path(run_dir) / "config.json"
     if not config_file.exists():
         raise SystemExit(
@@ -451,17 +459,19 @@ def save_config(cfg, run_dir):
     )
 
 
-# Every setting's type, choices and range are declared with it: `name: Annotated[type, help, (choices),
-# "range"]`, the range as comparisons joined by "and" (">= 1", "> 0", ">= 0 and < 1"). check_settings holds
-# every field of Config and of its sections to its own declaration, before the first stage, whether the
-# value came from a flag or from a run's config.json: a setting is refused before any work, never after.
+# Every setting's type, choices and range are declared with it: `name: Annotated[type, help,
+# (choices), "range"]`, the range as comparisons joined by "and" (">= 1", "> 0", ">= 0 and < 1").
+# check_settings holds every field of Config and of its sections to its own declaration, before the
+# first stage, whether the value came from a flag or from a run's config.json: a setting is refused
+# before any work, never after.
 
 BOUND = re.compile(r"(>=|<=|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)")
 COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 def declared_settings(cls):
-    """(name, type, help, choices or None, range or None) of each Annotated field of a config dataclass."""
+    """(name, type, help, choices or None, range or None) of each Annotated field of a config
+    dataclass."""
     hints = typing.get_type_hints(cls, include_extras=True)
     for f in fields(cls):
         if typing.get_origin(hints[f.name]) is typing.Annotated:  # a section (Config.ppo) is not
@@ -486,8 +496,9 @@ def setting_problem(value, kind, choices, bounds):
 
 def settings_problems(cfg, where=None, unprefixed=None):
     """One line per setting of cfg (Config and every section built as its dataclass) that breaks its
-    declaration. A line names the flag (where=None: --ppo-batch-size, or --batch-size for the section
-    `unprefixed`, the one of a stage script) or the field of the file `where` (ppo.batch_size)."""
+    declaration. A line names the flag (where=None: --ppo-batch-size, or --batch-size for the
+    section `unprefixed`, the one of a stage script) or the field of the file `where`
+    (ppo.batch_size)."""
     problems = []
     for section in (None, *SECTIONS):
         obj = cfg if section is None else getattr(cfg, section)
@@ -509,7 +520,8 @@ def settings_problems(cfg, where=None, unprefixed=None):
 
 
 def check_settings(cfg, where=None, unprefixed=None, more=()):
-    """SystemExit listing every problem of settings_problems(), and `more` (checks across settings)."""
+    """SystemExit listing every problem of settings_problems(), and `more` (checks across
+    settings)."""
     problems = settings_problems(cfg, where, unprefixed) + list(more)
     if problems:
         source = f"{where}: refused" if where else "refused before anything ran"
@@ -517,7 +529,8 @@ def check_settings(cfg, where=None, unprefixed=None, more=()):
 
 
 def settings_diff(recorded, cfg):
-    """['field: recorded -> requested', ...] between a run's config.json and the requested config."""
+    """['field: recorded -> requested', ...] between a run's config.json and the requested
+    config."""
     wanted = asdict(cfg)
     diff = []
     for key in sorted(set(recorded) | set(wanted)):
@@ -569,7 +582,8 @@ def write_rows(path, rows):
 
 
 def read_rows(path, cls):
-    """The rows of a JSONL file as `cls` records; an error names the file, the line and the fields."""
+    """The rows of a JSONL file as `cls` records; an error names the file, the line and the
+    fields."""
     names = {f.name for f in fields(cls)}
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -590,8 +604,8 @@ def read_rows(path, cls):
 
 
 # -----------------------------------------------------------------------------
-# Files of a run; each stage ends with done.json, the sha256 of its outputs, checked whenever a later
-# stage relies on them (a truncated or altered file is an error)
+# Files of a run; each stage ends with done.json, the sha256 of its outputs, checked whenever a
+# later stage relies on them (a truncated or altered file is an error)
 
 STAGE_ORDER = ("sft", "sample", "feedback", "reward", "ppo", "compare", "evaluate")
 RUN_FILES = dict(
@@ -653,7 +667,8 @@ def verify_done(stage_dir):
 
 
 def require_done(run, stages):
-    """Every one of `stages` finished and intact (verify_done), or one line naming the command that runs them."""
+    """Every one of `stages` finished and intact (verify_done), or one line naming the command that
+    runs them."""
     for name in stages:
         if not (run / name / "done.json").exists():
             raise SystemExit(
@@ -663,9 +678,9 @@ def require_done(run, stages):
 
 
 def set_aside(run, stages):
-    """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays until its
-    redo is complete (run_stage then deletes it); an unfinished one is deleted, so a failed redo never
-    replaces the last complete result."""
+    """Before stages are redone: a finished stage moves to run/.previous/<stage>, where it stays
+    until its redo is complete (run_stage then deletes it); an unfinished one is deleted, so a
+    failed redo never replaces the last complete result."""
     for name in stages:
         current, previous = Path(run) / name, Path(run) / ".previous" / name
         if (current / "done.json").exists():
@@ -689,7 +704,8 @@ def read_jsonl(path):
 
 
 class TensorBoard:
-    """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per metrics file."""
+    """[--tensorboard] The run's event-file writer (run_dir/tb), or None; rows already sent per
+    metrics file."""
 
     writer, sent = None, {}
 
@@ -705,14 +721,16 @@ def open_tensorboard(log_dir):
 
 
 def metrics_tag(path):
-    """'ppo', 'reward', 'compare/drlaif': where a stage's metrics.jsonl lives, as its TensorBoard prefix."""
+    """'ppo', 'reward', 'compare/drlaif': where a stage's metrics.jsonl lives, as its TensorBoard
+    prefix."""
     parent = Path(path).parent
     return f"{parent.parent.name}/{parent.name}" if parent.parent.name == "compare" else parent.name
 
 
 def write_metrics(path, rows):
-    """Rewrite a stage's metrics.jsonl from its checkpointed rows (atomic: after a resume no row appears
-    twice); with --tensorboard, also send the rows not sent yet, as '<stage>/<name>' scalars."""
+    """Rewrite a stage's metrics.jsonl from its checkpointed rows (atomic: after a resume no row
+    appears twice); with --tensorboard, also send the rows not sent yet, as '<stage>/<name>'
+    scalars."""
     write_jsonl(path, rows)
     if TensorBoard.writer is None:
         return
@@ -738,8 +756,8 @@ def tensorboard_text(tag, text, step):
 
 def resume(ckpt_file, device, optimizer, stage=None, log=None, **modules):
     """A training stage's resumable state: (step, history, ckpt) from ckpt_file, each module's state
-    (saved under its keyword's name) and the optimizer's loaded and "[stage] resumed from ... at step N"
-    logged; (0, [], {}) when there is no checkpoint yet."""
+    (saved under its keyword's name) and the optimizer's loaded and "[stage] resumed from ... at
+    step N" logged; (0, [], {}) when there is no checkpoint yet."""
     if not Path(ckpt_file).exists():
         return None if stage is None else (0, [], {})
     ckpt = load_checkpoint(ckpt_file, device)
@@ -755,11 +773,11 @@ def resume(ckpt_file, device, optimizer, stage=None, log=None, **modules):
 
 
 # -----------------------------------------------------------------------------
-# Several processes: torchrun --nproc_per_node N rlaif.py (or ppo.py, ...), one process (rank) per device.
-# Each rank trains on its share of every batch; the loss is the mean over the global batch (all_sum is
-# differentiable) and average_gradients() makes every rank take the same step, as DistributedDataParallel
-# would. Rank 0 alone samples, judges, evaluates and writes files. Without torchrun: rank 0 of 1, and
-# every function here returns its input.
+# Several processes: torchrun --nproc_per_node N rlaif.py (or ppo.py, ...), one process (rank) per
+# device. Each rank trains on its share of every batch; the loss is the mean over the global batch
+# (all_sum is differentiable) and average_gradients() makes every rank take the same step, as
+# DistributedDataParallel would. Rank 0 alone samples, judges, evaluates and writes files. Without
+# torchrun: rank 0 of 1, and every function here returns its input.
 
 
 @dataclass
@@ -773,8 +791,8 @@ DIST = Dist()
 
 
 def setup_distributed(device, timeout):
-    """Join torchrun's process group when RANK is set (NCCL on GPUs, gloo on CPU) and take this rank's GPU;
-    the other ranks print nothing (rank 0 speaks for all). Returns the device."""
+    """Join torchrun's process group when RANK is set (NCCL on GPUs, gloo on CPU) and take this
+    rank's GPU; the other ranks print nothing (rank 0 speaks for all). Returns the device."""
     if "RANK" not in os.environ or DIST.world > 1:
         return device
     import torch.distributed as dist
@@ -798,8 +816,9 @@ def is_main():
 
 
 def barrier(timeout=None):
-    """Wait until every rank is here. A rank that does not come within the timeout (dead, or stuck) ends
-    this one with an error that names it (gloo's monitored barrier; with NCCL, the group's timeout)."""
+    """Wait until every rank is here. A rank that does not come within the timeout (dead, or stuck)
+    ends this one with an error that names it (gloo's monitored barrier; with NCCL, the group's
+    timeout)."""
     if DIST.world == 1:
         return
     import torch.distributed as dist
@@ -811,13 +830,15 @@ def barrier(timeout=None):
 
 
 def shard(items):
-    """This rank's share of a batch: every world-th item from its rank on (one process: all of them)."""
+    """This rank's share of a batch: every world-th item from its rank on (one process: all of
+    them)."""
     return items[DIST.rank :: DIST.world]
 
 
 class AllSum(torch.autograd.Function):
-    """all_reduce(SUM), differentiable: its backward pass sums the ranks' gradients too, so that a loss built
-    from all_sum is the global batch's loss on every rank, with every rank's share of its gradient."""
+    """all_reduce(SUM), differentiable: its backward pass sums the ranks' gradients too, so that a
+    loss built from all_sum is the global batch's loss on every rank, with every rank's share of its
+    gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -845,7 +866,8 @@ def global_mean(x):
 
 
 def global_std(x):
-    """Standard deviation (unbiased) of x's entries over every rank's x, as a float (one process: x.std())."""
+    """Standard deviation (unbiased) of x's entries over every rank's x, as a float (one process:
+    x.std())."""
     if DIST.world == 1:
         return x.std().item()
     n = all_sum(torch.tensor(float(x.numel()), device=x.device))
@@ -853,10 +875,10 @@ def global_std(x):
 
 
 def average_gradients(params):
-    """Every rank's gradients averaged, in place: what DistributedDataParallel computes, with one all_reduce
-    per bucket of 16M values and optimizer step (gradient-accumulation steps communicate nothing). The
-    stages call the network through hidden_states and selected positions of its head, which DDP's forward
-    hooks would not see."""
+    """Every rank's gradients averaged, in place: what DistributedDataParallel computes, with one
+    all_reduce per bucket of 16M values and optimizer step (gradient-accumulation steps communicate
+    nothing). The stages call the network through hidden_states and selected positions of its head,
+    which DDP's forward hooks would not see."""
     if DIST.world == 1:
         return
     import torch.distributed as dist
@@ -878,9 +900,10 @@ def average_gradients(params):
 
 
 def add_flags(parser, cls, prefix, default_text):
-    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices), "range"]`:
-    --prefix-name, yes/no flags as --name / --no-name, default None (unset). default_text(field) says
-    what an unset flag means, shown in --help with the range (check_settings enforces it)."""
+    """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices),
+    "range"]`: --prefix-name, yes/no flags as --name / --no-name, default None (unset).
+    default_text(field) says what an unset flag means, shown in --help with the range
+    (check_settings enforces it)."""
     group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
     defaults = {f.name: f for f in fields(cls)}
     for name, kind, help_text, choices, bounds in declared_settings(cls):
@@ -904,8 +927,9 @@ EVERY_RANK = (
 
 def run_stage(cfg, run, stage, stage_fn, splits):
     """Run one stage: its directory, stage_fn(cfg, run, splits) -> summary, then done.json (summary,
-    seconds, output hashes). The stage's set-aside previous result is deleted only now that the new one is
-    complete. Under torchrun, a stage that does not train runs on rank 0 while the others wait."""
+    seconds, output hashes). The stage's set-aside previous result is deleted only now that the new
+    one is complete. Under torchrun, a stage that does not train runs on rank 0 while the others
+    wait."""
     t0 = time.time()
     (run / stage).mkdir(parents=True, exist_ok=True)
     summary = stage_fn(cfg, run, splits) if is_main() or stage in EVERY_RANK else {}
@@ -920,9 +944,10 @@ def run_stage(cfg, run, stage, stage_fn, splits):
 
 
 def run_part(out_dir, train, announce=None):
-    """One part of a stage that trains several models (compare's d-RLAIF, RLOO, GRPO, DPO): log `announce` and
-    train(out_dir) unless the part's own done.json says it finished, then that done.json, written last.
-    Whether a file of the part exists says nothing: only the marker does. Returns whether it ran."""
+    """One part of a stage that trains several models (compare's d-RLAIF, RLOO, GRPO, DPO): log
+    `announce` and train(out_dir) unless the part's own done.json says it finished, then that
+    done.json, written last. Whether a file of the part exists says nothing: only the marker does.
+    Returns whether it ran."""
     if (Path(out_dir) / "done.json").exists():
         return False
     if announce:
@@ -935,11 +960,11 @@ def run_part(out_dir, train, announce=None):
 
 
 def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
-    """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force, and one
-    flag per field of its section of Config (section="ppo", section_cls=PPOConfig). Returns (cfg, run): the
-    run's recorded Config with the flags applied and recorded; earlier stages verified, the stage resumable
-    if interrupted, a finished one kept unless --force, and later stages set aside so that no result of the
-    old stage survives as if current."""
+    """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force,
+    and one flag per field of its section of Config (section="ppo", section_cls=PPOConfig). Returns
+    (cfg, run): the run's recorded Config with the flags applied and recorded; earlier stages
+    verified, the stage resumable if interrupted, a finished one kept unless --force, and later
+    stages set aside so that no result of the old stage survives as if current."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--run-dir",

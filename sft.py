@@ -1,14 +1,14 @@
 """
 Supervised fine-tuning (SFT) of GPT-2 on APIBench's (instruction -> answer) pairs: step 1 of the
-paper's method (Dutta et al. 2024, section 3), the policy that feedback, the reward model and PPO start
-from.
+paper's method (Dutta et al. 2024, section 3), the policy that feedback, the reward model and PPO
+start from.
 
     python sft.py                      # the SFT stage of runs/tiny (--run-dir another run)
 
 One optimizer step of train_sft, in order:
   1. batch: the step's examples, grouped by length (batch_at: a pure function of the step, so a
-     resumed run sees the batches of an uninterrupted one); under torchrun each rank takes its share.
-  2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompt tokens carry none.
+     resumed run sees the batches of an uninterrupted one); each rank takes its share (torchrun).
+  2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompts carry none.
      Gradients accumulate over sft_grad_accum micro-batches.
   3. update: AdamW (decay on matrices only), linear warmup then cosine decay (runs.lr_at), the
      gradient norm clipped at grad_clip (nanoGPT's train.py).
@@ -43,9 +43,9 @@ from runs import (
 )
 
 # -----------------------------------------------------------------------------
-# Settings: the sft_* fields of runs.Config (rlaif.py --sft-steps, --sft-batch-size, --sft-grad-accum,
-# --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and these, which no
-# experiment changes
+# Settings: the sft_* fields of runs.Config (rlaif.py --sft-steps, --sft-batch-size,
+# --sft-grad-accum, --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and
+# these, which no experiment changes
 
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
 WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices (nanoGPT's; the flag --weight-decay until now)
@@ -134,8 +134,8 @@ def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
 
 
 def validate_and_save(model, optimizer, val, pad, cfg, history, out_dir):
-    """The validation loss into the step's history row, then the checkpoint and metrics.jsonl (from the
-    checkpointed history: a resumed run writes no row twice)."""
+    """The validation loss into the step's history row, then the checkpoint and metrics.jsonl (from
+    the checkpointed history: a resumed run writes no row twice)."""
     step = history[-1]["step"]
     history[-1]["val_loss"] = round(validation_loss(model, val, pad, cfg.device), 4)
     log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")

@@ -1,11 +1,11 @@
-"""One process of the multi-process checks in tests/test_distributed.py, run alone (one process) or under
-`torchrun --standalone --nproc_per_node 2` (gloo on the CPU):
+"""One process of the multi-process checks in tests/test_distributed.py, run alone (one process) or
+under `torchrun --standalone --nproc_per_node 2` (gloo on the CPU):
 
-    python tests/ddp_worker.py steps OUT_DIR     # k SFT steps, one reward-model step, one PPO update
-    python tests/ddp_worker.py dead OUT_DIR      # (launched by hand as 2 ranks) rank 1 dies before a barrier
+    python tests/ddp_worker.py steps OUT_DIR  # k SFT steps, one reward-model step, one PPO update
+    python tests/ddp_worker.py dead OUT_DIR   # (2 ranks, launched by hand) rank 1 dies, no barrier
 
-`steps` saves OUT_DIR/rank<r>.pt: the parameters after each check and this rank's rows of the whitened
-advantages, for the test to compare one process against two."""
+`steps` saves OUT_DIR/rank<r>.pt: the parameters after each check and this rank's rows of the
+whitened advantages, for the test to compare one process against two."""
 
 import sys
 from pathlib import Path
@@ -82,8 +82,9 @@ def reward_model_step():
         )
         for i in range(12)
     }
-    # Each rank's pairs share no answer with the other's: the auxiliary loss is a mean over the distinct
-    # answers each rank sees, so an answer in pairs on two ranks would count twice (documented).
+    # Each rank's pairs share no answer with the other's: the auxiliary loss is a mean over the
+    # distinct answers each rank sees, so an answer in pairs on two ranks would count twice
+    # (documented).
     pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (0, 4), (2, 6)]
     targets = {i: torch.rand(6, generator=g).tolist() for i in samples}
     optimizer = torch.optim.SGD(
@@ -100,7 +101,8 @@ def reward_model_step():
 
 
 def ppo_update():
-    """One update on a fixed rollout batch of 8 answers (2 per prompt), advantages whitened over the batch."""
+    """One update on a fixed rollout batch of 8 answers (2 per prompt), advantages whitened over the
+    batch."""
     torch.manual_seed(0)
     policy, ref, value = GPT(SMALL), GPT(SMALL), ScalarModel(GPT(SMALL))
     ref.load_state_dict(policy.state_dict())

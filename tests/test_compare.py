@@ -1,5 +1,5 @@
-"""The comparisons of rlaif.py --compare: DPO's loss, best-of-n's pick, d-RLAIF's score function, and the
-reward model's auxiliary per-question loss."""
+"""The comparisons of rlaif.py --compare: DPO's loss, best-of-n's pick, d-RLAIF's score function,
+and the reward model's auxiliary per-question loss."""
 
 import math
 
@@ -38,8 +38,8 @@ def test_best_of_n_picks_the_highest_score_of_each_group():
 
 
 def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
-    """d-RLAIF's reward: the judge's score of the decoded rollout for the record its prompt came from,
-    normalised by the SFT samples' judge scores."""
+    """d-RLAIF's reward: the judge's score of the decoded rollout for the record its prompt came
+    from, normalised by the SFT samples' judge scores."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)[:3]
     tok = prepare.tokenizer(compact=True)
     answers = [

@@ -116,8 +116,9 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
-    """Reference vs another domain's reference: the judge's relevance answer flips. A policy answer vs
-    the same answer cut before its code: the judge's code answer flips and nothing before the code changes."""
+    """Reference vs another domain's reference: the judge's relevance answer flips. A policy answer
+    vs the same answer cut before its code: the judge's code answer flips and nothing before the
+    code changes."""
     import reward
     import rlaif
     from runs import Sample
@@ -163,8 +164,8 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
 
 
 def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monkeypatch):
-    """SFT crashes after its step-20 checkpoint (at step 25); the resumed run's metrics.jsonl has every step
-    1..40 exactly once, with validation losses at the checkpoints."""
+    """SFT crashes after its step-20 checkpoint (at step 25); the resumed run's metrics.jsonl has
+    every step 1..40 exactly once, with validation losses at the checkpoints."""
     import json
 
     import rlaif

@@ -1,5 +1,6 @@
-"""Several processes on the CPU (gloo): 2 ranks with a share of each batch take the same steps as one
-process with the whole batch, and a rank that dies ends the other at its next barrier instead of a hang."""
+"""Several processes on the CPU (gloo): 2 ranks with a share of each batch take the same steps as
+one process with the whole batch, and a rank that dies ends the other at its next barrier instead of
+a hang."""
 
 import os
 import shutil
@@ -42,8 +43,8 @@ def max_difference(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("what", ["sft", "rm", "policy", "value"])
 def test_two_ranks_take_the_steps_of_one_process_with_their_joint_batch(results, what):
-    """sft: 3 AdamW steps of sft.train_sft (global batch 8, accumulation 2); rm: one step of the pairwise and
-    auxiliary losses; policy, value: one PPO update on a fixed rollout batch."""
+    """sft: 3 AdamW steps of sft.train_sft (global batch 8, accumulation 2); rm: one step of the
+    pairwise and auxiliary losses; policy, value: one PPO update on a fixed rollout batch."""
     one, rank0, rank1 = results
     assert max_difference(rank0[what], rank1[what]) == 0  # every rank holds the same model
     assert max_difference(one[what], rank0[what]) < 1e-5
@@ -77,8 +78,8 @@ def free_port():
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_other_at_its_barrier(tmp_path):
-    """Two processes started by hand (no torchrun agent to stop them): rank 1 raises; rank 0 waits at a
-    barrier with a 5 s timeout, then ends with an error naming rank 1."""
+    """Two processes started by hand (no torchrun agent to stop them): rank 1 raises; rank 0 waits
+    at a barrier with a 5 s timeout, then ends with an error naming rank 1."""
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",

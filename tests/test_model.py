@@ -171,9 +171,9 @@ def test_same_seed_same_samples():
 
 
 def test_sampler_draws_on_its_generators_device(monkeypatch):
-    """A CPU generator cannot fill a CUDA tensor: the uniforms are drawn on the generator's device, then
-    moved to the probabilities'. Probabilities on the 'meta' device stand in for a GPU: a draw made on
-    the probabilities' device shows up here as a 'meta' draw."""
+    """A CPU generator cannot fill a CUDA tensor: the uniforms are drawn on the generator's device,
+    then moved to the probabilities'. Probabilities on the 'meta' device stand in for a GPU: a draw
+    made on the probabilities' device shows up here as a 'meta' draw."""
     probs = torch.rand(4, 10).to("meta")
     seen, real_rand = [], torch.rand
 

@@ -1,9 +1,10 @@
-"""A rehearsal of the paper configuration on CPU, every real component real: GPT-2 weights from a local
-Hugging Face directory (random, full 50,257-token vocabulary, saved by transformers) through the same
-loading code as a Hub download; the train file through `datasets` from a local file with the Hub
-file's schema; the judge through the `openai` client against an OpenAI-compatible server on 127.0.0.1
-(log-probs, no key); real-mode executability; then `python ppo.py` on the run, and evaluation again.
-Only sizes are overridden. A GPU user runs the same command with --device cuda before spending money."""
+"""A rehearsal of the paper configuration on CPU, every real component real: GPT-2 weights from a
+local Hugging Face directory (random, full 50,257-token vocabulary, saved by transformers) through
+the same loading code as a Hub download; the train file through `datasets` from a local file with
+the Hub file's schema; the judge through the `openai` client against an OpenAI-compatible server on
+127.0.0.1 (log-probs, no key); real-mode executability; then `python ppo.py` on the run, and
+evaluation again. Only sizes are overridden. A GPU user runs the same command with --device cuda
+before spending money."""
 
 import json
 import os

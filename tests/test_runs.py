@@ -1,5 +1,5 @@
-"""Run directories (runs.py): the config a run records and reads back, the typed rows, metrics files and
-their TensorBoard mirror."""
+"""Run directories (runs.py): the config a run records and reads back, the typed rows, metrics files
+and their TensorBoard mirror."""
 
 import json
 from dataclasses import asdict
@@ -14,7 +14,8 @@ from reward import RMConfig
 
 
 def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
-    """What rlaif.py records is what a stage script loads: the same type, the same values, sections included."""
+    """What rlaif.py records is what a stage script loads: the same type, the same values, sections
+    included."""
     cfg = rlaif.make_config("paper", run_dir=str(tmp_path), ppo_lr=3e-6, rm=dict(epochs=2))
     runs.save_config(cfg, tmp_path)
     back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
@@ -27,8 +28,8 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
 
 
 def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
-    """A field missing from a recorded config.json (an older version's run) is no difference at its default;
-    asked for with another value, it is named, in a section and at the top level."""
+    """A field missing from a recorded config.json (an older version's run) is no difference at its
+    default; asked for with another value, it is named, in a section and at the top level."""
     cfg = rlaif.make_config("tiny", run_dir=str(tmp_path))
     recorded = json.loads(json.dumps(asdict(cfg)))
     del recorded["rm"]["margin"], recorded["best_of_n"]
@@ -43,6 +44,25 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
             None,
         )
     assert "best_of_n: 8 -> 3" in str(e.value) and "rm.margin: 0.0 -> 2.0" in str(e.value)
+
+
+def test_a_run_recorded_under_old_setting_names_resumes_under_the_new_ones(tmp_path):
+    """eval_every, sample_prompts and samples_per_prompt were renamed and weight_decay became a
+    constant: a config.json that records them loads as the same settings; another weight decay is
+    refused."""
+    cfg = rlaif.make_config("tiny", run_dir=str(tmp_path), sampled_instructions=7)
+    recorded = json.loads(json.dumps(asdict(cfg)))
+    for old, new in runs.RENAMED.items():
+        recorded[old] = recorded.pop(new)
+    recorded["weight_decay"] = 0.1
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+    assert back == cfg and back.sampled_instructions == 7
+    rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)  # no difference
+    assert "sft_eval_every" in json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(recorded, weight_decay=0.2)))
+    with pytest.raises(SystemExit, match="weight_decay 0.2: no longer a setting"):
+        runs.load_config(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -83,8 +103,8 @@ def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
 
 
 def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
-    """write_metrics rewrites the JSONL from the checkpointed rows and sends TensorBoard only the new rows;
-    tensorboard's own reader sees one value per step."""
+    """write_metrics rewrites the JSONL from the checkpointed rows and sends TensorBoard only the
+    new rows; tensorboard's own reader sees one value per step."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

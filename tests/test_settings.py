@@ -1,6 +1,6 @@
-"""Nothing lost, nothing forged: a model directory is complete or absent, a finished part is the one its
-own marker names, a failed write names its file and cause, and a setting out of its range (from a flag,
-a run's config.json or the train file) is refused before anything runs."""
+"""Nothing lost, nothing forged: a model directory is complete or absent, a finished part is the one
+its own marker names, a failed write names its file and cause, and a setting out of its range (from
+a flag, a run's config.json or the train file) is refused before anything runs."""
 
 import errno
 import json
@@ -26,7 +26,8 @@ QUICK = ["--init", "micro", "--exec-mode", "none"]  # no sandbox check: the sett
 
 @pytest.fixture
 def no_stage_runs(monkeypatch):
-    """A stage that starts fails the test at once (on a version that checks late, nothing trains)."""
+    """A stage that starts fails the test at once (on a version that checks late, nothing
+    trains)."""
 
     def stage_ran(cfg, run, stage, *args):
         raise AssertionError(f"stage {stage} ran: the settings were not refused before it")
@@ -41,12 +42,13 @@ def refused(argv):
 
 
 # -----------------------------------------------------------------------------
-# 6. A model directory is complete or absent; a part of a stage is finished when its own marker says so
+# 6. A model directory is complete or absent; a part of a stage is finished when its own marker
+# says so
 
 
 def test_a_model_directory_is_complete_or_absent(tmp_path, monkeypatch):
-    """A crash between config.json and model.safetensors leaves no directory a later stage would take for
-    a model; a complete older model stays complete until the new one replaces it."""
+    """A crash between config.json and model.safetensors leaves no directory a later stage would
+    take for a model; a complete older model stays complete until the new one replaces it."""
     import safetensors.torch
 
     net = GPT(preset_config("micro", 1000))
@@ -66,8 +68,8 @@ def test_a_model_directory_is_complete_or_absent(tmp_path, monkeypatch):
 
 
 def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_path, monkeypatch):
-    """compare/rloo/model/config.json without weights (a crash) is not 'RLOO finished': RLOO runs again and
-    ends with its own done.json; a part with its done.json is skipped."""
+    """compare/rloo/model/config.json without weights (a crash) is not 'RLOO finished': RLOO runs
+    again and ends with its own done.json; a part with its done.json is skipped."""
     cfg = rlaif.make_config(init="micro", compare=True, run_dir=str(tmp_path))
     (tmp_path / "feedback").mkdir()
     (tmp_path / runs.RUN_FILES["feedback"]).write_text("")
@@ -102,8 +104,9 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
 
 
 def test_a_full_disk_is_named_with_the_file(tmp_path, monkeypatch):
-    """torch.save on a full disk says 'basic_ios::clear: iostream error'; a plain write says ENOSPC without
-    the file. Both come out as 'cannot write PATH: no space left on device', with no tmp file left."""
+    """torch.save on a full disk says 'basic_ios::clear: iostream error'; a plain write says ENOSPC
+    without the file. Both come out as 'cannot write PATH: no space left on device', with no tmp
+    file left."""
 
     def torch_full(*args, **kwargs):
         raise RuntimeError("basic_ios::clear: iostream error")
@@ -234,7 +237,8 @@ def test_a_bad_config_json_is_refused_naming_the_file_and_the_field(
     ],
 )
 def test_a_stage_script_refuses_a_setting_before_anything(tmp_path, script, flags, message):
-    """python ppo.py / reward.py / dpo.py: the flag is refused, not 'sft is not done' or a late crash."""
+    """python ppo.py / reward.py / dpo.py: the flag is refused, not 'sft is not done' or a late
+    crash."""
     runs.save_config(rlaif.make_config(init="micro", run_dir=str(tmp_path)), tmp_path)
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(SystemExit) as e:

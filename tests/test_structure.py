@@ -1,5 +1,5 @@
-"""The project's shape: imports run one way, every script explains itself, settings are checked before
-any work, and the documentation's command lines are ones the scripts accept."""
+"""The project's shape: imports run one way, every script explains itself, settings are checked
+before any work, and the documentation's command lines are ones the scripts accept."""
 
 import ast
 import functools
@@ -12,9 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
-# libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A module
-# imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on its pairs,
-# evaluate runs code through the sandbox).
+# libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A
+# module imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on
+# its pairs, evaluate runs code through the sandbox).
 LAYER = {
     "runs": 0,
     "model": 1,
@@ -41,7 +41,8 @@ SCRIPTS = [
 
 
 def project_imports(path):
-    """Top-level project modules that `path` imports, wherever in the file the import statement is."""
+    """Top-level project modules that `path` imports, wherever in the file the import statement
+    is."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = (
@@ -191,8 +192,9 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
 
 @pytest.mark.parametrize("script", ["sft", "ppo", "reward", "dpo", "evaluate"])
 def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monkeypatch):
-    """With no flags a stage script works on runs/tiny; where that run does not exist it says, in one line,
-    the command that makes it (and starts nothing). In-process: main() with no arguments."""
+    """With no flags a stage script works on runs/tiny; where that run does not exist it says, in
+    one line, the command that makes it (and starts nothing). In-process: main() with no
+    arguments."""
     import importlib
 
     monkeypatch.chdir(tmp_path)
@@ -206,8 +208,8 @@ def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monke
 
 
 def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
-    """--dry-run --config paper: the plan with the judge's cost, exit 0, nothing written, and (where a network
-    namespace can be made) no network to reach at all."""
+    """--dry-run --config paper: the plan with the judge's cost, exit 0, nothing written, and (where
+    a network namespace can be made) no network to reach at all."""
     import shutil
 
     isolate = (

@@ -13,7 +13,8 @@ from data.gorilla import prepare
 
 API_NAMES_FILE = Path(__file__).resolve().parent / "api_names.json"  # made by make_api_names.py
 MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hub id: 'org/name'
-# Keyword arguments that name a model; elsewhere an 'org/name' string is usually a path (savedir=...).
+# Keyword arguments that name a model; elsewhere an 'org/name' string is usually a path
+# (savedir=...).
 ID_KEYWORDS = (
     "model",
     "model_id",
@@ -48,14 +49,15 @@ def answer_code(text):
 
 
 def argument_text(source, node):
-    """A call argument as Gorilla's AST match compares it: its source text, outer quotes stripped."""
+    """A call argument as Gorilla's AST match compares it: its source text, outer quotes
+    stripped."""
     text = ast.get_source_segment(source, node) or ast.unparse(node)
     return text.strip().strip("'\"")
 
 
 def calls_in(source):
-    """[(function name, [argument texts], the call's source text)] for every call in `source`; [] if it
-    does not parse."""
+    """[(function name, [argument texts], the call's source text)] for every call in `source`; [] if
+    it does not parse."""
     source = source.strip()
     try:
         tree = ast.parse(source)
@@ -94,8 +96,8 @@ class APIDatabase:
 
     def __init__(self, apis=None):
         self.apis = apis if apis is not None else prepare.load_api_database()
-        # reference call of each entry: its first (outermost) call's name and argument texts; entries that
-        # are not Python (command lines such as mlagents-load-from-hf) keep their text
+        # reference call of each entry: its first (outermost) call's name and argument texts;
+        # entries that are not Python (command lines such as mlagents-load-from-hf) keep their text
         self.refs = []
         for a in self.apis:
             calls = calls_in(str(a["api_call"]))
@@ -103,12 +105,13 @@ class APIDatabase:
         self.known_ids = set(self.model_ids())
 
     def match(self, api_call):
-        """Index of the first entry whose call the answer's api_call makes; None = hallucination. Gorilla's
-        AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py): the same function name, and
-        each of the entry's arguments, quotes stripped, inside the text of that call. So the database's own
-        spellings count (an unquoted model id, a nested call). An entry that does not parse as Python (a
-        command line, an unquoted 'org/v1.4' id) matches when its text, quotes aside, is in the api_call.
-        The judge, the reward model's data and evaluation all use this one matcher."""
+        """Index of the first entry whose call the answer's api_call makes; None = hallucination.
+        Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py): the same
+        function name, and each of the entry's arguments, quotes stripped, inside the text of that
+        call. So the database's own spellings count (an unquoted model id, a nested call). An entry
+        that does not parse as Python (a command line, an unquoted 'org/v1.4' id) matches when its
+        text, quotes aside, is in the api_call. The judge, the reward model's data and evaluation
+        all use this one matcher."""
         candidates = calls_in(api_call)
         return next(
             (i for i in range(len(self.apis)) if self.makes_call(api_call, i, candidates)), None
@@ -126,8 +129,8 @@ class APIDatabase:
         )
 
     def unknown_model_ids(self, source):
-        """The Hub ids that `source`'s calls pass as a model (a positional argument or an ID_KEYWORDS
-        keyword) and that no entry of the database names."""
+        """The Hub ids that `source`'s calls pass as a model (a positional argument or an
+        ID_KEYWORDS keyword) and that no entry of the database names."""
         try:
             tree = ast.parse(source.strip())
         except (SyntaxError, ValueError):

@@ -53,9 +53,10 @@ def format_prompt(instruction):
 
 
 def format_answer(sections, compact=False):
-    """The answer the model learns to write. [offline stand-in] compact=True is the tiny preset's target, which a
-    from-scratch CPU model can learn in minutes: no explanation, and the code cut after the line that
-    makes the api_call (imports + the call: the part that decides executability and the AST metric)."""
+    """The answer the model learns to write. [offline stand-in] compact=True is the tiny preset's
+    target, which a from-scratch CPU model can learn in minutes: no explanation, and the code cut
+    after the line that makes the api_call (imports + the call: the part that decides executability
+    and the AST metric)."""
     if not compact:
         return " " + "\n".join(f"<<<{n}>>>: {sections.get(n, '').strip()}" for n in SECTIONS)
     body = dict(sections, code=compact_code(sections.get("code", ""), sections.get("api_call", "")))
@@ -65,8 +66,8 @@ def format_answer(sections, compact=False):
 
 
 def compact_code(code, api_call):
-    """The code's lines up to the first one that uses the api_call's first argument (else its function
-    name), or the first 6 lines when neither appears."""
+    """The code's lines up to the first one that uses the api_call's first argument (else its
+    function name), or the first 6 lines when neither appears."""
     lines = code.strip().splitlines()
     m = re.search(r"\((['\"]?[^,)'\"]*)", api_call)
     keys = [
@@ -82,9 +83,9 @@ def compact_code(code, api_call):
 
 
 def tokenizer(compact):
-    """A run's tokenizer: GPT-2's BPE, remapped onto the compact vocabulary of VOCAB_FILE when `compact`
-    ([offline stand-in] for models trained from scratch). Imported here, not at the top, so that the
-    sandbox's children, which read this package's API tables, never import torch."""
+    """A run's tokenizer: GPT-2's BPE, remapped onto the compact vocabulary of VOCAB_FILE when
+    `compact` ([offline stand-in] for models trained from scratch). Imported here, not at the top,
+    so that the sandbox's children, which read this package's API tables, never import torch."""
     from model import Tokenizer
 
     return Tokenizer(VOCAB_FILE if compact else None)
@@ -100,8 +101,8 @@ def answer_ids(tok, sections, compact, max_tokens):
 
 
 def parse_answer(text):
-    """Split an answer into its sections; tolerant: missing sections are '' and text before the first
-    tag is ignored. Used for reference records and for generated answers alike."""
+    """Split an answer into its sections; tolerant: missing sections are '' and text before the
+    first tag is ignored. Used for reference records and for generated answers alike."""
     parts = SECTION_RE.split(text.replace("<|endoftext|>", ""))
     sections = {name: "" for name in SECTIONS}
     for name, body in zip(parts[1::2], parts[2::2]):
@@ -136,8 +137,8 @@ def where_line(where):
 
 
 def load_records(path=EVAL_FILE, skip_bad=False, log=print):
-    """Records of a JSON-lines file. A malformed line raises DataError with file:line and the reason,
-    or, with skip_bad, is skipped and counted (the count and each reason are printed)."""
+    """Records of a JSON-lines file. A malformed line raises DataError with file:line and the
+    reason, or, with skip_bad, is skipped and counted (the count and each reason are printed)."""
     records, skipped = [], []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -177,7 +178,8 @@ def split_of(record, test_percent=20, val_percent=5):
 
 
 def offline_splits(records):
-    """[offline stand-in] APIBench's train file is not available offline: a hash split of the eval file."""
+    """[offline stand-in] APIBench's train file is not available offline: a hash split of the eval
+    file."""
     out = {"train": [], "val": [], "test": []}
     for r in records:
         out[split_of(r)].append(r)
@@ -189,8 +191,9 @@ HUB_TRAIN = "hub"  # train_file value: APIBench's huggingface_train.json from th
 
 def load_splits(train_file="", log=print):
     """train / val / test records. Test is always the held-out part of the eval file. train_file: ""
-    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that schema;
-    a train file without one usable record ends the program, naming the file, the line and the reason."""
+    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that
+    schema; a train file without one usable record ends the program, naming the file, the line and
+    the reason."""
     splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
     if train_file:
         log(
@@ -213,10 +216,10 @@ def load_splits(train_file="", log=print):
 
 
 def train_records(train_file, log=print):
-    """APIBench's huggingface_train.json: from the Hub dataset gorilla-llm/APIBench through `datasets`
-    (online), or a local copy, read line by line (JSON lines, as APIBench ships it). Malformed records are
-    skipped and named; a file without one usable record is refused (DataError: file, line, what is
-    missing), before any stage trains on it."""
+    """APIBench's huggingface_train.json: from the Hub dataset gorilla-llm/APIBench through
+    `datasets` (online), or a local copy, read line by line (JSON lines, as APIBench ships it).
+    Malformed records are skipped and named; a file without one usable record is refused (DataError:
+    file, line, what is missing), before any stage trains on it."""
     if train_file == HUB_TRAIN:
         from datasets import load_dataset
 
@@ -244,7 +247,8 @@ def train_records(train_file, log=print):
 
 
 def json_lines(path):
-    """(line number, object) of a JSON-lines file; a line that is not JSON is a DataError naming it."""
+    """(line number, object) of a JSON-lines file; a line that is not JSON is a DataError naming
+    it."""
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -273,8 +277,9 @@ def load_api_database(path=API_FILE):
 
 
 def api_database_pairs(apis):
-    """[offline stand-in] Extra SFT pairs from the API database (description + domain -> api_call), so a
-    small model trained from scratch sees every real api_call at least once (the paper config: off)."""
+    """[offline stand-in] Extra SFT pairs from the API database (description + domain -> api_call),
+    so a small model trained from scratch sees every real api_call at least once (the paper config:
+    off)."""
     pairs = []
     for a in apis:
         instruction = f"I need a {a['domain']} model. {a['description']}".strip()
@@ -292,7 +297,8 @@ def api_database_pairs(apis):
 
 def load_gorilla_answers(path=GORILLA_ANSWERS_FILE):
     """Gorilla-7B's published answers {question_id: text}. Their newlines and quotes are escaped
-    ('\\n', '\\"') and 896 of the 904 end with a stray '"' left by Gorilla's formatting; undone here."""
+    ('\\n', '\\"') and 896 of the 904 end with a stray '"' left by Gorilla's formatting; undone
+    here."""
     out = {}
     with open(path) as f:
         for line in f:
@@ -308,8 +314,8 @@ def unescape_gorilla(text):
 
 
 def build_vocab(out=VOCAB_FILE):
-    """The tiny preset's compact vocabulary: every GPT-2 token of the eval and API files, plus the 256
-    single-byte tokens (so any text still encodes) and <|endoftext|>."""
+    """The tiny preset's compact vocabulary: every GPT-2 token of the eval and API files, plus the
+    256 single-byte tokens (so any text still encodes) and <|endoftext|>."""
     from model import (
         gpt2_encoding,
     )  # here, not at the top: the sandbox child imports this module, not torch
