@@ -2,10 +2,11 @@
 
     python tests/bench_ppo.py
 
-Splits one iteration of ppo.train_ppo into rollout generation, scoring (the four teacher-forced passes:
-policy, reference, value, reward) and update, then times the unavoidable work alone (the same
-generate() call, four bare forward passes, and ppo_epochs x minibatches of bare forward+backward of
-policy and value) and prints the ratio: the overhead of PPO's own bookkeeping.
+Splits one iteration of ppo.train_ppo into rollout generation, the four teacher-forced passes
+(policy, reference and value model, and the reward model's score) and update, then times the
+unavoidable work alone (the same generate() call, four bare forward passes, and epochs x minibatches
+of bare forward+backward of policy and value) and prints the ratio: the overhead of PPO's own
+bookkeeping.
 """
 
 import json
@@ -35,7 +36,9 @@ def main():
     cfg = PPOConfig(
         iterations=2, batch_size=32, minibatch_size=8, epochs=2, missing_eos_penalty=0.0
     )
-    sampling = SimpleNamespace(seed=1, temperature=1.0, max_answer_tokens=96, grad_clip=1.0)
+    sampling = SimpleNamespace(
+        seed=1, temperature=1.0, max_answer_tokens=96, grad_clip=1.0, device="cpu"
+    )
     g = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(0, 11000, (int(n),), generator=g).tolist()
@@ -44,15 +47,16 @@ def main():
     # A random model samples this id with probability ~1/vocab per step, so nearly every answer has
     # max_new_tokens tokens and both timings below do the same work.
     eot = config.vocab_size - 1
+    tok = SimpleNamespace(eot=eot, decode=str)
     with tempfile.TemporaryDirectory() as d:
-        history = train_ppo(
-            policy, ref, value, rm.score, prompts, cfg, sampling, eot, "cpu", d, log=lambda *a: None
-        )
+        history = train_ppo(policy, ref, value, rm.score, prompts, tok, cfg, sampling, d)
     h = history[-1]
-    total = h["time/generate"] + h["time/score"] + h["time/update"]
+    forward = h["time/logprobs_values_score"]  # the policy, reference, value and reward passes
+    total = h["time/generate"] + forward + h["time/update"]
     print(
-        f"PPO iteration (tiny preset, batch {cfg.batch_size}, {sampling.max_answer_tokens} new tokens, {cfg.epochs} epochs): "
-        f"generate {h['time/generate']:.2f}s, score {h['time/score']:.2f}s, update {h['time/update']:.2f}s, total {total:.2f}s"
+        f"PPO iteration (tiny preset, batch {cfg.batch_size}, {sampling.max_answer_tokens} new "
+        f"tokens, {cfg.epochs} epochs): generate {h['time/generate']:.2f}s, logprobs/values/score "
+        f"{forward:.2f}s, update {h['time/update']:.2f}s, total {total:.2f}s"
     )
 
     # the unavoidable work, bare
@@ -80,7 +84,8 @@ def main():
     t_bwd = time.time() - t0
     bare = t_gen + t_fwd + t_bwd
     print(
-        f"bare work: generate {t_gen:.2f}s, 4 forward passes {t_fwd:.2f}s, forward+backward {t_bwd:.2f}s, total {bare:.2f}s"
+        f"bare work: generate {t_gen:.2f}s, 4 forward passes {t_fwd:.2f}s, "
+        f"forward+backward {t_bwd:.2f}s, total {bare:.2f}s"
     )
     print(
         json.dumps(dict(ratio=round(total / bare, 3)))
