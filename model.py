@@ -182,7 +182,8 @@ class GPT(nn.Module):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if pos.max() >= self.config.block_size:
             raise ValueError(
-                f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}"
+                f"sequence of {int(pos.max()) + 1} tokens exceeds block_size "
+                f"{self.config.block_size}"
             )
         # Boolean mask (B, 1, T, S): causal AND key is a real token. A query may always see itself,
         # so padding rows never have an empty softmax (their outputs are ignored downstream).
@@ -448,9 +449,12 @@ def gpt2_tokenizer_files(max_length):
         b: chr(b) if b in printable else chr(256 + sum(1 for x in range(b) if x not in printable))
         for b in range(256)
     }
-    spell = lambda token: "".join(alphabet[b] for b in token)
+
+    def spell(token):
+        return "".join(alphabet[b] for b in token)
+
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
         parts = [bytes([b]) for b in token]
@@ -620,7 +624,7 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
             response, response_mask, _ = generate(
                 model, query, query_mask, max_new_tokens, eot, temperature, generator=generator
             )
-        for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist()):
+        for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist(), strict=True):
             out[i] = r[:m]
         n = min(start + batch_size, len(order))
         log(f"[generate] {n}/{len(order)} answers {progress(n, len(order), t0)}")

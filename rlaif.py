@@ -140,7 +140,7 @@ def sample_stage(cfg, run, splits):
             response=r,
             answer=tok.decode(r),
         )
-        for k, (q, r) in enumerate(zip(prompts, responses))
+        for k, (q, r) in enumerate(zip(prompts, responses, strict=True))
     ]
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
@@ -235,12 +235,14 @@ def compare_stage(cfg, run, splits):
     run_part(
         run / RUN_FILES["rloo"],
         lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="rloo"),
-        "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of the critic",
+        "[compare] RLOO: the same rollouts and reward model, a leave-one-out baseline instead of "
+        "the critic",
     )
     run_part(
         run / RUN_FILES["grpo"],
         lambda out: ppo.ppo_stage(cfg, run, splits, out_dir=out, advantage="grpo"),
-        "[compare] GRPO: the same rollouts and reward model, group-normalised scores, the KL as a loss",
+        "[compare] GRPO: the same rollouts and reward model, group-normalised scores, the KL as "
+        "a loss",
     )
     run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
@@ -253,14 +255,15 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     log(
-        f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test questions"
+        f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test "
+        "questions"
     )
     responses = sample_answers(
         model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log
     )
     samples = {
         i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
-        for i, (q, r) in enumerate(zip(prompts, responses))
+        for i, (q, r) in enumerate(zip(prompts, responses, strict=True))
     }
     rm, rm_ckpt = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
     if rm_ckpt.get(
@@ -275,7 +278,7 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     for name, scores in (("rm", rm_score), ("judge", judge_score)):
         picked = [
             dict(question_id=r.line, text=answers[j])
-            for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n))
+            for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n), strict=True)
         ]
         write_jsonl(run / RUN_FILES["best_of_n"].format(pick=name), picked)
 
@@ -295,6 +298,7 @@ STAGES = dict(
             compare_stage,
             evaluate.evaluate_stage,
         ),
+        strict=True,
     )
 )
 
@@ -330,7 +334,8 @@ def check_ready(cfg):
         )
     if cfg.train_file == prepare.HUB_TRAIN and not reachable("huggingface.co"):
         problems.append(
-            "--train-file hub: the Hugging Face Hub is unreachable (offline?); --train-file '' uses "
+            "--train-file hub: the Hugging Face Hub is unreachable (offline?); "
+            "--train-file '' uses "
             "the offline split of the eval file, or give a local copy of huggingface_train.json"
         )
     elif (
@@ -352,14 +357,16 @@ def check_ready(cfg):
             )
     if cfg.compact and cfg.init not in CPU_PRESETS:
         problems.append(
-            f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models trained "
+            f"--init {cfg.init} has GPT-2's vocabulary; the compact vocabulary is for models "
+            "trained "
             "from scratch: add --no-compact"
         )
     if problems:
         raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
     if DIST.world > 1 and cfg.device == "cpu" and torch.cuda.is_available():
         log(
-            f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible (--device cuda uses it)"
+            f"[rlaif] note: {DIST.world} ranks on the CPU although a GPU is visible "
+            "(--device cuda uses it)"
         )
 
 
@@ -369,7 +376,9 @@ def refuse_bad_settings(cfg):
     check_settings(cfg)
     problems = []
     for advantage in sorted({cfg.ppo.advantage} | ({"rloo", "grpo"} if cfg.compare else set())):
-        try:  # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run trains
+        # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run
+        # trains
+        try:
             ppo.check_config(replace(cfg.ppo, advantage=advantage))
         except ValueError as e:
             problems.append(
@@ -388,7 +397,8 @@ def refuse_bad_settings(cfg):
         )
     if not cfg.contrast_answers and cfg.answers_per_instruction < 2:
         problems.append(
-            f"--answers-per-instruction {cfg.answers_per_instruction}: must be >= 2 with --no-contrast-answers "
+            f"--answers-per-instruction {cfg.answers_per_instruction}: must be >= 2 with "
+            "--no-contrast-answers "
             "(the reward model learns from pairs of answers to one instruction)"
         )
     check_settings(cfg, more=problems)
@@ -439,7 +449,8 @@ def prepare_run_dir(cfg, from_stage):
             raise SystemExit(
                 f"rlaif.py: {run} was run with other settings:\n  "
                 + "\n  ".join(diff)
-                + "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new settings."
+                + "\nUse a new --run-dir, or --from STAGE to redo from a stage with the new "
+                "settings."
             )
     if is_main():  # under torchrun, rank 0 alone touches the files
         if from_stage:
@@ -458,11 +469,13 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
     )  # a bad train file is refused before the run starts
     check_answer_room(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
+    judge = (
+        "RULES JUDGE (offline stand-in, not an LLM)" if cfg.judge == "rules" else cfg.judge_model
+    )
     log(
         f"[rlaif] run {run}: model {cfg.init} "
         f"({'trained from scratch' if cfg.init in CPU_PRESETS else 'HF weights'}), judge "
-        f"{'RULES JUDGE (offline stand-in, not an LLM)' if cfg.judge == 'rules' else cfg.judge_model}, "
-        f"device {cfg.device}"
+        f"{judge}, device {cfg.device}"
     )
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
@@ -525,7 +538,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--config",
         choices=sorted(PRESETS),
-        help="preset: tiny (offline, CPU; the default) or paper (gpt2-large, GPT-3.5 judge, one GPU). "
+        help="preset: tiny (offline, CPU; the default) or paper (gpt2-large, GPT-3.5 judge, one "
+        "GPU). "
         "Without it and without settings, an existing --run-dir resumes with its recorded settings",
     )
     p.add_argument(
@@ -565,21 +579,18 @@ def parse_args(argv=None):
 GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1.5B"}
 
 
-def print_plan(cfg, until):
-    """--dry-run: what `python rlaif.py` with these settings would do, offline and without
-    writing."""
-    names = list(STAGES)[: list(STAGES).index(until) + 1]
-    splits = prepare.load_splits(
-        "" if cfg.train_file == prepare.HUB_TRAIN else cfg.train_file, log=lambda *a: None
-    )
-    train = splits["train"]
-    size = (
-        f"{sum(p.numel() for p in GPT(preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)).parameters()) / 1e6:.1f}M"
-        if cfg.init in CPU_PRESETS
-        else GPT2_PARAMS.get(cfg.init, "size read from its config.json")
-    )
-    n_prompts = min(cfg.sampled_instructions, len(train))
-    n_answers = n_prompts * (cfg.answers_per_instruction + (3 if cfg.contrast_answers else 0))
+def model_size(cfg):
+    """'6.2M' for a preset trained from scratch, the published size of a GPT-2 on the Hub."""
+    if cfg.init in CPU_PRESETS:
+        net = GPT(preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size))
+        return f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M"
+    return GPT2_PARAMS.get(cfg.init, "size read from its config.json")
+
+
+def judge_plan_text(cfg, train, n_answers):
+    """The judge's requests and estimated cost for n_answers answers (--judge openai)."""
+    if cfg.judge != "openai":
+        return "rules judge (free)"
     proxy = [
         Sample(
             i,
@@ -591,48 +602,50 @@ def print_plan(cfg, until):
         )
         for i in range(n_answers)
     ]  # reference answers stand in for the answers not yet sampled
-    judge = (
-        f"{cfg.judge_model}: "
-        + reward.plan_text(
-            cfg.judge_model,
-            *reward.judge_plan(
-                cfg.judge_model,
-                proxy,
-                train,
-                reward.APIDatabase(),
-                reward.judge_price(cfg.judge_model, cfg.judge_price),
-            ),
-        )
-        if cfg.judge == "openai"
-        else "rules judge (free)"
-    )
+    price = reward.judge_price(cfg.judge_model, cfg.judge_price)
+    plan = reward.judge_plan(cfg.judge_model, proxy, train, reward.APIDatabase(), price)
+    return f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *plan)
+
+
+def plan_lines(cfg, splits):
+    """One line per stage: what it would do with these settings."""
+    train = splits["train"]
+    n_prompts = min(cfg.sampled_instructions, len(train))
+    n_answers = n_prompts * (cfg.answers_per_instruction + (3 if cfg.contrast_answers else 0))
     cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""
-    lines = dict(
+    judge = judge_plan_text(cfg, train, n_answers)
+    rollouts = cfg.ppo.iterations * cfg.ppo.batch_size
+    compare = (
+        f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; "
+        f"d-RLAIF asks the judge {rollouts * len(reward.QUESTIONS):,} questions), "
+        f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
+    )
+    return dict(
         sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
         f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
-        sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at T={cfg.temperature}"
-        f"{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
+        sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at "
+        f"T={cfg.temperature}{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
         feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
         reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
         ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
         f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
-        compare=(
-            f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; d-RLAIF asks "
-            f"the judge {cfg.ppo.iterations * cfg.ppo.batch_size * len(reward.QUESTIONS):,} questions), "
-            f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
-        )
-        if cfg.compare
-        else "skipped",
-        evaluate=f"{len(splits['test'][: cfg.eval_limit or None])} held-out questions, executability "
-        f"{cfg.exec_mode}",
+        compare=compare if cfg.compare else "skipped",
+        evaluate=f"{len(splits['test'][: cfg.eval_limit or None])} held-out questions, "
+        f"executability {cfg.exec_mode}",
     )
+
+
+def print_plan(cfg, until):
+    """--dry-run: what `python rlaif.py` with these settings would do, offline and without
+    writing."""
+    names = list(STAGES)[: list(STAGES).index(until) + 1]
+    hub = cfg.train_file == prepare.HUB_TRAIN
+    splits = prepare.load_splits("" if hub else cfg.train_file, log=lambda *a: None)
+    lines = plan_lines(cfg, splits)
     log(
-        f"[dry run] {cfg.run_dir}: {cfg.init} ({size} parameters), device {cfg.device}; nothing is run"
-        + (
-            " (sizes of the offline split: the Hub's train file is not read)"
-            if cfg.train_file == prepare.HUB_TRAIN
-            else ""
-        )
+        f"[dry run] {cfg.run_dir}: {cfg.init} ({model_size(cfg)} parameters), device {cfg.device}; "
+        "nothing is run"
+        + (" (sizes of the offline split: the Hub's train file is not read)" if hub else "")
     )
     for name in names:
         log(f"  {name:9s} {lines[name]}")

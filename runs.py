@@ -486,7 +486,10 @@ def setting_problem(value, kind, choices, bounds):
     if isinstance(value, bool) != (kind is bool) or not isinstance(
         value, (int, float) if kind is float else kind
     ):
-        return f"must be {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}"
+        name = (
+            "a number" if kind is float else "an integer" if kind is int else "a " + kind.__name__
+        )
+        return f"must be {name}"
     if choices and value not in choices:
         return f"must be one of {', '.join(choices)}"
     if bounds and not all(COMPARE[op](value, float(x)) for op, x in BOUND.findall(bounds)):
@@ -558,7 +561,8 @@ class Sample:
 
     id: int
     record: int  # index of the instruction in the training split
-    source: str  # "policy" (sampled from SFT) or a contrast answer: "reference", "mismatched", "no_code"
+    # "policy" (sampled from SFT) or a contrast answer: "reference", "mismatched", "no_code"
+    source: str
     query: list  # prompt token ids
     response: list  # answer token ids (ending in <|endoftext|> unless cut at max_answer_tokens)
     answer: str  # the answer as text
@@ -890,7 +894,9 @@ def average_gradients(params):
         if size >= 1 << 24 or i == len(grads) - 1:
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat)
-            for b, part in zip(bucket, flat.div_(DIST.world).split([b.numel() for b in bucket])):
+            for b, part in zip(
+                bucket, flat.div_(DIST.world).split([b.numel() for b in bucket]), strict=True
+            ):
                 b.copy_(part.view_as(b))
             bucket, size = [], 0
 

@@ -206,10 +206,10 @@ def main(argv=None):
     """python sft.py: the SFT stage alone, on an existing run (default runs/tiny)."""
     cfg, run = stage_command_line(
         "sft",
-        "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save it "
-        "to run_dir/sft. Uses the run's recorded settings (config.json); --sft-* flags of rlaif.py "
-        "change them (python rlaif.py --from sft). An interrupted SFT resumes; later stages are set "
-        "aside.",
+        "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save "
+        "it to run_dir/sft. Uses the run's recorded settings (config.json); --sft-* flags of "
+        "rlaif.py change them (python rlaif.py --from sft). An interrupted SFT resumes; later "
+        "stages are set aside.",
         argv,
     )
     run_stage(cfg, run, "sft", sft_stage, prepare.load_splits(cfg.train_file))
