@@ -17,10 +17,9 @@ The algorithm, in the order of one iteration (train_ppo):
   4. update: `epochs` passes over minibatches of the clipped surrogate (Schulman et al. 2017, eq. 7)
      plus the clipped value loss. The value model starts from the reward model's network with a
      zero head and is trained alone in the first `critic_warmup` iterations, so its first
-     predictions are on the score's scale. At the default settings the critic is a baseline that
-     adds little beside the leave-one-out one: what is left to predict is the difference between a
-     prompt's answers, and its explained variance stays near 0 or below (docs/experiments.md,
-     "The critic at the default settings").
+     predictions are on the score's scale. Beside the leave-one-out baseline, what is left for
+     the critic to predict is the difference between a prompt's answers (docs/experiments.md,
+     "The critic at the default settings", measures what it adds).
   5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
 the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
@@ -30,9 +29,9 @@ normalised within the prompt's group (minus the group's mean, over its std), no 
 to the SFT model as a loss term (the k3 estimator) instead of a reward term. Where it differs from
 RLOO: the group mean includes the answer itself, the std rescales every prompt's advantages to the
 same size, and the KL does not enter the advantage.
-Under torchrun each rank samples its share of the prompts; the ranks' numbers meet in one section
-("Under torchrun"), so that every piece of math here is the single-process math on the global
-batch.
+Under torchrun each rank samples its share of the prompts; the ranks' numbers meet only in the
+section "Under torchrun" and in the update's runs.average_gradients, so that every piece of math
+here is the single-process math on the global batch.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N
 Implementation Details of RLHF with PPO") each line implements; docs/experiments.md says why each
 default is what it is.
@@ -690,7 +689,7 @@ def train_ppo(
     t_start = time.time()
     for it in range(start, cfg.iterations):
         t0, kl_coef = time.time(), kl_ctl.value  # the KL penalty of this iteration
-        # 1. rollout, this rank's share (one process: seeded seed * 104729 + it, as the prompts)
+        # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
         generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it + 7919 * DIST.rank)
         its_prompts = iteration_prompts(prompts, cfg, run_cfg.seed, it)
         batch = rollout(
