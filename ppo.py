@@ -619,7 +619,7 @@ def training_state(policy, value_model, cfg, ckpt_file, device):
     if not Path(ckpt_file).exists():
         return optimizers, modules, kl_ctl, 0, []
     ckpt = resume(ckpt_file, device, None, **modules)
-    for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=True):
+    for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=False):
         optimizer.load_state_dict(state)
     kl_ctl.value = ckpt["kl_coef"]
     log(f"[ppo] resumed from {ckpt_file} at iteration {ckpt['iteration']}")
