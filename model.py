@@ -660,7 +660,3 @@ def response_logprobs(
 
 def config_from_dict(d):
     return GPTConfig(**{f.name: d[f.name] for f in fields(GPTConfig) if f.name in d})
-
-
-# TEMPORARY re-exports for ppo.py; the lead removes them
-from runs import autocast, log, make_optimizer, progress, save_checkpoint  # noqa: E402, F401, F811

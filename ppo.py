@@ -49,28 +49,28 @@ from data.gorilla import prepare
 from model import (
     GPT,
     ScalarModel,
-    autocast,
     generate,
     left_pad,
-    log,
-    make_optimizer,
-    progress,
     response_logprobs,
     right_pad,
     sample_answers,
-    save_checkpoint,
 )
 from reward import judge_score, load_reward_model, make_judge
 from runs import (
     DIST,
     RUN_FILES,
     all_sum,
+    autocast,
     average_gradients,
     barrier,
     is_main,
+    log,
+    make_optimizer,
     metrics_tag,
+    progress,
     resume,
     run_stage,
+    save_checkpoint,
     shard,
     stage_command_line,
     tensorboard_text,
@@ -616,14 +616,11 @@ def training_state(policy, value_model, cfg, ckpt_file, device):
         if cfg.adaptive_kl
         else FixedKLController(cfg.init_kl_coef)
     )
-    if not Path(ckpt_file).exists():
-        return optimizers, modules, kl_ctl, 0, []
-    ckpt = resume(ckpt_file, device, None, **modules)
-    for optimizer, state in zip(optimizers, ckpt["optimizers"], strict=False):
+    iteration, history, ckpt = resume(ckpt_file, device, None, "ppo", log, "iteration", **modules)
+    for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
         optimizer.load_state_dict(state)
-    kl_ctl.value = ckpt["kl_coef"]
-    log(f"[ppo] resumed from {ckpt_file} at iteration {ckpt['iteration']}")
-    return optimizers, modules, kl_ctl, ckpt["iteration"], ckpt["history"]
+    kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
+    return optimizers, modules, kl_ctl, iteration, history
 
 
 def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):

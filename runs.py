@@ -758,21 +758,20 @@ def tensorboard_text(tag, text, step):
         TensorBoard.writer.flush()
 
 
-def resume(ckpt_file, device, optimizer, stage=None, log=None, **modules):
-    """A training stage's resumable state: (step, history, ckpt) from ckpt_file, each module's state
-    (saved under its keyword's name) and the optimizer's loaded and "[stage] resumed from ... at
-    step N" logged; (0, [], {}) when there is no checkpoint yet."""
+def resume(ckpt_file, device, optimizer, stage, log, counter="step", **modules):
+    """A training stage's resumable state: (step, history, ckpt) from ckpt_file, each module's
+    state (saved under its keyword's name) and the optimizer's (if given) loaded, and "[stage]
+    resumed from ... at step N" logged; (0, [], {}) when there is no checkpoint yet. counter: the
+    checkpoint's key for the step (PPO counts iterations)."""
     if not Path(ckpt_file).exists():
-        return None if stage is None else (0, [], {})
+        return 0, [], {}
     ckpt = load_checkpoint(ckpt_file, device)
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    if stage is None:  # TEMPORARY: ppo.py's call of the old signature; the lead removes it
-        return ckpt
-    step, history = ckpt["step"], ckpt.get("history", [])
-    log(f"[{stage}] resumed from {ckpt_file} at step {step}")
+    step, history = ckpt[counter], ckpt.get("history", [])
+    log(f"[{stage}] resumed from {ckpt_file} at {counter} {step}")
     return step, history, ckpt
 
 

@@ -108,8 +108,9 @@ def ppo_update():
     ref.load_state_dict(policy.state_dict())
     prompts = [[1, 2, 3 + i] for i in range(4) for _ in range(2)]
     score_fn = lambda q, qm, r, rm: (r == 7).float().sum(1)  # noqa: E731
+    sampling = SimpleNamespace(device="cpu", temperature=1.0, max_answer_tokens=8, grad_clip=1.0)
     batch = ppo.rollout(
-        policy, ref, value, score_fn, prompts, 1.0, 8, EOT, "cpu", torch.Generator().manual_seed(3)
+        policy, ref, value, score_fn, prompts, sampling, EOT, torch.Generator().manual_seed(3)
     )
     rows = torch.tensor(
         shard([[2 * g, 2 * g + 1] for g in range(4)])
@@ -125,21 +126,13 @@ def ppo_update():
         vf_lr=1e-3,
     )
     ppo.check_config(cfg)
-    _, _, advantages, returns, _ = ppo.advantages_and_returns(batch, cfg, kl_coef=0.05)
+    answers = ppo.gather_answers(batch)  # every rank's answers, as train_ppo
+    _, _, advantages, returns, _ = ppo.advantages_and_returns(answers, cfg, kl_coef=0.05)
+    advantages, returns = ppo.own_rows(advantages, batch), ppo.own_rows(returns, batch)
+    batch.update(advantages=advantages, returns=returns)
     optimizers = [make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.vf_lr, 0.0)]
-    ppo.ppo_update(
-        policy,
-        value,
-        optimizers,
-        batch,
-        advantages,
-        returns,
-        cfg,
-        1.0,
-        1.0,
-        "cpu",
-        torch.Generator().manual_seed(0),
-    )
+    generator = torch.Generator().manual_seed(0)
+    ppo.ppo_update(policy, value, optimizers, batch, cfg, sampling, generator, 0.05, True)
     return params(policy), params(value), rows, advantages
 
 
