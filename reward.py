@@ -1288,12 +1288,9 @@ def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log, price=""
 # The stages of a run (rlaif.py): 4. AI feedback on the samples, 5. the reward model
 
 
-def feedback_stage(cfg, run, splits):
-    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
-    go to run_dir/feedback. Done only when every answer has a score: an answer the judge could not score
-    stops the stage with a count and the command that resumes it. Resumable: answers already judged are in
-    the partial file, and every answered question in the judge's cache; a rerun asks only for the rest."""
-    judge = make_judge(
+def run_judge(cfg, run):
+    """The judge a run's settings name, with the run's cache (cost and answers) and spending cap."""
+    return make_judge(
         cfg.judge,
         cfg.judge_model,
         cfg.judge_base_url,
@@ -1302,6 +1299,14 @@ def feedback_stage(cfg, run, splits):
         log=log,
         price=cfg.judge_price,
     )
+
+
+def feedback_stage(cfg, run, splits):
+    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
+    go to run_dir/feedback. Done only when every answer has a score: an answer the judge could not score
+    stops the stage with a count and the command that resumes it. Resumable: answers already judged are in
+    the partial file, and every answered question in the judge's cache; a rerun asks only for the rest."""
+    judge = run_judge(cfg, run)
     samples, partial = (
         read_rows(run / RUN_FILES["samples"], Sample),
         run / RUN_FILES["feedback_partial"],

@@ -215,15 +215,7 @@ def compare_stage(cfg, run, splits):
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    judge = reward.make_judge(
-        cfg.judge,
-        cfg.judge_model,
-        cfg.judge_base_url,
-        run / RUN_FILES["judge_cache"],
-        cfg.judge_max_usd,
-        log=log,
-        price=cfg.judge_price,
-    )
+    judge = reward.run_judge(cfg, run)
     # Each part is skipped only when its own done.json, written after its model, says it finished.
     run_part(
         run / RUN_FILES["drlaif"],
