@@ -73,6 +73,7 @@ from runs import (
     save_checkpoint,
     shard,
     stage_command_line,
+    stream_seed,
     tensorboard_text,
     write_metrics,
 )
@@ -80,6 +81,10 @@ from runs import (
 
 @dataclass
 class PPOConfig:
+    """PPO's settings (rlaif.py --ppo-*, python ppo.py --*). Each is a symbol of the equations
+    below or a batch size under the names of lm-human-preferences and TRL's PPOConfig, so all stay
+    flags: a porter matches another implementation by setting them, not by editing code."""
+
     iterations: Annotated[
         int, "PPO iterations (one rollout batch + its update each), critic warm-up included", ">= 1"
     ] = 40
@@ -372,7 +377,7 @@ def iteration_prompts(prompts, cfg, seed, it):
     (seed, iteration), so a resumed run samples exactly what an uninterrupted one would. Under
     torchrun, this rank's share of them."""
     n = cfg.batch_size // cfg.rollouts_per_prompt
-    rng = random.Random(seed * 104729 + it)
+    rng = random.Random(stream_seed(seed, 104729, it))
     chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
     return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]
 
@@ -687,7 +692,8 @@ def train_ppo(
     for it in range(start, cfg.iterations):
         t0, kl_coef = time.time(), kl_ctl.value  # the KL penalty of this iteration
         # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
-        generator = torch.Generator().manual_seed(run_cfg.seed * 104729 + it + 7919 * DIST.rank)
+        rollout_seed = stream_seed(run_cfg.seed, 104729, it + 7919 * DIST.rank)  # a stream per rank
+        generator = torch.Generator().manual_seed(rollout_seed)
         its_prompts = iteration_prompts(prompts, cfg, run_cfg.seed, it)
         batch = rollout(
             policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
