@@ -1,11 +1,13 @@
 """
-DPO, Direct Preference Optimization (Rafailov et al. 2023) [not in the paper]: one of the comparisons that
-rlaif.py --compare puts beside the paper's PPO, trained on the same AI feedback and from the same SFT model.
+DPO, Direct Preference Optimization (Rafailov et al. 2023) [not in the paper]: one of the
+comparisons that rlaif.py --compare puts beside the paper's PPO, trained on the same AI
+feedback and from the same SFT model.
 
-No reward model and no sampling: the judge-ordered pairs (reward.make_pairs, the pairs the reward model
-learns from) train the policy directly, with the frozen SFT model as the reference (eq. 7):
+No reward model and no sampling: the judge-ordered pairs (reward.make_pairs, the pairs the reward
+model learns from) train the policy directly, with the frozen SFT model as the reference (eq. 7):
 
-    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log
+    pi(y_l|x) - log ref(y_l|x))])
 
     python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
@@ -64,7 +66,8 @@ class DPOConfig:
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    """Mean DPO loss of sequence log-probs (B,) each; also the implicit reward margin, for logging."""
+    """Mean DPO loss of sequence log-probs (B,) each; also the implicit
+    reward margin, for logging."""
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
     return global_mean(-F.logsigmoid(beta * margin)), global_mean(
         beta * margin
@@ -72,7 +75,8 @@ def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
 
 
 def sequence_logprobs(model, samples, ids, tok, device):
-    """Sum of each answer's token log-probs, log pi(y|x), at temperature 1 (the shared response_logprobs)."""
+    """Sum of each answer's token log-probs, log pi(y|x), at temperature 1
+    (the shared response_logprobs)."""
     batch = pad_pairs([(samples[i].query, samples[i].response) for i in ids], tok.eot, device)
     return response_logprobs(model, *batch).sum(1)
 
@@ -144,8 +148,9 @@ def train_dpo(
 
 
 def dpo_stage(cfg, run, splits, out_dir):
-    """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its feedback (the reward
-    model's pairs, reward.make_pairs), saved to out_dir/model. A part of rlaif.py's compare stage."""
+    """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its
+    feedback (the reward model's pairs, reward.make_pairs), saved to out_dir/model. A part
+    of rlaif.py's compare stage."""
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)

@@ -1,13 +1,13 @@
 """
-The paper's evaluation (Dutta et al. 2024, section 4): executability rate, Gorilla's AST accuracy and
-hallucination rate, ROUGE-L and CodeBLEU, for any set of answers to the held-out questions.
+The paper's evaluation (Dutta et al. 2024, section 4): executability rate, Gorilla's AST accuracy
+and hallucination rate, ROUGE-L and CodeBLEU, for any set of answers to the held-out questions.
 
     python evaluate.py --answers runs/tiny/evaluate/rlaif_answers.jsonl   # score a JSONL of answers
     python evaluate.py --model runs/tiny/ppo/model                        # generate with a model, then score
     python evaluate.py --gorilla                                          # Gorilla-7B's published answers
 
-Every metric is written out here (no metric packages at run time); tests/test_evaluate.py checks them
-against rouge-score and codebleu.
+Every metric is written out here (no metric packages at run time); tests/test_evaluate.py checks
+them against rouge-score and codebleu.
 """
 
 import argparse
@@ -42,8 +42,8 @@ from sandbox import Sandbox
 
 def ast_verdict(db, answer, reference_domain):
     """'correct' (a real API of the question's domain), 'wrong' (real API, other domain) or
-    'hallucination' (no API database entry matches). Domains compared as canonical labels (the database
-    spells some two ways: 'Audio Classification' and 'Audio Audio Classification')."""
+    'hallucination' (no API database entry matches). Domains compared as canonical labels (the
+    database spells some two ways: 'Audio Classification' and 'Audio Audio Classification')."""
     i = db.match(answer_api_call(answer))
     if i is None:
         return "hallucination"
@@ -82,9 +82,11 @@ def rouge_l(prediction, reference):
 
 
 # -----------------------------------------------------------------------------
-# CodeBLEU (Ren et al. 2020): 0.25 BLEU + 0.25 keyword-weighted BLEU + 0.25 AST match + 0.25 data flow
+# CodeBLEU (Ren et al. 2020): 0.25 BLEU + 0.25 keyword-weighted BLEU +
+# 0.25 AST match + 0.25 data flow
 
-# Python's keywords and soft keywords: the tokens CodeBLEU's weighted n-gram match weighs 1 (others 0.2).
+# Python's keywords and soft keywords: the tokens CodeBLEU's weighted
+# n-gram match weighs 1 (others 0.2).
 PY_KEYWORDS = set(keyword.kwlist) | {"match", "case", "type"}
 
 
@@ -93,9 +95,10 @@ def ngrams(tokens, n):
 
 
 def bleu(prediction, reference, keyword_weighted=False, max_n=4, epsilon=0.1):
-    """Sentence BLEU as CodeBLEU computes it: whitespace tokens, uniform weights, smoothing 'method1'
-    (epsilon for zero counts), brevity penalty. keyword_weighted: the unigram term becomes a recall
-    in which Python keywords weigh 1 and other tokens 0.2 (CodeBLEU's weighted n-gram match)."""
+    """Sentence BLEU as CodeBLEU computes it: whitespace tokens, uniform weights,
+    smoothing 'method1' (epsilon for zero counts), brevity penalty. keyword_weighted: the
+    unigram term becomes a recall in which Python keywords weigh 1 and other tokens 0.2
+    (CodeBLEU's weighted n-gram match)."""
     hyp, ref = prediction.split(), reference.split()
     if not hyp:
         return 0.0
@@ -112,8 +115,9 @@ def bleu(prediction, reference, keyword_weighted=False, max_n=4, epsilon=0.1):
         if n == 1 and num == 0:
             return 0.0
         logs.append(math.log((num or epsilon) / den))
-    # The codebleu package measures the reference as 2 tokens long in the weighted variant (it takes
-    # len() of a [tokens, weights] pair), which in effect turns the brevity penalty off there; we match it.
+    # The codebleu package measures the reference as 2 tokens long in the weighted variant
+    # (it takes len() of a [tokens, weights] pair), which in effect turns the brevity
+    # penalty off there; we match it.
     ref_len = 2 if keyword_weighted else len(ref)
     bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
     return bp * math.exp(sum(logs) / max_n)
@@ -132,7 +136,8 @@ def parse_python(code):
 
 
 def subtree_shapes(tree):
-    """Every inner node's shape (node types only, no names or values), like tree-sitter's s-expressions."""
+    """Every inner node's shape (node types only, no names or values), like
+    tree-sitter's s-expressions."""
 
     def kids(node):
         return [c for c in ast.iter_child_nodes(node) if not isinstance(c, ast.expr_context)]
@@ -214,8 +219,9 @@ def codebleu(prediction, reference):
 
 
 def without_explanation(answer):
-    """Domain, api_call, provider and code of an answer (text or sections): the text ROUGE-L compares, so
-    models that write no explanation (the tiny preset) and ones that do are scored on the same parts."""
+    """Domain, api_call, provider and code of an answer (text or sections): the text
+    ROUGE-L compares, so models that write no explanation (the tiny preset) and ones that
+    do are scored on the same parts."""
     sections = prepare.parse_answer(answer) if isinstance(answer, str) else answer
     return "\n".join(sections[k] for k in prepare.SECTIONS if k != "explanation")
 
@@ -301,7 +307,8 @@ def gorilla_answers_for(records):
 
 
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
-    """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained with)."""
+    """Greedy answers of a saved model (its vocabulary tells which
+    tokenizer it was trained with)."""
     model = GPT.from_pretrained(model_dir).to(device)
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
@@ -411,9 +418,9 @@ def smooth(ys, k=10):
 
 
 def plot_measured(ax, run, stage, key):
-    """What a panel shows beside its per-batch curve: SFT's validation loss, the reward model's held-out
-    accuracy (reward.train_reward_model measures it every few steps), the judge's mean score of the
-    policies' greedy answers to the validation questions (right axis)."""
+    """What a panel shows beside its per-batch curve: SFT's validation loss, the reward model's
+    held-out accuracy (reward.train_reward_model measures it every few steps), the judge's mean
+    score of the policies' greedy answers to the validation questions (right axis)."""
     if stage == "sft":
         val = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "val_loss" in r]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
@@ -446,9 +453,10 @@ def plot_measured(ax, run, stage, key):
 
 
 def plot_runs(run_dirs, out_dir=None):
-    """curves.png (the first run's SFT loss, reward-model accuracy and PPO curves; d-RLAIF, RLOO and GRPO
-    beside PPO when --compare ran) and results.png (each method's executability, AST accuracy and hallucination:
-    the mean over the runs, a bar from min to max). Returns {file: number of panels}."""
+    """curves.png (the first run's SFT loss, reward-model accuracy and PPO curves; d-RLAIF,
+    RLOO and GRPO beside PPO when --compare ran) and results.png (each method's
+    executability, AST accuracy and hallucination: the mean over the runs, a bar from min to
+    max). Returns {file: number of panels}."""
     try:
         import matplotlib
 
@@ -524,8 +532,9 @@ def plot_runs(run_dirs, out_dir=None):
 
 
 def read_answers(path):
-    """{question_id: text} of a JSONL answers file; Gorilla's own escaped format ('\\n' for newlines)
-    is recognised and undone, as prepare.load_gorilla_answers does for the published file."""
+    """{question_id: text} of a JSONL answers file; Gorilla's own escaped format
+    ('\\n' for newlines) is recognised and undone, as prepare.load_gorilla_answers
+    does for the published file."""
     given = {}
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):

@@ -2,22 +2,23 @@
 AI feedback and the reward model (Dutta et al. 2024, section 3.2).
 
 1. A judge answers fixed yes/no questions about each sampled answer, seeing the instruction, the answer
-   and the API database entry its api_call refers to. Each question's answer becomes P(yes) (from the
-   judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from its text otherwise,
-   counted in feedback/done.json); the weighted sum of the P(yes) is the answer's score in [0, 1]. The
-   feedback stage is done only when every answer has a score (judge_answers).
+   and the API database entry its api_call refers to. Each question's answer becomes P(yes) (from
+   the judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from its text
+   otherwise, counted in feedback/done.json); the weighted sum of the P(yes) is the answer's score
+   in [0, 1]. The feedback stage is done only when every answer has a score (judge_answers).
      - OpenAIJudge: GPT-3.5 (the paper) or any OpenAI-compatible server (vLLM, Ollama) by base_url.
      - RulesJudge: the offline stand-in. It answers the same questions with deterministic checks and
        labels every record "rules judge": it is NOT LLM feedback.
 2. A reward model (GPT-2 backbone + scalar head, model.ScalarModel) learns the scores with a pairwise
-   Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples (lm-human-preferences).
-   [not in the paper] It reads each answer followed by a tool's report on it (tool_report: the API
-   database's entry for its api_call, the model ids the database does not know, whether the code parses).
+   Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples
+   (lm-human-preferences). [not in the paper] It reads each answer followed by a tool's report on
+   it (tool_report: the API database's entry for its api_call, the model ids the database does
+   not know, whether the code parses).
 
     python reward.py --run-dir runs/tiny --force    # redo the reward stage of a run (see rlaif.py)
 
-The feedback stage (feedback_stage, below) has no script of its own: python rlaif.py --run-dir R --from
-feedback redoes it and what follows.
+The feedback stage (feedback_stage, below) has no script of its own: python rlaif.py --run-dir R
+--from feedback redoes it and what follows.
 """
 
 import ast
@@ -123,12 +124,13 @@ class RMConfig:
 # -----------------------------------------------------------------------------
 # 1. AI feedback: the questions, the judges, the score
 
-# (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights follow
-# what the paper measures: executable code (code_valid, 0.3) and the right API for the task (api_fits_task,
-# 0.3: Gorilla's AST accuracy), with 0.1 for each of the other checks. No question gates the others, so
-# runnable code with a wrong API is worth more than garbage, and an answer is not rewarded twice for its
-# domain. A generic runnable API for every task (the reward hack a score without task fit invites) scores
-# at most 0.6 against 1.0 for the right one (docs/experiments.md, "What changed, and why").
+# (key, question, weight). The score is the weighted sum of P(yes). [not in the paper] The weights
+# follow what the paper measures: executable code (code_valid, 0.3) and the right API for the task
+# (api_fits_task, 0.3: Gorilla's AST accuracy), with 0.1 for each of the other checks. No question
+# gates the others, so runnable code with a wrong API is worth more than garbage, and an answer is
+# not rewarded twice for its domain. A generic runnable API for every task (the reward hack a
+# score without task fit invites) scores at most 0.6 against 1.0 for the right one
+# (docs/experiments.md, "What changed, and why").
 QUESTIONS = (
     (
         "domain_right",
@@ -157,9 +159,9 @@ PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output
 
 
 def judge_price(model, price=""):
-    """(USD per million input tokens, per million output tokens) of `model`: --judge-price "IN,OUT" when
-    given, else PRICE_PER_MTOK's, else None (unknown). ValueError for a --judge-price that is not two
-    numbers >= 0."""
+    """(USD per million input tokens, per million output tokens) of `model`: --judge-price
+    "IN,OUT" when given, else PRICE_PER_MTOK's, else None (unknown). ValueError for a
+    --judge-price that is not two numbers >= 0."""
     if not price:
         return PRICE_PER_MTOK.get(model)
     try:
@@ -174,14 +176,16 @@ def judge_price(model, price=""):
 
 
 def judge_cost_usd(model, input_tokens, output_tokens, price=None):
-    """USD for that many tokens of `model` at `price` (else PRICE_PER_MTOK's), or None for an unknown price."""
+    """USD for that many tokens of `model` at `price` (else PRICE_PER_MTOK's),
+    or None for an unknown price."""
     price = price or PRICE_PER_MTOK.get(model)
     return None if price is None else (input_tokens * price[0] + output_tokens * price[1]) / 1e6
 
 
 def judge_setting_problems(model, max_usd, price):
-    """What makes --judge-model / --judge-max-usd / --judge-price unusable, before anything runs: a cap on a
-    model without a price would be a cap on nothing (every request sent, "cost unknown")."""
+    """What makes --judge-model / --judge-max-usd / --judge-price unusable, before
+    anything runs: a cap on a model without a price would be a cap on nothing (every
+    request sent, "cost unknown")."""
     try:
         known = judge_price(model, price)
     except ValueError as e:
@@ -195,14 +199,15 @@ def judge_setting_problems(model, max_usd, price):
 
 
 def approx_tokens(text):
-    """Tokens of a judge prompt, approximately (about 3.5 characters a token in English with code): the
-    judge's own tokenizer is not available offline, and a budget must be known before any call."""
+    """Tokens of a judge prompt, approximately (about 3.5 characters a token in
+    English with code): the judge's own tokenizer is not available offline, and a
+    budget must be known before any call."""
     return len(text) * 2 // 7 + 1
 
 
 def judge_plan(model, todo, records, db, price=None):
-    """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`: len(QUESTIONS)
-    requests each, one output token each."""
+    """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`:
+    len(QUESTIONS) requests each, one output token each."""
     tokens, known = (
         0,
         {},
@@ -235,9 +240,10 @@ class JudgeBudgetExceeded(Exception):
 
 
 def judge_score(judge, record, answer):
-    """The judge's score of one answer outside the feedback stage (d-RLAIF's rollouts, best-of-n, greedy
-    validation). An answer the judge could not score stops the caller with the judge's error, rather than
-    becoming a made-up score; the stage resumes from its checkpoint and the judge's cache."""
+    """The judge's score of one answer outside the feedback stage (d-RLAIF's rollouts,
+    best-of-n, greedy validation). An answer the judge could not score stops the caller with
+    the judge's error, rather than becoming a made-up score; the stage resumes from its
+    checkpoint and the judge's cache."""
     answers = judge.answers(record, answer)
     score = combine(answers)
     if score is None:
@@ -248,7 +254,8 @@ def judge_score(judge, record, answer):
 
 
 def combine(answers):
-    """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if any question has no answer."""
+    """Score in [0, 1] from {question: P(yes)} (see QUESTIONS); None if
+    any question has no answer."""
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
     return sum(w * answers[k] for k, _, w in QUESTIONS)
@@ -273,11 +280,12 @@ def judge_prompt(instruction, answer, api_entry, question):
 
 
 class RulesJudge:
-    """[offline stand-in] Deterministic answers to QUESTIONS. It knows each instruction's reference API, which an LLM
-    judge does not. The API is found with the one matcher (APIDatabase.match, Gorilla's AST match, as in
-    evaluation); an api_call that passes a model id the documentation does not have does not exist (PPO
-    against a judge without that check learned pipeline('text-generation', model='<invented>'),
-    docs/experiments.md). Domains are compared as canonical_domain labels."""
+    """[offline stand-in] Deterministic answers to QUESTIONS. It knows each instruction's
+    reference API, which an LLM judge does not. The API is found with the one matcher
+    (APIDatabase.match, Gorilla's AST match, as in evaluation); an api_call that passes a model
+    id the documentation does not have does not exist (PPO against a judge without that check
+    learned pipeline('text-generation', model='<invented>'), docs/experiments.md). Domains are
+    compared as canonical_domain labels."""
 
     name = "rules judge"
 
@@ -286,7 +294,8 @@ class RulesJudge:
         self.tasks = set(library_names()["pipeline_tasks"])
 
     def code_valid(self, code):
-        """Parses as Python, and every model id and pipeline task it names exists (static, not run)."""
+        """Parses as Python, and every model id and pipeline task it names
+        exists (static, not run)."""
         try:
             tree = ast.parse(code) if code.strip() else None
         except (SyntaxError, ValueError):
@@ -343,23 +352,25 @@ class UnusableReply(JudgeError):
 
 
 class JudgeFailed(Exception):
-    """Answers left without a score: the feedback stage is not done (feedback_stage says how to resume)."""
+    """Answers left without a score: the feedback stage is not done
+    (feedback_stage says how to resume)."""
 
 
-# How long the judge waits before asking again, and why. A rate-limited endpoint says how long (Retry-After):
-# the judge waits that long, but at most RETRY_AFTER_CAP_S (a server asking for an hour is asked again after
-# two minutes, and again: the retries run out and the stage stops, resumable). Without a Retry-After
-# (connection refused, 5xx, time-outs) the wait doubles from --backoff up to BACKOFF_CAP_S: about three
-# minutes over the 8 retries, so a minute-long outage is waited out. A reply that is neither Yes nor No comes
-# back fast and mostly the same again (temperature 0): it is asked again UNUSABLE_RETRIES times, at once.
+# How long the judge waits before asking again, and why. A rate-limited endpoint says how long
+# (Retry-After): the judge waits that long, but at most RETRY_AFTER_CAP_S (a server asking for an
+# hour is asked again after two minutes, and again: the retries run out and the stage stops,
+# resumable). Without a Retry-After (connection refused, 5xx, time-outs) the wait doubles from
+# --backoff up to BACKOFF_CAP_S: about three minutes over the 8 retries, so a minute-long outage is
+# waited out. A reply that is neither Yes nor No comes back fast and mostly the same again
+# (temperature 0): it is asked again UNUSABLE_RETRIES times, at once.
 RETRY_AFTER_CAP_S = 120.0
 BACKOFF_CAP_S = 60.0
 UNUSABLE_RETRIES = 2
 
 
 def retry_after_s(response):
-    """Seconds an HTTP response asks to wait (Retry-After-Ms, or Retry-After in seconds or as an HTTP date),
-    or None when it does not say."""
+    """Seconds an HTTP response asks to wait (Retry-After-Ms, or Retry-After in seconds or as an
+    HTTP date), or None when it does not say."""
     headers = getattr(response, "headers", None) or {}
     try:
         if headers.get("retry-after-ms") is not None:
@@ -383,14 +394,16 @@ def judge_api_key(base_url, api_key=None):
 
 
 def reply_p_yes(r):
-    """(P(yes), (prompt, completion) tokens, from_text) of a chat completion. P(yes) is the paper's: the
-    log-probabilities of "Yes" and "No" renormalised over the two. UnusableReply if it is neither.
+    """(P(yes), (prompt, completion) tokens, from_text) of a chat completion. P(yes) is the
+    paper's: the log-probabilities of "Yes" and "No" renormalised over the two.
+    UnusableReply if it is neither.
 
-    Missing log-probabilities are counted, not refused. Some OpenAI-compatible servers (local builds,
-    proxies) return none; their Yes/No text still answers the question, as a P(yes) of 0 or 1. Refusing
-    them would make those judges unusable; taking them silently would change what a score means (0 or 1
-    where the paper has a probability). So from_text marks them: the cache keeps the mark, the first one
-    is logged, and feedback/done.json counts them per answer (p_yes_from_text)."""
+    Missing log-probabilities are counted, not refused. Some OpenAI-compatible servers (local
+    builds, proxies) return none; their Yes/No text still answers the question, as a P(yes)
+    of 0 or 1. Refusing them would make those judges unusable; taking them silently would
+    change what a score means (0 or 1 where the paper has a probability). So from_text marks
+    them: the cache keeps the mark, the first one is logged, and feedback/done.json counts
+    them per answer (p_yes_from_text)."""
     try:
         choice = r.choices[0]
         text = (choice.message.content or "").strip()
@@ -414,9 +427,10 @@ def reply_p_yes(r):
 
 
 class OpenAIJudge:
-    """Asks an OpenAI-compatible chat endpoint each question, one request per (answer, question), retried
-    as RETRY_AFTER_CAP_S above says, with an append-only cache that also records what each reply cost (so
-    that --judge-max-usd holds for the whole run). Thread-safe: judge_answers calls it from a pool of
+    """Asks an OpenAI-compatible chat endpoint each question, one request per (answer,
+    question), retried as RETRY_AFTER_CAP_S above says, with an append-only cache that also
+    records what each reply cost (so that --judge-max-usd holds for the whole run). Thread-safe:
+    judge_answers calls it from a pool of
     --judge-concurrency threads."""
 
     def __init__(
@@ -474,9 +488,10 @@ class OpenAIJudge:
             self.read_cache()
 
     def read_cache(self):
-        """The run's judgements and spending so far. Each line is one paid reply: a judgement (key, p_yes,
-        text) or a reply that answered nothing (unusable), with its tokens and usd (None when no price was
-        known: its tokens are priced now). Lines of older versions have no usd: their cost is not known."""
+        """The run's judgements and spending so far. Each line is one paid reply: a judgement
+        (key, p_yes, text) or a reply that answered nothing (unusable), with its tokens and usd
+        (None when no price was known: its tokens are priced now). Lines of older versions have no
+        usd: their cost is not known."""
         for line in self.cache_file.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -501,7 +516,8 @@ class OpenAIJudge:
         return hashlib.sha256(f"{self.model}\n{prompt}".encode()).hexdigest()
 
     def ask(self, prompt):
-        """P(yes) for one prompt, from the cache or the endpoint; raises JudgeError after the retries."""
+        """P(yes) for one prompt, from the cache or the endpoint; raises
+        JudgeError after the retries."""
         key = self.key(prompt)
         if key in self.cache:
             return self.cache[key]
@@ -513,7 +529,8 @@ class OpenAIJudge:
                 self.reserved -= reserve
 
     def spent_usd(self):
-        """USD the run's judge has paid, earlier processes (the cache file) and this one; None without a price."""
+        """USD the run's judge has paid, earlier processes (the cache file) and
+        this one; None without a price."""
         now = judge_cost_usd(
             self.model,
             self.tokens_before[0] + self.tokens[0],
@@ -523,8 +540,8 @@ class OpenAIJudge:
         return None if now is None else self.usd_before + now
 
     def reserve(self, prompt):
-        """Book the estimated cost of one request against max_usd, or raise JudgeBudgetExceeded when the
-        money the run has spent plus the requests in flight plus this one would pass it."""
+        """Book the estimated cost of one request against max_usd, or raise JudgeBudgetExceeded when
+        the money the run has spent plus the requests in flight plus this one would pass it."""
         if not self.max_usd or self.spent_usd() is None:
             return 0.0
         with (
@@ -544,7 +561,8 @@ class OpenAIJudge:
         return cost
 
     def ask_endpoint(self, key, prompt):
-        """P(yes) from the endpoint; JudgeError naming the last failure once the retries are used up."""
+        """P(yes) from the endpoint; JudgeError naming the last failure
+        once the retries are used up."""
         last, unusable = None, 0
         for attempt in range(self.max_retries + 1):
             try:
@@ -577,7 +595,8 @@ class OpenAIJudge:
         raise JudgeError(f"gave up after {attempt + 1} attempts: {type(last).__name__}: {last}")
 
     def wait_after(self, error, attempt):
-        """Seconds to wait after a failed attempt (see RETRY_AFTER_CAP_S); said in the log every 10 s at most."""
+        """Seconds to wait after a failed attempt (see RETRY_AFTER_CAP_S); said in
+        the log every 10 s at most."""
         asked = retry_after_s(getattr(error, "response", None))
         if asked is not None:
             wait = min(asked, RETRY_AFTER_CAP_S)
@@ -608,8 +627,8 @@ class OpenAIJudge:
         self.log(message)
 
     def record(self, key=None, usage=(0, 0), p_yes=None, from_text=False, unusable=None):
-        """Count one paid reply and append it to the cache file. Append-only: a judgement is never lost, and
-        the next process knows what the run has spent (--judge-max-usd counts it)."""
+        """Count one paid reply and append it to the cache file. Append-only: a judgement is never
+        lost, and the next process knows what the run has spent (--judge-max-usd counts it)."""
         entry = dict(key=key, p_yes=p_yes, text=from_text) if key else dict(unusable=unusable)
         entry.update(tokens=list(usage), usd=judge_cost_usd(self.model, *usage, self.price))
         with self.lock:
@@ -648,9 +667,9 @@ class OpenAIJudge:
         return self.db.apis[i] if i is not None else None
 
     def answers(self, record, answer):
-        """{question: P(yes)} for one answer. At the first question the judge gives up on, the rest are not
-        asked (the answer has no score either way, and a dead endpoint costs one question's retries per
-        answer, not six): those are None, and "error" says why."""
+        """{question: P(yes)} for one answer. At the first question the judge gives up on, the rest
+        are not asked (the answer has no score either way, and a dead endpoint costs one question's
+        retries per answer, not six): those are None, and "error" says why."""
         entry, out = self.api_entry(answer), {}
         for key, question, _ in QUESTIONS:
             try:
@@ -660,7 +679,8 @@ class OpenAIJudge:
         return out
 
     def text_judgements(self, record, answer):
-        """How many of the answer's questions have a P(yes) read from the reply's text (no log-probabilities)."""
+        """How many of the answer's questions have a P(yes) read from the reply's
+        text (no log-probabilities)."""
         entry = self.api_entry(answer)
         return sum(
             self.key(judge_prompt(record.instruction, answer, entry, q)) in self.from_text
@@ -675,9 +695,9 @@ class OpenAIJudge:
 
 
 def judged_so_far(out_file):
-    """{sample id: feedback record} of a partial feedback file; a line cut short by a crash, or a row
-    without a score (written by older versions when the judge gave up), is skipped: that answer is simply
-    judged again."""
+    """{sample id: feedback record} of a partial feedback file; a line cut short by a crash, or a
+    row without a score (written by older versions when the judge gave up), is skipped: that
+    answer is simply judged again."""
     done = {}
     if Path(out_file).exists():
         for line in Path(out_file).read_text().splitlines():
@@ -691,11 +711,12 @@ def judged_so_far(out_file):
 
 
 def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
-    """Judge every Sample; each Feedback is appended to out_file once it has a score, and samples already
-    there are skipped, so an interrupted run resumes without re-asking (the judge's cache also keeps every
-    question answered about the others). Returns every sample's Feedback, each with a score, or raises
-    JudgeFailed: an answer the judge gave up on is not written, and after max(concurrency, 3) of them in a
-    row (a dead endpoint, a judge that never says Yes or No) no new answer is started."""
+    """Judge every Sample; each Feedback is appended to out_file once it has a score, and
+    samples already there are skipped, so an interrupted run resumes without re-asking (the
+    judge's cache also keeps every question answered about the others). Returns every sample's
+    Feedback, each with a score, or raises JudgeFailed: an answer the judge gave up on is not
+    written, and after max(concurrency, 3) of them in a row (a dead endpoint, a judge that never
+    says Yes or No) no new answer is started."""
     out_file = Path(out_file)
     done = judged_so_far(out_file)
     todo = [s for s in samples if s.id not in done]
@@ -762,27 +783,28 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
 # -----------------------------------------------------------------------------
 # The reward model
 
-# [not in the paper] The answers a contrast answer (rlaif.contrast_answers) is compared with. Another
-# domain's reference is compared only with this prompt's reference: the two differ in relevance alone.
-# Against the policy's own answers it wins on its (runnable, real) code, so those pairs taught that a
-# foreign domain wins (docs/experiments.md, "Where the reward model's ranking fails").
+# [not in the paper] The answers a contrast answer (rlaif.contrast_answers) is compared
+# with. Another domain's reference is compared only with this prompt's reference: the two
+# differ in relevance alone. Against the policy's own answers it wins on its (runnable,
+# real) code, so those pairs taught that a foreign domain wins (docs/experiments.md, "Where
+# the reward model's ranking fails").
 CONTRAST_PARTNERS = {"mismatched": {"reference"}}
 
 
 def comparable(a, b):
-    """Whether two answers to one prompt may form a pair: a source CONTRAST_PARTNERS names is compared only
-    with the sources it lists; the others with any answer."""
+    """Whether two answers to one prompt may form a pair: a source CONTRAST_PARTNERS names is
+    compared only with the sources it lists; the others with any answer."""
     return b.source in CONTRAST_PARTNERS.get(
         a.source, {b.source}
     ) and a.source in CONTRAST_PARTNERS.get(b.source, {a.source})
 
 
 def make_pairs(feedback, max_contrast_pairs, rng):
-    """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped. Every pair
-    of the policy's own answers is kept: they are what PPO asks the reward model to rank. Pairs with a
-    contrast answer (rlaif.contrast_answers) are capped at max_contrast_pairs per prompt, so that they
-    teach relevance and missing code without outnumbering the policy's comparisons, and are made only
-    between answers that CONTRAST_PARTNERS lets be compared."""
+    """(better id, worse id) pairs within each prompt, ordered by judge score; ties are dropped.
+    Every pair of the policy's own answers is kept: they are what PPO asks the reward model to rank.
+    Pairs with a contrast answer (rlaif.contrast_answers) are capped at max_contrast_pairs per
+    prompt, so that they teach relevance and missing code without outnumbering the policy's
+    comparisons, and are made only between answers that CONTRAST_PARTNERS lets be compared."""
     by_record = {}
     for f in feedback:
         if f.score is not None:
@@ -804,7 +826,8 @@ MARGIN_BINS = (0.1, 0.3)  # judge-score differences: small (< 0.1), medium, larg
 
 
 def pair_kind(a, b):
-    """'policy-policy', 'policy-reference', 'mismatched-reference', ...: the sources of a pair's answers."""
+    """'policy-policy', 'policy-reference', 'mismatched-reference', ...: the
+    sources of a pair's answers."""
     return "-".join(sorted((a.source, b.source)))
 
 
@@ -820,9 +843,9 @@ def margin_bin(a, b):
 
 
 def pair_accuracy(scores, feedback, pairs, prefix):
-    """{prefix/accuracy, prefix/pairs, prefix/kind/K, prefix/question/Q, prefix/margin/M}: the share of
-    (better, worse) `pairs` that `scores` ({id: score}) order as the judge does; pairs the scores tie
-    count as wrong. feedback: {id: Feedback}."""
+    """{prefix/accuracy, prefix/pairs, prefix/kind/K, prefix/question/Q, prefix/margin/M}: the share
+    of (better, worse) `pairs` that `scores` ({id: score}) order as the judge does; pairs the scores
+    tie count as wrong. feedback: {id: Feedback}."""
     groups = {}
     for a, b in pairs:
         fa, fb = feedback[a], feedback[b]
@@ -849,13 +872,14 @@ REPORT_TOKENS = (
 
 def tool_report(answer, db):
     """[not in the paper] A tool-augmented reward model (Li et al. 2024, "Tool-Augmented Reward
-    Modeling"): after the answer, the reward model reads what a lookup in the API database and a
-    Python parser say about it: whether the code parses, how many model ids of the api_call and of the
-    code no entry names, and the entry the api_call makes (APIDatabase.match): its domain and call.
-    A documented call shape with an invented model id is no entry (as in RulesJudge): with Gorilla's
-    lenient match alone, PPO learned pipeline('<task>', model='<invented>') (docs/experiments.md). A
-    small network cannot remember which of 925 APIs and thousands of model ids exist, so its ranking of
-    the policy's answers stayed near chance; it can read a line that says so."""
+    Modeling"): after the answer, the reward model reads what a lookup in the API database and
+    a Python parser say about it: whether the code parses, how many model ids of the api_call
+    and of the code no entry names, and the entry the api_call makes (APIDatabase.match): its
+    domain and call. A documented call shape with an invented model id is no entry (as in
+    RulesJudge): with Gorilla's lenient match alone, PPO learned pipeline('<task>',
+    model='<invented>') (docs/experiments.md). A small network cannot remember which of 925
+    APIs and thousands of model ids exist, so its ranking of the policy's answers stayed near
+    chance; it can read a line that says so."""
     sections = prepare.parse_answer(answer)
     api_call = answer_api_call(answer)
     unknown_call = set(db.unknown_model_ids(api_call))
@@ -883,7 +907,8 @@ def with_report(tok, response, db):
 
 
 def reading_reports(samples, tok, db):
-    """{id: Sample} whose responses carry their tool reports: what the reward model trains and is measured on."""
+    """{id: Sample} whose responses carry their tool reports: what the reward
+    model trains and is measured on."""
     return {
         i: dataclasses.replace(s, response=with_report(tok, s.response, db))
         for i, s in samples.items()
@@ -891,8 +916,9 @@ def reading_reports(samples, tok, db):
 
 
 def load_reward_model(path, tok, device):
-    """(reward model, its score_fn for PPO and best-of-n): score_fn(query, query_mask, response,
-    response_mask) appends each response's tool report first when the model was trained reading them."""
+    """(reward model, its score_fn for PPO and best-of-n): score_fn(query,
+    query_mask, response, response_mask) appends each response's tool report first
+    when the model was trained reading them."""
     rm, ckpt = ScalarModel.load(path, device)
     if not ckpt.get("tools"):
         return rm, rm.score
@@ -916,13 +942,15 @@ def load_reward_model(path, tok, device):
 
 
 def pair_batches(samples, pairs, batch_size, epochs, seed):
-    """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up front so that a
-    resumed run trains on the same batches; length-grouped (the reward model's and DPO's batches)."""
+    """Every step's batch of (id, id) `pairs` of `samples` for `epochs` passes, fixed up
+    front so that a resumed run trains on the same batches; length-grouped (the reward
+    model's and DPO's batches)."""
     keys = [
         (len(samples[a].query) // 16, max(len(samples[a].response), len(samples[b].response)))
         for a, b in pairs
     ]
-    # Under torchrun the last, short batch of an epoch is dropped, so that every rank has pairs in every step.
+    # Under torchrun the last, short batch of an epoch is dropped, so that
+    # every rank has pairs in every step.
     return [
         batch
         for epoch in range(epochs)
@@ -939,20 +967,21 @@ def rm_batch(samples, ids, tok, device):
 def comparisons_loss(
     rm, samples, pairs, tok, device, targets=None, aux_weight=0.0, stats=None, margins=None
 ):
-    """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass per
-    distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give up to
-    K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary cross-entropy
-    of the per-question logits against the judge's answers, targets: {id: [P(yes) per QUESTIONS]}.
-    [not in the paper] The scalar comparisons tell the model which answer won, not why; the six answers
-    say why (a dense target for every answer). margins: {pair: margin} or None. stats: a dict to receive the batch's pairwise accuracy and,
-    with targets, each question's accuracy (logit > 0 against P(yes) > 0.5), for the metrics."""
+    """Mean Bradley-Terry loss -log sigmoid(r_better - r_worse) over `pairs`, with one forward pass
+    per distinct answer of the batch (InstructGPT, Ouyang et al. 2022, section 3.5: K answers give
+    up to K(K-1)/2 comparisons for K passes). With aux_weight > 0, plus aux_weight x the binary
+    cross-entropy of the per-question logits against the judge's answers, targets: {id: [P(yes) per
+    QUESTIONS]}. [not in the paper] The scalar comparisons tell the model which answer won, not why;
+    the six answers say why (a dense target for every answer). margins: {pair: margin} or None.
+    stats: a dict to receive the batch's pairwise accuracy and, with targets, each question's
+    accuracy (logit > 0 against P(yes) > 0.5), for the metrics."""
     ids = sorted({i for pair in pairs for i in pair})
     at = {i: k for k, i in enumerate(ids)}
     r, aux = rm.score_and_aux(*rm_batch(samples, ids, tok, device))
     better = torch.tensor([at[a] for a, _ in pairs], device=r.device)
     worse = torch.tensor([at[b] for _, b in pairs], device=r.device)
-    # Llama 2's margin (Touvron et al. 2023, eq. 2): a pair the judge separates widely must be separated
-    # by at least that margin; a close call asks for less.
+    # Llama 2's margin (Touvron et al. 2023, eq. 2): a pair the judge separates widely must be
+    # separated by at least that margin; a close call asks for less.
     margin = torch.tensor([margins[p] for p in pairs], device=r.device) if margins else 0.0
     loss = global_mean(
         -F.logsigmoid(r[better] - r[worse] - margin)
@@ -987,8 +1016,8 @@ def rm_scores(rm, samples, ids, tok, device, batch_size=32):
 
 
 def split_prompts(feedback, cfg, seed):
-    """(held-out, validation) sets of training-split record ids; the rest trains. Held-out prompts only
-    measure (the number the docs report); validation prompts choose the step that is kept."""
+    """(held-out, validation) sets of training-split record ids; the rest trains. Held-out prompts
+    only measure (the number the docs report); validation prompts choose the step that is kept."""
     rng = random.Random(seed)
     records = sorted({f.record for f in feedback})
     rng.shuffle(records)
@@ -998,7 +1027,8 @@ def split_prompts(feedback, cfg, seed):
 
 
 def policy_pairs(feedback, records, rng):
-    """Judge-ordered pairs of the policy's own answers to `records`: what PPO asks the reward model."""
+    """Judge-ordered pairs of the policy's own answers to `records`: what
+    PPO asks the reward model."""
     fb = [
         f for f in feedback if f.record in records and f.score is not None and f.source == "policy"
     ]
@@ -1006,7 +1036,8 @@ def policy_pairs(feedback, records, rng):
 
 
 def measure(rm, samples, feedback, sets, tok, device):
-    """Pairwise accuracy of rm on each named (Feedback rows, pairs) set, by kind, question and margin."""
+    """Pairwise accuracy of rm on each named (Feedback rows, pairs) set, by
+    kind, question and margin."""
     out, by_id = {}, {f.id: f for f in feedback}
     for name, (fb, pairs) in sets.items():
         ids = sorted({i for pair in pairs for i in pair})
@@ -1018,9 +1049,9 @@ def measure(rm, samples, feedback, sets, tok, device):
 def train_reward_model(
     rm, samples, feedback, tok, cfg, seed, grad_clip, device, ckpt_file, log=log
 ):
-    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id: runs.Sample}.
-    Every eval_every steps (and at step 0) it measures the held-out and validation prompts' pairs; the
-    trained step with the best validation accuracy is the one kept."""
+    """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id:
+    runs.Sample}. Every eval_every steps (and at step 0) it measures the held-out and validation
+    prompts' pairs; the trained step with the best validation accuracy is the one kept."""
     heldout, val, rng = split_prompts(feedback, cfg, seed)
     measured_only = heldout | val
     train_fb = [f for f in feedback if f.record not in measured_only]
@@ -1033,9 +1064,10 @@ def train_reward_model(
     targets = question_targets(train_fb) if rm.aux is not None else {}
     judge_scores = {f.id: f.score for f in train_fb}
     rm.freeze_below(cfg.train_blocks)
-    # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from many prompts
-    # per batch, not one prompt's comparisons (InstructGPT's faster layout), which generalised worse to new
-    # prompts (docs/experiments.md, "The reward model's batches"); length grouping keeps padding low.
+    # Every step's batch, fixed up front so a resumed run trains on the same batches. Pairs from
+    # many prompts per batch, not one prompt's comparisons (InstructGPT's faster layout), which
+    # generalised worse to new prompts (docs/experiments.md, "The reward model's batches");
+    # length grouping keeps padding low.
     order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     steps = len(order)
     if not train_pairs:
@@ -1114,9 +1146,9 @@ def train_reward_model(
 
 def keep_if_best(rm, row, best, best_file, validated, log, untrained_ok=False):
     """Log a measured row; save the model to best_file if its validation accuracy beats best =
-    (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same tuple.
-    Step 0's head is random: it is kept only when there is no training step (seed 3 kept it by noise,
-    docs/experiments.md)."""
+    (accuracy, step). Without validation pairs, the last step is kept. Every rank keeps the same
+    tuple. Step 0's head is random: it is kept only when there is no training step (seed 3 kept it
+    by noise, docs/experiments.md)."""
     log(
         f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
         f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}"
@@ -1164,9 +1196,9 @@ def normalise(rm, samples, ids, tok, device):
 
 
 def judge_score_fn(judge, records, tok, feedback):
-    """d-RLAIF ("direct RLAIF", Lee et al. 2023): the judge scores each PPO rollout itself, with no reward
-    model in between. Scores are normalised as the reward model's are: mean 0, std 1 over the SFT
-    samples' judge scores. A PPO score_fn (see ppo.train_ppo)."""
+    """d-RLAIF ("direct RLAIF", Lee et al. 2023): the judge scores each PPO rollout itself, with no
+    reward model in between. Scores are normalised as the reward model's are: mean 0, std 1 over the
+    SFT samples' judge scores. A PPO score_fn (see ppo.train_ppo)."""
     scores = [f.score for f in feedback if f.source == "policy" and f.score is not None]
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) + 1e-8
@@ -1198,15 +1230,16 @@ def judge_base_url(base_url):
     return base_url or os.environ.get("OPENAI_BASE_URL", "")
 
 
-# The probe's question has one right answer, so a judge that cannot say Yes to it cannot judge at all.
-# [connection check] at its start keeps it apart from the judge's prompts (a test server counts it apart).
+# The probe's question has one right answer, so a judge that cannot say Yes to it cannot
+# judge at all. [connection check] at its start keeps it apart from the judge's prompts
+# (a test server counts it apart).
 PROBE_PROMPT = "[connection check] Is 2 + 2 equal to 4? Answer with a single word, Yes or No."
 
 
 def probe_judge(base_url, model, timeout=30.0, log=log):
-    """One request of one output token, before any stage: does the endpoint answer, take the key, serve the
-    model and say Yes or No? A problem line naming the URL and the model, or None. Whether log-probabilities
-    came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
+    """One request of one output token, before any stage: does the endpoint answer, take the key,
+    serve the model and say Yes or No? A problem line naming the URL and the model, or None. Whether
+    log-probabilities came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
     import openai
 
     where = f"the judge endpoint {base_url or 'https://api.openai.com/v1'} (--judge-model {model})"
@@ -1258,8 +1291,8 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
 
 
 def judge_problems(base_url, model="gpt-3.5-turbo", log=log):
-    """What stops the OpenAI-compatible judge from working, found before any stage runs: no key, or the
-    endpoint, the key or the model failing one cheap request (probe_judge)."""
+    """What stops the OpenAI-compatible judge from working, found before any stage runs: no key, or
+    the endpoint, the key or the model failing one cheap request (probe_judge)."""
     base_url = judge_base_url(base_url)
     if not base_url and not os.environ.get("OPENAI_API_KEY"):
         return [
@@ -1302,10 +1335,11 @@ def run_judge(cfg, run):
 
 
 def feedback_stage(cfg, run, splits):
-    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its Feedback rows
-    go to run_dir/feedback. Done only when every answer has a score: an answer the judge could not score
-    stops the stage with a count and the command that resumes it. Resumable: answers already judged are in
-    the partial file, and every answered question in the judge's cache; a rerun asks only for the rest."""
+    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its
+    Feedback rows go to run_dir/feedback. Done only when every answer has a score: an answer the
+    judge could not score stops the stage with a count and the command that resumes it. Resumable:
+    answers already judged are in the partial file, and every answered question in the judge's
+    cache; a rerun asks only for the rest."""
     judge = run_judge(cfg, run)
     samples, partial = (
         read_rows(run / RUN_FILES["samples"], Sample),
@@ -1375,8 +1409,8 @@ def feedback_stage(cfg, run, splits):
 
 
 def p_yes_from_text(judge, feedback, samples, records):
-    """{answers, judgements} whose P(yes) was read from the reply's text (no log-probabilities): 0 or 1, not
-    the paper's probability (reply_p_yes says why they are counted, not refused)."""
+    """{answers, judgements} whose P(yes) was read from the reply's text (no log-probabilities): 0
+    or 1, not the paper's probability (reply_p_yes says why they are counted, not refused)."""
     answer = {s.id: s.answer for s in samples}
     per_answer = [judge.text_judgements(records[f.record], answer[f.id]) for f in feedback]
     counts = dict(answers=sum(n > 0 for n in per_answer), judgements=sum(per_answer))
@@ -1389,8 +1423,8 @@ def p_yes_from_text(judge, feedback, samples, records):
 
 
 def reward_stage(cfg, run, splits):
-    """Step 5: the reward model, initialised from the SFT model, trained on the feedback, normalised on the
-    policy's samples."""
+    """Step 5: the reward model, initialised from the SFT model, trained on the feedback,
+    normalised on the policy's samples."""
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     if cfg.rm.tools:

@@ -9,39 +9,41 @@ operating system isolates (not Python: an audit hook can be switched off from in
   - namespaces (util-linux `unshare`): mount, PID, IPC, UTS, and in offline mode network, so the
     snippet sees only its own processes and a fresh /proc, and offline it has no network interface;
   - every mount read-only except the snippet's scratch directory, a size-limited tmpfs mounted in its
-    own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real mode a
-    model cache whose growth a watchdog bounds;
+    own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real mode
+    a model cache whose growth a watchdog bounds;
   - an unprivileged uid (65534 via `setpriv` when we are root; otherwise a user namespace with every
     capability dropped), no new privileges, a scrubbed environment;
   - a cgroup per snippet (v1 memory + pids, or v2 memory.max + pids.max) bounds the memory and the
     number of processes of all its processes together; rlimits bound CPU time, file size and open
-    files per process. Without a usable cgroup, memory and processes fall back to per-process rlimits
-    (said once on stderr; docs/reliability.md);
+    files per process. Without a usable cgroup, memory and processes fall back to per-process
+    rlimits (said once on stderr; docs/reliability.md);
   - no process outlives its snippet: the namespace's first process is the supervisor below; when it
     exits, or our process dies (parent-death signal and a lifeline pipe), the kernel kills every
     process in the namespace, and the cgroup is emptied with SIGKILL before it is removed.
-Why `unshare` + `setpriv`: both ship with util-linux, already on every Linux machine we target, where
-bubblewrap or nsjail would be one more system package to install.
+Why `unshare` + `setpriv`: both ship with util-linux, already on every Linux machine we target,
+where bubblewrap or nsjail would be one more system package to install.
 
 Who decides the verdict. Anything inside the snippet's process is readable and writable by it (its
-frames, `gc`, its file descriptors), so no secret lives there and the verdict is not written there.
-Inside the namespace a supervisor (first process, the namespace's root, not dumpable: the snippet can
-neither read its memory nor signal it) starts the runner as a separate process that drops to uid 65534
-and execs a fresh interpreter. The supervisor alone holds the pipe to us; it judges from the runner's
-exit status and from one report the runner sends after the snippet returns. A snippet that exits early
-(`os._exit(0)`, `sys.exit(0)`, a signal) sends no report: `early_exit`. A snippet can at most imitate
-the runner's report ("I reached my end"), which it can also get by wrapping its lines in `try:`; it
-cannot write a verdict, touch another snippet's, or stop the supervisor from judging the timeout.
+frames, `gc`, its file descriptors), so no secret lives there and the verdict is not written
+there. Inside the namespace a supervisor (first process, the namespace's root, not dumpable: the
+snippet can neither read its memory nor signal it) starts the runner as a separate process that
+drops to uid 65534 and execs a fresh interpreter. The supervisor alone holds the pipe to us; it
+judges from the runner's exit status and from one report the runner sends after the snippet
+returns. A snippet that exits early (`os._exit(0)`, `sys.exit(0)`, a signal) sends no report:
+`early_exit`. A snippet can at most imitate the runner's report ("I reached my end"), which it can
+also get by wrapping its lines in `try:`; it cannot write a verdict, touch another snippet's, or
+stop the supervisor from judging the timeout.
 
 Two modes, one code path:
-  real:    the snippet runs with the real libraries and network (downloads allowed), as a user would.
-  offline: no weights or network exist, so the model libraries (standins.STUBBED) are replaced by the
-           stand-ins of data/gorilla/standins.py that check what the code asks of them [offline stand-in],
-           against data/gorilla/api_names.json (transformers 4.57.6): names a library does not have,
-           calls that do not fit the real signature, unknown pipeline tasks and models a task cannot
-           run, model ids not in the API database. Missing input files and names the code marks as
-           the user's are placeholders. Everything else (Python, the standard library, numpy) really
-           runs (docs/metrics.md).
+  real:    the snippet runs with the real libraries and network (downloads allowed), as a
+  user would. offline: no weights or network exist, so the model libraries
+  (standins.STUBBED) are replaced by the
+           stand-ins of data/gorilla/standins.py that check what the code asks of them [offline
+           stand-in], against data/gorilla/api_names.json (transformers 4.57.6): names a library
+           does not have, calls that do not fit the real signature, unknown pipeline tasks and
+           models a task cannot run, model ids not in the API database. Missing input files and
+           names the code marks as the user's are placeholders. Everything else (Python, the
+           standard library, numpy) really runs (docs/metrics.md).
 """
 
 import argparse
@@ -116,8 +118,8 @@ BLOCKED_EVENTS = (
 
 
 def name_blocked(event, args):
-    """Offline only, and only to *name* a verdict ("blocked"): what a model-library snippet has no need
-    to do. Containment does not rest on this hook; the operating system provides it."""
+    """Offline only, and only to *name* a verdict ("blocked"): what a model-library snippet has no
+    need to do. Containment does not rest on this hook; the operating system provides it."""
     if event in BLOCKED_EVENTS:
         raise PermissionError(f"sandbox: {event} is not allowed")
 
@@ -218,8 +220,9 @@ def start_runner(argv, report_fd, out_fd):
 
 
 def watch(job, pid, ours, out_r, lifeline):
-    """Wait for the runner, keeping the tail of its output and its reports; (status, reports, tail),
-    status None at the time limit. Our host's death (lifeline at EOF) ends us, hence the namespace."""
+    """Wait for the runner, keeping the tail of its output and its reports; (status,
+    reports, tail), status None at the time limit. Our host's death (lifeline at EOF)
+    ends us, hence the namespace."""
     deadline, next_disk = time.monotonic() + job["timeout"], 0.0
     cache_start = dir_size(job["cache_dir"]) if job["cache_dir"] else 0
     reports, tail, status, open_fds = [], b"", None, [ours.fileno(), out_r, lifeline]
@@ -288,7 +291,8 @@ SIGNAL_NAMES = {int(sig) for sig in signal.Signals}  # realtime signals have num
 
 
 def judge(status, reports, tail):
-    """The verdict from the runner's exit status and its last report (sent after the snippet returned)."""
+    """The verdict from the runner's exit status and its last report (sent
+    after the snippet returned)."""
     lines = tail.decode(errors="replace").strip().splitlines()
     last = lines[-1][:300] if lines else ""
     if status == "timeout":
@@ -368,8 +372,8 @@ def drop_privileges():
 
 
 def isolated_command(writable, offline, child_code, disk_mb):
-    """argv that runs `child_code` isolated, with a `disk_mb` tmpfs as its working directory and only
-    `writable` directories writable besides."""
+    """argv that runs `child_code` isolated, with a `disk_mb` tmpfs as its working directory and
+    only `writable` directories writable besides."""
     owner = f",uid={NOBODY},gid={NOBODY}" if os.geteuid() == 0 else ""
     tmpfs = f"size={disk_mb}m,nr_inodes=65536,mode=0700,nosuid,nodev{owner}"
     env_setup = [
@@ -383,7 +387,8 @@ def isolated_command(writable, offline, child_code, disk_mb):
 
 
 def scratch_mountpoint():
-    """The host side of the scratch directory: ours, a real directory (not a link someone planted)."""
+    """The host side of the scratch directory: ours, a real directory
+    (not a link someone planted)."""
     SCRATCH.mkdir(mode=0o755, exist_ok=True)
     st = os.lstat(SCRATCH)
     if not os.path.isdir(SCRATCH) or os.path.islink(SCRATCH) or st.st_uid != os.geteuid():
@@ -396,7 +401,8 @@ def scratch_mountpoint():
 
 
 def cgroup_mounts():
-    """{"memory": (mount point, our group), "pids": ..., "v2": ...} from /proc/self/{mountinfo,cgroup}."""
+    """{"memory": (mount point, our group), "pids": ..., "v2": ...} from
+    /proc/self/{mountinfo,cgroup}."""
     ours = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
@@ -449,7 +455,8 @@ class Cgroup:
             return 0
 
     def kill(self):
-        """SIGKILL every process in it until it is empty (a process forking meanwhile is caught next round)."""
+        """SIGKILL every process in it until it is empty (a process forking
+        meanwhile is caught next round)."""
         if self.v2 and (self.dirs[0] / "cgroup.kill").exists():
             (self.dirs[0] / "cgroup.kill").write_text("1")
         for _ in range(200):
@@ -783,8 +790,8 @@ class Sandbox:
         return v["verdict"], v.get("detail", "")
 
     def run_all(self, codes, db=None, on_done=None):
-        """(verdict, detail) of each snippet, `workers` at a time; on_done(n finished) after each one
-        (progress lines)."""
+        """(verdict, detail) of each snippet, `workers` at a time; on_done(n finished)
+        after each one (progress lines)."""
         base, finished, lock = self.spec(db or APIDatabase()), [0], threading.Lock()
 
         def run_one(code):

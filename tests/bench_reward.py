@@ -8,8 +8,8 @@ reward.train_reward_model, ties excluded), the pairwise accuracy of:
     read-outs of the network the reward model starts from);
   - the run's reward model (run_dir/reward/model.pt), overall and by the judge question that separates
     the pair and by the pair's judge-score margin;
-and best-of-n on those prompts: the mean judge score of the answer each scorer picks, against the judge's
-own pick and a random one. The reward model's curve (measured every eval_every steps) is in
+and best-of-n on those prompts: the mean judge score of the answer each scorer picks, against the
+judge's own pick and a random one. The reward model's curve (measured every eval_every steps) is in
 run_dir/reward/metrics.jsonl; this prints it too.
 """
 
@@ -49,7 +49,8 @@ def line_mask(tok, response, tag="<<<api_call>>>"):
 
 @torch.no_grad()
 def logprob_readouts(sft, samples, ids, tok):
-    """{id: mean log-prob of the answer}, {id: mean log-prob of its api_call line} under the SFT model."""
+    """{id: mean log-prob of the answer}, {id: mean log-prob of its api_call
+    line} under the SFT model."""
     whole, api = {}, {}
     for i in range(0, len(ids), 32):
         chunk = ids[i : i + 32]

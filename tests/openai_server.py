@@ -1,13 +1,14 @@
-"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1 for tests: each request takes the
-next scripted behaviour (or the default) and every request is counted.
+"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1 for tests: each request takes
+the next scripted behaviour (or the default) and every request is counted.
 
-Behaviours (a script entry, `default`, or what `mode_for(body)` returns for one request): "logprobs" (Yes/No
-with log-probabilities), "text" (Yes/No without them), "text_other" ("Maybe"), "429" (with a Retry-After
-header when `retry_after` is set), "500", "404", "malformed" (not JSON), "hang" (5 s, no reply), "down" (the
-connection is closed without a reply: the client sees a connection error). For a while: rate_limit(seconds,
-retry_after) answers every request 429, down(seconds) drops every connection. `models`: the only models
-served (404 for others). The judge's probe ("[connection check] ...") is counted in `probes`, not `requests`,
-and takes no script entry. `replies` counts what was answered, by behaviour."""
+Behaviours (a script entry, `default`, or what `mode_for(body)` returns for one request): "logprobs"
+(Yes/No with log-probabilities), "text" (Yes/No without them), "text_other" ("Maybe"), "429" (with a
+Retry-After header when `retry_after` is set), "500", "404", "malformed" (not JSON), "hang" (5 s, no
+reply), "down" (the connection is closed without a reply: the client sees a connection error). For a
+while: rate_limit(seconds, retry_after) answers every request 429, down(seconds) drops every
+connection. `models`: the only models served (404 for others). The judge's probe ("[connection
+check] ...") is counted in `probes`, not `requests`, and takes no script entry. `replies` counts
+what was answered, by behaviour."""
 
 import json
 import math
@@ -71,7 +72,8 @@ class FakeOpenAI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def choose(self, body):
-        """This request's behaviour; the request is counted (in probes or requests) and so is its reply."""
+        """This request's behaviour; the request is counted (in probes or
+        requests) and so is its reply."""
         probe = body["messages"][0]["content"].startswith(PROBE_MARK)
         with self.lock:
             (self.probes if probe else self.requests).append(body)

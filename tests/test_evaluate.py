@@ -34,8 +34,9 @@ def test_rouge_l_equals_rouge_score(gorilla):
 
 
 def test_codebleu_components_against_codebleu_package(gorilla):
-    """BLEU and weighted BLEU equal the package's; syntax and data flow are ast-based stand-ins for its
-    tree-sitter ones: their mean absolute difference on Gorilla-7B's code vs the references is bounded."""
+    """BLEU and weighted BLEU equal the package's; syntax and data flow are ast-based
+    stand-ins for its tree-sitter ones: their mean absolute difference on Gorilla-7B's code
+    vs the references is bounded."""
     pkg = pytest.importorskip("codebleu")
     syntax_diff, flow_diff = [], []
     for answer, r in gorilla[:120]:
@@ -65,9 +66,9 @@ def test_ast_accuracy_of_references_is_near_total(records):
     counts = {v: verdicts.count(v) for v in set(verdicts)}
     print(f"\nreference answers: {counts} of {len(records)}")
     assert counts["correct"] / len(records) > 0.9, counts
-    # Every miss is the data's own: the answer's api_call differs from its record's api_data
-    # (typos like 'AutoModelFrom.pretrained'), or that call is not in the API database, or an earlier
-    # entry matches it too (joblib.load('model.joblib') is inside joblib.load(...'sklearn_model.joblib'))
+    # Every miss is the data's own: the answer's api_call differs from its record's api_data (typos
+    # like 'AutoModelFrom.pretrained'), or that call is not in the API database, or an earlier entry
+    # matches it too (joblib.load('model.joblib') is inside joblib.load(...'sklearn_model.joblib'))
     # and Gorilla's rule takes the first match's domain.
     db_calls = [a["api_call"] for a in db.apis]
     for r, v in zip(records, verdicts):

@@ -1,5 +1,5 @@
-"""The offline executability check against hand labels of real answers (tests/data/exec_labels.md says
-how they were labelled): agreement and Cohen's kappa, and every disagreement printed."""
+"""The offline executability check against hand labels of real answers (tests/data/exec_labels.md
+says how they were labelled): agreement and Cohen's kappa, and every disagreement printed."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,8 @@ LABELS = Path(__file__).with_name("data") / "exec_labels.jsonl"
 
 
 def agreement(labels, predicted):
-    """(observed agreement, Cohen's kappa, confusion {(label, predicted): count}) of two boolean lists."""
+    """(observed agreement, Cohen's kappa, confusion {(label, predicted):
+    count}) of two boolean lists."""
     n = len(labels)
     confusion = {
         (a, b): sum(x == a and y == b for x, y in zip(labels, predicted))

@@ -1,5 +1,5 @@
-"""The sandboxed executability check: labelled snippets (real Gorilla reference code and deliberately
-broken variants) and hostile snippets that must be contained."""
+"""The sandboxed executability check: labelled snippets (real Gorilla reference code and
+deliberately broken variants) and hostile snippets that must be contained."""
 
 import os
 import re
@@ -10,8 +10,8 @@ import pytest
 from data.gorilla import prepare
 from sandbox import Sandbox
 
-# Reference code sections of the test split, read by hand: each uses only real transformers names and
-# model ids of the API database, and defines every name it uses. Label: executable.
+# Reference code sections of the test split, read by hand: each uses only real transformers names
+# and model ids of the API database, and defines every name it uses. Label: executable.
 REFERENCE_LINES = (32, 37, 51, 56, 63, 66, 146, 148, 207, 209)
 
 

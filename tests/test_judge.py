@@ -1,7 +1,8 @@
-"""The judge fails loudly (docs/reliability.md, "The judge"): a run that ends with exit status 0 had every
-answer judged. Each fault is played by a real OpenAI-compatible HTTP server on 127.0.0.1
-(tests/openai_server.py) against the judge, the feedback stage or the whole command (rlaif.main on a run
-whose SFT and sampling are done), with small backoffs and Retry-After values of a second or two."""
+"""The judge fails loudly (docs/reliability.md, "The judge"): a run that ends with exit
+status 0 had every answer judged. Each fault is played by a real OpenAI-compatible HTTP
+server on 127.0.0.1 (tests/openai_server.py) against the judge, the feedback stage or the
+whole command (rlaif.main on a run whose SFT and sampling are done), with small backoffs and
+Retry-After values of a second or two."""
 
 import functools
 import json
@@ -48,8 +49,8 @@ def quick_judge(monkeypatch):
 
 
 def make_run(tmp_path, server, train, n=4, **settings):
-    """A run (settings recorded) whose sft and sample stages are done: n answers, the references of the first
-    n training instructions, to be judged by the OpenAI judge at `server`."""
+    """A run (settings recorded) whose sft and sample stages are done: n answers, the references of
+    the first n training instructions, to be judged by the OpenAI judge at `server`."""
     settings = dict(dict(judge_concurrency=1), **settings)
     cfg = rlaif.make_config(
         run_dir=str(tmp_path / "run"),
@@ -133,8 +134,9 @@ def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, m
 
 
 def test_the_default_retries_outlast_a_minute_long_outage(server, tmp_path, monkeypatch):
-    """A dead endpoint (connections dropped) with the default backoff: the waits add up to more than 60 s,
-    none longer than BACKOFF_CAP_S, before the judge gives up (then the stage stops: next tests)."""
+    """A dead endpoint (connections dropped) with the default backoff: the waits add up
+    to more than 60 s, none longer than BACKOFF_CAP_S, before the judge gives up (then
+    the stage stops: next tests)."""
     waits = recorded_sleeps(monkeypatch)
     server.default = "down"
     j = reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, api_key="k", timeout=2.0, **QUIET)
@@ -145,8 +147,8 @@ def test_the_default_retries_outlast_a_minute_long_outage(server, tmp_path, monk
 
 
 def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_path, train):
-    """429 with Retry-After: 1 for 2 s, 3 retries from a 10 ms backoff: waiting as asked, every answer is
-    judged and the stage is done with all of them."""
+    """429 with Retry-After: 1 for 2 s, 3 retries from a 10 ms backoff: waiting as asked, every
+    answer is judged and the stage is done with all of them."""
     run = make_run(tmp_path, server, train, n=3)
     times = []  # of the judge's requests (the probe aside); 429 for 2 s from the first
 
@@ -167,9 +169,9 @@ def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_p
 def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_them(
     server, tmp_path, train
 ):
-    """Two answers judged, then the endpoint drops every connection: the stage fails naming the count and
-    the command; nothing is marked done. That command, once the endpoint is back, asks only for the two
-    missing answers' questions and finishes the stage."""
+    """Two answers judged, then the endpoint drops every connection: the stage fails naming the
+    count and the command; nothing is marked done. That command, once the endpoint is back, asks
+    only for the two missing answers' questions and finishes the stage."""
     run = make_run(tmp_path, server, train, n=4)
     server.script = ["logprobs"] * (2 * len(reward.QUESTIONS)) + ["down"] * 100
     resumes = rf"2 of 4 answers have no score.*python rlaif.py --run-dir {run} resumes"
@@ -220,8 +222,8 @@ def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_
 def test_replies_without_logprobs_are_counted_per_answer_in_done_json(
     server, tmp_path, train, capsys
 ):
-    """The first answer's six replies come without log-probabilities (P(yes) 0 or 1 from the text), the
-    other two answers' with them: done.json says so, and the log warns."""
+    """The first answer's six replies come without log-probabilities (P(yes) 0 or 1 from the text),
+    the other two answers' with them: done.json says so, and the log warns."""
     run = make_run(tmp_path, server, train, n=3)
     server.script = ["text"] * len(reward.QUESTIONS)
     rlaif_until_feedback(run)
@@ -286,8 +288,8 @@ def test_a_model_that_cannot_say_yes_is_refused_before_the_first_stage(server, t
 
 
 def test_the_cap_counts_what_earlier_runs_spent(server, tmp_path):
-    """A cap of $0.0003 allows five requests of 101 tokens at gpt-3.5-turbo's price; a new judge on the same
-    cache file (the next command) with the same cap sends nothing more."""
+    """A cap of $0.0003 allows five requests of 101 tokens at gpt-3.5-turbo's price; a new judge on
+    the same cache file (the next command) with the same cap sends nothing more."""
     j = judge_alone(server, tmp_path, max_usd=0.0003)
     with pytest.raises(reward.JudgeBudgetExceeded):
         for i in range(20):
@@ -301,8 +303,8 @@ def test_the_cap_counts_what_earlier_runs_spent(server, tmp_path):
 
 
 def test_rerunning_with_the_same_cap_spends_nothing_more(server, tmp_path, train):
-    """Requests bill 5,000 prompt tokens (more than the estimate): the first command stops at the cap; the
-    same command again sends nothing and says what the run has spent."""
+    """Requests bill 5,000 prompt tokens (more than the estimate): the first command stops at the
+    cap; the same command again sends nothing and says what the run has spent."""
     run = make_run(tmp_path, server, train, n=4, judge_max_usd=0.01)
     server.prompt_tokens = 5000
     with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):
@@ -326,7 +328,8 @@ def test_a_cap_on_a_model_without_a_price_is_refused_before_any_request(server, 
 
 
 def test_a_price_given_with_judge_price_keeps_the_cap(server, tmp_path, train):
-    """gpt-4o at --judge-price 2.5,10: 3,000 + 1 tokens cost $0.00751; a cap of $0.02 allows two requests."""
+    """gpt-4o at --judge-price 2.5,10: 3,000 + 1 tokens cost $0.00751; a cap
+    of $0.02 allows two requests."""
     run = make_run(tmp_path, server, train, n=1, judge_model="gpt-4o", judge_max_usd=0.02)
     server.prompt_tokens = 3000
     with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):

@@ -174,7 +174,8 @@ def test_rules_judge_on_hand_written_answers(records):
     )
     a = j.answers(r, syntax_error)
     assert a["api_exists"] == 1 and a["code_valid"] == 0
-    # Gorilla's lenient AST match accepts an invented model id beside a documented task; the judge does not
+    # Gorilla's lenient AST match accepts an invented model id beside a
+    # documented task; the judge does not
     gamed = right.replace(
         "AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')",
         "pipeline('text-generation', model='laion/ner-base-base-base')",
@@ -226,7 +227,8 @@ def test_reward_model_learns_a_ranking(tmp_path):
 
 
 def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
-    """One forward pass per distinct answer gives the same loss and gradients as two passes per pair."""
+    """One forward pass per distinct answer gives the same loss and
+    gradients as two passes per pair."""
     import torch.nn.functional as F
 
     from model import GPT, GPTConfig, ScalarModel
@@ -267,8 +269,9 @@ def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
 
 
 def test_judge_accepts_the_reference_answers(records):
-    """The rules judge must agree with the references it stands in for: the reference answer's API exists
-    and its domain is right for at least 98% of the training split (their label noise aside)."""
+    """The rules judge must agree with the references it stands in for: the reference
+    answer's API exists and its domain is right for at least 98% of the training
+    split (their label noise aside)."""
     train = prepare.offline_splits(records)["train"]
     j = RulesJudge()
     answers = [j.answers(r, prepare.format_answer(r.sections, compact=True)) for r in train]
@@ -305,7 +308,8 @@ def test_another_domains_answer_is_compared_only_with_the_prompts_reference():
 
     from reward import make_pairs
 
-    # It outscores every policy answer and the no-code one (its code runs), yet only loses to the reference.
+    # It outscores every policy answer and the no-code one (its code runs),
+    # yet only loses to the reference.
     fb = [Feedback(i, 0, "policy", "test", {}, s) for i, s in enumerate([0.1, 0.3])]
     fb += [
         Feedback(10 + i, 0, src, "test", {}, s)
@@ -321,8 +325,9 @@ def fb_by_id_score(fb, i):
 
 
 def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(server, tmp_path):
-    """Each request costs 100 + 1 tokens at gpt-3.5-turbo's price ($0.0000515); a cap of $0.0003 allows
-    five. Past that the judge refuses before sending; a new judge with the same cache pays for nothing it has."""
+    """Each request costs 100 + 1 tokens at gpt-3.5-turbo's price ($0.0000515); a cap of
+    $0.0003 allows five. Past that the judge refuses before sending; a new judge with the same
+    cache pays for nothing it has."""
     from reward import JudgeBudgetExceeded
 
     j = judge(server, tmp_path, max_usd=0.0003)
@@ -362,8 +367,8 @@ def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(
 
 
 def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path):
-    """Killed at step 40, after its step-20 checkpoint: the resumed training's metrics.jsonl has steps 1..N
-    once each, then one held-out row."""
+    """Killed at step 40, after its step-20 checkpoint: the resumed training's metrics.jsonl has
+    steps 1..N once each, then one held-out row."""
     from model import GPT, GPTConfig, ScalarModel
     from reward import RMConfig, train_reward_model
 
@@ -429,8 +434,8 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
 
 
 def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
-    """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises, where
-    the score used to become the mean (no signal, silently)."""
+    """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises,
+    where the score used to become the mean (no signal, silently)."""
     from reward import QUESTIONS, JudgeError, judge_score
 
     class GaveUp:
@@ -451,9 +456,9 @@ def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_i
 
 @pytest.mark.slow
 def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_starts_from(tmp_path):
-    """A toy where the starting network's log-likelihood already ranks the pairs (it was trained on the
-    better answers): the reward model trained from it ranks held-out pairs at least as well as that
-    log-likelihood does, and the step kept is the one with the best validation accuracy."""
+    """A toy where the starting network's log-likelihood already ranks the pairs (it was trained on
+    the better answers): the reward model trained from it ranks held-out pairs at least as well as
+    that log-likelihood does, and the step kept is the one with the best validation accuracy."""
     import json
 
     from model import GPT, GPTConfig, ScalarModel, pad_pairs, response_logprobs

@@ -1,6 +1,7 @@
-"""The sandbox's isolation, tried the way an escaping snippet would: each payload is benign (a marker
-file, a changed canary, a signal to a dummy process, a packet to a loopback listener) and each must fail.
-The isolation is the operating system's (namespaces, read-only mounts, uid 65534), not Python's."""
+"""The sandbox's isolation, tried the way an escaping snippet would: each payload is benign
+(a marker file, a changed canary, a signal to a dummy process, a packet to a loopback
+listener) and each must fail. The isolation is the operating system's (namespaces, read-only
+mounts, uid 65534), not Python's."""
 
 import os
 import socket
@@ -192,7 +193,8 @@ def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch
 
 
 # -----------------------------------------------------------------------------
-# The issue "Nothing lost, nothing forged": items 10-13, each with the real sandbox and real processes
+# The issue "Nothing lost, nothing forged": items 10-13, each with the
+# real sandbox and real processes
 
 FORGERIES = {
     # finding 10: the nonce from the runner's frame, a verdict of our own, then an early exit
@@ -213,14 +215,16 @@ FORGERIES = {
 
 
 def test_a_snippet_cannot_forge_its_verdict():
-    """Item 10: nothing the snippet can read (frames, gc, /proc) lets it write an executable verdict."""
+    """Item 10: nothing the snippet can read (frames, gc, /proc) lets it
+    write an executable verdict."""
     verdicts = Sandbox(timeout=10).run_all([c.format() for c in FORGERIES.values()])
     results = dict(zip(FORGERIES, verdicts))
     assert all(v != "executable" for v, _ in verdicts), results
 
 
 def test_disk_is_the_snippets_not_per_file():
-    """Item 11: 20 files of 15 MB (each under the per-file limit) fill the snippet's scratch tmpfs."""
+    """Item 11: 20 files of 15 MB (each under the per-file limit) fill
+    the snippet's scratch tmpfs."""
     code = "for i in range(20):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))"
     verdict, detail = Sandbox(timeout=20).run_all([code])[0]
     assert verdict == "runtime" and "No space left" in detail, (verdict, detail)
@@ -248,7 +252,8 @@ def test_memory_and_processes_are_the_whole_snippets():
 
 
 def tagged(tag):
-    """pids of processes named `tag` (the snippets below name themselves with prctl(PR_SET_NAME))."""
+    """pids of processes named `tag` (the snippets below name themselves
+    with prctl(PR_SET_NAME))."""
     found = []
     for p in Path("/proc").iterdir():
         try:
@@ -308,7 +313,8 @@ def test_no_process_or_scratch_outlives_the_parent(tmp_path):
 
 
 def test_without_a_cgroup_the_fallback_is_said_once(monkeypatch, capsys):
-    """No usable cgroup (e.g. cgroup v2 not delegated to us): per-process rlimits, said once on stderr."""
+    """No usable cgroup (e.g. cgroup v2 not delegated to us): per-process
+    rlimits, said once on stderr."""
     import sandbox
 
     monkeypatch.setattr(
@@ -323,8 +329,9 @@ def test_without_a_cgroup_the_fallback_is_said_once(monkeypatch, capsys):
 
 
 def test_a_realtime_signal_or_a_report_flood_is_the_snippets_failure_not_ours():
-    """A snippet killed by a signal that has no name (realtime 40) is a runtime failure, not 'crashed';
-    a flood of reports on the runner's socket neither fills our memory nor passes for a verdict."""
+    """A snippet killed by a signal that has no name (realtime 40) is a runtime
+    failure, not 'crashed'; a flood of reports on the runner's socket neither fills our
+    memory nor passes for a verdict."""
     flood = "import socket\ns = socket.socket(fileno=3)\nfor _ in range(20000):\n    s.send(b'x' * 1000)\nraise ValueError"
     verdicts = Sandbox(timeout=20).run_all(["import signal\nsignal.raise_signal(40)", flood])
     assert verdicts[0][0] == "runtime" and "signal 40" in verdicts[0][1], verdicts[0]

@@ -1,14 +1,16 @@
-"""Generate api_names.json: the names and call signatures the offline executability check knows. Run once,
-with transformers at the version requirements-dev.txt pins (the one place it is pinned; this script
-refuses another) and the other checked libraries at versions that work with it:
+"""Generate api_names.json: the names and call signatures the offline executability check knows. Run
+once, with transformers at the version requirements-dev.txt pins (the one place it is pinned; this
+script refuses another) and the other checked libraries at versions that work with it:
 
-    pip install -r requirements-dev.txt diffusers==0.35.2 sentence-transformers==5.1.2 "datasets<4.4"
+    pip install -r requirements-dev.txt diffusers==0.35.2
+    sentence-transformers==5.1.2 "datasets<4.4"
     python data/gorilla/make_api_names.py
 
 Recorded, for each checked module: its public names, and the call signature of each public class (a
-model's `forward`, a pipeline's or processor's `__call__`); for transformers.pipeline: the task names, each
-task's `__call__` signature and the model types its Auto mappings load, and each model class's type. Gorilla's answers were written
-for transformers 4.x; 5.x removed names they use (ViTFeatureExtractor, several pipeline tasks).
+model's `forward`, a pipeline's or processor's `__call__`); for transformers.pipeline: the task
+names, each task's `__call__` signature and the model types its Auto mappings load, and each model
+class's type. Gorilla's answers were written for transformers 4.x; 5.x removed names they use
+(ViTFeatureExtractor, several pipeline tasks).
 """
 
 import importlib
@@ -35,7 +37,8 @@ KINDS = {
 
 
 def params(fn):
-    """[[name, kind, required], ...] without self; None when it accepts anything (only *args, **kwargs)."""
+    """[[name, kind, required], ...] without self; None when it accepts
+    anything (only *args, **kwargs)."""
     try:
         ps = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -66,7 +69,8 @@ def call_of(cls):
 
 
 def task_model_types(task_entry):
-    """Model types (config.model_type) the task's Auto classes can load (the pipeline's `pt` entry)."""
+    """Model types (config.model_type) the task's Auto classes can load
+    (the pipeline's `pt` entry)."""
     return sorted(
         {
             t

@@ -1,13 +1,14 @@
 """
-[offline stand-in] The model libraries as checking stand-ins, for the sandbox's offline mode (sandbox.py).
-They live beside the API tables they check against (apis.py, api_names.json).
+[offline stand-in] The model libraries as checking stand-ins, for the sandbox's offline mode
+(sandbox.py). They live beside the API tables they check against (apis.py, api_names.json).
 
-Offline there are no weights and no network, so inside the sandbox's child the libraries in STUBBED are
-replaced by stand-ins that check what the code asks of them, against data/gorilla/api_names.json
-(transformers 4.57.6): names a library does not have, calls that do not fit the real signature, unknown
-pipeline tasks and models a task cannot run, model ids not in the API database (HallucinatedAPI). Missing
-input files and names the code marks as the user's are placeholders. Everything else really runs.
-Containment is not here: the operating system isolates the child (sandbox.py).
+Offline there are no weights and no network, so inside the sandbox's child the libraries in
+STUBBED are replaced by stand-ins that check what the code asks of them, against
+data/gorilla/api_names.json (transformers 4.57.6): names a library does not have, calls that do
+not fit the real signature, unknown pipeline tasks and models a task cannot run, model ids not in
+the API database (HallucinatedAPI). Missing input files and names the code marks as the user's
+are placeholders. Everything else really runs. Containment is not here: the operating system
+isolates the child (sandbox.py).
 """
 
 import ast
@@ -91,9 +92,9 @@ class HallucinatedAPI(Exception):
 
 
 class Checks:
-    """What the stand-ins know (api_names.json and the API database): public names of checked modules,
-    call signatures, pipeline tasks, real model ids and the classes they load with; and what the snippet
-    read that was a placeholder for the user's input."""
+    """What the stand-ins know (api_names.json and the API database): public names of checked
+    modules, call signatures, pipeline tasks, real model ids and the classes they load with; and
+    what the snippet read that was a placeholder for the user's input."""
 
     names, calls, tasks, aliases, model_types, ids, id_class, placeholders = (
         {},
@@ -127,8 +128,9 @@ SAME_OBJECT = (".to", ".cuda", ".cpu", ".eval", ".train", ".half", ".float", ".r
 
 
 def bind(where, params, args, kwargs):
-    """Raise TypeError, as the real call would, when args/kwargs do not fit the recorded signature.
-    `f(**stand_in)` passes unknown keywords (marked "__stub__"), so only what was given is checked."""
+    """Raise TypeError, as the real call would, when args/kwargs do not fit the
+    recorded signature. `f(**stand_in)` passes unknown keywords (marked "__stub__"), so
+    only what was given is checked."""
     given = {k: v for k, v in kwargs.items() if k != "__stub__"}
     sig = inspect.Signature(
         [
@@ -147,8 +149,8 @@ def bind(where, params, args, kwargs):
 
 
 def check_ids(path, args, kwargs):
-    """A Hub id ('org/name', not a file name) given to a stubbed library must be in the API database;
-    any other string that names a file or URL is a placeholder for the user's input."""
+    """A Hub id ('org/name', not a file name) given to a stubbed library must be in the API
+    database; any other string that names a file or URL is a placeholder for the user's input."""
     for key, value in [(None, a) for a in args] + list(kwargs.items()):
         if type(value) is not str:
             continue
@@ -178,7 +180,8 @@ def pipeline_task(args, kwargs):
 
 
 def call_pipeline(task, model_id, args, kwargs):
-    """A pipeline call: the task's real __call__ signature, its model's fit, fill-mask's input contract."""
+    """A pipeline call: the task's real __call__ signature, its model's fit,
+    fill-mask's input contract."""
     info = Checks.tasks.get(task, {})
     if info.get("call") is not None:
         bind(f"{task} pipeline", info["call"], args, kwargs)
@@ -216,7 +219,8 @@ def check_call(stub, args, kwargs):
 
 
 def checked_attribute(path, name, kind=None):
-    """The stand-in for `path.name`; refused when `path` is a checked module that has no such name."""
+    """The stand-in for `path.name`; refused when `path` is a checked
+    module that has no such name."""
     if name.startswith("__"):
         raise AttributeError(name)
     if path in Checks.names and name not in Checks.names[path]:
@@ -225,9 +229,9 @@ def checked_attribute(path, name, kind=None):
 
 
 class Stub:
-    """Stands in for any object of a stubbed library: checks names, ids and the calls it knows the real
-    signature of, accepts the rest. _kind: ("pipeline", task, model id), ("instance", module, class), or
-    ("same", kind) for a method such as .to() that returns its own object."""
+    """Stands in for any object of a stubbed library: checks names, ids and the calls it knows the
+    real signature of, accepts the rest. _kind: ("pipeline", task, model id), ("instance", module,
+    class), or ("same", kind) for a method such as .to() that returns its own object."""
 
     def __init__(self, path, kind=None):
         object.__setattr__(self, "_path", path)
@@ -252,7 +256,8 @@ class Stub:
         return iter([Stub(f"{self._path}[{i}]") for i in range(n)])
 
     def __getitem__(self, key):
-        # result['label'] may be text: a stand-in that is also a str (`s.replace('<mask>', r[0]['token_str'])`)
+        # result['label'] may be text: a stand-in that is also a str
+        # (`s.replace('<mask>', r[0]['token_str'])`)
         return (StubStr if isinstance(key, str) else Stub)(self._path + "[]")
 
     def __array__(self, dtype=None, copy=None):
@@ -317,8 +322,9 @@ PLACEHOLDER_COMMENT = re.compile(r"\b(replace|your|placeholder|substitute)\b", r
 
 
 def placeholder_names(code):
-    """Names used but bound nowhere, on a line whose comment marks them as the user's to supply
-    (`clip = load_clip()  # replace with your loading code`): stand-ins, as the user substitutes them."""
+    """Names used but bound nowhere, on a line whose comment marks them as the
+    user's to supply (`clip = load_clip()  # replace with your loading code`):
+    stand-ins, as the user substitutes them."""
     tree = ast.parse(code)
     bound = set(dir(builtins))
     for node in ast.walk(tree):
@@ -377,10 +383,11 @@ def read_placeholders(module, name):
 
 
 def install_placeholder_policy(code):
-    """One policy for every way of reading the user's input [offline stand-in]: a missing file read by
-    open() (also pathlib, json, pickle, csv), a stand-in's bytes (`BytesIO(requests.get(url).content)`)
-    or a file name or URL given to a stubbed library, and names the code marks as the
-    user's, stand in for what the user would supply; the answers that relied on one are counted."""
+    """One policy for every way of reading the user's input [offline stand-in]: a missing file
+    read by open() (also pathlib, json, pickle, csv), a stand-in's bytes
+    (`BytesIO(requests.get(url).content)`) or a file name or URL given to a stubbed library, and
+    names the code marks as the user's, stand in for what the user would supply; the answers
+    that relied on one are counted."""
     builtins.open = io.open = placeholder_open(io.open)
     for module, name in (
         (json, "load"),
@@ -414,8 +421,8 @@ class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install(spec):
-    """In the child, before the snippet runs: the stand-ins in place of STUBBED (an import hook) and the
-    placeholder policy; returns the names to add to the snippet's globals."""
+    """In the child, before the snippet runs: the stand-ins in place of STUBBED (an import hook) and
+    the placeholder policy; returns the names to add to the snippet's globals."""
     known = library_names()
     Checks.names, Checks.calls, Checks.tasks = known["modules"], known["calls"], known["tasks"]
     Checks.aliases, Checks.model_types = known["task_aliases"], known["model_types"]
