@@ -176,7 +176,10 @@ def data_flow(tree):
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             edges.append((node.id, "comesFrom", (node.id,)))
     names = {}
-    norm = lambda v: names.setdefault(v, f"var_{len(names)}")
+
+    def norm(v):
+        return names.setdefault(v, f"var_{len(names)}")
+
     return [(norm(v), rel, tuple(norm(p) for p in parents)) for v, rel, parents in edges]
 
 
@@ -229,7 +232,7 @@ def without_explanation(answer):
 def score_answers(answers, records, db, sandbox=None):
     """Metrics of answers[i] to records[i] (paper section 4). Returns (summary, per-answer rows)."""
     rows = []
-    for text, r in zip(answers, records):
+    for text, r in zip(answers, records, strict=True):
         reference_code = r.sections["code"]
         cb, _ = codebleu(answer_code(text), reference_code)
         rows.append(
@@ -248,11 +251,14 @@ def score_answers(answers, records, db, sandbox=None):
                 log(f"[evaluate] ran {n}/{total} snippets {progress(n, total, t0)}")
 
         for row, (verdict, detail) in zip(
-            rows, sandbox.run_all([answer_code(t) for t in answers], db, show)
+            rows, sandbox.run_all([answer_code(t) for t in answers], db, show), strict=True
         ):
             row["exec"], row["exec_detail"] = verdict, detail
     n = len(rows)
-    mean = lambda k: sum(row[k] for row in rows) / max(1, n)
+
+    def mean(k):
+        return sum(row[k] for row in rows) / max(1, n)
+
     summary = dict(
         n=n,
         ast_accuracy=sum(r["ast"] == "correct" for r in rows) / max(1, n),
@@ -350,13 +356,13 @@ def evaluate_stage(cfg, run, splits):
         )
         write_jsonl(
             run / "evaluate" / f"{name.lower()}_answers.jsonl",
-            [dict(question_id=r.line, text=a) for r, a in zip(test, answers)],
+            [dict(question_id=r.line, text=a) for r, a in zip(test, answers, strict=True)],
         )
         key = f"{name} ({cfg.init}, {size})"
         results[key], _ = score_answers(answers, test, db, sandbox)
         if judge is not None:
             results[key]["judge_score"] = sum(
-                judge_score(judge, r, a) for r, a in zip(test, answers)
+                judge_score(judge, r, a) for r, a in zip(test, answers, strict=True)
             ) / len(test)
         log(f"[evaluate] {name} scored")
     for pick in ("rm", "judge"):
@@ -468,7 +474,7 @@ def plot_runs(run_dirs, out_dir=None):
     out = Path(out_dir) if out_dir else runs[0] / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
-    for ax, (stage, key, title) in zip(axes.flat, CURVES):
+    for ax, (stage, key, title) in zip(axes.flat, CURVES, strict=False):
         sources = POLICY_RUNS if stage == "ppo" else ((stage, stage),)
         for folder, label in sources:
             rows = [
@@ -510,7 +516,7 @@ def plot_runs(run_dirs, out_dir=None):
         ("hallucination", "hallucination"),
     )
     fig, axes = plt.subplots(1, 3, figsize=(15, 5), dpi=100)
-    for ax, (key, title) in zip(axes, metrics):
+    for ax, (key, title) in zip(axes, metrics, strict=True):
         names = [n for n, ms in by_method.items() if all(key in m for m in ms)]
         vals = [[100 * m[key] for m in by_method[n]] for n in names]
         means = [sum(v) / len(v) for v in vals]
@@ -518,8 +524,10 @@ def plot_runs(run_dirs, out_dir=None):
             names,
             means,
             xerr=[
-                [max(0.0, mu - min(v)) for mu, v in zip(means, vals)],  # rounding: never < 0
-                [max(0.0, max(v) - mu) for mu, v in zip(means, vals)],
+                [
+                    max(0.0, mu - min(v)) for mu, v in zip(means, vals, strict=True)
+                ],  # rounding: never < 0
+                [max(0.0, max(v) - mu) for mu, v in zip(means, vals, strict=True)],
             ],
             capsize=3,
         )

@@ -499,11 +499,13 @@ class OpenAIJudge:
                     self.usd_before += float(entry["usd"])
                 elif entry.get("tokens"):
                     self.tokens_before = [
-                        a + int(b) for a, b in zip(self.tokens_before, entry["tokens"])
+                        a + int(b)
+                        for a, b in zip(self.tokens_before, entry["tokens"], strict=False)
                     ]
                 if entry.get("tokens"):
                     self.billed_before = [
-                        a + int(b) for a, b in zip(self.billed_before, entry["tokens"] + [1])
+                        a + int(b)
+                        for a, b in zip(self.billed_before, entry["tokens"] + [1], strict=False)
                     ]
                 if entry.get("key") is not None and entry.get("p_yes") is not None:
                     self.cache[entry["key"]] = entry["p_yes"]
@@ -833,7 +835,10 @@ def pair_kind(a, b):
 
 def separating_question(a, b):
     """The judge question that contributes most to the two answers' score difference."""
-    gap = lambda q: q[2] * abs((a.answers.get(q[0]) or 0.0) - (b.answers.get(q[0]) or 0.0))
+
+    def gap(q):
+        return q[2] * abs((a.answers.get(q[0]) or 0.0) - (b.answers.get(q[0]) or 0.0))
+
     return max(QUESTIONS, key=gap)[0]
 
 
@@ -926,8 +931,8 @@ def load_reward_model(path, tok, device):
 
     def score(query, query_mask, response, response_mask):
         rows = [
-            [t for t, m in zip(r, r_mask) if m]
-            for r, r_mask in zip(response.tolist(), response_mask.tolist())
+            [t for t, m in zip(r, r_mask, strict=True) if m]
+            for r, r_mask in zip(response.tolist(), response_mask.tolist(), strict=True)
         ]
         response, response_mask = right_pad(
             [with_report(tok, r, db) for r in rows], tok.eot, response.device
@@ -996,7 +1001,9 @@ def comparisons_loss(
             )
         if stats is not None:
             right = ((aux.float() > 0) == (y > 0.5)).float().mean(0).tolist()
-            stats.update({f"accuracy_{k}": a for (k, _, _), a in zip(QUESTIONS, right)})
+            stats.update(
+                {f"accuracy_{k}": a for (k, _, _), a in zip(QUESTIONS, right, strict=True)}
+            )
     return loss
 
 
@@ -1039,9 +1046,9 @@ def measure(rm, samples, feedback, sets, tok, device):
     """Pairwise accuracy of rm on each named (Feedback rows, pairs) set, by
     kind, question and margin."""
     out, by_id = {}, {f.id: f for f in feedback}
-    for name, (fb, pairs) in sets.items():
+    for name, (_rows, pairs) in sets.items():
         ids = sorted({i for pair in pairs for i in pair})
-        scores = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist()))
+        scores = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist(), strict=True))
         out.update(pair_accuracy(scores, by_id, pairs, name))
     return out
 
@@ -1207,10 +1214,16 @@ def judge_score_fn(judge, records, tok, feedback):
     def score(query, query_mask, response, response_mask):
         out = []
         for q, q_mask, r, r_mask in zip(
-            query.tolist(), query_mask.tolist(), response.tolist(), response_mask.tolist()
+            query.tolist(),
+            query_mask.tolist(),
+            response.tolist(),
+            response_mask.tolist(),
+            strict=True,
         ):
-            record = by_prompt[tuple(t for t, m in zip(q, q_mask) if m)]
-            s = judge_score(judge, record, tok.decode([t for t, m in zip(r, r_mask) if m]))
+            record = by_prompt[tuple(t for t, m in zip(q, q_mask, strict=True) if m)]
+            s = judge_score(
+                judge, record, tok.decode([t for t, m in zip(r, r_mask, strict=True) if m])
+            )
             out.append((s - mean) / std)
         return torch.tensor(out, device=query.device)
 

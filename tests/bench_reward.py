@@ -89,7 +89,9 @@ def bench(run):
     if (run / RUN_FILES["reward_model"]).exists():
         rm, ckpt = ScalarModel.load(run / RUN_FILES["reward_model"])
         read = reading_reports(samples, tok, APIDatabase()) if ckpt.get("tools") else samples
-        scorers["reward model"] = dict(zip(ids, rm_scores(rm, read, ids, tok, "cpu").tolist()))
+        scorers["reward model"] = dict(
+            zip(ids, rm_scores(rm, read, ids, tok, "cpu").tolist(), strict=True)
+        )
     scorers["judge"] = {f.id: f.score for f in fb}
     scorers["random"] = {i: random.Random(i).random() for i in ids}
     print(f"\n## {run}: {len(pairs)} held-out pairs of {len(heldout)} prompts")

@@ -56,13 +56,13 @@ def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
     mean, std = 0.5, math.sqrt(0.05)
     pairs = [
         (prepare.prompt_ids(tok, r.instruction), tok.encode(a) + [tok.eot])
-        for r, a in zip(records, answers)
+        for r, a in zip(records, answers, strict=True)
     ]
     score = judge_score_fn(RulesJudge(), records, tok, feedback)(*pad_pairs(pairs, tok.eot))
     judge = RulesJudge()
     want = [
         (combine(judge.answers(r, a + "<|endoftext|>")) - mean) / std
-        for r, a in zip(records, answers)
+        for r, a in zip(records, answers, strict=True)
     ]
     assert score.tolist() == pytest.approx(want, abs=1e-5)
     assert score[0] > score[1]

@@ -9,7 +9,7 @@ from data.gorilla import prepare
 def test_every_eval_record_parses_or_is_reported_with_its_line():
     reported = []
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=reported.append)
-    lines = [l for l in prepare.EVAL_FILE.read_text().splitlines() if l.strip()]
+    lines = [line for line in prepare.EVAL_FILE.read_text().splitlines() if line.strip()]
     skipped = [m for m in reported if m.startswith("[data]   ")]
     assert len(records) + len(skipped) == len(lines) == 911
     assert f"skipped {len(skipped)} malformed" in reported[0]
@@ -84,9 +84,12 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
 
     tok = Tokenizer(prepare.VOCAB_FILE)
     g = torch.Generator().manual_seed(0)
-    rand = lambda lo, hi: torch.randint(
-        0, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
-    ).tolist()
+
+    def rand(lo, hi):
+        return torch.randint(
+            0, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+        ).tolist()
+
     examples = [(rand(3, 9), rand(2, 7) + [tok.eot]) for _ in range(64)]
     cfg = rlaif.make_config(
         "tiny",
@@ -129,9 +132,12 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
         prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
     )["train"]
     chosen = [0, 5, 9]
-    answer = lambda i: tok.decode(
-        prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)
-    )
+
+    def answer(i):
+        return tok.decode(
+            prepare.answer_ids(tok, train[i].sections, cfg.compact, cfg.max_answer_tokens)
+        )
+
     samples = [
         Sample(0, 0, "policy", [], [], " <<<domain>>>: x"),  # no code tag: not used
         Sample(1, 0, "policy", [], [], answer(0)),
@@ -186,13 +192,13 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
     monkeypatch.setattr(sft, "log", crash_at_25)
     with pytest.raises(RuntimeError):
         sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))  # as checkpointed, not as far as it got
     said = []
     monkeypatch.setattr(sft, "log", said.append)
     sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
     assert any(m.startswith("[sft] resumed from") and m.endswith("at step 20") for m in said)
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     assert {"loss", "lr", "tokens_per_s"} <= set(rows[0])

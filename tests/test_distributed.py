@@ -125,9 +125,12 @@ def test_the_pipeline_under_torchrun_writes_what_one_process_writes(tmp_path):
         ]
     )
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    files = lambda d: sorted(
-        str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.suffix != ".png"
-    )
+
+    def files(d):
+        return sorted(
+            str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.suffix != ".png"
+        )
+
     assert files(tmp_path / "two") == files(tmp_path / "one")
     assert (
         "Results on" in two.stdout and two.stdout.count("Results on") == 1

@@ -71,7 +71,7 @@ def test_ast_accuracy_of_references_is_near_total(records):
     # matches it too (joblib.load('model.joblib') is inside joblib.load(...'sklearn_model.joblib'))
     # and Gorilla's rule takes the first match's domain.
     db_calls = [a["api_call"] for a in db.apis]
-    for r, v in zip(records, verdicts):
+    for r, v in zip(records, verdicts, strict=True):
         call = r.api_data.get("api_call")
         if v != "correct" and answer_api_call(full_answer(r)) == call and call in db_calls:
             assert v == "wrong" and (
@@ -112,11 +112,14 @@ def run_evaluate(*argv):
 @pytest.mark.slow
 def test_answers_file_in_gorillas_format_scores_as_gorilla():
     """Gorilla's own published file (escaped newlines) gives the same table row as --gorilla."""
-    row = lambda out: [
-        l
-        for l in out.stdout.splitlines()
-        if l.startswith("| ") and "executability" not in l and "---" not in l
-    ][0].split("|")[2:]
+
+    def row(out):
+        return [
+            line
+            for line in out.stdout.splitlines()
+            if line.startswith("| ") and "executability" not in line and "---" not in line
+        ][0].split("|")[2:]
+
     published = run_evaluate("--answers", str(prepare.GORILLA_ANSWERS_FILE), "--exec-mode", "none")
     ours = run_evaluate("--gorilla", "--exec-mode", "none")
     assert published.returncode == 0 and ours.returncode == 0, published.stderr + ours.stderr

@@ -16,7 +16,7 @@ def agreement(labels, predicted):
     count}) of two boolean lists."""
     n = len(labels)
     confusion = {
-        (a, b): sum(x == a and y == b for x, y in zip(labels, predicted))
+        (a, b): sum(x == a and y == b for x, y in zip(labels, predicted, strict=True))
         for a in (True, False)
         for b in (True, False)
     }
@@ -52,7 +52,7 @@ def test_offline_verdicts_agree_with_hand_labels():
     print(
         f"\nagreement {po:.3f}, Cohen's kappa {kappa:.3f}, (label, offline verdict) counts {confusion}"
     )
-    for r, (verdict, detail), p in zip(rows, verdicts, predicted):
+    for r, (verdict, detail), p in zip(rows, verdicts, predicted, strict=True):
         if p != r["executable"]:
             print(
                 f"  uid {r['uid']}: label {r['executable']} ({r['reason'][:90]}); offline {verdict} {detail[:90]}"

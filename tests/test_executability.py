@@ -49,7 +49,11 @@ def test_labelled_snippets_get_their_labels(sandbox):
     ]
     assert len(labelled) >= 40
     verdicts = sandbox.run_all([code for _, code in labelled])
-    wrong = [(label, v, code[:80]) for (label, code), v in zip(labelled, verdicts) if v[0] != label]
+    wrong = [
+        (label, v, code[:80])
+        for (label, code), v in zip(labelled, verdicts, strict=True)
+        if v[0] != label
+    ]
     assert not wrong, wrong
 
 
@@ -163,7 +167,9 @@ RULES = [
 
 def test_each_checker_rule_and_its_counterexample(sandbox):
     verdicts = sandbox.run_all([code for _, code in RULES])
-    wrong = [(label, v, code) for (label, code), v in zip(RULES, verdicts) if v[0] != label]
+    wrong = [
+        (label, v, code) for (label, code), v in zip(RULES, verdicts, strict=True) if v[0] != label
+    ]
     assert not wrong, wrong
     assert verdicts[0][1] == "placeholder inputs: config.json"  # counted beside the rate
     assert verdicts[2][1] == ""  # a file the snippet wrote itself is no placeholder
@@ -221,7 +227,7 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
         "precious.txt"
     ]  # nothing created or moved
     assert os.stat(sentinel).st_mode & 0o777 != 0
-    results = dict(zip(HOSTILE, verdicts))
+    results = dict(zip(HOSTILE, verdicts, strict=True))
     assert results["read environment"][0] == "executable"  # ran, and saw no secret
     # Containment is the operating system's (asserted above); these must also *fail* as snippets.
     for name in (

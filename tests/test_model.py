@@ -92,13 +92,16 @@ def test_generation_is_seeded_and_stops_per_row(hf_dir):
     d, _ = hf_dir
     ours = GPT.from_pretrained(d).eval()
     ids, mask = left_pad([[1, 2, 3]] * 4, pad=0)
-    run = lambda: generate(
-        ours, ids, mask, 30, eot=5, temperature=2.0, generator=torch.Generator().manual_seed(3)
-    )
+
+    def run():
+        return generate(
+            ours, ids, mask, 30, eot=5, temperature=2.0, generator=torch.Generator().manual_seed(3)
+        )
+
     a, am, _ = run()
     b, _, _ = run()
     assert torch.equal(a, b)
-    for row, m in zip(a, am):  # after the first eot, the row is padding only
+    for row, m in zip(a, am, strict=True):  # after the first eot, the row is padding only
         n = int(m.sum())
         assert (row[n:] == 5).all()
         assert (row[: n - 1] != 5).all()

@@ -105,8 +105,8 @@ def test_paper_configuration_rehearsal(tmp_path):
         gorilla = [v for k, v in results.items() if k.startswith("Gorilla")][0]
         assert gorilla["n"] == 3 and "executability" in gorilla
         feedback = [
-            json.loads(l)
-            for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
+            json.loads(line)
+            for line in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
         ]
         assert {f["judge"] for f in feedback} == {
             f"LLM judge gpt-3.5-turbo at {server.url}"

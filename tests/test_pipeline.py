@@ -71,10 +71,11 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
 
     assert (run_dir / "sft" / "model" / "model.safetensors").exists()
     samples = [
-        json.loads(l) for l in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()
+        json.loads(line) for line in (run_dir / "sample" / "samples.jsonl").read_text().splitlines()
     ]
     feedback = [
-        json.loads(l) for l in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_dir / "feedback" / "feedback.jsonl").read_text().splitlines()
     ]
     sources = [s["source"] for s in samples]
     assert len(samples) == len(feedback) and sources.count("policy") == 24 * 4
@@ -90,9 +91,13 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
             assert f["answers"]["code_valid"] == 0.0
     assert {f["judge"] for f in feedback} == {"rules judge"}
     assert (run_dir / "reward" / "reward_model.pt").exists()
-    read = lambda stage: [
-        json.loads(l) for l in (run_dir / stage / "metrics.jsonl").read_text().splitlines()
-    ]
+
+    def read(stage):
+        return [
+            json.loads(line)
+            for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+        ]
+
     metrics = read("ppo")
     assert [m["iteration"] for m in metrics] == list(
         range(1, 7)
@@ -159,7 +164,7 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
             "rouge_l",
             "codebleu",
         }
-    table = [l for l in out.splitlines() if l.startswith("| ")]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 4 and "executability" in table[0]
     assert "RULES JUDGE" in out and "FROM SCRATCH" in out
 
@@ -249,9 +254,10 @@ def test_from_keeps_old_results_until_the_new_ones_exist(finished, tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 600
-    started = lambda: (
-        (run_dir / ".previous" / "ppo").exists() and (run_dir / "ppo" / "ckpt.pt").exists()
-    )
+
+    def started():
+        return (run_dir / ".previous" / "ppo").exists() and (run_dir / "ppo" / "ckpt.pt").exists()
+
     while not started() and redo.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert started() and redo.poll() is None
@@ -267,7 +273,10 @@ def test_from_keeps_old_results_until_the_new_ones_exist(finished, tmp_path):
 @pytest.mark.slow
 def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    ppo = lambda *a: stage_script("ppo.py", run_dir, *a)
+
+    def ppo(*a):
+        return stage_script("ppo.py", run_dir, *a)
+
     out = ppo()
     assert out.returncode == 1 and "already done" in out.stderr + out.stdout
     out = ppo("--force", "--iterations", "2")
@@ -293,25 +302,27 @@ def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_mode
         run_dir / "feedback" / "feedback.jsonl"
     ).read_bytes() == feedback  # the same AI feedback
     # d-RLAIF is the same PPO code: the same metrics, one row per iteration, only the score differs
-    ppo_rows = [json.loads(l) for l in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [
+        json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
     d_rows = [
-        json.loads(l)
-        for l in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_dir / "compare" / "drlaif" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(d_rows) == len(ppo_rows) and set(d_rows[0]) == set(ppo_rows[0])
     assert [r["objective/scores"] for r in d_rows] != [r["objective/scores"] for r in ppo_rows]
     # RLOO: the same rollouts and reward model, no critic (no value loss, no explained variance)
     rloo_rows = [
-        json.loads(l)
-        for l in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_dir / "compare" / "rloo" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(rloo_rows) == len(ppo_rows) and all(
         r["val/explained_variance"] is None for r in rloo_rows
     )
     assert all("loss/value_avg" not in r and "loss/policy_avg" in r for r in rloo_rows)
     grpo_rows = [
-        json.loads(l)
-        for l in (run_dir / "compare" / "grpo" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_dir / "compare" / "grpo" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(grpo_rows) == len(ppo_rows) and all(
         r["val/explained_variance"] is None for r in grpo_rows
@@ -330,7 +341,8 @@ def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_mode
     ]
     assert sum("best-of-2" in k for k in results) == 2
     picks = [
-        json.loads(l) for l in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_dir / "compare" / "best_of_n_rm.jsonl").read_text().splitlines()
     ]
     assert len(picks) == 12  # one answer per evaluated question
 
@@ -338,7 +350,10 @@ def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_mode
 @pytest.mark.slow
 def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    dpo = lambda *a: stage_script("dpo.py", run_dir, *a)
+
+    def dpo(*a):
+        return stage_script("dpo.py", run_dir, *a)
+
     out = dpo("--steps", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     weights = run_dir / "compare" / "dpo" / "model" / "model.safetensors"
@@ -367,7 +382,10 @@ def test_plots_of_a_finished_run_are_pngs_with_their_panels(finished, tmp_path):
 @pytest.mark.slow
 def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    ev = lambda *a: stage_script("evaluate.py", run_dir, *a)
+
+    def ev(*a):
+        return stage_script("evaluate.py", run_dir, *a)
+
     out = ev()
     assert out.returncode != 0 and "--force" in out.stderr  # finished: kept
     before = json.loads((run_dir / "evaluate" / "done.json").read_text())["results"]

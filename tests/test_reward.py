@@ -264,7 +264,7 @@ def test_all_comparisons_loss_equals_mean_pairwise_loss_and_gradients():
     reference = torch.stack(per_pair).mean()
     reference.backward()
     assert abs(loss.item() - reference.item()) < 1e-5
-    for got, want in zip(grads, (p.grad for p in rm.parameters())):
+    for got, want in zip(grads, (p.grad for p in rm.parameters()), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -390,9 +390,11 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
         eot = 63
 
     cfg = RMConfig(epochs=1, lr=1e-3, batch_size=8, heldout_fraction=0.2)
-    make = lambda: ScalarModel(
-        GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    )
+
+    def make():
+        return ScalarModel(
+            GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+        )
 
     def crash_at_40(msg):
         if msg.startswith("[reward] step 40/"):
@@ -411,14 +413,14 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
             tmp_path / "ckpt.pt",
             log=crash_at_40,
         )
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))  # as checkpointed
     said = []
     metrics = train_reward_model(
         make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=said.append
     )
     assert f"[reward] resumed from {tmp_path / 'ckpt.pt'} at step 20" in said
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows[:-1] if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
     measured = [
@@ -498,9 +500,9 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
             lm, *pad_pairs([(s.query, s.response) for s in samples.values()], 63)
         )
     by_id = {f.id: f for f in feedback}
-    likelihood = pair_accuracy(dict(zip(samples, lp.sum(1).tolist())), by_id, pairs, "lp")[
-        "lp/accuracy"
-    ]
+    likelihood = pair_accuracy(
+        dict(zip(samples, lp.sum(1).tolist(), strict=True)), by_id, pairs, "lp"
+    )["lp/accuracy"]
     assert likelihood > 0.6  # the starting network already ranks the pairs
     metrics = train_reward_model(
         ScalarModel(lm, 0),

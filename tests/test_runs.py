@@ -123,8 +123,8 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
         runs.TensorBoard.writer.close()
         runs.TensorBoard.writer = None
     assert [
-        json.loads(l)["iteration"]
-        for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)["iteration"]
+        for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
     ] == [1, 2, 3]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

@@ -137,7 +137,7 @@ def test_escape_attempts_are_contained(tmp_path, monkeypatch):
         assert dummy.poll() is None, "the dummy process was signalled"
         assert listener.got == [], listener.got
         assert project_file.read_bytes() == project_before
-        results = dict(zip(ESCAPES, verdicts))
+        results = dict(zip(ESCAPES, verdicts, strict=True))
         assert all("FOUND" not in detail for _, detail in results.values()), results
         assert results["immutable file in workdir"][0] != "crashed", results[
             "immutable file in workdir"
@@ -218,7 +218,7 @@ def test_a_snippet_cannot_forge_its_verdict():
     """Item 10: nothing the snippet can read (frames, gc, /proc) lets it
     write an executable verdict."""
     verdicts = Sandbox(timeout=10).run_all([c.format() for c in FORGERIES.values()])
-    results = dict(zip(FORGERIES, verdicts))
+    results = dict(zip(FORGERIES, verdicts, strict=True))
     assert all(v != "executable" for v, _ in verdicts), results
 
 

@@ -63,7 +63,7 @@ def call_of(cls):
     fn = (
         cls.forward
         if issubclass(cls, torch.nn.Module)
-        else cls.__dict__.get("__call__") or getattr(cls, "__call__")
+        else cls.__dict__.get("__call__") or cls.__call__
     )
     return None if fn is object.__call__ else params(fn)
 

@@ -105,7 +105,7 @@ def parse_answer(text):
     first tag is ignored. Used for reference records and for generated answers alike."""
     parts = SECTION_RE.split(text.replace("<|endoftext|>", ""))
     sections = {name: "" for name in SECTIONS}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=False):
         if not sections[name]:  # first occurrence wins
             sections[name] = body.strip()
     return sections

@@ -265,10 +265,17 @@ class Stub:
 
         return numpy.zeros((4, 4, 3), dtype=dtype or numpy.float32)
 
-    keys = lambda self: ["__stub__"]  # `f(**outputs)`: keywords unknown (see bind)
+    def keys(self):
+        return ["__stub__"]  # `f(**outputs)`: keywords unknown (see bind)
+
     __setitem__ = __setattr__ = lambda self, key, value: None
-    __enter__ = lambda self: self
-    __exit__ = lambda self, *exc: False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     __len__, __bool__, __index__, __int__, __float__ = (
         (lambda self: 1),
         (lambda self: True),
@@ -277,10 +284,17 @@ class Stub:
         (lambda self: 0.0),
     )
     __str__ = __format__ = lambda self, *spec: f"<{self._path}>"
-    __round__ = lambda self, *digits: 0.0
-    __contains__ = lambda self, item: False
+
+    def __round__(self, *digits):
+        return 0.0
+
+    def __contains__(self, item):
+        return False
+
     __hash__ = object.__hash__
-    __eq__ = lambda self, other: self is other
+
+    def __eq__(self, other):
+        return self is other
 
 
 class StubStr(Stub, str):
