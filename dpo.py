@@ -6,13 +6,12 @@ feedback and from the same SFT model.
 No reward model and no sampling: the judge-ordered pairs (reward.make_pairs, the pairs the reward
 model learns from) train the policy directly, with the frozen SFT model as the reference (eq. 7):
 
-    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log
-    pi(y_l|x) - log ref(y_l|x))])
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x))
+                                - (log pi(y_l|x) - log ref(y_l|x))])
 
-    python dpo.py                      # DPO on the feedback of the run in --run-dir (default runs/tiny)
+    python dpo.py      # DPO on the feedback of the run in --run-dir (default runs/tiny)
 """
 
-import argparse
 import math
 import random
 import time
@@ -30,15 +29,12 @@ from runs import (
     RUN_FILES,
     Feedback,
     Sample,
-    add_flags,
-    apply_overrides,
     autocast,
     average_gradients,
     barrier,
-    check_settings,
+    frozen_dtype,
     global_mean,
     is_main,
-    load_config,
     log,
     make_optimizer,
     progress,
@@ -49,8 +45,8 @@ from runs import (
     save_checkpoint,
     save_config,
     set_aside,
-    setup_distributed,
     shard,
+    stage_settings,
     write_metrics,
 )
 
@@ -66,12 +62,11 @@ class DPOConfig:
 
 
 def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    """Mean DPO loss of sequence log-probs (B,) each; also the implicit
-    reward margin, for logging."""
+    """Mean DPO loss of sequence log-probs (B,) each; also the implicit reward margin, for
+    logging."""
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return global_mean(-F.logsigmoid(beta * margin)), global_mean(
-        beta * margin
-    )  # over every rank's pairs
+    loss = global_mean(-F.logsigmoid(beta * margin))  # over every rank's pairs
+    return loss, global_mean(beta * margin)
 
 
 def sequence_logprobs(model, samples, ids, tok, device):
@@ -93,58 +88,58 @@ def train_dpo(
     steps, t0, start = min(cfg.steps, len(order)), time.time(), step
     while step < steps:
         batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
-        chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
-        policy.train()
-        with autocast(device):
-            with torch.no_grad():
-                ref_c, ref_r = (
-                    sequence_logprobs(ref_policy, samples, ids, tok, device)
-                    for ids in (chosen, rejected)
-                )
-            logp_c, logp_r = (
-                sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected)
-            )
-        loss, margin = dpo_loss(
-            logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float(), cfg.beta
-        )
+        logps = pair_logprobs(policy, ref_policy, samples, batch, tok, device)
+        loss, margin = dpo_loss(*logps, cfg.beta)
         loss.backward()
         average_gradients(policy.parameters())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        with (
-            torch.no_grad()
-        ):  # the implicit rewards beta * log(pi / ref) of the chosen and rejected answers
-            r_c, r_r = (
-                cfg.beta * (logp_c.float() - ref_c.float()),
-                cfg.beta * (logp_r.float() - ref_r.float()),
-            )
-        history.append(
-            dict(
-                step=step,
-                loss=loss.item(),
-                chosen_reward=global_mean(r_c).item(),
-                rejected_reward=global_mean(r_r).item(),
-                margin=margin.item(),
-                accuracy=global_mean((r_c > r_r).float()).item(),
-                lr=cfg.lr,
-            )
-        )
+        history.append(step_metrics(step, loss, margin, logps, cfg))
         if step % 20 == 0 or step == steps:
             log(
                 f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
                 f"{progress(step - start, steps - start, t0)}"
             )
             if is_main():
-                save_checkpoint(
-                    ckpt_file,
-                    policy=policy.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    step=step,
-                    history=history,
-                )
+                state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict())
+                save_checkpoint(ckpt_file, **state, step=step, history=history)
                 write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
+
+
+def pair_logprobs(policy, ref_policy, samples, batch, tok, device):
+    """(log pi(y_w|x), log pi(y_l|x), log ref(y_w|x), log ref(y_l|x)) of a batch of pairs, fp32."""
+    chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
+    policy.train()
+    with autocast(device):
+        with torch.no_grad():
+            ref_c, ref_r = (
+                sequence_logprobs(ref_policy, samples, ids, tok, device)
+                for ids in (chosen, rejected)
+            )
+        logp_c, logp_r = (
+            sequence_logprobs(policy, samples, ids, tok, device) for ids in (chosen, rejected)
+        )
+    return logp_c.float(), logp_r.float(), ref_c.float(), ref_r.float()
+
+
+def step_metrics(step, loss, margin, logps, cfg):
+    """A metrics row: the loss, the implicit rewards beta * log(pi / ref) of the chosen and the
+    rejected answers (eq. 5), and how often the chosen one's is higher."""
+    logp_c, logp_r, ref_c, ref_r = logps
+    with torch.no_grad():
+        r_c = cfg.beta * (logp_c - ref_c)
+        r_r = cfg.beta * (logp_r - ref_r)
+    return dict(
+        step=step,
+        loss=loss.item(),
+        chosen_reward=global_mean(r_c).item(),
+        rejected_reward=global_mean(r_r).item(),
+        margin=margin.item(),
+        accuracy=global_mean((r_c > r_r).float()).item(),
+        lr=cfg.lr,
+    )
 
 
 def dpo_stage(cfg, run, splits, out_dir):
@@ -157,7 +152,8 @@ def dpo_stage(cfg, run, splits, out_dir):
     pairs = make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
+    ref_policy.to(cfg.device, frozen_dtype(cfg.device))  # as PPO's reference
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
     train_dpo(
         policy,
@@ -178,32 +174,18 @@ def dpo_stage(cfg, run, splits, out_dir):
 
 def main(argv=None):
     """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo."""
-    p = argparse.ArgumentParser(
-        description=(
-            "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model trained on its "
-            "judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py --compare looks for it). Uses the "
-            "run's recorded settings (config.json); the flags below override them and are recorded."
-        )
+    cfg, run, force, _ = stage_settings(
+        "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model "
+        "trained on its judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py "
+        "--compare looks for it). Uses the run's recorded settings (config.json); the flags below "
+        "override them and are recorded.",
+        argv,
+        "dpo",
+        DPOConfig,
+        force_help="retrain an existing DPO model (the run's evaluation and compare marker are "
+        "set aside: rlaif.py --compare redoes them)",
+        rm=RMConfig,
     )
-    p.add_argument(
-        "--run-dir",
-        default="runs/tiny",
-        help="a run of rlaif.py whose feedback stage is done "
-        "(default: runs/tiny, the default run of rlaif.py)",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="retrain an existing DPO model (the run's evaluation and "
-        "compare marker are set aside: rlaif.py --compare redoes them)",
-    )
-    add_flags(p, DPOConfig, "", lambda f: "the run's")
-    args = vars(p.parse_args(argv))
-    run, force = Path(args.pop("run_dir")), args.pop("force")
-    cfg = load_config(run, dpo=DPOConfig, rm=RMConfig)
-    cfg = apply_overrides(cfg, {f"dpo_{k}": v for k, v in args.items() if v is not None})
-    check_settings(cfg, unprefixed="dpo")  # before anything is set aside or recorded
-    setup_distributed(cfg.device, cfg.dist_timeout)
     require_done(run, ("sft", "sample", "feedback"))
     out = run / RUN_FILES["dpo"]
     if (out / "done.json").exists():  # the part's own marker, written after its model

@@ -2,9 +2,9 @@
 The paper's evaluation (Dutta et al. 2024, section 4): executability rate, Gorilla's AST accuracy
 and hallucination rate, ROUGE-L and CodeBLEU, for any set of answers to the held-out questions.
 
-    python evaluate.py --answers runs/tiny/evaluate/rlaif_answers.jsonl   # score a JSONL of answers
-    python evaluate.py --model runs/tiny/ppo/model                        # generate with a model, then score
-    python evaluate.py --gorilla                                          # Gorilla-7B's published answers
+    python evaluate.py --answers runs/tiny/evaluate/rlaif_answers.jsonl  # score a JSONL of answers
+    python evaluate.py --model runs/tiny/ppo/model         # generate with a model, then score
+    python evaluate.py --gorilla                           # Gorilla-7B's published answers
 
 Every metric is written out here (no metric packages at run time); tests/test_evaluate.py checks
 them against rouge-score and codebleu.
@@ -28,6 +28,7 @@ from runs import (
     RUN_FILES,
     log,
     progress,
+    read_jsonl,
     run_stage,
     stage_command_line,
     tensorboard_text,
@@ -283,18 +284,20 @@ def score_answers(answers, records, db, sandbox=None):
 def results_table(results):
     """Markdown table, one row per model, the paper's metrics in percent."""
     lines = [
-        "| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU | judge score |",
+        "| model | n | executability | AST accuracy | hallucination | ROUGE-L | CodeBLEU "
+        "| judge score |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in results.items():
         ex = (
-            f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; {s.get('on_placeholders', 0)} on "
-            f"placeholder inputs)"
+            f"{100 * s['executability']:.1f} ({s['executable']}/{s['n']}; "
+            f"{s.get('on_placeholders', 0)} on placeholder inputs)"
             if "executability" in s
             else "-"
         )
         lines.append(
-            f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} | {100 * s['hallucination']:.1f} "
+            f"| {name} | {s['n']} | {ex} | {100 * s['ast_accuracy']:.1f} "
+            f"| {100 * s['hallucination']:.1f} "
             f"| {100 * s['rouge_l']:.1f} | {100 * s['codebleu']:.1f} | "
             + (f"{s['judge_score']:.3f} |" if "judge_score" in s else "- |")
         )
@@ -369,7 +372,8 @@ def evaluate_stage(cfg, run, splits):
         picked = run / RUN_FILES["best_of_n"].format(pick=pick)
         if picked.exists():
             given = read_answers(picked)
-            name = f"SFT best-of-{cfg.best_of_n} ({'reward model' if pick == 'rm' else 'judge'}'s pick)"
+            picker = "reward model" if pick == "rm" else "judge"
+            name = f"SFT best-of-{cfg.best_of_n} ({picker}'s pick)"
             results[name], _ = score_answers([given[r.line] for r in test], test, db, sandbox)
     gorilla, kept = gorilla_answers_for(test)
     results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = (
@@ -409,11 +413,8 @@ POLICY_RUNS = (
 
 
 def read_metrics(path):
-    return (
-        [json.loads(line) for line in Path(path).read_text().splitlines()]
-        if Path(path).exists()
-        else []
-    )
+    """A stage's metrics.jsonl rows, or none where the stage did not run."""
+    return read_jsonl(path) if Path(path).exists() else []
 
 
 def smooth(ys, k=10):
@@ -473,38 +474,43 @@ def plot_runs(run_dirs, out_dir=None):
     runs = [Path(r) for r in run_dirs]
     out = Path(out_dir) if out_dir else runs[0] / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
+    return {
+        "curves.png": plot_curves(plt, runs[0], out / "curves.png"),
+        "results.png": plot_results(plt, runs, out / "results.png"),
+    }
+
+
+def plot_curves(plt, run, out_file):
+    """One panel per CURVES entry; the number of panels."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
     for ax, (stage, key, title) in zip(axes.flat, CURVES, strict=False):
         sources = POLICY_RUNS if stage == "ppo" else ((stage, stage),)
         for folder, label in sources:
             rows = [
-                r
-                for r in read_metrics(runs[0] / folder / "metrics.jsonl")
-                if r.get(key) is not None
+                r for r in read_metrics(run / folder / "metrics.jsonl") if r.get(key) is not None
             ]
-            xs, ys = [r.get("iteration", r.get("step")) for r in rows], [r[key] for r in rows]
+            xs = [r.get("iteration", r.get("step")) for r in rows]
+            ys = [r[key] for r in rows]
             if ys:  # noisy per-batch values are drawn as a moving average
                 noisy = stage == "reward" or key == "objective/scores"
-                ax.plot(
-                    xs,
-                    smooth(ys) if noisy else ys,
-                    label=label + (" (batch)" if stage == "reward" else ""),
-                )
-        plot_measured(ax, runs[0], stage, key)
+                suffix = " (batch)" if stage == "reward" else ""
+                ax.plot(xs, smooth(ys) if noisy else ys, label=label + suffix)
+        plot_measured(ax, run, stage, key)
         ax.set_title(title, fontsize=10)
         if ax.lines:
             ax.legend(fontsize=8)
         else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {stage}/metrics.jsonl in this run",
-                ha="center",
-                transform=ax.transAxes,
-            )
+            message = f"no {stage}/metrics.jsonl in this run"
+            ax.text(0.5, 0.5, message, ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(out / "curves.png")
+    fig.savefig(out_file)
     plt.close(fig)
+    return len(CURVES)
+
+
+def plot_results(plt, runs, out_file):
+    """Each method's executability, AST accuracy and hallucination over the runs: the mean, a bar
+    from min to max. The number of panels."""
     by_method = {}
     for run in runs:
         results = json.loads((run / "evaluate" / "done.json").read_text())["results"]
@@ -520,23 +526,15 @@ def plot_runs(run_dirs, out_dir=None):
         names = [n for n, ms in by_method.items() if all(key in m for m in ms)]
         vals = [[100 * m[key] for m in by_method[n]] for n in names]
         means = [sum(v) / len(v) for v in vals]
-        ax.barh(
-            names,
-            means,
-            xerr=[
-                [
-                    max(0.0, mu - min(v)) for mu, v in zip(means, vals, strict=True)
-                ],  # rounding: never < 0
-                [max(0.0, max(v) - mu) for mu, v in zip(means, vals, strict=True)],
-            ],
-            capsize=3,
-        )
+        below = [max(0.0, mu - min(v)) for mu, v in zip(means, vals, strict=True)]
+        above = [max(0.0, max(v) - mu) for mu, v in zip(means, vals, strict=True)]
+        ax.barh(names, means, xerr=[below, above], capsize=3)  # max(0, .): rounding, never < 0
         ax.invert_yaxis()
         ax.set_title(f"{title} (%, {len(runs)} run{'s' if len(runs) > 1 else ''})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "results.png")
+    fig.savefig(out_file)
     plt.close(fig)
-    return {"curves.png": len(CURVES), "results.png": len(metrics)}
+    return len(metrics)
 
 
 def read_answers(path):
@@ -566,12 +564,13 @@ def read_answers(path):
     if escaped > len(given) / 2:  # Gorilla's response files escape newlines and quotes
         given = {q: prepare.unescape_gorilla(t) for q, t in given.items()}
         print(
-            f"[evaluate] {path}: Gorilla's escaped format recognised (newlines and quotes unescaped)"
+            f"[evaluate] {path}: Gorilla's escaped format recognised "
+            "(newlines and quotes unescaped)"
         )
     return given
 
 
-def main(argv=None):
+def command_line():
     p = argparse.ArgumentParser(
         description="Score answers to the held-out Gorilla questions with the paper's "
         "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
@@ -596,8 +595,8 @@ def main(argv=None):
         "--plot",
         nargs="+",
         metavar="RUN_DIR",
-        help="draw curves.png and results.png of run "
-        "directories (results: the range over them) into the first one's evaluate/; needs matplotlib",
+        help="draw curves.png and results.png of run directories (results: the range over "
+        "them) into the first one's evaluate/; needs matplotlib",
     )
     p.add_argument(
         "--split",
@@ -617,28 +616,29 @@ def main(argv=None):
     )
     p.add_argument("--device", default="cpu", help="device for --model")
     p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
-    args = p.parse_args(argv)
-    if not (args.answers or args.model or args.gorilla or args.plot):
-        given = [
-            f"--{k.replace('_', '-')}"
-            for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens", "device", "out")
-            if getattr(args, k) != p.get_default(k)
-        ]
-        if given:
-            p.error(
-                f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage of "
-                f"--run-dir uses the run's recorded settings"
-            )
-        cfg, run = stage_command_line(
-            "evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force
-        )
-        return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))
-    if args.plot:
-        made = plot_runs(args.plot)
-        return print(
-            "\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items())
-        )
+    return p
 
+
+def run_dir_stage(args, p):
+    """No source flag: the evaluation stage of --run-dir, with the run's recorded settings."""
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens", "device", "out")
+        if getattr(args, k) != p.get_default(k)
+    ]
+    if given:
+        p.error(
+            f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage "
+            "of --run-dir uses the run's recorded settings"
+        )
+    cfg, run = stage_command_line(
+        "evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force
+    )
+    return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))
+
+
+def answers_to_score(args):
+    """(answers, records, name) from --answers, --gorilla or --model, on --split's questions."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True)
     if args.split == "test":
         records = prepare.offline_splits(records)["test"]
@@ -650,15 +650,27 @@ def main(argv=None):
                 f"{args.answers}: none of its {len(given)} question_ids is a question of the "
                 f"{args.split} split (question_id = line of data/gorilla/huggingface_eval.json)"
             )
-        answers, name = [given[r.line] for r in records], Path(args.answers).stem
-    elif args.gorilla:
+        return [given[r.line] for r in records], records, Path(args.answers).stem
+    if args.gorilla:
         answers, records = gorilla_answers_for(records)
-        name = "Gorilla-7B (published answers)"
-    else:
-        answers, size = model_answers(
-            args.model, [r.instruction for r in records], args.max_answer_tokens, args.device
+        return answers, records, "Gorilla-7B (published answers)"
+    answers, size = model_answers(
+        args.model, [r.instruction for r in records], args.max_answer_tokens, args.device
+    )
+    return answers, records, f"{args.model} ({size})"
+
+
+def main(argv=None):
+    p = command_line()
+    args = p.parse_args(argv)
+    if not (args.answers or args.model or args.gorilla or args.plot):
+        return run_dir_stage(args, p)
+    if args.plot:
+        made = plot_runs(args.plot)
+        return print(
+            "\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items())
         )
-        name = f"{args.model} ({size})"
+    answers, records, name = answers_to_score(args)
     summary, rows = score_answers(
         answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout)
     )

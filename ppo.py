@@ -63,6 +63,7 @@ from runs import (
     autocast,
     average_gradients,
     barrier,
+    frozen_dtype,
     is_main,
     log,
     make_optimizer,
@@ -804,15 +805,14 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     out_dir = Path(out_dir or run / "ppo")
     ppo_cfg = cfg.ppo if advantage is None else replace(cfg.ppo, advantage=advantage)
     torch.manual_seed(cfg.seed)
-    # the frozen models take no gradients: bf16 on GPU halves their memory
-    frozen_dtype = torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device, frozen_dtype)
+    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
+    ref_policy.to(cfg.device, frozen_dtype(cfg.device))
     value_model = None  # RLOO and GRPO take their baseline from the prompt's other answers
     if ppo_cfg.advantage == "gae":
         value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device)
     reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, cfg.device)
-    reward_model.to(dtype=frozen_dtype).eval().requires_grad_(False)
+    reward_model.to(dtype=frozen_dtype(cfg.device)).eval().requires_grad_(False)
     # Validation: the reward model's score of greedy answers to the validation questions, whatever
     # the training reward; and the judge's, where judging is free (the rules judge). Under
     # torchrun, rank 0 validates and writes.

@@ -76,6 +76,12 @@ def autocast(device):
     )
 
 
+def frozen_dtype(device):
+    """The dtype of a model that takes no gradients (PPO's and DPO's reference, the reward model
+    under PPO): bf16 on GPU halves its memory, and autocast computes in bf16 there anyway."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def progress(done, total, t0):
     """'(elapsed, ETA)' of a loop that has done `done` of `total` units since time t0: every stage's
     progress lines end with it."""
@@ -964,12 +970,12 @@ def run_part(out_dir, train, announce=None):
     return True
 
 
-def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
-    """The command line of a stage script (python ppo.py): --run-dir (default runs/tiny), --force,
-    and one flag per field of its section of Config (section="ppo", section_cls=PPOConfig). Returns
-    (cfg, run): the run's recorded Config with the flags applied and recorded; earlier stages
-    verified, the stage resumable if interrupted, a finished one kept unless --force, and later
-    stages set aside so that no result of the old stage survives as if current."""
+def stage_settings(description, argv=None, section=None, section_cls=None, force_help=None, **more):
+    """The settings of a stage script (python ppo.py, dpo.py): --run-dir (default runs/tiny),
+    --force, and one flag per field of its section of Config (section="ppo",
+    section_cls=PPOConfig). Returns (cfg, run, force, overrides): the run's recorded Config (its
+    sections built with section_cls and the classes in `more`) with the flags applied, checked
+    before anything is set aside or recorded."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--run-dir",
@@ -978,17 +984,28 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
         "done (default: runs/tiny, the default run of rlaif.py)",
     )
     p.add_argument(
-        "--force", action="store_true", help="redo a finished stage (later stages are set aside)"
+        "--force",
+        action="store_true",
+        help=force_help or "redo a finished stage (later stages are set aside)",
     )
     if section_cls is not None:
         add_flags(p, section_cls, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
-    cfg = load_config(run, **({section: section_cls} if section else {}))
+    cfg = load_config(run, **({section: section_cls} if section else {}), **more)
     cfg = apply_overrides(cfg, overrides)
-    check_settings(cfg, unprefixed=section)  # before anything is set aside or recorded
+    check_settings(cfg, unprefixed=section)
     setup_distributed(cfg.device, cfg.dist_timeout)
+    return cfg, run, force, overrides
+
+
+def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
+    """The command line of a stage script (stage_settings). Returns (cfg, run): the run's recorded
+    Config with the flags applied and recorded; earlier stages verified, the stage resumable if
+    interrupted, a finished one kept unless --force, and later stages set aside so that no result
+    of the old stage survives as if current."""
+    cfg, run, force, overrides = stage_settings(description, argv, section, section_cls)
     require_done(run, STAGE_ORDER[: STAGE_ORDER.index(stage)])
     if (run / stage / "done.json").exists() and not force:
         raise SystemExit(

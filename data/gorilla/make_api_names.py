@@ -2,8 +2,8 @@
 once, with transformers at the version requirements-dev.txt pins (the one place it is pinned; this
 script refuses another) and the other checked libraries at versions that work with it:
 
-    pip install -r requirements-dev.txt diffusers==0.35.2
-    sentence-transformers==5.1.2 "datasets<4.4"
+    pip install -r requirements-dev.txt diffusers==0.35.2 \\
+        sentence-transformers==5.1.2 "datasets<4.4"
     python data/gorilla/make_api_names.py
 
 Recorded, for each checked module: its public names, and the call signature of each public class (a
