@@ -8,9 +8,9 @@ Generated code is hostile until proven otherwise, so each snippet runs in fresh 
 operating system isolates (not Python: an audit hook can be switched off from inside, PEP 578):
   - namespaces (util-linux `unshare`): mount, PID, IPC, UTS, and in offline mode network, so the
     snippet sees only its own processes and a fresh /proc, and offline it has no network interface;
-  - every mount read-only except the snippet's scratch directory, a size-limited tmpfs mounted in its
-    own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real mode
-    a model cache whose growth a watchdog bounds;
+  - every mount read-only except the snippet's scratch directory, a size-limited tmpfs mounted in
+    its own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real
+    mode a model cache whose growth a watchdog bounds;
   - an unprivileged uid (65534 via `setpriv` when we are root; otherwise a user namespace with every
     capability dropped), no new privileges, a scrubbed environment;
   - a cgroup per snippet (v1 memory + pids, or v2 memory.max + pids.max) bounds the memory and the
@@ -337,7 +337,9 @@ for w in "$@"; do mount --bind "$w" "$w"; done
 mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$SCRATCH"
 awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
   keep=0; for w in "$SCRATCH" "$@"; do [ "$m" = "$w" ] && keep=1; done
-  [ "$keep" = 1 ] || mount -o remount,bind,ro "$m" 2>/dev/null || [ "$m" = /proc ] || [ "${m#/proc/}" != "$m" ] || { echo "sandbox: cannot make $m read-only" >&2; exit 97; }
+  [ "$keep" = 1 ] || mount -o remount,bind,ro "$m" 2>/dev/null \
+    || [ "$m" = /proc ] || [ "${m#/proc/}" != "$m" ] \
+    || { echo "sandbox: cannot make $m read-only" >&2; exit 97; }
 done
 cd "$SCRATCH"  # the tmpfs, not the empty directory under it
 exec "$PYTHON" -I -c "$CHILD"
@@ -765,7 +767,9 @@ class Sandbox:
                     proc.wait(timeout=self.timeout + GRACE)
                 except subprocess.TimeoutExpired:
                     pass
-                finally:  # unshare --kill-child: killing it kills the namespace's first process, hence all
+                finally:
+                    # unshare --kill-child: killing it kills the namespace's first process,
+                    # hence all
                     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
                     if cgroup is not None:
                         cgroup.kill()
