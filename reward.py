@@ -1,16 +1,17 @@
 """
 AI feedback and the reward model (Dutta et al. 2024, section 3.2).
 
-1. A judge answers fixed yes/no questions about each sampled answer, seeing the instruction, the answer
-   and the API database entry its api_call refers to. Each question's answer becomes P(yes) (from
-   the judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from its text
-   otherwise, counted in feedback/done.json); the weighted sum of the P(yes) is the answer's score
-   in [0, 1]. The feedback stage is done only when every answer has a score (judge_answers).
+1. A judge answers fixed yes/no questions about each sampled answer, seeing the instruction, the
+   answer and the API database entry its api_call refers to. Each question's answer becomes
+   P(yes) (from the judge's log-probabilities of "Yes"/"No" when the endpoint returns them, from
+   its text otherwise, counted in feedback/done.json); the weighted sum of the P(yes) is the
+   answer's score in [0, 1]. The feedback stage is done only when every answer has a score
+   (judge_answers).
      - OpenAIJudge: GPT-3.5 (the paper) or any OpenAI-compatible server (vLLM, Ollama) by base_url.
      - RulesJudge: the offline stand-in. It answers the same questions with deterministic checks and
        labels every record "rules judge": it is NOT LLM feedback.
-2. A reward model (GPT-2 backbone + scalar head, model.ScalarModel) learns the scores with a pairwise
-   Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples
+2. A reward model (GPT-2 backbone + scalar head, model.ScalarModel) learns the scores with a
+   pairwise Bradley-Terry loss, then is normalised to mean 0 / std 1 on SFT samples
    (lm-human-preferences). [not in the paper] It reads each answer followed by a tool's report on
    it (tool_report: the API database's entry for its api_call, the model ids the database does
    not know, whether the code parses).
@@ -61,6 +62,7 @@ from runs import (
     run_stage,
     shard,
     stage_command_line,
+    stream_seed,
     write_metrics,
     write_rows,
 )
@@ -192,7 +194,8 @@ def judge_setting_problems(model, max_usd, price):
         return [str(e)]
     if max_usd and known is None:
         return [
-            f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap could not "
+            f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap "
+            "could not "
             f"be kept; give one with --judge-price IN,OUT (USD per million input,output tokens)"
         ]
     return []
@@ -319,7 +322,7 @@ class RulesJudge:
         api_call = answer_api_call(answer)
         i = self.db.match(api_call)
         if i is not None and self.db.unknown_model_ids(api_call):
-            i = None  # a documented call shape with an invented model: not an API of the documentation
+            i = None  # a documented call shape with an invented model: not a documented API
         task = canonical_domain(record.api_data.get("domain") or record.sections.get("domain"))
         reference = str(record.api_data.get("api_call") or record.sections.get("api_call"))
         ref = self.db.match(reference)
@@ -730,20 +733,10 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
         if stop.is_set():
             return
         try:
-            answers = judge.answers(records[sample.record], sample.answer)
+            result = feedback_of(judge, sample, records[sample.record])
         except BaseException:
             stop.set()  # JudgeBudgetExceeded, say: the answers not started are not asked
             raise
-        error = answers.pop("error", None)
-        result = Feedback(
-            id=sample.id,
-            record=sample.record,
-            source=sample.source,
-            judge=judge.name,
-            answers=answers,
-            score=combine(answers),
-            error=error,
-        )
         with lock:
             if result.score is None:
                 failed.append(result)
@@ -758,28 +751,48 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
             n = len(done)
             if n % 100 == 0 or n == len(samples):
                 cost = f", {judge.cost()}" if hasattr(judge, "cost") else ""
-                log(
-                    f"[feedback] {n}/{len(samples)} judged{cost} {progress(n - before, len(samples) - before, t0)}"
-                )
+                eta = progress(n - before, len(samples) - before, t0)
+                log(f"[feedback] {n}/{len(samples)} judged{cost} {eta}")
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
         list(pool.map(judge_one, todo))
-    missing = sum(s.id not in done for s in samples)
-    if missing:
-        last = failed[-1].error if failed else "no answer"
-        if len(done) == before:
-            raise JudgeFailed(
-                f"the judge scored none of the {len(failed)} answer(s) it was asked ({missing} of "
-                f"{len(samples)} have no score); the last: {last}"
-            )
-        rest = missing - len(failed)
-        raise JudgeFailed(
-            f"{missing} of {len(samples)} answers have no score: the judge gave up on "
-            f"{len(failed)} (the last: {last})"
-            + (f", and {rest} were not asked after {stop_after} failures in a row" if rest else "")
-        )
+    refuse_unscored(samples, done, failed, len(done) == before, stop_after)
     return [done[s.id] for s in samples]
+
+
+def feedback_of(judge, sample, record):
+    """The judge's Feedback on one sample; its score is None where the judge gave up."""
+    answers = judge.answers(record, sample.answer)
+    error = answers.pop("error", None)
+    return Feedback(
+        id=sample.id,
+        record=sample.record,
+        source=sample.source,
+        judge=judge.name,
+        answers=answers,
+        score=combine(answers),
+        error=error,
+    )
+
+
+def refuse_unscored(samples, done, failed, none_scored, stop_after):
+    """Raise JudgeFailed, saying why, if a sample has no score."""
+    missing = sum(s.id not in done for s in samples)
+    if not missing:
+        return
+    last = failed[-1].error if failed else "no answer"
+    if none_scored:
+        raise JudgeFailed(
+            f"the judge scored none of the {len(failed)} answer(s) it was asked ({missing} of "
+            f"{len(samples)} have no score); the last: {last}"
+        )
+    rest = missing - len(failed)
+    raise JudgeFailed(
+        f"{missing} of {len(samples)} answers have no score: the judge gave up on "
+        f"{len(failed)} (the last: {last})"
+        + (f", and {rest} were not asked after {stop_after} failures in a row" if rest else "")
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -960,7 +973,11 @@ def pair_batches(samples, pairs, batch_size, epochs, seed):
         batch
         for epoch in range(epochs)
         for batch in length_grouped_batches(
-            keys, batch_size, seed * 7919 + epoch, seed * 31 + epoch, drop_last=DIST.world > 1
+            keys,
+            batch_size,
+            shuffle_seed=stream_seed(seed, 7919, epoch),
+            batch_seed=stream_seed(seed, 31, epoch),
+            drop_last=DIST.world > 1,
         )
     ]
 
@@ -1059,15 +1076,7 @@ def train_reward_model(
     """Train on judge-ordered pairs (Bradley-Terry); returns held-out metrics. samples: {id:
     runs.Sample}. Every eval_every steps (and at step 0) it measures the held-out and validation
     prompts' pairs; the trained step with the best validation accuracy is the one kept."""
-    heldout, val, rng = split_prompts(feedback, cfg, seed)
-    measured_only = heldout | val
-    train_fb = [f for f in feedback if f.record not in measured_only]
-    train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
-    sets = dict(
-        heldout=policy_pairs(feedback, heldout, rng),
-        val=policy_pairs(feedback, val, rng),
-        train=(train_fb, train_pairs[:512]),
-    )  # a fixed slice of the training pairs: overfitting
+    train_fb, train_pairs, sets = training_pairs(feedback, cfg, seed, log)
     targets = question_targets(train_fb) if rm.aux is not None else {}
     judge_scores = {f.id: f.score for f in train_fb}
     rm.freeze_below(cfg.train_blocks)
@@ -1077,62 +1086,67 @@ def train_reward_model(
     # length grouping keeps padding low.
     order = pair_batches(samples, train_pairs, cfg.batch_size, cfg.epochs, seed)
     steps = len(order)
-    if not train_pairs:
-        log(
-            "[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same score), so the "
-            "reward model stays untrained and PPO has no signal. Train SFT longer (--sft-steps) or sample "
-            "more answers per prompt (--samples-per-prompt)."
-        )
-    log(
-        f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
-        f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts), {steps} steps"
-    )
+    log(f"[reward] {steps} steps of {cfg.batch_size} pairs")
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    best_file, metrics_file = (
-        Path(ckpt_file).with_name("best.pt"),
-        Path(ckpt_file).parent / "metrics.jsonl",
-    )
+    best_file = Path(ckpt_file).with_name("best.pt")
+    metrics_file = Path(ckpt_file).parent / "metrics.jsonl"
     step, history, ckpt = resume(ckpt_file, device, optimizer, "reward", log, model=rm)
     best = ckpt.get("best", (-1.0, 0))  # (validation accuracy, step) kept so far
     t0, start = time.time(), step
     while True:
         if step % cfg.eval_every == 0 or step == steps:
             history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
-            best = keep_if_best(
-                rm, history[-1], best, best_file, bool(sets["val"][1]), log, steps == 0
-            )
+            validated = bool(sets["val"][1])
+            best = keep_if_best(rm, history[-1], best, best_file, validated, log, steps == 0)
         if step == steps:
             break
+        batch = [train_pairs[i] for i in order[step]]
         stats = train_step(
-            rm,
-            samples,
-            [train_pairs[i] for i in order[step]],
-            judge_scores,
-            targets,
-            optimizer,
-            tok,
-            cfg,
-            grad_clip,
-            device,
+            rm, samples, batch, judge_scores, targets, optimizer, tok, cfg, grad_clip, device
         )
         step += 1
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
-            log(
-                f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {progress(step - start, steps - start, t0)}"
-            )
+            eta = progress(step - start, steps - start, t0)
+            log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {eta}")
             if is_main():
-                rm.save(
-                    ckpt_file,
-                    optimizer=optimizer.state_dict(),
-                    step=step,
-                    history=history,
-                    best=best,
-                )
-                write_metrics(
-                    metrics_file, history
-                )  # from the checkpointed history: no row twice after a resume
+                state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
+                rm.save(ckpt_file, **state, best=best)
+                # from the checkpointed history: no row twice after a resume
+                write_metrics(metrics_file, history)
     barrier()
+    return kept_model(rm, history, best, best_file, metrics_file, steps, device, log)
+
+
+def training_pairs(feedback, cfg, seed, log=log):
+    """(training prompts' feedback, their judge-ordered pairs, the measured sets): held-out and
+    validation prompts' policy pairs, and a fixed slice of the training pairs (to see
+    overfitting)."""
+    heldout, val, rng = split_prompts(feedback, cfg, seed)
+    measured_only = heldout | val
+    train_fb = [f for f in feedback if f.record not in measured_only]
+    train_pairs = make_pairs(train_fb, cfg.max_contrast_pairs, rng)
+    sets = dict(
+        heldout=policy_pairs(feedback, heldout, rng),
+        val=policy_pairs(feedback, val, rng),
+        train=(train_fb, train_pairs[:512]),
+    )
+    if not train_pairs:
+        log(
+            "[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same "
+            "score), so the reward model stays untrained and PPO has no signal. Train SFT longer "
+            "(--sft-steps) or sample more answers per instruction (--answers-per-instruction)."
+        )
+    log(
+        f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
+        f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts)"
+    )
+    return train_fb, train_pairs, sets
+
+
+def kept_model(rm, history, best, best_file, metrics_file, steps, device, log=log):
+    """Load the kept step's weights into rm; its held-out metrics, also appended to the
+    metrics."""
     kept_ckpt = load_checkpoint(
         best_file, device
     )  # its own step: a crash may have left `best` older
@@ -1157,7 +1171,8 @@ def keep_if_best(rm, row, best, best_file, validated, log, untrained_ok=False):
     tuple. Step 0's head is random: it is kept only when there is no training step (seed 3 kept it
     by noise, docs/experiments.md)."""
     log(
-        f"[reward] step {row['step']}: pairwise accuracy held-out {row.get('heldout/accuracy', 0):.3f}, "
+        f"[reward] step {row['step']}: pairwise accuracy held-out "
+        f"{row.get('heldout/accuracy', 0):.3f}, "
         f"validation {row.get('val/accuracy', 0):.3f}, train {row.get('train/accuracy', 0):.3f}"
     )
     if row["step"] == 0 and not untrained_ok:
@@ -1276,7 +1291,8 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
         if "insufficient_quota" in str(e):
             return f"{where}: no quota left (429 insufficient_quota)"
         log(
-            f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it asks"
+            f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it "
+            "asks"
         )
         return None
     except openai.NotFoundError as e:
@@ -1309,8 +1325,10 @@ def judge_problems(base_url, model="gpt-3.5-turbo", log=log):
     base_url = judge_base_url(base_url)
     if not base_url and not os.environ.get("OPENAI_API_KEY"):
         return [
-            "--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / OPENAI_BASE_URL for a "
-            "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the offline stand-in"
+            "--judge openai: set OPENAI_API_KEY (api.openai.com), or --judge-base-url / "
+            "OPENAI_BASE_URL for a "
+            "local OpenAI-compatible server (vLLM, Ollama: no key needed); --judge rules is the "
+            "offline stand-in"
         ]
     problem = probe_judge(base_url, model, log=log)
     return [problem] if problem else []
@@ -1354,63 +1372,23 @@ def feedback_stage(cfg, run, splits):
     answers already judged are in the partial file, and every answered question in the judge's
     cache; a rerun asks only for the rest."""
     judge = run_judge(cfg, run)
-    samples, partial = (
-        read_rows(run / RUN_FILES["samples"], Sample),
-        run / RUN_FILES["feedback_partial"],
-    )
-    if cfg.judge == "rules":
-        log(
-            "[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's GPT-3.5 judge; "
-            "this is not LLM feedback. Use --judge openai for AI feedback."
-        )
-    else:  # what the judge will cost, before the first paid request; what the run has spent counts
-        judged, spent = judged_so_far(partial), judge.spent_usd()
-        plan = judge_plan(
-            cfg.judge_model,
-            [s for s in samples if s.id not in judged],
-            splits["train"],
-            judge.db,
-            judge.price,
-        )
-        log(
-            f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached answers free)"
-            + (f"; the run has spent ${spent:.4f} on the judge so far" if spent else "")
-        )
-        if cfg.judge_max_usd and plan[3] is not None and spent + plan[3] > cfg.judge_max_usd:
-            raise SystemExit(
-                f"[feedback] the estimate (plus the ${spent:.4f} spent so far) passes "
-                f"--judge-max-usd {cfg.judge_max_usd}: nothing was sent. Raise the cap, or judge "
-                "fewer answers (--sample-prompts, --samples-per-prompt)."
-            )
+    samples = read_rows(run / RUN_FILES["samples"], Sample)
+    partial = run / RUN_FILES["feedback_partial"]
+    announce_judge(cfg, judge, samples, partial, splits["train"])
     kept = f"What was judged is kept ({partial}, {run / RUN_FILES['judge_cache']})"
+    concurrency = cfg.judge_concurrency if cfg.judge == "openai" else 1
     try:
-        feedback = judge_answers(
-            judge,
-            samples,
-            splits["train"],
-            partial,
-            cfg.judge_concurrency if cfg.judge == "openai" else 1,
-            log=log,
-        )
+        feedback = judge_answers(judge, samples, splits["train"], partial, concurrency, log=log)
     except JudgeBudgetExceeded as e:
         raise SystemExit(
             f"[feedback] stopped: {e}. {kept}; rerun with a higher --judge-max-usd to resume."
         ) from None
     except JudgeFailed as e:
         raise SystemExit(
-            f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking only "
-            "for what is missing."
+            f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking "
+            "only for what is missing."
         ) from None
-    for source in sorted({f.source for f in feedback}):
-        fb = [f for f in feedback if f.source == source]
-        scores = [f.score for f in fb]
-        log(
-            f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} over {len(scores)}; "
-            "P(yes) per question: "
-            + ", ".join(
-                f"{k} {sum(f.answers[k] for f in fb) / len(fb):.2f}" for k, _, _ in QUESTIONS
-            )
-        )
+    log_feedback(feedback)
     write_rows(run / RUN_FILES["feedback"], feedback)
     summary = dict(judge=judge.name, judged=len(feedback))
     if cfg.judge == "openai":
@@ -1421,6 +1399,44 @@ def feedback_stage(cfg, run, splits):
     return summary
 
 
+def announce_judge(cfg, judge, samples, partial, records):
+    """Say which judge grades the answers; for a paid one, what it will cost before the first
+    request (what the run has spent counts), refused above --judge-max-usd."""
+    if cfg.judge == "rules":
+        log(
+            "[feedback] NOTE: the RULES JUDGE (deterministic checks) stands in for the paper's "
+            "GPT-3.5 judge; this is not LLM feedback. Use --judge openai for AI feedback."
+        )
+        return
+    judged, spent = judged_so_far(partial), judge.spent_usd()
+    todo = [s for s in samples if s.id not in judged]
+    plan = judge_plan(cfg.judge_model, todo, records, judge.db, judge.price)
+    log(
+        f"[feedback] judge {cfg.judge_model}: {plan_text(cfg.judge_model, *plan)} (cached "
+        "answers free)" + (f"; the run has spent ${spent:.4f} on the judge so far" if spent else "")
+    )
+    if cfg.judge_max_usd and plan[3] is not None and spent + plan[3] > cfg.judge_max_usd:
+        raise SystemExit(
+            f"[feedback] the estimate (plus the ${spent:.4f} spent so far) passes "
+            f"--judge-max-usd {cfg.judge_max_usd}: nothing was sent. Raise the cap, or judge "
+            "fewer answers (--sampled-instructions, --answers-per-instruction)."
+        )
+
+
+def log_feedback(feedback):
+    """Each source's mean score and mean P(yes) per question."""
+    for source in sorted({f.source for f in feedback}):
+        fb = [f for f in feedback if f.source == source]
+        scores = [f.score for f in fb]
+        means = ", ".join(
+            f"{k} {sum(f.answers[k] for f in fb) / len(fb):.2f}" for k, _, _ in QUESTIONS
+        )
+        log(
+            f"[feedback] {source} answers: mean score {sum(scores) / max(1, len(scores)):.3f} "
+            f"over {len(scores)}; P(yes) per question: {means}"
+        )
+
+
 def p_yes_from_text(judge, feedback, samples, records):
     """{answers, judgements} whose P(yes) was read from the reply's text (no log-probabilities): 0
     or 1, not the paper's probability (reply_p_yes says why they are counted, not refused)."""
@@ -1429,7 +1445,8 @@ def p_yes_from_text(judge, feedback, samples, records):
     counts = dict(answers=sum(n > 0 for n in per_answer), judgements=sum(per_answer))
     if counts["answers"]:
         log(
-            f"[feedback] WARNING: {counts['judgements']} judgements of {counts['answers']} of {len(feedback)} "
+            f"[feedback] WARNING: {counts['judgements']} judgements of {counts['answers']} of "
+            f"{len(feedback)} "
             "answers have P(yes) 0 or 1 from the reply's text (no log-probabilities)"
         )
     return counts
@@ -1474,7 +1491,8 @@ def main(argv=None):
     cfg, run = stage_command_line(
         "reward",
         "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
-        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings (config.json); the "
+        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings "
+        "(config.json); the "
         "flags below override them and are recorded.",
         argv,
         section="rm",
