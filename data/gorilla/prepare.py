@@ -158,7 +158,8 @@ def load_records(path=EVAL_FILE, skip_bad=False, log=print):
                 skipped.append(str(e))
     if skipped:
         log(
-            f"[data] skipped {len(skipped)} malformed record(s) of {path.name if hasattr(path, 'name') else path}:"
+            f"[data] skipped {len(skipped)} malformed record(s) of "
+            f"{path.name if hasattr(path, 'name') else path}:"
         )
         for s in skipped:
             log(f"[data]   {s}")
@@ -197,7 +198,8 @@ def load_splits(train_file="", log=print):
     splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
     if train_file:
         log(
-            f"[data] split: train = {'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
+            "[data] split: train = "
+            f"{'APIBench huggingface_train.json (Hub)' if train_file == HUB_TRAIN else train_file}"
             ", test = held-out eval records"
         )
         try:
@@ -206,11 +208,12 @@ def load_splits(train_file="", log=print):
             raise SystemExit(f"--train-file: {e}") from None
     else:
         log(
-            "[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the eval "
-            "file is split by a stable hash of the instruction (20% test, 5% val, 75% train)"
+            "[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the "
+            "eval file is split by a stable hash of the instruction (20% test, 5% val, 75% train)"
         )
     log(
-        f"[data] train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} records"
+        f"[data] train {len(splits['train'])}, val {len(splits['val'])}, "
+        f"test {len(splits['test'])} records"
     )
     return splits
 

@@ -261,7 +261,8 @@ class Stub:
         return (StubStr if isinstance(key, str) else Stub)(self._path + "[]")
 
     def __array__(self, dtype=None, copy=None):
-        import numpy  # an image-shaped array: np.array(Image.open(p))[:, :, 0] works, as with a real image
+        # an image-shaped array: np.array(Image.open(p))[:, :, 0] works, as with a real image
+        import numpy
 
         return numpy.zeros((4, 4, 3), dtype=dtype or numpy.float32)
 
