@@ -340,9 +340,8 @@ def evaluate_stage(cfg, run, splits):
     test = splits["test"][: cfg.eval_limit or None]
     db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results = {}
-    judge = (
-        RulesJudge(db) if cfg.judge == "rules" else None
-    )  # judging test answers is free offline only
+    # judging test answers is free offline only
+    judge = RulesJudge(db) if cfg.judge == "rules" else None
     models = (
         ("SFT", run / RUN_FILES["sft_model"]),
         ("RLAIF", run / RUN_FILES["ppo_model"]),

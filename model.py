@@ -51,9 +51,8 @@ PRESETS = {
     # CPU preset, trained from scratch: 4 layers, 256 wide, on the compact vocabulary
     # (data/gorilla/vocab.json), so that the embedding and output layer stop dominating compute.
     "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=512, vocab_size=None),
-    "micro": dict(
-        n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=None
-    ),  # tests, smoke runs
+    # tests, smoke runs
+    "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=None),
 }
 
 
@@ -63,9 +62,8 @@ def preset_config(name, vocab_size=50257):
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     kw = dict(PRESETS[name])
     if kw.get("vocab_size", 0) is None:
-        kw["vocab_size"] = (
-            -(-vocab_size // 64) * 64
-        )  # round up: matmuls like multiples of 64 (nanoGPT)
+        # round up: matmuls like multiples of 64 (nanoGPT)
+        kw["vocab_size"] = -(-vocab_size // 64) * 64
     return GPTConfig(**kw)
 
 
@@ -120,9 +118,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(
-            self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-        )  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -323,9 +320,8 @@ class GPT(nn.Module):
             "config.json": json.dumps(hf_config, indent=2),
             "generation_config.json": json.dumps(generation),
         }
-        if (
-            c.vocab_size >= 50257
-        ):  # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
+        # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
+        if c.vocab_size >= 50257:
             files.update(gpt2_tokenizer_files(c.block_size))
 
         def write(tmp_dir):
@@ -349,9 +345,8 @@ class ScalarModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.normal_(
-            self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1)
-        )  # lm-human-preferences
+        # lm-human-preferences
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
         self.aux = nn.Linear(backbone.config.n_embd, n_aux) if n_aux else None
         self.register_buffer("gain", torch.ones(()))  # reward normalisation, set after training
@@ -400,9 +395,8 @@ class ScalarModel(nn.Module):
     @classmethod
     def load(cls, path, device="cpu"):
         ckpt = load_checkpoint(path, device)
-        if ckpt.get(
-            "lm_weight"
-        ):  # a setting that was removed: its score cannot be read the same way
+        # a setting that was removed: its score cannot be read the same way
+        if ckpt.get("lm_weight"):
             raise ValueError(
                 f"{path}: made with --rm-lm-weight, which this version removed "
                 "(docs/experiments.md); redo the reward stage (python reward.py --force)"
@@ -612,9 +606,8 @@ def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch
     model's device."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    order = sorted(
-        range(len(prompts)), key=lambda i: len(prompts[i])
-    )  # stable: same seed, same order
+    # stable: same seed, same order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out, t0 = [None] * len(prompts), time.time()
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -643,9 +636,8 @@ def response_logprobs(
         torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     )
     real = response_mask.bool()
-    logits = model.lm_head(
-        hidden[:, query.size(1) - 1 : -1][real]
-    ).float()  # (N real tokens, vocab)
+    # (N real tokens, vocab)
+    logits = model.lm_head(hidden[:, query.size(1) - 1 : -1][real]).float()
     if temperature not in (0, 1):
         logits = logits / temperature
     logp = logits.log_softmax(-1)

@@ -195,8 +195,8 @@ def judge_setting_problems(model, max_usd, price):
     if max_usd and known is None:
         return [
             f"--judge-max-usd {max_usd}: no price is known for --judge-model {model}, so the cap "
-            "could not "
-            f"be kept; give one with --judge-price IN,OUT (USD per million input,output tokens)"
+            "could not be kept; give one with --judge-price IN,OUT (USD per million input,output "
+            "tokens)"
         ]
     return []
 
@@ -460,9 +460,8 @@ class OpenAIJudge:
                 "the OpenAI judge needs OPENAI_API_KEY (or --judge-base-url for a local "
                 "OpenAI-compatible server); use --judge rules for the offline stand-in"
             )
-        self.price = price or PRICE_PER_MTOK.get(
-            model
-        )  # USD per million (input, output) tokens, or None
+        # USD per million (input, output) tokens, or None
+        self.price = price or PRICE_PER_MTOK.get(model)
         if max_usd and self.price is None:
             raise JudgeError(judge_setting_problems(model, max_usd, "")[0])
         self.client = openai.OpenAI(
@@ -549,9 +548,8 @@ class OpenAIJudge:
         the money the run has spent plus the requests in flight plus this one would pass it."""
         if not self.max_usd or self.spent_usd() is None:
             return 0.0
-        with (
-            self.lock
-        ):  # the estimate, or the mean billed so far (by the run) if larger: it is approximate
+        # the estimate, or the mean billed so far (by the run) if larger: it is approximate
+        with self.lock:
             paid = max(1, self.paid_requests + self.billed_before[2])
             mean_in, mean_out = ((self.tokens[i] + self.billed_before[i]) / paid for i in (0, 1))
             cost = judge_cost_usd(
@@ -610,12 +608,10 @@ class OpenAIJudge:
                 f"[feedback] judge: {type(error).__name__}; waiting {wait:.0f} s as the endpoint's "
                 f"Retry-After asks ({asked:.0f} s; capped at {RETRY_AFTER_CAP_S:.0f} s)",
             )
-            return wait * (
-                1 + 0.1 * random.random()
-            )  # the threads do not all come back at the same instant
-        wait = min(
-            BACKOFF_CAP_S, self.backoff * 2**attempt * (0.5 + random.random())
-        )  # with jitter
+            # the threads do not all come back at the same instant
+            return wait * (1 + 0.1 * random.random())
+        # with jitter
+        wait = min(BACKOFF_CAP_S, self.backoff * 2**attempt * (0.5 + random.random()))
         self.say(
             "wait",
             f"[feedback] judge: {type(error).__name__}: {error}; asking again in {wait:.1f} s "
@@ -1005,9 +1001,8 @@ def comparisons_loss(
     # Llama 2's margin (Touvron et al. 2023, eq. 2): a pair the judge separates widely must be
     # separated by at least that margin; a close call asks for less.
     margin = torch.tensor([margins[p] for p in pairs], device=r.device) if margins else 0.0
-    loss = global_mean(
-        -F.logsigmoid(r[better] - r[worse] - margin)
-    )  # every rank's pairs under torchrun
+    # every rank's pairs under torchrun
+    loss = global_mean(-F.logsigmoid(r[better] - r[worse] - margin))
     if stats is not None:
         stats["accuracy"] = global_mean((r[better] > r[worse]).float()).item()
     if aux is not None and targets:
@@ -1147,9 +1142,8 @@ def training_pairs(feedback, cfg, seed, log=log):
 def kept_model(rm, history, best, best_file, metrics_file, steps, device, log=log):
     """Load the kept step's weights into rm; its held-out metrics, also appended to the
     metrics."""
-    kept_ckpt = load_checkpoint(
-        best_file, device
-    )  # its own step: a crash may have left `best` older
+    # its own step: a crash may have left `best` older
+    kept_ckpt = load_checkpoint(best_file, device)
     rm.load_state_dict(kept_ckpt["model"])
     best = (kept_ckpt.get("val_accuracy", best[0]), kept_ckpt["step"])
     kept = next(r for r in history if r["step"] == best[1] and "heldout/pairs" in r)
@@ -1285,9 +1279,8 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
                 top_logprobs=5,
             )
         )
-    except (
-        openai.RateLimitError
-    ) as e:  # it answers; the judge's retries wait for it, unless the money is gone
+    # it answers; the judge's retries wait for it, unless the money is gone
+    except openai.RateLimitError as e:
         if "insufficient_quota" in str(e):
             return f"{where}: no quota left (429 insufficient_quota)"
         log(

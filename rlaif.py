@@ -72,9 +72,8 @@ from runs import (
 from sft import CPU_PRESETS, sft_stage
 
 CODE_TAG = "<<<code>>>:"
-SECTION_CLASSES = dict(
-    ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig
-)  # Config's sections, in their stages' files
+# Config's sections, in their stages' files
+SECTION_CLASSES = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
@@ -258,9 +257,8 @@ def best_of_n_answers(cfg, run, test, judge, tok):
         for i, (q, r) in enumerate(zip(prompts, responses, strict=True))
     }
     rm, rm_ckpt = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
-    if rm_ckpt.get(
-        "tools"
-    ):  # the reward model reads each answer's tool report (reward.tool_report)
+    # the reward model reads each answer's tool report (reward.tool_report)
+    if rm_ckpt.get("tools"):
         samples = reward.reading_reports(samples, tok, reward.APIDatabase())
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
     answers = [s.answer for s in samples.values()]
@@ -337,9 +335,8 @@ def check_ready(cfg):
     ):
         problems.append(f"--train-file {cfg.train_file}: no such file")
     if cfg.judge == "openai":
-        problems += reward.judge_problems(
-            cfg.judge_base_url, cfg.judge_model
-        )  # one request: the probe
+        # one request: the probe
+        problems += reward.judge_problems(cfg.judge_base_url, cfg.judge_model)
     if cfg.exec_mode != "none":
         reason = sandbox.isolation_available()
         if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
@@ -381,9 +378,8 @@ def refuse_bad_settings(cfg):
                     else f" (--compare's {advantage.upper()} row)"
                 )
             )
-    if (
-        cfg.judge == "openai"
-    ):  # a price to keep --judge-max-usd with, and a --judge-price that parses
+    # a price to keep --judge-max-usd with, and a --judge-price that parses
+    if cfg.judge == "openai":
         problems += reward.judge_setting_problems(
             cfg.judge_model, cfg.judge_max_usd, cfg.judge_price
         )
@@ -417,9 +413,8 @@ def check_answer_room(cfg, splits):
     records = [r for split in splits.values() for r in split]
     records += prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     longest = max(len(prepare.prompt_ids(tok, r.instruction)) for r in records)
-    report = (
-        reward.REPORT_TOKENS if cfg.rm.tools else 0
-    )  # the reward model reads a tool report after the answer
+    # the reward model reads a tool report after the answer
+    report = reward.REPORT_TOKENS if cfg.rm.tools else 0
     if cfg.max_answer_tokens > block - longest - report:
         raise SystemExit(
             f"refused before anything ran:\n  --max-answer-tokens {cfg.max_answer_tokens}: must be "
@@ -456,9 +451,8 @@ def prepare_run_dir(cfg, from_stage):
 def run_pipeline(cfg, from_stage=None, until="evaluate"):
     refuse_bad_settings(cfg)
     check_ready(cfg)
-    splits = prepare.load_splits(
-        cfg.train_file, log=log
-    )  # a bad train file is refused before the run starts
+    # a bad train file is refused before the run starts
+    splits = prepare.load_splits(cfg.train_file, log=log)
     check_answer_room(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
     judge = (
@@ -560,9 +554,8 @@ def parse_args(argv=None):
     )
     overrides = {k: v for k, v in args.items() if v is not None}
     cfg = make_config(preset or "tiny", **overrides)
-    if (
-        preset is None and (Path(cfg.run_dir) / "config.json").exists()
-    ):  # an existing run: its settings + flags
+    # an existing run: its settings + flags
+    if preset is None and (Path(cfg.run_dir) / "config.json").exists():
         cfg = apply_overrides(load_config(cfg.run_dir, **SECTION_CLASSES), overrides)
     cfg.dry_run = dry_run  # not a setting of the run (asdict leaves it out): how this command runs
     return cfg, from_stage, until

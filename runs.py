@@ -174,9 +174,8 @@ def atomic_dir(path, write):
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(
-            tmp, ignore_errors=True
-        )  # frees what a full disk needs; a kill's leftover goes next time
+        # frees what a full disk needs; a kill's leftover goes next time
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
         shutil.rmtree(path)  # a crash here leaves the new one complete in tmp, none at `path`
@@ -396,9 +395,8 @@ def apply_overrides(cfg, overrides, where="command line"):
                 cfg = apply_overrides(cfg, {f"{key}_{name}": v}, where)
         elif section:
             sub = getattr(cfg, section)
-            if isinstance(
-                sub, dict
-            ):  # a section whose class this process has not loaded: kept as recorded
+            # a section whose class this process has not loaded: kept as recorded
+            if isinstance(sub, dict):
                 setattr(cfg, section, dict(sub, **{name: value}))
             elif name not in {f.name for f in fields(sub)}:
                 raise SystemExit(f"{where}: {section} has no setting {name!r}")

@@ -237,9 +237,8 @@ def watch(job, pid, ours, out_r, lifeline):
             tail = (tail + chunk)[-job["max_output"] :]
             if not chunk:
                 open_fds.remove(out_r)
-        if (
-            ours.fileno() in ready
-        ):  # the first report and the last count: a flood cannot fill our memory
+        # the first report and the last count: a flood cannot fill our memory
+        if ours.fileno() in ready:
             message = recv_some(ours)
             reports[1:] = [message] if message else reports[1:]
             if not message:
@@ -648,9 +647,8 @@ class Sandbox:
         cpu = int(self.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_AS, (self.memory_mb << 20, self.memory_mb << 20))
-        size = (
-            (16 << 20) if self.offline else (self.cache_mb << 20)
-        )  # real mode: model files in its cache
+        # real mode: model files in its cache
+        size = (16 << 20) if self.offline else (self.cache_mb << 20)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         if cgroup is None:  # the fallback: per uid, so it bounds a fork bomb (not for root)
@@ -729,9 +727,8 @@ class Sandbox:
         )
 
     def launch(self, code, base_spec, scratch, cgroup):
-        verdict_r, verdict_w = (
-            os.pipe()
-        )  # the supervisor's report to us; the snippet never holds it
+        # the supervisor's report to us; the snippet never holds it
+        verdict_r, verdict_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()  # at EOF (we died) the supervisor ends the namespace
         with tempfile.TemporaryFile() as job_file, tempfile.TemporaryFile() as err:
             job_file.write(json.dumps(self.job(code, base_spec)).encode())

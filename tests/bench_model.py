@@ -36,7 +36,8 @@ def main():
 
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
+        f"{torch.get_num_threads()}"
     )
     c = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50257, block_size=512)
     hf = transformers.GPT2LMHeadModel(
@@ -57,7 +58,8 @@ def main():
     x = torch.randint(0, c["vocab_size"], (B, T))
     t_ours, t_hf = timed(train_step(ours, x), 5), timed(train_step(hf, x, hf=True), 5)
     print(
-        f"forward+backward, {c['n_layer']}x{c['n_embd']}, B={B} T={T}: ours {B * T / t_ours:,.0f} tok/s, "
+        f"forward+backward, {c['n_layer']}x{c['n_embd']}, B={B} T={T}: ours {B * T / t_ours:,.0f} "
+        "tok/s, "
         f"transformers {B * T / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x"
     )
 
@@ -83,7 +85,8 @@ def main():
             2,
         )
     print(
-        f"sampling, batch 16, 64 new tokens: ours {16 * 64 / t_ours:,.0f} tok/s, transformers generate "
+        f"sampling, batch 16, 64 new tokens: ours {16 * 64 / t_ours:,.0f} tok/s, transformers "
+        "generate "
         f"{16 * 64 / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x"
     )
 
@@ -92,9 +95,8 @@ def main():
     B, T = 4, 256
     x = torch.randint(0, 50257, (B, T))
     n_params = sum(p.numel() for p in s.parameters())
-    flops = (
-        6 * n_params * B * T + 12 * 12 * 768 * T * B * T
-    )  # 6N per token + attention (PaLM appendix B)
+    # 6N per token + attention (PaLM appendix B)
+    flops = 6 * n_params * B * T + 12 * 12 * 768 * T * B * T
     t = timed(train_step(s, x), 2)
     a, b = torch.randn(B * T, 768), torch.randn(768, 3072)
     t_mm = timed(lambda: a @ b, 20)

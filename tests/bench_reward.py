@@ -4,10 +4,10 @@
 
 On the held-out prompts' judge-ordered pairs of the policy's own answers (the split of
 reward.train_reward_model, ties excluded), the pairwise accuracy of:
-  - the SFT model's mean token log-prob of the whole answer, and of the api_call line alone (untrained
-    read-outs of the network the reward model starts from);
-  - the run's reward model (run_dir/reward/model.pt), overall and by the judge question that separates
-    the pair and by the pair's judge-score margin;
+  - the SFT model's mean token log-prob of the whole answer, and of the api_call line alone
+    (untrained read-outs of the network the reward model starts from);
+  - the run's reward model (run_dir/reward/model.pt), overall and by the judge question that
+    separates the pair and by the pair's judge-score margin;
 and best-of-n on those prompts: the mean judge score of the answer each scorer picks, against the
 judge's own pick and a random one. The reward model's curve (measured every eval_every steps) is in
 run_dir/reward/metrics.jsonl; this prints it too.
@@ -101,7 +101,8 @@ def bench(run):
             f"{k[1:]} {v:.2f}" for k, v in acc.items() if "/question/" in k or "/margin/" in k
         )
         print(
-            f"- {name}: accuracy {acc['/accuracy']:.3f}, best-of-n judge score {best_of_n(scores, fb):.3f}"
+            f"- {name}: accuracy {acc['/accuracy']:.3f}, best-of-n judge score "
+            f"{best_of_n(scores, fb):.3f}"
             f"  ({detail})"
         )
     metrics = run / "reward" / "metrics.jsonl"

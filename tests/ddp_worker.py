@@ -87,9 +87,8 @@ def reward_model_step():
     # (documented).
     pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (0, 4), (2, 6)]
     targets = {i: torch.rand(6, generator=g).tolist() for i in samples}
-    optimizer = torch.optim.SGD(
-        rm.parameters(), lr=0.1
-    )  # Adam's first step, lr * g / |g|, would magnify rounding
+    # Adam's first step, lr * g / |g|, would magnify rounding
+    optimizer = torch.optim.SGD(rm.parameters(), lr=0.1)
     loss = comparisons_loss(
         rm, samples, shard(pairs), SimpleNamespace(eot=EOT), "cpu", targets, aux_weight=1.0
     )
@@ -112,9 +111,8 @@ def ppo_update():
     batch = ppo.rollout(
         policy, ref, value, score_fn, prompts, sampling, EOT, torch.Generator().manual_seed(3)
     )
-    rows = torch.tensor(
-        shard([[2 * g, 2 * g + 1] for g in range(4)])
-    ).flatten()  # this rank's prompt groups
+    # this rank's prompt groups
+    rows = torch.tensor(shard([[2 * g, 2 * g + 1] for g in range(4)])).flatten()
     batch = {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
     cfg = ppo.PPOConfig(
         batch_size=8,

@@ -48,9 +48,8 @@ def test_two_ranks_take_the_steps_of_one_process_with_their_joint_batch(results,
     one, rank0, rank1 = results
     assert max_difference(rank0[what], rank1[what]) == 0  # every rank holds the same model
     assert max_difference(one[what], rank0[what]) < 1e-5
-    assert (
-        max_difference(one[what], {k: v * 0 for k, v in one[what].items()}) > 0
-    )  # not a vacuous check
+    # not a vacuous check
+    assert max_difference(one[what], {k: v * 0 for k, v in one[what].items()}) > 0
 
 
 @pytest.mark.slow
@@ -132,6 +131,5 @@ def test_the_pipeline_under_torchrun_writes_what_one_process_writes(tmp_path):
         )
 
     assert files(tmp_path / "two") == files(tmp_path / "one")
-    assert (
-        "Results on" in two.stdout and two.stdout.count("Results on") == 1
-    )  # rank 0 alone reports
+    # rank 0 alone reports
+    assert "Results on" in two.stdout and two.stdout.count("Results on") == 1

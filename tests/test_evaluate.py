@@ -91,7 +91,11 @@ def test_hallucinated_and_malformed_answers_are_scored(records):
 
 
 def test_api_call_cut_follows_gorilla():
-    text = " <<<domain>>>: X\n<<<api_call>>>: pipeline('ner', model='dslim/bert-base-NER') extra\n<<<api_provider>>>: HF"
+    text = (
+        " <<<domain>>>: X\n"
+        "<<<api_call>>>: pipeline('ner', model='dslim/bert-base-NER') extra\n"
+        "<<<api_provider>>>: HF"
+    )
     assert answer_api_call(text) == "pipeline('ner', model='dslim/bert-base-NER')"
 
 

@@ -35,7 +35,8 @@ def sandbox():
     return Sandbox(timeout=10)
 
 
-@pytest.mark.slow  # every labelled snippet through the sandbox (two processes each): the full suite's
+# slow: every labelled snippet runs through the sandbox, two processes each
+@pytest.mark.slow
 def test_labelled_snippets_get_their_labels(sandbox):
     by_line = {
         r.line: r
@@ -62,7 +63,8 @@ RULES = [
     ("executable", "import json\nconfig = json.load(open('config.json'))\nprint(config['labels'])"),
     (
         "executable",
-        "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = pathlib.Path('a.txt').read_text()",
+        "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = "
+        "pathlib.Path('a.txt').read_text()",
     ),
     (
         "executable",
@@ -71,7 +73,8 @@ RULES = [
     (
         "executable",
         "import requests\nfrom io import BytesIO\nfrom PIL import Image\n"
-        "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = BytesIO()\nb.write(b'x')",
+        "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = "
+        "BytesIO()\nb.write(b'x')",
     ),
     ("executable", "clip = load_video_clip()  # Replace with your video loading code\nprint(clip)"),
     ("runtime", "clip = load_video_clip()\nprint(clip)"),
@@ -92,23 +95,30 @@ RULES = [
     ),
     (
         "executable",
-        "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
-        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, torch.zeros(1), torch.zeros(1))",
+        "from diffusers import ControlNetModel\nimport torch\nnet = "
+        "ControlNetModel.from_pretrained("
+        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, "
+        "torch.zeros(1), torch.zeros(1))",
     ),
     (
         "runtime",
-        "from diffusers import ControlNetModel\nimport torch\nnet = ControlNetModel.from_pretrained("
+        "from diffusers import ControlNetModel\nimport torch\nnet = "
+        "ControlNetModel.from_pretrained("
         "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1))",
     ),
     (
         "executable",
-        "from transformers import ViTForImageClassification, ViTImageProcessor\np = ViTImageProcessor."
-        "from_pretrained('google/vit-base-patch16-224')\nm = ViTForImageClassification.from_pretrained("
-        "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = m(**inputs)",
+        "from transformers import ViTForImageClassification, ViTImageProcessor\np = "
+        "ViTImageProcessor."
+        "from_pretrained('google/vit-base-patch16-224')\nm = "
+        "ViTForImageClassification.from_pretrained("
+        "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = "
+        "m(**inputs)",
     ),
     (
         "hallucinated_api",
-        "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer('nobody/no-such-model')",
+        "from sentence_transformers import SentenceTransformer\nm = "
+        "SentenceTransformer('nobody/no-such-model')",
     ),
     (
         "executable",
@@ -117,7 +127,8 @@ RULES = [
     ),
     (
         "hallucinated_api",
-        "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', filename='m.bin')",
+        "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', "
+        "filename='m.bin')",
     ),
     (
         "executable",
@@ -126,7 +137,8 @@ RULES = [
     (
         "executable",
         "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
-        "source='speechbrain/spkrec-xvect-voxceleb', savedir='pretrained_models/spkrec-xvect-voxceleb')",
+        "source='speechbrain/spkrec-xvect-voxceleb', "
+        "savedir='pretrained_models/spkrec-xvect-voxceleb')",
     ),
     (
         "hallucinated_api",
@@ -135,17 +147,20 @@ RULES = [
     ),
     (
         "executable",
-        "from stable_baselines3.common.env_util import make_vec_env\nenv = make_vec_env('seals/CartPole-v0')",
+        "from stable_baselines3.common.env_util import make_vec_env\nenv = "
+        "make_vec_env('seals/CartPole-v0')",
     ),
     ("hallucinated_api", "from diffusers import StableDiffusionTurboPipelineXL"),
     ("hallucinated_api", "from transformers import pipeline\nt = pipeline('translation_to_en')"),
     (
         "executable",
-        "from transformers import pipeline\nt = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')",
+        "from transformers import pipeline\nt = pipeline('translation_en_to_fr', "
+        "model='Helsinki-NLP/opus-mt-en-fr')",
     ),
     (
         "runtime",
-        "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\nf('Paris is nice.')",
+        "from transformers import pipeline\nf = pipeline('fill-mask', "
+        "model='distilroberta-base')\nf('Paris is nice.')",
     ),
     (
         "executable",
@@ -159,7 +174,8 @@ RULES = [
     ),
     (
         "runtime",
-        "from transformers import pipeline\nv = pipeline('image-to-text', model='Salesforce/blip2-opt-2.7b')\n"
+        "from transformers import pipeline\nv = pipeline('image-to-text', "
+        "model='Salesforce/blip2-opt-2.7b')\n"
         "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\nt('a.jpg')",
     ),
 ]
@@ -191,10 +207,14 @@ HOSTILE = {
     "chmod outside": "import os\nos.chmod({sentinel!r}, 0)",
     "pathlib write": "import pathlib\npathlib.Path({sentinel!r}).write_text('pwned')",
     "read environment": "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ",
-    "socket connect": "import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', 22))",
+    "socket connect": "import socket\n"
+    "s = socket.socket()\n"
+    "s.settimeout(2)\n"
+    "s.connect(('127.0.0.1', 22))",
     "socket server": "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()",
     "dns lookup": "import socket\nsocket.getaddrinfo('example.com', 80)",
-    "shell via subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'touch {sentinel}.sh'])",
+    "shell via subprocess": "import subprocess\n"
+    "subprocess.run(['sh', '-c', 'touch {sentinel}.sh'])",
     "os.system": "import os\nos.system('touch {sentinel}.sys')",
     "exec a shell": "import os\nos.execv('/bin/sh', ['sh', '-c', 'touch {sentinel}.exec'])",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
@@ -218,14 +238,12 @@ def test_hostile_snippets_are_contained(tmp_path, monkeypatch):
     ]
     t0 = time.time()
     verdicts = sandbox.run_all(codes)  # in parallel, as evaluation runs them
-    assert time.time() - t0 < len(codes) / sandbox.workers * (
-        sandbox.timeout + 5
-    )  # each within its limit
+    # each within its limit
+    assert time.time() - t0 < len(codes) / sandbox.workers * (sandbox.timeout + 5)
     assert len(HOSTILE) >= 20
     assert sentinel.read_text() == "original"
-    assert sorted(p.name for p in sentinel_dir.iterdir()) == [
-        "precious.txt"
-    ]  # nothing created or moved
+    # nothing created or moved
+    assert sorted(p.name for p in sentinel_dir.iterdir()) == ["precious.txt"]
     assert os.stat(sentinel).st_mode & 0o777 != 0
     results = dict(zip(HOSTILE, verdicts, strict=True))
     assert results["read environment"][0] == "executable"  # ran, and saw no secret
@@ -268,7 +286,6 @@ def test_checker_names_come_from_the_pinned_transformers():
     )
     known = library_names()
     assert known["versions"]["transformers"] == pin
-    assert (
-        "ViTFeatureExtractor" in known["modules"]["transformers"]
-    )  # 4.x names Gorilla's answers use
+    # 4.x names Gorilla's answers use
+    assert "ViTFeatureExtractor" in known["modules"]["transformers"]
     assert known["tasks"]["image-classification"]["call"][0][:2] == ["inputs", "pk"]

@@ -73,8 +73,8 @@ def make_run(tmp_path, server, train, n=4, **settings):
 
 
 def rlaif_until_feedback(run, *flags):
-    """python rlaif.py --run-dir RUN --until feedback, in this process: returns normally (exit status 0) or
-    raises SystemExit (its message is what the user reads, exit status 1)."""
+    """python rlaif.py --run-dir RUN --until feedback, in this process: returns normally (exit
+    status 0) or raises SystemExit (its message is what the user reads, exit status 1)."""
     rlaif.main(["--run-dir", str(run), "--until", "feedback", *flags])
 
 
@@ -122,9 +122,8 @@ def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, m
     assert j.ask("q") == pytest.approx(0.8)
     assert len(server.requests) == 3
     cap = 120.0  # reward.RETRY_AFTER_CAP_S, stated in the log
-    assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), (
-        waits
-    )  # 1000 s asked: the cap
+    # 1000 s asked: the cap
+    assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), waits
     assert any("Retry-After" in m and "capped at 120 s" in m for m in said), said
     assert reward.RETRY_AFTER_CAP_S == cap
     server.script, server.retry_after = ["429"], 2
@@ -179,14 +178,12 @@ def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_t
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
     assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 2
-    assert (
-        server.replies["down"] == 2 * 4
-    )  # one question of each failed answer, 1 + 3 retries; no more
+    # one question of each failed answer, 1 + 3 retries; no more
+    assert server.replies["down"] == 2 * 4
     server.script, sent = [], len(server.requests)
     rlaif_until_feedback(run)
-    assert len(server.requests) - sent == 2 * len(
-        reward.QUESTIONS
-    )  # the missing ones, nothing twice
+    # the missing ones, nothing twice
+    assert len(server.requests) - sent == 2 * len(reward.QUESTIONS)
     assert done_json(run)["judged"] == 4
 
 
@@ -203,16 +200,13 @@ def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_
     with pytest.raises(SystemExit, match=said):
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
-    tries = (
-        1 + reward.UNUSABLE_RETRIES
-    )  # per answer: its first question, asked again twice, then it stops
-    assert (
-        3 * tries <= len(server.requests) <= 4 * tries
-    )  # 3 failures in a row, and the one in flight
+    # per answer: its first question, asked again twice, then it stops
+    tries = 1 + reward.UNUSABLE_RETRIES
+    # 3 failures in a row, and the one in flight
+    assert 3 * tries <= len(server.requests) <= 4 * tries
     unusable = [row for row in cache_rows(run) if "unusable" in row]
-    assert len(unusable) == len(server.requests) and all(
-        row["usd"] > 0 for row in unusable
-    )  # paid, counted
+    # paid, counted
+    assert len(unusable) == len(server.requests) and all(row["usd"] > 0 for row in unusable)
 
 
 # -----------------------------------------------------------------------------

@@ -57,9 +57,8 @@ def test_paper_configuration_rehearsal(tmp_path):
         n_layer=2, n_head=2, n_embd=64, n_positions=256, vocab_size=50257
     )
     transformers.GPT2LMHeadModel(config).save_pretrained(weights)
-    train_file = (
-        tmp_path / "huggingface_train.json"
-    )  # the Hub file's schema: code, api_call, provider, api_data
+    # the Hub file's schema: code, api_call, provider, api_data
+    train_file = tmp_path / "huggingface_train.json"
     lines = (ROOT / "data" / "gorilla" / "huggingface_eval.json").read_text().splitlines()
     train_file.write_text("\n".join(lines[:40]) + "\n")
     server = FakeOpenAI(default="logprobs", p_yes=0.7)
@@ -111,9 +110,8 @@ def test_paper_configuration_rehearsal(tmp_path):
         assert {f["judge"] for f in feedback} == {
             f"LLM judge gpt-3.5-turbo at {server.url}"
         } and all(f["score"] is not None for f in feedback)
-        assert (
-            run_dir / "sft" / "model" / "vocab.json"
-        ).exists()  # full vocabulary: tokenizer files exported
+        # full vocabulary: tokenizer files exported
+        assert (run_dir / "sft" / "model" / "vocab.json").exists()
 
         out = subprocess.run(
             [sys.executable, "ppo.py", "--run-dir", str(run_dir), "--force", "--iterations", "1"],

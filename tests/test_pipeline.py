@@ -99,9 +99,8 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
         ]
 
     metrics = read("ppo")
-    assert [m["iteration"] for m in metrics] == list(
-        range(1, 7)
-    )  # resumed mid-way: no row twice, none missing
+    # resumed mid-way: no row twice, none missing
+    assert [m["iteration"] for m in metrics] == list(range(1, 7))
     assert {
         "objective/scores",
         "objective/kl",
@@ -119,13 +118,11 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
         "completions/clipped_ratio",
         "val/num_eos_tokens",
     } <= set(metrics[-1])
-    assert {"eval/reward", "eval/judge_score", "eval/empty_code_rate"} <= set(
-        metrics[-1]
-    )  # validated at the end
+    # validated at the end
+    assert {"eval/reward", "eval/judge_score", "eval/empty_code_rate"} <= set(metrics[-1])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))  # --tensorboard mirrored the rows
-    shown = (
-        run_dir / "ppo" / "samples.md"
-    ).read_text()  # greedy validation answers at iterations 1 and 6
+    # greedy validation answers at iterations 1 and 6
+    shown = (run_dir / "ppo" / "samples.md").read_text()
     assert (
         "### iteration 1\n" in shown
         and "### iteration 6\n" in shown
@@ -142,9 +139,8 @@ def test_pipeline_end_to_end_with_a_kill_during_ppo(tmp_path):
     steps = [m["step"] for m in rm_rows if "loss" in m]
     assert steps == list(range(1, len(steps) + 1)) and steps
     assert {"loss", "accuracy", "accuracy_code_valid"} <= set(rm_rows[1])
-    measured = [
-        m for m in rm_rows if "heldout/pairs" in m
-    ]  # step 0, every eval_every steps, the last
+    # step 0, every eval_every steps, the last
+    measured = [m for m in rm_rows if "heldout/pairs" in m]
     assert (
         measured[0]["step"] == 0
         and measured[-1]["step"] == steps[-1]
@@ -298,9 +294,8 @@ def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_mode
     feedback = (run_dir / "feedback" / "feedback.jsonl").read_bytes()
     out = rlaif(run_dir, "--from", "compare", "--compare", "--dpo-steps", "3", "--best-of-n", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (
-        run_dir / "feedback" / "feedback.jsonl"
-    ).read_bytes() == feedback  # the same AI feedback
+    # the same AI feedback
+    assert (run_dir / "feedback" / "feedback.jsonl").read_bytes() == feedback
     # d-RLAIF is the same PPO code: the same metrics, one row per iteration, only the score differs
     ppo_rows = [
         json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()

@@ -315,9 +315,8 @@ def toy(tmp_path, long_answers=False, seed=0):
             m.lm_head.bias.data[EOT] = -30.0
     ref.load_state_dict(policy.state_dict())
     rm = ScalarModel(GPT(config))
-    torch.nn.init.normal_(
-        rm.head.weight, std=1.0
-    )  # a trained head's raw scale, far from the score's
+    # a trained head's raw scale, far from the score's
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
     rm.save(tmp_path / "rm.pt")
     value = fresh_value_model(tmp_path / "rm.pt", "cpu")
     max_answer_tokens = 60 if long_answers else 12

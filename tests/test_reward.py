@@ -62,9 +62,8 @@ def test_persistent_500_gives_up_and_leaves_the_answer_unjudged(server, tmp_path
     samples = [Sample(0, 0, "policy", [], [], prepare.format_answer(records[0].sections))]
     with pytest.raises(JudgeFailed, match="1 of 1 have no score.*gave up after 3 attempts"):
         judge_answers(j, samples, records, tmp_path / "fb.jsonl", log=lambda *a: None)
-    assert (
-        len(server.requests) == 3
-    )  # 1 + 2 retries of the first question; the others are not asked
+    # 1 + 2 retries of the first question; the others are not asked
+    assert len(server.requests) == 3
     assert not (tmp_path / "fb.jsonl").exists()  # nothing written for it: a rerun judges it again
 
 
@@ -119,9 +118,8 @@ def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
         assert sorted(ids) == list(range(n))  # every judgement present exactly once
         keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == n * len(QUESTIONS)
-        assert (
-            len(server.requests) <= n * len(QUESTIONS) + 2
-        )  # at most the in-flight ones asked again
+        # at most the in-flight ones asked again
+        assert len(server.requests) <= n * len(QUESTIONS) + 2
     finally:
         server.close()
 
@@ -136,7 +134,8 @@ def test_rules_judge_on_hand_written_answers(records):
     right = (
         " <<<domain>>>: Natural Language Processing Sentence Similarity\n"
         "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
-        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import "
+        "AutoModel\n"
         "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
     )
     hallucinated = right.replace(
@@ -144,8 +143,10 @@ def test_rules_judge_on_hand_written_answers(records):
     )
     wrong_domain = (
         " <<<domain>>>: Computer Vision Depth Estimation\n"
-        "<<<api_call>>>: pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')\n"
-        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import pipeline\n"
+        "<<<api_call>>>: pipeline('depth-estimation', "
+        "model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import "
+        "pipeline\n"
         "p = pipeline('depth-estimation', model='sayakpaul/glpn-nyu-finetuned-diode-221221-102136')"
     )
     syntax_error = right.replace("model = AutoModel", "model = = AutoModel")
@@ -423,9 +424,8 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows[:-1] if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 40
-    measured = [
-        r["step"] for r in rows if "heldout/pairs" in r
-    ]  # every eval_every steps, each once
+    # every eval_every steps, each once
+    measured = [r["step"] for r in rows if "heldout/pairs" in r]
     assert (
         measured == sorted(set(measured))
         and measured[:2] == [0, cfg.eval_every]
@@ -470,9 +470,8 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     samples, feedback = {}, []
-    for k in range(
-        480
-    ):  # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
+    # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
+    for k in range(480):
         good = k % 4 < 2
         response = [5 if good else 6] + torch.randint(10, 60, (6,), generator=g).tolist() + [63]
         samples[k] = Sample(k, k // 4, "policy", [1 + (k // 4) % 3, 2, 3], response, "")
@@ -529,7 +528,8 @@ def test_tool_report_says_what_the_database_and_the_parser_know():
     right = (
         " <<<domain>>>: Natural Language Processing Sentence Similarity\n"
         "<<<api_call>>>: AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')\n"
-        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import AutoModel\n"
+        "<<<api_provider>>>: Hugging Face Transformers\n<<<code>>>: from transformers import "
+        "AutoModel\n"
         "model = AutoModel.from_pretrained('princeton-nlp/unsup-simcse-roberta-base')"
     )
     report = tool_report(right, db)
@@ -580,6 +580,5 @@ def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tm
         rm, reading_reports(samples, tok, APIDatabase()), list(samples), tok, "cpu"
     )
     assert torch.allclose(score_fn(*batch), trained_on, atol=1e-5)
-    assert not torch.allclose(
-        rm.score(*batch), trained_on, atol=1e-3
-    )  # the report changes the score
+    # the report changes the score
+    assert not torch.allclose(rm.score(*batch), trained_on, atol=1e-3)

@@ -21,9 +21,8 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
     assert type(back) is runs.Config and isinstance(back.ppo, PPOConfig) and back == cfg
     assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
-    partial = runs.load_config(
-        tmp_path, ppo=PPOConfig
-    )  # a section whose class is not given stays as recorded
+    # a section whose class is not given stays as recorded
+    partial = runs.load_config(tmp_path, ppo=PPOConfig)
     assert partial.rm == asdict(cfg.rm)
 
 
@@ -114,9 +113,8 @@ def test_metrics_are_mirrored_to_tensorboard_once_each(tmp_path):
     try:
         rows = [dict(iteration=i, score=0.1 * i, kl=float(i), phase="ppo") for i in range(1, 4)]
         runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows[:2])
-        runs.write_metrics(
-            tmp_path / "ppo" / "metrics.jsonl", rows
-        )  # the next checkpoint: one new row
+        # the next checkpoint: one new row
+        runs.write_metrics(tmp_path / "ppo" / "metrics.jsonl", rows)
         runs.tensorboard_text("ppo/samples", "| a | b |", 3)
         runs.write_metrics(tmp_path / "compare" / "rloo" / "metrics.jsonl", rows[:1])
     finally:
@@ -138,8 +136,7 @@ def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
 
     import runs
 
-    monkeypatch.setitem(
-        sys.modules, "torch.utils.tensorboard", None
-    )  # import fails as if not installed
+    # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(SystemExit, match="pip install tensorboard"):
         runs.open_tensorboard("unused")

@@ -21,16 +21,39 @@ pytestmark = pytest.mark.skipif(
 )
 
 ESCAPES = {
-    "posixsubprocess fork_exec": "import _posixsubprocess, os\n_posixsubprocess.fork_exec(['/bin/sh', '-c', 'echo x > {marker}'], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, False, None, None, None, -1, None, False)",
+    "posixsubprocess fork_exec": "import _posixsubprocess, os\n"
+    "_posixsubprocess.fork_exec(['/bin/sh', '-c', 'echo x > {marker}'], [b'/bin/sh'], True, "
+    "(), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, False, None, None, None, "
+    "-1, None, False)",
     "ctypes libc system": "import ctypes\nctypes.CDLL(None).system(b'echo x > {marker}')",
     "ctypes pythonapi": "import ctypes\nctypes.CDLL('libc.so.6').system(b'touch {marker}')",
-    "hook disabled, then shell": "import sys, gc\nfor o in gc.get_objects():\n    pass\nimport subprocess\ntry:\n    subprocess.run(['sh', '-c', 'touch {marker}'])\nexcept Exception:\n    pass\nimport os\nos.system('touch {marker}')",
-    "multiprocessing spawn": "import multiprocessing as mp\nctx = mp.get_context('spawn')\np = ctx.Process(target=open, args=({marker!r}, 'w'))\np.start(); p.join()",
+    "hook disabled, then shell": "import sys, gc\n"
+    "for o in gc.get_objects():\n"
+    "    pass\n"
+    "import subprocess\n"
+    "try:\n"
+    "    subprocess.run(['sh', '-c', 'touch {marker}'])\n"
+    "except Exception:\n"
+    "    pass\n"
+    "import os\n"
+    "os.system('touch {marker}')",
+    "multiprocessing spawn": "import multiprocessing as mp\n"
+    "ctx = mp.get_context('spawn')\n"
+    "p = ctx.Process(target=open, args=({marker!r}, 'w'))\n"
+    "p.start(); p.join()",
     "os.open O_TRUNC": "import os\nos.close(os.open({canary!r}, os.O_WRONLY | os.O_TRUNC))",
-    "open via dir_fd": "import os\nd = os.open({canary_dir!r}, os.O_RDONLY)\nos.close(os.open('canary.txt', os.O_WRONLY | os.O_APPEND, dir_fd=d))",
-    "remove via dir_fd": "import os\nd = os.open({canary_dir!r}, os.O_RDONLY)\nos.remove('canary.txt', dir_fd=d)",
-    "os.replace over canary": "import os\nopen('x', 'w').write('pwned')\nos.replace('x', {canary!r})",
-    "shutil.move outside": "import shutil\nopen('x', 'w').write('pwned')\nshutil.move('x', {marker!r})",
+    "open via dir_fd": "import os\n"
+    "d = os.open({canary_dir!r}, os.O_RDONLY)\n"
+    "os.close(os.open('canary.txt', os.O_WRONLY | os.O_APPEND, dir_fd=d))",
+    "remove via dir_fd": "import os\n"
+    "d = os.open({canary_dir!r}, os.O_RDONLY)\n"
+    "os.remove('canary.txt', dir_fd=d)",
+    "os.replace over canary": "import os\n"
+    "open('x', 'w').write('pwned')\n"
+    "os.replace('x', {canary!r})",
+    "shutil.move outside": "import shutil\n"
+    "open('x', 'w').write('pwned')\n"
+    "shutil.move('x', {marker!r})",
     "hard link then write": "import os\nos.link({canary!r}, 'l')\nopen('l', 'a').write('pwned')",
     "symlink outside": "import os\nos.symlink('/etc/passwd', {marker!r})",
     "fchmod canary": "import os\nfd = os.open({canary!r}, os.O_RDONLY)\nos.fchmod(fd, 0o777)",
@@ -40,21 +63,55 @@ ESCAPES = {
     "setxattr": "import os\nos.setxattr({canary!r}, 'user.pwned', b'1')",
     "kill the dummy": "import os, signal\nos.kill({dummy_pid}, signal.SIGTERM)",
     "killpg the dummy": "import os, signal\nos.killpg({dummy_pid}, signal.SIGTERM)",
-    "pidfd_send_signal": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({dummy_pid}), signal.SIGTERM)",
-    "UDP sendto": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'escaped', ('127.0.0.1', {udp_port}))",
-    "UDP sendmsg": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendmsg([b'escaped'], [], 0, ('127.0.0.1', {udp_port}))",
-    "TCP connect": "import socket\ns = socket.create_connection(('127.0.0.1', {tcp_port}), timeout=2)\ns.sendall(b'escaped')",
-    "TCP fast open": "import socket\ns = socket.socket()\ns.sendmsg([b'escaped'], [], socket.MSG_FASTOPEN, ('127.0.0.1', {tcp_port}))",
-    "unix socket": "import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.sendto(b'escaped', {unix_path!r})",
-    "parent environ via /proc": "import os\nfor p in os.listdir('/proc'):\n    try:\n        if b'{secret}' in open(f'/proc/{{p}}/environ', 'rb').read():\n            raise SystemError('FOUND')\n    except OSError:\n        pass",
-    "own environment": "import os\nif any('{secret}' in v for v in os.environ.values()):\n    raise SystemError('FOUND')",
-    "setsid survivor": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(4)\n    open({marker!r}, 'w')\n    os._exit(0)\ntime.sleep(60)",
-    "daemon after exit": "import os, time\nif os.fork() == 0:\n    time.sleep(3)\n    open({marker!r}, 'w')\n    os._exit(0)",
-    "immutable file in workdir": "import fcntl, os, struct\nfd = os.open('f', os.O_CREAT | os.O_RDONLY)\nfcntl.ioctl(fd, 0x40086602, struct.pack('i', 0x10))",
+    "pidfd_send_signal": "import os, signal\n"
+    "signal.pidfd_send_signal(os.pidfd_open({dummy_pid}), signal.SIGTERM)",
+    "UDP sendto": "import socket\n"
+    "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+    ".sendto(b'escaped', ('127.0.0.1', {udp_port}))",
+    "UDP sendmsg": "import socket\n"
+    "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+    ".sendmsg([b'escaped'], [], 0, ('127.0.0.1', {udp_port}))",
+    "TCP connect": "import socket\n"
+    "s = socket.create_connection(('127.0.0.1', {tcp_port}), timeout=2)\n"
+    "s.sendall(b'escaped')",
+    "TCP fast open": "import socket\n"
+    "s = socket.socket()\n"
+    "s.sendmsg([b'escaped'], [], socket.MSG_FASTOPEN, ('127.0.0.1', {tcp_port}))",
+    "unix socket": "import socket\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+    "s.sendto(b'escaped', {unix_path!r})",
+    "parent environ via /proc": "import os\n"
+    "for p in os.listdir('/proc'):\n"
+    "    try:\n"
+    "        if b'{secret}' in open(f'/proc/{{p}}/environ', 'rb').read():\n"
+    "            raise SystemError('FOUND')\n"
+    "    except OSError:\n"
+    "        pass",
+    "own environment": "import os\n"
+    "if any('{secret}' in v for v in os.environ.values()):\n"
+    "    raise SystemError('FOUND')",
+    "setsid survivor": "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    time.sleep(4)\n"
+    "    open({marker!r}, 'w')\n"
+    "    os._exit(0)\n"
+    "time.sleep(60)",
+    "daemon after exit": "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    time.sleep(3)\n"
+    "    open({marker!r}, 'w')\n"
+    "    os._exit(0)",
+    "immutable file in workdir": "import fcntl, os, struct\n"
+    "fd = os.open('f', os.O_CREAT | os.O_RDONLY)\n"
+    "fcntl.ioctl(fd, 0x40086602, struct.pack('i', 0x10))",
     "write the project": "open({project_file!r}, 'a').write('# pwned')",
     "write /tmp": "open('/tmp/rlaif-escape-marker', 'w')",
     "write /dev/shm": "open('/dev/shm/rlaif-escape-marker', 'w')",
-    "remount read-write": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.mount(b'none', b'/', None, 32 | 4096, None)\nopen({marker!r}, 'w')",
+    "remount read-write": "import ctypes\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.mount(b'none', b'/', None, 32 | 4096, None)\n"
+    "open({marker!r}, 'w')",
     "setuid root": "import os\nos.setuid(0)\nopen({marker!r}, 'w')",
     "via /proc/self/root": "open('/proc/self/root' + {marker!r}, 'w')",
     "via /proc/1/cwd": "open('/proc/1/cwd/../' + {marker_name!r}, 'w')",
@@ -183,7 +240,9 @@ def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch
         "out = m(torch.tensor([[1, 2, 3]]))\nassert out.logits.shape == (1, 3, 50)",
         f"open({str(outside)!r}, 'a').write('pwned')",
         "import os\nassert 'RLAIF_TEST_SECRET' not in os.environ\n"
-        "for p in os.listdir('/proc'):\n    try:\n        assert b'real-mode-secret' not in open(f'/proc/{p}/environ', 'rb').read()\n"
+        "for p in os.listdir('/proc'):\n"
+        "    try:\n"
+        "        assert b'real-mode-secret' not in open(f'/proc/{p}/environ', 'rb').read()\n"
         "    except OSError:\n        pass",
     ]
     verdicts = sandbox.run_all(codes)
@@ -199,15 +258,23 @@ def test_real_mode_runs_real_libraries_and_stays_contained(tmp_path, monkeypatch
 FORGERIES = {
     # finding 10: the nonce from the runner's frame, a verdict of our own, then an early exit
     "nonce from the caller's frame": "import sys, json, os\nf = sys._getframe(1)\n"
-    "while f is not None and 'spec' not in f.f_locals:\n    f = f.f_back\nspec = f.f_locals['spec'] if f else {{}}\n"
-    "open('.verdict', 'w').write(json.dumps(dict(nonce=spec.get('nonce'), verdict='executable', detail='')))\n"
+    "while f is not None and 'spec' not in f.f_locals:\n"
+    "    f = f.f_back\n"
+    "spec = f.f_locals['spec'] if f else {{}}\n"
+    "open('.verdict', 'w').write("
+    "json.dumps(dict(nonce=spec.get('nonce'), verdict='executable', detail='')))\n"
     "os._exit(0)",
-    "nonce found by gc": "import gc, json, os\nfor o in gc.get_objects():\n    if isinstance(o, dict) and 'nonce' in o:\n"
-    "        open('.verdict', 'w').write(json.dumps(dict(nonce=o['nonce'], verdict='executable', detail='')))\n"
+    "nonce found by gc": "import gc, json, os\n"
+    "for o in gc.get_objects():\n"
+    "    if isinstance(o, dict) and 'nonce' in o:\n"
+    "        open('.verdict', 'w').write("
+    "json.dumps(dict(nonce=o['nonce'], verdict='executable', detail='')))\n"
     "os._exit(0)",
-    "the supervisor's fds": "import os, json\nv = json.dumps(dict(verdict='executable', detail='')).encode()\n"
+    "the supervisor's fds": "import os, json\n"
+    "v = json.dumps(dict(verdict='executable', detail='')).encode()\n"
     "for pid in ('1', str(os.getppid())):\n    for n in range(64):\n        try:\n"
-    "            fd = os.open(f'/proc/{{pid}}/fd/{{n}}', os.O_WRONLY)\n            os.write(fd, v)\n"
+    "            fd = os.open(f'/proc/{{pid}}/fd/{{n}}', os.O_WRONLY)\n"
+    "            os.write(fd, v)\n"
     "        except OSError:\n            pass\nos._exit(0)",
     "signal the supervisor": "import os, signal\nfor pid in (1, os.getppid()):\n    try:\n"
     "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\nos._exit(0)",
@@ -230,7 +297,11 @@ def test_disk_is_the_snippets_not_per_file():
     assert verdict == "runtime" and "No space left" in detail, (verdict, detail)
 
 
-FORK = "import ctypes, os, time\nfork = ctypes.CDLL(None).fork  # libc's, past the audit hook\nkids = []\n"
+FORK = (
+    "import ctypes, os, time\n"
+    "fork = ctypes.CDLL(None).fork  # libc's, past the audit hook\n"
+    "kids = []\n"
+)
 
 
 @pytest.mark.slow
@@ -238,7 +309,10 @@ def test_memory_and_processes_are_the_whole_snippets():
     """Item 12: 4 forks of 200 MB each (every one under the 512 MB address-space limit) and 100
     sleeping forks: each alone fits a per-process limit, the snippet together must not."""
     memory = FORK + (
-        "for i in range(4):\n    pid = fork()\n    if pid == 0:\n        block = b'x' * (200 << 20)\n"
+        "for i in range(4):\n"
+        "    pid = fork()\n"
+        "    if pid == 0:\n"
+        "        block = b'x' * (200 << 20)\n"
         "        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
         "assert all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids)"
     )
@@ -332,7 +406,13 @@ def test_a_realtime_signal_or_a_report_flood_is_the_snippets_failure_not_ours():
     """A snippet killed by a signal that has no name (realtime 40) is a runtime
     failure, not 'crashed'; a flood of reports on the runner's socket neither fills our
     memory nor passes for a verdict."""
-    flood = "import socket\ns = socket.socket(fileno=3)\nfor _ in range(20000):\n    s.send(b'x' * 1000)\nraise ValueError"
+    flood = (
+        "import socket\n"
+        "s = socket.socket(fileno=3)\n"
+        "for _ in range(20000):\n"
+        "    s.send(b'x' * 1000)\n"
+        "raise ValueError"
+    )
     verdicts = Sandbox(timeout=20).run_all(["import signal\nsignal.raise_signal(40)", flood])
     assert verdicts[0][0] == "runtime" and "signal 40" in verdicts[0][1], verdicts[0]
     assert verdicts[1][0] != "executable" and verdicts[1][0] != "crashed", verdicts[1]

@@ -76,9 +76,8 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
     for part in ("drlaif", "rloo"):
         (tmp_path / runs.RUN_FILES[part] / "model").mkdir(parents=True)
         (tmp_path / runs.RUN_FILES[part] / "model" / "config.json").write_text("{}")
-    runs.mark_done(
-        tmp_path / runs.RUN_FILES["drlaif"], {}
-    )  # d-RLAIF finished; RLOO crashed after config.json
+    # d-RLAIF finished; RLOO crashed after config.json
+    runs.mark_done(tmp_path / runs.RUN_FILES["drlaif"], {})
     trained = []
 
     def fake_ppo(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
@@ -141,9 +140,8 @@ def full_disk(tmp_path):
     ).returncode:
         pytest.skip("cannot mount a tmpfs here (not root?)")
     yield mount
-    subprocess.run(
-        ["umount", "--lazy", str(mount)], check=True
-    )  # lazy: a file torch left open does not block it
+    # lazy: a file torch left open does not block it
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_real_full_disk_is_named_with_the_file(full_disk):
