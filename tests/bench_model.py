@@ -36,8 +36,8 @@ def main():
 
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
-        f"{torch.get_num_threads()}"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"threads {torch.get_num_threads()}"
     )
     c = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50257, block_size=512)
     hf = transformers.GPT2LMHeadModel(
@@ -58,8 +58,8 @@ def main():
     x = torch.randint(0, c["vocab_size"], (B, T))
     t_ours, t_hf = timed(train_step(ours, x), 5), timed(train_step(hf, x, hf=True), 5)
     print(
-        f"forward+backward, {c['n_layer']}x{c['n_embd']}, B={B} T={T}: ours {B * T / t_ours:,.0f} "
-        "tok/s, "
+        f"forward+backward, {c['n_layer']}x{c['n_embd']}, B={B} T={T}: "
+        f"ours {B * T / t_ours:,.0f} tok/s, "
         f"transformers {B * T / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x"
     )
 
@@ -85,9 +85,8 @@ def main():
             2,
         )
     print(
-        f"sampling, batch 16, 64 new tokens: ours {16 * 64 / t_ours:,.0f} tok/s, transformers "
-        "generate "
-        f"{16 * 64 / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x"
+        f"sampling, batch 16, 64 new tokens: ours {16 * 64 / t_ours:,.0f} tok/s, "
+        f"transformers generate {16 * 64 / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x"
     )
 
     # FLOP rate of our training step at a gpt2-small-like shape vs the CPU's plain torch.mm rate

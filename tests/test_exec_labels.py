@@ -50,13 +50,13 @@ def test_offline_verdicts_agree_with_hand_labels():
     predicted = [v == "executable" for v, _ in verdicts]
     po, kappa, confusion = agreement([r["executable"] for r in rows], predicted)
     print(
-        f"\nagreement {po:.3f}, Cohen's kappa {kappa:.3f}, (label, offline verdict) counts "
-        f"{confusion}"
+        f"\nagreement {po:.3f}, Cohen's kappa {kappa:.3f}, "
+        f"(label, offline verdict) counts {confusion}"
     )
     for r, (verdict, detail), p in zip(rows, verdicts, predicted, strict=True):
         if p != r["executable"]:
             print(
-                f"  uid {r['uid']}: label {r['executable']} ({r['reason'][:90]}); offline "
-                f"{verdict} {detail[:90]}"
+                f"  uid {r['uid']}: label {r['executable']} ({r['reason'][:90]}); "
+                f"offline {verdict} {detail[:90]}"
             )
     assert po >= 0.90, f"agreement {po:.3f} < 0.90"

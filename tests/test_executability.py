@@ -63,8 +63,10 @@ RULES = [
     ("executable", "import json\nconfig = json.load(open('config.json'))\nprint(config['labels'])"),
     (
         "executable",
-        "with open('clip.wav', 'rb') as f:\n    audio = f.read()\nimport pathlib\nt = "
-        "pathlib.Path('a.txt').read_text()",
+        "with open('clip.wav', 'rb') as f:\n"
+        "    audio = f.read()\n"
+        "import pathlib\n"
+        "t = pathlib.Path('a.txt').read_text()",
     ),
     (
         "executable",
@@ -72,63 +74,70 @@ RULES = [
     ),  # real files stay real
     (
         "executable",
-        "import requests\nfrom io import BytesIO\nfrom PIL import Image\n"
-        "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\nb = "
-        "BytesIO()\nb.write(b'x')",
+        "import requests\n"
+        "from io import BytesIO\n"
+        "from PIL import Image\n"
+        "image = Image.open(BytesIO(requests.get('https://x.org/a.jpg').content))\n"
+        "b = BytesIO()\n"
+        "b.write(b'x')",
     ),
     ("executable", "clip = load_video_clip()  # Replace with your video loading code\nprint(clip)"),
     ("runtime", "clip = load_video_clip()\nprint(clip)"),
     (
         "executable",
-        "from transformers import pipeline\nc = pipeline('image-classification', "
-        "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', top_k=2))",
+        "from transformers import pipeline\n"
+        "c = pipeline('image-classification', model='google/vit-base-patch16-224')\n"
+        "print(c('cat.jpg', top_k=2))",
     ),
     (
         "runtime",
-        "from transformers import pipeline\nc = pipeline('image-classification', "
-        "model='google/vit-base-patch16-224')\nprint(c('cat.jpg', ['cat', 'dog']))",
+        "from transformers import pipeline\n"
+        "c = pipeline('image-classification', model='google/vit-base-patch16-224')\n"
+        "print(c('cat.jpg', ['cat', 'dog']))",
     ),
     (
         "runtime",
-        "from transformers import pipeline\nc = pipeline('image-classification', "
-        "model='google/vit-base-patch16-224')\nprint(c(path='cat.jpg'))",
+        "from transformers import pipeline\n"
+        "c = pipeline('image-classification', model='google/vit-base-patch16-224')\n"
+        "print(c(path='cat.jpg'))",
     ),
     (
         "executable",
-        "from diffusers import ControlNetModel\nimport torch\nnet = "
-        "ControlNetModel.from_pretrained("
-        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1), 10, "
-        "torch.zeros(1), torch.zeros(1))",
+        "from diffusers import ControlNetModel\n"
+        "import torch\n"
+        "net = ControlNetModel.from_pretrained('lllyasviel/sd-controlnet-canny').to('cuda')\n"
+        "out = net(torch.zeros(1), 10, torch.zeros(1), torch.zeros(1))",
     ),
     (
         "runtime",
-        "from diffusers import ControlNetModel\nimport torch\nnet = "
-        "ControlNetModel.from_pretrained("
-        "'lllyasviel/sd-controlnet-canny').to('cuda')\nout = net(torch.zeros(1))",
+        "from diffusers import ControlNetModel\n"
+        "import torch\n"
+        "net = ControlNetModel.from_pretrained('lllyasviel/sd-controlnet-canny').to('cuda')\n"
+        "out = net(torch.zeros(1))",
     ),
     (
         "executable",
-        "from transformers import ViTForImageClassification, ViTImageProcessor\np = "
-        "ViTImageProcessor."
-        "from_pretrained('google/vit-base-patch16-224')\nm = "
-        "ViTForImageClassification.from_pretrained("
-        "'google/vit-base-patch16-224')\ninputs = p(images='x.jpg', return_tensors='pt')\nout = "
-        "m(**inputs)",
+        "from transformers import ViTForImageClassification, ViTImageProcessor\n"
+        "p = ViTImageProcessor.from_pretrained('google/vit-base-patch16-224')\n"
+        "m = ViTForImageClassification.from_pretrained('google/vit-base-patch16-224')\n"
+        "inputs = p(images='x.jpg', return_tensors='pt')\n"
+        "out = m(**inputs)",
     ),
     (
         "hallucinated_api",
-        "from sentence_transformers import SentenceTransformer\nm = "
-        "SentenceTransformer('nobody/no-such-model')",
+        "from sentence_transformers import SentenceTransformer\n"
+        "m = SentenceTransformer('nobody/no-such-model')",
     ),
     (
         "executable",
-        "from sentence_transformers import SentenceTransformer\nm = SentenceTransformer("
-        "'sentence-transformers/all-MiniLM-L6-v2')\nm.encode(['a b'])",
+        "from sentence_transformers import SentenceTransformer\n"
+        "m = SentenceTransformer('sentence-transformers/all-MiniLM-L6-v2')\n"
+        "m.encode(['a b'])",
     ),
     (
         "hallucinated_api",
-        "from huggingface_hub import hf_hub_download\nhf_hub_download(repo_id='nobody/no-such', "
-        "filename='m.bin')",
+        "from huggingface_hub import hf_hub_download\n"
+        "hf_hub_download(repo_id='nobody/no-such', filename='m.bin')",
     ),
     (
         "executable",
@@ -136,47 +145,54 @@ RULES = [
     ),  # not a model id
     (
         "executable",
-        "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
-        "source='speechbrain/spkrec-xvect-voxceleb', "
+        "from speechbrain.pretrained import EncoderClassifier\n"
+        "c = EncoderClassifier.from_hparams(source='speechbrain/spkrec-xvect-voxceleb', "
         "savedir='pretrained_models/spkrec-xvect-voxceleb')",
     ),
     (
         "hallucinated_api",
-        "from speechbrain.pretrained import EncoderClassifier\nc = EncoderClassifier.from_hparams("
-        "source='speechbrain/spkrec-made-up', savedir='pretrained_models/x')",
+        "from speechbrain.pretrained import EncoderClassifier\n"
+        "c = EncoderClassifier.from_hparams(source='speechbrain/spkrec-made-up', "
+        "savedir='pretrained_models/x')",
     ),
     (
         "executable",
-        "from stable_baselines3.common.env_util import make_vec_env\nenv = "
-        "make_vec_env('seals/CartPole-v0')",
+        "from stable_baselines3.common.env_util import make_vec_env\n"
+        "env = make_vec_env('seals/CartPole-v0')",
     ),
     ("hallucinated_api", "from diffusers import StableDiffusionTurboPipelineXL"),
     ("hallucinated_api", "from transformers import pipeline\nt = pipeline('translation_to_en')"),
     (
         "executable",
-        "from transformers import pipeline\nt = pipeline('translation_en_to_fr', "
-        "model='Helsinki-NLP/opus-mt-en-fr')",
+        "from transformers import pipeline\n"
+        "t = pipeline('translation_en_to_fr', model='Helsinki-NLP/opus-mt-en-fr')",
     ),
     (
         "runtime",
-        "from transformers import pipeline\nf = pipeline('fill-mask', "
-        "model='distilroberta-base')\nf('Paris is nice.')",
+        "from transformers import pipeline\n"
+        "f = pipeline('fill-mask', model='distilroberta-base')\n"
+        "f('Paris is nice.')",
     ),
     (
         "executable",
-        "from transformers import pipeline\nf = pipeline('fill-mask', model='distilroberta-base')\n"
-        "s = 'Paris is the <mask> of France.'\nprint(s.replace('<mask>', f(s)[0]['token_str']))",
+        "from transformers import pipeline\n"
+        "f = pipeline('fill-mask', model='distilroberta-base')\n"
+        "s = 'Paris is the <mask> of France.'\n"
+        "print(s.replace('<mask>', f(s)[0]['token_str']))",
     ),
     (
         "executable",
-        "import numpy as np\nfrom PIL import Image\nimg = np.array(Image.open('cat.jpg'))\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "img = np.array(Image.open('cat.jpg'))\n"
         "print(img[:, :, 0].mean() / 255.0, round(img.mean(), 2))",
     ),
     (
         "runtime",
-        "from transformers import pipeline\nv = pipeline('image-to-text', "
-        "model='Salesforce/blip2-opt-2.7b')\n"
-        "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\nt('a.jpg')",
+        "from transformers import pipeline\n"
+        "v = pipeline('image-to-text', model='Salesforce/blip2-opt-2.7b')\n"
+        "t = pipeline('text2text-generation', model='Salesforce/blip2-opt-2.7b')\n"
+        "t('a.jpg')",
     ),
 ]
 
