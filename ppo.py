@@ -6,9 +6,11 @@ PPO for language models against a learned reward, with a per-token KL penalty to
 The algorithm, in the order of one iteration (train_ppo):
   1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts,
      sampled with model.generate; policy `logprobs`, `ref_logprobs` and `values` by one
-     teacher-forced pass each; `score` = reward model at the answer's last token.
-  2. rewards: the score minus the mean score of the same prompt's other answers (a per-prompt
-     baseline, Kool et al. 2019; Ahmadian et al. 2024), then
+     teacher-forced pass each; `score` = score_fn: the reward model's scalar at the last token
+     of the answer followed by its tool report (reward.load_reward_model; --compare's d-RLAIF:
+     the judge's score).
+  2. rewards: [not in the paper] the score minus the mean score of the same prompt's other
+     answers (a per-prompt baseline, Kool et al. 2019; Ahmadian et al. 2024), then
      r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus that score at the last token
      (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
   3. advantages: GAE (Schulman et al. 2016, eq. 11-16) with gamma = 1 and lam = 1, so the answer's
@@ -104,7 +106,9 @@ class PPOConfig:
     lr: Annotated[float, "AdamW learning rate of the policy", "> 0"] = 2e-5
     vf_lr: Annotated[float, "AdamW learning rate of the value model", "> 0"] = 1e-4
     critic_warmup: Annotated[
-        int, "first iterations that train only the value model (the policy waits)", ">= 0"
+        int,
+        "first iterations that train only the value model (the policy waits) [not in the paper]",
+        ">= 0",
     ] = 2
     advantage: Annotated[
         str,
@@ -184,13 +188,10 @@ def leave_one_out(x, k):
     return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
 
 
-def shaped_score(score, ended, rollouts_per_prompt, missing_eos_penalty):
-    """The score PPO maximises: the reward model's, plus missing_eos_penalty for an answer cut off
-    before <|endoftext|> [N-details: EOS trick], minus its prompt's baseline. Most of a learned
-    reward's variance is between prompts (how hard the task is), which no action of the policy
-    changes; the baseline removes it."""
-    score = torch.where(ended, score, score + missing_eos_penalty)
-    return leave_one_out(score, rollouts_per_prompt)
+def eos_penalised(score, ended, missing_eos_penalty):
+    """The score plus missing_eos_penalty for an answer cut off before <|endoftext|>
+    [N-details: EOS trick]."""
+    return torch.where(ended, score, score + missing_eos_penalty)
 
 
 def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
@@ -289,8 +290,9 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """beta <- beta * (1 + K * e * n_steps / horizon), e = clip(KL / target - 1, -0.2, 0.2)
-    (Ziegler et al. 2019, section 2.2; lm-human-preferences, train_policy.py)."""
+    """beta <- beta * (1 + e * n_steps / horizon), e = clip(KL / target - 1, -0.2, 0.2)
+    (Ziegler et al. 2019, section 2.2; their gain K_beta is n_steps / horizon here, as in
+    lm-human-preferences' train_policy.py)."""
 
     def __init__(self, init_kl_coef, target, horizon):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
@@ -407,7 +409,8 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
     answers = (query, query_mask, response, response_mask)
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
-        # then starts from ratio exactly 1 [N-details: recompute logprobs].
+        # then starts from a ratio of 1 (up to bf16 rounding on GPU) [N-details: recompute
+        # logprobs].
         logprobs = response_logprobs(policy, *answers, temperature)
         ref_logprobs = response_logprobs(ref_policy, *answers, temperature)
         if value_model is not None:
@@ -439,8 +442,10 @@ def advantages_and_returns(answers, cfg, kl_coef):
     group statistics."""
     mask, k = answers["mask"], cfg.rollouts_per_prompt
     logprobs, ref_logprobs = answers["logprobs"], answers["ref_logprobs"]
-    eos_score = shaped_score(answers["score"], answers["ended"], 1, cfg.missing_eos_penalty)
-    score = leave_one_out(eos_score, k)  # minus the mean score of the prompt's other answers
+    eos_score = eos_penalised(answers["score"], answers["ended"], cfg.missing_eos_penalty)
+    # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
+    # reward's variance is between prompts (how hard the task is), which no action changes
+    score = leave_one_out(eos_score, k)
     if cfg.advantage == "gae":
         rewards, kl = compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam)
@@ -499,6 +504,7 @@ def ppo_update(
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
                 average_gradients(params)  # torchrun: every rank steps with the global gradient
+                # one norm over policy and critic, as lm-human-preferences clips their joint loss
                 torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
                 for optimizer in optimizers:
                     optimizer.step()
@@ -735,11 +741,11 @@ def train_ppo(
 
 
 def fresh_value_model(reward_model_file, device):
-    """The value model: the reward model's network with a zero head. The reward model's head was
+    """The value model: the reward model's network (as in lm-human-preferences [N-details: value
+    init from the reward model]) with a zero head [not in the paper]. The reward model's head was
     trained only at the last token and its raw output is on another scale than the normalised
-    score, so reusing it [N-details: value init from the reward model] makes the first advantages
-    mostly critic noise; a zero head predicts 0, the baseline-corrected score's mean, until the
-    warm-up trains it."""
+    score, so reusing it makes the first advantages mostly critic noise; a zero head predicts 0,
+    the baseline-corrected score's mean, until the warm-up trains it."""
     value_model, _ = ScalarModel.load(reward_model_file, device)
     torch.nn.init.zeros_(value_model.head.weight)
     torch.nn.init.zeros_(value_model.head.bias)

@@ -891,7 +891,7 @@ def tool_report(answer, db):
     and of the code no entry names, and the entry the api_call makes (APIDatabase.match): its
     domain and call. A documented call shape with an invented model id is no entry (as in
     RulesJudge): with Gorilla's lenient match alone, PPO learned pipeline('<task>',
-    model='<invented>') (docs/experiments.md). A small network cannot remember which of 925
+    model='<invented>') (docs/experiments.md). A small network cannot remember which of 936
     APIs and thousands of model ids exist, so its ranking of the policy's answers stayed near
     chance; it can read a line that says so."""
     sections = prepare.parse_answer(answer)
@@ -1359,7 +1359,7 @@ def run_judge(cfg, run):
 
 
 def feedback_stage(cfg, run, splits):
-    """Step 4: the judge answers the questions about every sampled answer (run_dir/sample); its
+    """Stage 3: the judge answers the questions about every sampled answer (run_dir/sample); its
     Feedback rows go to run_dir/feedback. Done only when every answer has a score: an answer the
     judge could not score stops the stage with a count and the command that resumes it. Resumable:
     answers already judged are in the partial file, and every answered question in the judge's
@@ -1446,7 +1446,7 @@ def p_yes_from_text(judge, feedback, samples, records):
 
 
 def reward_stage(cfg, run, splits):
-    """Step 5: the reward model, initialised from the SFT model, trained on the feedback,
+    """Stage 4: the reward model, initialised from the SFT model, trained on the feedback,
     normalised on the policy's samples."""
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}

@@ -6,16 +6,16 @@ RLAIF for code generation with API usage (Dutta et al. 2024, arXiv 2406.20060), 
 
 The paper's method, one stage each, in order. Every stage reads its inputs from --run-dir, writes
 its outputs under run_dir/<stage>/ and a done.json (summary + hashes of its outputs); a finished
-stage is skipped on the next run, so an interrupted run resumes where it stopped.
-  1. data      the Gorilla APIBench HuggingFace split             data/gorilla/prepare.py
-  2. sft       supervised fine-tuning on (instruction -> answer)  sft.sft_stage
-  3. sample    answers to training instructions from SFT          sample_stage, model.sample_answers
-  4. feedback  AI feedback: yes/no questions to a judge -> score  reward.feedback_stage
-  5. reward    reward model trained on the judge's scores         reward.reward_stage
-  6. ppo       PPO against the reward model, KL penalty to SFT    ppo.ppo_stage
-  7. compare   [not in the paper, --compare] the same feedback    compare_stage below, dpo.py
+stage is skipped on the next run, so an interrupted run resumes where it stopped. The data (the
+Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the first stage.
+  1. sft       supervised fine-tuning on (instruction -> answer)  sft.sft_stage
+  2. sample    answers to training instructions from SFT          sample_stage, model.sample_answers
+  3. feedback  AI feedback: yes/no questions to a judge -> score  reward.feedback_stage
+  4. reward    reward model trained on the judge's scores         reward.reward_stage
+  5. ppo       PPO against the reward model, KL penalty to SFT    ppo.ppo_stage
+  6. compare   [not in the paper, --compare] the same feedback    compare_stage below, dpo.py
                five more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
-  8. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
+  7. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
 Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
 directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
 Every setting is a field of runs.Config (PPO's, the reward model's and DPO's in their own files).
@@ -276,21 +276,15 @@ def best_of_n_answers(cfg, run, test, judge, tok):
 # -----------------------------------------------------------------------------
 # The driver: the stages in order, each skipped when its done.json exists and its outputs are intact
 
-STAGES = dict(
-    zip(
-        STAGE_ORDER,
-        (
-            sft_stage,
-            sample_stage,
-            reward.feedback_stage,
-            reward.reward_stage,
-            ppo.ppo_stage,
-            compare_stage,
-            evaluate.evaluate_stage,
-        ),
-        strict=True,
-    )
-)
+STAGES = {  # runs.STAGE_ORDER names them in this order (a test holds the two equal)
+    "sft": sft_stage,
+    "sample": sample_stage,
+    "feedback": reward.feedback_stage,
+    "reward": reward.reward_stage,
+    "ppo": ppo.ppo_stage,
+    "compare": compare_stage,
+    "evaluate": evaluate.evaluate_stage,
+}
 
 
 def reachable(host, port=443, timeout=3.0):
@@ -607,7 +601,7 @@ def plan_lines(cfg, splits):
     )
     return dict(
         sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
-        f"{len(train)} instructions{' + 925 API pairs' if cfg.api_pairs else ''}",
+        f"{len(train)} instructions{' + 936 API-database pairs' if cfg.api_pairs else ''}",
         sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at "
         f"T={cfg.temperature}{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
         feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",

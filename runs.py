@@ -252,7 +252,7 @@ class Config:
         "code cut after the api_call)",
     ] = True
     api_pairs: Annotated[
-        bool, "[offline stand-in] add the API database's 925 APIs as SFT pairs"
+        bool, "[offline stand-in] add the API database's 936 entries as SFT pairs"
     ] = True
     train_file: Annotated[
         str,

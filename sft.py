@@ -103,31 +103,35 @@ def sft_loss(model, examples, pad, device):
 
 def optimizer_step(model, optimizer, cfg, train, step, pad):
     """Optimizer step `step` of SFT: sft_grad_accum micro-batches, gradients averaged over ranks and
-    clipped, AdamW. Returns (the last micro-batch's loss, tokens seen)."""
-    tokens = 0
+    clipped, AdamW. Returns (the loss averaged over the micro-batches, tokens seen)."""
+    tokens, step_loss = 0, 0.0
     for micro in range(cfg.sft_grad_accum):
         index = step * cfg.sft_grad_accum + micro
         batch = shard(batch_at(train, cfg.sft_batch_size, index, cfg.seed))
         loss, n_tokens = sft_loss(model, batch, pad, cfg.device)
         (loss / cfg.sft_grad_accum).backward()
+        step_loss = step_loss + loss.detach() / cfg.sft_grad_accum
         tokens += n_tokens
     average_gradients(model.parameters())  # torchrun: every rank takes the global batch's step
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, tokens
+    return step_loss, tokens
 
 
 @torch.no_grad()
 def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
-    """Mean loss per answer token over `examples`; under torchrun each rank scores its share."""
+    """Mean loss per answer token over `examples`; under torchrun each rank scores its share and
+    the ranks' sums meet once at the end (ranks may hold different numbers of chunks)."""
     model.eval()
     examples, total, n = shard(examples), 0.0, 0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        loss, _ = sft_loss(model, chunk, pad, device)
-        tokens = sum(len(a) for _, a in chunk)
-        total, n = total + loss.item() * tokens, n + tokens
+        query, query_mask, response, response_mask = pad_pairs(
+            examples[i : i + batch_size], pad, device
+        )
+        with autocast(device):
+            logprobs = response_logprobs(model, query, query_mask, response, response_mask)
+        total, n = total - logprobs.sum().item(), n + int(response_mask.sum())
     model.train()
     total, n = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device)).tolist()
     return total / max(n, 1)

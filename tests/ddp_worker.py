@@ -63,12 +63,12 @@ def sft_steps(out):
 
 def validation(model, examples):
     """sft.validation_loss on 7 examples, and how many of them this rank scored."""
-    seen, sft_loss = [], sft.sft_loss
-    sft.sft_loss = lambda m, chunk, *a: seen.extend(chunk) or sft_loss(m, chunk, *a)
+    seen, pad_pairs = [], sft.pad_pairs
+    sft.pad_pairs = lambda chunk, *a: seen.extend(chunk) or pad_pairs(chunk, *a)
     try:
         return dict(loss=sft.validation_loss(model, examples, EOT, "cpu"), scored=len(seen))
     finally:
-        sft.sft_loss = sft_loss
+        sft.pad_pairs = pad_pairs
 
 
 def reward_model_step():

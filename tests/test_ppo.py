@@ -13,6 +13,7 @@ from ppo import (
     PPOConfig,
     advantages_and_returns,
     compute_rewards,
+    eos_penalised,
     explained_variance,
     fresh_value_model,
     gae,
@@ -25,7 +26,6 @@ from ppo import (
     policy_loss,
     rloo_advantages,
     score_share,
-    shaped_score,
     train_ppo,
     validation_due,
     value_loss,
@@ -213,8 +213,8 @@ def test_leave_one_out_baseline_and_rloo_advantages():
     x = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
     assert torch.allclose(leave_one_out(x, 3), torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
     assert torch.equal(leave_one_out(x, 1), x)
-    # shaped score: the EOS penalty first, then the prompt's baseline
-    s = shaped_score(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), 2, -1.0)
+    # the EOS penalty first, then the prompt's baseline
+    s = leave_one_out(eos_penalised(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), -1.0), 2)
     assert torch.allclose(s, torch.tensor([1.0, -1.0]))
     # RLOO: the answer's summed reward minus the other answers' mean, on every real token
     rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])

@@ -240,3 +240,10 @@ def test_evaluate_of_a_run_refuses_flags_that_only_apply_to_other_sources(capsys
     assert (
         "--exec-mode --device apply to --answers, --model or --gorilla" in capsys.readouterr().err
     )
+
+
+def test_the_driver_runs_the_stages_in_their_order():
+    import rlaif
+    from runs import STAGE_ORDER
+
+    assert tuple(rlaif.STAGES) == STAGE_ORDER

@@ -1,7 +1,8 @@
 """
-Gorilla's HuggingFace API database (925 APIs) and the parsing of an answer's api_call and code:
-what the judge shows as documentation, what the AST metric matches against, and what the offline
-executability check knows. Used by reward.py, evaluate.py and sandbox.py alike.
+Gorilla's HuggingFace API database (936 entries, 895 distinct api_calls; the paper says 925 APIs)
+and the parsing of an answer's api_call and code: what the judge shows as documentation, what the
+AST metric matches against, and what the offline executability check knows. Used by reward.py,
+evaluate.py and sandbox.py alike.
 """
 
 import ast
@@ -92,7 +93,7 @@ def unquote(text):
 
 
 class APIDatabase:
-    """The 925 HuggingFace APIs; match() finds the entry an answer's api_call refers to."""
+    """The 936 HuggingFace API entries; match() finds the entry an answer's api_call refers to."""
 
     def __init__(self, apis=None):
         self.apis = apis if apis is not None else prepare.load_api_database()

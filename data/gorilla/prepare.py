@@ -262,7 +262,7 @@ def json_lines(path):
 
 
 # -----------------------------------------------------------------------------
-# The API database (925 APIs): the judge's documentation and the AST metric's reference
+# The API database (936 entries): the judge's documentation and the AST metric's reference
 
 
 def load_api_database(path=API_FILE):
