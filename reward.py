@@ -211,10 +211,9 @@ def approx_tokens(text):
 def judge_plan(model, todo, records, db, price=None):
     """(requests, input tokens, output tokens, USD or None) to judge the Samples `todo`:
     len(QUESTIONS) requests each, one output token each."""
-    tokens, known = (
-        0,
-        {},
-    )  # many answers repeat (the same API call sampled again): each is matched once
+    tokens = 0
+    # many answers repeat (the same API call sampled again): each is matched once
+    known = {}
     for s in todo:
         if (s.record, s.answer) not in known:
             entry = db.apis[i] if (i := db.match(answer_api_call(s.answer))) is not None else None
@@ -351,7 +350,8 @@ class UnusableReply(JudgeError):
 
     def __init__(self, reply, usage):
         super().__init__(f"the judge replied {reply!r}, neither Yes nor No")
-        self.reply, self.usage = reply, usage
+        self.reply = reply
+        self.usage = usage
 
 
 class JudgeFailed(Exception):
@@ -452,7 +452,9 @@ class OpenAIJudge:
     ):
         import openai  # only the LLM judge needs it
 
-        self.openai, self.model, self.log = openai, model, log
+        self.openai = openai
+        self.model = model
+        self.log = log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
         key = judge_api_key(base_url, api_key)
         if key is None:
@@ -467,25 +469,23 @@ class OpenAIJudge:
         self.client = openai.OpenAI(
             api_key=key, base_url=base_url or None, timeout=timeout, max_retries=0
         )
-        self.max_retries, self.backoff = max_retries, backoff
+        self.max_retries = max_retries
+        self.backoff = backoff
         self.db = db or APIDatabase()
         self.cache_file = Path(cache_file) if cache_file else None
-        self.cache, self.from_text, self.lock, self.said = {}, set(), threading.Lock(), {}
+        self.cache = {}  # {prompt key: P(yes)}
+        self.from_text = set()  # keys whose P(yes) was read from the reply's text
+        self.lock = threading.Lock()
+        self.said = {}  # {kind of message: when it was last logged} (say)
         self.tokens = [0, 0]  # prompt, completion tokens this process paid for
-        self.usd_before, self.tokens_before = (
-            0.0,
-            [0, 0],
-        )  # what the run paid before (the cache file)
-        self.billed_before = [
-            0,
-            0,
-            0,
-        ]  # prompt, completion tokens and replies of those earlier requests
-        self.max_usd, self.reserved, self.paid_requests = (
-            max_usd,
-            0.0,
-            0,
-        )  # budget (0 = none), USD in flight
+        # What the run paid before (the cache file): USD of priced replies, tokens of the others
+        self.usd_before = 0.0
+        self.tokens_before = [0, 0]
+        # prompt, completion tokens and replies of those earlier requests
+        self.billed_before = [0, 0, 0]
+        self.max_usd = max_usd  # budget (0 = none)
+        self.reserved = 0.0  # USD in flight
+        self.paid_requests = 0
         if self.cache_file and self.cache_file.exists():
             self.read_cache()
 
@@ -566,13 +566,15 @@ class OpenAIJudge:
     def ask_endpoint(self, key, prompt):
         """P(yes) from the endpoint; JudgeError naming the last failure
         once the retries are used up."""
-        last, unusable = None, 0
+        last = None
+        unusable = 0
         for attempt in range(self.max_retries + 1):
             try:
                 p_yes, usage, from_text = self.request(prompt)
             except UnusableReply as e:  # paid for, so recorded; asked again at once, a few times
                 self.record(usage=e.usage, unusable=e.reply)
-                last, unusable = e, unusable + 1
+                last = e
+                unusable += 1
                 if unusable > UNUSABLE_RETRIES:
                     break
                 continue
@@ -671,7 +673,8 @@ class OpenAIJudge:
         """{question: P(yes)} for one answer. At the first question the judge gives up on, the rest
         are not asked (the answer has no score either way, and a dead endpoint costs one question's
         retries per answer, not six): those are None, and "error" says why."""
-        entry, out = self.api_entry(answer), {}
+        entry = self.api_entry(answer)
+        out = {}
         for key, question, _ in QUESTIONS:
             try:
                 out[key] = self.ask(judge_prompt(record.instruction, answer, entry, question))
@@ -721,9 +724,14 @@ def judge_answers(judge, samples, records, out_file, concurrency=1, log=log):
     out_file = Path(out_file)
     done = judged_so_far(out_file)
     todo = [s for s in samples if s.id not in done]
-    before, stop_after = len(done), max(concurrency, 3)
+    before = len(done)
+    stop_after = max(concurrency, 3)
     log(f"[feedback] judge: {judge.name}; {len(done)} judged already, {len(todo)} to go")
-    lock, t0, stop, failed, streak = threading.Lock(), time.time(), threading.Event(), [], [0]
+    lock = threading.Lock()
+    t0 = time.time()
+    stop = threading.Event()  # set: no new answer is started
+    failed = []  # the Feedback of answers the judge gave up on
+    streak = [0]  # answers given up on in a row (a list: the threads update it)
 
     def judge_one(sample):
         if stop.is_set():
@@ -1057,7 +1065,8 @@ def policy_pairs(feedback, records, rng):
 def measure(rm, samples, feedback, sets, tok, device):
     """Pairwise accuracy of rm on each named (Feedback rows, pairs) set, by
     kind, question and margin."""
-    out, by_id = {}, {f.id: f for f in feedback}
+    out = {}
+    by_id = {f.id: f for f in feedback}
     for name, (_rows, pairs) in sets.items():
         ids = sorted({i for pair in pairs for i in pair})
         scores = dict(zip(ids, rm_scores(rm, samples, ids, tok, device).tolist(), strict=True))
@@ -1401,7 +1410,8 @@ def announce_judge(cfg, judge, samples, partial, records):
             "GPT-3.5 judge; this is not LLM feedback. Use --judge openai for AI feedback."
         )
         return
-    judged, spent = judged_so_far(partial), judge.spent_usd()
+    judged = judged_so_far(partial)
+    spent = judge.spent_usd()
     todo = [s for s in samples if s.id not in judged]
     plan = judge_plan(cfg.judge_model, todo, records, judge.db, judge.price)
     log(
