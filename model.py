@@ -169,7 +169,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, attention_mask=None, cache=None):
         """Final-LayerNorm hidden states (B, T, C). attention_mask (B, S) marks real tokens (1) and
-        left padding (0) over every key position, past (cached) ones included, S = cached + T."""
+        padding (0) over every key position, past (cached) ones included, S = cached + T: left
+        padding of prompts, and right padding of answers after their end."""
         B, T = idx.shape
         past = cache.len if cache is not None else 0
         if attention_mask is None:
@@ -638,7 +639,7 @@ def response_logprobs(
     real = response_mask.bool()
     # (N real tokens, vocab)
     logits = model.lm_head(hidden[:, query.size(1) - 1 : -1][real]).float()
-    if temperature not in (0, 1):
+    if temperature not in (0, 1):  # 0 is greedy decoding, whose answers are scored at 1
         logits = logits / temperature
     logp = logits.log_softmax(-1)
     logprobs = torch.zeros(response.shape, dtype=logp.dtype, device=logp.device)

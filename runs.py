@@ -197,16 +197,18 @@ def load_checkpoint(path, device="cpu"):
 
 def stream_seed(seed, stream, index):
     """The seed of draw `index` (an epoch, an iteration) of one stream of random numbers of a run:
-    seed * stream + index. Each stream (SFT's shuffle, its batch order, ...) has its own multiplier,
-    so that two streams of a run never share a seed; the values are the ones the stages always
-    used."""
+    seed * stream + index. Streams drawn from the same kind of generator (SFT's shuffle and batch
+    order, the reward model's) take different multipliers, so that they do not share a seed; PPO's
+    prompt choice (Python's random) and its sampling (a torch.Generator) share 104729 but not a
+    generator. The values are the ones the stages always used."""
     return seed * stream + index
 
 
 def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
     """Batches of indices with little padding but random content: a seeded shuffle, cut into groups
-    of 32 batches, each group sorted by `keys` (e.g. (prompt length // 16, answer length): prompts
-    are left- and answers right-padded, so both must agree), then the batches shuffled."""
+    of 32 batches (wide enough to find similar lengths, narrow enough to stay random), each group
+    sorted by `keys` (a length, or (prompt length // 16, answer length) where prompts are left- and
+    answers right-padded, so both should agree), then the batches shuffled."""
     order = list(range(len(keys)))
     random.Random(shuffle_seed).shuffle(order)
     group = 32 * batch_size
