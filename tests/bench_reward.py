@@ -37,7 +37,8 @@ from runs import RUN_FILES, Feedback, Sample, load_config, read_rows  # noqa: E4
 
 def line_mask(tok, response, tag="<<<api_call>>>"):
     """1 for the response tokens whose text lies on the section `tag` begins, up to the next tag."""
-    text, starts = "", []
+    text = ""
+    starts = []
     for t in response:
         starts.append(len(text))
         text += tok.decode([t])
@@ -51,7 +52,8 @@ def line_mask(tok, response, tag="<<<api_call>>>"):
 def logprob_readouts(sft, samples, ids, tok):
     """{id: mean log-prob of the answer}, {id: mean log-prob of its api_call
     line} under the SFT model."""
-    whole, api = {}, {}
+    whole = {}
+    api = {}
     for i in range(0, len(ids), 32):
         chunk = ids[i : i + 32]
         q, qm, r, rm = pad_pairs([(samples[j].query, samples[j].response) for j in chunk], tok.eot)

@@ -116,8 +116,10 @@ def recorded_sleeps(monkeypatch):
 
 
 def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, monkeypatch):
-    waits, said = recorded_sleeps(monkeypatch), []
-    server.script, server.retry_after = ["429", "429"], 1000
+    waits = recorded_sleeps(monkeypatch)
+    said = []
+    server.script = ["429", "429"]
+    server.retry_after = 1000
     j = judge_alone(server, tmp_path, log=said.append)
     assert j.ask("q") == pytest.approx(0.8)
     assert len(server.requests) == 3
@@ -126,7 +128,8 @@ def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, m
     assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), waits
     assert any("Retry-After" in m and "capped at 120 s" in m for m in said), said
     assert reward.RETRY_AFTER_CAP_S == cap
-    server.script, server.retry_after = ["429"], 2
+    server.script = ["429"]
+    server.retry_after = 2
     waits.clear()
     j.ask("another q")
     assert len(waits) == 1 and 2 <= waits[0] <= 2.2  # what the server asks, not the 10 ms backoff
@@ -156,7 +159,8 @@ def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_p
             times.append(time.time())
             return "429" if times[-1] - times[0] < 2.0 else None
 
-    server.mode_for, server.retry_after = limited, 1
+    server.mode_for = limited
+    server.retry_after = 1
     rlaif_until_feedback(run)
     assert done_json(run)["judged"] == 3
     feedback = [json.loads(line) for line in (run / RUN_FILES["feedback"]).read_text().splitlines()]
@@ -180,7 +184,8 @@ def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_t
     assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 2
     # one question of each failed answer, 1 + 3 retries; no more
     assert server.replies["down"] == 2 * 4
-    server.script, sent = [], len(server.requests)
+    sent = len(server.requests)
+    server.script = []
     rlaif_until_feedback(run)
     # the missing ones, nothing twice
     assert len(server.requests) - sent == 2 * len(reward.QUESTIONS)

@@ -99,7 +99,9 @@ def _judge_forever(url, cache, out, n):
 def test_crash_mid_run_then_resume_has_every_judgement_once(tmp_path, records):
     server = FakeOpenAI(delay=0.02)
     try:
-        n, cache, out = 12, tmp_path / "cache.jsonl", tmp_path / "fb.jsonl"
+        n = 12
+        cache = tmp_path / "cache.jsonl"
+        out = tmp_path / "fb.jsonl"
         child = multiprocessing.get_context("fork").Process(
             target=_judge_forever, args=(server.url, cache, out, n)
         )
@@ -195,7 +197,8 @@ def test_reward_model_learns_a_ranking(tmp_path):
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
     g = torch.Generator().manual_seed(0)
-    samples, feedback = {}, []
+    samples = {}
+    feedback = []
     for k in range(400):
         response = torch.randint(10, 60, (8,), generator=g).tolist()
         good = k % 4 < 2
@@ -437,7 +440,7 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
 
 def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
     """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises,
-    where the score used to become the mean (no signal, silently)."""
+    rather than its answer scoring the mean (no signal, and nothing said)."""
     from reward import QUESTIONS, JudgeError, judge_score
 
     class GaveUp:
@@ -469,7 +472,8 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    samples, feedback = {}, []
+    samples = {}
+    feedback = []
     # 120 prompts x 4 answers; the better ones start with token 5, the worse with 6
     for k in range(480):
         good = k % 4 < 2
