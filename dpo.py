@@ -76,23 +76,26 @@ def sequence_logprobs(model, samples, ids, tok, device):
     return response_logprobs(model, *batch).sum(1)
 
 
-def train_dpo(
-    policy, ref_policy, samples, pairs, tok, cfg, seed, grad_clip, device, ckpt_file, log=log
-):
-    """cfg.steps of DPO on (chosen id, rejected id) pairs of `samples`; resumes from ckpt_file."""
+def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
+    """cfg.steps of DPO (cfg: DPOConfig) on (chosen id, rejected id) pairs of `samples`. run_cfg:
+    the run's runs.Config, for the settings DPO shares with the other stages (seed, grad_clip,
+    device). Checkpoints to out_dir/ckpt.pt every 20 steps and resumes from it."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
-    step, history, _ = resume(ckpt_file, device, optimizer, "dpo", log, policy=policy)
+    ckpt_file = Path(out_dir) / "ckpt.pt"
+    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "dpo", log, policy=policy)
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
-    order = pair_batches(samples, pairs, cfg.batch_size, epochs, seed)
-    steps, t0, start = min(cfg.steps, len(order)), time.time(), step
+    order = pair_batches(samples, pairs, cfg.batch_size, epochs, run_cfg.seed)
+    steps = min(cfg.steps, len(order))
+    t0 = time.time()
+    start = step
     while step < steps:
         batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
-        logps = pair_logprobs(policy, ref_policy, samples, batch, tok, device)
+        logps = pair_logprobs(policy, ref_policy, samples, batch, tok, run_cfg.device)
         loss, margin = dpo_loss(*logps, cfg.beta)
         loss.backward()
         average_gradients(policy.parameters())
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), run_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -102,15 +105,13 @@ def train_dpo(
                 f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
                 f"{progress(step - start, steps - start, t0)}"
             )
-            if is_main():
-                state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict())
-                save_checkpoint(ckpt_file, **state, step=step, history=history)
-                write_metrics(Path(ckpt_file).parent / "metrics.jsonl", history)
+            save_state(out_dir, policy, optimizer, step, history)
 
 
 def pair_logprobs(policy, ref_policy, samples, batch, tok, device):
     """(log pi(y_w|x), log pi(y_l|x), log ref(y_w|x), log ref(y_l|x)) of a batch of pairs, fp32."""
-    chosen, rejected = [a for a, _ in batch], [b for _, b in batch]
+    chosen = [a for a, _ in batch]
+    rejected = [b for _, b in batch]
     policy.train()
     with autocast(device):
         with torch.no_grad():
@@ -142,6 +143,14 @@ def step_metrics(step, loss, margin, logps, cfg):
     )
 
 
+def save_state(out_dir, policy, optimizer, step, history):
+    """The checkpoint train_dpo resumes from, and metrics.jsonl (rank 0 writes both)."""
+    if is_main():
+        state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict())
+        save_checkpoint(Path(out_dir) / "ckpt.pt", **state, step=step, history=history)
+        write_metrics(Path(out_dir) / "metrics.jsonl", history)
+
+
 def dpo_stage(cfg, run, splits, out_dir):
     """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its
     feedback (the reward model's pairs, reward.make_pairs), saved to out_dir/model. A part
@@ -153,27 +162,22 @@ def dpo_stage(cfg, run, splits, out_dir):
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
-    ref_policy.to(cfg.device, frozen_dtype(cfg.device))  # as PPO's reference
+    # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (runs.frozen_dtype)
+    ref_policy.to(cfg.device, frozen_dtype(cfg.device))
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
-    train_dpo(
-        policy,
-        ref_policy,
-        samples,
-        pairs,
-        tok,
-        cfg.dpo,
-        cfg.seed,
-        cfg.grad_clip,
-        cfg.device,
-        Path(out_dir) / "ckpt.pt",
-    )
+    train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg, out_dir)
     if is_main():
         policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
     barrier()
 
 
 def main(argv=None):
-    """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo."""
+    """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo.
+    The settings are read as ppo.py's and reward.py's are (runs.stage_settings), but not their
+    runs.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
+    and feedback done (not reward and ppo), its marker is compare/dpo/done.json, and --force must
+    keep the other parts of compare (d-RLAIF, RLOO, GRPO) that setting compare aside would
+    delete."""
     cfg, run, force, _ = stage_settings(
         "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model "
         "trained on its judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py "

@@ -83,11 +83,11 @@ def rouge_l(prediction, reference):
 
 
 # -----------------------------------------------------------------------------
-# CodeBLEU (Ren et al. 2020): 0.25 BLEU + 0.25 keyword-weighted BLEU +
-# 0.25 AST match + 0.25 data flow
+# CodeBLEU (Ren et al. 2020): 0.25 BLEU + 0.25 keyword-weighted BLEU + 0.25 AST match
+# + 0.25 data-flow match
 
-# Python's keywords and soft keywords: the tokens CodeBLEU's weighted
-# n-gram match weighs 1 (others 0.2).
+# Python's keywords and soft keywords: the tokens CodeBLEU's weighted n-gram match weighs 1
+# (others 0.2).
 PY_KEYWORDS = set(keyword.kwlist) | {"match", "case", "type"}
 
 
@@ -96,10 +96,10 @@ def ngrams(tokens, n):
 
 
 def bleu(prediction, reference, keyword_weighted=False, max_n=4, epsilon=0.1):
-    """Sentence BLEU as CodeBLEU computes it: whitespace tokens, uniform weights,
-    smoothing 'method1' (epsilon for zero counts), brevity penalty. keyword_weighted: the
-    unigram term becomes a recall in which Python keywords weigh 1 and other tokens 0.2
-    (CodeBLEU's weighted n-gram match)."""
+    """Sentence BLEU as CodeBLEU computes it: whitespace tokens, uniform weights, smoothing
+    'method1' (epsilon for zero counts), brevity penalty. keyword_weighted: the unigram term
+    becomes a recall in which Python keywords weigh 1 and other tokens 0.2 (CodeBLEU's weighted
+    n-gram match)."""
     hyp, ref = prediction.split(), reference.split()
     if not hyp:
         return 0.0
@@ -137,8 +137,8 @@ def parse_python(code):
 
 
 def subtree_shapes(tree):
-    """Every inner node's shape (node types only, no names or values), like
-    tree-sitter's s-expressions."""
+    """Every inner node's shape (node types only, no names or values), like tree-sitter's
+    s-expressions."""
 
     def kids(node):
         return [c for c in ast.iter_child_nodes(node) if not isinstance(c, ast.expr_context)]
@@ -188,10 +188,9 @@ def dataflow_match(prediction, reference):
     ref = data_flow(parse_python(reference))
     pred = Counter(data_flow(parse_python(prediction)))
     if not ref:
-        return (
-            None  # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`, which
-        )
-        #              also turns a match of 0.0 into 1; codebleu() below does the same, for parity)
+        # CodeBLEU then counts this component as 1 (its `dataflow_match_score or 1`, which also
+        # turns a match of 0.0 into 1; codebleu() below does the same, for parity)
+        return None
     matched = 0
     for edge in ref:
         if pred[edge] > 0:
@@ -223,9 +222,9 @@ def codebleu(prediction, reference):
 
 
 def without_explanation(answer):
-    """Domain, api_call, provider and code of an answer (text or sections): the text
-    ROUGE-L compares, so models that write no explanation (the tiny preset) and ones that
-    do are scored on the same parts."""
+    """Domain, api_call, provider and code of an answer (text or sections): the text ROUGE-L
+    compares, so models that write no explanation (the tiny preset) and ones that do are scored on
+    the same parts."""
     sections = prepare.parse_answer(answer) if isinstance(answer, str) else answer
     return "\n".join(sections[k] for k in prepare.SECTIONS if k != "explanation")
 
@@ -245,7 +244,8 @@ def score_answers(answers, records, db, sandbox=None):
             )
         )
     if sandbox is not None:
-        t0, total = time.time(), len(answers)
+        t0 = time.time()
+        total = len(answers)
 
         def show(n):
             if n % 50 == 0 or n == total:
@@ -316,8 +316,8 @@ def gorilla_answers_for(records):
 
 
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
-    """Greedy answers of a saved model (its vocabulary tells which
-    tokenizer it was trained with)."""
+    """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained
+    with)."""
     model = GPT.from_pretrained(model_dir).to(device)
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
@@ -338,9 +338,10 @@ def make_sandbox(exec_mode, timeout=10.0, unsafe=False):
 
 def evaluate_stage(cfg, run, splits):
     test = splits["test"][: cfg.eval_limit or None]
-    db, sandbox = APIDatabase(), make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
+    db = APIDatabase()
+    sandbox = make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results = {}
-    # judging test answers is free offline only
+    # the judge's score of the test answers too, where judging is free: the offline rules judge
     judge = RulesJudge(db) if cfg.judge == "rules" else None
     models = (
         ("SFT", run / RUN_FILES["sft_model"]),
@@ -411,9 +412,12 @@ POLICY_RUNS = (
 )
 
 
-def read_metrics(path):
-    """A stage's metrics.jsonl rows, or none where the stage did not run."""
-    return read_jsonl(path) if Path(path).exists() else []
+def run_metrics(run):
+    """{folder: its metrics.jsonl rows} of every stage the curves draw from (CURVES, POLICY_RUNS),
+    each file read once; none for a stage that did not run."""
+    folders = dict.fromkeys([stage for stage, _, _ in CURVES] + [f for f, _ in POLICY_RUNS])
+    paths = {folder: run / folder / "metrics.jsonl" for folder in folders}
+    return {folder: read_jsonl(path) if path.exists() else [] for folder, path in paths.items()}
 
 
 def smooth(ys, k=10):
@@ -423,17 +427,15 @@ def smooth(ys, k=10):
     ]
 
 
-def plot_measured(ax, run, stage, key):
+def plot_measured(ax, metrics, stage, key):
     """What a panel shows beside its per-batch curve: SFT's validation loss, the reward model's
     held-out accuracy (reward.train_reward_model measures it every few steps), the judge's mean
     score of the policies' greedy answers to the validation questions (right axis)."""
     if stage == "sft":
-        val = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "val_loss" in r]
+        val = [r for r in metrics["sft"] if "val_loss" in r]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     if stage == "reward":
-        held = [
-            r for r in read_metrics(run / "reward" / "metrics.jsonl") if "heldout/accuracy" in r
-        ]
+        held = [r for r in metrics["reward"] if "heldout/accuracy" in r]
         ax.plot(
             [r["step"] for r in held],
             [r["heldout/accuracy"] for r in held],
@@ -443,9 +445,7 @@ def plot_measured(ax, run, stage, key):
     if key == "objective/scores":
         twin = None
         for folder, label in POLICY_RUNS:
-            val = [
-                r for r in read_metrics(run / folder / "metrics.jsonl") if "eval/judge_score" in r
-            ]
+            val = [r for r in metrics[folder] if "eval/judge_score" in r]
             if val:
                 twin = twin or ax.twinx()
                 twin.plot(
@@ -481,20 +481,19 @@ def plot_runs(run_dirs, out_dir=None):
 
 def plot_curves(plt, run, out_file):
     """One panel per CURVES entry; the number of panels."""
+    metrics = run_metrics(run)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
     for ax, (stage, key, title) in zip(axes.flat, CURVES, strict=False):
         sources = POLICY_RUNS if stage == "ppo" else ((stage, stage),)
         for folder, label in sources:
-            rows = [
-                r for r in read_metrics(run / folder / "metrics.jsonl") if r.get(key) is not None
-            ]
+            rows = [r for r in metrics[folder] if r.get(key) is not None]
             xs = [r.get("iteration", r.get("step")) for r in rows]
             ys = [r[key] for r in rows]
             if ys:  # noisy per-batch values are drawn as a moving average
                 noisy = stage == "reward" or key == "objective/scores"
                 suffix = " (batch)" if stage == "reward" else ""
                 ax.plot(xs, smooth(ys) if noisy else ys, label=label + suffix)
-        plot_measured(ax, run, stage, key)
+        plot_measured(ax, metrics, stage, key)
         ax.set_title(title, fontsize=10)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -537,9 +536,9 @@ def plot_results(plt, runs, out_file):
 
 
 def read_answers(path):
-    """{question_id: text} of a JSONL answers file; Gorilla's own escaped format
-    ('\\n' for newlines) is recognised and undone, as prepare.load_gorilla_answers
-    does for the published file."""
+    """{question_id: text} of a JSONL answers file; Gorilla's own escaped format ('\\n' for
+    newlines) is recognised and undone, as prepare.load_gorilla_answers does for the published
+    file."""
     given = {}
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
@@ -666,9 +665,9 @@ def main(argv=None):
         return run_dir_stage(args, p)
     if args.plot:
         made = plot_runs(args.plot)
-        return print(
-            "\n".join(f"{Path(args.plot[0]) / 'evaluate' / f}: {n} panels" for f, n in made.items())
-        )
+        out = Path(args.plot[0]) / "evaluate"
+        print("\n".join(f"{out / f}: {n} panels" for f, n in made.items()))
+        return
     answers, records, name = answers_to_score(args)
     summary, rows = score_answers(
         answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout)

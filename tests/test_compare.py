@@ -25,9 +25,8 @@ def test_dpo_loss_on_a_hand_computed_example():
         beta=0.5,
     )
     want = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(0.5))) / 2
-    assert loss.item() == pytest.approx(want, abs=1e-6) and loss.item() == pytest.approx(
-        0.68048, abs=1e-5
-    )
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert loss.item() == pytest.approx(0.68048, abs=1e-5)
     assert margin.item() == pytest.approx(0.5 * (1.5 - 1.0) / 2)
 
 
@@ -53,7 +52,10 @@ def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
     ]
     answers[1] = answers[2]  # record 1 gets record 2's (wrong) answer
     feedback = [Feedback(i, i, "policy", "test", {}, s) for i, s in enumerate((0.2, 0.4, 0.6, 0.8))]
-    mean, std = 0.5, math.sqrt(0.05)
+    # the SFT samples' judge scores 0.2, 0.4, 0.6, 0.8: mean 0.5, variance 0.05 (sum of squares over
+    # n, as judge_score_fn divides)
+    mean = 0.5
+    std = math.sqrt(0.05)
     pairs = [
         (prepare.prompt_ids(tok, r.instruction), tok.encode(a) + [tok.eot])
         for r, a in zip(records, answers, strict=True)

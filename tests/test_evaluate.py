@@ -40,7 +40,8 @@ def test_codebleu_components_against_codebleu_package(gorilla):
     pkg = pytest.importorskip("codebleu")
     syntax_diff, flow_diff = [], []
     for answer, r in gorilla[:120]:
-        pred, ref = prepare.parse_answer(answer)["code"], r.sections["code"]
+        pred = prepare.parse_answer(answer)["code"]
+        ref = r.sections["code"]
         if not pred.strip():
             continue
         theirs = pkg.calc_codebleu([ref], [pred], lang="python")
@@ -144,6 +145,5 @@ def test_bad_answers_files_are_errors_naming_file_and_line(tmp_path, content, ne
     path = tmp_path / "answers.jsonl"
     path.write_bytes(content)
     out = run_evaluate("--answers", str(path), "--exec-mode", "none")
-    assert out.returncode == 1 and needle in out.stderr and "answers.jsonl" in out.stderr, (
-        out.stderr
-    )
+    assert out.returncode == 1, out.stderr
+    assert needle in out.stderr and "answers.jsonl" in out.stderr, out.stderr
