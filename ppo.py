@@ -752,7 +752,9 @@ def fresh_value_model(reward_model_file, device):
     return value_model
 
 
-def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file=None, n_shown=3):
+def greedy_validation(
+    records, tok, run_cfg, judge=None, score_fn=None, samples_file=None, n_shown=3
+):
     """validate(policy, iteration) for train_ppo: greedy answers to the validation questions, their
     mean reward-model score (score_fn) and, when a judge is given, their mean judge score. The first
     n_shown questions, their answers and scores are appended to samples_file (markdown), so a
@@ -761,14 +763,20 @@ def greedy_validation(records, tok, cfg, judge=None, score_fn=None, samples_file
 
     def validate(policy, iteration):
         answers = sample_answers(
-            policy, prompts, tok.eot, cfg.max_answer_tokens, 0.0, cfg.seed, log=lambda *a: None
+            policy,
+            prompts,
+            tok.eot,
+            run_cfg.max_answer_tokens,
+            0.0,
+            run_cfg.seed,
+            log=lambda *a: None,
         )
         texts, out = [tok.decode(a) for a in answers], {}
         rewards = judged = [None] * len(answers)
         if score_fn is not None:
-            query, query_mask = left_pad(prompts, tok.eot, cfg.device)
-            response, response_mask = right_pad(answers, tok.eot, cfg.device)
-            with torch.no_grad(), autocast(cfg.device):
+            query, query_mask = left_pad(prompts, tok.eot, run_cfg.device)
+            response, response_mask = right_pad(answers, tok.eot, run_cfg.device)
+            with torch.no_grad(), autocast(run_cfg.device):
                 rewards = score_fn(query, query_mask, response, response_mask).float().tolist()
             out["eval/reward"] = sum(rewards) / len(rewards)
         if judge is not None:
@@ -801,33 +809,33 @@ def samples_table(records, texts, rewards, judged, n_shown):
     return header + "\n".join(rows) + "\n"
 
 
-def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
+def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. cfg: the run's runs.Config.
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
     score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
-    advantage: overrides cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""
-    tok = prepare.tokenizer(cfg.compact)
+    advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""
+    tok = prepare.tokenizer(run_cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
-    ppo_cfg = cfg.ppo if advantage is None else replace(cfg.ppo, advantage=advantage)
-    torch.manual_seed(cfg.seed)
-    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    ppo_cfg = run_cfg.ppo if advantage is None else replace(run_cfg.ppo, advantage=advantage)
+    torch.manual_seed(run_cfg.seed)
+    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(run_cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
-    ref_policy.to(cfg.device, frozen_dtype(cfg.device))
+    ref_policy.to(run_cfg.device, frozen_dtype(run_cfg.device))
     value_model = None  # RLOO and GRPO take their baseline from the prompt's other answers
     if ppo_cfg.advantage == "gae":
-        value_model = fresh_value_model(run / RUN_FILES["reward_model"], cfg.device)
-    reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, cfg.device)
-    reward_model.to(dtype=frozen_dtype(cfg.device)).eval().requires_grad_(False)
+        value_model = fresh_value_model(run / RUN_FILES["reward_model"], run_cfg.device)
+    reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, run_cfg.device)
+    reward_model.to(dtype=frozen_dtype(run_cfg.device)).eval().requires_grad_(False)
     # Validation: the reward model's score of greedy answers to the validation questions, whatever
     # the training reward; and the judge's, where judging is free (the rules judge). Under
     # torchrun, rank 0 validates and writes.
-    judge = make_judge("rules", None, None, None) if cfg.judge == "rules" else None
+    judge = make_judge("rules", None, None, None) if run_cfg.judge == "rules" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     validate = None
     if is_main():
         samples_file = out_dir / "samples.md"
-        validate = greedy_validation(splits["val"], tok, cfg, judge, rm_score, samples_file)
+        validate = greedy_validation(splits["val"], tok, run_cfg, judge, rm_score, samples_file)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(
         policy,
@@ -837,7 +845,7 @@ def ppo_stage(cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
         prompts,
         tok,
         ppo_cfg,
-        cfg,
+        run_cfg,
         out_dir,
         validate=validate,
     )
