@@ -997,6 +997,8 @@ def stage_settings(description, argv=None, section=None, section_cls=None, force
     cfg = apply_overrides(cfg, overrides)
     check_settings(cfg, unprefixed=section)
     setup_distributed(cfg.device, cfg.dist_timeout)
+    if cfg.tensorboard and is_main():
+        open_tensorboard(run / "tb")
     return cfg, run, force, overrides
 
 
@@ -1016,7 +1018,5 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
         if overrides:
             save_config(cfg, run)
             log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
-        if cfg.tensorboard:
-            open_tensorboard(run / "tb")
     barrier()
     return cfg, run
