@@ -132,6 +132,7 @@ def test_answers_file_in_gorillas_format_scores_as_gorilla():
     assert row(published) == row(ours)
 
 
+@pytest.mark.slow  # python evaluate.py, a new process each
 @pytest.mark.parametrize(
     "content, needle",
     [

@@ -197,6 +197,7 @@ RULES = [
 ]
 
 
+@pytest.mark.slow  # every rule's snippets through the sandbox
 def test_each_checker_rule_and_its_counterexample(sandbox):
     verdicts = sandbox.run_all([code for _, code in RULES])
     wrong = [

@@ -78,6 +78,7 @@ def help_text(script):  # once per script per session: two tests read it
     return out.stdout
 
 
+@pytest.mark.slow  # a new Python process per script
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help(script):
     text = help_text(script)
@@ -157,6 +158,7 @@ def documented_commands():
             yield doc.name, script, flags
 
 
+@pytest.mark.slow  # a new Python process per script
 def test_documented_command_lines_use_real_flags():
     helps, wrong, seen = {}, [], 0
     for doc, script, flags in documented_commands():
@@ -205,6 +207,7 @@ def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monke
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a new Python process per script
 def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
     """--dry-run --config paper: the plan with the judge's cost, exit 0, nothing written, and (where
     a network namespace can be made) no network to reach at all."""
