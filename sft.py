@@ -91,14 +91,20 @@ def batch_at(examples, batch_size, index, seed):
     return [examples[j] for j in batches[i]]
 
 
-def sft_loss(model, examples, pad, device):
-    """(Mean negative log-likelihood of the answer tokens (of every rank's examples under torchrun),
-    tokens in the batch); prompt tokens carry no loss."""
+def answer_logprobs(model, examples, pad, device):
+    """Teacher-forced log-probs of the answer tokens of (prompt, answer) examples (prompt tokens
+    carry none), their mask, and the batch's token count."""
     query, query_mask, response, response_mask = pad_pairs(examples, pad, device)
     with autocast(device):
         logprobs = response_logprobs(model, query, query_mask, response, response_mask)
-    loss = -all_sum(logprobs.sum()) / all_sum(response_mask.sum())
-    return loss, int(query_mask.sum() + response_mask.sum())
+    return logprobs, response_mask, int(query_mask.sum() + response_mask.sum())
+
+
+def sft_loss(model, examples, pad, device):
+    """(Mean negative log-likelihood of the answer tokens, of every rank's examples under torchrun;
+    tokens in the batch)."""
+    logprobs, response_mask, n_tokens = answer_logprobs(model, examples, pad, device)
+    return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), n_tokens
 
 
 def optimizer_step(model, optimizer, cfg, train, step, pad):
@@ -126,11 +132,9 @@ def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
     model.eval()
     examples, total, n = shard(examples), 0.0, 0
     for i in range(0, len(examples), batch_size):
-        query, query_mask, response, response_mask = pad_pairs(
-            examples[i : i + batch_size], pad, device
+        logprobs, response_mask, _ = answer_logprobs(
+            model, examples[i : i + batch_size], pad, device
         )
-        with autocast(device):
-            logprobs = response_logprobs(model, query, query_mask, response, response_mask)
         total, n = total - logprobs.sum().item(), n + int(response_mask.sum())
     model.train()
     total, n = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device)).tolist()
