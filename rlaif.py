@@ -55,6 +55,7 @@ from runs import (
     barrier,
     check_settings,
     is_main,
+    keep_freed_memory,
     load_config,
     log,
     open_tensorboard,
@@ -636,6 +637,7 @@ def main(argv=None):
         refuse_bad_settings(cfg)
         return print_plan(cfg, until)
     t0 = time.time()
+    keep_freed_memory()
     setup_distributed(cfg.device, cfg.dist_timeout)
     run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")

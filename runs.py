@@ -22,6 +22,7 @@ The bottom layer: nothing here imports the project's other modules (model.py imp
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import errno
 import hashlib
@@ -80,6 +81,23 @@ def frozen_dtype(device):
     """The dtype of a model that takes no gradients (PPO's and DPO's reference, the reward model
     under PPO): bf16 on GPU halves its memory, and autocast computes in bf16 there anyway."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def keep_freed_memory():
+    """Keep the memory torch frees inside the process (Linux, glibc) instead of handing it back to
+    the kernel. On CPU, every step allocates and frees tensors of hundreds of MB (the logits and
+    their gradients); glibc serves each from a fresh mmap, whose pages the kernel zeroes again on
+    first touch, about a tenth of the default run's CPU time. Where memory comes from changes no
+    number (docs/benchmarks.md); the same reason PyTorch's CPU tuning guide suggests jemalloc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
+        return
+    libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap too, not from mmap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of free heap
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 
 
 def progress(done, total, t0):
@@ -996,6 +1014,7 @@ def stage_settings(description, argv=None, section=None, section_cls=None, force
     cfg = load_config(run, **({section: section_cls} if section else {}), **more)
     cfg = apply_overrides(cfg, overrides)
     check_settings(cfg, unprefixed=section)
+    keep_freed_memory()
     setup_distributed(cfg.device, cfg.dist_timeout)
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
