@@ -506,14 +506,44 @@ def plot_curves(plt, run, out_file):
     return len(CURVES)
 
 
+def results_by_method(runs):
+    """{method: its results, one per run that has it}, from each run's evaluate/done.json; a
+    method's name without its parenthesised details (sizes and seeds differ between runs)."""
+    by_method = {}
+    for run in runs:
+        done = Path(run) / "evaluate" / "done.json"
+        if not done.exists():
+            raise SystemExit(
+                f"{done}: missing; finish the run first (python rlaif.py --run-dir {run})"
+            )
+        for name, m in json.loads(done.read_text())["results"].items():
+            by_method.setdefault(name.split(" (")[0], []).append(m)
+    return by_method
+
+
+def seeds_table(runs):
+    """Markdown: each method's executability / AST accuracy / hallucination over the runs as
+    mean [min, max] in percent, and the judge's mean score; how many runs have the method."""
+    lines = [
+        "| method | runs | executability | AST accuracy | hallucination | judge score |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, ms in results_by_method(runs).items():
+        cells = []
+        for key in ("executability", "ast_accuracy", "hallucination"):
+            v = [100 * m[key] for m in ms if key in m]
+            mean = f"{sum(v) / len(v):.1f}" if v else "-"
+            cells.append(f"{mean} [{min(v):.1f}, {max(v):.1f}]" if len(v) > 1 else mean)
+        judge = [m["judge_score"] for m in ms if "judge_score" in m]
+        cells.append(f"{sum(judge) / len(judge):.3f}" if judge else "-")
+        lines.append(f"| {name} | {len(ms)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(plt, runs, out_file):
     """Each method's executability, AST accuracy and hallucination over the runs: the mean, a bar
     from min to max. The number of panels."""
-    by_method = {}
-    for run in runs:
-        results = json.loads((run / "evaluate" / "done.json").read_text())["results"]
-        for name, m in results.items():
-            by_method.setdefault(name.split(" (")[0], []).append(m)
+    by_method = results_by_method(runs)
     metrics = (
         ("executability", "executability"),
         ("ast_accuracy", "AST accuracy"),
@@ -594,7 +624,8 @@ def command_line():
         nargs="+",
         metavar="RUN_DIR",
         help="draw curves.png and results.png of run directories (results: the range over "
-        "them) into the first one's evaluate/; needs matplotlib",
+        "them) into the first one's evaluate/, and print each method's mean [min, max] over "
+        "them; needs matplotlib",
     )
     p.add_argument(
         "--split",
@@ -664,6 +695,7 @@ def main(argv=None):
     if not (args.answers or args.model or args.gorilla or args.plot):
         return run_dir_stage(args, p)
     if args.plot:
+        print(seeds_table(args.plot))
         made = plot_runs(args.plot)
         out = Path(args.plot[0]) / "evaluate"
         print("\n".join(f"{out / f}: {n} panels" for f, n in made.items()))

@@ -1,5 +1,6 @@
 """evaluate.py's metrics against the reference packages, on real Gorilla text."""
 
+import json
 import statistics
 
 import pytest
@@ -148,3 +149,30 @@ def test_bad_answers_files_are_errors_naming_file_and_line(tmp_path, content, ne
     out = run_evaluate("--answers", str(path), "--exec-mode", "none")
     assert out.returncode == 1, out.stderr
     assert needle in out.stderr and "answers.jsonl" in out.stderr, out.stderr
+
+
+def test_seeds_table_gives_each_methods_mean_min_and_max_over_runs(tmp_path):
+    from evaluate import seeds_table
+
+    def finished(name, results):
+        (tmp_path / name / "evaluate").mkdir(parents=True)
+        done = tmp_path / name / "evaluate" / "done.json"
+        done.write_text(json.dumps({"results": results}))
+        return tmp_path / name
+
+    def row(ex, ast, hal, judge=None):
+        m = dict(executability=ex, ast_accuracy=ast, hallucination=hal)
+        return m | ({"judge_score": judge} if judge is not None else {})
+
+    runs = [
+        finished("s1", {"SFT (tiny, seed 1)": row(0.2, 0.1, 0.5, 0.2), "DPO": row(0.3, 0.2, 0.4)}),
+        finished("s2", {"SFT (tiny, seed 2)": row(0.4, 0.3, 0.3, 0.4)}),
+    ]
+    lines = seeds_table(runs).splitlines()
+    assert (
+        lines[2]
+        == "| SFT | 2 | 30.0 [20.0, 40.0] | 20.0 [10.0, 30.0] | 40.0 [30.0, 50.0] | 0.300 |"
+    )
+    assert lines[3] == "| DPO | 1 | 30.0 | 20.0 | 40.0 | - |"
+    with pytest.raises(SystemExit, match="s3/evaluate/done.json"):
+        seeds_table(runs + [tmp_path / "s3"])
