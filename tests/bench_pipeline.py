@@ -2,6 +2,10 @@
 throughput, and the total. Run it with nothing else running on the machine:
 
     python tests/bench_pipeline.py [--run-dir /tmp/bench] [-- extra rlaif.py flags]
+    python tests/bench_pipeline.py --report --run-dir runs/tiny   # a finished run's stage times
+
+Wall times differ between hosts of the same size (docs/benchmarks.md saw torch.mm run at 92 and
+at 422 GFLOP/s on 2 cores), so the machine's torch.mm rate is printed beside them.
 """
 
 import argparse
@@ -12,7 +16,33 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def mm_rate(repeat=20):
+    """GFLOP/s of torch.mm at the shape of a gpt2-small MLP layer (1024 x 768 @ 768 x 3072)."""
+    a, b = torch.randn(1024, 768), torch.randn(768, 3072)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * 1024 * 768 * 3072 * repeat / (time.perf_counter() - t0) / 1e9
+
+
+def stage_table(run_dir, log):
+    """Markdown: each stage's minutes (its done.json), SFT's and PPO's last tok/s (the log)."""
+    rates = {
+        "sft": re.findall(r"\[sft\] step .* ([\d,]+) tok/s", log),
+        "ppo": re.findall(r"\[ppo\] it .* (\d+) tok/s", log),
+    }
+    lines = ["| stage | wall time (min) | throughput |", "|---|---|---|"]
+    for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
+        done = json.loads((Path(run_dir) / stage / "done.json").read_text())
+        rate = f"{rates[stage][-1]} tok/s" if rates.get(stage) else ""
+        lines.append(f"| {stage} | {done['seconds'] / 60:.1f} | {rate} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -21,8 +51,13 @@ def main():
     )
     p.add_argument("--run-dir", default="/tmp/rlaif-bench", help="a new run directory")
     p.add_argument("extra", nargs="*", help="more rlaif.py flags, after --")
+    p.add_argument("--report", action="store_true", help="only print a finished run's table")
     args = p.parse_args()
     log_file = Path(args.run_dir + ".log")
+    print(f"machine: torch.mm {mm_rate():.0f} GFLOP/s, {torch.get_num_threads()} threads")
+    if args.report:
+        log = log_file.read_text() if log_file.exists() else ""
+        return print(stage_table(args.run_dir, log))
     t0 = time.time()
     with open(log_file, "w") as out:
         rc = subprocess.call(
@@ -32,19 +67,10 @@ def main():
             stderr=subprocess.STDOUT,
         )
     total = time.time() - t0
-    log = log_file.read_text()
     if rc:
         sys.exit(f"rlaif.py failed ({rc}); see {log_file}")
-    rates = {
-        "sft": re.findall(r"\[sft\] step .* ([\d,]+) tok/s", log),
-        "ppo": re.findall(r"\[ppo\] it .* (\d+) tok/s", log),
-    }
-    print("| stage | wall time (min) | throughput |\n|---|---|---|")
-    for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
-        done = json.loads((Path(args.run_dir) / stage / "done.json").read_text())
-        rate = f"{rates[stage][-1]} tok/s" if rates.get(stage) else ""
-        print(f"| {stage} | {done['seconds'] / 60:.1f} | {rate} |")
-    print(f"| total (process) | {total / 60:.1f} | |")
+    print(stage_table(args.run_dir, log_file.read_text()))
+    print(f"total (process): {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
