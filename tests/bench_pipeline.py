@@ -32,16 +32,22 @@ def mm_rate(repeat=20):
 
 
 def stage_table(run_dir, log):
-    """Markdown: each stage's minutes (its done.json), SFT's and PPO's last tok/s (the log)."""
+    """Markdown: each stage's minutes and SFT's and PPO's last tok/s, as the log printed them.
+    A stage the log does not time falls back to its done.json (a later `--compare` rewrites
+    evaluate/done.json, so the log's first "done in" is the default's own)."""
     rates = {
         "sft": re.findall(r"\[sft\] step .* ([\d,]+) tok/s", log),
         "ppo": re.findall(r"\[ppo\] it .* (\d+) tok/s", log),
     }
     lines = ["| stage | wall time (min) | throughput |", "|---|---|---|"]
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
-        done = json.loads((Path(run_dir) / stage / "done.json").read_text())
+        timed = re.findall(rf"^\[{stage}\] done in (\d+)s", log, re.M)
+        if timed:
+            seconds = float(timed[0])
+        else:
+            seconds = json.loads((Path(run_dir) / stage / "done.json").read_text())["seconds"]
         rate = f"{rates[stage][-1]} tok/s" if rates.get(stage) else ""
-        lines.append(f"| {stage} | {done['seconds'] / 60:.1f} | {rate} |")
+        lines.append(f"| {stage} | {seconds / 60:.1f} | {rate} |")
     return "\n".join(lines)
 
 
