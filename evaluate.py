@@ -508,7 +508,8 @@ def plot_curves(plt, run, out_file):
 
 def results_by_method(runs):
     """{method: its results, one per run that has it}, from each run's evaluate/done.json; a
-    method's name without its parenthesised details (sizes and seeds differ between runs)."""
+    method's name without a parenthesis that holds numbers (sizes and counts differ between runs;
+    "(judge's pick)" names a method and stays)."""
     by_method = {}
     for run in runs:
         done = Path(run) / "evaluate" / "done.json"
@@ -517,7 +518,7 @@ def results_by_method(runs):
                 f"{done}: missing; finish the run first (python rlaif.py --run-dir {run})"
             )
         for name, m in json.loads(done.read_text())["results"].items():
-            by_method.setdefault(name.split(" (")[0], []).append(m)
+            by_method.setdefault(re.sub(r" \([^)]*\d[^)]*\)$", "", name), []).append(m)
     return by_method
 
 

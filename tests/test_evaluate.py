@@ -164,9 +164,13 @@ def test_seeds_table_gives_each_methods_mean_min_and_max_over_runs(tmp_path):
         m = dict(executability=ex, ast_accuracy=ast, hallucination=hal)
         return m | ({"judge_score": judge} if judge is not None else {})
 
+    picks = {
+        "best-of-8 (judge's pick)": row(0.6, 0.3, 0.2),
+        "best-of-8 (RM's pick)": row(0.5, 0.2, 0.3),
+    }
     runs = [
         finished("s1", {"SFT (tiny, seed 1)": row(0.2, 0.1, 0.5, 0.2), "DPO": row(0.3, 0.2, 0.4)}),
-        finished("s2", {"SFT (tiny, seed 2)": row(0.4, 0.3, 0.3, 0.4)}),
+        finished("s2", {"SFT (tiny, seed 2)": row(0.4, 0.3, 0.3, 0.4)} | picks),
     ]
     lines = seeds_table(runs).splitlines()
     assert (
@@ -174,5 +178,10 @@ def test_seeds_table_gives_each_methods_mean_min_and_max_over_runs(tmp_path):
         == "| SFT | 2 | 30.0 [20.0, 40.0] | 20.0 [10.0, 30.0] | 40.0 [30.0, 50.0] | 0.300 |"
     )
     assert lines[3] == "| DPO | 1 | 30.0 | 20.0 | 40.0 | - |"
+    # a parenthesis without numbers names a different method: two picks stay two rows
+    assert lines[4:6] == [
+        "| best-of-8 (judge's pick) | 1 | 60.0 | 30.0 | 20.0 | - |",
+        "| best-of-8 (RM's pick) | 1 | 50.0 | 20.0 | 30.0 | - |",
+    ]
     with pytest.raises(SystemExit, match="s3/evaluate/done.json"):
         seeds_table(runs + [tmp_path / "s3"])
