@@ -593,13 +593,14 @@ def validation_due(cfg, it):
 
 def log_iteration(row, iterations, eta):
     warmup = " (critic warm-up)" if row["phase"] != "ppo" else ""
-    ev = row["val/explained_variance"]
+    ev = row["val/explained_variance"]  # None: no critic, or a batch with no variance
+    ev = "-" if ev is None else f"{ev:.2f}"
     log(
         f"[ppo] it {row['iteration']}/{iterations}{warmup} score {row['objective/scores']:+.3f} "
         f"kl {row['objective/kl']:.2f} pg {row.get('loss/policy_avg', 0):+.3f} "
         f"vf {row.get('loss/value_avg', 0):.3f} clip {row.get('policy/clipfrac_avg', 0):.2f} "
         f"approx_kl {row.get('policy/approxkl_avg', 0):.4f} "
-        f"ev {ev if ev is not None else float('nan'):.2f} "
+        f"ev {ev} "
         f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
         f"clipped {row['completions/clipped_ratio']:.2f} "
         f"{row['time/answer_tokens_per_s']:.0f} tok/s"
