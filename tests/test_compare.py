@@ -91,3 +91,33 @@ def test_auxiliary_loss_adds_per_question_cross_entropy():
         aux, torch.tensor([targets[i] for i in range(3)], dtype=torch.float32)
     )
     assert with_aux.item() == pytest.approx(plain.item() + 0.5 * bce.item(), abs=1e-6)
+
+
+def test_dpo_sequence_logprob_is_the_sum_of_the_answer_tokens():
+    """log pi(y|x) = sum over the answer's tokens (Rafailov et al. 2023, eq. 7), not their mean: a
+    model whose next-token distribution is softmax([0, 1, 2]) everywhere gives answers [2, 0, 1]
+    and [2] (padded) log p(2) + log p(0) + log p(1) and log p(2)."""
+    from dpo import sequence_logprobs
+
+    class ConstantLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(1, 3)
+            with torch.no_grad():
+                self.lm_head.weight.zero_()
+                self.lm_head.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+
+        def hidden_states(self, ids, mask):
+            return torch.zeros(*ids.shape, 1)
+
+    class Tok:
+        eot = 0
+
+    log_z = math.log(1 + math.e + math.e**2)
+    logp = [0.0 - log_z, 1.0 - log_z, 2.0 - log_z]
+    samples = {
+        0: Sample(0, 0, "policy", [1], [2, 0, 1], ""),
+        1: Sample(1, 0, "policy", [1, 2], [2], ""),
+    }
+    got = sequence_logprobs(ConstantLM(), samples, [0, 1], Tok, "cpu")
+    assert got.tolist() == pytest.approx([logp[2] + logp[0] + logp[1], logp[2]], rel=1e-6)

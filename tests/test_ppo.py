@@ -1,5 +1,6 @@
 """ppo.py's pieces against plain reference computations, and a short learning run that can fail."""
 
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from ppo import (
     leave_one_out,
     masked_mean,
     masked_var,
+    minibatch_loss,
     policy_loss,
     rloo_advantages,
     score_share,
@@ -402,3 +404,88 @@ def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path)
     )
     assert [h["phase"] for h in history][-1] == "ppo"
     assert history[-1]["val/explained_variance"] > 0, [h["val/explained_variance"] for h in history]
+
+
+# -----------------------------------------------------------------------------
+# Exact values of the statistics and KL terms, each computed here in plain math: every test below
+# fails for one mutation of the code it covers (issue 45, item 6).
+
+
+def test_clipfrac_and_approx_kl_on_hand_computed_ratios():
+    """Ratios 1.5, 1.5, 0.5, 0.5 (outside the clip range 0.2), 1.1 and 1.0 (inside), one padding
+    token. The clip binds (the clipped term is the larger loss) only for A > 0 with r > 1.2 and
+    A < 0 with r < 0.8: tokens 0 and 3, so clipfrac = 2 / 6. Inside the range the two terms are
+    equal, so counting `>=` would give 4 / 6. approx_kl = 0.5 (log r)^2 over the real tokens."""
+    ratios = [1.5, 1.5, 0.5, 0.5, 1.1, 1.0, 7.0]
+    new = torch.log(torch.tensor(ratios))
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    mask = torch.tensor([1.0] * 6 + [0.0])
+    _, clipfrac, approx_kl = policy_loss(new, torch.zeros(7), adv, mask, cliprange=0.2)
+    assert clipfrac.item() == pytest.approx(2 / 6, abs=1e-7)
+    want = 0.5 * sum(math.log(r) ** 2 for r in ratios[:6]) / 6
+    assert approx_kl.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_per_token_kl_is_policy_minus_reference():
+    """The sampled-token estimate of KL(policy || SFT) is log pi - log pi_ref: a policy that puts
+    more probability on its own sample than SFT does has positive KL, and pays for it."""
+    logprobs, ref = torch.tensor([[-0.5, -3.0]]), torch.tensor([[-2.0, -1.0]])
+    rewards, kl = compute_rewards(torch.tensor([0.0]), logprobs, ref, torch.ones(1, 2), 0.1)
+    assert kl[0].tolist() == pytest.approx([1.5, -2.0])
+    assert rewards[0].tolist() == pytest.approx([-0.15, 0.2])
+
+
+def test_k3_estimates_kl_policy_to_reference():
+    """k3 (Schulman 2020) with x = log pi_ref - log pi: exp(x) - x - 1. log pi = -1, log pi_ref = -2
+    gives x = -1: exp(-1) = 0.3679; the reverse direction would give exp(1) - 2 = 0.7183."""
+    k3 = k3_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0]))
+    assert k3.tolist() == pytest.approx([math.exp(-1), math.exp(1) - 2], rel=1e-6)
+
+
+class ConstantLM(torch.nn.Module):
+    """A language model whose next-token logits are the same learnable vector at every position,
+    so each token's log-prob and its gradient are known in closed form."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, len(logits))
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            self.lm_head.bias.copy_(torch.tensor(logits))
+
+    def hidden_states(self, ids, mask):
+        return torch.zeros(*ids.shape, 1)
+
+
+def test_grpo_kl_term_adds_beta_k3_to_the_loss_and_pulls_toward_the_reference():
+    """GRPO's loss is the surrogate + beta k3 (Shao et al. 2024, eq. 3-4). With advantages 0 the
+    surrogate is 0, so the loss is beta x the mean k3 and its gradient, through log pi, is
+    d k3 / d log pi = 1 - exp(log pi_ref - log pi), times d log pi_k / d b_j = 1[j = k] - p_j."""
+    logits, tokens, ref = [0.0, 1.0, 2.0], [2, 0], [-1.0, -0.5]
+    policy = ConstantLM(logits)
+    logp = [x - math.log(sum(math.exp(v) for v in logits)) for x in logits]
+    p = [math.exp(v) for v in logp]
+    x = [logp[t] for t in tokens]
+    beta = 0.3
+    k3 = [math.exp(ref[i] - x[i]) - (ref[i] - x[i]) - 1 for i in range(2)]
+    dk3 = [1 - math.exp(ref[i] - x[i]) for i in range(2)]  # d k3 / d log pi
+    want_loss = beta * sum(k3) / 2
+    want_grad = [
+        beta / 2 * sum(dk3[i] * ((j == tokens[i]) - p[j]) for i in range(2)) for j in range(3)
+    ]
+    mb = dict(
+        query=torch.tensor([[1]]),
+        query_mask=torch.ones(1, 1),
+        response=torch.tensor([tokens]),
+        response_mask=torch.ones(1, 2),
+        mask=torch.ones(1, 2),
+        logprobs=torch.tensor([x]),
+        ref_logprobs=torch.tensor([ref]),
+        advantages=torch.zeros(1, 2),
+    )
+    cfg = PPOConfig(advantage="grpo")
+    run_cfg = SimpleNamespace(device="cpu", temperature=1.0)
+    loss, _ = minibatch_loss(policy, None, mb, cfg, run_cfg, beta, train_policy=True)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    loss.backward()
+    assert policy.lm_head.bias.grad.tolist() == pytest.approx(want_grad, rel=1e-5, abs=1e-7)

@@ -2,6 +2,7 @@
 hand-written answers, and the reward model's ability to learn a ranking."""
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -586,3 +587,29 @@ def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tm
     assert torch.allclose(score_fn(*batch), trained_on, atol=1e-5)
     # the report changes the score
     assert not torch.allclose(rm.score(*batch), trained_on, atol=1e-3)
+
+
+def test_bradley_terry_loss_with_llama2_margin_on_hand_computed_scores():
+    """A stand-in reward model that scores each answer by its first token. Pairs (better, worse)
+    with scores (3, 1) and (0, 2), margins 1.5 and 0.5 (Touvron et al. 2023, eq. 2):
+    -log sigmoid(r_better - r_worse - m) = log(1 + exp(-(2 - 1.5))) and log(1 + exp(-(-2 - 0.5))).
+    Flipping the difference, dropping the margin or adding it each changes the value."""
+    from reward import comparisons_loss
+
+    class FirstTokenRM:
+        def score_and_aux(self, query, query_mask, response, response_mask):
+            return response[:, 0].float(), None
+
+    class Tok:
+        eot = 63
+
+    samples = {i: Sample(i, 0, "policy", [1], [s, 63], "") for i, s in enumerate((3, 1, 0, 2))}
+    pairs = [(0, 1), (2, 3)]
+    want = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(2.5))) / 2
+    margins = {(0, 1): 1.5, (2, 3): 0.5}
+    loss = comparisons_loss(FirstTokenRM(), samples, pairs, Tok, "cpu", margins=margins)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    plain = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(2.0))) / 2  # no margins
+    assert comparisons_loss(FirstTokenRM(), samples, pairs, Tok, "cpu").item() == pytest.approx(
+        plain, rel=1e-6
+    )
