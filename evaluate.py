@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from model import GPT, sample_answers
@@ -336,11 +338,32 @@ def make_sandbox(exec_mode, timeout=10.0, unsafe=False):
     )
 
 
+# The judge's pick is an oracle bound, not a method a user could run: the rules judge's
+# api_fits_task is the AST check itself and api_exists the hallucination check, so its pick reads
+# the test references (issue 45). Gorilla-7B's row is its published answers scored by this code,
+# not the metrics Gorilla published.
+PICKERS = {"rm": "reward model's pick", "judge": "judge's pick; oracle: reads the references"}
+GORILLA = "Gorilla-7B (its published answers, scored here)"
+VERDICTS = "evaluate/verdicts.jsonl"  # one row per method and question
+
+
+def verdict_row(method, row):
+    """One question's verdicts for one method (a row of score_answers), for evaluate --plot's
+    paired bootstrap; executable is None where executability was not measured."""
+    return dict(
+        method=method,
+        question_id=row["question_id"],
+        executable=row["exec"] == "executable" if "exec" in row else None,
+        ast_correct=row["ast"] == "correct",
+        hallucination=row["ast"] == "hallucination",
+    )
+
+
 def evaluate_stage(cfg, run, splits):
     test = splits["test"][: cfg.eval_limit or None]
     db = APIDatabase()
     sandbox = make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
-    results = {}
+    results, verdicts = {}, {}  # verdicts: each method's per-question rows, for the bootstrap
     # the judge's score of the test answers too, where judging is free: the offline rules judge
     judge = RulesJudge(db) if cfg.judge == "rules" else None
     models = (
@@ -362,7 +385,7 @@ def evaluate_stage(cfg, run, splits):
             [dict(question_id=r.line, text=a) for r, a in zip(test, answers, strict=True)],
         )
         key = f"{name} ({cfg.init}, {size})"
-        results[key], _ = score_answers(answers, test, db, sandbox)
+        results[key], verdicts[key] = score_answers(answers, test, db, sandbox)
         if judge is not None:
             results[key]["judge_score"] = sum(
                 judge_score(judge, r, a) for r, a in zip(test, answers, strict=True)
@@ -372,15 +395,19 @@ def evaluate_stage(cfg, run, splits):
         picked = run / RUN_FILES["best_of_n"].format(pick=pick)
         if picked.exists():
             given = read_answers(picked)
-            picker = "reward model" if pick == "rm" else "judge"
-            name = f"SFT best-of-{cfg.best_of_n} ({picker}'s pick)"
-            results[name], _ = score_answers([given[r.line] for r in test], test, db, sandbox)
+            name = f"SFT best-of-{cfg.best_of_n} ({PICKERS[pick]})"
+            results[name], verdicts[name] = score_answers(
+                [given[r.line] for r in test], test, db, sandbox
+            )
     gorilla, kept = gorilla_answers_for(test)
-    results[f"Gorilla-7B (published answers, {len(kept)} of the same questions)"], _ = (
-        score_answers(gorilla, kept, db, sandbox)
-    )
+    name = f"{GORILLA} ({len(kept)} of the same questions)"
+    results[name], verdicts[name] = score_answers(gorilla, kept, db, sandbox)
     if sandbox is not None and not sandbox.isolated:
         results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
+        verdicts = {f"{k} [UNISOLATED EXEC]": v for k, v in verdicts.items()}
+    write_jsonl(
+        run / VERDICTS, [verdict_row(k, row) for k, rows in verdicts.items() for row in rows]
+    )
     (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
     tensorboard_text("evaluate/results", results_table(results), 0)
     write_metrics(
@@ -506,6 +533,12 @@ def plot_curves(plt, run, out_file):
     return len(CURVES)
 
 
+def method_name(name):
+    """A result's name without a final parenthesis that holds numbers (sizes and counts differ
+    between runs; "(judge's pick...)" names a method and stays)."""
+    return re.sub(r" \([^)]*\d[^)]*\)$", "", name)
+
+
 def results_by_method(runs):
     """{method: its results, one per run that has it}, from each run's evaluate/done.json; a
     method's name without a parenthesis that holds numbers (sizes and counts differ between runs;
@@ -518,7 +551,7 @@ def results_by_method(runs):
                 f"{done}: missing; finish the run first (python rlaif.py --run-dir {run})"
             )
         for name, m in json.loads(done.read_text())["results"].items():
-            by_method.setdefault(re.sub(r" \([^)]*\d[^)]*\)$", "", name), []).append(m)
+            by_method.setdefault(method_name(name), []).append(m)
     return by_method
 
 
@@ -538,6 +571,114 @@ def seeds_table(runs):
         judge = [m["judge_score"] for m in ms if "judge_score" in m]
         cells.append(f"{sum(judge) / len(judge):.3f}" if judge else "-")
         lines.append(f"| {name} | {len(ms)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Each method's difference from SFT with a 95% interval: a paired, two-level bootstrap (Efron and
+# Tibshirani 1993, ch. 16; Davison and Hinkley 1997, section 3.8 for the two levels). Paired: the
+# difference is taken question by question, so what is common to both models on a question
+# (its difficulty) cancels. Two levels: seeds are resampled, then each chosen seed's questions, so
+# the interval holds both the seed-to-seed and the question-to-question variation.
+
+BOOTSTRAP_METRICS = (
+    ("executability", "executable"),
+    ("ast_accuracy", "ast_correct"),
+    ("hallucination", "hallucination"),
+)
+
+
+def paired_bootstrap(diffs, n_resamples=10_000, seed=0, level=0.95):
+    """diffs: one sequence per run (seed) of per-question differences, method minus SFT. Returns
+    (mean over runs of each run's mean difference, low, high): the percentile interval of that
+    statistic over n_resamples resamples of the runs with replacement and, within each drawn
+    run, of its questions with replacement. One run: over its questions only."""
+    runs = [np.asarray(d, dtype=float) for d in diffs]
+    n = np.array([len(d) for d in runs])
+    table = np.zeros((len(runs), n.max()))  # ragged runs, padded; padding is never read
+    for i, d in enumerate(runs):
+        table[i, : len(d)] = d
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_resamples)
+    for _ in runs:  # one slot of the resampled set of runs at a time, all resamples at once
+        pick = rng.integers(len(runs), size=n_resamples)
+        size = n[pick][:, None]
+        # size draws from the picked run's own questions (columns beyond its size are masked)
+        k = np.minimum((rng.random((n_resamples, n.max())) * size).astype(int), size - 1)
+        real = np.arange(n.max()) < size
+        total += (table[pick[:, None], k] * real).sum(1) / n[pick]
+    low, high = np.quantile(total / len(runs), [(1 - level) / 2, (1 + level) / 2])
+    return float(np.mean([d.mean() for d in runs])), float(low), float(high)
+
+
+def run_verdicts(run):
+    """{method: {question_id: verdict row}} of a run's evaluate/verdicts.jsonl; None for a run
+    evaluated before the file existed."""
+    path = Path(run) / VERDICTS
+    if not path.exists():
+        return None
+    by_method = {}
+    for row in read_jsonl(path):
+        by_method.setdefault(method_name(row["method"]), {})[row["question_id"]] = row
+    return by_method
+
+
+def is_sft(name):
+    """SFT's greedy row (its name without the sizes, or with an [UNISOLATED EXEC] mark)."""
+    return name == "SFT" or name.startswith("SFT (")
+
+
+def paired_differences(verdicts, method, key):
+    """Per run, the method's per-question verdict minus SFT's (1/0 each) on the questions both
+    answered; None where a run lacks the method or the metric."""
+    diffs = []
+    for v in verdicts:
+        sft = next((rows for name, rows in v.items() if is_sft(name)), None)
+        rows = v.get(method)
+        if sft is None or rows is None:
+            continue
+        both = [q for q in rows if q in sft]
+        if any(rows[q][key] is None or sft[q][key] is None for q in both) or not both:
+            return None
+        diffs.append([float(rows[q][key]) - float(sft[q][key]) for q in both])
+    return diffs or None
+
+
+def differences_table(runs, n_resamples=10_000, seed=0):
+    """Markdown: each method's difference from SFT in percentage points with a 95% interval by
+    paired_bootstrap, from the runs' evaluate/verdicts.jsonl; a note names the runs without
+    one."""
+    verdicts = {run: run_verdicts(run) for run in runs}
+    missing = [str(r) for r, v in verdicts.items() if v is None]
+    have = [v for v in verdicts.values() if v is not None]
+    scope = (
+        f"paired bootstrap over seeds ({len(have)} runs) and questions"
+        if len(have) > 1
+        else "paired bootstrap over questions only (1 run: seed-to-seed variation not included)"
+    )
+    lines = [
+        f"Difference from SFT, percentage points, 95% interval ({scope}, {n_resamples} resamples):",
+        "",
+        "| method | runs | executability | AST accuracy | hallucination |",
+        "|---|---|---|---|---|",
+    ]
+    methods = dict.fromkeys(m for v in have for m in v if not is_sft(m))
+    for method in methods:
+        cells, counted = [], 0
+        for _, key in BOOTSTRAP_METRICS:
+            diffs = paired_differences(have, method, key)
+            if diffs is None:
+                cells.append("-")
+                continue
+            counted = len(diffs)
+            mean, low, high = (100 * x for x in paired_bootstrap(diffs, n_resamples, seed))
+            cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
+        lines.append(f"| {method} | {counted} | " + " | ".join(cells) + " |")
+    if missing:
+        lines.append(
+            f"\nNo per-question verdicts ({VERDICTS}; evaluated before they were kept) in: "
+            + ", ".join(missing)
+        )
     return "\n".join(lines)
 
 
@@ -683,7 +824,7 @@ def answers_to_score(args):
         return [given[r.line] for r in records], records, Path(args.answers).stem
     if args.gorilla:
         answers, records = gorilla_answers_for(records)
-        return answers, records, "Gorilla-7B (published answers)"
+        return answers, records, GORILLA
     answers, size = model_answers(
         args.model, [r.instruction for r in records], args.max_answer_tokens, args.device
     )
@@ -697,6 +838,8 @@ def main(argv=None):
         return run_dir_stage(args, p)
     if args.plot:
         print(seeds_table(args.plot))
+        print()
+        print(differences_table(args.plot))
         made = plot_runs(args.plot)
         out = Path(args.plot[0]) / "evaluate"
         print("\n".join(f"{out / f}: {n} panels" for f, n in made.items()))

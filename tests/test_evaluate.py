@@ -1,6 +1,7 @@
 """evaluate.py's metrics against the reference packages, on real Gorilla text."""
 
 import json
+import math
 import statistics
 
 import pytest
@@ -185,3 +186,61 @@ def test_seeds_table_gives_each_methods_mean_min_and_max_over_runs(tmp_path):
     ]
     with pytest.raises(SystemExit, match="s3/evaluate/done.json"):
         seeds_table(runs + [tmp_path / "s3"])
+
+
+def test_paired_bootstrap_interval_on_synthetic_differences():
+    from evaluate import paired_bootstrap
+
+    # one run, 400 questions, difference 1 on 60% of them: mean 0.6, standard error
+    # sqrt(0.6 x 0.4 / 400) = 0.0245, so the 95% interval is close to 0.6 +- 1.96 x 0.0245
+    mean, low, high = paired_bootstrap([[1.0] * 240 + [0.0] * 160], n_resamples=10_000, seed=0)
+    se = math.sqrt(0.6 * 0.4 / 400)
+    assert mean == pytest.approx(0.6)
+    assert low == pytest.approx(0.6 - 1.96 * se, abs=0.006)
+    assert high == pytest.approx(0.6 + 1.96 * se, abs=0.006)
+    assert paired_bootstrap([[1.0] * 240 + [0.0] * 160]) == (mean, low, high)  # seeded
+    # no difference on average (+1 on 50 questions, -1 on 50): the interval must hold 0
+    _, low, high = paired_bootstrap([[1.0] * 50 + [-1.0] * 50] * 3)
+    assert low < 0 < high
+    # three seeds of a clear gain: it must not
+    _, low, _ = paired_bootstrap([[1.0] * 30 + [0.0] * 70, [1.0] * 40 + [0.0] * 60, [1.0] * 25])
+    assert low > 0
+    # the seed level: two runs whose questions all differ by 0.1 and by 0.5. A bootstrap over
+    # questions alone would give [0.3, 0.3]; drawing 2 runs of 2 gives 0.1, 0.3, 0.5 with
+    # probabilities 1/4, 1/2, 1/4, whose 2.5% and 97.5% quantiles are 0.1 and 0.5
+    mean, low, high = paired_bootstrap([[0.1] * 20, [0.5] * 30])
+    assert (mean, low, high) == pytest.approx((0.3, 0.1, 0.5))
+
+
+def test_differences_table_pairs_each_method_with_sft_question_by_question(tmp_path):
+    from evaluate import VERDICTS, differences_table
+
+    def run(name, verdicts):
+        path = tmp_path / name / VERDICTS
+        path.parent.mkdir(parents=True)
+        rows = [
+            dict(method=m, question_id=q, executable=e, ast_correct=a, hallucination=h)
+            for m, answers in verdicts.items()
+            for q, (e, a, h) in enumerate(answers)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    # RLAIF executes every question SFT executes and 2 more of 10; same AST and hallucination
+    sft = [(q < 3, q < 2, q > 7) for q in range(10)]
+    rlaif = [(q < 5, q < 2, q > 7) for q in range(10)]
+    one = run("s1", {"SFT (tiny, 1.0M params)": sft, "RLAIF (tiny, 1.0M params)": rlaif})
+    lines = differences_table([one], n_resamples=2000).splitlines()
+    assert "over questions only (1 run" in lines[0]
+    # +20 points; the per-question differences are 1 on 2 questions of 10, so resampled means
+    # range over 0-60 points and the 95% interval is inside it, never below 0
+    row = lines[4]
+    assert row.startswith("| RLAIF | 1 | +20.0 [+0.0, +") and row.endswith(
+        "| +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |"
+    ), row
+    old = tmp_path / "s0"
+    (old / "evaluate").mkdir(parents=True)  # evaluated before verdicts were kept
+    two = run("s2", {"SFT (tiny, 1.0M params)": sft, "RLAIF (tiny, 1.0M params)": sft})
+    table = differences_table([one, two, old], n_resamples=2000)
+    assert "over seeds (2 runs)" in table and "| RLAIF | 2 | +10.0 [" in table
+    assert f"No per-question verdicts ({VERDICTS}" in table and str(old) in table
