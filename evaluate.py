@@ -767,7 +767,8 @@ def command_line():
         metavar="RUN_DIR",
         help="draw curves.png and results.png of run directories (results: the range over "
         "them) into the first one's evaluate/, and print each method's mean [min, max] over "
-        "them; needs matplotlib",
+        "them and its difference from SFT with a 95%% interval (paired bootstrap over seeds "
+        "and questions, from evaluate/verdicts.jsonl); needs matplotlib",
     )
     p.add_argument(
         "--split",
