@@ -245,10 +245,11 @@ def judge_config(server_url, **settings):
     )
 
 
-def test_check_ready_probes_the_endpoint_with_one_cheap_request(server, capsys):
+def test_check_ready_probes_the_endpoint_with_two_cheap_requests(server, capsys):
+    """One question whose answer is Yes, one whose answer is No (reward.PROBES)."""
     rlaif.check_ready(judge_config(server.url))
-    assert len(server.probes) == 1 and server.requests == []
-    assert server.probes[0]["max_tokens"] == 1 and server.probes[0]["model"] == "gpt-3.5-turbo"
+    assert len(server.probes) == 2 and server.requests == []
+    assert all(p["max_tokens"] == 1 and p["model"] == "gpt-3.5-turbo" for p in server.probes)
     assert "with log-probabilities" in capsys.readouterr().out
     server.default = "text"
     rlaif.check_ready(judge_config(server.url))
