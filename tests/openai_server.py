@@ -7,9 +7,9 @@ Behaviours (a script entry, `default`, or what `mode_for(body)` returns for one 
 "500", "404", "malformed" (not JSON), "hang" (5 s, no reply), "down" (the connection is closed
 without a reply: the client sees a connection error). Broken judges: "nan" (log-probabilities
 NaN), "huge" (Yes at log-probability +1000), "tiny" (Yes and No both at -1e4), "always_no" ("No"
-at P(yes) 0.05, to every question and probe), "empty_choices" (a 200 chat completion whose
-`choices` is []), "slowloris" (a valid reply sent one byte every `drip` seconds, for
-`slowloris_for` seconds at most, then the connection is closed). For a while:
+at P(yes) 0.05, to every question and probe; "always_yes" at 0.95), "empty_choices" (a 200 chat
+completion whose `choices` is []), "slowloris" (a valid reply sent one byte every `drip` seconds,
+for `slowloris_for` seconds at most, then the connection is closed). For a while:
 rate_limit(seconds, retry_after) answers every request 429, down(seconds) drops every connection.
 `models`: the only models served (404 for others). `p_yes`: a number, or a function of the
 request's body. The judge's probe ("[connection check] Is 2 + 2 equal to N?") is counted in
@@ -135,14 +135,14 @@ class FakeOpenAI:
         return p
 
     def completion(self, body, mode):
-        p_yes = 0.05 if mode == "always_no" else self.p_yes_for(body)
+        p_yes = dict(always_no=0.05, always_yes=0.95).get(mode) or self.p_yes_for(body)
         word = "Yes" if p_yes >= 0.5 else "No"
         choice = {
             "index": 0,
             "finish_reason": "stop",
             "message": {"role": "assistant", "content": word},
         }
-        if mode in ("logprobs", "nan", "huge", "tiny", "always_no"):
+        if mode in ("logprobs", "nan", "huge", "tiny", "always_no", "always_yes"):
             yes, no = dict(nan=(math.nan, math.nan), huge=(1000.0, -1.0), tiny=(-1e4, -1e4)).get(
                 mode, (math.log(p_yes), math.log(1 - p_yes))
             )
