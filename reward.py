@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,16 +164,18 @@ PRICE_PER_MTOK = {"gpt-3.5-turbo": (0.5, 1.5)}  # USD per million (input, output
 def judge_price(model, price=""):
     """(USD per million input tokens, per million output tokens) of `model`: --judge-price
     "IN,OUT" when given, else PRICE_PER_MTOK's, else None (unknown). ValueError for a
-    --judge-price that is not two numbers >= 0."""
+    --judge-price that is not two finite numbers >= 0: float() reads "nan" and "inf", and a NaN or
+    infinite price makes every cost NaN or inf, which no cap comparison ever stops."""
     if not price:
         return PRICE_PER_MTOK.get(model)
     try:
         pair = tuple(float(x) for x in price.split(","))
     except ValueError:
         pair = ()
-    if len(pair) != 2 or min(pair) < 0:
+    if len(pair) != 2 or not all(math.isfinite(x) and x >= 0 for x in pair):
         raise ValueError(
-            f"--judge-price {price!r}: give USD per million input and output tokens, e.g. 2.5,10"
+            f"--judge-price {price!r}: give USD per million input and output tokens, two finite "
+            "numbers >= 0, e.g. 2.5,10"
         )
     return pair
 
@@ -346,12 +349,21 @@ class JudgeError(Exception):
 
 
 class UnusableReply(JudgeError):
-    """A reply that is neither Yes nor No: paid for, and no answer."""
+    """A reply that is neither Yes nor No, or whose log-probabilities are no probability: paid
+    for, and no answer."""
 
-    def __init__(self, reply, usage):
-        super().__init__(f"the judge replied {reply!r}, neither Yes nor No")
+    def __init__(self, reply, usage, why=None):
+        super().__init__(why or f"the judge replied {reply!r}, neither Yes nor No")
         self.reply = reply
         self.usage = usage
+
+
+class MalformedReply(JudgeError):
+    """A 200 reply that is not a chat completion with a choice (an empty `choices` list, say)."""
+
+
+class ReplyTooSlow(JudgeError):
+    """No complete reply within the request's total deadline (within_deadline)."""
 
 
 class JudgeFailed(Exception):
@@ -365,10 +377,13 @@ class JudgeFailed(Exception):
 # resumable). Without a Retry-After (connection refused, 5xx, time-outs) the wait doubles from
 # --backoff up to BACKOFF_CAP_S: about three minutes over the 8 retries, so a minute-long outage is
 # waited out. A reply that is neither Yes nor No comes back fast and mostly the same again
-# (temperature 0): it is asked again UNUSABLE_RETRIES times, at once.
+# (temperature 0): it is asked again UNUSABLE_RETRIES times, at once. A 200 reply that is not a
+# chat completion (no JSON, no choices) is a server bug, not an outage: it gets MALFORMED_TRIES
+# tries in all, not minutes of backoff (15 answers x 9 tries took 387 s).
 RETRY_AFTER_CAP_S = 120.0
 BACKOFF_CAP_S = 60.0
 UNUSABLE_RETRIES = 2
+MALFORMED_TRIES = 2
 
 
 def retry_after_s(response):
@@ -396,45 +411,130 @@ def judge_api_key(base_url, api_key=None):
     return api_key or os.environ.get("OPENAI_API_KEY") or ("none" if base_url else None)
 
 
+def answer_word(text):
+    """ "yes" or "no" when `text` is exactly that word once case, spaces and punctuation are trimmed
+    ("Yes.", " no"), else None: "Not", "Nope" or "Yesterday" are no answer."""
+    word = text.strip(string.whitespace + string.punctuation).lower()
+    return word if word in ("yes", "no") else None
+
+
+def logsumexp(values):
+    """log(sum(exp(v))) without overflow: the largest is taken out first."""
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def p_yes_of_logprobs(candidates):
+    """P(yes) from the first token's top log-probabilities [(token, logprob)], or None when no
+    candidate is Yes or No. Each word's candidates (" Yes", "yes") are summed by log-sum-exp, and
+    P(yes) = 1 / (1 + exp(lp_no - lp_yes)) is evaluated on the side where exp cannot overflow:
+    finite in [0, 1] for any log-probabilities, both at -1e4 included (0.5; the plain exp/sum was
+    0/0).
+    ValueError for a log-probability that is not a number <= 0 (NaN, +1000: no probability), or
+    when Yes and No both have probability 0."""
+    words = {"yes": [], "no": []}
+    for token, lp in candidates:
+        if (word := answer_word(token or "")) is None:
+            continue
+        # 1e-3: servers round; a log-probability above 0 is a probability above 1
+        if not isinstance(lp, (int, float)) or not lp <= 1e-3:  # `not <=`: NaN fails it too
+            raise ValueError(f"log-probability {lp!r} of {token!r}")
+        words[word].append(float(lp))
+    if not words["yes"] and not words["no"]:
+        return None
+    yes, no = (logsumexp(words[w] or [-math.inf]) for w in ("yes", "no"))
+    if yes == no == -math.inf:
+        raise ValueError("Yes and No both have log-probability -inf")
+    d = no - yes  # may be +-inf (one of them -inf): exp gives 0 or inf, the result 0 or 1
+    return 1 / (1 + math.exp(d)) if d <= 0 else math.exp(-d) / (1 + math.exp(-d))
+
+
 def reply_p_yes(r):
     """(P(yes), (prompt, completion) tokens, from_text) of a chat completion. P(yes) is the
-    paper's: the log-probabilities of "Yes" and "No" renormalised over the two.
-    UnusableReply if it is neither.
+    paper's: the log-probabilities of "Yes" and "No" renormalised over the two
+    (p_yes_of_logprobs). UnusableReply if it is neither, or if the log-probabilities are no
+    probability; MalformedReply if it is no chat completion with a choice.
 
     Missing log-probabilities are counted, not refused. Some OpenAI-compatible servers (local
     builds, proxies) return none; their Yes/No text still answers the question, as a P(yes)
     of 0 or 1. Refusing them would make those judges unusable; taking them silently would
     change what a score means (0 or 1 where the paper has a probability). So from_text marks
     them: the cache keeps the mark, the first one is logged, and feedback/done.json counts
-    them per answer (p_yes_from_text)."""
+    them per answer (p_yes_from_text). The text must be exactly Yes or No (answer_word)."""
     try:
         choice = r.choices[0]
         text = (choice.message.content or "").strip()
         usage = (r.usage.prompt_tokens, r.usage.completion_tokens) if r.usage else (0, 0)
+        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        top = [(t.token, t.logprob) for t in (content[0].top_logprobs or [])] if content else []
     except (AttributeError, IndexError, TypeError) as e:
-        raise JudgeError(f"malformed reply: {e}") from e
-    top = {}
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
-    if content:
-        for t in content[0].top_logprobs or []:
-            word = t.token.strip().lower()
-            if word in ("yes", "no") and word not in top:
-                top[word] = math.exp(t.logprob)
-    if top:
-        return top.get("yes", 0.0) / (top.get("yes", 0.0) + top.get("no", 0.0)), usage, False
-    if text.lower().startswith("yes"):
-        return 1.0, usage, True
-    if text.lower().startswith("no"):
-        return 0.0, usage, True
-    raise UnusableReply(text[:80], usage)
+        raise MalformedReply(
+            f"malformed reply, not a chat completion with a choice ({type(e).__name__}: {e})"
+        ) from e
+    try:
+        p_yes = p_yes_of_logprobs(top)
+    except ValueError as e:
+        why = (
+            f"the judge replied {text[:80]!r} with log-probabilities that are no probability ({e})"
+        )
+        raise UnusableReply(text[:80], usage, why) from None
+    if p_yes is not None:
+        return p_yes, usage, False
+    if (word := answer_word(text)) is None:
+        raise UnusableReply(text[:80], usage)
+    return float(word == "yes"), usage, True
+
+
+def within_deadline(seconds, call):
+    """call()'s result, or ReplyTooSlow once `seconds` have passed. httpx's timeout (the openai
+    client's) is per read: a server that sends one byte every 5 s never trips a 30 s timeout and
+    held a run for minutes. So the call runs in a daemon thread and is waited for `seconds` of wall
+    clock at most; a thread left behind ends when its server stops sending (and never keeps the
+    process alive), its reply is not used."""
+    box = {}
+
+    def run():
+        try:
+            box["reply"] = call()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise ReplyTooSlow(f"no complete reply within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["reply"]
+
+
+def ask_chat(client, model, prompt, timeout):
+    """One judge request (one output token; the top 5 log-probabilities) under a total deadline of
+    `timeout` seconds: reply_p_yes of the reply."""
+    return reply_p_yes(
+        within_deadline(
+            timeout,
+            lambda: client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=5,
+            ),
+        )
+    )
 
 
 class OpenAIJudge:
     """Asks an OpenAI-compatible chat endpoint each question, one request per (answer,
     question), retried as RETRY_AFTER_CAP_S above says, with an append-only cache that also
-    records what each reply cost (so that --judge-max-usd holds for the whole run). Thread-safe:
-    judge_answers calls it from a pool of
-    --judge-concurrency threads."""
+    records what each reply cost (so that --judge-max-usd holds for the whole run). `timeout`:
+    seconds a request may take in all (within_deadline). Thread-safe: judge_answers calls it from a
+    pool of --judge-concurrency threads."""
 
     def __init__(
         self,
@@ -456,6 +556,9 @@ class OpenAIJudge:
         self.model = model
         self.log = log
         self.name = f"LLM judge {model}" + (f" at {base_url}" if base_url else "")
+        # which judge answers: a cached answer is reused only for the same endpoint and model (key)
+        self.endpoint = (base_url or "https://api.openai.com/v1").rstrip("/")
+        self.timeout = timeout
         key = judge_api_key(base_url, api_key)
         if key is None:
             raise RuntimeError(
@@ -517,7 +620,11 @@ class OpenAIJudge:
                 pass  # a line cut short by a crash: that judgement is simply asked again
 
     def key(self, prompt):
-        return hashlib.sha256(f"{self.model}\n{prompt}".encode()).hexdigest()
+        """The cache key of one judgement: the judge (endpoint, model) and the prompt (which holds
+        the question and the template). Another judge's answer is not this one's: `--from feedback
+        --judge-base-url ANOTHER` once reused all 864 of the old judge's. Keys of older versions
+        (model and prompt only) match nothing now: those lines still count what was spent."""
+        return hashlib.sha256(f"{self.endpoint}\n{self.model}\n{prompt}".encode()).hexdigest()
 
     def ask(self, prompt):
         """P(yes) for one prompt, from the cache or the endpoint; raises
@@ -564,29 +671,30 @@ class OpenAIJudge:
         return cost
 
     def ask_endpoint(self, key, prompt):
-        """P(yes) from the endpoint; JudgeError naming the last failure
-        once the retries are used up."""
-        last = None
-        unusable = 0
+        """P(yes) from the endpoint; JudgeError naming the last failure once the retries are used
+        up (RETRY_AFTER_CAP_S above says which failure gets how many)."""
+        last, unusable, malformed = None, 0, 0
         for attempt in range(self.max_retries + 1):
             try:
                 p_yes, usage, from_text = self.request(prompt)
             except UnusableReply as e:  # paid for, so recorded; asked again at once, a few times
                 self.record(usage=e.usage, unusable=e.reply)
-                last = e
-                unusable += 1
+                last, unusable = e, unusable + 1
                 if unusable > UNUSABLE_RETRIES:
                     break
                 continue
+            # not a chat completion (ValueError: a body that is not JSON): MALFORMED_TRIES in all
+            except (MalformedReply, ValueError, self.openai.APIResponseValidationError) as e:
+                last, malformed = e, malformed + 1
+                if malformed >= MALFORMED_TRIES:
+                    break
             except (
                 self.openai.RateLimitError,
                 self.openai.APITimeoutError,
                 self.openai.APIConnectionError,
                 self.openai.InternalServerError,
-                self.openai.APIResponseValidationError,
-                JudgeError,
-                ValueError,
-            ) as e:  # ValueError: a body that is not JSON
+                ReplyTooSlow,
+            ) as e:
                 last = e
             except self.openai.APIStatusError as e:
                 if e.status_code < 500:
@@ -655,15 +763,7 @@ class OpenAIJudge:
             )
 
     def request(self, prompt):
-        r = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=1,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=5,
-        )
-        return reply_p_yes(r)
+        return ask_chat(self.client, self.model, prompt, self.timeout)
 
     def api_entry(self, answer):
         i = self.db.match(answer_api_call(answer))
@@ -1261,57 +1361,45 @@ def judge_base_url(base_url):
     return base_url or os.environ.get("OPENAI_BASE_URL", "")
 
 
-# The probe's question has one right answer, so a judge that cannot say Yes to it cannot
-# judge at all. [connection check] at its start keeps it apart from the judge's prompts
-# (a test server counts it apart).
-PROBE_PROMPT = "[connection check] Is 2 + 2 equal to 4? Answer with a single word, Yes or No."
+# The probe's questions have known answers, one Yes and one No: a judge that cannot say Yes to the
+# first cannot judge, and neither can one that says the same to both (a judge that always said "No"
+# passed a Yes-only probe, and the run ended with a reward model trained on nothing). PROBE_MARK at
+# their start keeps them apart from the judge's prompts (a test server counts them apart).
+PROBE_MARK = "[connection check]"
+PROBES = (("Is 2 + 2 equal to 4?", "Yes"), ("Is 2 + 2 equal to 5?", "No"))
+
+
+def probe_prompt(question):
+    return f"{PROBE_MARK} {question} Answer with a single word, Yes or No."
 
 
 def probe_judge(base_url, model, timeout=30.0, log=log):
-    """One request of one output token, before any stage: does the endpoint answer, take the key,
-    serve the model and say Yes or No? A problem line naming the URL and the model, or None. Whether
-    log-probabilities came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
+    """One request of one output token per PROBES question, before any stage: does the endpoint
+    answer within `timeout` seconds in all, take the key, serve the model, and say Yes where the
+    answer is Yes and No where it is No? A problem line naming the URL and the model, or None.
+    Whether log-probabilities came back is logged (without them P(yes) is 0 or 1: reply_p_yes)."""
     import openai
 
     where = f"the judge endpoint {base_url or 'https://api.openai.com/v1'} (--judge-model {model})"
     client = openai.OpenAI(
         api_key=judge_api_key(base_url), base_url=base_url or None, timeout=timeout, max_retries=0
     )
-    try:
-        _, _, from_text = reply_p_yes(
-            client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": PROBE_PROMPT}],
-                max_tokens=1,
-                temperature=0,
-                logprobs=True,
-                top_logprobs=5,
+    from_text = False
+    for question, known in PROBES:
+        prompt = probe_prompt(question)
+        try:
+            p_yes, _, text = ask_chat(client, model, prompt, timeout)
+        except Exception as e:  # what it means, or raised again: probe_problem
+            return probe_problem(e, where, prompt, log)
+        said = "Yes" if p_yes > 0.5 else "No" if p_yes < 0.5 else "neither"
+        if said != known:
+            return (
+                f"{where}: asked {prompt!r}, it said {said} (P(yes) {p_yes:.2f}) where the answer "
+                f"is {known}: a judge that gets a known answer wrong cannot judge the answers"
             )
-        )
-    # it answers; the judge's retries wait for it, unless the money is gone
-    except openai.RateLimitError as e:
-        if "insufficient_quota" in str(e):
-            return f"{where}: no quota left (429 insufficient_quota)"
-        log(
-            f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as it "
-            "asks"
-        )
-        return None
-    except openai.NotFoundError as e:
-        return f"{where}: 404, the model is not served there, or the URL does not end in /v1 ({e})"
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-        return f"{where}: the key was refused ({e.status_code}); check OPENAI_API_KEY"
-    except openai.APIStatusError as e:
-        return f"{where}: HTTP {e.status_code} to one request ({str(e)[:200]})"
-    except openai.APIConnectionError as e:  # time-outs too
-        cause = f" ({e.__cause__})" if e.__cause__ else ""
-        return f"{where}: unreachable, {type(e).__name__}: {e}{cause}. Is the server running?"
-    except UnusableReply as e:
-        return f"{where}: asked {PROBE_PROMPT!r}, {e}: it cannot answer the judge's questions"
-    except (JudgeError, ValueError, openai.APIResponseValidationError) as e:  # ValueError: not JSON
-        return f"{where}: not an OpenAI chat completion ({e})"
+        from_text = from_text or text
     log(
-        f"[rlaif] judge probe: {where} answers "
+        f"[rlaif] judge probe: {where} answers Yes and No right, "
         + (
             "WITHOUT log-probabilities: P(yes) will be 0 or 1 (counted in feedback/done.json)"
             if from_text
@@ -1319,6 +1407,35 @@ def probe_judge(base_url, model, timeout=30.0, log=log):
         )
     )
     return None
+
+
+def probe_problem(e, where, prompt, log=log):
+    """The problem line for a probe request that failed with `e`, or None for a rate limit (the
+    judge's retries wait for it, unless the money is gone); an unexpected error is raised again."""
+    import openai
+
+    if isinstance(e, openai.RateLimitError):
+        if "insufficient_quota" in str(e):
+            return f"{where}: no quota left (429 insufficient_quota)"
+        log(f"[rlaif] judge probe: {where} is rate-limited (429) now; the judge will wait as asked")
+        return None
+    if isinstance(e, openai.NotFoundError):
+        return f"{where}: 404, the model is not served there, or the URL does not end in /v1 ({e})"
+    if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return f"{where}: the key was refused ({e.status_code}); check OPENAI_API_KEY"
+    if isinstance(e, openai.APIStatusError):
+        return f"{where}: HTTP {e.status_code} to one request ({str(e)[:200]})"
+    if isinstance(e, ReplyTooSlow):
+        return f"{where}: {e} to {prompt!r} (a server that sends bytes but never finishes?)"
+    if isinstance(e, openai.APIConnectionError):  # time-outs too
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        return f"{where}: unreachable, {type(e).__name__}: {e}{cause}. Is the server running?"
+    if isinstance(e, UnusableReply):
+        return f"{where}: asked {prompt!r}, {e}: it cannot answer the judge's questions"
+    # ValueError: not JSON
+    if isinstance(e, (JudgeError, ValueError, openai.APIResponseValidationError)):
+        return f"{where}: not an OpenAI chat completion ({e})"
+    raise e
 
 
 def judge_problems(base_url, model="gpt-3.5-turbo", log=log):
@@ -1455,9 +1572,30 @@ def p_yes_from_text(judge, feedback, samples, records):
     return counts
 
 
+def refuse_uniform_feedback(feedback, run):
+    """SystemExit, saying what the judge said, when every answer got the same score: no answer is
+    better than another, so the reward model would learn nothing (it stayed untrained, PPO followed
+    its noise, and the run ended 0 with an RLAIF row, when a judge said "No" to everything)."""
+    scores = [f.score for f in feedback]
+    if len(scores) < 2 or max(scores) - min(scores) > 1e-9:
+        return
+    said = ", ".join(
+        f"{k} {sum(f.answers[k] for f in feedback) / len(feedback):.2f}" for k, _, _ in QUESTIONS
+    )
+    raise SystemExit(
+        f"[reward] refused: {feedback[0].judge} gave all {len(scores)} answers the same score "
+        f"{scores[0]:.3f} (mean P(yes) per question: {said}), so no answer is better than another "
+        "and the reward model would learn nothing. Check that the judge answers the questions, "
+        f"then python rlaif.py --run-dir {run} --from feedback (with --judge-base-url / "
+        "--judge-model of a working judge) judges again."
+    )
+
+
 def reward_stage(cfg, run, splits):
     """Stage 4: the reward model, initialised from the SFT model, trained on the feedback,
     normalised on the policy's samples."""
+    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
+    refuse_uniform_feedback(feedback, run)
     tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     if cfg.rm.tools:
@@ -1466,7 +1604,6 @@ def reward_stage(cfg, run, splits):
     rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(
         cfg.device
     )
-    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     metrics = train_reward_model(
         rm,
         samples,

@@ -1,17 +1,24 @@
 """A minimal OpenAI-compatible chat-completions server on 127.0.0.1 for tests: each request takes
 the next scripted behaviour (or the default) and every request is counted.
 
-Behaviours (a script entry, `default`, or what `mode_for(body)` returns for one request): "logprobs"
-(Yes/No with log-probabilities), "text" (Yes/No without them), "text_other" ("Maybe"), "429" (with a
-Retry-After header when `retry_after` is set), "500", "404", "malformed" (not JSON), "hang" (5 s, no
-reply), "down" (the connection is closed without a reply: the client sees a connection error). For a
-while: rate_limit(seconds, retry_after) answers every request 429, down(seconds) drops every
-connection. `models`: the only models served (404 for others). The judge's probe ("[connection
-check] ...") is counted in `probes`, not `requests`, and takes no script entry. `replies` counts
-what was answered, by behaviour."""
+Behaviours (a script entry, `default`, or what `mode_for(body)` returns for one request):
+"logprobs" (Yes/No with log-probabilities), "text" (Yes/No without them), "text_other"
+(`other_text`, "Maybe" unless set), "429" (with a Retry-After header when `retry_after` is set),
+"500", "404", "malformed" (not JSON), "hang" (5 s, no reply), "down" (the connection is closed
+without a reply: the client sees a connection error). Broken judges: "nan" (log-probabilities
+NaN), "huge" (Yes at log-probability +1000), "tiny" (Yes and No both at -1e4), "always_no" ("No"
+at P(yes) 0.05, to every question and probe; "always_yes" at 0.95), "empty_choices" (a 200 chat
+completion whose `choices` is []), "slowloris" (a valid reply sent one byte every `drip` seconds,
+for `slowloris_for` seconds at most, then the connection is closed). For a while:
+rate_limit(seconds, retry_after) answers every request 429, down(seconds) drops every connection.
+`models`: the only models served (404 for others). `p_yes`: a number, or a function of the
+request's body. The judge's probe ("[connection check] Is 2 + 2 equal to N?") is counted in
+`probes`, not `requests`, takes no script entry, and is answered right (Yes for N = 4) in the
+modes that say Yes or No. `replies` counts what was answered, by behaviour."""
 
 import json
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -26,6 +33,7 @@ class FakeOpenAI:
         self.requests, self.probes, self.replies, self.lock = [], [], Counter(), threading.Lock()
         self.mode_for, self.retry_after, self.models, self.prompt_tokens = None, None, None, 100
         self.limited_until = self.down_until = 0.0
+        self.other_text, self.drip, self.slowloris_for = "Maybe", 5.0, 60.0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,7 +63,22 @@ class FakeOpenAI:
                     )
                 if mode == "malformed":
                     return self.reply(200, None, raw=b"{not json")
+                if mode == "slowloris":
+                    return self.slowloris(json.dumps(owner.completion(body, "logprobs")).encode())
                 return self.reply(200, owner.completion(body, mode))
+
+            def slowloris(self, data):
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                end = time.time() + owner.slowloris_for
+                for i in range(len(head + data)):
+                    if time.time() > end:
+                        break
+                    try:
+                        self.wfile.write((head + data)[i : i + 1])
+                    except OSError:  # the client gave up
+                        break
+                    time.sleep(owner.drip)
+                self.close_connection = True
 
             def reply(self, code, obj, raw=None, headers=None):
                 data = raw if raw is not None else json.dumps(obj).encode()
@@ -101,30 +124,44 @@ class FakeOpenAI:
         """Every connection is dropped without a reply for `seconds` from now."""
         self.down_until = time.time() + seconds
 
+    def p_yes_for(self, body):
+        """P(yes) of this request's reply: a probe's is on the right side of 0.5 (Yes for
+        "equal to 4"), except from a judge that always says No."""
+        content = body["messages"][0]["content"]
+        p = self.p_yes(body) if callable(self.p_yes) else self.p_yes
+        if content.startswith(PROBE_MARK):
+            truth = re.search(r"equal to (\d+)", content).group(1) == "4"
+            p = max(p, 1 - p) if truth else min(p, 1 - p)
+        return p
+
     def completion(self, body, mode):
-        word = "Yes" if self.p_yes >= 0.5 else "No"
+        p_yes = dict(always_no=0.05, always_yes=0.95).get(mode) or self.p_yes_for(body)
+        word = "Yes" if p_yes >= 0.5 else "No"
         choice = {
             "index": 0,
             "finish_reason": "stop",
             "message": {"role": "assistant", "content": word},
         }
-        if mode == "logprobs":
+        if mode in ("logprobs", "nan", "huge", "tiny", "always_no", "always_yes"):
+            yes, no = dict(nan=(math.nan, math.nan), huge=(1000.0, -1.0), tiny=(-1e4, -1e4)).get(
+                mode, (math.log(p_yes), math.log(1 - p_yes))
+            )
             top = [
-                {"token": "Yes", "logprob": math.log(self.p_yes), "bytes": None},
-                {"token": "No", "logprob": math.log(1 - self.p_yes), "bytes": None},
+                {"token": "Yes", "logprob": yes, "bytes": None},
+                {"token": "No", "logprob": no, "bytes": None},
             ]
             choice["logprobs"] = {
                 "content": [
                     {
                         "token": word,
-                        "logprob": top[0]["logprob"],
+                        "logprob": yes if word == "Yes" else no,
                         "bytes": None,
                         "top_logprobs": top,
                     }
                 ]
             }
         if mode == "text_other":
-            choice["message"]["content"] = "Maybe"
+            choice["message"]["content"] = self.other_text
         n = self.prompt_tokens
         usage = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
         return {
@@ -132,7 +169,7 @@ class FakeOpenAI:
             "object": "chat.completion",
             "created": 0,
             "model": body["model"],
-            "choices": [choice],
+            "choices": [] if mode == "empty_choices" else [choice],
             "usage": usage,
         }
 

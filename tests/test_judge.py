@@ -5,6 +5,7 @@ whole command (rlaif.main on a run whose SFT and sampling are done), with small 
 Retry-After values of a second or two."""
 
 import functools
+import hashlib
 import json
 import re
 import socket
@@ -245,10 +246,11 @@ def judge_config(server_url, **settings):
     )
 
 
-def test_check_ready_probes_the_endpoint_with_one_cheap_request(server, capsys):
+def test_check_ready_probes_the_endpoint_with_two_cheap_requests(server, capsys):
+    """One question whose answer is Yes, one whose answer is No (reward.PROBES)."""
     rlaif.check_ready(judge_config(server.url))
-    assert len(server.probes) == 1 and server.requests == []
-    assert server.probes[0]["max_tokens"] == 1 and server.probes[0]["model"] == "gpt-3.5-turbo"
+    assert len(server.probes) == 2 and server.requests == []
+    assert all(p["max_tokens"] == 1 and p["model"] == "gpt-3.5-turbo" for p in server.probes)
     assert "with log-probabilities" in capsys.readouterr().out
     server.default = "text"
     rlaif.check_ready(judge_config(server.url))
@@ -339,3 +341,207 @@ def test_a_price_given_with_judge_price_keeps_the_cap(server, tmp_path, train):
     )
     with pytest.raises(SystemExit, match="--judge-price 'abc': give USD per million"):
         rlaif_until_feedback(run, "--judge-price", "abc")
+
+
+# -----------------------------------------------------------------------------
+# 6. Log-probabilities that are no probability (issue 46)
+
+
+def judge_cache(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["nan", "huge"])
+def test_logprobs_that_are_no_probability_leave_the_reply_unscored(server, tmp_path, mode):
+    """NaN log-probabilities became NaN scores; +1000 an OverflowError. Both are a reply without
+    an answer: paid and recorded, asked again twice, then the judge gives up."""
+    server.default = mode
+    j = judge_alone(server, tmp_path, **QUIET)
+    with pytest.raises(reward.JudgeError, match="log-probabilities that are no probability"):
+        j.ask("q")
+    assert len(server.requests) == 1 + reward.UNUSABLE_RETRIES
+    rows = judge_cache(tmp_path)
+    assert len(rows) == len(server.requests) and all(r["unusable"] == "Yes" for r in rows)
+    assert not any("p_yes" in r for r in rows)
+
+
+def test_tiny_logprobs_give_a_finite_p_yes(server, tmp_path):
+    """Yes and No both at -1e4 (ZeroDivisionError: exp underflows to 0) is 0.5; the candidates
+    of one word are summed."""
+    server.default = "tiny"
+    assert judge_alone(server, tmp_path).ask("q") == 0.5
+    assert judge_cache(tmp_path)[0]["p_yes"] == 0.5
+    top = [("Yes", -1e4), (" yes", -1e4), ("No.", -1e4), ("Not", 0.0)]
+    assert reward.p_yes_of_logprobs(top) == pytest.approx(2 / 3)
+
+
+def test_nan_logprobs_mid_run_leave_the_stage_not_done(server, tmp_path, train):
+    """The issue's run: feedback done with NaN scores, the reward model trained on 0 pairs, exit
+    status 0. Now nothing is scored, nothing is done, and the message says why."""
+    run = make_run(tmp_path, server, train, n=3)
+    server.mode_for = lambda body: None if is_probe(body) else "nan"
+    with pytest.raises(SystemExit, match="scored none of the 3 answer.*no probability"):
+        rlaif_until_feedback(run)
+    assert not (run / "feedback" / "done.json").exists()
+    assert not (run / RUN_FILES["feedback_partial"]).exists()
+    assert len(server.requests) == 3 * (1 + reward.UNUSABLE_RETRIES)
+    assert not any("p_yes" in r for r in cache_rows(run))
+
+
+# -----------------------------------------------------------------------------
+# 7. A text answer is exactly Yes or No
+
+
+@pytest.mark.parametrize(
+    "text, p_yes",
+    [("Not", None), ("Nope", None), ("Yesterday", None), ("Yes.", 1.0), ("no!", 0.0), ("YES", 1.0)],
+)
+def test_a_text_answer_is_exactly_yes_or_no(server, tmp_path, text, p_yes):
+    """ "Not" was read as No (864 judgements at P(yes) 0). Case and punctuation are trimmed."""
+    server.default, server.other_text = "text_other", text
+    j = judge_alone(server, tmp_path, **QUIET)
+    if p_yes is None:
+        with pytest.raises(reward.JudgeError, match=f"replied {text!r}, neither Yes nor No"):
+            j.ask("q")
+        assert len(server.requests) == 1 + reward.UNUSABLE_RETRIES
+        assert [r["unusable"] for r in judge_cache(tmp_path)] == [text] * len(server.requests)
+    else:
+        assert j.ask("q") == p_yes and len(server.requests) == 1
+        assert judge_cache(tmp_path)[0]["text"] is True
+
+
+# -----------------------------------------------------------------------------
+# 8. The probe has a known Yes and a known No; one score for every answer stops the run
+
+
+@pytest.mark.parametrize(
+    "mode, said, probes",
+    [
+        ("nan", "log-probabilities that are no probability", 1),
+        ("huge", "log-probabilities that are no probability", 1),
+        ("not", "replied 'Not', neither Yes nor No: it cannot answer", 1),
+        ("always_no", r"equal to 4\?.*it said No \(P\(yes\) 0\.05\) where the answer is Yes", 1),
+        ("always_yes", r"equal to 5\?.*it said Yes \(P\(yes\) 0\.95\) where the answer is No", 2),
+    ],
+)
+def test_the_probe_refuses_a_judge_that_gets_a_known_answer_wrong(server, mode, said, probes):
+    server.default = "text_other" if mode == "not" else mode
+    server.other_text = "Not"
+    with pytest.raises(SystemExit, match=said):
+        rlaif.check_ready(judge_config(server.url))
+    assert len(server.probes) == probes and server.requests == []
+
+
+def test_feedback_with_one_score_for_every_answer_stops_before_the_reward_model(
+    server, tmp_path, train
+):
+    """A judge that says No to every question (after a good probe): the feedback is what it said
+    (done), and the reward stage refuses it, saying so, before any model is loaded."""
+    run = make_run(tmp_path, server, train, n=3)
+    server.mode_for = lambda body: None if is_probe(body) else "always_no"
+    rlaif_until_feedback(run)
+    assert done_json(run)["judged"] == 3 and len(server.requests) == 3 * len(reward.QUESTIONS)
+    said = (
+        r"gave all 3 answers the same score 0\.050 \(mean P\(yes\) per question: "
+        r"domain_right 0\.05, .*--from feedback"
+    )
+    with pytest.raises(SystemExit, match=said):
+        rlaif.main(["--run-dir", str(run), "--until", "reward"])
+    assert not (run / "reward" / "done.json").exists()
+    assert not (run / RUN_FILES["reward_model"]).exists()
+    assert len(server.requests) == 3 * len(reward.QUESTIONS)  # nothing asked again
+
+
+# -----------------------------------------------------------------------------
+# 9. A total deadline per request
+
+
+def test_a_slowloris_reply_is_cut_at_the_total_deadline(server, tmp_path):
+    """One byte every 0.2 s never trips a 1 s per-read timeout (it held a run for 400 s); the
+    request's wall-clock deadline of 1 s does, for the judge and for the probe."""
+    server.default, server.drip, server.slowloris_for = "slowloris", 0.2, 6.0
+    j = judge_alone(server, tmp_path, timeout=1.0, max_retries=1, **QUIET)
+    t0 = time.time()
+    with pytest.raises(
+        reward.JudgeError, match="2 attempts: ReplyTooSlow: no complete reply within 1 s"
+    ):
+        j.ask("q")
+    assert time.time() - t0 < 4 and len(server.requests) == 2
+    assert not (tmp_path / "cache.jsonl").exists()  # nothing answered, nothing stored
+    t0 = time.time()
+    problem = reward.probe_judge(server.url, "gpt-3.5-turbo", timeout=1.0, **QUIET)
+    assert "no complete reply within 1 s" in problem and time.time() - t0 < 3
+    assert len(server.probes) == 1
+
+
+# -----------------------------------------------------------------------------
+# 10. The cache is the judge's: endpoint and model
+
+
+def test_another_judge_does_not_reuse_the_cached_answers(server, tmp_path, train):
+    """--from feedback with another --judge-base-url sent only the probe and reused the old judge's
+    answers under the new judge's name. Now the new judge answers every question; the cache keeps
+    both (append-only) and the first judge's answers still serve the first judge."""
+    run = make_run(tmp_path, server, train, n=2)
+    rlaif_until_feedback(run)
+    first = len(server.requests)
+    other = FakeOpenAI(p_yes=0.3)
+    try:
+        rlaif_until_feedback(run, "--from", "feedback", "--judge-base-url", other.url)
+        assert len(other.requests) == 2 * len(reward.QUESTIONS) and len(server.requests) == first
+        assert done_json(run)["judge"] == f"LLM judge gpt-3.5-turbo at {other.url}"
+        feedback = [json.loads(x) for x in (run / RUN_FILES["feedback"]).read_text().splitlines()]
+        assert all(p == pytest.approx(0.3) for f in feedback for p in f["answers"].values())
+        assert len(cache_rows(run)) == 4 * len(reward.QUESTIONS)
+        rlaif_until_feedback(run, "--from", "feedback", "--judge-base-url", server.url)
+        assert len(server.requests) == first and len(other.requests) == 2 * len(reward.QUESTIONS)
+    finally:
+        other.close()
+
+
+def test_an_old_cache_line_is_read_for_its_cost_and_not_reused(server, tmp_path):
+    """A line of the old format (key: model and prompt, no endpoint) could be any endpoint's: its
+    USD still counts towards the cap, its answer is asked again."""
+    old_key = hashlib.sha256(b"gpt-3.5-turbo\nq").hexdigest()
+    old = dict(key=old_key, p_yes=0.99, text=False, tokens=[100, 1], usd=0.001)
+    (tmp_path / "cache.jsonl").write_text(json.dumps(old) + "\n")
+    j = judge_alone(server, tmp_path)
+    assert j.spent_usd() == pytest.approx(0.001)
+    assert j.ask("q") == pytest.approx(0.8) and len(server.requests) == 1
+    assert judge_cache(tmp_path)[0] == old  # append-only
+
+
+# -----------------------------------------------------------------------------
+# 11. A price is two finite numbers
+
+
+@pytest.mark.parametrize("price", ["nan,nan", "inf,inf", "1,nan"])
+def test_a_price_that_is_not_finite_is_refused_before_any_request(server, tmp_path, train, price):
+    """--judge-price nan,nan sent all 864 requests past --judge-max-usd 0.001 (spend NaN)."""
+    run = make_run(tmp_path, server, train, judge_model="gpt-4o", judge_max_usd=0.001)
+    with pytest.raises(SystemExit, match=rf"--judge-price '{price}': .*two finite numbers >= 0"):
+        rlaif_until_feedback(run, "--judge-price", price)
+    assert server.requests == [] and server.probes == []
+    assert not (run / "feedback").exists()
+
+
+# -----------------------------------------------------------------------------
+# 12. A malformed reply that repeats stops early
+
+
+def test_a_repeated_empty_choices_reply_stops_after_two_tries(server, tmp_path, train):
+    """200 with `choices: []` after the first answer: each answer gets MALFORMED_TRIES tries (the
+    transport's retries and backoff took 387 s), and the stage stops after three in a row."""
+    run = make_run(tmp_path, server, train, n=6)
+    server.script = ["logprobs"] * len(reward.QUESTIONS) + ["empty_choices"] * 100
+    said = (
+        r"5 of 6 answers have no score: the judge gave up on 3 \(the last: gave up after 2 "
+        r"attempts: MalformedReply: malformed reply, not a chat completion with a choice"
+    )
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=said):
+        rlaif_until_feedback(run)
+    assert server.replies["empty_choices"] == 3 * reward.MALFORMED_TRIES == 6
+    assert time.time() - t0 < 10
+    assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 1
+    assert len(cache_rows(run)) == len(reward.QUESTIONS)  # a malformed reply stores nothing

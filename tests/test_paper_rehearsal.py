@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,14 @@ def test_paper_configuration_rehearsal(tmp_path):
     train_file = tmp_path / "huggingface_train.json"
     lines = (ROOT / "data" / "gorilla" / "huggingface_eval.json").read_text().splitlines()
     train_file.write_text("\n".join(lines[:40]) + "\n")
-    server = FakeOpenAI(default="logprobs", p_yes=0.7)
+    # P(yes) varies with the prompt: feedback with one score for every answer is refused before
+    # the reward model (reward.refuse_uniform_feedback)
+    server = FakeOpenAI(
+        default="logprobs",
+        p_yes=lambda body: (
+            0.2 + 0.6 * (zlib.crc32(body["messages"][0]["content"].encode()) % 101) / 100
+        ),
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")} | {
         "HF_HUB_OFFLINE": "1"
     }
