@@ -90,8 +90,14 @@ GRACE = 10.0  # seconds we wait beyond the timeout for the supervisor to say "ti
 # The scratch tmpfs is mounted here inside each snippet's own mount namespace; on the host it is one
 # permanent, always empty directory (namespaces are private, so snippets never see each other's).
 SCRATCH = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}"
+NEWROOT = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}-root"  # likewise: the root
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: dlopen between fork and exec could deadlock
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (the snippet's interpreter could not start): no snippet's
+    verdict, so evaluation stops instead of rating every snippet a failure."""
 
 
 # -----------------------------------------------------------------------------
@@ -329,11 +335,37 @@ def judge(status, reports, tail):
 
 # Runs as (namespace-)root inside the new mount namespace, then becomes the supervisor. $@: the
 # directories that stay writable besides the scratch tmpfs (real mode: the model cache).
+# The snippet gets a new root, a small tmpfs: the system's program directories (/usr, /etc, ...),
+# a few devices, and at their own paths only what it needs ($BINDS: the project, the interpreter,
+# the model cache). The host's writable tree (/tmp, /run, /home, ... with their Unix sockets) is not
+# in it, and intermediate directories are the tmpfs's (0755), so a project or a HOME in a 0700
+# directory is readable by uid 65534 without opening that directory on the host.
 MOUNT_SCRIPT = r"""
 set -e
 mount --make-rprivate /
-for w in "$@"; do mount --bind "$w" "$w"; done
-mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$SCRATCH"
+R="$NEWROOT"
+mount -t tmpfs -o size=1m,mode=0755 rlaif-root "$R"
+for d in usr etc opt bin sbin lib lib32 lib64 libx32; do
+  if [ -L "/$d" ]; then ln -s "$(readlink "/$d")" "$R/$d"
+  elif [ -d "/$d" ]; then mkdir "$R/$d"; mount --rbind "/$d" "$R/$d"; fi
+done
+mkdir -p "$R/dev" "$R/proc" "$R/sys" "$R/tmp" "$R$SCRATCH"
+for n in null zero full random urandom; do touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"; done
+mount --rbind /sys "$R/sys"
+printf '%s\n' "$BINDS" | while read -r kind path; do
+  case "$kind" in
+    dir) mkdir -p "$R$path"; mount --bind "$path" "$R$path" ;;
+    file) mkdir -p "$(dirname "$R$path")"; touch "$R$path"; mount --bind "$path" "$R$path" ;;
+    link) mkdir -p "$(dirname "$R$path")"; ln -sfn "$(readlink "$path")" "$R$path" ;;
+  esac
+done
+mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$R$SCRATCH"
+mount -t proc proc "$R/proc"
+mkdir "$R/.old-root"
+cd "$R"
+PATH="/usr/sbin:/sbin:$PATH" pivot_root . .old-root
+umount -l /.old-root
+rmdir /.old-root
 awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
   keep=0; for w in "$SCRATCH" "$@"; do [ "$m" = "$w" ] && keep=1; done
   [ "$keep" = 1 ] || mount -o remount,bind,ro "$m" 2>/dev/null \
@@ -343,12 +375,44 @@ done
 cd "$SCRATCH"  # the tmpfs, not the empty directory under it
 exec "$PYTHON" -I -c "$CHILD"
 """
+# In the new root already (MOUNT_SCRIPT): a path under one of these needs no bind of its own.
+SYSTEM_DIRS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def needed_paths(writable):
+    """What the snippet's interpreter needs besides the system directories: the project (its
+    stand-ins), the interpreter (venv and base installation), the writable model cache."""
+    paths = [ROOT, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *writable]
+    paths.append(os.path.dirname(os.path.realpath(sys.executable)))
+    paths.append(os.path.realpath("/etc/resolv.conf"))  # real mode: a link into /run is common
+    kept = []
+    for p in map(os.path.abspath, map(str, paths)):
+        if os.path.exists(p) and p not in kept and not p.startswith(SYSTEM_DIRS + ("/dev",)):
+            kept.append(p)
+    return [p for p in kept if not any(p.startswith(q + "/") for q in kept)]
+
+
+def bind_lines(paths):
+    """MOUNT_SCRIPT's $BINDS: "dir PATH", "file PATH" or "link PATH" lines. A directory others
+    cannot read and enter (a project copied into `mktemp -d`) keeps its mode when bound, so its
+    entries are bound one by one into the tmpfs's 0755 directory instead."""
+    lines = []
+    for p in paths:
+        if "\n" in p:
+            raise SandboxError(f"sandbox: a path with a newline cannot be bound: {p!r}")
+        entries = [p]
+        if os.path.isdir(p) and os.stat(p).st_mode & 0o005 != 0o005:
+            entries = [os.path.join(p, e) for e in sorted(os.listdir(p))]
+        for e in entries:
+            kind = "link" if os.path.islink(e) else "dir" if os.path.isdir(e) else "file"
+            lines.append(f"{kind} {e}")
+    return "\n".join(lines)
 
 
 def isolation_available():
     """None if the namespaces and tools work here, else the reason they do not."""
-    for tool in ("unshare", "setpriv", "mount"):
-        if shutil.which(tool) is None:
+    for tool in ("unshare", "setpriv", "mount", "pivot_root"):
+        if shutil.which(tool, path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) is None:
             return f"`{tool}` (util-linux) is not installed"
     probe = subprocess.run(
         namespace_command(offline=True) + ["true"], capture_output=True, text=True
@@ -381,6 +445,8 @@ def isolated_command(writable, offline, child_code, disk_mb):
         "env",
         f"TMPFS_OPTIONS={tmpfs}",
         f"SCRATCH={SCRATCH}",
+        f"NEWROOT={NEWROOT}",
+        f"BINDS={bind_lines(needed_paths(writable))}",
         f"PYTHON={sys.executable}",
         f"CHILD={child_code}",
     ]
@@ -388,12 +454,13 @@ def isolated_command(writable, offline, child_code, disk_mb):
 
 
 def scratch_mountpoint():
-    """The host side of the scratch directory: ours, a real directory
-    (not a link someone planted)."""
-    SCRATCH.mkdir(mode=0o755, exist_ok=True)
-    st = os.lstat(SCRATCH)
-    if not os.path.isdir(SCRATCH) or os.path.islink(SCRATCH) or st.st_uid != os.geteuid():
-        raise RuntimeError(f"sandbox: {SCRATCH} is not a directory of ours")
+    """The host side of the scratch directory and of the new root: ours, real directories
+    (not links someone planted)."""
+    for d in (SCRATCH, NEWROOT):
+        d.mkdir(mode=0o755, exist_ok=True)
+        st = os.lstat(d)
+        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.geteuid():
+            raise RuntimeError(f"sandbox: {d} is not a directory of ours")
     return SCRATCH
 
 
