@@ -8,9 +8,11 @@ Generated code is hostile until proven otherwise, so each snippet runs in fresh 
 operating system isolates (not Python: an audit hook can be switched off from inside, PEP 578):
   - namespaces (util-linux `unshare`): mount, PID, IPC, UTS, and in offline mode network, so the
     snippet sees only its own processes and a fresh /proc, and offline it has no network interface;
-  - every mount read-only except the snippet's scratch directory, a size-limited tmpfs mounted in
-    its own mount namespace (it vanishes with the namespace: nothing is left on disk), and in real
-    mode a model cache whose growth a watchdog bounds;
+  - a new root (pivot_root): the system directories, and at their own paths the project, the
+    interpreter and (real mode) the model cache; not the host's /tmp, /run or /home, so no host
+    Unix socket; every mount read-only except the snippet's scratch directory, a size-limited
+    tmpfs mounted in its own mount namespace (it vanishes with the namespace: nothing is left on
+    disk), and in real mode a model cache whose growth a watchdog bounds;
   - an unprivileged uid (65534 via `setpriv` when we are root; otherwise a user namespace with every
     capability dropped), no new privileges, a scrubbed environment;
   - a cgroup per snippet (v1 memory + pids, or v2 memory.max + pids.max) bounds the memory and the
@@ -24,15 +26,17 @@ Why `unshare` + `setpriv`: both ship with util-linux, already on every Linux mac
 where bubblewrap or nsjail would be one more system package to install.
 
 Who decides the verdict. Anything inside the snippet's process is readable and writable by it (its
-frames, `gc`, its file descriptors), so no secret lives there and the verdict is not written
-there. Inside the namespace a supervisor (first process, the namespace's root, not dumpable: the
-snippet can neither read its memory nor signal it) starts the runner as a separate process that
-drops to uid 65534 and execs a fresh interpreter. The supervisor alone holds the pipe to us; it
-judges from the runner's exit status and from one report the runner sends after the snippet
-returns. A snippet that exits early (`os._exit(0)`, `sys.exit(0)`, a signal) sends no report:
-`early_exit`. A snippet can at most imitate the runner's report ("I reached my end"), which it can
-also get by wrapping its lines in `try:`; it cannot write a verdict, touch another snippet's, or
-stop the supervisor from judging the timeout.
+frames, `gc`, its file descriptors), so no verdict travels through it. Inside the namespace a
+supervisor (first process, the namespace's root, not dumpable: the snippet can neither read its
+memory nor signal it) starts the snippet's interpreter as its child, which drops to uid 65534 and
+holds nothing of ours: stdin is /dev/null, stdout and stderr one pipe that only the supervisor
+reads. The verdict is what the kernel says of that child: the time limit, a signal, its exit
+status. 0 is executable, every other status a failure (the interpreter exits with a status per
+class: import, hallucinated_api, ...); the output only names the detail, and for status 0 carries
+the line our interpreter writes after the snippet's last line (`os._exit(0)` halfway: early_exit).
+A snippet can write anything there, so no output turns a nonzero status or a signal into
+"executable"; a snippet that catches its own errors and exits 0 is executable (docs/metrics.md).
+If the interpreter never starts (our side), that is an error (SandboxError), never a verdict.
 
 Two modes, one code path:
   real:    the snippet runs with the real libraries and network (downloads allowed), as a
@@ -55,7 +59,6 @@ import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -83,15 +86,34 @@ VERDICTS = (
     "no_code",
     "crashed",
 )
-RUNNER_VERDICTS = VERDICTS[:7]
+# The exit status of the snippet's interpreter for each way a snippet ends: the kernel reports it
+# to the supervisor, and 0 is the only executable one (any other status is a failure).
+EXIT_STATUS = {
+    "executable": 0,
+    "syntax": 10,
+    "import": 11,
+    "hallucinated_api": 12,
+    "runtime": 13,
+    "blocked": 14,
+    "early_exit": 15,
+}
+STATUS_VERDICT = {status: verdict for verdict, status in EXIT_STATUS.items()}
+START = b"[rlaif-sandbox: the snippet starts]\n"  # written before the snippet's first line runs
+HEAD = 4096  # bytes of output in which START must be (our imports may warn before it)
+END = "[rlaif-sandbox: the snippet ended] "  # our last line: END + "verdict: detail"
 SPEC_FILE = ".spec.json"  # what the runner needs (code, offline API tables); holds no secret
-REPORT_FD = 3  # the runner's socket to the supervisor
 GRACE = 10.0  # seconds we wait beyond the timeout for the supervisor to say "timeout"
 # The scratch tmpfs is mounted here inside each snippet's own mount namespace; on the host it is one
 # permanent, always empty directory (namespaces are private, so snippets never see each other's).
 SCRATCH = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}"
+NEWROOT = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}-root"  # likewise: the root
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: dlopen between fork and exec could deadlock
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (the snippet's interpreter could not start): no snippet's
+    verdict, so evaluation stops instead of rating every snippet a failure."""
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +171,10 @@ def run_snippet(spec):
     try:
         exec(compiled, scope)
     except BaseException as e:  # SystemExit too: only code that reaches its end is executable
-        return verdict_of(e), f"{type(e).__name__}: {e}"
+        try:
+            return verdict_of(e), f"{type(e).__name__}: {e}"
+        except BaseException:  # an exception whose str() fails is still its class
+            return verdict_of(e), type(e).__name__
     if standins.Checks.placeholders:
         return "executable", "placeholder inputs: " + ", ".join(
             sorted(set(map(str, standins.Checks.placeholders)))
@@ -158,18 +183,27 @@ def run_snippet(spec):
 
 
 def runner_main():
-    report = socket.socket(fileno=REPORT_FD)
+    """The snippet's interpreter (uid 65534, a child of the supervisor holding only stdin, stdout
+    and stderr): runs the snippet, ends with its verdict's exit status. Everything in this process
+    is the snippet's to change, so the supervisor believes of it only what the exit status allows: a
+    nonzero status (or a signal) is never executable, whatever was written."""
+    write, exit_ = os.write, os._exit  # bound before the snippet can replace them
     spec = json.loads(Path(SPEC_FILE).read_text())
     os.remove(SPEC_FILE)
-    report.send(b"started")  # from here on, an exit without a report is the snippet's early exit
+    write(1, START)  # before the snippet's first line: output without it means *we* failed
     verdict, detail = run_snippet(spec)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        report.send(json.dumps(dict(verdict=verdict, detail=detail[:500])).encode())
-    except OSError:  # the snippet closed or replaced our socket: no report, so not executable
-        pass
-    os._exit(0)
+    for stream in (sys.stdout, sys.stderr):  # closed or replaced by the snippet: not its failure
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    line = f"\n{END}{verdict}: {detail[:500]}\n".encode(errors="replace")
+    for fd in (2, 1):  # either reaches the supervisor, unless the snippet closed both
+        try:
+            write(fd, line)
+        except OSError:
+            pass
+    exit_(EXIT_STATUS.get(verdict, EXIT_STATUS["runtime"]))
 
 
 # -----------------------------------------------------------------------------
@@ -195,79 +229,65 @@ def supervise(job, lifeline):
     Path(SPEC_FILE).write_text(json.dumps(job["spec"]))
     if job["chown"]:
         os.chown(SPEC_FILE, NOBODY, NOBODY)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     out_r, out_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        start_runner(job["runner"], theirs.fileno(), out_w)
-    theirs.close()
+        start_runner(job["runner"], out_w)
     os.close(out_w)
-    return judge(*watch(job, pid, ours, out_r, lifeline))
+    return judge(*watch(job, pid, out_r, lifeline))
 
 
-def start_runner(argv, report_fd, out_fd):
-    """In the forked child: only the report socket and the output pipe survive into the runner."""
+def start_runner(argv, out_fd):
+    """In the forked child: the snippet's interpreter gets /dev/null, the output pipe, nothing
+    else (no descriptor of ours that a verdict could travel on)."""
     try:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
-        os.dup2(report_fd, REPORT_FD)
-        os.closerange(REPORT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         os.execvp(argv[0], argv)
     finally:
         os._exit(127)
 
 
-def watch(job, pid, ours, out_r, lifeline):
-    """Wait for the runner, keeping the tail of its output and its reports; (status,
-    reports, tail), status None at the time limit. Our host's death (lifeline at EOF)
-    ends us, hence the namespace."""
+def watch(job, pid, out_r, lifeline):
+    """Wait for the snippet's interpreter, keeping the head and the tail of its output; (status,
+    head, tail), status None at the time limit. Our host's death (lifeline at EOF) ends us, hence
+    the namespace."""
     deadline, next_disk = time.monotonic() + job["timeout"], 0.0
     cache_start = dir_size(job["cache_dir"]) if job["cache_dir"] else 0
-    reports, tail, status, open_fds = [], b"", None, [ours.fileno(), out_r, lifeline]
+    head, tail, status, open_fds = b"", b"", None, [out_r, lifeline]
     os.set_blocking(out_r, False)
-    ours.setblocking(False)
     while status is None and time.monotonic() < deadline:
         ready = select.select(open_fds, [], [], 0.05)[0]
         if lifeline in ready:
             os._exit(1)
         if out_r in ready:
             chunk = read_some(out_r)
+            head = (head + chunk)[:HEAD]
             tail = (tail + chunk)[-job["max_output"] :]
             if not chunk:
                 open_fds.remove(out_r)
-        # the first report and the last count: a flood cannot fill our memory
-        if ours.fileno() in ready:
-            message = recv_some(ours)
-            reports[1:] = [message] if message else reports[1:]
-            if not message:
-                open_fds.remove(ours.fileno())
         done, wait_status = os.waitpid(pid, os.WNOHANG)
         status = wait_status if done else None
         if job["cache_dir"] and time.monotonic() > next_disk:  # real mode: the shared model cache
             next_disk = time.monotonic() + 1.0
             if dir_size(job["cache_dir"]) - cache_start > job["cache_mb"] << 20:
-                return "disk", reports, tail
-    for _ in range(64):  # what was sent just before the exit
-        message = recv_some(ours)
-        if not message:
+                return "disk", head, tail
+    for _ in range(64):  # what was written just before the exit (a forked child may go on)
+        chunk = read_some(out_r)
+        if not chunk:
             break
-        reports[1:] = [message]
-    return (status if status is not None else "timeout"), reports, tail + read_some(out_r)
+        head = (head + chunk)[:HEAD]
+        tail = (tail + chunk)[-job["max_output"] :]
+    return (status if status is not None else "timeout"), head, tail
 
 
 def read_some(fd):
     try:
         return os.read(fd, 1 << 16)
     except BlockingIOError:
-        return b""
-
-
-def recv_some(sock):
-    try:
-        return sock.recv(1 << 16)
-    except (BlockingIOError, OSError):
         return b""
 
 
@@ -289,39 +309,35 @@ def dir_size(path, max_entries=200_000):
 SIGNAL_NAMES = {int(sig) for sig in signal.Signals}  # realtime signals have numbers but no name
 
 
-def judge(status, reports, tail):
-    """The verdict from the runner's exit status and its last report (sent
-    after the snippet returned)."""
-    lines = tail.decode(errors="replace").strip().splitlines()
-    last = lines[-1][:300] if lines else ""
+def judge(status, head, tail):
+    """The verdict from what the kernel says of the snippet's interpreter (time limit, signal, exit
+    status); its output only names the failure and gives the detail, and says "reached the end"
+    when the status is 0. A snippet can write anything there, so nothing written makes a nonzero
+    status or a signal executable."""
+    lines = [line for line in tail.decode(errors="replace").split("\n") if line.strip()]
+    ours = [line[len(END) :] for line in lines if line.startswith(END)]
+    theirs = [line for line in lines if not line.startswith(END) and line != START.decode()[:-1]]
+    last = theirs[-1][:300] if theirs else ""
     if status == "timeout":
         return dict(verdict="timeout", detail="killed at the time limit")
     if status == "disk":
         return dict(verdict="runtime", detail="killed: over the disk limit of the model cache")
+    if START not in head:  # no snippet code ran: the failure is ours, not the snippet's
+        return dict(error=f"the snippet's interpreter did not start: {last or status}")
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         if number == signal.SIGXCPU:
             return dict(verdict="timeout", detail="killed at the CPU time limit")
         name = signal.Signals(number).name if number in SIGNAL_NAMES else f"signal {number}"
         return dict(verdict="runtime", detail=f"killed by {name} ({last or 'no output'})")
-    if not reports or reports[0] != b"started":
-        return dict(
-            verdict="crashed", detail=f"the runner did not start ({last or os.WEXITSTATUS(status)})"
-        )
-    try:
-        report = json.loads(reports[-1])
-    except ValueError:
-        report = {}
-    if (
-        os.WEXITSTATUS(status) != 0
-        or not isinstance(report, dict)
-        or report.get("verdict") not in RUNNER_VERDICTS
-    ):
-        return dict(
-            verdict="early_exit",
-            detail=f"ended before its last line, exit {os.WEXITSTATUS(status)} ({last})",
-        )
-    return dict(verdict=report["verdict"], detail=str(report.get("detail", ""))[:500])
+    code = os.WEXITSTATUS(status)
+    verdict = "executable" if code == 0 else STATUS_VERDICT.get(code, "early_exit")
+    said = [line.split(": ", 1) for line in ours if line.split(": ", 1)[0] == verdict]
+    if code == 0 and not said:  # os._exit(0) halfway: our last line never came
+        return dict(verdict="early_exit", detail=f"ended before its last line, exit 0 ({last})")
+    if said:
+        return dict(verdict=verdict, detail=said[-1][-1][:500] if len(said[-1]) > 1 else "")
+    return dict(verdict=verdict, detail=f"exit status {code} ({last})")
 
 
 # -----------------------------------------------------------------------------
@@ -329,11 +345,39 @@ def judge(status, reports, tail):
 
 # Runs as (namespace-)root inside the new mount namespace, then becomes the supervisor. $@: the
 # directories that stay writable besides the scratch tmpfs (real mode: the model cache).
+# The snippet gets a new root, a small tmpfs: the system's program directories (/usr, /etc, ...),
+# a few devices, and at their own paths only what it needs ($BINDS: the project, the interpreter,
+# the model cache). The host's writable tree (/tmp, /run, /home, ... with their Unix sockets) is not
+# in it, and intermediate directories are the tmpfs's (0755), so a project or a HOME in a 0700
+# directory is readable by uid 65534 without opening that directory on the host.
 MOUNT_SCRIPT = r"""
 set -e
 mount --make-rprivate /
-for w in "$@"; do mount --bind "$w" "$w"; done
-mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$SCRATCH"
+R="$NEWROOT"
+mount -t tmpfs -o size=1m,mode=0755 rlaif-root "$R"
+for d in usr etc opt bin sbin lib lib32 lib64 libx32; do
+  if [ -L "/$d" ]; then ln -s "$(readlink "/$d")" "$R/$d"
+  elif [ -d "/$d" ]; then mkdir "$R/$d"; mount --rbind "/$d" "$R/$d"; fi
+done
+mkdir -p "$R/dev" "$R/proc" "$R/sys" "$R/tmp" "$R$SCRATCH"
+for n in null zero full random urandom; do
+  touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"
+done
+mount --rbind /sys "$R/sys"
+printf '%s\n' "$BINDS" | while read -r kind path; do
+  case "$kind" in
+    dir) mkdir -p "$R$path"; mount --bind "$path" "$R$path" ;;
+    file) mkdir -p "$(dirname "$R$path")"; touch "$R$path"; mount --bind "$path" "$R$path" ;;
+    link) mkdir -p "$(dirname "$R$path")"; ln -sfn "$(readlink "$path")" "$R$path" ;;
+  esac
+done
+mount -t tmpfs -o "$TMPFS_OPTIONS" rlaif-scratch "$R$SCRATCH"
+mount -t proc proc "$R/proc"
+mkdir "$R/.old-root"
+cd "$R"
+PATH="/usr/sbin:/sbin:$PATH" pivot_root . .old-root
+umount -l /.old-root
+rmdir /.old-root
 awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
   keep=0; for w in "$SCRATCH" "$@"; do [ "$m" = "$w" ] && keep=1; done
   [ "$keep" = 1 ] || mount -o remount,bind,ro "$m" 2>/dev/null \
@@ -343,12 +387,44 @@ done
 cd "$SCRATCH"  # the tmpfs, not the empty directory under it
 exec "$PYTHON" -I -c "$CHILD"
 """
+# In the new root already (MOUNT_SCRIPT): a path under one of these needs no bind of its own.
+SYSTEM_DIRS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def needed_paths(writable):
+    """What the snippet's interpreter needs besides the system directories: the project (its
+    stand-ins), the interpreter (venv and base installation), the writable model cache."""
+    paths = [ROOT, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *writable]
+    paths.append(os.path.dirname(os.path.realpath(sys.executable)))
+    paths.append(os.path.realpath("/etc/resolv.conf"))  # real mode: a link into /run is common
+    kept = []
+    for p in map(os.path.abspath, map(str, paths)):
+        if os.path.exists(p) and p not in kept and not p.startswith(SYSTEM_DIRS + ("/dev",)):
+            kept.append(p)
+    return [p for p in kept if not any(p.startswith(q + "/") for q in kept)]
+
+
+def bind_lines(paths):
+    """MOUNT_SCRIPT's $BINDS: "dir PATH", "file PATH" or "link PATH" lines. A directory others
+    cannot read and enter (a project copied into `mktemp -d`) keeps its mode when bound, so its
+    entries are bound one by one into the tmpfs's 0755 directory instead."""
+    lines = []
+    for p in paths:
+        if "\n" in p:
+            raise SandboxError(f"sandbox: a path with a newline cannot be bound: {p!r}")
+        entries = [p]
+        if os.path.isdir(p) and os.stat(p).st_mode & 0o005 != 0o005:
+            entries = [os.path.join(p, e) for e in sorted(os.listdir(p))]
+        for e in entries:
+            kind = "link" if os.path.islink(e) else "dir" if os.path.isdir(e) else "file"
+            lines.append(f"{kind} {e}")
+    return "\n".join(lines)
 
 
 def isolation_available():
     """None if the namespaces and tools work here, else the reason they do not."""
-    for tool in ("unshare", "setpriv", "mount"):
-        if shutil.which(tool) is None:
+    for tool in ("unshare", "setpriv", "mount", "pivot_root"):
+        if shutil.which(tool, path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) is None:
             return f"`{tool}` (util-linux) is not installed"
     probe = subprocess.run(
         namespace_command(offline=True) + ["true"], capture_output=True, text=True
@@ -381,6 +457,8 @@ def isolated_command(writable, offline, child_code, disk_mb):
         "env",
         f"TMPFS_OPTIONS={tmpfs}",
         f"SCRATCH={SCRATCH}",
+        f"NEWROOT={NEWROOT}",
+        f"BINDS={bind_lines(needed_paths(writable))}",
         f"PYTHON={sys.executable}",
         f"CHILD={child_code}",
     ]
@@ -388,12 +466,13 @@ def isolated_command(writable, offline, child_code, disk_mb):
 
 
 def scratch_mountpoint():
-    """The host side of the scratch directory: ours, a real directory
-    (not a link someone planted)."""
-    SCRATCH.mkdir(mode=0o755, exist_ok=True)
-    st = os.lstat(SCRATCH)
-    if not os.path.isdir(SCRATCH) or os.path.islink(SCRATCH) or st.st_uid != os.geteuid():
-        raise RuntimeError(f"sandbox: {SCRATCH} is not a directory of ours")
+    """The host side of the scratch directory and of the new root: ours, real directories
+    (not links someone planted)."""
+    for d in (SCRATCH, NEWROOT):
+        d.mkdir(mode=0o755, exist_ok=True)
+        st = os.lstat(d)
+        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.geteuid():
+            raise RuntimeError(f"sandbox: {d} is not a directory of ours")
     return SCRATCH
 
 
@@ -685,11 +764,14 @@ class Sandbox:
         return env
 
     def run(self, code, base_spec):
-        """(verdict, detail) of one snippet; anything that goes wrong on our side is 'crashed'."""
+        """(verdict, detail) of one snippet; anything that goes wrong on our side is 'crashed',
+        except a snippet's interpreter that cannot start: no snippet would run, so SandboxError."""
         if not code.strip():
             return "no_code", "the answer has no code section"
         try:
             return self.run_in(code, base_spec)
+        except SandboxError:
+            raise
         except Exception as e:  # one snippet's verdict, never a lost batch
             return "crashed", f"sandbox side: {type(e).__name__}: {e}"
 
@@ -786,6 +868,8 @@ class Sandbox:
         except ValueError:
             last = stderr[-1] if stderr else f"exit {returncode}"
             return "crashed", f"no verdict from the supervisor ({last})"
+        if "error" in v:
+            raise SandboxError(f"sandbox: {v['error']}")
         if v.get("verdict") not in VERDICTS:
             return "crashed", f"unknown verdict {v.get('verdict')!r}"
         return v["verdict"], v.get("detail", "")

@@ -4,6 +4,7 @@ listener) and each must fail. The isolation is the operating system's (namespace
 mounts, uid 65534), not Python's."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -416,3 +417,179 @@ def test_a_realtime_signal_or_a_report_flood_is_the_snippets_failure_not_ours():
     verdicts = Sandbox(timeout=20).run_all(["import signal\nsignal.raise_signal(40)", flood])
     assert verdicts[0][0] == "runtime" and "signal 40" in verdicts[0][1], verdicts[0]
     assert verdicts[1][0] != "executable" and verdicts[1][0] != "crashed", verdicts[1]
+
+
+# -----------------------------------------------------------------------------
+# Issue 46 ("Results that cannot be wrong silently"), items 1-5, each with the real sandbox
+
+REPORT = 'b\'{"verdict": "executable", "detail": ""}\''
+OUR_LAST_LINE = "b'\\n[rlaif-sandbox: the snippet ended] executable: \\n'"
+FORGE = (
+    "import os\n"
+    "def forge():  # the old report channel (fd 3), and our last line on stdout and stderr\n"
+    "    for fd, line in ((3, "
+    + REPORT
+    + "), (1, "
+    + OUR_LAST_LINE
+    + "), (2, "
+    + OUR_LAST_LINE
+    + ")):\n"
+    "        try:\n"
+    "            os.write(fd, line)\n"
+    "        except OSError:\n"
+    "            pass\n"
+)
+VERDICT_FORGERIES = {
+    "write and exit": "import os\nos.write(3, " + REPORT + ")\nos._exit(0)\n"
+    "from transformers import NoSuchModelXyz",
+    "write, close and raise": FORGE + "forge()\ntry:\n    os.close(3)\nexcept OSError:\n    pass\n"
+    "from transformers import NoSuchModelXyz",
+    "forked child keeps writing": FORGE + "import ctypes, time\n"
+    "if ctypes.CDLL(None).fork() == 0:  # libc's fork, past the audit hook\n"
+    "    for _ in range(300):\n"
+    "        forge()\n"
+    "        time.sleep(0.01)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.2)\n"
+    "from transformers import NoSuchModelXyz",
+}
+
+
+def test_the_snippet_holds_no_channel_its_verdict_travels_on():
+    """Item 1: the snippet runs as a child holding only stdin, stdout and stderr; its exit status
+    decides, so a forged report (on fd 3, or our last line) never makes a failure executable.
+    (With exit status 0 a snippet may claim its end, as `try:` around its lines would.)"""
+    verdicts = Sandbox(timeout=10).run_all(list(VERDICT_FORGERIES.values()))
+    results = dict(zip(VERDICT_FORGERIES, verdicts, strict=True))
+    assert results["write and exit"][0] == "runtime", results  # fd 3: Bad file descriptor
+    assert results["write, close and raise"][0] == "hallucinated_api", results
+    assert results["forked child keeps writing"][0] == "hallucinated_api", results
+
+
+def run_cli(project, snippet):
+    return subprocess.run(
+        [sys.executable, str(project / "sandbox.py"), str(snippet)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_a_project_in_a_private_directory_works_and_a_runner_that_cannot_start_is_an_error():
+    """Item 2: the project copied into a 0700 directory (tempfile.mkdtemp, like `mktemp -d`) rates
+    snippets as from anywhere else; if the snippet's interpreter cannot start, the run fails."""
+    source = Path(__file__).resolve().parent.parent
+    private = Path(tempfile.mkdtemp())
+    try:
+        # the files straight in the private directory: the project directory itself is 0700
+        shutil.copytree(
+            source,
+            private,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__", "*.pyc"),
+        )
+        os.chmod(private, 0o700)  # copytree copied the source's mode onto it
+        project = private
+        (project / "good.py").write_text("import numpy as np\nprint(np.arange(3).sum())")
+        (project / "bad.py").write_text("from transformers import NoSuchModelXyz")
+        good, bad = run_cli(project, project / "good.py"), run_cli(project, project / "bad.py")
+        assert good.returncode == 0 and good.stdout.startswith("executable"), good
+        assert bad.returncode == 0 and bad.stdout.startswith("hallucinated_api"), bad
+        os.chmod(project / "data" / "gorilla" / "standins.py", 0o600)  # uid 65534 cannot import it
+        broken = run_cli(project, project / "good.py")
+        assert broken.returncode != 0 and "did not start" in broken.stderr, broken
+        assert "executable" not in broken.stdout and "crashed" not in broken.stdout, broken
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+SOCKET_ESCAPE = (
+    "import ctypes, struct\n"
+    "libc = ctypes.CDLL(None, use_errno=True)  # past the audit hook: the kernel must refuse\n"
+    "sent = []\n"
+    "for path in ({fs!r}, {abstract!r}):\n"
+    "    fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM\n"
+    "    addr = struct.pack('H', 1) + path\n"
+    "    if libc.connect(fd, addr, len(addr)) == 0 and libc.write(fd, b'escaped', 7) == 7:\n"
+    "        sent.append(path)\n"
+    "assert not sent, sent\n"
+)
+
+
+def test_offline_no_host_unix_socket_is_reachable():
+    """Item 3: a listening Unix socket (mode 0777, in a 0755 host directory) and an abstract one:
+    offline, the snippet reaches neither (a new root without the host's /tmp, a new network
+    namespace for abstract names)."""
+    host = Path(tempfile.mkdtemp(prefix="rlaif-sock-"))
+    os.chmod(host, 0o755)
+    fs_path, abstract = host / "host.sock", f"\0rlaif-test-{os.getpid()}"
+    servers, got = [], []
+    for address in (str(fs_path), abstract):
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(address)
+        server.listen()
+        server.settimeout(0.2)
+        servers.append(server)
+    os.chmod(fs_path, 0o777)
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            for server in servers:
+                try:
+                    conn, _ = server.accept()
+                    conn.settimeout(1)
+                    got.append(conn.recv(100) or b"connected")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        code = SOCKET_ESCAPE.format(fs=str(fs_path).encode(), abstract=abstract.encode())
+        verdict, detail = Sandbox(timeout=10).run_all([code])[0]
+        time.sleep(0.5)
+        assert got == [], got
+        assert verdict == "executable", (verdict, detail)  # it ran, and reached nothing
+    finally:
+        stop.set()
+        thread.join()
+        for server in servers:
+            server.close()
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def test_real_mode_finds_its_model_cache_under_a_private_home(monkeypatch):
+    """Item 4: HOME is 0700 (as /root): real mode's default cache (~/.cache/rlaif-sandbox) is
+    visible and writable from inside the sandbox (no network needed to show it)."""
+    home = Path(tempfile.mkdtemp())
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        sandbox = Sandbox(offline=False, timeout=20)
+        assert Path(sandbox.cache_dir) == home / ".cache" / "rlaif-sandbox"
+        code = (
+            "import os\n"
+            "cache = os.environ['HF_HOME']\n"
+            "os.makedirs(os.path.join(cache, 'hub'), exist_ok=True)\n"
+            "open(os.path.join(cache, 'hub', 'probe.txt'), 'w').write('written inside')\n"
+            "assert os.listdir(cache) == ['hub']"
+        )
+        verdict, detail = sandbox.run_all([code])[0]
+        assert verdict == "executable", (verdict, detail)
+        probe = home / ".cache" / "rlaif-sandbox" / "hub" / "probe.txt"
+        assert probe.read_text() == "written inside"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_snippet_closing_its_own_stdout_is_not_a_failure():
+    """Item 5: closing sys.stdout (or sys.stderr) is the snippet's own business."""
+    codes = [
+        "import sys\nprint('hi')\nsys.stdout.close()",
+        "import sys\nsys.stderr.close()\nx = 1",
+        "import sys\nsys.stdout.close()\nsys.stderr.close()",
+    ]
+    verdicts = Sandbox(timeout=10).run_all(codes)
+    assert [v for v, _ in verdicts] == ["executable"] * 3, verdicts
