@@ -81,6 +81,11 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.len = 0  # positions filled so far
 
+    def keep(self, rows):
+        """Keep only these rows of the batch (generate drops the rows that have ended)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
     def update(self, layer, k, v):
         end = self.len + k.size(2)
         self.k[layer][:, :, self.len : end] = k
@@ -138,6 +143,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # Model FLOPs this process has computed, every GPT together (PaLM's "model FLOPs", Chowdhery et
+    # al. 2022, appendix B): 2 per weight per real token, 4 per attention entry, 3x with the backward
+    # pass. Padding positions are computed but not counted: they are the waste MFU should show.
+    # FlopMeter reads it.
+    flops_done = 0
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -194,11 +205,26 @@ class GPT(nn.Module):
             x = block(x, mask, cache)
         if cache is not None:
             cache.len += T
+        self.count_flops(x, tokens=int(attention_mask[:, past:].sum()), keys=past + T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, attention_mask=None, cache=None):
         """Next-token logits (B, T, vocab)."""
-        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+        return self.head(self.hidden_states(idx, attention_mask, cache))
+
+    def head(self, hidden):
+        """The LM head on hidden states (..., C) -> logits (..., vocab), counted in flops_done."""
+        self.count_flops(hidden, head_rows=hidden.numel() // hidden.size(-1))
+        return self.lm_head(hidden)
+
+    def count_flops(self, x, tokens=0, keys=0, head_rows=0):
+        """Add the model FLOPs of `tokens` real tokens through the blocks, each attending to `keys`
+        positions (PaLM counts every key, causal or not), and of `head_rows` rows through the LM
+        head; 3x when x will be backpropagated (the backward pass costs twice the forward)."""
+        c = self.config
+        per_token = 2 * 12 * c.n_layer * c.n_embd**2 + 4 * c.n_layer * c.n_embd * keys
+        forward = tokens * per_token + head_rows * 2 * c.n_embd * c.vocab_size
+        GPT.flops_done += forward * (3 if x.requires_grad else 1)
 
     # ---- Hugging Face checkpoints --------------------------------------------------------------
 
@@ -547,18 +573,19 @@ def pad_pairs(pairs, pad, device="cpu"):
     return query, query_mask, response, response_mask
 
 
-def sample(probs, generator=None):
+def sample(probs, generator=None, live=None, batch_size=None):
     """One token per row by inverse-CDF sampling: a single uniform draw per row. (torch.multinomial
     draws an exponential variate per vocabulary entry, 50k per row, which was half of CPU sampling
-    time.) Zero-probability tokens are never chosen: their CDF step is empty."""
+    time.) Zero-probability tokens are never chosen: their CDF step is empty. live: the rows of a
+    batch of batch_size that probs holds (generate drops the rows that have ended): the whole batch
+    draws, so that a row's tokens do not depend on when the others ended."""
     cdf = probs.double().cumsum(-1)
     # The uniforms come from `generator` on its own device (a CPU generator cannot fill a CUDA
     # tensor) and are then moved: the same seed gives the same draws on CPU and GPU.
     device = generator.device if generator is not None else cdf.device
-    u = torch.rand(probs.size(0), 1, dtype=cdf.dtype, device=device, generator=generator).to(
-        cdf.device
-    )
-    u = u * cdf[:, -1:]
+    rows = probs.size(0) if live is None else batch_size
+    u = torch.rand(rows, 1, dtype=cdf.dtype, device=device, generator=generator).to(cdf.device)
+    u = (u if live is None else u[live]) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
@@ -568,37 +595,44 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
 
     Returns (response, response_mask, logprobs), each (B, N): tokens right-padded with `eot`, 1 on
     real tokens (the stopping `eot` included), and the log-probability of each token under the
-    temperature-scaled distribution. temperature=0 is greedy decoding.
+    temperature-scaled distribution. temperature=0 is greedy decoding. Rows that have ended leave
+    the batch (and the cache) once a quarter of it has: the rest stop paying for them.
     """
     B, Q = query.shape
     N = min(max_new_tokens, model.config.block_size - Q)
     param = next(model.parameters())
     cache = KVCache(model.config, B, Q + N, query.device, param.dtype)
     mask = query_mask.clone()
-    tokens, logps = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=query.device)
+    response = torch.full((B, N), eot, dtype=torch.long, device=query.device)
+    logps = torch.zeros(B, N, device=query.device)
+    live = torch.arange(B, device=query.device)  # the batch's rows still in the cache, in order
+    done = torch.zeros(B, dtype=torch.bool, device=query.device)  # per live row
     x = query
-    for _ in range(N):
-        logits = model(x, mask, cache)[:, -1, :].float()
+    for t in range(N):
+        logits = model.head(model.hidden_states(x, mask, cache)[:, -1]).float()
         if temperature == 0:
             logprobs = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         else:
             logprobs = (logits / temperature).log_softmax(-1)
-            tok = sample(logprobs.exp(), generator)
+            tok = sample(logprobs.exp(), generator, live, batch_size=B)
         tok = torch.where(done, torch.full_like(tok, eot), tok)
-        tokens.append(tok)
-        logps.append(logprobs.gather(1, tok[:, None]).squeeze(1))
+        response[live, t] = tok
+        logps[live, t] = logprobs.gather(1, tok[:, None]).squeeze(1)
         done = done | (tok == eot)
         if done.all():
             break
         x = tok[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    response = torch.stack(tokens, 1)
+        if done.sum() * 4 >= len(done):  # drop the finished rows
+            keep = (~done).nonzero().squeeze(1)
+            live, done, x, mask = live[keep], done[keep], x[keep], mask[keep]
+            cache.keep(keep)
+    response = response[:, : t + 1]
     # mask: 1 up to and including the first eot of each row
     after_eot = (response == eot).long().cumsum(1) - (response == eot).long()
     response_mask = (after_eot == 0).long()
-    return response, response_mask, torch.stack(logps, 1) * response_mask
+    return response, response_mask, logps[:, : t + 1] * response_mask
 
 
 def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=log):
@@ -638,7 +672,7 @@ def response_logprobs(
     )
     real = response_mask.bool()
     # (N real tokens, vocab)
-    logits = model.lm_head(hidden[:, query.size(1) - 1 : -1][real]).float()
+    logits = model.head(hidden[:, query.size(1) - 1 : -1][real]).float()
     if temperature not in (0, 1):  # 0 is greedy decoding, whose answers are scored at 1
         logits = logits / temperature
     logp = logits.log_softmax(-1)
@@ -649,6 +683,57 @@ def response_logprobs(
     entropy = torch.zeros_like(logprobs)
     entropy[real] = -(logp.exp() * logp).sum(-1)
     return logprobs, entropy
+
+
+# -----------------------------------------------------------------------------
+# Speed: model FLOPs per second and MFU on the host that runs
+
+MATMUL_RATES = {}  # (n_embd, vocab_size, threads) -> FLOP/s, measured once per process
+
+
+def matmul_rate(config, rows=2048, repeat=3):
+    """FLOP/s of torch.mm on this host, with this process's threads, at the two shapes the model
+    multiplies most: its MLP (rows x C @ C x 4C) and its LM head (rows x C @ C x vocab). The
+    yardstick of MFU: a CPU's peak is not on its box, and hosts of one size differ up to 4x, not
+    in proportion at every shape (docs/benchmarks.md)."""
+    key = (config.n_embd, config.vocab_size, torch.get_num_threads())
+    if key not in MATMUL_RATES:
+        x = torch.randn(rows, config.n_embd)
+        weights = [torch.randn(config.n_embd, 4 * config.n_embd)]
+        weights.append(torch.randn(config.n_embd, config.vocab_size))
+        flops, seconds = 0, 0.0
+        for w in weights:
+            x @ w  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                x @ w
+            seconds += time.perf_counter() - t0
+            flops += 2 * rows * w.numel() * repeat
+        MATMUL_RATES[key] = flops / seconds
+    return MATMUL_RATES[key]
+
+
+class FlopMeter:
+    """Model FLOPs per second since it was made (GPT.flops_done), and model-FLOPs utilisation
+    (MFU, nanoGPT's estimate_mfu) against this host's matmul_rate: a speed that reads the same on
+    any machine. On a GPU the rate is that of its fp32 matmuls (bf16 autocast runs faster)."""
+
+    def __init__(self, config):
+        self.peak = matmul_rate(config)
+        self.start, self.t0 = GPT.flops_done, time.time()
+
+    def summary(self):
+        flops, seconds = GPT.flops_done - self.start, max(time.time() - self.t0, 1e-9)
+        return dict(
+            model_gflop=round(flops / 1e9, 1),
+            model_gflops_per_s=round(flops / seconds / 1e9, 2),
+            matmul_gflops_per_s=round(self.peak / 1e9, 1),
+            mfu=round(flops / seconds / self.peak, 3),
+        )
+
+    def line(self):
+        m = self.summary()
+        return f"{m['model_gflops_per_s']:.1f} GFLOP/s MFU {m['mfu']:.0%}"
 
 
 def config_from_dict(d):
