@@ -69,6 +69,33 @@ def test_imports_run_one_way():
     assert not wrong, wrong
 
 
+def import_time_modules(path):
+    """Top-level names of the modules `path` imports when it is imported: imports in its module and
+    class bodies, not those inside functions (which run only when the function is called)."""
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.add(child.module.split(".")[0] if child.level == 0 else "." * child.level)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_model_py_imports_only_the_standard_library_and_torch():
+    """model.py can be copied into another project alone (as nanoGPT's can): at import it needs
+    only Python and torch; safetensors, huggingface_hub and tiktoken load inside the functions
+    that use them."""
+    extra = import_time_modules(ROOT / "model.py") - set(sys.stdlib_module_names) - {"torch"}
+    assert not extra, f"model.py imports {sorted(extra)} at import time"
+
+
 @functools.lru_cache(maxsize=None)
 def help_text(script):  # once per script per session: two tests read it
     out = subprocess.run(
