@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
 # libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A
 # module imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on
-# its pairs, evaluate runs code through the sandbox).
+# its pairs, evaluate runs code through the sandbox). model imports none of them, not even runs, so
+# that it can be copied alone (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
     "runs": 0,
     "model": 1,
