@@ -29,6 +29,7 @@ from runs import (
     RUN_FILES,
     Feedback,
     Sample,
+    atomic_dir,
     autocast,
     average_gradients,
     barrier,
@@ -167,7 +168,7 @@ def dpo_stage(cfg, run, splits, out_dir):
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
     train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg, out_dir)
     if is_main():
-        policy.save_pretrained(Path(out_dir) / "model", eot=tok.eot)
+        atomic_dir(Path(out_dir) / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
 
 

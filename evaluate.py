@@ -28,8 +28,10 @@ from model import GPT, sample_answers
 from reward import RulesJudge, judge_score
 from runs import (
     RUN_FILES,
+    autocast,
     log,
     progress,
+    progress_log,
     read_jsonl,
     run_stage,
     stage_command_line,
@@ -323,9 +325,16 @@ def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     model = GPT.from_pretrained(model_dir).to(device)
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
-    responses = sample_answers(
-        model, prompts, tok.eot, max_answer_tokens, temperature=0.0, seed=seed
-    )
+    with autocast(device):
+        responses = sample_answers(
+            model,
+            prompts,
+            tok.eot,
+            max_answer_tokens,
+            temperature=0.0,
+            seed=seed,
+            on_batch=progress_log("generate", "answers"),
+        )
     n = sum(p.numel() for p in model.parameters())
     return [tok.decode(r) for r in responses], f"{n / 1e6:.1f}M params"
 

@@ -3,26 +3,28 @@ GPT-2, written out by hand (Radford et al. 2019), in the shape of nanoGPT's mode
 
 The network and what a porter needs with it, once:
   - GPT: the network; loads and exports Hugging Face GPT-2 checkpoints (safetensors, no pickle).
-  - ScalarModel: GPT-2 with a scalar head (the reward model, PPO's value model).
+  - ScalarModel: GPT-2 with a scalar head (the reward model, PPO's value model), and the plain
+    state a checkpoint of it holds.
   - Tokenizer: tiktoken's GPT-2 BPE, built offline from data/gpt2.tiktoken when the download fails,
     optionally remapped onto the compact vocabulary the tiny CPU preset uses.
+  - left_pad, right_pad, pad_pairs: the batch layout that generation and log-probs read.
   - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
     SFT samples, PPO rollouts and evaluation; sample_answers() runs it over many prompts.
   - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and DPO.
-Training helpers (optimizer, LR schedule, checkpoints, progress lines) and run directories: runs.py.
+Copyable alone into another project, as nanoGPT's model.py is: at import it needs only Python and
+torch (safetensors, huggingface_hub and tiktoken are imported inside the functions that use them).
+What a run adds around it (atomic writes, checkpoint files, autocast, progress lines, run
+directories) lives in runs.py and the stage files; nothing here imports them.
 """
 
 import json
 import math
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from runs import atomic_dir, atomic_write, autocast, load_checkpoint, log, progress, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
@@ -312,9 +314,10 @@ class GPT(nn.Module):
                 ours[key].copy_(t)
 
     def save_pretrained(self, out_dir, eot=50256):
-        """Write config.json, generation_config.json and model.safetensors, which transformers'
-        GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the compact vocabulary).
-        Written aside and renamed into place (atomic_dir): out_dir is a complete model or absent."""
+        """Write config.json, generation_config.json and model.safetensors into out_dir, which
+        transformers' GPT2LMHeadModel loads unchanged. eot: the end-of-text id (11183 in the
+        compact vocabulary). Plain writes, as transformers' own save_pretrained: a run that must
+        never leave half a model writes into a directory renamed into place (runs.atomic_dir)."""
         from safetensors.torch import save_file
 
         c = self.config
@@ -350,16 +353,11 @@ class GPT(nn.Module):
         # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
         if c.vocab_size >= 50257:
             files.update(gpt2_tokenizer_files(c.block_size))
-
-        def write(tmp_dir):
-            for name, text in files.items():
-                atomic_write(tmp_dir / name, lambda p, text=text: Path(p).write_text(text))
-            atomic_write(
-                tmp_dir / "model.safetensors",
-                lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-            )
-
-        atomic_dir(out_dir, write)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out_dir / name).write_text(text)
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
 class ScalarModel(nn.Module):
@@ -410,9 +408,11 @@ class ScalarModel(nn.Module):
         token."""
         return self.score_and_aux(query, query_mask, response, response_mask)[0]
 
-    def save(self, path, **extra):
-        save_checkpoint(
-            path,
+    def checkpoint(self, **extra):
+        """Plain state (tensors, numbers, dicts) to torch.save: the weights, the backbone's config
+        and the number of auxiliary heads, which from_checkpoint needs to rebuild the model, and
+        `extra` (a training step, an optimizer state)."""
+        return dict(
             model=self.state_dict(),
             config=vars(self.backbone.config),
             n_aux=self.aux.out_features if self.aux is not None else 0,
@@ -420,17 +420,11 @@ class ScalarModel(nn.Module):
         )
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        ckpt = load_checkpoint(path, device)
-        # a setting that was removed: its score cannot be read the same way
-        if ckpt.get("lm_weight"):
-            raise ValueError(
-                f"{path}: made with --rm-lm-weight, which this version removed "
-                "(docs/experiments.md); redo the reward stage (python reward.py --force)"
-            )
+    def from_checkpoint(cls, ckpt, device="cpu"):
+        """The model that checkpoint() described (ckpt as torch.load returned it)."""
         m = cls(GPT(config_from_dict(ckpt["config"])), ckpt.get("n_aux", 0))
         m.load_state_dict(ckpt["model"])
-        return m.to(device), ckpt
+        return m.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -635,27 +629,29 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
     return response, response_mask, logps[:, : t + 1] * response_mask
 
 
-def sample_answers(model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, log=log):
-    """Answers (token lists, ending in eot unless cut off) to token-list prompts, in batches of
-    prompts of similar length (less left padding); one seeded generator on the CPU whatever the
-    model's device."""
+def sample_answers(
+    model, prompts, eot, max_new_tokens, temperature, seed, batch_size=32, on_batch=None
+):
+    """Answers (token lists, ending in eot unless cut off) to token-list prompts: generate() over
+    batches of prompts of similar length (less left padding), with one seeded generator on the CPU
+    whatever the model's device. on_batch(done, total), if given, is called after each batch (the
+    stages log progress with it). Mixed precision is the caller's: call it under autocast."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     # stable: same seed, same order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out, t0 = [None] * len(prompts), time.time()
+    out = [None] * len(prompts)
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         query, query_mask = left_pad([prompts[i] for i in rows], eot, device)
-        with autocast(device):
-            response, response_mask, _ = generate(
-                model, query, query_mask, max_new_tokens, eot, temperature, generator=generator
-            )
+        response, response_mask, _ = generate(
+            model, query, query_mask, max_new_tokens, eot, temperature, generator=generator
+        )
         for i, r, m in zip(rows, response.tolist(), response_mask.sum(1).tolist(), strict=True):
             out[i] = r[:m]
-        n = min(start + batch_size, len(order))
-        log(f"[generate] {n}/{len(order)} answers {progress(n, len(order), t0)}")
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
     return out
 
 

@@ -50,18 +50,18 @@ import torch
 from data.gorilla import prepare
 from model import (
     GPT,
-    ScalarModel,
     generate,
     left_pad,
     response_logprobs,
     right_pad,
     sample_answers,
 )
-from reward import judge_score, load_reward_model, make_judge
+from reward import judge_score, load_reward_model, make_judge, read_reward_model
 from runs import (
     DIST,
     RUN_FILES,
     all_sum,
+    atomic_dir,
     autocast,
     average_gradients,
     barrier,
@@ -747,7 +747,7 @@ def fresh_value_model(reward_model_file, device):
     trained only at the last token and its raw output is on another scale than the normalised
     score, so reusing it makes the first advantages mostly critic noise; a zero head predicts 0,
     the baseline-corrected score's mean, until the warm-up trains it."""
-    value_model, _ = ScalarModel.load(reward_model_file, device)
+    value_model, _ = read_reward_model(reward_model_file, device)
     torch.nn.init.zeros_(value_model.head.weight)
     torch.nn.init.zeros_(value_model.head.bias)
     return value_model
@@ -763,15 +763,10 @@ def greedy_validation(
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
 
     def validate(policy, iteration):
-        answers = sample_answers(
-            policy,
-            prompts,
-            tok.eot,
-            run_cfg.max_answer_tokens,
-            0.0,
-            run_cfg.seed,
-            log=lambda *a: None,
-        )
+        with autocast(run_cfg.device):
+            answers = sample_answers(
+                policy, prompts, tok.eot, run_cfg.max_answer_tokens, 0.0, run_cfg.seed
+            )
         texts, out = [tok.decode(a) for a in answers], {}
         rewards = judged = [None] * len(answers)
         if score_fn is not None:
@@ -851,7 +846,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
         validate=validate,
     )
     if is_main():
-        policy.save_pretrained(out_dir / "model", eot=tok.eot)
+        atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
     return history[-1] if history else {}
 

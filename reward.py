@@ -61,6 +61,7 @@ from runs import (
     read_rows,
     resume,
     run_stage,
+    save_checkpoint,
     shard,
     stage_command_line,
     stream_seed,
@@ -1037,11 +1038,24 @@ def reading_reports(samples, tok, db):
     }
 
 
+def read_reward_model(path, device="cpu"):
+    """(ScalarModel, its checkpoint dict) from a file the reward stage wrote (rm.pt, ckpt.pt,
+    best.pt): errors name the file."""
+    ckpt = load_checkpoint(path, device)
+    # a setting that was removed: its score cannot be read the same way
+    if ckpt.get("lm_weight"):
+        raise ValueError(
+            f"{path}: made with --rm-lm-weight, which this version removed "
+            "(docs/experiments.md); redo the reward stage (python reward.py --force)"
+        )
+    return ScalarModel.from_checkpoint(ckpt, device), ckpt
+
+
 def load_reward_model(path, tok, device):
     """(reward model, its score_fn for PPO and best-of-n): score_fn(query,
     query_mask, response, response_mask) appends each response's tool report first
     when the model was trained reading them."""
-    rm, ckpt = ScalarModel.load(path, device)
+    rm, ckpt = read_reward_model(path, device)
     if not ckpt.get("tools"):
         return rm, rm.score
     db = APIDatabase()
@@ -1215,7 +1229,7 @@ def train_reward_model(
             log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {eta}")
             if is_main():
                 state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
-                rm.save(ckpt_file, **state, best=best)
+                save_checkpoint(ckpt_file, **rm.checkpoint(**state, best=best))
                 # from the checkpointed history: no row twice after a resume
                 write_metrics(metrics_file, history)
     barrier()
@@ -1283,7 +1297,7 @@ def keep_if_best(rm, row, best, best_file, validated, log, untrained_ok=False):
     if row.get("val/accuracy", 0.0) > best[0] or not validated:
         best = (row.get("val/accuracy", 0.0), row["step"])
         if is_main():
-            rm.save(best_file, step=row["step"], val_accuracy=best[0])
+            save_checkpoint(best_file, **rm.checkpoint(step=row["step"], val_accuracy=best[0]))
     return best
 
 
@@ -1618,7 +1632,7 @@ def reward_stage(cfg, run, splits):
     )
     normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
     if is_main():
-        rm.save(run / RUN_FILES["reward_model"], tools=cfg.rm.tools)
+        save_checkpoint(run / RUN_FILES["reward_model"], **rm.checkpoint(tools=cfg.rm.tools))
     log(
         f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"

@@ -40,7 +40,7 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from dpo import DPOConfig
-from model import GPT, ScalarModel, preset_config, sample_answers
+from model import GPT, preset_config, sample_answers
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (
@@ -52,6 +52,7 @@ from runs import (
     Sample,
     add_flags,
     apply_overrides,
+    autocast,
     barrier,
     check_settings,
     is_main,
@@ -59,6 +60,7 @@ from runs import (
     load_config,
     log,
     open_tensorboard,
+    progress_log,
     read_rows,
     run_part,
     run_stage,
@@ -127,10 +129,7 @@ def sample_stage(cfg, run, splits):
         for i in chosen
         for _ in range(cfg.answers_per_instruction)
     ]
-    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    responses = sample_answers(
-        model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log
-    )
+    responses = sft_answers(cfg, run, prompts, tok.eot)
     samples = [
         Sample(
             id=k,
@@ -146,6 +145,22 @@ def sample_stage(cfg, run, splits):
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_rows(run / RUN_FILES["samples"], samples)
     return dict(samples=len(samples))
+
+
+def sft_answers(cfg, run, prompts, eot):
+    """The SFT model's answers (token lists) to token-list prompts, sampled at cfg.temperature: the
+    sample stage's and best-of-n's."""
+    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    with autocast(cfg.device):
+        return sample_answers(
+            model,
+            prompts,
+            eot,
+            cfg.max_answer_tokens,
+            cfg.temperature,
+            cfg.seed,
+            on_batch=progress_log("generate", "answers"),
+        )
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
@@ -245,19 +260,16 @@ def compare_stage(cfg, run, splits):
 def best_of_n_answers(cfg, run, test, judge, tok):
     """best_of_n SFT samples per test question; the reward model's pick and the judge's are kept."""
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in test for _ in range(cfg.best_of_n)]
-    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     log(
         f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test "
         "questions"
     )
-    responses = sample_answers(
-        model, prompts, tok.eot, cfg.max_answer_tokens, cfg.temperature, cfg.seed, log=log
-    )
+    responses = sft_answers(cfg, run, prompts, tok.eot)
     samples = {
         i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
         for i, (q, r) in enumerate(zip(prompts, responses, strict=True))
     }
-    rm, rm_ckpt = ScalarModel.load(run / RUN_FILES["reward_model"], cfg.device)
+    rm, rm_ckpt = reward.read_reward_model(run / RUN_FILES["reward_model"], cfg.device)
     # the reward model reads each answer's tool report (reward.tool_report)
     if rm_ckpt.get("tools"):
         samples = reward.reading_reports(samples, tok, reward.APIDatabase())

@@ -17,7 +17,8 @@ plumbing every training stage shares. Here, in order:
   - the command line of a stage script (python sft.py, ppo.py, reward.py, evaluate.py) and
     run_stage(), which rlaif.py and those scripts use to run a stage. dpo.py trains one part of the
     compare stage, so it has a command line of its own (the same flags and checks, no done.json).
-The bottom layer: nothing here imports the project's other modules (model.py imports from here).
+The bottom layer: nothing here imports the project's other modules (the stages import from here;
+model.py imports nothing of the project, so that it can be copied alone).
 """
 
 import argparse
@@ -108,6 +109,13 @@ def progress(done, total, t0):
     return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
 
 
+def progress_log(tag, unit):
+    """on_batch(done, total) for a loop that reports its own progress (model.sample_answers): logs
+    '[tag] done/total unit (elapsed, ETA)', timed from now."""
+    t0 = time.time()
+    return lambda done, total: log(f"[{tag}] {done}/{total} {unit} {progress(done, total, t0)}")
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file. A
     write that fails is re-raised as an OSError naming the file and the cause (torch's own message
@@ -183,16 +191,21 @@ def save_checkpoint(path, **state):
 
 
 def atomic_dir(path, write):
-    """Call write(tmp_dir), then rename it to `path`: a directory (a model) is complete or absent,
-    never half-written. A finished older one is replaced only once the new one is complete."""
+    """Call write(tmp_dir), then rename it to `path`: a directory (a model, written by
+    model.save_pretrained) is complete or absent, never half-written. A finished older one is
+    replaced only once the new one is complete. A write that fails is re-raised as atomic_write's
+    OSError naming `path` and the cause (a full disk as such)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-    except BaseException:
-        # frees what a full disk needs; a kill's leftover goes next time
+    except Exception as e:
+        error = write_error(path, e)  # before the tmp dir goes: a full disk is still full
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what a full disk needs
+        raise error from e
+    except BaseException:  # a kill (Ctrl-C): nothing half-written is left beside `path`
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():

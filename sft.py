@@ -25,6 +25,7 @@ from model import GPT, pad_pairs, preset_config, response_logprobs
 from runs import (
     RUN_FILES,
     all_sum,
+    atomic_dir,
     autocast,
     average_gradients,
     is_main,
@@ -202,7 +203,7 @@ def sft_stage(cfg, run, splits):
     val = sft_examples(cfg, tok, splits["val"])
     model, history = train_sft(cfg, tok, train, val, run / "sft")
     if is_main():
-        model.save_pretrained(run / RUN_FILES["sft_model"], eot=tok.eot)
+        atomic_dir(run / RUN_FILES["sft_model"], lambda d: model.save_pretrained(d, eot=tok.eot))
     return dict(
         train_examples=len(train),
         final_loss=history[-1]["loss"],

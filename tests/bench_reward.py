@@ -22,12 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.gorilla import prepare  # noqa: E402
-from model import GPT, ScalarModel, pad_pairs, response_logprobs  # noqa: E402
+from model import GPT, pad_pairs, response_logprobs  # noqa: E402
 from reward import (  # noqa: E402
     APIDatabase,
     RMConfig,
     pair_accuracy,
     policy_pairs,
+    read_reward_model,
     reading_reports,
     rm_scores,
     split_prompts,
@@ -89,7 +90,7 @@ def bench(run):
     whole, api = logprob_readouts(sft, samples, ids, tok)
     scorers = {"SFT log-prob, whole answer": whole, "SFT log-prob, api_call line": api}
     if (run / RUN_FILES["reward_model"]).exists():
-        rm, ckpt = ScalarModel.load(run / RUN_FILES["reward_model"])
+        rm, ckpt = read_reward_model(run / RUN_FILES["reward_model"])
         read = reading_reports(samples, tok, APIDatabase()) if ckpt.get("tools") else samples
         scorers["reward model"] = dict(
             zip(ids, rm_scores(rm, read, ids, tok, "cpu").tolist(), strict=True)

@@ -1,11 +1,18 @@
 """model.py against a real transformers GPT-2 (random weights, saved with save_pretrained)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig, Tokenizer, generate, left_pad, response_logprobs, sample
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +238,49 @@ def test_unreadable_checkpoint_names_its_file(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+# Run in a fresh interpreter beside a lone copy of model.py: it must import, build, run, save,
+# load and sample with nothing of the project around it (issue 47: "model.py copyable alone").
+COPIED_ALONE = """
+import importlib.util
+from pathlib import Path
+
+import torch
+
+assert importlib.util.find_spec("runs") is None, "the project is on sys.path"
+import model
+
+assert Path(model.__file__).resolve().parent == Path.cwd().resolve(), model.__file__
+torch.manual_seed(0)
+net = model.GPT(model.preset_config("micro", vocab_size=1000)).eval()
+x = torch.randint(0, 1000, (2, 12))
+with torch.no_grad():
+    logits = net(x)
+net.save_pretrained("saved", eot=999)
+back = model.GPT.from_pretrained("saved").eval()
+with torch.no_grad():
+    assert torch.equal(back(x), logits), "save_pretrained -> from_pretrained changed the logits"
+query, query_mask = model.left_pad([[1, 2, 3], [4]], pad=999)
+response, response_mask, logprobs = model.generate(
+    back, query, query_mask, 8, eot=999, generator=torch.Generator().manual_seed(0)
+)
+assert response.shape == response_mask.shape == logprobs.shape and response.size(0) == 2
+print("ok")
+"""
+
+
+def test_model_py_copied_alone_imports_runs_saves_and_loads(tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "model.py", alone / "model.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", COPIED_ALONE],
+        cwd=alone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -34,6 +34,7 @@ from ppo import (
     value_predictions,
     whiten,
 )
+from runs import save_checkpoint
 
 # train_ppo's tokenizer: the end-of-text id of the toy vocabularies, and a decode for its samples
 TOY_TOK = SimpleNamespace(eot=15, decode=str)
@@ -319,7 +320,7 @@ def toy(tmp_path, long_answers=False, seed=0):
     rm = ScalarModel(GPT(config))
     # a trained head's raw scale, far from the score's
     torch.nn.init.normal_(rm.head.weight, std=1.0)
-    rm.save(tmp_path / "rm.pt")
+    save_checkpoint(tmp_path / "rm.pt", **rm.checkpoint())
     value = fresh_value_model(tmp_path / "rm.pt", "cpu")
     max_answer_tokens = 60 if long_answers else 12
     sampling = SimpleNamespace(

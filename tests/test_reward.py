@@ -13,7 +13,7 @@ import torch
 
 from data.gorilla import prepare
 from reward import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
-from runs import Feedback, Sample
+from runs import Feedback, Sample, save_checkpoint
 from tests.openai_server import FakeOpenAI
 
 
@@ -568,7 +568,7 @@ def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tm
         GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
     )
     torch.nn.init.normal_(rm.head.weight)
-    rm.save(tmp_path / "rm.pt", tools=True)
+    save_checkpoint(tmp_path / "rm.pt", **rm.checkpoint(tools=True))
     answers = [
         " <<<domain>>>: Multimodal\n<<<api_call>>>: pipeline('summarization')\n<<<code>>>: x = (",
         " <<<domain>>>: Audio\n<<<api_call>>>: AutoModel.from_pretrained('a/b')\n<<<code>>>: y = 1",

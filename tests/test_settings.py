@@ -48,20 +48,21 @@ def refused(argv):
 
 def test_a_model_directory_is_complete_or_absent(tmp_path, monkeypatch):
     """A crash between config.json and model.safetensors leaves no directory a later stage would
-    take for a model; a complete older model stays complete until the new one replaces it."""
+    take for a model; a complete older model stays complete until the new one replaces it. (The
+    stages write models as here: save_pretrained into runs.atomic_dir.)"""
     import safetensors.torch
 
     net = GPT(preset_config("micro", 1000))
-    net.save_pretrained(tmp_path / "old")
+    runs.atomic_dir(tmp_path / "old", net.save_pretrained)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies while writing the weights
 
     monkeypatch.setattr(safetensors.torch, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        net.save_pretrained(tmp_path / "model")
+        runs.atomic_dir(tmp_path / "model", net.save_pretrained)
     with pytest.raises(KeyboardInterrupt):
-        net.save_pretrained(tmp_path / "old")
+        runs.atomic_dir(tmp_path / "old", net.save_pretrained)
     assert not (tmp_path / "model").exists(), sorted(p.name for p in (tmp_path / "model").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing half-written beside it
     GPT.from_pretrained(tmp_path / "old")  # still loads
@@ -148,7 +149,7 @@ def test_a_real_full_disk_is_named_with_the_file(full_disk):
     net = GPT(preset_config("micro", 1000))  # 300 KB of weights
     for path, write in (
         (full_disk / "ckpt.pt", lambda p: runs.save_checkpoint(p, model=net.state_dict())),
-        (full_disk / "model", lambda p: net.save_pretrained(p)),
+        (full_disk / "model", lambda p: runs.atomic_dir(p, net.save_pretrained)),
         (full_disk / "rows.jsonl", lambda p: runs.write_jsonl(p, [{"text": "x" * 1000}] * 100)),
     ):
         with pytest.raises(OSError, match=rf"cannot write {path}\S*: no space left on device"):

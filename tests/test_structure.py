@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
 # libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A
 # module imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on
-# its pairs, evaluate runs code through the sandbox).
+# its pairs, evaluate runs code through the sandbox). model imports none of them, not even runs, so
+# that it can be copied alone (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
     "runs": 0,
     "model": 1,
@@ -67,6 +68,33 @@ def test_imports_run_one_way():
             if LAYER[imported] >= LAYER[own] and (own, imported) not in ALLOWED:
                 wrong.append(f"{path.relative_to(ROOT)} imports {imported}")
     assert not wrong, wrong
+
+
+def import_time_modules(path):
+    """Top-level names of the modules `path` imports when it is imported: imports in its module and
+    class bodies, not those inside functions (which run only when the function is called)."""
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.add(child.module.split(".")[0] if child.level == 0 else "." * child.level)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_model_py_imports_only_the_standard_library_and_torch():
+    """model.py can be copied into another project alone (as nanoGPT's can): at import it needs
+    only Python and torch; safetensors, huggingface_hub and tiktoken load inside the functions
+    that use them."""
+    extra = import_time_modules(ROOT / "model.py") - set(sys.stdlib_module_names) - {"torch"}
+    assert not extra, f"model.py imports {sorted(extra)} at import time"
 
 
 @functools.lru_cache(maxsize=None)
