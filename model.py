@@ -19,6 +19,7 @@ directories) lives in runs.py and the stage files; nothing here imports them.
 
 import json
 import math
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
