@@ -146,10 +146,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # Model FLOPs this process has computed, every GPT together (PaLM's "model FLOPs", Chowdhery et
-    # al. 2022, appendix B): 2 per weight per real token, 4 per attention entry, 3x with the backward
-    # pass. Padding positions are computed but not counted: they are the waste MFU should show.
-    # FlopMeter reads it.
+    # Model FLOPs this process has computed, every GPT together (PaLM's "model FLOPs", Chowdhery
+    # et al. 2022, appendix B): 2 per weight per real token, 4 per attention entry, 3x with the
+    # backward pass. Padding positions are computed but not counted: they are the waste MFU should
+    # show. FlopMeter reads it.
     flops_done = 0
 
     def __init__(self, config):
