@@ -24,7 +24,7 @@ import numpy as np
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
-from model import GPT, sample_answers
+from model import GPT, FlopMeter, sample_answers
 from reward import RulesJudge, judge_score
 from runs import (
     RUN_FILES,
@@ -322,7 +322,7 @@ def gorilla_answers_for(records):
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained
     with)."""
-    model = GPT.from_pretrained(model_dir).to(device)
+    model, meter = GPT.from_pretrained(model_dir).to(device), FlopMeter()
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
     with autocast(device):
@@ -333,7 +333,7 @@ def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
             max_answer_tokens,
             temperature=0.0,
             seed=seed,
-            on_batch=progress_log("generate", "answers"),
+            on_batch=progress_log("generate", "answers", lambda: meter.line(model.config)),
         )
     n = sum(p.numel() for p in model.parameters())
     return [tok.decode(r) for r in responses], f"{n / 1e6:.1f}M params"
@@ -349,7 +349,7 @@ def make_sandbox(exec_mode, timeout=10.0, unsafe=False):
 
 # The judge's pick is an oracle bound, not a method a user could run: the rules judge's
 # api_fits_task is the AST check itself and api_exists the hallucination check, so its pick reads
-# the test references (issue 45). Gorilla-7B's row is its published answers scored by this code,
+# the test references. Gorilla-7B's row is its published answers scored by this code,
 # not the metrics Gorilla published.
 PICKERS = {"rm": "reward model's pick", "judge": "judge's pick; oracle: reads the references"}
 GORILLA = "Gorilla-7B (its published answers, scored here)"

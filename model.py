@@ -712,24 +712,25 @@ def matmul_rate(config, rows=2048, repeat=3):
 
 class FlopMeter:
     """Model FLOPs per second since it was made (GPT.flops_done), and model-FLOPs utilisation
-    (MFU, nanoGPT's estimate_mfu) against this host's matmul_rate: a speed that reads the same on
-    any machine. On a GPU the rate is that of its fp32 matmuls (bf16 autocast runs faster)."""
+    (MFU, nanoGPT's estimate_mfu) against this host's matmul_rate at the shapes of `config`: a
+    speed that reads the same on any machine. On a GPU the yardstick is its fp32 matmul rate
+    (bf16 autocast runs faster)."""
 
-    def __init__(self, config):
-        self.peak = matmul_rate(config)
+    def __init__(self):
         self.start, self.t0 = GPT.flops_done, time.time()
 
-    def summary(self):
+    def summary(self, config):
         flops, seconds = GPT.flops_done - self.start, max(time.time() - self.t0, 1e-9)
+        peak = matmul_rate(config)
         return dict(
             model_gflop=round(flops / 1e9, 1),
             model_gflops_per_s=round(flops / seconds / 1e9, 2),
-            matmul_gflops_per_s=round(self.peak / 1e9, 1),
-            mfu=round(flops / seconds / self.peak, 3),
+            matmul_gflops_per_s=round(peak / 1e9, 1),
+            mfu=round(flops / seconds / peak, 3),
         )
 
-    def line(self):
-        m = self.summary()
+    def line(self, config):
+        m = self.summary(config)
         return f"{m['model_gflops_per_s']:.1f} GFLOP/s MFU {m['mfu']:.0%}"
 
 

@@ -50,6 +50,7 @@ import torch
 from data.gorilla import prepare
 from model import (
     GPT,
+    FlopMeter,
     generate,
     left_pad,
     response_logprobs,
@@ -603,7 +604,7 @@ def log_iteration(row, iterations, eta):
         f"ev {ev} "
         f"share {row['objective/score_share']:.2f} len {row['completions/mean_length']:.0f} "
         f"clipped {row['completions/clipped_ratio']:.2f} "
-        f"{row['time/answer_tokens_per_s']:.0f} tok/s"
+        f"{row['time/answer_tokens_per_s']:.0f} tok/s MFU {row['time/mfu']:.0%}"
         + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
         + f" {eta}"
     )
@@ -698,7 +699,7 @@ def train_ppo(
     )
     t_start = time.time()
     for it in range(start, cfg.iterations):
-        t0, kl_coef = time.time(), kl_ctl.value  # the KL penalty of this iteration
+        t0, kl_coef, meter = time.time(), kl_ctl.value, FlopMeter()  # kl_coef: this iteration's
         # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
         rollout_seed = stream_seed(run_cfg.seed, 104729, it + 7919 * DIST.rank)  # a stream per rank
         generator = torch.Generator().manual_seed(rollout_seed)
@@ -725,6 +726,7 @@ def train_ppo(
         row["time/logprobs_values_score"] = batch["t_forward"]
         row["time/update"] = t_update
         row["time/answer_tokens_per_s"] = int(batch["mask"].sum()) / (time.time() - t0)
+        row["time/mfu"] = meter.summary(policy.config)["mfu"]
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
         history.append(row)
@@ -811,7 +813,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
     score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
     advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""
-    tok = prepare.tokenizer(run_cfg.compact)
+    tok, meter = prepare.tokenizer(run_cfg.compact), FlopMeter()
     out_dir = Path(out_dir or run / "ppo")
     ppo_cfg = run_cfg.ppo if advantage is None else replace(run_cfg.ppo, advantage=advantage)
     torch.manual_seed(run_cfg.seed)
@@ -848,7 +850,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
     if is_main():
         atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    return history[-1] if history else {}
+    return dict(history[-1] if history else {}, **meter.summary(policy.config))
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from model import GPT, ScalarModel, pad_pairs, right_pad
+from model import GPT, FlopMeter, ScalarModel, pad_pairs, right_pad
 from runs import (
     DIST,
     RUN_FILES,
@@ -1210,7 +1210,7 @@ def train_reward_model(
     metrics_file = Path(ckpt_file).parent / "metrics.jsonl"
     step, history, ckpt = resume(ckpt_file, device, optimizer, "reward", log, model=rm)
     best = ckpt.get("best", (-1.0, 0))  # (validation accuracy, step) kept so far
-    t0, start = time.time(), step
+    t0, start, meter = time.time(), step, FlopMeter()
     while True:
         if step % cfg.eval_every == 0 or step == steps:
             history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
@@ -1226,7 +1226,8 @@ def train_reward_model(
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
             eta = progress(step - start, steps - start, t0)
-            log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {eta}")
+            speed = meter.line(rm.backbone.config)
+            log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {speed} {eta}")
             if is_main():
                 state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
                 save_checkpoint(ckpt_file, **rm.checkpoint(**state, best=best))
@@ -1610,7 +1611,7 @@ def reward_stage(cfg, run, splits):
     normalised on the policy's samples."""
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     refuse_uniform_feedback(feedback, run)
-    tok = prepare.tokenizer(cfg.compact)
+    tok, meter = prepare.tokenizer(cfg.compact), FlopMeter()
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     if cfg.rm.tools:
         samples = reading_reports(samples, tok, APIDatabase())
@@ -1637,7 +1638,7 @@ def reward_stage(cfg, run, splits):
         f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"
     )
-    return metrics
+    return dict(metrics, **meter.summary(rm.backbone.config))
 
 
 def main(argv=None):

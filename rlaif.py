@@ -40,7 +40,8 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from dpo import DPOConfig
-from model import GPT, preset_config, sample_answers
+from model import GPT, FlopMeter, matmul_rate, preset_config, sample_answers
+from model import PRESETS as MODEL_PRESETS
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (
@@ -129,7 +130,8 @@ def sample_stage(cfg, run, splits):
         for i in chosen
         for _ in range(cfg.answers_per_instruction)
     ]
-    responses = sft_answers(cfg, run, prompts, tok.eot)
+    meter = FlopMeter()
+    responses, model_config = sft_answers(cfg, run, prompts, tok.eot)
     samples = [
         Sample(
             id=k,
@@ -144,23 +146,24 @@ def sample_stage(cfg, run, splits):
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_rows(run / RUN_FILES["samples"], samples)
-    return dict(samples=len(samples))
+    return dict(samples=len(samples), **meter.summary(model_config))
 
 
 def sft_answers(cfg, run, prompts, eot):
-    """The SFT model's answers (token lists) to token-list prompts, sampled at cfg.temperature: the
-    sample stage's and best-of-n's."""
-    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    """(The SFT model's answers (token lists) to token-list prompts, sampled at cfg.temperature,
+    the model's config): the sample stage's and best-of-n's."""
+    model, meter = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device), FlopMeter()
     with autocast(cfg.device):
-        return sample_answers(
+        answers = sample_answers(
             model,
             prompts,
             eot,
             cfg.max_answer_tokens,
             cfg.temperature,
             cfg.seed,
-            on_batch=progress_log("generate", "answers"),
+            on_batch=progress_log("generate", "answers", lambda: meter.line(model.config)),
         )
+    return answers, model.config
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
@@ -264,7 +267,7 @@ def best_of_n_answers(cfg, run, test, judge, tok):
         f"[compare] best-of-{cfg.best_of_n}: {len(prompts)} samples of the SFT model on the test "
         "questions"
     )
-    responses = sft_answers(cfg, run, prompts, tok.eot)
+    responses, _ = sft_answers(cfg, run, prompts, tok.eot)
     samples = {
         i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
         for i, (q, r) in enumerate(zip(prompts, responses, strict=True))
@@ -473,6 +476,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
         log(f"[rlaif] TensorBoard: tensorboard --logdir {run / 'tb'}")
+    log_host_rate(cfg)
     names = list(STAGES)
     for stage in names[: names.index(until) + 1]:
         if (run / stage / "done.json").exists():
@@ -569,6 +573,19 @@ def parse_args(argv=None):
 
 
 GPT2_PARAMS = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1.5B"}
+
+
+def log_host_rate(cfg):
+    """This host's torch.mm rate at the shapes of the run's model (model.matmul_rate): the
+    yardstick of every stage's MFU (done.json), printed so that a wall time reads beside it."""
+    if cfg.init not in MODEL_PRESETS:
+        return  # a local directory: its shapes are read when it loads
+    config = preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)
+    rate = matmul_rate(config) / 1e9
+    log(
+        f"[rlaif] host: torch.mm {rate:.0f} GFLOP/s at {cfg.init}'s shapes, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def model_size(cfg):

@@ -109,11 +109,13 @@ def progress(done, total, t0):
     return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
 
 
-def progress_log(tag, unit):
+def progress_log(tag, unit, speed=lambda: ""):
     """on_batch(done, total) for a loop that reports its own progress (model.sample_answers): logs
-    '[tag] done/total unit (elapsed, ETA)', timed from now."""
+    '[tag] done/total unit SPEED (elapsed, ETA)', timed from now; speed() says how fast (MFU)."""
     t0 = time.time()
-    return lambda done, total: log(f"[{tag}] {done}/{total} {unit} {progress(done, total, t0)}")
+    return lambda done, total: log(
+        f"[{tag}] {done}/{total} {unit} {speed()} {progress(done, total, t0)}"
+    )
 
 
 def atomic_write(path, write):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from data.gorilla import prepare
-from model import GPT, pad_pairs, preset_config, response_logprobs
+from model import GPT, FlopMeter, pad_pairs, preset_config, response_logprobs
 from runs import (
     RUN_FILES,
     all_sum,
@@ -171,7 +171,7 @@ def train_sft(cfg, tok, train, val, out_dir):
     ckpt_file = Path(out_dir) / "ckpt.pt"
     step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
     model.train()
-    t0, tokens_seen, start = time.time(), 0, step
+    t0, tokens_seen, start, meter = time.time(), 0, step, FlopMeter()
     while step < cfg.sft_steps:
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
         for group in optimizer.param_groups:
@@ -184,7 +184,8 @@ def train_sft(cfg, tok, train, val, out_dir):
         if step % LOG_EVERY == 0 or step == cfg.sft_steps:
             log(
                 f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{speed:,} tok/s {progress(step - start, cfg.sft_steps - start, t0)}"
+                f"{speed:,} tok/s {meter.line(model.config)} "
+                f"{progress(step - start, cfg.sft_steps - start, t0)}"
             )
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
             validate_and_save(model, optimizer, val, tok.eot, cfg, history, out_dir)
@@ -201,6 +202,7 @@ def sft_stage(cfg, run, splits):
     extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     train = sft_examples(cfg, tok, splits["train"] + extra)
     val = sft_examples(cfg, tok, splits["val"])
+    meter = FlopMeter()
     model, history = train_sft(cfg, tok, train, val, run / "sft")
     if is_main():
         atomic_dir(run / RUN_FILES["sft_model"], lambda d: model.save_pretrained(d, eot=tok.eot))
@@ -208,6 +210,7 @@ def sft_stage(cfg, run, splits):
         train_examples=len(train),
         final_loss=history[-1]["loss"],
         val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
+        **meter.summary(model.config),
     )
 
 

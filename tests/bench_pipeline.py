@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from data.gorilla import prepare  # noqa: E402
+from model import matmul_rate, preset_config  # noqa: E402
 
 
 def mm_rate(repeat=20):
@@ -39,15 +42,19 @@ def stage_table(run_dir, log):
         "sft": re.findall(r"\[sft\] step .* ([\d,]+) tok/s", log),
         "ppo": re.findall(r"\[ppo\] it .* (\d+) tok/s", log),
     }
-    lines = ["| stage | wall time (min) | throughput |", "|---|---|---|"]
+    lines = [
+        "| stage | wall time (min) | throughput | model GFLOP/s | MFU |",
+        "|---|---|---|---|---|",
+    ]
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
+        done = json.loads((Path(run_dir) / stage / "done.json").read_text())
         timed = re.findall(rf"^\[{stage}\] done in (\d+)s", log, re.M)
-        if timed:
-            seconds = float(timed[0])
-        else:
-            seconds = json.loads((Path(run_dir) / stage / "done.json").read_text())["seconds"]
+        seconds = float(timed[0]) if timed else done["seconds"]
         rate = f"{rates[stage][-1]} tok/s" if rates.get(stage) else ""
-        lines.append(f"| {stage} | {seconds / 60:.1f} | {rate} |")
+        # model.FlopMeter's figures (done.json), where the stage runs a model
+        flops = f"{done['model_gflops_per_s']:.1f}" if "mfu" in done else ""
+        mfu = f"{done['mfu']:.0%}" if "mfu" in done else ""
+        lines.append(f"| {stage} | {seconds / 60:.1f} | {rate} | {flops} | {mfu} |")
     return "\n".join(lines)
 
 
@@ -60,7 +67,12 @@ def main():
     p.add_argument("--report", action="store_true", help="only print a finished run's table")
     args = p.parse_args()
     log_file = Path(args.run_dir + ".log")
-    print(f"machine: torch.mm {mm_rate():.0f} GFLOP/s, {torch.get_num_threads()} threads")
+    tiny = preset_config("tiny", prepare.tokenizer(compact=True).vocab_size)
+    print(
+        f"machine: torch.mm {mm_rate():.0f} GFLOP/s at gpt2-small's MLP shape, "
+        f"{matmul_rate(tiny) / 1e9:.0f} at the tiny model's (the MFU yardstick), "
+        f"{torch.get_num_threads()} threads"
+    )
     if args.report:
         log = log_file.read_text() if log_file.exists() else ""
         return print(stage_table(args.run_dir, log))

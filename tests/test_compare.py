@@ -98,17 +98,7 @@ def test_dpo_sequence_logprob_is_the_sum_of_the_answer_tokens():
     model whose next-token distribution is softmax([0, 1, 2]) everywhere gives answers [2, 0, 1]
     and [2] (padded) log p(2) + log p(0) + log p(1) and log p(2)."""
     from dpo import sequence_logprobs
-
-    class ConstantLM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm_head = torch.nn.Linear(1, 3)
-            with torch.no_grad():
-                self.lm_head.weight.zero_()
-                self.lm_head.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
-
-        def hidden_states(self, ids, mask):
-            return torch.zeros(*ids.shape, 1)
+    from tests.test_ppo import ConstantLM
 
     class Tok:
         eot = 0
@@ -119,5 +109,5 @@ def test_dpo_sequence_logprob_is_the_sum_of_the_answer_tokens():
         0: Sample(0, 0, "policy", [1], [2, 0, 1], ""),
         1: Sample(1, 0, "policy", [1, 2], [2], ""),
     }
-    got = sequence_logprobs(ConstantLM(), samples, [0, 1], Tok, "cpu")
+    got = sequence_logprobs(ConstantLM([0.0, 1.0, 2.0]), samples, [0, 1], Tok, "cpu")
     assert got.tolist() == pytest.approx([logp[2] + logp[0] + logp[1], logp[2]], rel=1e-6)

@@ -457,6 +457,9 @@ class ConstantLM(torch.nn.Module):
     def hidden_states(self, ids, mask):
         return torch.zeros(*ids.shape, 1)
 
+    def head(self, hidden):
+        return self.lm_head(hidden)
+
 
 def test_grpo_kl_term_adds_beta_k3_to_the_loss_and_pulls_toward_the_reference():
     """GRPO's loss is the surrogate + beta k3 (Shao et al. 2024, eq. 3-4). With advantages 0 the
