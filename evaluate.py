@@ -24,8 +24,8 @@ import numpy as np
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
+from judge import RulesJudge, judge_score
 from model import GPT, FlopMeter, sample_answers
-from reward import RulesJudge, judge_score
 from runs import (
     RUN_FILES,
     autocast,

@@ -48,6 +48,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
+from judge import judge_score, make_judge
 from model import (
     GPT,
     FlopMeter,
@@ -57,7 +58,7 @@ from model import (
     right_pad,
     sample_answers,
 )
-from reward import judge_score, load_reward_model, make_judge, read_reward_model
+from reward import load_reward_model, read_reward_model
 from runs import (
     DIST,
     RUN_FILES,

@@ -10,7 +10,7 @@ stage is skipped on the next run, so an interrupted run resumes where it stopped
 Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the first stage.
   1. sft       supervised fine-tuning on (instruction -> answer)  sft.sft_stage
   2. sample    answers to training instructions from SFT          sample_stage, model.sample_answers
-  3. feedback  AI feedback: yes/no questions to a judge -> score  reward.feedback_stage
+  3. feedback  AI feedback: yes/no questions to a judge -> score  judge.feedback_stage
   4. reward    reward model trained on the judge's scores         reward.reward_stage
   5. ppo       PPO against the reward model, KL penalty to SFT    ppo.ppo_stage
   6. compare   [not in the paper, --compare] the same feedback    compare_stage below, dpo.py
@@ -39,7 +39,20 @@ import ppo
 import reward
 import sandbox
 from data.gorilla import prepare
+from data.gorilla.apis import APIDatabase
 from dpo import DPOConfig
+from judge import (
+    QUESTIONS,
+    feedback_stage,
+    judge_plan,
+    judge_price,
+    judge_problems,
+    judge_score,
+    judge_score_fn,
+    judge_setting_problems,
+    plan_text,
+    run_judge,
+)
 from model import GPT, FlopMeter, matmul_rate, preset_config, sample_answers
 from model import PRESETS as MODEL_PRESETS
 from ppo import PPOConfig
@@ -115,7 +128,7 @@ def make_config(preset="tiny", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# 3. Sample answers from the SFT policy
+# 2. Sample answers from the SFT policy
 
 
 def sample_stage(cfg, run, splits):
@@ -221,7 +234,7 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 
 # -----------------------------------------------------------------------------
-# 7. [not in the paper] The same feedback used five more ways, for one table (--compare)
+# 6. [not in the paper] The same feedback used five more ways, for one table (--compare)
 
 
 def compare_stage(cfg, run, splits):
@@ -233,12 +246,12 @@ def compare_stage(cfg, run, splits):
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    judge = reward.run_judge(cfg, run)
+    judge = run_judge(cfg, run)
     # Each part is skipped only when its own done.json, written after its model, says it finished.
     run_part(
         run / RUN_FILES["drlaif"],
         lambda out: ppo.ppo_stage(
-            cfg, run, splits, reward.judge_score_fn(judge, splits["train"], tok, feedback), out
+            cfg, run, splits, judge_score_fn(judge, splits["train"], tok, feedback), out
         ),
         "[compare] d-RLAIF: PPO with the judge's score as the reward",
     )
@@ -275,13 +288,11 @@ def best_of_n_answers(cfg, run, test, judge, tok):
     rm, rm_ckpt = reward.read_reward_model(run / RUN_FILES["reward_model"], cfg.device)
     # the reward model reads each answer's tool report (reward.tool_report)
     if rm_ckpt.get("tools"):
-        samples = reward.reading_reports(samples, tok, reward.APIDatabase())
+        samples = reward.reading_reports(samples, tok, APIDatabase())
     rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
     answers = [s.answer for s in samples.values()]
-    judge_score = [
-        reward.judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)
-    ]
-    for name, scores in (("rm", rm_score), ("judge", judge_score)):
+    judge_scores = [judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)]
+    for name, scores in (("rm", rm_score), ("judge", judge_scores)):
         picked = [
             dict(question_id=r.line, text=answers[j])
             for r, j in zip(test, reward.best_of_n(scores, cfg.best_of_n), strict=True)
@@ -295,7 +306,7 @@ def best_of_n_answers(cfg, run, test, judge, tok):
 STAGES = {  # runs.STAGE_ORDER names them in this order (a test holds the two equal)
     "sft": sft_stage,
     "sample": sample_stage,
-    "feedback": reward.feedback_stage,
+    "feedback": feedback_stage,
     "reward": reward.reward_stage,
     "ppo": ppo.ppo_stage,
     "compare": compare_stage,
@@ -346,7 +357,7 @@ def check_ready(cfg):
         problems.append(f"--train-file {cfg.train_file}: no such file")
     if cfg.judge == "openai":
         # one request: the probe
-        problems += reward.judge_problems(cfg.judge_base_url, cfg.judge_model)
+        problems += judge_problems(cfg.judge_base_url, cfg.judge_model)
     if cfg.exec_mode != "none":
         reason = sandbox.isolation_available()
         if reason and (cfg.exec_mode == "real" or not cfg.unsafe_exec):
@@ -390,9 +401,7 @@ def refuse_bad_settings(cfg):
             )
     # a price to keep --judge-max-usd with, and a --judge-price that parses
     if cfg.judge == "openai":
-        problems += reward.judge_setting_problems(
-            cfg.judge_model, cfg.judge_max_usd, cfg.judge_price
-        )
+        problems += judge_setting_problems(cfg.judge_model, cfg.judge_max_usd, cfg.judge_price)
     if not cfg.contrast_answers and cfg.answers_per_instruction < 2:
         problems.append(
             f"--answers-per-instruction {cfg.answers_per_instruction}: must be >= 2 with "
@@ -611,9 +620,9 @@ def judge_plan_text(cfg, train, n_answers):
         )
         for i in range(n_answers)
     ]  # reference answers stand in for the answers not yet sampled
-    price = reward.judge_price(cfg.judge_model, cfg.judge_price)
-    plan = reward.judge_plan(cfg.judge_model, proxy, train, reward.APIDatabase(), price)
-    return f"{cfg.judge_model}: " + reward.plan_text(cfg.judge_model, *plan)
+    price = judge_price(cfg.judge_model, cfg.judge_price)
+    plan = judge_plan(cfg.judge_model, proxy, train, APIDatabase(), price)
+    return f"{cfg.judge_model}: " + plan_text(cfg.judge_model, *plan)
 
 
 def plan_lines(cfg, splits):
@@ -626,7 +635,7 @@ def plan_lines(cfg, splits):
     rollouts = cfg.ppo.iterations * cfg.ppo.batch_size
     compare = (
         f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; "
-        f"d-RLAIF asks the judge {rollouts * len(reward.QUESTIONS):,} questions), "
+        f"d-RLAIF asks the judge {rollouts * len(QUESTIONS):,} questions), "
         f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
     )
     return dict(
@@ -634,7 +643,7 @@ def plan_lines(cfg, splits):
         f"{len(train)} instructions{' + 936 API-database pairs' if cfg.api_pairs else ''}",
         sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at "
         f"T={cfg.temperature}{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
-        feedback=f"{n_answers} answers x {len(reward.QUESTIONS)} questions; {judge}{cap}",
+        feedback=f"{n_answers} answers x {len(QUESTIONS)} questions; {judge}{cap}",
         reward=f"{cfg.rm.epochs} epoch(s) of judge-ordered pairs, {cfg.rm.batch_size} per step",
         ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
         f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",

@@ -354,7 +354,7 @@ class Config:
     judge_price: Annotated[
         str,
         "USD per million input,output tokens of --judge-model, e.g. 2.5,10 (empty: "
-        "reward.PRICE_PER_MTOK's; --judge-max-usd needs a price)",
+        "judge.PRICE_PER_MTOK's; --judge-max-usd needs a price)",
     ] = ""
     eval_limit: Annotated[
         int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"
@@ -616,7 +616,7 @@ class Feedback:
     source: str
     judge: str  # which judge answered (rules judge, or the LLM's name)
     answers: dict  # question -> P(yes) in [0, 1], or None where the judge gave no answer
-    score: float  # reward.combine(answers); None when the judge gave up on this answer
+    score: float  # judge.combine(answers); None when the judge gave up on this answer
     error: str = None
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from dpo import dpo_loss
+from judge import QUESTIONS, RulesJudge, combine, judge_score_fn
 from model import GPT, GPTConfig, ScalarModel, pad_pairs
-from reward import QUESTIONS, RulesJudge, best_of_n, combine, comparisons_loss, judge_score_fn
+from reward import best_of_n, comparisons_loss
 from runs import Feedback, Sample
 
 

@@ -122,8 +122,8 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
     """Reference vs another domain's reference: the judge's relevance answer flips. A policy answer
     vs the same answer cut before its code: the judge's code answer flips and nothing before the
     code changes."""
-    import reward
     import rlaif
+    from judge import RulesJudge
     from runs import Sample
 
     tok = prepare.tokenizer(compact=True)
@@ -155,7 +155,7 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
         (9, "mismatched"),
     ]
     assert [c.id for c in out] == list(range(3, 11))
-    judge = reward.RulesJudge()
+    judge = RulesJudge()
     for c in out:
         r = train[c.record]
         yes = judge.answers(r, c.answer)

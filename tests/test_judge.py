@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import reward
+import judge
 import rlaif
 from data.gorilla import prepare
 from runs import RUN_FILES, Sample, mark_done, save_config, write_rows
@@ -41,9 +41,9 @@ def quick_judge(monkeypatch):
     """The stage's judge retries 3 times from a 10 ms backoff (tests wait seconds, not minutes); a
     Retry-After is waited as the server asks. No key or URL from the environment."""
     monkeypatch.setattr(
-        reward,
+        judge,
         "OpenAIJudge",
-        functools.partial(reward.OpenAIJudge, backoff=0.01, max_retries=3, timeout=2.0),
+        functools.partial(judge.OpenAIJudge, backoff=0.01, max_retries=3, timeout=2.0),
     )
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -98,7 +98,7 @@ def judge_alone(server, tmp_path, **kw):
         ),
         **kw,
     )
-    return reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, **kw)
+    return judge.OpenAIJudge.func("gpt-3.5-turbo", server.url, **kw)
 
 
 def is_probe(body):
@@ -106,9 +106,9 @@ def is_probe(body):
 
 
 def recorded_sleeps(monkeypatch):
-    """reward's time.sleep recorded instead of slept (time.time stays real)."""
+    """judge's time.sleep recorded instead of slept (time.time stays real)."""
     waits = []
-    monkeypatch.setattr(reward, "time", SimpleNamespace(time=time.time, sleep=waits.append))
+    monkeypatch.setattr(judge, "time", SimpleNamespace(time=time.time, sleep=waits.append))
     return waits
 
 
@@ -124,11 +124,11 @@ def test_retry_after_is_waited_as_asked_up_to_the_stated_cap(server, tmp_path, m
     j = judge_alone(server, tmp_path, log=said.append)
     assert j.ask("q") == pytest.approx(0.8)
     assert len(server.requests) == 3
-    cap = 120.0  # reward.RETRY_AFTER_CAP_S, stated in the log
+    cap = 120.0  # judge.RETRY_AFTER_CAP_S, stated in the log
     # 1000 s asked: the cap
     assert len(waits) == 2 and all(cap <= w <= 1.1 * cap for w in waits), waits
     assert any("Retry-After" in m and "capped at 120 s" in m for m in said), said
-    assert reward.RETRY_AFTER_CAP_S == cap
+    assert judge.RETRY_AFTER_CAP_S == cap
     server.script = ["429"]
     server.retry_after = 2
     waits.clear()
@@ -142,11 +142,11 @@ def test_the_default_retries_outlast_a_minute_long_outage(server, tmp_path, monk
     the stage stops: next tests)."""
     waits = recorded_sleeps(monkeypatch)
     server.default = "down"
-    j = reward.OpenAIJudge.func("gpt-3.5-turbo", server.url, api_key="k", timeout=2.0, **QUIET)
-    with pytest.raises(reward.JudgeError, match="gave up"):
+    j = judge.OpenAIJudge.func("gpt-3.5-turbo", server.url, api_key="k", timeout=2.0, **QUIET)
+    with pytest.raises(judge.JudgeError, match="gave up"):
         j.ask("q")
     assert len(server.requests) == len(waits) + 1
-    assert sum(waits) > 60 and max(waits) <= reward.BACKOFF_CAP_S, waits
+    assert sum(waits) > 60 and max(waits) <= judge.BACKOFF_CAP_S, waits
 
 
 def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_path, train):
@@ -167,7 +167,7 @@ def test_rate_limited_with_retry_after_then_every_answer_is_judged(server, tmp_p
     feedback = [json.loads(line) for line in (run / RUN_FILES["feedback"]).read_text().splitlines()]
     assert len(feedback) == 3 and all(f["score"] is not None for f in feedback)
     assert server.replies["429"] >= 2 and times[-1] - times[0] >= 2.0
-    assert len(cache_rows(run)) == 3 * len(reward.QUESTIONS)  # each question answered once
+    assert len(cache_rows(run)) == 3 * len(judge.QUESTIONS)  # each question answered once
 
 
 def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_them(
@@ -177,7 +177,7 @@ def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_t
     count and the command; nothing is marked done. That command, once the endpoint is back, asks
     only for the two missing answers' questions and finishes the stage."""
     run = make_run(tmp_path, server, train, n=4)
-    server.script = ["logprobs"] * (2 * len(reward.QUESTIONS)) + ["down"] * 100
+    server.script = ["logprobs"] * (2 * len(judge.QUESTIONS)) + ["down"] * 100
     resumes = rf"2 of 4 answers have no score.*python rlaif.py --run-dir {run} resumes"
     with pytest.raises(SystemExit, match=resumes):
         rlaif_until_feedback(run)
@@ -189,7 +189,7 @@ def test_answers_the_judge_gave_up_on_fail_the_stage_and_a_rerun_asks_only_for_t
     server.script = []
     rlaif_until_feedback(run)
     # the missing ones, nothing twice
-    assert len(server.requests) - sent == 2 * len(reward.QUESTIONS)
+    assert len(server.requests) - sent == 2 * len(judge.QUESTIONS)
     assert done_json(run)["judged"] == 4
 
 
@@ -207,7 +207,7 @@ def test_a_judge_that_never_says_yes_or_no_stops_at_the_first_batch_showing_its_
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
     # per answer: its first question, asked again twice, then it stops
-    tries = 1 + reward.UNUSABLE_RETRIES
+    tries = 1 + judge.UNUSABLE_RETRIES
     # 3 failures in a row, and the one in flight
     assert 3 * tries <= len(server.requests) <= 4 * tries
     unusable = [row for row in cache_rows(run) if "unusable" in row]
@@ -225,15 +225,15 @@ def test_replies_without_logprobs_are_counted_per_answer_in_done_json(
     """The first answer's six replies come without log-probabilities (P(yes) 0 or 1 from the text),
     the other two answers' with them: done.json says so, and the log warns."""
     run = make_run(tmp_path, server, train, n=3)
-    server.script = ["text"] * len(reward.QUESTIONS)
+    server.script = ["text"] * len(judge.QUESTIONS)
     rlaif_until_feedback(run)
     done = done_json(run)
     assert done["judged"] == 3 and done["p_yes_from_text"] == {
         "answers": 1,
-        "judgements": len(reward.QUESTIONS),
+        "judgements": len(judge.QUESTIONS),
     }
     assert "WARNING" in capsys.readouterr().out
-    assert sum(row["text"] for row in cache_rows(run)) == len(reward.QUESTIONS)
+    assert sum(row["text"] for row in cache_rows(run)) == len(judge.QUESTIONS)
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def judge_config(server_url, **settings):
 
 
 def test_check_ready_probes_the_endpoint_with_two_cheap_requests(server, capsys):
-    """One question whose answer is Yes, one whose answer is No (reward.PROBES)."""
+    """One question whose answer is Yes, one whose answer is No (judge.PROBES)."""
     rlaif.check_ready(judge_config(server.url))
     assert len(server.probes) == 2 and server.requests == []
     assert all(p["max_tokens"] == 1 and p["model"] == "gpt-3.5-turbo" for p in server.probes)
@@ -292,13 +292,13 @@ def test_the_cap_counts_what_earlier_runs_spent(server, tmp_path):
     """A cap of $0.0003 allows five requests of 101 tokens at gpt-3.5-turbo's price; a new judge on
     the same cache file (the next command) with the same cap sends nothing more."""
     j = judge_alone(server, tmp_path, max_usd=0.0003)
-    with pytest.raises(reward.JudgeBudgetExceeded):
+    with pytest.raises(judge.JudgeBudgetExceeded):
         for i in range(20):
             j.ask(f"question {i} " + "x" * 40)
     sent = len(server.requests)
     again = judge_alone(server, tmp_path, max_usd=0.0003)
     assert again.spent_usd() == pytest.approx(j.spent_usd())
-    with pytest.raises(reward.JudgeBudgetExceeded, match="has spent"):
+    with pytest.raises(judge.JudgeBudgetExceeded, match="has spent"):
         again.ask("question 19 " + "x" * 40)
     assert len(server.requests) == sent
 
@@ -311,7 +311,7 @@ def test_rerunning_with_the_same_cap_spends_nothing_more(server, tmp_path, train
     with pytest.raises(SystemExit, match="rerun with a higher --judge-max-usd"):
         rlaif_until_feedback(run)
     sent = len(server.requests)
-    assert 1 <= sent < 4 * len(reward.QUESTIONS)
+    assert 1 <= sent < 4 * len(judge.QUESTIONS)
     with pytest.raises(SystemExit) as stop:
         rlaif_until_feedback(run)
     assert len(server.requests) == sent, stop.value  # the same cap: nothing more is spent
@@ -357,9 +357,9 @@ def test_logprobs_that_are_no_probability_leave_the_reply_unscored(server, tmp_p
     an answer: paid and recorded, asked again twice, then the judge gives up."""
     server.default = mode
     j = judge_alone(server, tmp_path, **QUIET)
-    with pytest.raises(reward.JudgeError, match="log-probabilities that are no probability"):
+    with pytest.raises(judge.JudgeError, match="log-probabilities that are no probability"):
         j.ask("q")
-    assert len(server.requests) == 1 + reward.UNUSABLE_RETRIES
+    assert len(server.requests) == 1 + judge.UNUSABLE_RETRIES
     rows = judge_cache(tmp_path)
     assert len(rows) == len(server.requests) and all(r["unusable"] == "Yes" for r in rows)
     assert not any("p_yes" in r for r in rows)
@@ -372,7 +372,7 @@ def test_tiny_logprobs_give_a_finite_p_yes(server, tmp_path):
     assert judge_alone(server, tmp_path).ask("q") == 0.5
     assert judge_cache(tmp_path)[0]["p_yes"] == 0.5
     top = [("Yes", -1e4), (" yes", -1e4), ("No.", -1e4), ("Not", 0.0)]
-    assert reward.p_yes_of_logprobs(top) == pytest.approx(2 / 3)
+    assert judge.p_yes_of_logprobs(top) == pytest.approx(2 / 3)
 
 
 def test_nan_logprobs_mid_run_leave_the_stage_not_done(server, tmp_path, train):
@@ -384,7 +384,7 @@ def test_nan_logprobs_mid_run_leave_the_stage_not_done(server, tmp_path, train):
         rlaif_until_feedback(run)
     assert not (run / "feedback" / "done.json").exists()
     assert not (run / RUN_FILES["feedback_partial"]).exists()
-    assert len(server.requests) == 3 * (1 + reward.UNUSABLE_RETRIES)
+    assert len(server.requests) == 3 * (1 + judge.UNUSABLE_RETRIES)
     assert not any("p_yes" in r for r in cache_rows(run))
 
 
@@ -401,9 +401,9 @@ def test_a_text_answer_is_exactly_yes_or_no(server, tmp_path, text, p_yes):
     server.default, server.other_text = "text_other", text
     j = judge_alone(server, tmp_path, **QUIET)
     if p_yes is None:
-        with pytest.raises(reward.JudgeError, match=f"replied {text!r}, neither Yes nor No"):
+        with pytest.raises(judge.JudgeError, match=f"replied {text!r}, neither Yes nor No"):
             j.ask("q")
-        assert len(server.requests) == 1 + reward.UNUSABLE_RETRIES
+        assert len(server.requests) == 1 + judge.UNUSABLE_RETRIES
         assert [r["unusable"] for r in judge_cache(tmp_path)] == [text] * len(server.requests)
     else:
         assert j.ask("q") == p_yes and len(server.requests) == 1
@@ -440,7 +440,7 @@ def test_feedback_with_one_score_for_every_answer_stops_before_the_reward_model(
     run = make_run(tmp_path, server, train, n=3)
     server.mode_for = lambda body: None if is_probe(body) else "always_no"
     rlaif_until_feedback(run)
-    assert done_json(run)["judged"] == 3 and len(server.requests) == 3 * len(reward.QUESTIONS)
+    assert done_json(run)["judged"] == 3 and len(server.requests) == 3 * len(judge.QUESTIONS)
     said = (
         r"gave all 3 answers the same score 0\.050 \(mean P\(yes\) per question: "
         r"domain_right 0\.05, .*--from feedback"
@@ -449,7 +449,7 @@ def test_feedback_with_one_score_for_every_answer_stops_before_the_reward_model(
         rlaif.main(["--run-dir", str(run), "--until", "reward"])
     assert not (run / "reward" / "done.json").exists()
     assert not (run / RUN_FILES["reward_model"]).exists()
-    assert len(server.requests) == 3 * len(reward.QUESTIONS)  # nothing asked again
+    assert len(server.requests) == 3 * len(judge.QUESTIONS)  # nothing asked again
 
 
 # -----------------------------------------------------------------------------
@@ -463,13 +463,13 @@ def test_a_slowloris_reply_is_cut_at_the_total_deadline(server, tmp_path):
     j = judge_alone(server, tmp_path, timeout=1.0, max_retries=1, **QUIET)
     t0 = time.time()
     with pytest.raises(
-        reward.JudgeError, match="2 attempts: ReplyTooSlow: no complete reply within 1 s"
+        judge.JudgeError, match="2 attempts: ReplyTooSlow: no complete reply within 1 s"
     ):
         j.ask("q")
     assert time.time() - t0 < 4 and len(server.requests) == 2
     assert not (tmp_path / "cache.jsonl").exists()  # nothing answered, nothing stored
     t0 = time.time()
-    problem = reward.probe_judge(server.url, "gpt-3.5-turbo", timeout=1.0, **QUIET)
+    problem = judge.probe_judge(server.url, "gpt-3.5-turbo", timeout=1.0, **QUIET)
     assert "no complete reply within 1 s" in problem and time.time() - t0 < 3
     assert len(server.probes) == 1
 
@@ -488,13 +488,13 @@ def test_another_judge_does_not_reuse_the_cached_answers(server, tmp_path, train
     other = FakeOpenAI(p_yes=0.3)
     try:
         rlaif_until_feedback(run, "--from", "feedback", "--judge-base-url", other.url)
-        assert len(other.requests) == 2 * len(reward.QUESTIONS) and len(server.requests) == first
+        assert len(other.requests) == 2 * len(judge.QUESTIONS) and len(server.requests) == first
         assert done_json(run)["judge"] == f"LLM judge gpt-3.5-turbo at {other.url}"
         feedback = [json.loads(x) for x in (run / RUN_FILES["feedback"]).read_text().splitlines()]
         assert all(p == pytest.approx(0.3) for f in feedback for p in f["answers"].values())
-        assert len(cache_rows(run)) == 4 * len(reward.QUESTIONS)
+        assert len(cache_rows(run)) == 4 * len(judge.QUESTIONS)
         rlaif_until_feedback(run, "--from", "feedback", "--judge-base-url", server.url)
-        assert len(server.requests) == first and len(other.requests) == 2 * len(reward.QUESTIONS)
+        assert len(server.requests) == first and len(other.requests) == 2 * len(judge.QUESTIONS)
     finally:
         other.close()
 
@@ -533,7 +533,7 @@ def test_a_repeated_empty_choices_reply_stops_after_two_tries(server, tmp_path, 
     """200 with `choices: []` after the first answer: each answer gets MALFORMED_TRIES tries (the
     transport's retries and backoff took 387 s), and the stage stops after three in a row."""
     run = make_run(tmp_path, server, train, n=6)
-    server.script = ["logprobs"] * len(reward.QUESTIONS) + ["empty_choices"] * 100
+    server.script = ["logprobs"] * len(judge.QUESTIONS) + ["empty_choices"] * 100
     said = (
         r"5 of 6 answers have no score: the judge gave up on 3 \(the last: gave up after 2 "
         r"attempts: MalformedReply: malformed reply, not a chat completion with a choice"
@@ -541,7 +541,7 @@ def test_a_repeated_empty_choices_reply_stops_after_two_tries(server, tmp_path, 
     t0 = time.time()
     with pytest.raises(SystemExit, match=said):
         rlaif_until_feedback(run)
-    assert server.replies["empty_choices"] == 3 * reward.MALFORMED_TRIES == 6
+    assert server.replies["empty_choices"] == 3 * judge.MALFORMED_TRIES == 6
     assert time.time() - t0 < 10
     assert len((run / RUN_FILES["feedback_partial"]).read_text().splitlines()) == 1
-    assert len(cache_rows(run)) == len(reward.QUESTIONS)  # a malformed reply stores nothing
+    assert len(cache_rows(run)) == len(judge.QUESTIONS)  # a malformed reply stores nothing

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.gorilla import prepare
-from reward import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
+from judge import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
 from runs import Feedback, Sample, save_checkpoint
 from tests.openai_server import FakeOpenAI
 
@@ -56,7 +56,7 @@ def test_429_then_success_retries(server, tmp_path):
 
 
 def test_persistent_500_gives_up_and_leaves_the_answer_unjudged(server, tmp_path, records):
-    from reward import JudgeFailed
+    from judge import JudgeFailed
 
     server.default = "500"
     j = judge(server, tmp_path, max_retries=2)
@@ -333,7 +333,7 @@ def test_judge_budget_stops_before_the_cap_and_a_rerun_resumes_from_the_cache(se
     """Each request costs 100 + 1 tokens at gpt-3.5-turbo's price ($0.0000515); a cap of
     $0.0003 allows five. Past that the judge refuses before sending; a new judge with the same
     cache pays for nothing it has."""
-    from reward import JudgeBudgetExceeded
+    from judge import JudgeBudgetExceeded
 
     j = judge(server, tmp_path, max_usd=0.0003)
     answered = []
@@ -352,7 +352,7 @@ def test_feedback_stops_before_any_request_when_the_estimate_passes_the_cap(
     server, tmp_path, records
 ):
     import rlaif
-    from reward import feedback_stage
+    from judge import feedback_stage
     from runs import write_rows
 
     run = tmp_path / "run"
@@ -440,9 +440,9 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
 
 
 def test_an_answer_the_judge_could_not_score_stops_d_rlaif_rather_than_scoring_it():
-    """d-RLAIF, best-of-n and validation go through reward.judge_score: a judge that gave up raises,
+    """d-RLAIF, best-of-n and validation go through judge.judge_score: a judge that gave up raises,
     rather than its answer scoring the mean (no signal, and nothing said)."""
-    from reward import QUESTIONS, JudgeError, judge_score
+    from judge import QUESTIONS, JudgeError, judge_score
 
     class GaveUp:
         def answers(self, record, answer):

@@ -15,6 +15,7 @@ import pytest
 
 import dpo
 import evaluate
+import judge
 import ppo
 import reward
 import rlaif
@@ -89,7 +90,7 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
 
     monkeypatch.setattr(rlaif.ppo, "ppo_stage", fake_ppo)
     monkeypatch.setattr(rlaif.dpo, "dpo_stage", lambda cfg, run, splits, out: trained.append("dpo"))
-    monkeypatch.setattr(rlaif.reward, "make_judge", lambda *a, **k: None)
+    monkeypatch.setattr(judge, "make_judge", lambda *a, **k: None)
     monkeypatch.setattr(rlaif, "best_of_n_answers", lambda *a: None)
     rlaif.compare_stage(cfg, tmp_path, {"train": [], "val": [], "test": []})
     assert trained == ["rloo", "grpo", "dpo"]

@@ -12,27 +12,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
-# libraries) <- sandbox <- the stages: sft, reward (the judge) <- ppo, dpo, evaluate <- rlaif. A
-# module imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on
-# its pairs, evaluate runs code through the sandbox). model imports none of them, not even runs, so
-# that it can be copied alone (test_model_py_imports_only_the_standard_library_and_torch).
+# libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward (the reward model) <-
+# ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and evaluate ask the judge to
+# score answers, dpo trains on the reward model's pairs, evaluate runs code through the sandbox).
+# model imports none of them, not even runs, so that it can be copied alone
+# (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
     "runs": 0,
     "model": 1,
     "data": 2,
     "sandbox": 3,
     "sft": 4,
-    "reward": 4,
-    "ppo": 5,
-    "dpo": 5,
-    "evaluate": 5,
-    "rlaif": 6,
+    "judge": 4,
+    "reward": 5,
+    "ppo": 6,
+    "dpo": 6,
+    "evaluate": 6,
+    "rlaif": 7,
 }
 ALLOWED = set()
 SCRIPTS = [
     "rlaif.py",
     "sft.py",
     "ppo.py",
+    "judge.py",
     "reward.py",
     "dpo.py",
     "evaluate.py",
@@ -218,7 +221,7 @@ def test_readme_is_short_and_functions_fit_on_a_screen():
     assert not long, long
 
 
-@pytest.mark.parametrize("script", ["sft", "ppo", "reward", "dpo", "evaluate"])
+@pytest.mark.parametrize("script", ["sft", "judge", "reward", "ppo", "dpo", "evaluate"])
 def test_stage_script_without_a_run_says_how_to_make_one(script, tmp_path, monkeypatch):
     """With no flags a stage script works on runs/tiny; where that run does not exist it says, in
     one line, the command that makes it (and starts nothing). In-process: main() with no
