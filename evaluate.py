@@ -409,7 +409,7 @@ def evaluate_stage(cfg, run, splits):
                 [given[r.line] for r in test], test, db, sandbox
             )
     gorilla, kept = gorilla_answers_for(test)
-    name = f"{GORILLA} ({len(kept)} of the same questions)"
+    name = f"Gorilla-7B (its published answers to {len(kept)} of the same questions, scored here)"
     results[name], verdicts[name] = score_answers(gorilla, kept, db, sandbox)
     if sandbox is not None and not sandbox.isolated:
         results = {f"{k} [UNISOLATED EXEC]": v for k, v in results.items()}
