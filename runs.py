@@ -164,11 +164,11 @@ def check_loss(loss, stage, step, look_at):
     too large, a reward or penalty that is not a number, an overflow): the weights it would save
     are no longer numbers, and every later stage would build on them. Called by each training loop
     with its step and the settings most likely to blame; nothing is written after it."""
-    value = float(loss)
+    value = loss.item() if torch.is_tensor(loss) else float(loss)
     if not math.isfinite(value):
         raise SystemExit(
             f"[{stage}] the training loss is {value} at {step}: training diverged, and no model "
-            f"is written. Look at {look_at}, then redo the stage (--from {stage})"
+            f"is written. Look at {look_at}, then run the stage again with other settings"
         )
 
 
