@@ -298,6 +298,12 @@ def test_a_train_file_without_usable_records_is_refused_before_sft(
         (["--ppo-iterations", "0"], "--ppo-iterations 0: must be >= 1"),
         (["--eval-limit", "-1"], "--eval-limit -1: must be >= 0"),
         (["--exec-timeout", "0"], "--exec-timeout 0.0: must be > 0"),
+        (["--sft-lr", "inf"], "--sft-lr inf: must be a finite number"),
+        (["--ppo-missing-eos-penalty", "nan"], "--ppo-missing-eos-penalty nan: must be a finite"),
+        (["--rm-heldout-fraction", "0.5", "--rm-val-fraction", "0.5"], "must add up to less than"),
+        (["--sampled-instructions", "1"], "leaving the reward model none to train on"),
+        (["--from", "ppo", "--until", "sft"], "--from ppo --until sft: ppo comes after sft"),
+        (["--from", "reward"], "--from reward: the earlier stage(s) sft, sample, feedback are not"),
         (
             ["--compare", "--ppo-rollouts-per-prompt", "1", "--ppo-batch-size", "4"],
             "(--compare's RLOO row)",
