@@ -415,8 +415,8 @@ def test_inf_and_nan_flags_are_refused_before_any_stage(tmp_path):
         # 13: a config.json edited by hand, and a stage script's own flags
         ("rlaif.py", {"sft_lr": "Infinity"}, [], "config.json: refused:\n  sft_lr Infinity: must"),
         ("ppo.py", {}, ["--vf-coef", "inf"], "--vf-coef inf: must be a finite number"),
-        ("reward.py", {}, ["--lr", "nan"], "--lr nan: must be a finite number"),
-        ("dpo.py", {"dpo": {"beta": "NaN"}}, [], "dpo.beta NaN: must be a finite number"),
+        ("reward.py", {}, ["--margin", "inf"], "--margin inf: must be a finite number"),
+        ("dpo.py", {"dpo": {"lr": "Infinity"}}, [], "dpo.lr Infinity: must be a finite number"),
         # 14: settings that leave the reward model no prompt to train on
         (
             "reward.py",
@@ -437,12 +437,15 @@ def test_a_recorded_or_stage_script_setting_is_refused_before_anything(
 ):
     """The same checks hold a run's config.json (JSON's Infinity and NaN are floats too) and a
     stage script's flags: refused, naming the field or the flag, with nothing changed."""
-    cfg = json.loads(json.dumps(asdict(rlaif.make_config(init="micro", run_dir=str(tmp_path)))))
+    # the micro configuration: a version that does not refuse the settings runs little
+    small = dict(init="micro", exec_mode="none", sft_steps=10, sft_eval_every=10)
+    cfg = json.loads(json.dumps(asdict(rlaif.make_config(run_dir=str(tmp_path), **small))))
     for key, value in recorded.items():
         cfg[key] = dict(cfg[key], **value) if isinstance(value, dict) else value
     text = json.dumps(cfg).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
     (tmp_path / "config.json").write_text(text)
-    status, out = script(name, "--run-dir", tmp_path, *flags)
+    until = ["--until", "sft"] if name == "rlaif.py" else []
+    status, out = script(name, "--run-dir", tmp_path, *flags, *until)
     assert status == 1 and message in out, out
     assert files(tmp_path) == ["config.json"] and (tmp_path / "config.json").read_text() == text
 
