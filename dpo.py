@@ -33,14 +33,17 @@ from runs import (
     autocast,
     average_gradients,
     barrier,
+    check_loss,
     frozen_dtype,
     global_mean,
     is_main,
     log,
     make_optimizer,
+    os_errors_as_messages,
     progress,
     read_rows,
     require_done,
+    require_items,
     resume,
     run_part,
     save_checkpoint,
@@ -93,6 +96,7 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
         batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
         logps = pair_logprobs(policy, ref_policy, samples, batch, tok, run_cfg.device)
         loss, margin = dpo_loss(*logps, cfg.beta)
+        check_loss(loss, "dpo", f"step {step + 1}", "--dpo-lr and --dpo-beta")
         loss.backward()
         average_gradients(policy.parameters())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), run_cfg.grad_clip)
@@ -159,6 +163,9 @@ def dpo_stage(cfg, run, splits, out_dir):
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     pairs = make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
+    require_items(
+        pairs, "dpo", "judge-ordered pairs", "every answer to a prompt got the same score"
+    )
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
@@ -193,18 +200,18 @@ def main(argv=None):
     )
     require_done(run, ("sft", "sample", "feedback"))
     out = run / RUN_FILES["dpo"]
-    if (out / "done.json").exists():  # the part's own marker, written after its model
-        if not force:
-            raise SystemExit(f"DPO is done ({out / 'done.json'}); --force retrains it")
-        if is_main():
+    if (out / "done.json").exists() and not force:  # the part's own marker, written after its model
+        raise SystemExit(f"DPO is done ({out / 'done.json'}); --force retrains it")
+    with os_errors_as_messages("[dpo]"):  # a full disk, a permission: one line, exit 1
+        if (out / "done.json").exists() and is_main():
             set_aside(run, ["evaluate"])
             (run / "compare" / "done.json").unlink(missing_ok=True)
             for name in ("done.json", "ckpt.pt"):
                 (out / name).unlink(missing_ok=True)
-    if is_main():
-        save_config(cfg, run)
-    barrier()
-    run_part(out, lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), o))
+        if is_main():
+            save_config(cfg, run)
+        barrier()
+        run_part(out, lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), o))
     log(f"[dpo] done -> {out / 'model'}")
 
 

@@ -67,6 +67,7 @@ from runs import (
     autocast,
     average_gradients,
     barrier,
+    check_loss,
     frozen_dtype,
     is_main,
     log,
@@ -553,6 +554,16 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
 # Recording an iteration: metrics, log line, sample, checkpoint
 
 
+def check_ppo_loss(stats, it, train_policy):
+    """The iteration's losses (the mean over its minibatches: a NaN in any shows) are numbers
+    (runs.check_loss); the settings to look at are those of what was trained, and of the rewards
+    they learn from."""
+    losses = sum(v for k, v in stats.items() if k.startswith("loss/"))
+    step = f"iteration {it + 1}" + ("" if train_policy else " (the critic warm-up)")
+    policy = "--ppo-lr, " if train_policy else ""
+    check_loss(losses, "ppo", step, f"{policy}--ppo-vf-lr, --ppo-vf-coef and --ppo-init-kl-coef")
+
+
 def in_critic_warmup(cfg, it):
     return cfg.advantage == "gae" and it < cfg.critic_warmup
 
@@ -718,6 +729,7 @@ def train_ppo(
         stats = ppo_update(
             policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
         )
+        check_ppo_loss(stats, it, train_policy)
         t_update = time.time() - t_update
         # 5. KL controller: beta for the next iteration
         kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)

@@ -31,6 +31,7 @@ from runs import (
     autocast,
     average_gradients,
     barrier,
+    check_loss,
     global_mean,
     is_main,
     length_grouped_batches,
@@ -39,6 +40,7 @@ from runs import (
     make_optimizer,
     progress,
     read_rows,
+    require_items,
     resume,
     run_stage,
     save_checkpoint,
@@ -427,6 +429,7 @@ def train_reward_model(
             rm, samples, batch, judge_scores, targets, optimizer, tok, cfg, grad_clip, device
         )
         step += 1
+        check_loss(stats["loss"], "reward", f"step {step}", "--rm-lr and --rm-margin")
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
             eta = progress(step - start, steps - start, t0)
@@ -454,12 +457,16 @@ def training_pairs(feedback, cfg, seed, log=log):
         val=policy_pairs(feedback, val, rng),
         train=(train_fb, train_pairs[:512]),
     )
-    if not train_pairs:
-        log(
-            "[reward] WARNING: no judge-ordered pairs (every answer to a prompt got the same "
-            "score), so the reward model stays untrained and PPO has no signal. Train SFT longer "
-            "(--sft-steps) or sample more answers per instruction (--answers-per-instruction)."
-        )
+    require_items(
+        train_pairs,
+        "reward",
+        "judge-ordered training pairs",
+        f"{len(measured_only)} prompts held out or validating left none to train on: lower "
+        "--rm-heldout-fraction or --rm-val-fraction"
+        if not train_fb
+        else "every answer to a training prompt got the same score: train SFT longer "
+        "(--sft-steps) or sample more answers per instruction (--answers-per-instruction)",
+    )
     log(
         f"[reward] {len(train_pairs)} train pairs, {len(sets['heldout'][1])} held-out pairs "
         f"({len(heldout)} prompts), {len(sets['val'][1])} validation pairs ({len(val)} prompts)"

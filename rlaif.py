@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -74,6 +75,7 @@ from runs import (
     load_config,
     log,
     open_tensorboard,
+    os_errors_as_messages,
     progress_log,
     read_rows,
     run_part,
@@ -81,6 +83,7 @@ from runs import (
     save_config,
     set_aside,
     settings_diff,
+    settings_problems,
     setup_distributed,
     verify_done,
     write_jsonl,
@@ -383,7 +386,8 @@ def check_ready(cfg):
 def refuse_bad_settings(cfg):
     """Every setting within its declared type and range (runs.check_settings), then the checks
     across settings; before the first stage, so that no setting is refused after hours of work."""
-    check_settings(cfg)
+    if settings_problems(cfg):  # the checks across settings below take each one in its range
+        check_settings(cfg)
     problems = []
     for advantage in sorted({cfg.ppo.advantage} | ({"rloo", "grpo"} if cfg.compare else set())):
         # PPO's own checks across its settings (under torchrun: ranks too), for each PPO the run
@@ -442,6 +446,50 @@ def check_answer_room(cfg, splits):
         )
 
 
+def check_stage_inputs(cfg, splits):
+    """The reward model has prompts to train on: what is left of the sampled instructions once its
+    held-out and validation prompts are taken (reward.split_prompts itself, on one stand-in row per
+    instruction). runs.COMBINATIONS checks the fractions alone; this, with the number of
+    instructions there are."""
+    n = min(cfg.sampled_instructions, len(splits["train"]))
+    held, val, _ = reward.split_prompts([SimpleNamespace(record=i) for i in range(n)], cfg.rm, 0)
+    if n - len(held) - len(val) < 1:
+        raise SystemExit(
+            f"refused before anything ran:\n  --sampled-instructions {cfg.sampled_instructions}, "
+            f"--rm-heldout-fraction {cfg.rm.heldout_fraction}, --rm-val-fraction "
+            f"{cfg.rm.val_fraction}: of the {n} instructions sampled, {len(held)} are held out and "
+            f"{len(val)} validate, leaving the reward model none to train on; sample more "
+            "instructions or lower the fractions"
+        )
+
+
+def check_run_dir(cfg, from_stage, until):
+    """--run-dir, --from and --until make sense together, before any work: the run directory is a
+    directory (or not there yet), --from comes no later than --until, and the stages before --from
+    are done (--from redoes a stage from its inputs; it cannot start a run)."""
+    run, names, problems = Path(cfg.run_dir), list(STAGES), []
+    if run.exists() and not run.is_dir():
+        problems.append(
+            f"--run-dir {run}: is a file; a run directory is a directory (new or a run's)"
+        )
+    if from_stage and names.index(from_stage) > names.index(until):
+        problems.append(
+            f"--from {from_stage} --until {until}: {from_stage} comes after {until} "
+            f"(the order: {', '.join(names)}), so no stage would run"
+        )
+    elif from_stage and not problems:
+        earlier = names[: names.index(from_stage)]
+        missing = [s for s in earlier if not (run / s / "done.json").exists()]
+        if missing:
+            problems.append(
+                f"--from {from_stage}: the earlier stage(s) {', '.join(missing)} are not done in "
+                f"{run}; run them first (python rlaif.py --run-dir {run} --until {earlier[-1]}) "
+                f"or start from --from {missing[0]}"
+            )
+    if problems:
+        raise SystemExit("rlaif.py: cannot start:\n  " + "\n  ".join(problems))
+
+
 def prepare_run_dir(cfg, from_stage):
     """Check the run directory against the requested settings; with --from, set aside the stages to
     redo (run_dir/.previous/<stage>) until the new ones are complete."""
@@ -473,6 +521,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
     # a bad train file is refused before the run starts
     splits = prepare.load_splits(cfg.train_file, log=log)
     check_answer_room(cfg, splits)
+    check_stage_inputs(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
     judge = (
         "RULES JUDGE (offline stand-in, not an LLM)" if cfg.judge == "rules" else cfg.judge_model
@@ -671,13 +720,15 @@ def print_plan(cfg, until):
 
 def main(argv=None):
     cfg, from_stage, until = parse_args(argv)
+    check_run_dir(cfg, from_stage, until)
     if cfg.dry_run:
         refuse_bad_settings(cfg)
         return print_plan(cfg, until)
     t0 = time.time()
     keep_freed_memory()
     setup_distributed(cfg.device, cfg.dist_timeout)
-    run_pipeline(cfg, from_stage, until)
+    with os_errors_as_messages("[rlaif]"):  # a full disk, a permission: one line, exit 1
+        run_pipeline(cfg, from_stage, until)
     log(f"\n[rlaif] total wall time {(time.time() - t0) / 60:.1f} min")
 
 

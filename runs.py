@@ -155,6 +155,40 @@ def free_bytes(directory):
         return 1 << 62  # unknown: not called full
 
 
+@contextlib.contextmanager
+def os_errors_as_messages(program):
+    """An operating-system error (a full disk, a permission refused, a path that is a file) ends
+    the program with one line naming the file and the cause, and exit status 1: it is the state of
+    the machine, which the user fixes, not a bug of the code, whose traceback would bury the line
+    that matters. atomic_write's errors already name their file (write_error)."""
+    try:
+        yield
+    except OSError as e:
+        cause = e.strerror or str(e)
+        where = f": {e.filename}" if e.filename and str(e.filename) not in cause else ""
+        raise SystemExit(f"{program} stopped: {cause}{where}") from None
+
+
+def check_loss(loss, stage, step, look_at):
+    """Stop a training stage whose loss is NaN or infinite, whatever caused it (a learning rate
+    too large, a reward or penalty that is not a number, an overflow): the weights it would save
+    are no longer numbers, and every later stage would build on them. Called by each training loop
+    with its step and the settings most likely to blame; nothing is written after it."""
+    value = loss.item() if torch.is_tensor(loss) else float(loss)
+    if not math.isfinite(value):
+        raise SystemExit(
+            f"[{stage}] the training loss is {value} at {step}: training diverged, and no model "
+            f"is written. Look at {look_at}, then run the stage again with other settings"
+        )
+
+
+def require_items(items, stage, what, cause):
+    """Stop a stage whose input turned out empty (`what`, e.g. 'judge-ordered pairs'), naming the
+    cause, rather than train on nothing and pass the untrained model on as if trained."""
+    if not items:
+        raise SystemExit(f"[{stage}] nothing to train on: 0 {what} ({cause}); no model is written")
+
+
 class RecordingFile:
     """A binary file that keeps the OSError of a failed write: torch.save reports one only as
     'unexpected pos' or 'basic_ios::clear: iostream error', so without it a full disk goes
@@ -499,7 +533,8 @@ def save_config(cfg, run_dir):
 
 
 # Every setting's type, choices and range are declared with it: `name: Annotated[type, help,
-# (choices), "range"]`, the range as comparisons joined by "and" (">= 1", "> 0", ">= 0 and < 1").
+# (choices), "range"]`, the range as comparisons joined by "and" (">= 1", "> 0", ">= 0 and < 1"); a
+# float is also finite.
 # check_settings holds every field of Config and of its sections to its own declaration, before the
 # first stage, whether the value came from a flag or from a run's config.json: a setting is refused
 # before any work, never after.
@@ -531,6 +566,11 @@ def setting_problem(value, kind, choices, bounds):
         return f"must be {name}"
     if choices and value not in choices:
         return f"must be one of {', '.join(choices)}"
+    # inf and NaN are floats too: NaN fails every comparison but inf passes "> 0", and neither has
+    # ever meant a setting (an infinite learning rate or timeout, a NaN penalty). A range that
+    # means to allow infinity says "inf".
+    if kind is float and not math.isfinite(value) and "inf" not in (bounds or ""):
+        return "must be a finite number"
     if bounds and not all(COMPARE[op](value, float(x)) for op, x in BOUND.findall(bounds)):
         return f"must be {bounds}"
     return None
@@ -553,18 +593,69 @@ def settings_problems(cfg, where=None, unprefixed=None):
             )
             if why is None:
                 continue
-            prefix = "" if section in (None, unprefixed) else section + ("." if where else "-")
-            label = f"{prefix}{name}" if where else f"--{prefix}{name}".replace("_", "-")
-            problems.append(
-                f"{label} {value if where is None else json.dumps(value)}: {why} ({help_text})"
-            )
+            label = setting_label(section, name, value, where, unprefixed)
+            problems.append(f"{label}: {why} ({help_text})")
+    return problems
+
+
+def setting_label(section, name, value, where=None, unprefixed=None):
+    """'--ppo-batch-size 8' (a flag; '--batch-size 8' for the section `unprefixed`, a stage
+    script's own) or, for a config file `where`, 'ppo.batch_size 8' (the value as JSON)."""
+    prefix = "" if section in (None, unprefixed) else section + ("." if where else "-")
+    label = f"{prefix}{name}" if where else f"--{prefix}{name}".replace("_", "-")
+    return f"{label} {value if where is None else json.dumps(value)}"
+
+
+# Settings each within its range that together leave a stage nothing to train on (or ask a step for
+# more than there is): ((section, name), ...), what must hold of their values, and why. Checked with
+# the ranges, from flags or a config.json, so that such a run is refused before any work. The
+# combinations that also depend on the data (how many instructions there are) are rlaif.py's
+# check_stage_inputs.
+COMBINATIONS = (
+    (
+        (("rm", "heldout_fraction"), ("rm", "val_fraction")),
+        lambda held, val: held + val < 1,
+        "must add up to less than 1: the held-out and validation prompts would take every sampled "
+        "instruction, leaving the reward model none to train on",
+    ),
+    (
+        (("ppo", "minibatch_size"), ("ppo", "grad_accum"), ("ppo", "batch_size")),
+        lambda minibatch, accum, batch: minibatch * accum <= batch,
+        "an optimizer step (minibatch_size x grad_accum answers) must not take more answers than "
+        "an iteration samples (batch_size)",
+    ),
+)
+
+
+def combination_problems(cfg, where=None, unprefixed=None):
+    """One line per combination of COMBINATIONS that cfg breaks, naming each setting and its
+    value. A section whose class this process has not loaded (a dict) is read as recorded."""
+    problems = []
+    for names, holds, why in COMBINATIONS:
+        sections = [getattr(cfg, section) for section, _ in names]
+        values = [
+            sub.get(name) if isinstance(sub, dict) else getattr(sub, name)
+            for sub, (_, name) in zip(sections, names, strict=True)
+        ]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            continue  # a missing or mistyped value: settings_problems names it
+        if not holds(*values):
+            labels = [
+                setting_label(section, name, value, where, unprefixed)
+                for (section, name), value in zip(names, values, strict=True)
+            ]
+            problems.append(f"{', '.join(labels)}: {why}")
     return problems
 
 
 def check_settings(cfg, where=None, unprefixed=None, more=()):
-    """SystemExit listing every problem of settings_problems(), and `more` (checks across
-    settings)."""
-    problems = settings_problems(cfg, where, unprefixed) + list(more)
+    """SystemExit listing every problem of settings_problems() and combination_problems(), and
+    `more` (checks across settings made elsewhere)."""
+    # combinations are judged once each setting is within its own range
+    problems = settings_problems(cfg, where, unprefixed) or combination_problems(
+        cfg, where, unprefixed
+    )
+    problems += list(more)
     if problems:
         source = f"{where}: refused" if where else "refused before anything ran"
         raise SystemExit(f"{source}:\n  " + "\n  ".join(problems))
@@ -975,11 +1066,13 @@ def run_stage(cfg, run, stage, stage_fn, splits):
     one is complete. Under torchrun, a stage that does not train runs on rank 0 while the others
     wait."""
     t0 = time.time()
-    (run / stage).mkdir(parents=True, exist_ok=True)
-    summary = stage_fn(cfg, run, splits) if is_main() or stage in EVERY_RANK else {}
+    with os_errors_as_messages(f"[{stage}]"):  # a full disk, a permission: one line, exit 1
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        summary = stage_fn(cfg, run, splits) if is_main() or stage in EVERY_RANK else {}
     barrier()
     if is_main():
-        mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
+        with os_errors_as_messages(f"[{stage}]"):
+            mark_done(run / stage, dict(summary, seconds=round(time.time() - t0, 1)))
         shutil.rmtree(run / ".previous" / stage, ignore_errors=True)
         if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
             (run / ".previous").rmdir()
@@ -1048,9 +1141,11 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
             f"{run / stage} is already done; --force redoes it (later stages are set aside)"
         )
     if is_main():
-        set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1) :])
+        with os_errors_as_messages(f"[{stage}]"):
+            set_aside(run, STAGE_ORDER[STAGE_ORDER.index(stage) + (0 if force else 1) :])
+            if overrides:
+                save_config(cfg, run)
         if overrides:
-            save_config(cfg, run)
             log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
     barrier()
     return cfg, run

@@ -28,6 +28,7 @@ from runs import (
     atomic_dir,
     autocast,
     average_gradients,
+    check_loss,
     is_main,
     length_grouped_batches,
     log,
@@ -179,6 +180,7 @@ def train_sft(cfg, tok, train, val, out_dir):
         loss, tokens = optimizer_step(model, optimizer, cfg, train, step, tok.eot)
         tokens_seen += tokens
         step += 1
+        check_loss(loss, "sft", f"step {step}", "--sft-lr (the learning rate) and --grad-clip")
         speed = round(tokens_seen / (time.time() - t0))
         history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
         if step % LOG_EVERY == 0 or step == cfg.sft_steps:

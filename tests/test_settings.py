@@ -7,7 +7,8 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,6 +300,12 @@ def test_a_train_file_without_usable_records_is_refused_before_sft(
         (["--ppo-iterations", "0"], "--ppo-iterations 0: must be >= 1"),
         (["--eval-limit", "-1"], "--eval-limit -1: must be >= 0"),
         (["--exec-timeout", "0"], "--exec-timeout 0.0: must be > 0"),
+        (["--sft-lr", "inf"], "--sft-lr inf: must be a finite number"),
+        (["--ppo-missing-eos-penalty", "nan"], "--ppo-missing-eos-penalty nan: must be a finite"),
+        (["--rm-heldout-fraction", "0.5", "--rm-val-fraction", "0.5"], "must add up to less than"),
+        (["--sampled-instructions", "1"], "leaving the reward model none to train on"),
+        (["--from", "ppo", "--until", "sft"], "--from ppo --until sft: ppo comes after sft"),
+        (["--from", "reward"], "--from reward: the earlier stage(s) sft, sample, feedback are not"),
         (
             ["--compare", "--ppo-rollouts-per-prompt", "1", "--ppo-batch-size", "4"],
             "(--compare's RLOO row)",
@@ -317,3 +324,300 @@ def test_every_declared_range_holds_at_the_presets_and_shows_in_help(capsys):
     with pytest.raises(SystemExit):
         rlaif.parse_args(["--help"])
     assert "(default: 0.7; paper: 1.0; > 0)" in re.sub(r"\s+", " ", capsys.readouterr().out)
+
+
+# -----------------------------------------------------------------------------
+# 10. Issue 46, items 13-17, tried as a user would: real processes of rlaif.py and the stage
+# scripts, real run directories. Each asserts the exit status, the message, and what was (not)
+# written.
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = [
+    "--init",
+    "micro",
+    "--exec-mode",
+    "none",
+    "--sft-steps",
+    "10",
+    "--sft-eval-every",
+    "10",
+    "--sampled-instructions",
+    "8",
+    "--answers-per-instruction",
+    "4",
+    "--max-answer-tokens",
+    "24",
+    "--ppo-iterations",
+    "3",
+    "--ppo-batch-size",
+    "8",
+    "--ppo-minibatch-size",
+    "4",
+]
+
+
+def script(name, *args):
+    """python NAME ARGS in the project directory: (exit status, stdout + stderr)."""
+    done = subprocess.run(
+        [sys.executable, name, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a version that does not refuse runs the micro stages instead
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def files(directory):
+    return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """A run of the micro configuration with sft, sample, feedback and reward done (about 20 s);
+    each test works on a copy (run_copy)."""
+    run = tmp_path_factory.mktemp("micro") / "run"
+    status, out = script("rlaif.py", "--run-dir", run, *MICRO, "--until", "reward")
+    assert status == 0, out
+    return run
+
+
+@pytest.fixture
+def run_copy(micro_run, tmp_path):
+    shutil.copytree(micro_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_inf_and_nan_flags_are_refused_before_any_stage(tmp_path):
+    """13. inf passed '> 0' and NaN a setting without a range: --exec-timeout inf crashed every
+    snippet, --sft-lr inf and the PPO ones made the losses NaN, each with exit status 0."""
+    bad = [
+        ("--exec-timeout", "inf"),
+        ("--sft-lr", "inf"),
+        ("--ppo-vf-coef", "inf"),
+        ("--ppo-init-kl-coef", "inf"),
+        ("--ppo-missing-eos-penalty", "nan"),
+        ("--temperature", "inf"),
+    ]
+    flags = [word for pair in bad for word in pair]
+    status, out = script(
+        "rlaif.py", "--run-dir", tmp_path / "run", *MICRO, "--until", "sft", *flags
+    )
+    assert status == 1, out
+    for flag, value in bad:
+        assert f"{flag} {value}: must be a finite number" in out, out
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was recorded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, recorded, flags, message",
+    [
+        # 13: a config.json edited by hand, and a stage script's own flags
+        ("rlaif.py", {"sft_lr": "Infinity"}, [], "config.json: refused:\n  sft_lr Infinity: must"),
+        ("ppo.py", {}, ["--vf-coef", "inf"], "--vf-coef inf: must be a finite number"),
+        ("reward.py", {}, ["--margin", "inf"], "--margin inf: must be a finite number"),
+        ("dpo.py", {"dpo": {"lr": "Infinity"}}, [], "dpo.lr Infinity: must be a finite number"),
+        # 14: settings that leave the reward model no prompt to train on
+        (
+            "reward.py",
+            {},
+            ["--heldout-fraction", "0.6", "--val-fraction", "0.6"],
+            "--heldout-fraction 0.6, --val-fraction 0.6: must add up to less than 1",
+        ),
+        (
+            "rlaif.py",
+            {"rm": {"heldout_fraction": 0.5, "val_fraction": 0.5}},
+            [],
+            "rm.heldout_fraction 0.5, rm.val_fraction 0.5: must add up to less than 1",
+        ),
+    ],
+)
+def test_a_recorded_or_stage_script_setting_is_refused_before_anything(
+    tmp_path, name, recorded, flags, message
+):
+    """The same checks hold a run's config.json (JSON's Infinity and NaN are floats too) and a
+    stage script's flags: refused, naming the field or the flag, with nothing changed."""
+    # the micro configuration: a version that does not refuse the settings runs little
+    small = dict(init="micro", exec_mode="none", sft_steps=10, sft_eval_every=10)
+    cfg = json.loads(json.dumps(asdict(rlaif.make_config(run_dir=str(tmp_path), **small))))
+    for key, value in recorded.items():
+        cfg[key] = dict(cfg[key], **value) if isinstance(value, dict) else value
+    text = json.dumps(cfg).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+    (tmp_path / "config.json").write_text(text)
+    until = ["--until", "sft"] if name == "rlaif.py" else []
+    status, out = script(name, "--run-dir", tmp_path, *flags, *until)
+    assert status == 1 and message in out, out
+    assert files(tmp_path) == ["config.json"] and (tmp_path / "config.json").read_text() == text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--rm-heldout-fraction", "0.6", "--rm-val-fraction", "0.6"],
+            "--rm-heldout-fraction 0.6, --rm-val-fraction 0.6: must add up to less than 1",
+        ),
+        (
+            ["--sampled-instructions", "1"],
+            "--sampled-instructions 1, --rm-heldout-fraction 0.1, --rm-val-fraction 0.1: of the 1 "
+            "instructions sampled, 1 are held out and 0 validate, leaving the reward model none",
+        ),
+        (
+            ["--ppo-minibatch-size", "16"],
+            "--ppo-minibatch-size 16, --ppo-grad-accum 1, --ppo-batch-size 8: an optimizer step",
+        ),
+        (
+            ["--ppo-batch-size", "16", "--ppo-minibatch-size", "8", "--ppo-grad-accum", "4"],
+            "--ppo-minibatch-size 8, --ppo-grad-accum 4, --ppo-batch-size 16: an optimizer step",
+        ),
+    ],
+)
+def test_settings_that_leave_a_stage_nothing_to_train_on_are_refused_up_front(
+    tmp_path, flags, message
+):
+    """14. --rm-heldout-fraction 0.6 --rm-val-fraction 0.6 left 0 training pairs, exit status 0,
+    and the warning blamed 'same score'. Each setting is in its range; together they are not."""
+    status, out = script(
+        "rlaif.py", "--run-dir", tmp_path / "run", *MICRO, "--until", "sft", *flags
+    )
+    assert status == 1 and message in out, out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, message, model",
+    [
+        (
+            "reward.py",
+            "[reward] nothing to train on: 0 judge-ordered training pairs (every answer to a "
+            "training prompt got the same score",
+            "reward/reward_model.pt",
+        ),
+        ("dpo.py", "[dpo] nothing to train on: 0 judge-ordered pairs", "compare/dpo/model"),
+    ],
+)
+def test_a_stage_whose_input_turns_out_empty_stops_naming_the_cause(run_copy, name, message, model):
+    """14, at run time: feedback in which every answer got the same score leaves no pair to learn
+    from. The stage stops with the cause instead of passing an untrained model on."""
+    feedback = runs.read_rows(run_copy / runs.RUN_FILES["feedback"], runs.Feedback)
+    runs.write_rows(
+        run_copy / runs.RUN_FILES["feedback"], [replace(f, score=0.5) for f in feedback]
+    )
+    runs.mark_done(run_copy / "feedback", {})
+    status, out = script(name, "--run-dir", run_copy, "--force")
+    assert status == 1 and message in out, out
+    assert not (run_copy / model).exists()
+    assert not (run_copy / Path(model).parts[0] / "done.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "state, flags, message",
+    [
+        (
+            "empty",
+            ["--from", "ppo", "--until", "sft"],
+            "--from ppo --until sft: ppo comes after sft",
+        ),
+        (
+            "missing",
+            ["--from", "ppo", "--until", "ppo"],
+            "--from ppo: the earlier stage(s) sft, sample, feedback, reward are not done in",
+        ),
+        (
+            "empty",
+            ["--from", "sample", "--until", "sample"],
+            "--from sample: the earlier stage(s) sft are not done",
+        ),
+        ("file", ["--until", "sft"], "is a file; a run directory is a directory"),
+    ],
+)
+def test_run_directory_flags_that_cannot_work_are_refused_before_any_stage(
+    tmp_path, state, flags, message
+):
+    """15. --from ppo --until sft ran SFT; --from ppo on an empty or missing run directory ran all
+    seven stages; a --run-dir that is a file ended in a FileExistsError traceback."""
+    run = tmp_path / "run"
+    if state == "empty":
+        run.mkdir()
+    elif state == "file":
+        run.write_text("notes")
+    status, out = script("rlaif.py", "--run-dir", run, *MICRO, *flags)
+    assert status == 1 and message in out, out
+    assert "Traceback" not in out and "[sft]" not in out  # no stage started
+    assert files(tmp_path) == ([] if state == "missing" else ["run"])
+    assert state != "file" or run.read_text() == "notes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, flags, message, model",
+    [
+        (
+            "rlaif.py",
+            ["--from", "sft", "--until", "sft", "--sft-lr", "1e30"],
+            "[sft] the training loss is nan at step 2: training diverged, and no model is written. "
+            "Look at --sft-lr",
+            "sft/model",
+        ),
+        (
+            "reward.py",
+            ["--force", "--lr", "1e30"],
+            "[reward] the training loss is nan at step 2: training diverged, and no model is "
+            "written. Look at --rm-lr",
+            "reward/reward_model.pt",
+        ),
+        (
+            "ppo.py",
+            ["--lr", "1e30", "--critic-warmup", "0"],
+            "[ppo] the training loss is nan at iteration 1: training diverged, and no model is "
+            "written. Look at --ppo-lr",
+            "ppo/model",
+        ),
+        (
+            "ppo.py",
+            ["--vf-lr", "1e30"],
+            "[ppo] the training loss is nan at iteration 1 (the critic warm-up): training "
+            "diverged, and no model is written. Look at --ppo-vf-lr",
+            "ppo/model",
+        ),
+        (
+            "dpo.py",
+            ["--lr", "1e30", "--steps", "5"],
+            "[dpo] the training loss is nan at step 2: training diverged, and no model is written. "
+            "Look at --dpo-lr",
+            "compare/dpo/model",
+        ),
+    ],
+)
+def test_a_training_loss_that_turns_nan_stops_the_stage(run_copy, name, flags, message, model):
+    """16. A learning rate of 1e30 is a finite number within its range, and every training loop's
+    loss turns NaN a step later: the stage stops with the step and the setting to look at, and
+    writes neither its model nor its done.json."""
+    status, out = script(name, "--run-dir", run_copy, *flags)
+    assert status == 1 and message in out, out
+    assert not (run_copy / model).exists()
+    assert not (run_copy / Path(model).parts[0] / "done.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rlaif.py", "sft.py"])
+def test_a_full_disk_ends_with_one_line_not_a_traceback(full_disk, name):
+    """17. A full disk was named (file and cause) but still ended in a traceback. A 64 KiB tmpfs
+    holds config.json, not SFT's first checkpoint: one line naming both, exit status 1."""
+    run = full_disk / "run"
+    cfg = rlaif.make_config(
+        init="micro", exec_mode="none", run_dir=str(run), sft_steps=2, sft_eval_every=1
+    )
+    if name == "sft.py":
+        runs.save_config(cfg, run)
+    flags = [*QUICK, "--sft-steps", 2, "--sft-eval-every", 1] if name == "rlaif.py" else []
+    status, out = script(name, "--run-dir", run, *flags)
+    assert status == 1, out
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last == f"[sft] stopped: cannot write {run / 'sft' / 'ckpt.pt'}: no space left on device"
