@@ -97,7 +97,7 @@ class PPOConfig:
     batch_size: Annotated[int, "answers sampled per iteration", ">= 1"] = 32
     rollouts_per_prompt: Annotated[
         int,
-        "answers per prompt in a batch; their mean score is each one's "
+        "answers per prompt in a batch; the mean score of the others is each one's "
         "baseline (1 = no per-prompt baseline)",
         ">= 1",
     ] = 4
@@ -822,7 +822,7 @@ def samples_table(records, texts, rewards, judged, n_shown):
 
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
-    the reward model's network (fresh_value_model); frozen reward model. cfg: the run's runs.Config.
+    the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's runs.Config.
     score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
     score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
     advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""

@@ -14,7 +14,7 @@ plumbing every training stage shares. Here, in order:
   - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - several processes under torchrun: each rank's share of a batch, global means, gradients averaged
     over ranks, barriers that end a run whose rank died; without torchrun all of it is a no-op.
-  - the command line of a stage script (python sft.py, ppo.py, reward.py, evaluate.py) and
+  - the command line of a stage script (python sft.py, judge.py, reward.py, ppo.py, evaluate.py) and
     run_stage(), which rlaif.py and those scripts use to run a stage. dpo.py trains one part of the
     compare stage, so it has a command line of its own (the same flags and checks, no done.json).
 The bottom layer: nothing here imports the project's other modules (the stages import from here;

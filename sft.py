@@ -50,7 +50,7 @@ from runs import (
 # these, which no experiment changes
 
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
-WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices (nanoGPT's; the flag --weight-decay until now)
+WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices (nanoGPT's); no experiment changed it
 LOG_EVERY = 25  # steps between progress lines
 VAL_BATCH_SIZE = 32  # examples per forward pass of the validation loss
 
