@@ -823,9 +823,10 @@ def samples_table(records, texts, rewards, judged, n_shown):
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
-    runs.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare passes the judge's
-    score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score function swapped.
-    advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO rows)."""
+    runs.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
+    passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
+    function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
+    rows)."""
     tok, meter = prepare.tokenizer(run_cfg.compact), FlopMeter()
     out_dir = Path(out_dir or run / "ppo")
     ppo_cfg = run_cfg.ppo if advantage is None else replace(run_cfg.ppo, advantage=advantage)
