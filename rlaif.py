@@ -415,6 +415,24 @@ def refuse_bad_settings(cfg):
     check_settings(cfg, more=problems)
 
 
+def check_sandbox_runs(cfg):
+    """One snippet that must run, run in the sandbox before any stage: a sandbox whose interpreter
+    cannot start (the project where the snippet's user cannot read it, a broken venv) is found
+    now, not at the evaluation after the hours of training."""
+    if cfg.exec_mode == "none" or (sandbox.isolation_available() and not cfg.unsafe_exec):
+        return  # nothing to run, or check_ready has said why not
+    box = evaluate.make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
+    try:
+        verdict, detail = box.run("import json\nprint(json.dumps([1]))", box.spec(APIDatabase()))
+    except sandbox.SandboxError as e:
+        raise SystemExit(f"rlaif.py: cannot start: the sandbox cannot run code here: {e}") from None
+    if verdict != "executable":
+        raise SystemExit(
+            f"rlaif.py: cannot start: the sandbox rated `print(json.dumps([1]))` {verdict} "
+            f"({detail}); see docs/reliability.md"
+        )
+
+
 def context_length(cfg):
     """The longest sequence (prompt + answer) the model of --init takes, or None if unknown before
     loading."""
@@ -518,6 +536,8 @@ def prepare_run_dir(cfg, from_stage):
 def run_pipeline(cfg, from_stage=None, until="evaluate"):
     refuse_bad_settings(cfg)
     check_ready(cfg)
+    if until == "evaluate":
+        check_sandbox_runs(cfg)
     # a bad train file is refused before the run starts
     splits = prepare.load_splits(cfg.train_file, log=log)
     check_answer_room(cfg, splits)

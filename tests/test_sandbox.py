@@ -501,6 +501,18 @@ def test_a_project_in_a_private_directory_works_and_a_runner_that_cannot_start_i
         broken = run_cli(project, project / "good.py")
         assert broken.returncode != 0 and "did not start" in broken.stderr, broken
         assert "executable" not in broken.stdout and "crashed" not in broken.stdout, broken
+        # rlaif.py finds it before the first stage, not at the evaluation hours later
+        run = project / "runs" / "micro"
+        pipeline = subprocess.run(
+            [sys.executable, "rlaif.py", "--run-dir", str(run), "--init", "micro"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert pipeline.returncode != 0, pipeline
+        assert "the sandbox cannot run code here" in pipeline.stderr + pipeline.stdout, pipeline
+        assert not (run / "sft").exists(), "a stage ran before the sandbox was checked"
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
