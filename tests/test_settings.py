@@ -501,11 +501,14 @@ def test_settings_that_leave_a_stage_nothing_to_train_on_are_refused_up_front(
     ],
 )
 def test_a_stage_whose_input_turns_out_empty_stops_naming_the_cause(run_copy, name, message, model):
-    """14, at run time: feedback in which every answer got the same score leaves no pair to learn
-    from. The stage stops with the cause instead of passing an untrained model on."""
+    """14, at run time: feedback in which every answer to a prompt got that prompt's score leaves
+    no pair to learn from, though the scores differ across prompts (feedback with one score for
+    every answer is refused earlier, by reward.refuse_uniform_feedback). The stage stops with the
+    cause instead of passing an untrained model on."""
     feedback = runs.read_rows(run_copy / runs.RUN_FILES["feedback"], runs.Feedback)
     runs.write_rows(
-        run_copy / runs.RUN_FILES["feedback"], [replace(f, score=0.5) for f in feedback]
+        run_copy / runs.RUN_FILES["feedback"],
+        [replace(f, score=(f.record % 7) / 10) for f in feedback],
     )
     runs.mark_done(run_copy / "feedback", {})
     status, out = script(name, "--run-dir", run_copy, "--force")
