@@ -595,6 +595,10 @@ def generate(model, query, query_mask, max_new_tokens, eot, temperature=1.0, gen
     """
     B, Q = query.shape
     N = min(max_new_tokens, model.config.block_size - Q)
+    if N < 1:
+        raise ValueError(
+            f"a prompt of {Q} tokens leaves no room in block_size {model.config.block_size}"
+        )
     param = next(model.parameters())
     cache = KVCache(model.config, B, Q + N, query.device, param.dtype)
     mask = query_mask.clone()

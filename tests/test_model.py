@@ -114,6 +114,27 @@ def test_generation_is_seeded_and_stops_per_row(hf_dir):
         assert (row[: n - 1] != 5).all()
 
 
+def test_rows_that_end_leave_the_batch_without_changing_the_others():
+    """generate drops rows that have ended from the batch and the KV cache: a row that goes on
+    draws the same tokens as in a batch where no row ends (its cache rows follow it, and it keeps
+    its own uniform draw every step)."""
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(block_size=64, vocab_size=10, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # large weights: the next token depends on the whole context
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    rows = [torch.randint(1, 10, (n,)).tolist() for n in [3, 5, 2, 4] * 4]
+    ids, mask = left_pad(rows, pad=0)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    ended, _, _ = generate(net, ids, mask, 12, eot=0, temperature=1.0, generator=g())
+    never, _, _ = generate(net, ids, mask, 12, eot=-1, temperature=1.0, generator=g())
+    stopped = (ended == 0).any(1)
+    assert 4 <= int(stopped.sum()) < len(rows), "the case needs a quarter that end, and others"
+    for i in range(len(rows)):
+        if not stopped[i]:
+            assert ended[i].tolist() == never[i, : ended.size(1)].tolist(), i
+
+
 def test_sample_matches_distribution_and_skips_zero_probability():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(20000, 1)
     probs[:, 0] *= 0.5  # unnormalised rows are allowed
