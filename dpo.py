@@ -91,7 +91,9 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, run_cfg.seed)
     steps = min(cfg.steps, len(order))
-    t0, start, meter = time.time(), step, FlopMeter()
+    t0 = time.time()
+    start = step
+    meter = FlopMeter()
     while step < steps:
         batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
         logps = pair_logprobs(policy, ref_policy, samples, batch, tok, run_cfg.device)
@@ -107,7 +109,7 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
         if step % 20 == 0 or step == steps:
             log(
                 f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
-                f"{meter.line(policy.config)} {progress(step - start, steps - start, t0)}"
+                f"{meter.line(policy)} {progress(step - start, steps - start, t0)}"
             )
             save_state(out_dir, policy, optimizer, step, history)
 
@@ -159,7 +161,8 @@ def dpo_stage(cfg, run, splits, out_dir):
     """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its
     feedback (the reward model's pairs, reward.make_pairs), saved to out_dir/model. A part
     of rlaif.py's compare stage."""
-    tok, meter = prepare.tokenizer(cfg.compact), FlopMeter()
+    meter = FlopMeter()
+    tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     pairs = make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
@@ -176,7 +179,7 @@ def dpo_stage(cfg, run, splits, out_dir):
     if is_main():
         atomic_dir(Path(out_dir) / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    return meter.summary(policy.config)
+    return meter.summary(policy)
 
 
 def main(argv=None):

@@ -322,7 +322,8 @@ def gorilla_answers_for(records):
 def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     """Greedy answers of a saved model (its vocabulary tells which tokenizer it was trained
     with)."""
-    model, meter = GPT.from_pretrained(model_dir).to(device), FlopMeter()
+    model = GPT.from_pretrained(model_dir).to(device)
+    meter = FlopMeter()
     tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
     with autocast(device):
@@ -333,7 +334,7 @@ def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
             max_answer_tokens,
             temperature=0.0,
             seed=seed,
-            on_batch=progress_log("generate", "answers", lambda: meter.line(model.config)),
+            on_batch=progress_log("generate", "answers", lambda: meter.line(model)),
         )
     n = sum(p.numel() for p in model.parameters())
     return [tok.decode(r) for r in responses], f"{n / 1e6:.1f}M params"

@@ -689,43 +689,54 @@ def response_logprobs(
 # -----------------------------------------------------------------------------
 # Speed: model FLOPs per second and MFU on the host that runs
 
-MATMUL_RATES = {}  # (n_embd, vocab_size, threads) -> FLOP/s, measured once per process
+MATMUL_RATES = {}  # (n_embd, vocab_size, device, threads) -> FLOP/s, measured once per process
 
 
-def matmul_rate(config, rows=2048, repeat=3):
+def matmul_rate(config, device="cpu", rows=2048, repeat=3):
     """FLOP/s of torch.mm on this host, with this process's threads, at the two shapes the model
-    multiplies most: its MLP (rows x C @ C x 4C) and its LM head (rows x C @ C x vocab). The
-    yardstick of MFU: a CPU's peak is not on its box, and hosts of one size differ up to 4x, not
-    in proportion at every shape (docs/benchmarks.md)."""
-    key = (config.n_embd, config.vocab_size, torch.get_num_threads())
+    multiplies most: its MLP (rows x C @ C x 4C) and its LM head (rows x C @ C x vocab), in the
+    dtype the model computes in (bf16 under autocast on a GPU). The yardstick of MFU: a CPU's peak
+    is not on its box, and hosts of one size differ up to 4x, not in proportion at every shape
+    (docs/benchmarks.md)."""
+    device = torch.device(device)
+    key = (config.n_embd, config.vocab_size, str(device), torch.get_num_threads())
     if key not in MATMUL_RATES:
-        x = torch.randn(rows, config.n_embd)
-        weights = [torch.randn(config.n_embd, 4 * config.n_embd)]
-        weights.append(torch.randn(config.n_embd, config.vocab_size))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        x = torch.randn(rows, config.n_embd, device=device, dtype=dtype)
+        weights = [
+            torch.randn(config.n_embd, n, device=device, dtype=dtype)
+            for n in (4 * config.n_embd, config.vocab_size)
+        ]
         flops, seconds = 0, 0.0
         for w in weights:
             x @ w  # warm-up
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(repeat):
                 x @ w
+            synchronize(device)
             seconds += time.perf_counter() - t0
             flops += 2 * rows * w.numel() * repeat
         MATMUL_RATES[key] = flops / seconds
     return MATMUL_RATES[key]
 
 
+def synchronize(device):
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading a clock
+        torch.cuda.synchronize(device)
+
+
 class FlopMeter:
     """Model FLOPs per second since it was made (GPT.flops_done), and model-FLOPs utilisation
-    (MFU, nanoGPT's estimate_mfu) against this host's matmul_rate at the shapes of `config`: a
-    speed that reads the same on any machine. On a GPU the yardstick is its fp32 matmul rate
-    (bf16 autocast runs faster)."""
+    (MFU, nanoGPT's estimate_mfu) against this host's matmul_rate at the shapes and on the device
+    of `model`: a speed that reads the same on any machine."""
 
     def __init__(self):
         self.start, self.t0 = GPT.flops_done, time.time()
 
-    def summary(self, config):
+    def summary(self, model):
         flops, seconds = GPT.flops_done - self.start, max(time.time() - self.t0, 1e-9)
-        peak = matmul_rate(config)
+        peak = matmul_rate(model.config, next(model.parameters()).device)
         return dict(
             model_gflop=round(flops / 1e9, 1),
             model_gflops_per_s=round(flops / seconds / 1e9, 2),
@@ -733,8 +744,8 @@ class FlopMeter:
             mfu=round(flops / seconds / peak, 3),
         )
 
-    def line(self, config):
-        m = self.summary(config)
+    def line(self, model):
+        m = self.summary(model)
         return f"{m['model_gflops_per_s']:.1f} GFLOP/s MFU {m['mfu']:.0%}"
 
 

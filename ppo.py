@@ -711,7 +711,7 @@ def train_ppo(
     )
     t_start = time.time()
     for it in range(start, cfg.iterations):
-        t0, kl_coef, meter = time.time(), kl_ctl.value, FlopMeter()  # kl_coef: this iteration's
+        meter, kl_coef = FlopMeter(), kl_ctl.value  # the iteration's clock, FLOPs, KL penalty
         # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
         rollout_seed = stream_seed(run_cfg.seed, 104729, it + 7919 * DIST.rank)  # a stream per rank
         generator = torch.Generator().manual_seed(rollout_seed)
@@ -738,8 +738,8 @@ def train_ppo(
         row["time/generate"] = batch["t_generate"]
         row["time/logprobs_values_score"] = batch["t_forward"]
         row["time/update"] = t_update
-        row["time/answer_tokens_per_s"] = int(batch["mask"].sum()) / (time.time() - t0)
-        row["time/mfu"] = meter.summary(policy.config)["mfu"]
+        row["time/answer_tokens_per_s"] = int(batch["mask"].sum()) / (time.time() - meter.t0)
+        row["time/mfu"] = meter.summary(policy)["mfu"]
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
         history.append(row)
@@ -827,7 +827,8 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
     rows)."""
-    tok, meter = prepare.tokenizer(run_cfg.compact), FlopMeter()
+    meter = FlopMeter()
+    tok = prepare.tokenizer(run_cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
     ppo_cfg = run_cfg.ppo if advantage is None else replace(run_cfg.ppo, advantage=advantage)
     torch.manual_seed(run_cfg.seed)
@@ -864,7 +865,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
     if is_main():
         atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    return dict(history[-1] if history else {}, **meter.summary(policy.config))
+    return dict(history[-1] if history else {}, **meter.summary(policy))
 
 
 def main(argv=None):

@@ -416,7 +416,8 @@ def train_reward_model(
     metrics_file = Path(ckpt_file).parent / "metrics.jsonl"
     step, history, ckpt = resume(ckpt_file, device, optimizer, "reward", log, model=rm)
     best = ckpt.get("best", (-1.0, 0))  # (validation accuracy, step) kept so far
-    t0, start, meter = time.time(), step, FlopMeter()
+    t0, start = time.time(), step
+    meter = FlopMeter()
     while True:
         if step % cfg.eval_every == 0 or step == steps:
             history.append(dict(step=step, **measure(rm, samples, feedback, sets, tok, device)))
@@ -433,7 +434,7 @@ def train_reward_model(
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
             eta = progress(step - start, steps - start, t0)
-            speed = meter.line(rm.backbone.config)
+            speed = meter.line(rm.backbone)
             log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {speed} {eta}")
             if is_main():
                 state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
@@ -579,7 +580,8 @@ def reward_stage(cfg, run, splits):
     normalised on the policy's samples."""
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
     refuse_uniform_feedback(feedback, run)
-    tok, meter = prepare.tokenizer(cfg.compact), FlopMeter()
+    meter = FlopMeter()
+    tok = prepare.tokenizer(cfg.compact)
     samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
     if cfg.rm.tools:
         samples = reading_reports(samples, tok, APIDatabase())
@@ -606,7 +608,7 @@ def reward_stage(cfg, run, splits):
         f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"
     )
-    return dict(metrics, **meter.summary(rm.backbone.config))
+    return dict(metrics, **meter.summary(rm.backbone))
 
 
 def main(argv=None):

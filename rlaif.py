@@ -147,7 +147,7 @@ def sample_stage(cfg, run, splits):
         for _ in range(cfg.answers_per_instruction)
     ]
     meter = FlopMeter()
-    responses, model_config = sft_answers(cfg, run, prompts, tok.eot)
+    responses, model = sft_answers(cfg, run, prompts, tok.eot)
     samples = [
         Sample(
             id=k,
@@ -162,13 +162,14 @@ def sample_stage(cfg, run, splits):
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_rows(run / RUN_FILES["samples"], samples)
-    return dict(samples=len(samples), **meter.summary(model_config))
+    return dict(samples=len(samples), **meter.summary(model))
 
 
 def sft_answers(cfg, run, prompts, eot):
     """(The SFT model's answers (token lists) to token-list prompts, sampled at cfg.temperature,
-    the model's config): the sample stage's and best-of-n's."""
-    model, meter = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device), FlopMeter()
+    the model): the sample stage's and best-of-n's."""
+    model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
+    meter = FlopMeter()
     with autocast(cfg.device):
         answers = sample_answers(
             model,
@@ -177,9 +178,9 @@ def sft_answers(cfg, run, prompts, eot):
             cfg.max_answer_tokens,
             cfg.temperature,
             cfg.seed,
-            on_batch=progress_log("generate", "answers", lambda: meter.line(model.config)),
+            on_batch=progress_log("generate", "answers", lambda: meter.line(model)),
         )
-    return answers, model.config
+    return answers, model
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
@@ -659,7 +660,7 @@ def log_host_rate(cfg):
     if cfg.init not in MODEL_PRESETS:
         return  # a local directory: its shapes are read when it loads
     config = preset_config(cfg.init, prepare.tokenizer(cfg.compact).vocab_size)
-    rate = matmul_rate(config) / 1e9
+    rate = matmul_rate(config, cfg.device) / 1e9
     log(
         f"[rlaif] host: torch.mm {rate:.0f} GFLOP/s at {cfg.init}'s shapes, "
         f"{torch.get_num_threads()} threads"

@@ -172,7 +172,8 @@ def train_sft(cfg, tok, train, val, out_dir):
     ckpt_file = Path(out_dir) / "ckpt.pt"
     step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
     model.train()
-    t0, tokens_seen, start, meter = time.time(), 0, step, FlopMeter()
+    t0, tokens_seen, start = time.time(), 0, step
+    meter = FlopMeter()
     while step < cfg.sft_steps:
         lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
         for group in optimizer.param_groups:
@@ -186,7 +187,7 @@ def train_sft(cfg, tok, train, val, out_dir):
         if step % LOG_EVERY == 0 or step == cfg.sft_steps:
             log(
                 f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{speed:,} tok/s {meter.line(model.config)} "
+                f"{speed:,} tok/s {meter.line(model)} "
                 f"{progress(step - start, cfg.sft_steps - start, t0)}"
             )
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
@@ -212,7 +213,7 @@ def sft_stage(cfg, run, splits):
         train_examples=len(train),
         final_loss=history[-1]["loss"],
         val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
-        **meter.summary(model.config),
+        **meter.summary(model),
     )
 
 
