@@ -146,8 +146,7 @@ def sample_stage(cfg, run, splits):
         for i in chosen
         for _ in range(cfg.answers_per_instruction)
     ]
-    meter = FlopMeter()
-    responses, model = sft_answers(cfg, run, prompts, tok.eot)
+    responses, speed = sft_answers(cfg, run, prompts, tok.eot)
     samples = [
         Sample(
             id=k,
@@ -162,12 +161,12 @@ def sample_stage(cfg, run, splits):
     if cfg.contrast_answers:
         samples += contrast_answers(cfg, tok, train, chosen, samples, start_id=len(samples))
     write_rows(run / RUN_FILES["samples"], samples)
-    return dict(samples=len(samples), **meter.summary(model))
+    return dict(samples=len(samples), **speed)
 
 
 def sft_answers(cfg, run, prompts, eot):
     """(The SFT model's answers (token lists) to token-list prompts, sampled at cfg.temperature,
-    the model): the sample stage's and best-of-n's."""
+    its speed: model.FlopMeter's summary): the sample stage's and best-of-n's."""
     model = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     meter = FlopMeter()
     with autocast(cfg.device):
@@ -180,7 +179,7 @@ def sft_answers(cfg, run, prompts, eot):
             cfg.seed,
             on_batch=progress_log("generate", "answers", lambda: meter.line(model)),
         )
-    return answers, model
+    return answers, meter.summary(model)
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
