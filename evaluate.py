@@ -369,8 +369,15 @@ def verdict_row(method, row):
     )
 
 
+def eval_questions(cfg, splits):
+    """The records the evaluation stage (and --compare's best-of-n) answers: --eval-split's
+    questions, the first --eval-limit of them. Settings are chosen on val; test is read for the
+    final table only."""
+    return splits[cfg.eval_split][: cfg.eval_limit or None]
+
+
 def evaluate_stage(cfg, run, splits):
-    test = splits["test"][: cfg.eval_limit or None]
+    test = eval_questions(cfg, splits)
     db = APIDatabase()
     sandbox = make_sandbox(cfg.exec_mode, cfg.exec_timeout, cfg.unsafe_exec)
     results, verdicts = {}, {}  # verdicts: each method's per-question rows, for the bootstrap
@@ -418,7 +425,12 @@ def evaluate_stage(cfg, run, splits):
     write_jsonl(
         run / VERDICTS, [verdict_row(k, row) for k, rows in verdicts.items() for row in rows]
     )
-    (run / RUN_FILES["results"]).write_text(results_table(results) + "\n")
+    split = f"{len(test)} {cfg.eval_split} questions" + (
+        " (validation: for choosing settings, not the paper's table)"
+        if cfg.eval_split == "val"
+        else ""
+    )
+    (run / RUN_FILES["results"]).write_text(f"{split}\n\n{results_table(results)}\n")
     tensorboard_text("evaluate/results", results_table(results), 0)
     write_metrics(
         run / "evaluate" / "metrics.jsonl",
@@ -782,9 +794,9 @@ def command_line():
     )
     p.add_argument(
         "--split",
-        choices=("test", "all"),
+        choices=("test", "val", "all"),
         default="test",
-        help="questions: the offline held-out split or all parsable eval records",
+        help="questions: the held-out split, the validation split or all parsable eval records",
     )
     p.add_argument(
         "--exec-mode",
@@ -822,8 +834,8 @@ def run_dir_stage(args, p):
 def answers_to_score(args):
     """(answers, records, name) from --answers, --gorilla or --model, on --split's questions."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True)
-    if args.split == "test":
-        records = prepare.offline_splits(records)["test"]
+    if args.split != "all":
+        records = prepare.offline_splits(records)[args.split]
     if args.answers:
         given = read_answers(args.answers)
         records = [r for r in records if r.line in given]

@@ -272,7 +272,7 @@ def compare_stage(cfg, run, splits):
     )
     run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
-        best_of_n_answers(cfg, run, splits["test"][: cfg.eval_limit or None], judge, tok)
+        best_of_n_answers(cfg, run, evaluate.eval_questions(cfg, splits), judge, tok)
     return dict(best_of_n=cfg.best_of_n)
 
 
@@ -717,7 +717,7 @@ def plan_lines(cfg, splits):
         ppo=f"{cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} rollouts of up to "
         f"{cfg.max_answer_tokens} tokens ({cfg.ppo.rollouts_per_prompt} per prompt)",
         compare=compare if cfg.compare else "skipped",
-        evaluate=f"{len(splits['test'][: cfg.eval_limit or None])} held-out questions, "
+        evaluate=f"{len(evaluate.eval_questions(cfg, splits))} {cfg.eval_split} questions, "
         f"executability {cfg.exec_mode}",
     )
 

@@ -390,8 +390,14 @@ class Config:
         "USD per million input,output tokens of --judge-model, e.g. 2.5,10 (empty: "
         "judge.PRICE_PER_MTOK's; --judge-max-usd needs a price)",
     ] = ""
+    eval_split: Annotated[
+        str,
+        "the questions evaluate answers: test (the held-out 176, for the final table only) or "
+        "val (the validation questions, for choosing settings)",
+        ("test", "val"),
+    ] = "test"
     eval_limit: Annotated[
-        int, "evaluate on the first N held-out questions only (0 = all)", ">= 0"
+        int, "evaluate on the first N of those questions only (0 = all)", ">= 0"
     ] = 0
     exec_mode: Annotated[
         str,

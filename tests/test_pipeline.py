@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from data.gorilla import prepare
+from evaluate import VERDICTS
+from runs import RUN_FILES
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
     "--init",
@@ -390,3 +394,17 @@ def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
     assert {k: v["ast_accuracy"] for k, v in after.items()} == {
         k: v["ast_accuracy"] for k, v in before.items()
     }
+
+
+def test_evaluate_on_the_validation_split_answers_those_questions_and_says_so(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(config, eval_split="val")))
+    out = stage_script("evaluate.py", run_dir, "--force")
+    assert out.returncode == 0, out.stderr[-3000:]
+    val = prepare.offline_splits(prepare.load_records(prepare.EVAL_FILE, skip_bad=True))["val"]
+    asked = [r.line for r in val[: config["eval_limit"] or None]]
+    rows = [json.loads(x) for x in (run_dir / VERDICTS).read_text().splitlines()]
+    sft = [r["question_id"] for r in rows if r["method"].startswith("SFT (")]
+    assert sft == asked
+    assert (run_dir / RUN_FILES["results"]).read_text().startswith(f"{len(asked)} val questions")
