@@ -21,6 +21,7 @@ from ppo import (
     grpo_advantages,
     iteration_prompts,
     k3_kl,
+    kl_reach,
     leave_one_out,
     masked_mean,
     masked_var,
@@ -92,6 +93,15 @@ def test_kl_controllers():
     assert abs(ctl.value - 0.1 * 1.02 * 0.98) < 1e-12
     ctl.update(6.0, 1000)
     assert abs(ctl.value - 0.1 * 1.02 * 0.98) < 1e-12
+
+
+def test_the_default_kl_horizon_lets_the_controller_adapt_within_the_run():
+    cfg = PPOConfig()
+    ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    for _ in range(cfg.iterations):  # KL far above target every iteration: the error at its clip
+        ctl.update(100 * cfg.target_kl, cfg.batch_size)
+    assert abs(ctl.value / cfg.init_kl_coef - kl_reach(cfg)) < 1e-9
+    assert kl_reach(cfg) >= 2  # beta can at least double (or halve) over the default run
 
 
 def test_whiten_ignores_padding():
