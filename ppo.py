@@ -448,26 +448,52 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
     )
 
 
+def gae_estimator(answers, score, eos_score, cfg, kl_coef):
+    """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
+    the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
+    mask = answers["mask"]
+    rewards, kl = compute_rewards(
+        score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
+    )
+    return (rewards, kl, *gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam))
+
+
+def rloo_estimator(answers, score, eos_score, cfg, kl_coef):
+    """RLOO: the raw score and the KL penalty in the reward; the baseline is the whole return of the
+    prompt's other answers (no critic, no returns)."""
+    mask = answers["mask"]
+    rewards, kl = compute_rewards(
+        eos_score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
+    )
+    return rewards, kl, rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
+
+
+def grpo_estimator(answers, score, eos_score, cfg, kl_coef):
+    """GRPO: the group-normalised score; the KL is a loss term (minibatch_loss), not a reward, so
+    the rewards carry none (kl is still measured)."""
+    mask = answers["mask"]
+    rewards, kl = compute_rewards(
+        eos_score, answers["logprobs"], answers["ref_logprobs"], mask, 0.0
+    )
+    return rewards, kl, grpo_advantages(eos_score, mask, cfg.rollouts_per_prompt), None
+
+
+# the advantage estimators by --advantage: step 3 of the loop takes one, with one signature
+ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
+
+
 def advantages_and_returns(answers, cfg, kl_coef):
     """Steps 2-3: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns) of a
     rollout batch. returns is None for RLOO and GRPO, which have no critic to train. Each advantage
     subtracts the prompt's baseline once: GAE from the shaped score, RLOO and GRPO from their own
     group statistics."""
     mask, k = answers["mask"], cfg.rollouts_per_prompt
-    logprobs, ref_logprobs = answers["logprobs"], answers["ref_logprobs"]
     eos_score = eos_penalised(answers["score"], answers["ended"], cfg.missing_eos_penalty)
     # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
     # reward's variance is between prompts (how hard the task is), which no action changes
     score = leave_one_out(eos_score, k)
-    if cfg.advantage == "gae":
-        rewards, kl = compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam)
-    elif cfg.advantage == "rloo":
-        rewards, kl = compute_rewards(eos_score, logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = rloo_advantages(rewards, mask, k), None
-    else:  # grpo: the KL is a loss term (minibatch_loss), not a reward
-        rewards, kl = compute_rewards(eos_score, logprobs, ref_logprobs, mask, 0.0)
-        advantages, returns = grpo_advantages(eos_score, mask, k), None
+    estimate = ESTIMATORS[cfg.advantage]
+    rewards, kl, advantages, returns = estimate(answers, score, eos_score, cfg, kl_coef)
     # the rewards to go, which explained_variance measures the critic against
     _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
     if cfg.whiten_advantages:
