@@ -390,9 +390,10 @@ def evaluate_stage(cfg, run, splits):
         ("RLOO", run / RUN_FILES["rloo"] / "model"),
         ("GRPO", run / RUN_FILES["grpo"] / "model"),
         ("DPO", run / RUN_FILES["dpo"] / "model"),
+        ("RS", run / RUN_FILES["rs"] / "model"),
     )
     for name, model_dir in models:
-        if not model_dir.exists():  # d-RLAIF, RLOO, GRPO and DPO exist with --compare only
+        if not model_dir.exists():  # d-RLAIF, RLOO, GRPO, DPO and RS exist with --compare only
             continue
         answers, size = model_answers(
             model_dir, [r.instruction for r in test], cfg.max_answer_tokens, cfg.device, cfg.seed

@@ -39,6 +39,7 @@ import evaluate
 import ppo
 import reward
 import sandbox
+import sft
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase
 from dpo import DPOConfig
@@ -67,6 +68,7 @@ from runs import (
     Sample,
     add_flags,
     apply_overrides,
+    atomic_dir,
     autocast,
     barrier,
     check_settings,
@@ -271,9 +273,64 @@ def compare_stage(cfg, run, splits):
         "a loss",
     )
     run_part(run / RUN_FILES["dpo"], lambda out: dpo.dpo_stage(cfg, run, splits, out))
+    run_part(
+        run / RUN_FILES["rs"],
+        lambda out: rejection_sampling(cfg, run, splits, out),
+        "[compare] rejection sampling: SFT continued on the reward model's best of each "
+        "training prompt's sampled answers",
+    )
     if is_main():  # under torchrun, rank 0 alone samples the test answers (the other ranks wait)
         best_of_n_answers(cfg, run, evaluate.eval_questions(cfg, splits), judge, tok)
     return dict(best_of_n=cfg.best_of_n)
+
+
+RS_EPOCHS = 2  # passes over the picks [untuned: chosen before any run, not on validation]
+
+
+def rejection_sampling(cfg, run, splits, out):
+    """[not in the paper] Rejection-sampling fine-tuning (expert iteration; Touvron et al. 2023,
+    Llama 2, section 3.2.3; RAFT; ReST): of the sample stage's answers_per_instruction answers to
+    each training prompt, the one the reward model scores best (with PPO's end-of-text penalty),
+    and SFT continued on those picks from the SFT model, at the learning rate SFT ended with (its
+    cosine floor, 0.1 x sft_lr). The simplest use of the reward model that PPO must beat."""
+    tok = prepare.tokenizer(cfg.compact)
+    samples = read_rows(run / RUN_FILES["samples"], Sample)
+    policy = {i: s for i, s in sorted(samples.items()) if s.source == "policy"}
+    scores = reward_model_scores(cfg, run, policy, tok)
+    picks = rejection_sampling_picks(
+        list(policy.values()), scores, tok.eot, cfg.answers_per_instruction, cfg.ppo
+    )
+    examples = [(s.query, s.response) for s in picks]
+    steps = max(1, RS_EPOCHS * len(examples) // cfg.sft_batch_size)
+    rs_cfg = replace(cfg, sft_lr=0.1 * cfg.sft_lr, sft_warmup=0, sft_steps=steps)
+    start = GPT.from_pretrained(run / RUN_FILES["sft_model"])
+    val = sft.sft_examples(cfg, tok, splits["val"])
+    meter = FlopMeter()
+    model, history = sft.train_sft(rs_cfg, tok, examples, val, out, start_from=start)
+    if is_main():
+        atomic_dir(out / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
+    val_loss = [h["val_loss"] for h in history if "val_loss" in h][-1]
+    return dict(picks=len(examples), steps=steps, val_loss=val_loss, **meter.summary(model))
+
+
+def rejection_sampling_picks(answers, scores, eot, n, ppo_cfg):
+    """Of each group of n consecutive answers (one prompt's, in the sample stage's order), the one
+    with the best score after PPO's end-of-text penalty (ppo_cfg.missing_eos_penalty)."""
+    ended = torch.tensor([s.response[-1] == eot for s in answers])
+    scores = ppo.eos_penalised(torch.as_tensor(scores), ended, ppo_cfg.missing_eos_penalty)
+    for i in range(0, len(answers), n):
+        if len({s.record for s in answers[i : i + n]}) != 1:
+            raise ValueError(f"samples {i}-{i + n - 1}: not {n} answers to one prompt")
+    return [answers[j] for j in reward.best_of_n(scores.tolist(), n)]
+
+
+def reward_model_scores(cfg, run, samples, tok):
+    """The run's reward model's scores of samples ({id: Sample}), in their order, as PPO reads
+    them (with each answer's tool report when the reward model was trained with one)."""
+    rm, rm_ckpt = reward.read_reward_model(run / RUN_FILES["reward_model"], cfg.device)
+    if rm_ckpt.get("tools"):
+        samples = reward.reading_reports(samples, tok, APIDatabase())
+    return reward.rm_scores(rm, samples, list(samples), tok, cfg.device)
 
 
 def best_of_n_answers(cfg, run, test, judge, tok):
@@ -288,11 +345,7 @@ def best_of_n_answers(cfg, run, test, judge, tok):
         i: Sample(i, i // cfg.best_of_n, "policy", q, r, tok.decode(r))
         for i, (q, r) in enumerate(zip(prompts, responses, strict=True))
     }
-    rm, rm_ckpt = reward.read_reward_model(run / RUN_FILES["reward_model"], cfg.device)
-    # the reward model reads each answer's tool report (reward.tool_report)
-    if rm_ckpt.get("tools"):
-        samples = reward.reading_reports(samples, tok, APIDatabase())
-    rm_score = reward.rm_scores(rm, samples, list(samples), tok, cfg.device).tolist()
+    rm_score = reward_model_scores(cfg, run, samples, tok).tolist()
     answers = [s.answer for s in samples.values()]
     judge_scores = [judge_score(judge, test[i // cfg.best_of_n], a) for i, a in enumerate(answers)]
     for name, scores in (("rm", rm_score), ("judge", judge_scores)):

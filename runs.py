@@ -760,6 +760,7 @@ RUN_FILES = dict(
     rloo="compare/rloo",
     grpo="compare/grpo",
     dpo="compare/dpo",
+    rs="compare/rs",
     best_of_n="compare/best_of_n_{pick}.jsonl",
     results="evaluate/results.md",
 )

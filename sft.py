@@ -164,10 +164,11 @@ def validate_and_save(model, optimizer, val, pad, cfg, history, out_dir):
 # The loop
 
 
-def train_sft(cfg, tok, train, val, out_dir):
-    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint."""
+def train_sft(cfg, tok, train, val, out_dir, start_from=None):
+    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint. start_from: a
+    model to continue (--compare's rejection sampling), else a new one (init_model)."""
     torch.manual_seed(cfg.seed)
-    model = init_model(cfg, tok).to(cfg.device)
+    model = (start_from or init_model(cfg, tok)).to(cfg.device)
     optimizer = make_optimizer(model, cfg.sft_lr, WEIGHT_DECAY)
     ckpt_file = Path(out_dir) / "ckpt.pt"
     step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)

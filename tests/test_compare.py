@@ -37,6 +37,27 @@ def test_best_of_n_picks_the_highest_score_of_each_group():
     assert best_of_n(scores, 1) == list(range(9))
 
 
+def test_rejection_sampling_picks_each_prompts_best_answer_after_the_end_of_text_penalty():
+    from ppo import PPOConfig
+    from rlaif import rejection_sampling_picks
+
+    eot = 0
+
+    def answer(i, record, ends):
+        return Sample(i, record, "policy", [5], [7, 8] + ([eot] if ends else []), "")
+
+    answers = [answer(0, 3, True), answer(1, 3, False), answer(2, 9, True), answer(3, 9, True)]
+    scores = [0.2, 0.9, -0.5, 0.1]  # answer 1 scores best raw but is cut off before end-of-text
+    picks = rejection_sampling_picks(answers, scores, eot, 2, PPOConfig(missing_eos_penalty=-1.0))
+    assert [s.id for s in picks] == [0, 3]
+    no_penalty = rejection_sampling_picks(
+        answers, scores, eot, 2, PPOConfig(missing_eos_penalty=0.0)
+    )
+    assert [s.id for s in no_penalty] == [1, 3]
+    with pytest.raises(ValueError, match="one prompt"):
+        rejection_sampling_picks(answers, scores, eot, 4, PPOConfig())
+
+
 def test_judge_score_fn_scores_each_rollout_against_its_own_instruction():
     """d-RLAIF's reward: the judge's score of the decoded rollout for the record its prompt came
     from, normalised by the SFT samples' judge scores."""

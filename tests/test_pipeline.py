@@ -334,10 +334,13 @@ def test_compare_adds_d_rlaif_rloo_grpo_dpo_and_best_of_n_from_the_same_sft_mode
         "RLOO",
         "GRPO",
         "DPO",
+        "RS",
         "SFT",
         "SFT",
         "Gorilla-7B",
     ]
+    rs = json.loads((run_dir / "compare" / "rs" / "done.json").read_text())
+    assert rs["picks"] == 24  # one answer to each of the sampled instructions
     assert sum("best-of-2" in k for k in results) == 2
     picks = [
         json.loads(line)
