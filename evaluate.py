@@ -425,10 +425,15 @@ def evaluate_stage(cfg, run, splits):
     write_jsonl(
         run / VERDICTS, [verdict_row(k, row) for k, rows in verdicts.items() for row in rows]
     )
-    split = f"{len(test)} {cfg.eval_split} questions" + (
-        " (validation: for choosing settings, not the paper's table)"
-        if cfg.eval_split == "val"
-        else ""
+    write_results(run, results, len(test), cfg.eval_split)
+    return dict(results=results)
+
+
+def write_results(run, results, n_questions, eval_split):
+    """results.md (the table, under a line naming the questions answered), its TensorBoard copy and
+    evaluate/metrics.jsonl (a row per method)."""
+    split = f"{n_questions} {eval_split} questions" + (
+        " (validation: for choosing settings, not the paper's table)" if eval_split == "val" else ""
     )
     (run / RUN_FILES["results"]).write_text(f"{split}\n\n{results_table(results)}\n")
     tensorboard_text("evaluate/results", results_table(results), 0)
@@ -439,7 +444,6 @@ def evaluate_stage(cfg, run, splits):
             for k, s in results.items()
         ],
     )
-    return dict(results=results)
 
 
 # -----------------------------------------------------------------------------
