@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
+from distributed import average_gradients, barrier, global_mean, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, response_logprobs
 from reward import RMConfig, make_pairs, pair_batches
 from runs import (
@@ -31,12 +32,8 @@ from runs import (
     Sample,
     atomic_dir,
     autocast,
-    average_gradients,
-    barrier,
     check_loss,
     frozen_dtype,
-    global_mean,
-    is_main,
     log,
     make_optimizer,
     os_errors_as_messages,
@@ -49,7 +46,6 @@ from runs import (
     save_checkpoint,
     save_config,
     set_aside,
-    shard,
     stage_settings,
     write_metrics,
 )

@@ -32,8 +32,8 @@ to the SFT model as a loss term (the k3 estimator) instead of a reward term. Whe
 RLOO: the group mean includes the answer itself, the std rescales every prompt's advantages to the
 same size, and the KL does not enter the advantage.
 Under torchrun each rank samples its share of the prompts; the ranks' numbers meet only in the
-section "Under torchrun" and in the update's runs.average_gradients, so that every piece of math
-here is the single-process math on the global batch.
+section "Under torchrun" and in the update's distributed.average_gradients, so that every piece of
+math here is the single-process math on the global batch.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N
 Implementation Details of RLHF with PPO") each line implements; docs/experiments.md says why each
 default is what it is.
@@ -48,6 +48,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
+from distributed import DIST, all_sum, average_gradients, barrier, is_main, shard
 from judge import judge_score, make_judge
 from model import (
     GPT,
@@ -60,16 +61,11 @@ from model import (
 )
 from reward import load_reward_model, read_reward_model
 from runs import (
-    DIST,
     RUN_FILES,
-    all_sum,
     atomic_dir,
     autocast,
-    average_gradients,
-    barrier,
     check_loss,
     frozen_dtype,
-    is_main,
     log,
     make_optimizer,
     metrics_tag,
@@ -77,7 +73,6 @@ from runs import (
     resume,
     run_stage,
     save_checkpoint,
-    shard,
     stage_command_line,
     stream_seed,
     tensorboard_text,
@@ -363,10 +358,10 @@ def own_rows(x, batch):
 
 def global_means(means, n):
     """Step 4's means over this rank's n real tokens -> means over every rank's tokens: each rank's
-    mean weighted by its share of the tokens, n / N. runs.all_sum is differentiable, so a loss
-    built from these is the global minibatch's loss and each rank's backward pass gets its share of
-    the gradient (runs.average_gradients then adds the shares). One process: the means as they
-    are."""
+    mean weighted by its share of the tokens, n / N. distributed.all_sum is differentiable, so a
+    loss built from these is the global minibatch's loss and each rank's backward pass gets its
+    share of the gradient (distributed.average_gradients then adds the shares). One process: the
+    means as they are."""
     if DIST.world == 1:
         return means
     total = all_sum(n).clamp(min=1)

@@ -41,6 +41,7 @@ import reward
 import sandbox
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase
+from distributed import DIST, barrier, is_main, setup_distributed
 from dpo import DPOConfig
 from judge import (
     QUESTIONS,
@@ -59,7 +60,6 @@ from model import PRESETS as MODEL_PRESETS
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (
-    DIST,
     RUN_FILES,
     STAGE_ORDER,
     Config,
@@ -68,9 +68,7 @@ from runs import (
     add_flags,
     apply_overrides,
     autocast,
-    barrier,
     check_settings,
-    is_main,
     keep_freed_memory,
     load_config,
     log,
@@ -84,7 +82,6 @@ from runs import (
     set_aside,
     settings_diff,
     settings_problems,
-    setup_distributed,
     verify_done,
     write_jsonl,
     write_rows,

@@ -21,15 +21,13 @@ from pathlib import Path
 import torch
 
 from data.gorilla import prepare
+from distributed import all_sum, average_gradients, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, preset_config, response_logprobs
 from runs import (
     RUN_FILES,
-    all_sum,
     atomic_dir,
     autocast,
-    average_gradients,
     check_loss,
-    is_main,
     length_grouped_batches,
     log,
     lr_at,
@@ -38,7 +36,6 @@ from runs import (
     resume,
     run_stage,
     save_checkpoint,
-    shard,
     stage_command_line,
     stream_seed,
     write_metrics,

@@ -11,24 +11,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
-# libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward (the reward model) <-
-# ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and evaluate ask the judge to
-# score answers, dpo trains on the reward model's pairs, evaluate runs code through the sandbox).
-# model imports none of them, not even runs, so that it can be copied alone
-# (test_model_py_imports_only_the_standard_library_and_torch).
+# model (the network) <- the plumbing: distributed (torchrun) <- runs (run directories) <- data
+# (with the sandbox's stand-in libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <-
+# reward (the reward model) <- ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo
+# and evaluate ask the judge to score answers, dpo trains on the reward model's pairs, evaluate runs
+# code through the sandbox). model imports none of them, not even the plumbing, so that it can be
+# copied alone (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
-    "runs": 0,
-    "model": 1,
-    "data": 2,
-    "sandbox": 3,
-    "sft": 4,
-    "judge": 4,
-    "reward": 5,
-    "ppo": 6,
-    "dpo": 6,
-    "evaluate": 6,
-    "rlaif": 7,
+    "model": 0,
+    "distributed": 1,
+    "runs": 2,
+    "data": 3,
+    "sandbox": 4,
+    "sft": 5,
+    "judge": 5,
+    "reward": 6,
+    "ppo": 7,
+    "dpo": 7,
+    "evaluate": 7,
+    "rlaif": 8,
 }
 ALLOWED = set()
 SCRIPTS = [
