@@ -44,11 +44,10 @@ from runs import (
     resume,
     run_part,
     save_checkpoint,
-    save_config,
     set_aside,
-    stage_settings,
     write_metrics,
 )
+from settings import save_config, stage_settings
 
 
 @dataclass
@@ -78,7 +77,7 @@ def sequence_logprobs(model, samples, ids, tok, device):
 
 def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
     """cfg.steps of DPO (cfg: DPOConfig) on (chosen id, rejected id) pairs of `samples`. run_cfg:
-    the run's runs.Config, for the settings DPO shares with the other stages (seed, grad_clip,
+    the run's settings.Config, for the settings DPO shares with the other stages (seed, grad_clip,
     device). Checkpoints to out_dir/ckpt.pt every 20 steps and resumes from it."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
@@ -180,8 +179,8 @@ def dpo_stage(cfg, run, splits, out_dir):
 
 def main(argv=None):
     """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo.
-    The settings are read as ppo.py's and reward.py's are (runs.stage_settings), but not their
-    runs.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
+    The settings are read as ppo.py's and reward.py's are (settings.stage_settings), but not their
+    settings.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
     and feedback done (not reward and ppo), its marker is compare/dpo/done.json, and --force must
     keep the other parts of compare (d-RLAIF, RLOO, GRPO) that setting compare aside would
     delete."""

@@ -34,12 +34,12 @@ from runs import (
     progress_log,
     read_jsonl,
     run_stage,
-    stage_command_line,
     tensorboard_text,
     write_jsonl,
     write_metrics,
 )
 from sandbox import Sandbox
+from settings import stage_command_line
 
 # -----------------------------------------------------------------------------
 # Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py), on Python's ast

@@ -73,11 +73,11 @@ from runs import (
     resume,
     run_stage,
     save_checkpoint,
-    stage_command_line,
     stream_seed,
     tensorboard_text,
     write_metrics,
 )
+from settings import stage_command_line
 
 
 @dataclass
@@ -692,9 +692,9 @@ def train_ppo(
     (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
     query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
     shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
-    None. run_cfg: the run's runs.Config, for the settings PPO shares with the other stages (seed,
-    device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict of
-    metrics, at validation_due iterations."""
+    None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
+    (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
+    of metrics, at validation_due iterations."""
     check_config(cfg)
     if (value_model is not None) != (cfg.advantage == "gae"):
         raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
@@ -818,7 +818,7 @@ def samples_table(records, texts, rewards, judged, n_shown):
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
-    runs.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
+    settings.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
     rows)."""

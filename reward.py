@@ -40,10 +40,10 @@ from runs import (
     resume,
     run_stage,
     save_checkpoint,
-    stage_command_line,
     stream_seed,
     write_metrics,
 )
+from settings import stage_command_line
 
 # -----------------------------------------------------------------------------
 # Settings of the reward model (rlaif.py --rm-*, python reward.py --*)

@@ -36,13 +36,13 @@ from runs import (
     resume,
     run_stage,
     save_checkpoint,
-    stage_command_line,
     stream_seed,
     write_metrics,
 )
+from settings import stage_command_line
 
 # -----------------------------------------------------------------------------
-# Settings: the sft_* fields of runs.Config (rlaif.py --sft-steps, --sft-batch-size,
+# Settings: the sft_* fields of settings.Config (rlaif.py --sft-steps, --sft-batch-size,
 # --sft-grad-accum, --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and
 # these, which no experiment changes
 
