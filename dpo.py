@@ -31,16 +31,10 @@ from runs import (
     Feedback,
     Sample,
     atomic_dir,
-    autocast,
-    check_loss,
-    frozen_dtype,
     log,
-    make_optimizer,
     os_errors_as_messages,
-    progress,
     read_rows,
     require_done,
-    require_items,
     resume,
     run_part,
     save_checkpoint,
@@ -48,6 +42,7 @@ from runs import (
     write_metrics,
 )
 from settings import save_config, stage_settings
+from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, require_items
 
 
 @dataclass
@@ -167,7 +162,7 @@ def dpo_stage(cfg, run, splits, out_dir):
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
-    # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (runs.frozen_dtype)
+    # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (training.frozen_dtype)
     ref_policy.to(cfg.device, frozen_dtype(cfg.device))
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
     train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg, out_dir)

@@ -26,20 +26,10 @@ from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from judge import RulesJudge, judge_score
 from model import GPT, FlopMeter, sample_answers
-from runs import (
-    RUN_FILES,
-    autocast,
-    log,
-    progress,
-    progress_log,
-    read_jsonl,
-    run_stage,
-    tensorboard_text,
-    write_jsonl,
-    write_metrics,
-)
+from runs import RUN_FILES, log, read_jsonl, run_stage, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
 from settings import stage_command_line
+from training import autocast, progress, progress_log
 
 # -----------------------------------------------------------------------------
 # Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py), on Python's ast

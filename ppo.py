@@ -63,21 +63,16 @@ from reward import load_reward_model, read_reward_model
 from runs import (
     RUN_FILES,
     atomic_dir,
-    autocast,
-    check_loss,
-    frozen_dtype,
     log,
-    make_optimizer,
     metrics_tag,
-    progress,
     resume,
     run_stage,
     save_checkpoint,
-    stream_seed,
     tensorboard_text,
     write_metrics,
 )
 from settings import stage_command_line
+from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, stream_seed
 
 
 @dataclass
@@ -551,7 +546,7 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
 
 def check_ppo_loss(stats, it, train_policy):
     """The iteration's losses (the mean over its minibatches: a NaN in any shows) are numbers
-    (runs.check_loss); the settings to look at are those of what was trained, and of the rewards
+    (training.check_loss); the settings to look at are those of what was trained, and of the rewards
     they learn from."""
     losses = sum(v for k, v in stats.items() if k.startswith("loss/"))
     step = f"iteration {it + 1}" + ("" if train_policy else " (the critic warm-up)")

@@ -28,22 +28,24 @@ from runs import (
     RUN_FILES,
     Feedback,
     Sample,
-    autocast,
-    check_loss,
-    length_grouped_batches,
     load_checkpoint,
     log,
-    make_optimizer,
-    progress,
     read_rows,
-    require_items,
     resume,
     run_stage,
     save_checkpoint,
-    stream_seed,
     write_metrics,
 )
 from settings import stage_command_line
+from training import (
+    autocast,
+    check_loss,
+    length_grouped_batches,
+    make_optimizer,
+    progress,
+    require_items,
+    stream_seed,
+)
 
 # -----------------------------------------------------------------------------
 # Settings of the reward model (rlaif.py --rm-*, python reward.py --*)

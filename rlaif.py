@@ -65,12 +65,9 @@ from runs import (
     STAGE_ORDER,
     Feedback,
     Sample,
-    autocast,
-    keep_freed_memory,
     log,
     open_tensorboard,
     os_errors_as_messages,
-    progress_log,
     read_rows,
     run_part,
     run_stage,
@@ -90,6 +87,7 @@ from settings import (
     settings_problems,
 )
 from sft import CPU_PRESETS, sft_stage
+from training import autocast, keep_freed_memory, progress_log
 
 CODE_TAG = "<<<code>>>:"
 # Config's sections, in their stages' files

@@ -1,28 +1,23 @@
 """
-Run directories: the files every stage of rlaif.py reads and writes, how one stage is run, and the
-helpers every training stage shares. A run is one directory (--run-dir). Each stage writes
-run_dir/<stage>/ and, last, a done.json with its summary and the sha256 of its outputs; a finished
-stage is skipped on the next run and its outputs are checked whenever a later stage relies on them.
-Here, in order:
-  - training helpers: log and progress lines, atomic writes, checkpoints, AdamW, the LR schedule,
-    autocast, batches of similar length.
+Run directories: the files every stage of rlaif.py reads and writes, and how one stage is run. A
+run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, a done.json with its
+summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs
+are checked whenever a later stage relies on them. Here, in order:
+  - log; files and model directories written atomically, checkpoints.
   - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
   - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
   - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - run_stage(), which rlaif.py and the stage scripts use to run a stage, and run_part(), one part
     of a stage that trains several models.
-A run's settings and a stage script's command line are settings.py's, the torchrun code is
-distributed.py's.
+A run's settings are settings.py's, the torchrun code is distributed.py's, and what the stages
+train with is training.py's.
 """
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -33,79 +28,12 @@ import torch
 from distributed import barrier, is_main
 
 # -----------------------------------------------------------------------------
-# Training helpers shared by the stages: progress lines, files written atomically, checkpoints,
-# optimizer, LR schedule, autocast, and batches of similar length
+# Progress output, files written atomically, checkpoints
 
 
 def log(msg):
     """Progress output, flushed at once so that a log file shows it while a stage runs."""
     print(msg, flush=True)
-
-
-def make_optimizer(module, lr, weight_decay=0.1, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices only: biases, LayerNorms (1-D) are not decayed
-    (nanoGPT)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-        dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0),
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
-
-
-def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
-    """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def autocast(device):
-    """bf16 autocast on GPU; a no-op context on CPU (same code path either way)."""
-    return torch.autocast(
-        device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")
-    )
-
-
-def frozen_dtype(device):
-    """The dtype of a model that takes no gradients (PPO's and DPO's reference, the reward model
-    under PPO): bf16 on GPU halves its memory, and autocast computes in bf16 there anyway."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def keep_freed_memory():
-    """Keep the memory torch frees inside the process (Linux, glibc) instead of handing it back to
-    the kernel. On CPU, every step allocates and frees tensors of hundreds of MB (the logits and
-    their gradients); glibc serves each from a fresh mmap, whose pages the kernel zeroes again on
-    first touch, about a tenth of the default run's CPU time. Where memory comes from changes no
-    number (docs/benchmarks.md); the same reason PyTorch's CPU tuning guide suggests jemalloc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
-        return
-    libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap too, not from mmap
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of free heap
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
-
-
-def progress(done, total, t0):
-    """'(elapsed, ETA)' of a loop that has done `done` of `total` units since time t0: every stage's
-    progress lines end with it."""
-    elapsed = time.time() - t0
-    eta = elapsed / done * (total - done) if done else float("nan")
-    return f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)"
-
-
-def progress_log(tag, unit, speed=lambda: ""):
-    """on_batch(done, total) for a loop that reports its own progress (model.sample_answers): logs
-    '[tag] done/total unit SPEED (elapsed, ETA)', timed from now; speed() says how fast (MFU)."""
-    t0 = time.time()
-    return lambda done, total: log(
-        f"[{tag}] {done}/{total} {unit} {speed()} {progress(done, total, t0)}"
-    )
 
 
 def atomic_write(path, write):
@@ -157,26 +85,6 @@ def os_errors_as_messages(program):
         cause = e.strerror or str(e)
         where = f": {e.filename}" if e.filename and str(e.filename) not in cause else ""
         raise SystemExit(f"{program} stopped: {cause}{where}") from None
-
-
-def check_loss(loss, stage, step, look_at):
-    """Stop a training stage whose loss is NaN or infinite, whatever caused it (a learning rate
-    too large, a reward or penalty that is not a number, an overflow): the weights it would save
-    are no longer numbers, and every later stage would build on them. Called by each training loop
-    with its step and the settings most likely to blame; nothing is written after it."""
-    value = loss.item() if torch.is_tensor(loss) else float(loss)
-    if not math.isfinite(value):
-        raise SystemExit(
-            f"[{stage}] the training loss is {value} at {step}: training diverged, and no model "
-            f"is written. Look at {look_at}, then run the stage again with other settings"
-        )
-
-
-def require_items(items, stage, what, cause):
-    """Stop a stage whose input turned out empty (`what`, e.g. 'judge-ordered pairs'), naming the
-    cause, rather than train on nothing and pass the untrained model on as if trained."""
-    if not items:
-        raise SystemExit(f"[{stage}] nothing to train on: 0 {what} ({cause}); no model is written")
 
 
 class RecordingFile:
@@ -250,38 +158,6 @@ def load_checkpoint(path, device="cpu"):
             f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); delete it (and the "
             "stage's done.json) to redo the stage that wrote it"
         ) from None
-
-
-def stream_seed(seed, stream, index):
-    """The seed of draw `index` (an epoch, an iteration) of one stream of random numbers of a run:
-    seed * stream + index. Streams drawn from the same kind of generator (SFT's shuffle and batch
-    order, the reward model's) take different multipliers, so that they do not share a seed; PPO's
-    prompt choice (Python's random) and its sampling (a torch.Generator) share 104729 but not a
-    generator. The values are the ones the stages always used."""
-    return seed * stream + index
-
-
-def length_grouped_batches(keys, batch_size, shuffle_seed, batch_seed, drop_last=False):
-    """Batches of indices with little padding but random content: a seeded shuffle, cut into groups
-    of 32 batches (wide enough to find similar lengths, narrow enough to stay random), each group
-    sorted by `keys` (a length, or (prompt length // 16, answer length) where prompts are left- and
-    answers right-padded, so both should agree), then the batches shuffled."""
-    order = list(range(len(keys)))
-    random.Random(shuffle_seed).shuffle(order)
-    group = 32 * batch_size
-    order = [
-        j
-        for g in range(0, len(order), group)
-        for j in sorted(order[g : g + group], key=lambda j: keys[j])
-    ]
-    end = (
-        len(order) // batch_size * batch_size
-        if drop_last and len(order) >= batch_size
-        else len(order)
-    )
-    batches = [order[b : b + batch_size] for b in range(0, end, batch_size)]
-    random.Random(batch_seed).shuffle(batches)
-    return batches
 
 
 # -----------------------------------------------------------------------------

@@ -26,13 +26,13 @@ from distributed import barrier, is_main, setup_distributed
 from runs import (
     STAGE_ORDER,
     atomic_write,
-    keep_freed_memory,
     log,
     open_tensorboard,
     os_errors_as_messages,
     require_done,
     set_aside,
 )
+from training import keep_freed_memory
 
 # -----------------------------------------------------------------------------
 # The settings of a run

@@ -21,7 +21,7 @@ import sft  # noqa: E402
 from distributed import DIST, average_gradients, barrier, setup_distributed, shard  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
 from reward import comparisons_loss  # noqa: E402
-from runs import make_optimizer  # noqa: E402
+from training import make_optimizer  # noqa: E402
 
 SMALL = GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 EOT = 63

@@ -1,5 +1,6 @@
 """Run directories (runs.py) and the settings they record (settings.py): the config a run records
-and reads back, the typed rows, metrics files and their TensorBoard mirror."""
+and reads back, the typed rows, metrics files and their TensorBoard mirror; and freed memory kept in
+the process (training.py)."""
 
 import json
 import platform
@@ -13,6 +14,7 @@ import pytest
 import rlaif
 import runs
 import settings
+import training
 from dpo import DPOConfig
 from ppo import PPOConfig
 from reward import RMConfig
@@ -149,9 +151,9 @@ def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
 
 KEEP_FREED = """
 import resource, sys, torch
-import runs
+import training
 if sys.argv[1] == "keep":
-    runs.keep_freed_memory()
+    training.keep_freed_memory()
 for _ in range(8):  # 256 MB: the first few allocations fault their pages in, whatever the allocator
     torch.ones(1 << 26).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -172,7 +174,7 @@ def test_freed_memory_stays_in_the_process(tmp_path):
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(runs.__file__).parent,
+            cwd=Path(training.__file__).parent,
         )
         faults[mode] = int(out.stdout.split()[-1])
     pages = (1 << 28) // 4096  # one 256 MB tensor

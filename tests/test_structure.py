@@ -11,27 +11,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# model (the network) <- the plumbing: distributed (torchrun) <- runs (run directories) <- settings
-# (Config, its checks and flags) <- data (with the sandbox's stand-in libraries) <- sandbox <- the
-# stages: sft, judge (the AI feedback) <- reward (the reward model) <- ppo, dpo, evaluate <- rlaif.
-# A module imports only lower layers (ppo and evaluate ask the judge to score answers, dpo trains on
-# the reward model's pairs, evaluate runs code through the sandbox). model imports none of them, not
-# even the plumbing, so that it can be copied alone
-# (test_model_py_imports_only_the_standard_library_and_torch).
+# model (the network) <- the plumbing: distributed (torchrun) <- runs (run directories) <-
+# training (what the stages train with) <- settings (Config, its checks and flags) <- data (with the
+# sandbox's stand-in libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward
+# (the reward model) <- ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and
+# evaluate ask the judge to score answers, dpo trains on the reward model's pairs, evaluate runs
+# code through the sandbox). model imports none of them, not even the plumbing, so that it can be
+# copied alone (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
     "model": 0,
     "distributed": 1,
     "runs": 2,
-    "settings": 3,
-    "data": 4,
-    "sandbox": 5,
-    "sft": 6,
-    "judge": 6,
-    "reward": 7,
-    "ppo": 8,
-    "dpo": 8,
-    "evaluate": 8,
-    "rlaif": 9,
+    "training": 3,
+    "settings": 4,
+    "data": 5,
+    "sandbox": 6,
+    "sft": 7,
+    "judge": 7,
+    "reward": 8,
+    "ppo": 9,
+    "dpo": 9,
+    "evaluate": 9,
+    "rlaif": 10,
 }
 ALLOWED = set()
 SCRIPTS = [
