@@ -34,6 +34,7 @@ LAYER = {
     "evaluate": 9,
     "rlaif": 10,
 }
+PLUMBING = ("distributed", "runs", "training", "settings")
 ALLOWED = set()
 SCRIPTS = [
     "rlaif.py",
@@ -74,6 +75,36 @@ def test_imports_run_one_way():
         for imported in project_imports(path) - {own}:
             if LAYER[imported] >= LAYER[own] and (own, imported) not in ALLOWED:
                 wrong.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert not wrong, wrong
+
+
+def test_each_plumbing_name_is_imported_from_its_home():
+    """A name of the plumbing has one home: `from runs import X` only where runs.py defines X, so
+    that no plumbing file passes on another's names (a reader who looks for X in the file it is
+    imported from finds it there)."""
+    defined = {}
+    for module in PLUMBING:
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        defined[module] = {
+            n.id if isinstance(n, ast.Name) else n.name
+            for node in tree.body
+            for n in (
+                [node]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                else [t for t in ast.walk(node) if isinstance(t, ast.Name)]
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                else []
+            )
+        }
+    wrong = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("tests/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in PLUMBING and node.level == 0:
+                wrong += [
+                    f"{path.relative_to(ROOT)}: {a.name} from {node.module}"
+                    for a in node.names
+                    if a.name not in defined[node.module]
+                ]
     assert not wrong, wrong
 
 
