@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from data.gorilla import prepare
+from distributed import average_gradients, barrier, global_mean, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, response_logprobs
 from reward import RMConfig, make_pairs, pair_batches
 from runs import (
@@ -30,29 +31,18 @@ from runs import (
     Feedback,
     Sample,
     atomic_dir,
-    autocast,
-    average_gradients,
-    barrier,
-    check_loss,
-    frozen_dtype,
-    global_mean,
-    is_main,
     log,
-    make_optimizer,
     os_errors_as_messages,
-    progress,
     read_rows,
     require_done,
-    require_items,
     resume,
     run_part,
     save_checkpoint,
-    save_config,
     set_aside,
-    shard,
-    stage_settings,
     write_metrics,
 )
+from settings import save_config, stage_settings
+from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, require_items
 
 
 @dataclass
@@ -82,7 +72,7 @@ def sequence_logprobs(model, samples, ids, tok, device):
 
 def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
     """cfg.steps of DPO (cfg: DPOConfig) on (chosen id, rejected id) pairs of `samples`. run_cfg:
-    the run's runs.Config, for the settings DPO shares with the other stages (seed, grad_clip,
+    the run's settings.Config, for the settings DPO shares with the other stages (seed, grad_clip,
     device). Checkpoints to out_dir/ckpt.pt every 20 steps and resumes from it."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
@@ -172,7 +162,7 @@ def dpo_stage(cfg, run, splits, out_dir):
     torch.manual_seed(cfg.seed)
     policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
     ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
-    # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (runs.frozen_dtype)
+    # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (training.frozen_dtype)
     ref_policy.to(cfg.device, frozen_dtype(cfg.device))
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
     train_dpo(policy, ref_policy, samples, pairs, tok, cfg.dpo, cfg, out_dir)
@@ -184,8 +174,8 @@ def dpo_stage(cfg, run, splits, out_dir):
 
 def main(argv=None):
     """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo.
-    The settings are read as ppo.py's and reward.py's are (runs.stage_settings), but not their
-    runs.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
+    The settings are read as ppo.py's and reward.py's are (settings.stage_settings), but not their
+    settings.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
     and feedback done (not reward and ppo), its marker is compare/dpo/done.json, and --force must
     keep the other parts of compare (d-RLAIF, RLOO, GRPO) that setting compare aside would
     delete."""

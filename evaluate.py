@@ -26,20 +26,10 @@ from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from judge import RulesJudge, judge_score
 from model import GPT, FlopMeter, sample_answers
-from runs import (
-    RUN_FILES,
-    autocast,
-    log,
-    progress,
-    progress_log,
-    read_jsonl,
-    run_stage,
-    stage_command_line,
-    tensorboard_text,
-    write_jsonl,
-    write_metrics,
-)
+from runs import RUN_FILES, log, read_jsonl, run_stage, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
+from settings import stage_command_line
+from training import autocast, progress, progress_log
 
 # -----------------------------------------------------------------------------
 # Gorilla's AST match (Patil et al. 2023, section 4; eval-scripts/ast_eval_hf.py), on Python's ast
@@ -426,10 +416,15 @@ def evaluate_stage(cfg, run, splits):
     write_jsonl(
         run / VERDICTS, [verdict_row(k, row) for k, rows in verdicts.items() for row in rows]
     )
-    split = f"{len(test)} {cfg.eval_split} questions" + (
-        " (validation: for choosing settings, not the paper's table)"
-        if cfg.eval_split == "val"
-        else ""
+    write_results(run, results, len(test), cfg.eval_split)
+    return dict(results=results)
+
+
+def write_results(run, results, n_questions, eval_split):
+    """results.md (the table, under a line naming the questions answered), its TensorBoard copy and
+    evaluate/metrics.jsonl (a row per method)."""
+    split = f"{n_questions} {eval_split} questions" + (
+        " (validation: for choosing settings, not the paper's table)" if eval_split == "val" else ""
     )
     (run / RUN_FILES["results"]).write_text(f"{split}\n\n{results_table(results)}\n")
     tensorboard_text("evaluate/results", results_table(results), 0)
@@ -440,7 +435,6 @@ def evaluate_stage(cfg, run, splits):
             for k, s in results.items()
         ],
     )
-    return dict(results=results)
 
 
 # -----------------------------------------------------------------------------

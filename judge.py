@@ -31,17 +31,9 @@ import torch
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from runs import (
-    RUN_FILES,
-    Feedback,
-    Sample,
-    log,
-    progress,
-    read_rows,
-    run_stage,
-    stage_command_line,
-    write_rows,
-)
+from runs import RUN_FILES, Feedback, Sample, log, read_rows, run_stage, write_rows
+from settings import stage_command_line
+from training import progress
 
 # -----------------------------------------------------------------------------
 # The questions and the score; what judging costs

@@ -14,7 +14,7 @@ The network and what a porter needs with it, once:
 Copyable alone into another project, as nanoGPT's model.py is: at import it needs only Python and
 torch (safetensors, huggingface_hub and tiktoken are imported inside the functions that use them).
 What a run adds around it (atomic writes, checkpoint files, autocast, progress lines, run
-directories) lives in runs.py and the stage files; nothing here imports them.
+directories) lives in runs.py, training.py and the stage files; nothing here imports them.
 """
 
 import json

@@ -35,8 +35,8 @@ over the minibatch's tokens, not a mean per answer (1/|o_i|) then over answers; 
 give a short answer's tokens more weight, the length bias that Dr. GRPO (Liu et al. 2025) and DAPO's
 token-level loss (Yu et al. 2025) remove, and every method here shares one token-level loss.
 Under torchrun each rank samples its share of the prompts; the ranks' numbers meet only in the
-section "Under torchrun" and in the update's runs.average_gradients, so that every piece of math
-here is the single-process math on the global batch.
+section "Under torchrun" and in the update's distributed.average_gradients, so that every piece of
+math here is the single-process math on the global batch.
 Comments tagged [N-details] name the implementation details of Huang et al. 2023 ("The N
 Implementation Details of RLHF with PPO") each line implements; docs/experiments.md says why each
 default is what it is.
@@ -51,6 +51,7 @@ from typing import Annotated
 import torch
 
 from data.gorilla import prepare
+from distributed import DIST, all_sum, average_gradients, barrier, is_main, shard
 from judge import judge_score, make_judge
 from model import (
     GPT,
@@ -63,29 +64,18 @@ from model import (
 )
 from reward import load_reward_model, read_reward_model
 from runs import (
-    DIST,
     RUN_FILES,
-    all_sum,
     atomic_dir,
-    autocast,
-    average_gradients,
-    barrier,
-    check_loss,
-    frozen_dtype,
-    is_main,
     log,
-    make_optimizer,
     metrics_tag,
-    progress,
     resume,
     run_stage,
     save_checkpoint,
-    shard,
-    stage_command_line,
-    stream_seed,
     tensorboard_text,
     write_metrics,
 )
+from settings import stage_command_line
+from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, stream_seed
 
 
 @dataclass
@@ -373,10 +363,10 @@ def own_rows(x, batch):
 
 def global_means(means, n):
     """Step 4's means over this rank's n real tokens -> means over every rank's tokens: each rank's
-    mean weighted by its share of the tokens, n / N. runs.all_sum is differentiable, so a loss
-    built from these is the global minibatch's loss and each rank's backward pass gets its share of
-    the gradient (runs.average_gradients then adds the shares). One process: the means as they
-    are."""
+    mean weighted by its share of the tokens, n / N. distributed.all_sum is differentiable, so a
+    loss built from these is the global minibatch's loss and each rank's backward pass gets its
+    share of the gradient (distributed.average_gradients then adds the shares). One process: the
+    means as they are."""
     if DIST.world == 1:
         return means
     total = all_sum(n).clamp(min=1)
@@ -592,7 +582,7 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
 
 def check_ppo_loss(stats, it, train_policy):
     """The iteration's losses (the mean over its minibatches: a NaN in any shows) are numbers
-    (runs.check_loss); the settings to look at are those of what was trained, and of the rewards
+    (training.check_loss); the settings to look at are those of what was trained, and of the rewards
     they learn from."""
     losses = sum(v for k, v in stats.items() if k.startswith("loss/"))
     step = f"iteration {it + 1}" + ("" if train_policy else " (the critic warm-up)")
@@ -736,9 +726,9 @@ def train_ppo(
     (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
     query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
     shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
-    None. run_cfg: the run's runs.Config, for the settings PPO shares with the other stages (seed,
-    device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict of
-    metrics, at validation_due iterations."""
+    None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
+    (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
+    of metrics, at validation_due iterations."""
     check_config(cfg)
     if (value_model is not None) != (cfg.advantage == "gae"):
         raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
@@ -862,7 +852,7 @@ def samples_table(records, texts, rewards, judged, n_shown):
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
-    runs.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
+    settings.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
     rows)."""

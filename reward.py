@@ -21,33 +21,30 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call
+from distributed import DIST, average_gradients, barrier, global_mean, is_main, shard
 from judge import QUESTIONS
 from model import GPT, FlopMeter, ScalarModel, pad_pairs, right_pad
 from runs import (
-    DIST,
     RUN_FILES,
     Feedback,
     Sample,
-    autocast,
-    average_gradients,
-    barrier,
-    check_loss,
-    global_mean,
-    is_main,
-    length_grouped_batches,
     load_checkpoint,
     log,
-    make_optimizer,
-    progress,
     read_rows,
-    require_items,
     resume,
     run_stage,
     save_checkpoint,
-    shard,
-    stage_command_line,
-    stream_seed,
     write_metrics,
+)
+from settings import stage_command_line
+from training import (
+    autocast,
+    check_loss,
+    length_grouped_batches,
+    make_optimizer,
+    progress,
+    require_items,
+    stream_seed,
 )
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the 
   7. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
 Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
 directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
-Every setting is a field of runs.Config (PPO's, the reward model's and DPO's in their own files).
+Every setting is a field of settings.Config (PPO's, the reward model's and DPO's in their own
+files).
 """
 
 import argparse
@@ -42,6 +43,7 @@ import sandbox
 import sft
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase
+from distributed import DIST, barrier, is_main, setup_distributed
 from dpo import DPOConfig
 from judge import (
     QUESTIONS,
@@ -60,38 +62,34 @@ from model import PRESETS as MODEL_PRESETS
 from ppo import PPOConfig
 from reward import RMConfig
 from runs import (
-    DIST,
     RUN_FILES,
     STAGE_ORDER,
-    Config,
     Feedback,
     Sample,
-    add_flags,
-    apply_overrides,
     atomic_dir,
-    autocast,
-    barrier,
-    check_settings,
-    is_main,
-    keep_freed_memory,
-    load_config,
     log,
     open_tensorboard,
     os_errors_as_messages,
-    progress_log,
     read_rows,
     run_part,
     run_stage,
-    save_config,
     set_aside,
-    settings_diff,
-    settings_problems,
-    setup_distributed,
     verify_done,
     write_jsonl,
     write_rows,
 )
+from settings import (
+    Config,
+    add_flags,
+    apply_overrides,
+    check_settings,
+    load_config,
+    save_config,
+    settings_diff,
+    settings_problems,
+)
 from sft import CPU_PRESETS, sft_stage
+from training import autocast, keep_freed_memory, progress_log
 
 CODE_TAG = "<<<code>>>:"
 # Config's sections, in their stages' files
@@ -126,8 +124,8 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 
 
 def make_config(preset="tiny", **overrides):
-    """Config of a preset (every setting of runs.Config) with overrides: top-level names, ppo_<name>
-    / rm_<name> / dpo_<name>, or ppo=dict(...)."""
+    """Config of a preset (every setting of settings.Config) with overrides: top-level names,
+    ppo_<name> / rm_<name> / dpo_<name>, or ppo=dict(...)."""
     cfg = Config(**{name: cls() for name, cls in SECTION_CLASSES.items()})
     return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
 
@@ -437,7 +435,7 @@ def check_ready(cfg):
 
 
 def refuse_bad_settings(cfg):
-    """Every setting within its declared type and range (runs.check_settings), then the checks
+    """Every setting within its declared type and range (settings.check_settings), then the checks
     across settings; before the first stage, so that no setting is refused after hours of work."""
     if settings_problems(cfg):  # the checks across settings below take each one in its range
         check_settings(cfg)
@@ -520,7 +518,7 @@ def check_answer_room(cfg, splits):
 def check_stage_inputs(cfg, splits):
     """The reward model has prompts to train on: what is left of the sampled instructions once its
     held-out and validation prompts are taken (reward.split_prompts itself, on one stand-in row per
-    instruction). runs.COMBINATIONS checks the fractions alone; this, with the number of
+    instruction). settings.COMBINATIONS checks the fractions alone; this, with the number of
     instructions there are."""
     n = min(cfg.sampled_instructions, len(splits["train"]))
     held, val, _ = reward.split_prompts([SimpleNamespace(record=i) for i in range(n)], cfg.rm, 0)

@@ -10,42 +10,33 @@ One optimizer step of train_sft, in order:
      resumed run sees the batches of an uninterrupted one); each rank takes its share (torchrun).
   2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompts carry none.
      Gradients accumulate over sft_grad_accum micro-batches.
-  3. update: AdamW (decay on matrices only), linear warmup then cosine decay (runs.lr_at), the
+  3. update: AdamW (decay on matrices only), linear warmup then cosine decay (lr_at), the
      gradient norm clipped at grad_clip (nanoGPT's train.py).
 Every sft_eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).
 """
 
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from data.gorilla import prepare
+from distributed import all_sum, average_gradients, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, preset_config, response_logprobs
-from runs import (
-    RUN_FILES,
-    all_sum,
-    atomic_dir,
+from runs import RUN_FILES, atomic_dir, log, resume, run_stage, save_checkpoint, write_metrics
+from settings import stage_command_line
+from training import (
     autocast,
-    average_gradients,
     check_loss,
-    is_main,
     length_grouped_batches,
-    log,
-    lr_at,
     make_optimizer,
     progress,
-    resume,
-    run_stage,
-    save_checkpoint,
-    shard,
-    stage_command_line,
     stream_seed,
-    write_metrics,
 )
 
 # -----------------------------------------------------------------------------
-# Settings: the sft_* fields of runs.Config (rlaif.py --sft-steps, --sft-batch-size,
+# Settings: the sft_* fields of settings.Config (rlaif.py --sft-steps, --sft-batch-size,
 # --sft-grad-accum, --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and
 # these, which no experiment changes
 
@@ -78,8 +69,8 @@ def sft_examples(cfg, tok, records):
 
 def batch_at(examples, batch_size, index, seed):
     """The index-th batch of SFT: epochs of batches grouped by total length
-    (runs.length_grouped_batches). A pure function of (index, seed): a resumed run sees exactly the
-    batches of an uninterrupted one."""
+    (training.length_grouped_batches). A pure function of (index, seed): a resumed run sees exactly
+    the batches of an uninterrupted one."""
     per_epoch = max(1, len(examples) // batch_size)
     epoch, i = divmod(index, per_epoch)
     keys = [len(q) + len(a) for q, a in examples]
@@ -107,6 +98,14 @@ def sft_loss(model, examples, pad, device):
     tokens in the batch)."""
     logprobs, response_mask, n_tokens = answer_logprobs(model, examples, pad, device)
     return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), n_tokens
+
+
+def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def optimizer_step(model, optimizer, cfg, train, step, pad):

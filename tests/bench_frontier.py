@@ -27,7 +27,8 @@ from data.gorilla import prepare  # noqa: E402
 from judge import RulesJudge, judge_score  # noqa: E402
 from model import GPT, pad_pairs, response_logprobs, sample_answers  # noqa: E402
 from reward import load_reward_model  # noqa: E402
-from runs import RUN_FILES, load_config  # noqa: E402
+from runs import RUN_FILES  # noqa: E402
+from settings import load_config  # noqa: E402
 
 N_MAX = 16  # answers sampled per question; best-of-n takes the first n
 

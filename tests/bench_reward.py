@@ -33,7 +33,8 @@ from reward import (  # noqa: E402
     rm_scores,
     split_prompts,
 )
-from runs import RUN_FILES, Feedback, Sample, load_config, read_rows  # noqa: E402
+from runs import RUN_FILES, Feedback, Sample, read_rows  # noqa: E402
+from settings import load_config  # noqa: E402
 
 
 def line_mask(tok, response, tag="<<<api_call>>>"):

@@ -18,16 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ppo  # noqa: E402
 import rlaif  # noqa: E402
 import sft  # noqa: E402
+from distributed import DIST, average_gradients, barrier, setup_distributed, shard  # noqa: E402
 from model import GPT, GPTConfig, ScalarModel  # noqa: E402
 from reward import comparisons_loss  # noqa: E402
-from runs import (  # noqa: E402
-    DIST,
-    average_gradients,
-    barrier,
-    make_optimizer,
-    setup_distributed,
-    shard,
-)
+from training import make_optimizer  # noqa: E402
 
 SMALL = GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 EOT = 63

@@ -469,7 +469,7 @@ def test_the_reward_model_ends_at_least_as_accurate_as_the_log_likelihood_it_sta
 
     from model import GPT, GPTConfig, ScalarModel, pad_pairs, response_logprobs
     from reward import RMConfig, pair_accuracy, policy_pairs, split_prompts, train_reward_model
-    from runs import make_optimizer
+    from training import make_optimizer
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

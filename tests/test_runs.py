@@ -1,5 +1,6 @@
-"""Run directories (runs.py): the config a run records and reads back, the typed rows, metrics files
-and their TensorBoard mirror."""
+"""Run directories (runs.py) and the settings they record (settings.py): the config a run records
+and reads back, the typed rows, metrics files and their TensorBoard mirror; and freed memory kept in
+the process (training.py)."""
 
 import json
 import platform
@@ -12,6 +13,8 @@ import pytest
 
 import rlaif
 import runs
+import settings
+import training
 from dpo import DPOConfig
 from ppo import PPOConfig
 from reward import RMConfig
@@ -21,12 +24,12 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     """What rlaif.py records is what a stage script loads: the same type, the same values, sections
     included."""
     cfg = rlaif.make_config("paper", run_dir=str(tmp_path), ppo_lr=3e-6, rm=dict(epochs=2))
-    runs.save_config(cfg, tmp_path)
-    back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
-    assert type(back) is runs.Config and isinstance(back.ppo, PPOConfig) and back == cfg
+    settings.save_config(cfg, tmp_path)
+    back = settings.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+    assert type(back) is settings.Config and isinstance(back.ppo, PPOConfig) and back == cfg
     assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
     # a section whose class is not given stays as recorded
-    partial = runs.load_config(tmp_path, ppo=PPOConfig)
+    partial = settings.load_config(tmp_path, ppo=PPOConfig)
     assert partial.rm == asdict(cfg.rm)
 
 
@@ -55,17 +58,17 @@ def test_a_run_recorded_under_old_setting_names_resumes_under_the_new_ones(tmp_p
     refused."""
     cfg = rlaif.make_config("tiny", run_dir=str(tmp_path), sampled_instructions=7)
     recorded = json.loads(json.dumps(asdict(cfg)))
-    for old, new in runs.RENAMED.items():
+    for old, new in settings.RENAMED.items():
         recorded[old] = recorded.pop(new)
     recorded["weight_decay"] = 0.1
     (tmp_path / "config.json").write_text(json.dumps(recorded))
-    back = runs.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+    back = settings.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
     assert back == cfg and back.sampled_instructions == 7
     rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)  # no difference
     assert "sft_eval_every" in json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(recorded, weight_decay=0.2)))
     with pytest.raises(SystemExit, match="weight_decay 0.2: no longer a setting"):
-        runs.load_config(tmp_path)
+        settings.load_config(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -77,13 +80,13 @@ def test_a_run_recorded_under_old_setting_names_resumes_under_the_new_ones(tmp_p
 )
 def test_an_unknown_setting_is_named(overrides, needle):
     with pytest.raises(SystemExit, match=needle):
-        runs.apply_overrides(rlaif.make_config(), overrides)
+        settings.apply_overrides(rlaif.make_config(), overrides)
 
 
 def test_a_config_of_another_version_names_its_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(seed=1, retired_setting=3)))
     with pytest.raises(SystemExit, match=r"config.json: not a config of this version"):
-        runs.load_config(tmp_path)
+        settings.load_config(tmp_path)
 
 
 def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
@@ -148,9 +151,9 @@ def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
 
 KEEP_FREED = """
 import resource, sys, torch
-import runs
+import training
 if sys.argv[1] == "keep":
-    runs.keep_freed_memory()
+    training.keep_freed_memory()
 for _ in range(8):  # 256 MB: the first few allocations fault their pages in, whatever the allocator
     torch.ones(1 << 26).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -171,7 +174,7 @@ def test_freed_memory_stays_in_the_process(tmp_path):
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(runs.__file__).parent,
+            cwd=Path(training.__file__).parent,
         )
         faults[mode] = int(out.stdout.split()[-1])
     pages = (1 << 28) // 4096  # one 256 MB tensor

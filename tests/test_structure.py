@@ -11,25 +11,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# runs (plumbing, run directories) <- model (the network) <- data (with the sandbox's stand-in
-# libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward (the reward model) <-
-# ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and evaluate ask the judge to
-# score answers, dpo trains on the reward model's pairs, evaluate runs code through the sandbox).
-# model imports none of them, not even runs, so that it can be copied alone
-# (test_model_py_imports_only_the_standard_library_and_torch).
+# model (the network) <- the plumbing: distributed (torchrun) <- runs (run directories) <-
+# training (what the stages train with) <- settings (Config, its checks and flags) <- data (with the
+# sandbox's stand-in libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward
+# (the reward model) <- ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and
+# evaluate ask the judge to score answers, dpo trains on the reward model's pairs, evaluate runs
+# code through the sandbox). model imports none of them, not even the plumbing, so that it can be
+# copied alone (test_model_py_imports_only_the_standard_library_and_torch).
 LAYER = {
-    "runs": 0,
-    "model": 1,
-    "data": 2,
-    "sandbox": 3,
-    "sft": 4,
-    "judge": 4,
-    "reward": 5,
-    "ppo": 6,
-    "dpo": 6,
-    "evaluate": 6,
-    "rlaif": 7,
+    "model": 0,
+    "distributed": 1,
+    "runs": 2,
+    "training": 3,
+    "settings": 4,
+    "data": 5,
+    "sandbox": 6,
+    "sft": 7,
+    "judge": 7,
+    "reward": 8,
+    "ppo": 9,
+    "dpo": 9,
+    "evaluate": 9,
+    "rlaif": 10,
 }
+PLUMBING = ("distributed", "runs", "training", "settings")
 ALLOWED = set()
 SCRIPTS = [
     "rlaif.py",
@@ -70,6 +75,36 @@ def test_imports_run_one_way():
         for imported in project_imports(path) - {own}:
             if LAYER[imported] >= LAYER[own] and (own, imported) not in ALLOWED:
                 wrong.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert not wrong, wrong
+
+
+def test_each_plumbing_name_is_imported_from_its_home():
+    """A name of the plumbing has one home: `from runs import X` only where runs.py defines X, so
+    that no plumbing file passes on another's names (a reader who looks for X in the file it is
+    imported from finds it there)."""
+    defined = {}
+    for module in PLUMBING:
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        defined[module] = {
+            n.id if isinstance(n, ast.Name) else n.name
+            for node in tree.body
+            for n in (
+                [node]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                else [t for t in ast.walk(node) if isinstance(t, ast.Name)]
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                else []
+            )
+        }
+    wrong = []
+    for path in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("tests/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in PLUMBING and node.level == 0:
+                wrong += [
+                    f"{path.relative_to(ROOT)}: {a.name} from {node.module}"
+                    for a in node.names
+                    if a.name not in defined[node.module]
+                ]
     assert not wrong, wrong
 
 
