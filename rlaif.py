@@ -293,7 +293,7 @@ def rejection_sampling(cfg, run, splits, out):
     cosine floor, 0.1 x sft_lr). The simplest use of the reward model that PPO must beat."""
     tok = prepare.tokenizer(cfg.compact)
     samples = read_rows(run / RUN_FILES["samples"], Sample)
-    policy = {i: s for i, s in sorted(samples.items()) if s.source == "policy"}
+    policy = {s.id: s for s in sorted(samples, key=lambda s: s.id) if s.source == "policy"}
     scores = reward_model_scores(cfg, run, policy, tok)
     picks = rejection_sampling_picks(
         list(policy.values()), scores, tok.eot, cfg.answers_per_instruction, cfg.ppo
