@@ -385,7 +385,7 @@ def iteration_prompts(prompts, cfg, seed, it):
     n = cfg.batch_size // cfg.rollouts_per_prompt
     rng = random.Random(stream_seed(seed, 104729, it))
     chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
-    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]
+    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]  # one process: all
 
 
 @torch.no_grad()
@@ -438,17 +438,17 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
     )
 
 
-def gae_estimator(answers, score, eos_score, cfg, kl_coef):
+def gae_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
     """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
     the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
     mask = answers["mask"]
     rewards, kl = compute_rewards(
-        score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
+        baselined_score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
     )
     return (rewards, kl, *gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam))
 
 
-def rloo_estimator(answers, score, eos_score, cfg, kl_coef):
+def rloo_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
     """RLOO: the raw score and the KL penalty in the reward; the baseline is the whole return of the
     prompt's other answers (no critic, no returns)."""
     mask = answers["mask"]
@@ -458,7 +458,7 @@ def rloo_estimator(answers, score, eos_score, cfg, kl_coef):
     return rewards, kl, rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
 
 
-def grpo_estimator(answers, score, eos_score, cfg, kl_coef):
+def grpo_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
     """GRPO: the group-normalised score; the KL is a loss term (minibatch_loss), not a reward, so
     the rewards carry none (kl is still measured)."""
     mask = answers["mask"]
@@ -473,22 +473,24 @@ ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
 
 
 def advantages_and_returns(answers, cfg, kl_coef):
-    """Steps 2-3: (shaped score, per-token KL, advantages, returns, Monte-Carlo returns) of a
-    rollout batch. returns is None for RLOO and GRPO, which have no critic to train. Each advantage
-    subtracts the prompt's baseline once: GAE from the shaped score, RLOO and GRPO from their own
-    group statistics."""
+    """Steps 2-3: (baselined score, per-token KL, advantages, returns, Monte-Carlo returns) of a
+    rollout batch. Three scores: answers["score"] (the reward's), eos_score (with the end-of-text
+    penalty) and baselined_score (eos_score minus the mean of the prompt's other answers).
+    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
+    the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
+    statistics."""
     mask, k = answers["mask"], cfg.rollouts_per_prompt
     eos_score = eos_penalised(answers["score"], answers["ended"], cfg.missing_eos_penalty)
     # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
     # reward's variance is between prompts (how hard the task is), which no action changes
-    score = leave_one_out(eos_score, k)
+    baselined_score = leave_one_out(eos_score, k)
     estimate = ESTIMATORS[cfg.advantage]
-    rewards, kl, advantages, returns = estimate(answers, score, eos_score, cfg, kl_coef)
+    rewards, kl, advantages, returns = estimate(answers, baselined_score, eos_score, cfg, kl_coef)
     # the rewards to go, which explained_variance measures the critic against
     _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)
-    return score, kl, advantages, returns, mc_returns
+    return baselined_score, kl, advantages, returns, mc_returns
 
 
 # the update's statistics, in the order of a metrics row
@@ -532,7 +534,7 @@ def ppo_update(
                 stats[k].append(v)
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
-                average_gradients(params)  # torchrun: every rank steps with the global gradient
+                average_gradients(params)  # torchrun: the global gradient; one process: none
                 # one norm over policy and critic, as lm-human-preferences clips their joint loss
                 torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
                 for optimizer in optimizers:
@@ -565,7 +567,7 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
         means["loss/value_avg"] = value_loss(
             new_values, mb["values"], mb["returns"], mask, cfg.cliprange_value
         )
-    means = global_means(means, mask.sum())
+    means = global_means(means, mask.sum())  # one process: the means as they are
     loss = 0.0
     if train_policy:
         loss = loss + means["loss/policy_avg"]
@@ -594,7 +596,9 @@ def in_critic_warmup(cfg, it):
     return cfg.advantage == "gae" and it < cfg.critic_warmup
 
 
-def iteration_metrics(it, cfg, answers, score, kl, advantages, mc_returns, kl_coef, stats):
+def iteration_metrics(
+    it, cfg, answers, baselined_score, kl, advantages, mc_returns, kl_coef, stats
+):
     """The iteration's metrics row, over every rank's answers. TRL's names where TRL has the metric
     (objective/, policy/, loss/, val/, lr, episode), its GRPO trainer's for completions/; eval/
     (greedy validation) and time/ are ours (docs/metrics.md)."""
@@ -613,7 +617,7 @@ def iteration_metrics(it, cfg, answers, score, kl, advantages, mc_returns, kl_co
         "objective/kl_coef": kl_coef,
         **stats,
         "objective/score_share": score_share(
-            score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
+            baselined_score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
         ),
         "val/explained_variance": (
             explained_variance(answers["values"], mc_returns, mask) if critic else None
@@ -655,27 +659,31 @@ def log_sample(batch, kl, decode):
     log(f"[ppo]   sample (score {score:+.2f}, kl {answer_kl:.2f}): {decode(answer)[:300]!r}")
 
 
-def training_state(policy, value_model, cfg, ckpt_file, device):
-    """(optimizers, modules by checkpoint key, KL controller, first iteration, history): new, or
-    resumed from ckpt_file. The value model has its own optimizer and learning rate (vf_lr)."""
+def kl_controller(cfg):
+    """Step 5's controller: fixed beta (the default; its update does nothing) or adaptive."""
+    if not cfg.adaptive_kl:
+        return FixedKLController(cfg.init_kl_coef)
+    log(
+        f"[ppo] adaptive KL: target {cfg.target_kl} nats; beta can move by x{kl_reach(cfg):.3g} "
+        f"at most over {cfg.iterations} iterations (kl_horizon {cfg.kl_horizon} answers)"
+    )
+    return AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+
+def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
+    """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
+    ckpt_file (kl_ctl's beta too). AdamW without weight decay (training.make_optimizer); the value
+    model has its own optimizer and learning rate (vf_lr)."""
     optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
     modules = dict(policy=policy)
     if value_model is not None:
         optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
         modules["value"] = value_model
-    kl_ctl = FixedKLController(cfg.init_kl_coef)
-    if cfg.adaptive_kl:
-        kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        log(
-            f"[ppo] adaptive KL: target {cfg.target_kl} nats; beta can move by "
-            f"x{kl_reach(cfg):.3g} at most over {cfg.iterations} iterations "
-            f"(kl_horizon {cfg.kl_horizon} answers)"
-        )
     iteration, history, ckpt = resume(ckpt_file, device, None, "ppo", log, "iteration", **modules)
     for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
         optimizer.load_state_dict(state)
     kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
-    return optimizers, modules, kl_ctl, iteration, history
+    return optimizers, modules, iteration, history
 
 
 def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
@@ -735,8 +743,9 @@ def train_ppo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_policy.eval().requires_grad_(False)
-    optimizers, modules, kl_ctl, start, history = training_state(
-        policy, value_model, cfg, out_dir / "ckpt.pt", run_cfg.device
+    kl_ctl = kl_controller(cfg)  # step 5
+    optimizers, modules, start, history = training_state(
+        policy, value_model, kl_ctl, cfg, out_dir / "ckpt.pt", run_cfg.device
     )
     t_start = time.time()
     for it in range(start, cfg.iterations):
@@ -749,10 +758,13 @@ def train_ppo(
             policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
         )
         # 2-3. rewards, advantages and returns, on every rank's answers
-        answers = gather_answers(batch)
-        score, kl, advantages, returns, mc_returns = advantages_and_returns(answers, cfg, kl_coef)
+        answers = gather_answers(batch)  # one process: the batch itself
+        baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
+            answers, cfg, kl_coef
+        )
         # 4. update on this rank's answers (in the critic warm-up, the value model alone)
         t_update = time.time()
+        # this rank's rows (one process: all of them)
         batch.update(advantages=own_rows(advantages, batch), returns=own_rows(returns, batch))
         train_policy = not in_critic_warmup(cfg, it)
         stats = ppo_update(
@@ -760,10 +772,12 @@ def train_ppo(
         )
         check_ppo_loss(stats, it, train_policy)
         t_update = time.time() - t_update
-        # 5. KL controller: beta for the next iteration
+        # 5. KL controller: beta for the next iteration (fixed beta, the default: no change)
         kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
         # record: metrics, validation, log line, sample, checkpoint
-        row = iteration_metrics(it, cfg, answers, score, kl, advantages, mc_returns, kl_coef, stats)
+        row = iteration_metrics(
+            it, cfg, answers, baselined_score, kl, advantages, mc_returns, kl_coef, stats
+        )
         row["time/generate"] = batch["t_generate"]
         row["time/logprobs_values_score"] = batch["t_forward"]
         row["time/update"] = t_update

@@ -10,8 +10,11 @@ One optimizer step of train_sft, in order:
      resumed run sees the batches of an uninterrupted one); each rank takes its share (torchrun).
   2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompts carry none.
      Gradients accumulate over sft_grad_accum micro-batches.
-  3. update: AdamW (decay on matrices only), linear warmup then cosine decay (lr_at), the
-     gradient norm clipped at grad_clip (nanoGPT's train.py).
+  3. update: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only
+     (training.make_optimizer), linear warmup then cosine decay (lr_at), the gradient norm
+     clipped at grad_clip (nanoGPT's train.py).
+In one process the torchrun calls (distributed.shard, all_sum, average_gradients) return what
+they are given: the step is the single-process step.
 Every sft_eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).
 """
 
@@ -97,6 +100,7 @@ def sft_loss(model, examples, pad, device):
     """(Mean negative log-likelihood of the answer tokens, of every rank's examples under torchrun;
     tokens in the batch)."""
     logprobs, response_mask, n_tokens = answer_logprobs(model, examples, pad, device)
+    # one process: all_sum(x) is x; under torchrun, sums over every rank's answer tokens
     return -all_sum(logprobs.sum()) / all_sum(response_mask.sum()), n_tokens
 
 
@@ -114,12 +118,12 @@ def optimizer_step(model, optimizer, cfg, train, step, pad):
     tokens, step_loss = 0, 0.0
     for micro in range(cfg.sft_grad_accum):
         index = step * cfg.sft_grad_accum + micro
-        batch = shard(batch_at(train, cfg.sft_batch_size, index, cfg.seed))
+        batch = shard(batch_at(train, cfg.sft_batch_size, index, cfg.seed))  # one process: all
         loss, n_tokens = sft_loss(model, batch, pad, cfg.device)
         (loss / cfg.sft_grad_accum).backward()
         step_loss = step_loss + loss.detach() / cfg.sft_grad_accum
         tokens += n_tokens
-    average_gradients(model.parameters())  # torchrun: every rank takes the global batch's step
+    average_gradients(model.parameters())  # torchrun: the global batch's step; one process: none
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
