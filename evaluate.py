@@ -799,7 +799,12 @@ def command_line():
         default="offline",
         help="executability: checking stand-ins without network, real libraries, or skip",
     )
-    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per snippet")
+    p.add_argument(
+        "--exec-timeout",
+        type=float,
+        default=10.0,
+        help="CPU seconds per snippet (the wall clock: 3x)",
+    )
     p.add_argument(
         "--max-answer-tokens", type=int, default=160, help="answer length cap for --model"
     )

@@ -102,7 +102,12 @@ START = b"[rlaif-sandbox: the snippet starts]\n"  # written before the snippet's
 HEAD = 4096  # bytes of output in which START must be (our imports may warn before it)
 END = "[rlaif-sandbox: the snippet ended] "  # our last line: END + "verdict: detail"
 SPEC_FILE = ".spec.json"  # what the runner needs (code, offline API tables); holds no secret
-GRACE = 10.0  # seconds we wait beyond the timeout for the supervisor to say "timeout"
+GRACE = 10.0  # seconds we wait beyond the wall-clock limit for the supervisor to say "timeout"
+# A snippet that computes is stopped by its CPU time (RLIMIT_CPU, the timeout); the wall clock,
+# which stops one that waits (sleep, input, a download), allows WALL_FACTOR times as long, so that
+# a busy host does not turn a snippet that computes for a few seconds into a timeout: on a host
+# running two seeds and the tests, a validation answer went from executable to timeout at 1x.
+WALL_FACTOR = 3
 # The scratch tmpfs is mounted here inside each snippet's own mount namespace; on the host it is one
 # permanent, always empty directory (namespaces are private, so snippets never see each other's).
 SCRATCH = Path(tempfile.gettempdir()) / f"rlaif-sandbox-{os.geteuid()}"
@@ -253,9 +258,9 @@ def start_runner(argv, out_fd):
 
 def watch(job, pid, out_r, lifeline):
     """Wait for the snippet's interpreter, keeping the head and the tail of its output; (status,
-    head, tail), status None at the time limit. Our host's death (lifeline at EOF) ends us, hence
-    the namespace."""
-    deadline, next_disk = time.monotonic() + job["timeout"], 0.0
+    head, tail), status None at the wall-clock limit. Our host's death (lifeline at EOF) ends us,
+    hence the namespace."""
+    deadline, next_disk = time.monotonic() + job["wall_seconds"], 0.0
     cache_start = dir_size(job["cache_dir"]) if job["cache_dir"] else 0
     head, tail, status, open_fds = b"", b"", None, [out_r, lifeline]
     os.set_blocking(out_r, False)
@@ -319,7 +324,7 @@ def judge(status, head, tail):
     theirs = [line for line in lines if not line.startswith(END) and line != START.decode()[:-1]]
     last = theirs[-1][:300] if theirs else ""
     if status == "timeout":
-        return dict(verdict="timeout", detail="killed at the time limit")
+        return dict(verdict="timeout", detail="killed at the wall-clock limit")
     if status == "disk":
         return dict(verdict="runtime", detail="killed: over the disk limit of the model cache")
     if START not in head:  # no snippet code ran: the failure is ours, not the snippet's
@@ -680,7 +685,7 @@ def warn_once(message):
 @dataclass
 class Sandbox:
     offline: bool = True
-    timeout: float = 10.0  # wall-clock seconds per snippet (real mode: time to download models too)
+    timeout: float = 10.0  # CPU seconds per snippet; the wall clock: WALL_FACTOR x (downloads too)
     memory_mb: int = 0  # memory of all the snippet's processes (0: 2 GiB offline, 16 GiB real)
     disk_mb: int = 0  # its scratch tmpfs (0: 256 MiB offline, 4 GiB real; also counts as memory)
     max_procs: int = 0  # processes and threads of the snippet (0: 64 offline, 512 real)
@@ -689,6 +694,10 @@ class Sandbox:
     workers: int = max(1, os.cpu_count() or 1)
     cache_dir: str = ""  # real mode: the writable model cache (default ~/.cache/rlaif-sandbox)
     unsafe: bool = False  # offline only: run without OS isolation when it is unavailable
+
+    @property
+    def wall_seconds(self):
+        return WALL_FACTOR * self.timeout
 
     def __post_init__(self):
         self.memory_mb = self.memory_mb or (2048 if self.offline else 16384)
@@ -801,7 +810,7 @@ class Sandbox:
         return dict(
             spec=dict(base_spec, code=code),
             runner=argv,
-            timeout=self.timeout,
+            wall_seconds=self.wall_seconds,
             max_output=self.max_output,
             chown=self.isolated and os.geteuid() == 0,
             cache_dir=None if self.offline else self.cache_dir,
@@ -843,7 +852,7 @@ class Sandbox:
                 os.close(lifeline_r)
             try:
                 try:
-                    proc.wait(timeout=self.timeout + GRACE)
+                    proc.wait(timeout=self.wall_seconds + GRACE)
                 except subprocess.TimeoutExpired:
                     pass
                 finally:
@@ -917,7 +926,9 @@ def main():
     p.add_argument(
         "--real", action="store_true", help="real libraries and network instead of stand-ins"
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="CPU seconds (the wall clock: WALL_FACTOR x)"
+    )
     args = p.parse_args()
     if args.check or not args.file:
         reason = isolation_available()

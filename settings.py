@@ -145,7 +145,9 @@ class Config:
         ("offline", "real", "none"),
     ] = "offline"
     exec_timeout: Annotated[
-        float, "seconds per snippet (real mode includes model downloads)", "> 0"
+        float,
+        "CPU seconds per snippet; the wall clock allows 3x (sleeps; real mode: downloads)",
+        "> 0",
     ] = 10.0
     unsafe_exec: Annotated[
         bool,

@@ -605,3 +605,19 @@ def test_a_snippet_closing_its_own_stdout_is_not_a_failure():
     ]
     verdicts = Sandbox(timeout=10).run_all(codes)
     assert [v for v, _ in verdicts] == ["executable"] * 3, verdicts
+
+
+@pytest.mark.slow
+def test_a_busy_host_does_not_turn_a_snippet_within_its_cpu_limit_into_a_timeout():
+    """0.8 CPU seconds of work with a 2 s limit, run beside three busy snippets per core (each in
+    its own cgroup, as evaluation runs snippets side by side): it takes longer than 2 s of wall
+    time but stays within its CPU time, so it is executable, as on an idle host. The busy ones
+    and a snippet that sleeps are still stopped, by the CPU and the wall-clock limits."""
+    compute = "import time\nwhile time.process_time() < 0.8:\n    pass"
+    busy = "while True:\n    pass"
+    sleeper = "import time\ntime.sleep(600)"
+    n = 3 * (os.cpu_count() or 1)
+    sandbox = Sandbox(timeout=2, workers=n + 1)
+    verdicts = sandbox.run_all([busy] * n + [compute, sleeper])
+    assert verdicts[n][0] == "executable", verdicts[n]
+    assert all(v == "timeout" for v, _ in verdicts[:n] + verdicts[n + 1 :]), verdicts
