@@ -628,6 +628,17 @@ def iteration_metrics(
     }
 
 
+def iteration_times(batch, t_update, meter, policy):
+    """The iteration's time/ metrics: its parts' seconds, answer tokens a second, MFU."""
+    return {
+        "time/generate": batch["t_generate"],
+        "time/logprobs_values_score": batch["t_forward"],
+        "time/update": t_update,
+        "time/answer_tokens_per_s": int(batch["mask"].sum()) / (time.time() - meter.t0),
+        "time/mfu": meter.summary(policy)["mfu"],
+    }
+
+
 def validation_due(cfg, it):
     """Greedy validation after the first, every val_every-th and the last iteration."""
     last = it + 1 == cfg.iterations
@@ -706,8 +717,11 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
 # The loop
 
 
-def check_config(cfg):
-    """Refuse settings train_ppo cannot run, before any work."""
+def check_config(cfg, value_model=None, critic_given=None):
+    """Refuse settings train_ppo cannot run, before any work; from train_ppo (critic_given True),
+    also a value model where the advantage has none, or none where it needs one."""
+    if critic_given and (value_model is not None) != (cfg.advantage == "gae"):
+        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
     if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
         raise ValueError(
             f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
@@ -737,9 +751,7 @@ def train_ppo(
     None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
     (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
     of metrics, at validation_due iterations."""
-    check_config(cfg)
-    if (value_model is not None) != (cfg.advantage == "gae"):
-        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
+    check_config(cfg, value_model, critic_given=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_policy.eval().requires_grad_(False)
@@ -762,9 +774,8 @@ def train_ppo(
         baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
             answers, cfg, kl_coef
         )
-        # 4. update on this rank's answers (in the critic warm-up, the value model alone)
+        # 4. update on this rank's rows (one process: all); in the critic warm-up, the critic alone
         t_update = time.time()
-        # this rank's rows (one process: all of them)
         batch.update(advantages=own_rows(advantages, batch), returns=own_rows(returns, batch))
         train_policy = not in_critic_warmup(cfg, it)
         stats = ppo_update(
@@ -778,11 +789,7 @@ def train_ppo(
         row = iteration_metrics(
             it, cfg, answers, baselined_score, kl, advantages, mc_returns, kl_coef, stats
         )
-        row["time/generate"] = batch["t_generate"]
-        row["time/logprobs_values_score"] = batch["t_forward"]
-        row["time/update"] = t_update
-        row["time/answer_tokens_per_s"] = int(batch["mask"].sum()) / (time.time() - meter.t0)
-        row["time/mfu"] = meter.summary(policy)["mfu"]
+        row.update(iteration_times(batch, t_update, meter, policy))
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
         history.append(row)

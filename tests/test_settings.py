@@ -93,12 +93,15 @@ def test_compare_redoes_a_part_that_has_files_but_not_its_own_done_marker(tmp_pa
     monkeypatch.setattr(rlaif.ppo, "ppo_stage", fake_ppo)
     monkeypatch.setattr(rlaif.dpo, "dpo_stage", lambda cfg, run, splits, out: trained.append("dpo"))
     monkeypatch.setattr(judge, "make_judge", lambda *a, **k: None)
+    monkeypatch.setattr(
+        rlaif, "rejection_sampling", lambda cfg, run, splits, out: trained.append("rs")
+    )
     monkeypatch.setattr(rlaif, "best_of_n_answers", lambda *a: None)
     rlaif.compare_stage(cfg, tmp_path, {"train": [], "val": [], "test": []})
-    assert trained == ["rloo", "grpo", "dpo"]
+    assert trained == ["rloo", "grpo", "dpo", "rs"]
     assert all(
         (tmp_path / runs.RUN_FILES[p] / "done.json").exists()
-        for p in ("drlaif", "rloo", "grpo", "dpo")
+        for p in ("drlaif", "rloo", "grpo", "dpo", "rs")
     )
 
 
