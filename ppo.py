@@ -685,6 +685,8 @@ def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
     """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
     ckpt_file (kl_ctl's beta too). AdamW without weight decay (training.make_optimizer); the value
     model has its own optimizer and learning rate (vf_lr)."""
+    if (value_model is not None) != (cfg.advantage == "gae"):
+        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
     optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
     modules = dict(policy=policy)
     if value_model is not None:
@@ -717,11 +719,8 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
 # The loop
 
 
-def check_config(cfg, value_model=None, critic_given=None):
-    """Refuse settings train_ppo cannot run, before any work; from train_ppo (critic_given True),
-    also a value model where the advantage has none, or none where it needs one."""
-    if critic_given and (value_model is not None) != (cfg.advantage == "gae"):
-        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
+def check_config(cfg):
+    """Refuse settings train_ppo cannot run, before any work."""
     if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
         raise ValueError(
             f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
@@ -751,7 +750,7 @@ def train_ppo(
     None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
     (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
     of metrics, at validation_due iterations."""
-    check_config(cfg, value_model, critic_given=True)
+    check_config(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_policy.eval().requires_grad_(False)
