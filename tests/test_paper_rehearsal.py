@@ -37,6 +37,8 @@ SIZES = [
     "2",
     "--ppo-batch-size",
     "4",
+    "--ppo-rollouts-per-prompt",
+    "2",
     "--ppo-minibatch-size",
     "2",
     "--ppo-grad-accum",

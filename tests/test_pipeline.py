@@ -32,6 +32,8 @@ SMALL = [
     "6",
     "--ppo-batch-size",
     "8",
+    "--ppo-rollouts-per-prompt",
+    "4",
     "--ppo-minibatch-size",
     "4",
     "--eval-limit",

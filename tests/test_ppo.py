@@ -343,7 +343,10 @@ TOY_PROMPTS = [[1, 2, 3], [4, 6], [7, 8, 9, 10], [11, 12]] * 10
 
 
 def run(tmp_path, policy, ref, value, sampling, score_fn, **overrides):
-    cfg = replace(PPOConfig(lr=TOY_LR, missing_eos_penalty=0.0), **overrides)
+    """train_ppo on the toy, in a fixed batch layout (32 answers, 4 a prompt, minibatches of 16):
+    the toy's step counts do not follow the default's."""
+    toy_layout = dict(batch_size=32, rollouts_per_prompt=4, minibatch_size=16)
+    cfg = replace(PPOConfig(lr=TOY_LR, missing_eos_penalty=0.0, **toy_layout), **overrides)
     return train_ppo(
         policy, ref, value, score_fn, TOY_PROMPTS, TOY_TOK, cfg, sampling, tmp_path / "ppo"
     )

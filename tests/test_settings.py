@@ -182,7 +182,7 @@ def test_a_real_full_disk_is_named_with_the_file(full_disk):
         (["--ppo-rollouts-per-prompt", "0"], "--ppo-rollouts-per-prompt 0: must be >= 1"),
         (
             ["--ppo-rollouts-per-prompt", "3"],
-            "batch_size 32 must be a multiple of rollouts_per_prompt 3",
+            "batch_size 64 must be a multiple of rollouts_per_prompt 3",
         ),
     ],
 )
@@ -355,6 +355,8 @@ MICRO = [
     "3",
     "--ppo-batch-size",
     "8",
+    "--ppo-rollouts-per-prompt",
+    "4",
     "--ppo-minibatch-size",
     "4",
 ]
