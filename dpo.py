@@ -36,12 +36,14 @@ from runs import (
     read_rows,
     require_done,
     resume,
+    run_alone,
+    run_file,
     run_part,
     save_checkpoint,
     set_aside,
     write_metrics,
 )
-from settings import save_config, stage_settings
+from settings import prepare_out, save_config, stage_settings
 from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, require_items
 
 
@@ -147,21 +149,22 @@ def save_state(out_dir, policy, optimizer, step, history):
         write_metrics(Path(out_dir) / "metrics.jsonl", history)
 
 
-def dpo_stage(cfg, run, splits, out_dir):
+def dpo_stage(cfg, run, splits, out_dir, **files):
     """The DPO policy of a run: from its SFT model, on the judge-ordered pairs of its
     feedback (the reward model's pairs, reward.make_pairs), saved to out_dir/model. A part
-    of rlaif.py's compare stage."""
+    of rlaif.py's compare stage. files: sft_model, samples and feedback in place of the run's
+    (python dpo.py --sft-model)."""
     meter = FlopMeter()
     tok = prepare.tokenizer(cfg.compact)
-    samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
-    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
+    samples = {s.id: s for s in read_rows(run_file(run, "samples", files), Sample)}
+    feedback = read_rows(run_file(run, "feedback", files), Feedback)
     pairs = make_pairs(feedback, cfg.rm.max_contrast_pairs, random.Random(cfg.seed))
     require_items(
         pairs, "dpo", "judge-ordered pairs", "every answer to a prompt got the same score"
     )
     torch.manual_seed(cfg.seed)
-    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(cfg.device)
-    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
+    policy = GPT.from_pretrained(run_file(run, "sft_model", files)).to(cfg.device)
+    ref_policy = GPT.from_pretrained(run_file(run, "sft_model", files))
     # the reference takes no gradients: bf16 on GPU, fp32 on CPU, as PPO's (training.frozen_dtype)
     ref_policy.to(cfg.device, frozen_dtype(cfg.device))
     log(f"[dpo] {len(pairs)} judge-ordered pairs, {cfg.dpo.steps} steps of {cfg.dpo.batch_size}")
@@ -173,24 +176,32 @@ def dpo_stage(cfg, run, splits, out_dir):
 
 
 def main(argv=None):
-    """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo.
-    The settings are read as ppo.py's and reward.py's are (settings.stage_settings), but not their
+    """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo,
+    or on files (--sft-model DIR --samples FILE --feedback FILE) into --out. The settings are read
+    as ppo.py's and reward.py's are (settings.stage_settings), but not their
     settings.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
     and feedback done (not reward and ppo), its marker is compare/dpo/done.json, and --force must
     keep the other parts of compare (d-RLAIF, RLOO, GRPO) that setting compare aside would
     delete."""
-    cfg, run, force, _ = stage_settings(
-        "DPO [not in the paper] on the AI feedback of a run of rlaif.py: the run's SFT model "
-        "trained on its judge-ordered pairs, saved to run_dir/compare/dpo (where rlaif.py "
-        "--compare looks for it). Uses the run's recorded settings (config.json); the flags below "
-        "override them and are recorded.",
+    cfg, run, force, _, given = stage_settings(
+        "DPO [not in the paper] on AI feedback: an SFT model trained on the judge-ordered pairs. "
+        "On a run of rlaif.py (--run-dir: into run_dir/compare/dpo, where rlaif.py --compare "
+        "looks for it, with the run's recorded settings, which the flags below override and are "
+        "recorded) or on files (--sft-model DIR --samples FILE --feedback FILE, into --out, no "
+        "run directory).",
         argv,
         "dpo",
         DPOConfig,
         force_help="retrain an existing DPO model (the run's evaluation and compare marker are "
         "set aside: rlaif.py --compare redoes them)",
+        inputs=("sft_model", "samples", "feedback"),
         rm=RMConfig,
     )
+    if given:
+        prepare_out(cfg, run, force, "dpo")
+        splits = prepare.load_splits(cfg.train_file)
+        run_alone(run, lambda: dpo_stage(cfg, None, splits, run, **given))
+        return
     require_done(run, ("sft", "sample", "feedback"))
     out = run / RUN_FILES["dpo"]
     if (out / "done.json").exists() and not force:  # the part's own marker, written after its model

@@ -25,7 +25,7 @@ import numpy as np
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from judge import RulesJudge, judge_score
-from model import GPT, FlopMeter, sample_answers
+from model import GPT, GPT2_VOCAB, FlopMeter, sample_answers
 from runs import RUN_FILES, log, read_jsonl, run_stage, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
 from settings import stage_command_line
@@ -314,7 +314,7 @@ def model_answers(model_dir, instructions, max_answer_tokens, device, seed=1):
     with)."""
     model = GPT.from_pretrained(model_dir).to(device)
     meter = FlopMeter()
-    tok = prepare.tokenizer(compact=model.config.vocab_size < 50257)
+    tok = prepare.tokenizer(compact=model.config.vocab_size < GPT2_VOCAB)
     prompts = [prepare.prompt_ids(tok, s) for s in instructions]
     with autocast(device):
         responses = sample_answers(
@@ -825,7 +825,7 @@ def run_dir_stage(args, p):
             f"{' '.join(given)} apply to --answers, --model or --gorilla; the evaluation stage "
             "of --run-dir uses the run's recorded settings"
         )
-    cfg, run = stage_command_line(
+    cfg, run, _ = stage_command_line(
         "evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force
     )
     return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file))

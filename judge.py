@@ -1063,7 +1063,7 @@ def p_yes_from_text(judge, feedback, samples, records):
 
 def main(argv=None):
     """python judge.py: the feedback stage alone, on an existing run (default runs/tiny)."""
-    cfg, run = stage_command_line(
+    cfg, run, _ = stage_command_line(
         "feedback",
         "Feedback stage of a run of rlaif.py: the run's judge answers the questions about its "
         "sampled answers (run_dir/sample) and the feedback goes to run_dir/feedback. Uses the "

@@ -34,11 +34,15 @@ EOT = "<|endoftext|>"
 # -----------------------------------------------------------------------------
 # Config
 
+# GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>. A model with fewer tokens was trained on
+# the compact remap ([offline stand-in], see Tokenizer).
+GPT2_VOCAB = 50257
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence (prompt + answer) the position table covers
-    vocab_size: int = 50257  # GPT-2's BPE; the tiny preset uses a compact remap (see Tokenizer)
+    vocab_size: int = GPT2_VOCAB  # the tiny preset uses the compact remap
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -59,7 +63,7 @@ PRESETS = {
 }
 
 
-def preset_config(name, vocab_size=50257):
+def preset_config(name, vocab_size=GPT2_VOCAB):
     """GPTConfig for a preset name; vocab_size fills in presets that take it from the tokenizer."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -352,7 +356,7 @@ class GPT(nn.Module):
             "generation_config.json": json.dumps(generation),
         }
         # GPT-2's own vocabulary: AutoTokenizer.from_pretrained(out_dir) works
-        if c.vocab_size >= 50257:
+        if c.vocab_size >= GPT2_VOCAB:
             files.update(gpt2_tokenizer_files(c.block_size))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +454,7 @@ def gpt2_encoding():
             pat_str=GPT2_PATTERN,
             mergeable_ranks=ranks,
             special_tokens={EOT: 50256},
-            explicit_n_vocab=50257,
+            explicit_n_vocab=GPT2_VOCAB,
         )
 
 

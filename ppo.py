@@ -64,11 +64,12 @@ from model import (
 )
 from reward import load_reward_model, read_reward_model
 from runs import (
-    RUN_FILES,
     atomic_dir,
     log,
     metrics_tag,
     resume,
+    run_alone,
+    run_file,
     run_stage,
     save_checkpoint,
     tensorboard_text,
@@ -869,25 +870,26 @@ def samples_table(records, texts, rewards, judged, n_shown):
     return header + "\n".join(rows) + "\n"
 
 
-def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None):
+def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None, **files):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
     settings.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
-    rows)."""
+    rows). files: sft_model and reward_model in place of the run's (python ppo.py --sft-model)."""
     meter = FlopMeter()
     tok = prepare.tokenizer(run_cfg.compact)
     out_dir = Path(out_dir or run / "ppo")
+    sft_model, reward_file = (run_file(run, k, files) for k in ("sft_model", "reward_model"))
     ppo_cfg = run_cfg.ppo if advantage is None else replace(run_cfg.ppo, advantage=advantage)
     torch.manual_seed(run_cfg.seed)
-    policy = GPT.from_pretrained(run / RUN_FILES["sft_model"]).to(run_cfg.device)
-    ref_policy = GPT.from_pretrained(run / RUN_FILES["sft_model"])
+    policy = GPT.from_pretrained(sft_model).to(run_cfg.device)
+    ref_policy = GPT.from_pretrained(sft_model)
     ref_policy.to(run_cfg.device, frozen_dtype(run_cfg.device))
     value_model = None  # RLOO and GRPO take their baseline from the prompt's other answers
     if ppo_cfg.advantage == "gae":
-        value_model = fresh_value_model(run / RUN_FILES["reward_model"], run_cfg.device)
-    reward_model, rm_score = load_reward_model(run / RUN_FILES["reward_model"], tok, run_cfg.device)
+        value_model = fresh_value_model(reward_file, run_cfg.device)
+    reward_model, rm_score = load_reward_model(reward_file, tok, run_cfg.device)
     reward_model.to(dtype=frozen_dtype(run_cfg.device)).eval().requires_grad_(False)
     # Validation: the reward model's score of greedy answers to the validation questions, whatever
     # the training reward; and the judge's, where judging is free (the rules judge). Under
@@ -918,18 +920,24 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None)
 
 
 def main(argv=None):
-    """python ppo.py: the PPO stage alone, on an existing run (default runs/tiny)."""
-    cfg, run = stage_command_line(
+    """python ppo.py: PPO alone, on an existing run (default runs/tiny), or on an SFT model and a
+    reward model given as files (--sft-model, --reward-model) into --out."""
+    cfg, run, given = stage_command_line(
         "ppo",
-        "PPO stage of a run of rlaif.py: tune the run's SFT policy against its reward model "
-        "(run_dir/sft, run_dir/reward) and save it to run_dir/ppo. Uses the run's recorded "
-        "settings (config.json); the flags below override them and are recorded. An interrupted "
-        "PPO resumes; later results (evaluate) are set aside.",
+        "PPO: tune an SFT policy against a reward model. On a run of rlaif.py (--run-dir: its "
+        "sft and reward, into run_dir/ppo, with the run's recorded settings, which the flags "
+        "below override and are recorded; later results are set aside) or on files (--sft-model "
+        "DIR --reward-model FILE, into --out, no run directory). An interrupted PPO resumes.",
         argv,
         section="ppo",
         section_cls=PPOConfig,
+        inputs=("sft_model", "reward_model"),
     )
-    run_stage(cfg, run, "ppo", ppo_stage, prepare.load_splits(cfg.train_file))
+    splits = prepare.load_splits(cfg.train_file)
+    if given:
+        run_alone(run, lambda: ppo_stage(cfg, None, splits, out_dir=run, **given))
+    else:
+        run_stage(cfg, run, "ppo", ppo_stage, splits)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ from distributed import DIST, average_gradients, barrier, global_mean, is_main, 
 from judge import QUESTIONS
 from model import GPT, FlopMeter, ScalarModel, pad_pairs, right_pad
 from runs import (
-    RUN_FILES,
     Feedback,
     Sample,
     load_checkpoint,
     log,
     read_rows,
     resume,
+    run_alone,
+    run_file,
     run_stage,
     save_checkpoint,
     write_metrics,
@@ -567,23 +568,29 @@ def refuse_uniform_feedback(feedback, run):
         f"[reward] refused: {feedback[0].judge} gave all {len(scores)} answers the same score "
         f"{scores[0]:.3f} (mean P(yes) per question: {said}), so no answer is better than another "
         "and the reward model would learn nothing. Check that the judge answers the questions, "
-        f"then python rlaif.py --run-dir {run} --from feedback (with --judge-base-url / "
-        "--judge-model of a working judge) judges again."
+        + (
+            f"then python rlaif.py --run-dir {run} --from feedback (with --judge-base-url / "
+            "--judge-model of a working judge) judges again."
+            if run
+            else "then judge the answers again with a working judge."
+        )
     )
 
 
-def reward_stage(cfg, run, splits):
+def reward_stage(cfg, run, splits, out_dir=None, **files):
     """Stage 4: the reward model, initialised from the SFT model, trained on the feedback,
-    normalised on the policy's samples."""
-    feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    refuse_uniform_feedback(feedback, run)
+    normalised on the policy's samples. files: sft_model, samples and feedback in place of the
+    run's (python reward.py --sft-model), with out_dir in place of run_dir/reward."""
+    out_dir = Path(out_dir or run / "reward")
+    feedback = read_rows(run_file(run, "feedback", files), Feedback)
+    refuse_uniform_feedback(feedback, None if files else run)
     meter = FlopMeter()
     tok = prepare.tokenizer(cfg.compact)
-    samples = {s.id: s for s in read_rows(run / RUN_FILES["samples"], Sample)}
+    samples = {s.id: s for s in read_rows(run_file(run, "samples", files), Sample)}
     if cfg.rm.tools:
         samples = reading_reports(samples, tok, APIDatabase())
     torch.manual_seed(cfg.seed)
-    rm = ScalarModel(GPT.from_pretrained(run / RUN_FILES["sft_model"]), len(QUESTIONS)).to(
+    rm = ScalarModel(GPT.from_pretrained(run_file(run, "sft_model", files)), len(QUESTIONS)).to(
         cfg.device
     )
     metrics = train_reward_model(
@@ -595,12 +602,12 @@ def reward_stage(cfg, run, splits):
         cfg.seed,
         cfg.grad_clip,
         cfg.device,
-        run / "reward" / "ckpt.pt",
+        out_dir / "ckpt.pt",
         log=log,
     )
     normalise(rm, samples, [i for i, s in samples.items() if s.source == "policy"], tok, cfg.device)
     if is_main():
-        save_checkpoint(run / RUN_FILES["reward_model"], **rm.checkpoint(tools=cfg.rm.tools))
+        save_checkpoint(out_dir / "reward_model.pt", **rm.checkpoint(tools=cfg.rm.tools))
     log(
         f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"
@@ -609,18 +616,24 @@ def reward_stage(cfg, run, splits):
 
 
 def main(argv=None):
-    """python reward.py: the reward-model stage alone, on an existing run (default runs/tiny)."""
-    cfg, run = stage_command_line(
+    """python reward.py: the reward model alone, on an existing run (default runs/tiny), or on an
+    SFT model, sampled answers and their feedback given as files into --out."""
+    cfg, run, given = stage_command_line(
         "reward",
-        "Reward-model stage of a run of rlaif.py: train the reward model on the run's AI feedback "
-        "(run_dir/feedback) and save it to run_dir/reward. Uses the run's recorded settings "
-        "(config.json); the "
-        "flags below override them and are recorded.",
+        "Reward model: train it on AI feedback. On a run of rlaif.py (--run-dir: its sft, sample "
+        "and feedback, into run_dir/reward, with the run's recorded settings, which the flags "
+        "below override and are recorded; later results are set aside) or on files (--sft-model "
+        "DIR --samples FILE --feedback FILE, into --out, no run directory).",
         argv,
         section="rm",
         section_cls=RMConfig,
+        inputs=("sft_model", "samples", "feedback"),
     )
-    run_stage(cfg, run, "reward", reward_stage, prepare.load_splits(cfg.train_file))
+    splits = prepare.load_splits(cfg.train_file)
+    if given:
+        run_alone(run, lambda: reward_stage(cfg, None, splits, out_dir=run, **given))
+    else:
+        run_stage(cfg, run, "reward", reward_stage, splits)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,14 @@ RUN_FILES = dict(
     best_of_n="compare/best_of_n_{pick}.jsonl",
     results="evaluate/results.md",
 )
+
+
+def run_file(run, key, files):
+    """The path of a run's file RUN_FILES[key], or files[key] where a stage script was given it
+    (python ppo.py --sft-model DIR: settings.INPUTS)."""
+    return Path(files[key]) if files.get(key) else Path(run) / RUN_FILES[key]
+
+
 RESUMABLE_STATE = (
     "done.json",
     "ckpt.pt",
@@ -413,6 +421,21 @@ def run_stage(cfg, run, stage, stage_fn, splits):
         if (run / ".previous").exists() and not any((run / ".previous").iterdir()):
             (run / ".previous").rmdir()
         log(f"[{stage}] done in {time.time() - t0:.0f}s -> {run / stage}")
+    barrier()
+
+
+def run_alone(out, train):
+    """A stage script given its inputs as files (python ppo.py --sft-model DIR --reward-model
+    FILE): train() writes into `out`, then out/done.json as run_stage writes a stage's. No run
+    directory: nothing verified, set aside or resumed from another stage."""
+    t0 = time.time()
+    with os_errors_as_messages(f"[{out}]"):
+        summary = train()
+    barrier()
+    if is_main():
+        with os_errors_as_messages(f"[{out}]"):
+            mark_done(out, dict(summary, seconds=round(time.time() - t0, 1)))
+        log(f"done in {time.time() - t0:.0f}s -> {out}")
     barrier()
 
 

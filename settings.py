@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated
 
 from distributed import barrier, is_main, setup_distributed
+from model import GPT2_VOCAB
 from runs import (
     STAGE_ORDER,
     atomic_write,
@@ -227,14 +228,19 @@ def apply_overrides(cfg, overrides, where="command line"):
 
 
 def load_config(run_dir, **sections):
-    """The Config a run recorded in run_dir/config.json, its sections built with the classes given
+    """The Config a run recorded in run_dir/config.json (or a config.json given), its sections built with the classes given
     (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict. A file that is
     not JSON, not an object, or has a setting of the wrong type or out of its range is refused,
     naming the file and the field, before anything runs."""
-    config_file = Path(run_dir) / "config.json"
+    config_file = Path(run_dir) if str(run_dir).endswith(".json") else Path(run_dir) / "config.json"
     if not config_file.exists():
         raise SystemExit(
-            f"{config_file} not found: start the run with python rlaif.py --run-dir {run_dir}"
+            f"{config_file} not found"
+            + (
+                ""
+                if config_file == Path(run_dir)
+                else f": start the run with python rlaif.py --run-dir {run_dir}"
+            )
         )
     try:
         d = json.loads(config_file.read_text())
@@ -451,12 +457,26 @@ def add_flags(parser, cls, prefix, default_text):
             group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices)
 
 
-def stage_settings(description, argv=None, section=None, section_cls=None, force_help=None, **more):
+# A stage script's inputs, given as files instead of a run directory (python ppo.py --sft-model DIR
+# --reward-model FILE, as summarize_from_feedback_details' scripts take theirs): what each flag is.
+INPUTS = dict(
+    sft_model="the SFT model directory (config.json, model.safetensors)",
+    reward_model="the reward model file (a reward stage's reward_model.pt)",
+    samples="the sampled answers (a sample stage's samples.jsonl)",
+    feedback="the judge's feedback on those answers (a feedback stage's feedback.jsonl)",
+)
+ALONE_FLAGS = ("out", "settings", "device", "seed")
+
+
+def stage_settings(
+    description, argv=None, section=None, section_cls=None, force_help=None, inputs=(), **more
+):
     """The settings of a stage script (python ppo.py, dpo.py): --run-dir (default runs/tiny),
-    --force, and one flag per field of its section of Config (section="ppo",
-    section_cls=PPOConfig). Returns (cfg, run, force, overrides): the run's recorded Config (its
-    sections built with section_cls and the classes in `more`) with the flags applied, checked
-    before anything is set aside or recorded."""
+    --force, one flag per field of its section of Config (section="ppo", section_cls=PPOConfig)
+    and, for a stage that can run without a run directory, a flag per input (INPUTS). Returns
+    (cfg, run, force, overrides, given): the Config (the run's recorded one, or alone_config's)
+    with the flags applied, checked before anything is set aside or recorded; `run` the run
+    directory, or --out when the inputs are given (given: {input: Path}, else {})."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--run-dir",
@@ -469,27 +489,101 @@ def stage_settings(description, argv=None, section=None, section_cls=None, force
         action="store_true",
         help=force_help or "redo a finished stage (later stages are set aside)",
     )
+    if inputs:
+        add_input_flags(p, inputs)
     if section_cls is not None:
         add_flags(p, section_cls, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
+    given = {k: Path(v) for k in inputs if (v := args.pop(k)) is not None}
+    alone = {k: args.pop(k) for k in ALONE_FLAGS if k in args}
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
-    cfg = load_config(run, **({section: section_cls} if section else {}), **more)
+    sections = dict({section: section_cls} if section else {}, **more)
+    if given or any(v is not None for v in alone.values()):
+        cfg, run = alone_config(inputs, given, alone, sections)
+    else:
+        cfg = load_config(run, **sections)
     cfg = apply_overrides(cfg, overrides)
     check_settings(cfg, unprefixed=section)
     keep_freed_memory()
     setup_distributed(cfg.device, cfg.dist_timeout)
     if cfg.tensorboard and is_main():
         open_tensorboard(run / "tb")
-    return cfg, run, force, overrides
+    return cfg, run, force, overrides, given
 
 
-def stage_command_line(stage, description, argv=None, section=None, section_cls=None):
-    """The command line of a stage script (stage_settings). Returns (cfg, run): the run's recorded
-    Config with the flags applied and recorded; earlier stages verified, the stage resumable if
-    interrupted, a finished one kept unless --force, and later stages set aside so that no result
-    of the old stage survives as if current."""
-    cfg, run, force, overrides = stage_settings(description, argv, section, section_cls)
+def add_input_flags(parser, inputs):
+    group = parser.add_argument_group(
+        "without a run directory (all of " + ", ".join(f"--{flag(k)}" for k in inputs) + ")"
+    )
+    for key in inputs:
+        group.add_argument(f"--{flag(key)}", dest=key, metavar="PATH", help=INPUTS[key])
+    group.add_argument("--out", help="the directory to write into (default: runs/alone)")
+    group.add_argument(
+        "--settings",
+        metavar="CONFIG_JSON",
+        help="the run-level settings (answer length, temperature, ...) of this config.json, e.g. "
+        "the run that made the inputs (default: the defaults of python rlaif.py)",
+    )
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: --settings')")
+    group.add_argument("--seed", type=int, help="random seed (default: --settings')")
+
+
+def flag(key):
+    return key.replace("_", "-")
+
+
+def alone_config(inputs, given, alone, sections):
+    """(cfg, out) of a stage script given its inputs as files: the settings of --settings (else the
+    defaults) with --device and --seed, and the vocabulary the SFT model was trained with; every
+    input checked to exist before any work."""
+    missing = [f"--{flag(k)}" for k in inputs if k not in given]
+    if missing:
+        raise SystemExit(
+            f"without a run directory this stage needs {', '.join(f'--{flag(k)}' for k in inputs)}"
+            f" (missing {', '.join(missing)}); or give --run-dir alone"
+        )
+    for key, path in given.items():
+        if not path.exists() or (key == "sft_model" and not (path / "config.json").exists()):
+            raise SystemExit(f"--{flag(key)} {path}: not found ({INPUTS[key]})")
+    if alone["settings"]:
+        cfg = load_config(alone["settings"], **sections)
+    else:
+        cfg = Config(**{name: cls() for name, cls in sections.items()})
+    cfg = apply_overrides(cfg, dict(device=alone["device"], seed=alone["seed"]))
+    if "sft_model" in given:  # the tokenizer is the one the model was trained with
+        vocab = json.loads((given["sft_model"] / "config.json").read_text())["vocab_size"]
+        cfg.compact = vocab < GPT2_VOCAB
+    return cfg, Path(alone["out"] or "runs/alone")
+
+
+def prepare_out(cfg, out, force, stage):
+    """--out of a stage script given its inputs as files: a finished one kept unless --force, which
+    starts over (the old model stays until the new one replaces it); the settings recorded."""
+    if (out / "done.json").exists() and not force:
+        raise SystemExit(f"{out} is already done; --force redoes it")
+    if is_main():
+        with os_errors_as_messages(f"[{stage}]"):
+            out.mkdir(parents=True, exist_ok=True)
+            if force:
+                for name in ("done.json", "ckpt.pt"):
+                    (out / name).unlink(missing_ok=True)
+            save_config(cfg, out)
+    barrier()
+
+
+def stage_command_line(stage, description, argv=None, section=None, section_cls=None, inputs=()):
+    """The command line of a stage script (stage_settings). Returns (cfg, run, given): the run's
+    recorded Config with the flags applied and recorded; earlier stages verified, the stage
+    resumable if interrupted, a finished one kept unless --force, and later stages set aside so
+    that no result of the old stage survives as if current. With its inputs given as files
+    (given: {input: Path}), `run` is --out, where the settings are recorded instead."""
+    cfg, run, force, overrides, given = stage_settings(
+        description, argv, section, section_cls, inputs=inputs
+    )
+    if given:
+        prepare_out(cfg, run, force, stage)
+        return cfg, run, given
     require_done(run, STAGE_ORDER[: STAGE_ORDER.index(stage)])
     if (run / stage / "done.json").exists() and not force:
         raise SystemExit(
@@ -503,4 +597,4 @@ def stage_command_line(stage, description, argv=None, section=None, section_cls=
         if overrides:
             log(f"[{stage}] recorded in {run / 'config.json'}: {overrides}")
     barrier()
-    return cfg, run
+    return cfg, run, given

@@ -223,7 +223,7 @@ def sft_stage(cfg, run, splits):
 
 def main(argv=None):
     """python sft.py: the SFT stage alone, on an existing run (default runs/tiny)."""
-    cfg, run = stage_command_line(
+    cfg, run, _ = stage_command_line(
         "sft",
         "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save "
         "it to run_dir/sft. Uses the run's recorded settings (config.json); --sft-* flags of "

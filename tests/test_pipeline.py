@@ -12,6 +12,7 @@ import pytest
 
 from data.gorilla import prepare
 from evaluate import VERDICTS
+from reward import read_reward_model
 from runs import RUN_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,6 +291,67 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
     assert not (run_dir / "evaluate").exists()  # no stale evaluation survives
     out = rlaif(run_dir, small=False)
     assert out.returncode == 0 and "[evaluate] done" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ppo_script_on_files_needs_no_run_directory(finished, tmp_path):
+    """python ppo.py --sft-model DIR --reward-model FILE: PPO into --out with the settings of
+    --settings and the flags; the run the files came from is left as it was."""
+    before = (finished / "ppo" / "done.json").read_text()
+    out_dir = tmp_path / "alone"
+    files = [
+        "--sft-model",
+        str(finished / "sft" / "model"),
+        "--reward-model",
+        str(finished / "reward" / "reward_model.pt"),
+    ]
+
+    def ppo(*a):
+        argv = [sys.executable, "ppo.py", *a]
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    settings = ["--settings", str(finished / "config.json"), "--seed", "3"]
+    small = ["--iterations", "2", "--batch-size", "8", "--rollouts-per-prompt", "4"]
+    out = ppo(*files, "--out", str(out_dir), *settings, *small, "--minibatch-size", "4")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (out_dir / "model" / "model.safetensors").exists() and (out_dir / "done.json").exists()
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["seed"] == 3 and config["ppo"]["iterations"] == 2
+    assert config["compact"] is True  # the micro model's compact vocabulary
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (finished / "ppo" / "done.json").read_text() == before
+    out = ppo(*files, "--out", str(out_dir))
+    assert out.returncode == 1 and "already done; --force" in out.stderr
+    out = ppo(files[0], files[1], "--out", str(tmp_path / "other"))
+    assert out.returncode == 1 and "missing --reward-model" in out.stderr
+    out = ppo(files[0], str(tmp_path / "nowhere"), *files[2:], "--out", str(tmp_path / "other"))
+    assert out.returncode == 1 and "--sft-model " + str(tmp_path / "nowhere") in out.stderr
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_reward_and_dpo_scripts_on_files_need_no_run_directory(finished, tmp_path):
+    """python reward.py / dpo.py --sft-model DIR --samples FILE --feedback FILE: each trains into
+    --out; the reward model written there is one PPO reads. The run the files came from is left
+    as it was."""
+    before = {p: p.read_text() for p in finished.rglob("done.json")}
+    files = [
+        *("--sft-model", str(finished / "sft" / "model")),
+        *("--samples", str(finished / "sample" / "samples.jsonl")),
+        *("--feedback", str(finished / "feedback" / "feedback.jsonl")),
+        *("--settings", str(finished / "config.json")),
+    ]
+    for script, out_dir, small, made in [
+        ("reward.py", tmp_path / "rm", ["--epochs", "1"], "reward_model.pt"),
+        ("dpo.py", tmp_path / "dpo", ["--steps", "2"], "model/model.safetensors"),
+    ]:
+        argv = [sys.executable, script, *files, "--out", str(out_dir), *small]
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert (out_dir / made).exists() and (out_dir / "done.json").exists()
+    assert {p: p.read_text() for p in finished.rglob("done.json")} == before
+    _, ckpt = read_reward_model(tmp_path / "rm" / "reward_model.pt")
+    assert ckpt.get("tools") == json.loads((finished / "config.json").read_text())["rm"]["tools"]
 
 
 @pytest.mark.slow
