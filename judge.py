@@ -31,7 +31,17 @@ import torch
 
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
-from runs import RUN_FILES, Feedback, Sample, log, read_rows, run_stage, write_rows
+from runs import (
+    RUN_FILES,
+    Feedback,
+    Sample,
+    log,
+    read_rows,
+    run_alone,
+    run_file,
+    run_stage,
+    write_rows,
+)
 from settings import stage_command_line
 from training import progress
 
@@ -960,30 +970,34 @@ def make_judge(kind, model, base_url, cache_file, max_usd=0.0, log=log, price=""
 # The stage of a run (rlaif.py): 3. AI feedback on the samples
 
 
-def run_judge(cfg, run):
-    """The judge a run's settings name, with the run's cache (cost and answers) and spending cap."""
+def run_judge(cfg, cache_file):
+    """The judge a run's settings name, with its cache (cost and answers; a run's is
+    run_dir/judge_cache.jsonl) and spending cap."""
     return make_judge(
         cfg.judge,
         cfg.judge_model,
         cfg.judge_base_url,
-        run / RUN_FILES["judge_cache"],
+        cache_file,
         cfg.judge_max_usd,
         log=log,
         price=cfg.judge_price,
     )
 
 
-def feedback_stage(cfg, run, splits):
+def feedback_stage(cfg, run, splits, out_dir=None, **files):
     """Stage 3: the judge answers the questions about every sampled answer (run_dir/sample); its
     Feedback rows go to run_dir/feedback. Done only when every answer has a score: an answer the
     judge could not score stops the stage with a count and the command that resumes it. Resumable:
     answers already judged are in the partial file, and every answered question in the judge's
-    cache; a rerun asks only for the rest."""
-    judge = run_judge(cfg, run)
-    samples = read_rows(run / RUN_FILES["samples"], Sample)
-    partial = run / RUN_FILES["feedback_partial"]
+    cache; a rerun asks only for the rest. files: samples in place of the run's (python judge.py
+    --samples FILE), with out_dir (its feedback, partial file and cache) in place of the run's."""
+    out_dir = Path(out_dir or run / "feedback")
+    cache = out_dir / "judge_cache.jsonl" if files else run / RUN_FILES["judge_cache"]
+    judge = run_judge(cfg, cache)
+    samples = read_rows(run_file(run, "samples", files), Sample)
+    partial = out_dir / Path(RUN_FILES["feedback_partial"]).name
     announce_judge(cfg, judge, samples, partial, splits["train"])
-    kept = f"What was judged is kept ({partial}, {run / RUN_FILES['judge_cache']})"
+    kept = f"What was judged is kept ({partial}, {cache})"
     concurrency = cfg.judge_concurrency if cfg.judge == "openai" else 1
     try:
         feedback = judge_answers(judge, samples, splits["train"], partial, concurrency, log=log)
@@ -992,12 +1006,12 @@ def feedback_stage(cfg, run, splits):
             f"[feedback] stopped: {e}. {kept}; rerun with a higher --judge-max-usd to resume."
         ) from None
     except JudgeFailed as e:
+        again = f"python rlaif.py --run-dir {run}" if not files else "the same command"
         raise SystemExit(
-            f"[feedback] not done: {e}. {kept}; python rlaif.py --run-dir {run} resumes, asking "
-            "only for what is missing."
+            f"[feedback] not done: {e}. {kept}; {again} resumes, asking only for what is missing."
         ) from None
     log_feedback(feedback)
-    write_rows(run / RUN_FILES["feedback"], feedback)
+    write_rows(out_dir / Path(RUN_FILES["feedback"]).name, feedback)
     summary = dict(judge=judge.name, judged=len(feedback))
     if cfg.judge == "openai":
         summary.update(
@@ -1062,16 +1076,23 @@ def p_yes_from_text(judge, feedback, samples, records):
 
 
 def main(argv=None):
-    """python judge.py: the feedback stage alone, on an existing run (default runs/tiny)."""
-    cfg, run, _ = stage_command_line(
+    """python judge.py: the feedback stage alone, on an existing run (default runs/tiny), or on
+    sampled answers given as a file (--samples) into --out."""
+    cfg, run, given = stage_command_line(
         "feedback",
-        "Feedback stage of a run of rlaif.py: the run's judge answers the questions about its "
-        "sampled answers (run_dir/sample) and the feedback goes to run_dir/feedback. Uses the "
-        "run's recorded settings (config.json; --judge-* flags of rlaif.py change them). An "
-        "interrupted feedback stage resumes; later stages are set aside.",
+        "AI feedback: the judge answers yes/no questions about sampled answers. On a run of "
+        "rlaif.py (--run-dir: its sample, into run_dir/feedback, with the run's recorded settings; "
+        "--judge-* flags of rlaif.py change them; later stages are set aside) or on a file "
+        "(--samples FILE, into --out, the judge of --settings). An interrupted feedback stage "
+        "resumes.",
         argv,
+        inputs=("samples",),
     )
-    run_stage(cfg, run, "feedback", feedback_stage, prepare.load_splits(cfg.train_file))
+    splits = prepare.load_splits(cfg.train_file)
+    if given:
+        run_alone(run, lambda: feedback_stage(cfg, None, splits, out_dir=run, **given))
+    else:
+        run_stage(cfg, run, "feedback", feedback_stage, splits)
 
 
 if __name__ == "__main__":

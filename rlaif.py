@@ -249,7 +249,7 @@ def compare_stage(cfg, run, splits):
         return dict(skipped="--compare not given")
     tok = prepare.tokenizer(cfg.compact)
     feedback = read_rows(run / RUN_FILES["feedback"], Feedback)
-    judge = run_judge(cfg, run)
+    judge = run_judge(cfg, run / RUN_FILES["judge_cache"])
     # Each part is skipped only when its own done.json, written after its model, says it finished.
     run_part(
         run / RUN_FILES["drlaif"],

@@ -228,10 +228,10 @@ def apply_overrides(cfg, overrides, where="command line"):
 
 
 def load_config(run_dir, **sections):
-    """The Config a run recorded in run_dir/config.json (or a config.json given), its sections built with the classes given
-    (ppo=PPOConfig, ...); a section whose class is not given stays the recorded dict. A file that is
-    not JSON, not an object, or has a setting of the wrong type or out of its range is refused,
-    naming the file and the field, before anything runs."""
+    """The Config a run recorded in run_dir/config.json (or a config.json given), its sections
+    built with the classes given (ppo=PPOConfig, ...); a section whose class is not given stays the
+    recorded dict. A file that is not JSON, not an object, or has a setting of the wrong type or
+    out of its range is refused, naming the file and the field, before anything runs."""
     config_file = Path(run_dir) if str(run_dir).endswith(".json") else Path(run_dir) / "config.json"
     if not config_file.exists():
         raise SystemExit(

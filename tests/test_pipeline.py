@@ -330,11 +330,25 @@ def test_ppo_script_on_files_needs_no_run_directory(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_reward_and_dpo_scripts_on_files_need_no_run_directory(finished, tmp_path):
-    """python reward.py / dpo.py --sft-model DIR --samples FILE --feedback FILE: each trains into
-    --out; the reward model written there is one PPO reads. The run the files came from is left
-    as it was."""
+def test_judge_reward_and_dpo_scripts_on_files_need_no_run_directory(finished, tmp_path):
+    """python judge.py --samples FILE: the run's feedback again, into --out. python reward.py /
+    dpo.py --sft-model DIR --samples FILE --feedback FILE: each trains into --out; the reward model
+    written there is one PPO reads. The run the files came from is left as it was."""
     before = {p: p.read_text() for p in finished.rglob("done.json")}
+    samples, settings = finished / "sample" / "samples.jsonl", finished / "config.json"
+    argv = ["judge.py", "--samples", str(samples), "--settings", str(settings)]
+    out = subprocess.run(
+        [sys.executable, *argv, "--out", str(tmp_path / "feedback")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = (tmp_path / "feedback" / "feedback.jsonl").read_text().splitlines()
+    assert sorted(again) == sorted(
+        (finished / "feedback" / "feedback.jsonl").read_text().splitlines()
+    )
     files = [
         *("--sft-model", str(finished / "sft" / "model")),
         *("--samples", str(finished / "sample" / "samples.jsonl")),
