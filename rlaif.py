@@ -18,8 +18,8 @@ Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the 
   7. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
 Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
 directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
-Every setting is a field of settings.Config (PPO's, the reward model's and DPO's in their own
-files).
+Every setting is a field of settings.Config (SFT's, PPO's, the reward model's and DPO's in their
+own files).
 """
 
 import argparse
@@ -88,12 +88,12 @@ from settings import (
     settings_diff,
     settings_problems,
 )
-from sft import CPU_PRESETS, sft_stage
+from sft import CPU_PRESETS, SFTConfig, sft_stage
 from training import autocast, keep_freed_memory, progress_log
 
 CODE_TAG = "<<<code>>>:"
 # Config's sections, in their stages' files
-SECTION_CLASSES = dict(ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+SECTION_CLASSES = dict(sft=SFTConfig, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
 
 
 # The paper's configuration (section 4): only what differs from the tiny defaults.
@@ -105,18 +105,13 @@ PAPER = dict(
     api_pairs=False,
     train_file=prepare.HUB_TRAIN,
     max_answer_tokens=512,
-    sft_steps=3000,
-    sft_batch_size=8,
-    sft_grad_accum=4,
-    sft_lr=5e-5,
-    sft_warmup=100,
-    sft_eval_every=250,
     sampled_instructions=2000,
     temperature=1.0,
     contrast_answers=False,
     judge="openai",
     exec_mode="real",
     exec_timeout=300.0,
+    sft=dict(steps=3000, batch_size=8, grad_accum=4, lr=5e-5, warmup=100, eval_every=250),
     ppo=dict(iterations=200, batch_size=64, minibatch_size=8, grad_accum=2, epochs=4, lr=1e-5),
     rm=dict(lr=1e-5, batch_size=8),
 )
@@ -125,7 +120,7 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 
 def make_config(preset="tiny", **overrides):
     """Config of a preset (every setting of settings.Config) with overrides: top-level names,
-    ppo_<name> / rm_<name> / dpo_<name>, or ppo=dict(...)."""
+    sft_<name> / ppo_<name> / rm_<name> / dpo_<name>, or ppo=dict(...)."""
     cfg = Config(**{name: cls() for name, cls in SECTION_CLASSES.items()})
     return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
 
@@ -290,7 +285,7 @@ def rejection_sampling(cfg, run, splits, out):
     Llama 2, section 3.2.3; RAFT; ReST): of the sample stage's answers_per_instruction answers to
     each training prompt, the one the reward model scores best (with PPO's end-of-text penalty),
     and SFT continued on those picks from the SFT model, at the learning rate SFT ended with (its
-    cosine floor, 0.1 x sft_lr). The simplest use of the reward model that PPO must beat."""
+    cosine floor, 0.1 x sft.lr). The simplest use of the reward model that PPO must beat."""
     tok = prepare.tokenizer(cfg.compact)
     samples = read_rows(run / RUN_FILES["samples"], Sample)
     policy = {s.id: s for s in sorted(samples, key=lambda s: s.id) if s.source == "policy"}
@@ -299,8 +294,8 @@ def rejection_sampling(cfg, run, splits, out):
         list(policy.values()), scores, tok.eot, cfg.answers_per_instruction, cfg.ppo
     )
     examples = [(s.query, s.response) for s in picks]
-    steps = max(1, RS_EPOCHS * len(examples) // cfg.sft_batch_size)
-    rs_cfg = replace(cfg, sft_lr=0.1 * cfg.sft_lr, sft_warmup=0, sft_steps=steps)
+    steps = max(1, RS_EPOCHS * len(examples) // cfg.sft.batch_size)
+    rs_cfg = replace(cfg, sft=replace(cfg.sft, lr=0.1 * cfg.sft.lr, warmup=0, steps=steps))
     start = GPT.from_pretrained(run / RUN_FILES["sft_model"])
     val = sft.sft_examples(cfg, tok, splits["val"])
     meter = FlopMeter()
@@ -683,7 +678,8 @@ def parse_args(argv=None):
         help="print the plan (stages, sizes, the judge's requests and "
         "estimated cost, device) and exit: nothing runs, nothing is written, no network",
     )
-    for cls, prefix in ((Config, ""), (PPOConfig, "ppo-"), (RMConfig, "rm-"), (DPOConfig, "dpo-")):
+    for name, cls in dict(pipeline=Config, **SECTION_CLASSES).items():
+        prefix = "" if cls is Config else name + "-"
         add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
     args = vars(p.parse_args(argv))
     preset, from_stage, until, dry_run = (
@@ -759,7 +755,7 @@ def plan_lines(cfg, splits):
         f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
     )
     return dict(
-        sft=f"{cfg.sft_steps} steps x {cfg.sft_batch_size * cfg.sft_grad_accum} examples of "
+        sft=f"{cfg.sft.steps} steps x {cfg.sft.batch_size * cfg.sft.grad_accum} examples of "
         f"{len(train)} instructions{' + 936 API-database pairs' if cfg.api_pairs else ''}",
         sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at "
         f"T={cfg.temperature}{' + 3 contrast answers each' if cfg.contrast_answers else ''}",

@@ -1,8 +1,8 @@
 """
 The settings of a run, and the command lines that set them.
   - Config: every setting of a run, recorded in run_dir/config.json (save_config); load_config()
-    reads it back (settings renamed since are read under their new names). The sections ppo, rm and
-    dpo are the stages' own settings, defined in ppo.py, reward.py and dpo.py.
+    reads it back (settings renamed since are read under their new names). The sections sft, ppo, rm
+    and dpo are the stages' own settings, defined in sft.py, ppo.py, reward.py and dpo.py.
   - check_settings() holds every setting to the type and range declared with it, and COMBINATIONS
     to what settings must satisfy together, before anything runs, whether a value came from a flag
     or from a run's config.json.
@@ -42,11 +42,12 @@ from training import keep_freed_memory
 @dataclass
 class Config:
     """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the
-    paper changes). Each field is a flag of rlaif.py (--sft-steps), declared with its help, choices
-    and range (check_settings). The sections ppo, rm and dpo hold the stages' own settings, defined
-    at the top of ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their flags are
-    --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by rlaif.make_config
-    or read back by load_config, which build the sections as those dataclasses."""
+    paper changes). Each field is a flag of rlaif.py (--seed), declared with its help, choices and
+    range (check_settings). The sections sft, ppo, rm and dpo hold the stages' own settings, defined
+    in sft.py (SFTConfig), ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their
+    flags are --sft-*, --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by
+    rlaif.make_config or read back by load_config, which build the sections as those
+    dataclasses."""
 
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
     seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
@@ -75,14 +76,6 @@ class Config:
         "evaluation stop at it",
         ">= 8",
     ] = 160
-    sft_steps: Annotated[int, "SFT optimizer steps", ">= 1"] = 800
-    sft_batch_size: Annotated[int, "SFT examples per micro-batch", ">= 1"] = 16
-    sft_grad_accum: Annotated[int, "SFT micro-batches per optimizer step", ">= 1"] = 1
-    sft_lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)", "> 0"] = 2e-3
-    sft_warmup: Annotated[int, "SFT warmup steps", ">= 0"] = 50
-    sft_eval_every: Annotated[
-        int, "SFT validation loss and checkpoint every this many steps", ">= 1"
-    ] = 100
     grad_clip: Annotated[float, "gradient-norm clip (SFT, reward model, PPO)", "> 0"] = 1.0
     sampled_instructions: Annotated[
         int, "training instructions whose answers the judge grades (at most all)", ">= 1"
@@ -170,12 +163,13 @@ class Config:
         "error",
         "> 0",
     ] = 3600.0
+    sft: typing.Any = field(default_factory=dict)  # sft.SFTConfig
     ppo: typing.Any = field(default_factory=dict)  # ppo.PPOConfig
     rm: typing.Any = field(default_factory=dict)  # reward.RMConfig
     dpo: typing.Any = field(default_factory=dict)  # dpo.DPOConfig
 
 
-SECTIONS = ("ppo", "rm", "dpo")
+SECTIONS = ("sft", "ppo", "rm", "dpo")
 # Settings renamed since runs were recorded: load_config reads an older config.json under the new
 # names, so that an existing run directory still resumes.
 RENAMED = dict(

@@ -9,18 +9,20 @@ One optimizer step of train_sft, in order:
   1. batch: the step's examples, grouped by length (batch_at: a pure function of the step, so a
      resumed run sees the batches of an uninterrupted one); each rank takes its share (torchrun).
   2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompts carry none.
-     Gradients accumulate over sft_grad_accum micro-batches.
+     Gradients accumulate over sft.grad_accum micro-batches.
   3. update: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only
      (training.make_optimizer), linear warmup then cosine decay (lr_at), the gradient norm
      clipped at grad_clip (nanoGPT's train.py).
 In one process the torchrun calls (distributed.shard, all_sum, average_gradients) return what
 they are given: the step is the single-process step.
-Every sft_eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).
+Every sft.eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).
 """
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -39,14 +41,27 @@ from training import (
 )
 
 # -----------------------------------------------------------------------------
-# Settings: the sft_* fields of settings.Config (rlaif.py --sft-steps, --sft-batch-size,
-# --sft-grad-accum, --sft-lr, --sft-warmup, --sft-eval-every), max_answer_tokens and grad_clip; and
-# these, which no experiment changes
+# Settings: SFTConfig (settings.Config's section sft), max_answer_tokens and grad_clip; and these,
+# which no experiment changes
 
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
 WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices (nanoGPT's); no experiment changed it
 LOG_EVERY = 25  # steps between progress lines
 VAL_BATCH_SIZE = 32  # examples per forward pass of the validation loss
+
+
+@dataclass
+class SFTConfig:
+    """SFT's settings (rlaif.py --sft-*, python sft.py --*)."""
+
+    steps: Annotated[int, "SFT optimizer steps", ">= 1"] = 800
+    batch_size: Annotated[int, "SFT examples per micro-batch", ">= 1"] = 16
+    grad_accum: Annotated[int, "SFT micro-batches per optimizer step", ">= 1"] = 1
+    lr: Annotated[float, "SFT peak learning rate (linear warmup, cosine decay)", "> 0"] = 2e-3
+    warmup: Annotated[int, "SFT warmup steps", ">= 0"] = 50
+    eval_every: Annotated[
+        int, "SFT validation loss and checkpoint every this many steps", ">= 1"
+    ] = 100
 
 
 # -----------------------------------------------------------------------------
@@ -113,15 +128,15 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
 
 
 def optimizer_step(model, optimizer, cfg, train, step, pad):
-    """Optimizer step `step` of SFT: sft_grad_accum micro-batches, gradients averaged over ranks and
+    """Optimizer step `step` of SFT: sft.grad_accum micro-batches, gradients averaged over ranks and
     clipped, AdamW. Returns (the loss averaged over the micro-batches, tokens seen)."""
     tokens, step_loss = 0, 0.0
-    for micro in range(cfg.sft_grad_accum):
-        index = step * cfg.sft_grad_accum + micro
-        batch = shard(batch_at(train, cfg.sft_batch_size, index, cfg.seed))  # one process: all
+    for micro in range(cfg.sft.grad_accum):
+        index = step * cfg.sft.grad_accum + micro
+        batch = shard(batch_at(train, cfg.sft.batch_size, index, cfg.seed))  # one process: all
         loss, n_tokens = sft_loss(model, batch, pad, cfg.device)
-        (loss / cfg.sft_grad_accum).backward()
-        step_loss = step_loss + loss.detach() / cfg.sft_grad_accum
+        (loss / cfg.sft.grad_accum).backward()
+        step_loss = step_loss + loss.detach() / cfg.sft.grad_accum
         tokens += n_tokens
     average_gradients(model.parameters())  # torchrun: the global batch's step; one process: none
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -172,14 +187,14 @@ def train_sft(cfg, tok, train, val, out_dir, start_from=None):
     model to continue (--compare's rejection sampling), else a new one (init_model)."""
     torch.manual_seed(cfg.seed)
     model = (start_from or init_model(cfg, tok)).to(cfg.device)
-    optimizer = make_optimizer(model, cfg.sft_lr, WEIGHT_DECAY)
+    optimizer = make_optimizer(model, cfg.sft.lr, WEIGHT_DECAY)
     ckpt_file = Path(out_dir) / "ckpt.pt"
     step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
     model.train()
     t0, tokens_seen, start = time.time(), 0, step
     meter = FlopMeter()
-    while step < cfg.sft_steps:
-        lr = lr_at(step, cfg.sft_lr, cfg.sft_warmup, cfg.sft_steps)
+    while step < cfg.sft.steps:
+        lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup, cfg.sft.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, tokens = optimizer_step(model, optimizer, cfg, train, step, tok.eot)
@@ -188,13 +203,13 @@ def train_sft(cfg, tok, train, val, out_dir, start_from=None):
         check_loss(loss, "sft", f"step {step}", "--sft-lr (the learning rate) and --grad-clip")
         speed = round(tokens_seen / (time.time() - t0))
         history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
-        if step % LOG_EVERY == 0 or step == cfg.sft_steps:
+        if step % LOG_EVERY == 0 or step == cfg.sft.steps:
             log(
-                f"[sft] step {step}/{cfg.sft_steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"[sft] step {step}/{cfg.sft.steps} loss {loss.item():.3f} lr {lr:.2e} "
                 f"{speed:,} tok/s {meter.line(model)} "
-                f"{progress(step - start, cfg.sft_steps - start, t0)}"
+                f"{progress(step - start, cfg.sft.steps - start, t0)}"
             )
-        if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
+        if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
             validate_and_save(model, optimizer, val, tok.eot, cfg, history, out_dir)
     model.eval()
     return model, history
@@ -226,10 +241,11 @@ def main(argv=None):
     cfg, run, _ = stage_command_line(
         "sft",
         "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save "
-        "it to run_dir/sft. Uses the run's recorded settings (config.json); --sft-* flags of "
-        "rlaif.py change them (python rlaif.py --from sft). An interrupted SFT resumes; later "
-        "stages are set aside.",
+        "it to run_dir/sft. Uses the run's recorded settings (config.json); the flags below "
+        "override them and are recorded. An interrupted SFT resumes; later stages are set aside.",
         argv,
+        "sft",
+        SFTConfig,
     )
     run_stage(cfg, run, "sft", sft_stage, prepare.load_splits(cfg.train_file))
 

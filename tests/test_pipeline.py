@@ -216,7 +216,7 @@ def test_other_settings_on_a_finished_run_are_refused_and_no_flags_resume_it(fin
     assert (
         out.returncode == 1
         and "seed: 1 -> 7" in out.stderr
-        and "sft_steps: 40 -> 999" in out.stderr
+        and "sft.steps: 40 -> 999" in out.stderr
     ), out.stderr
     assert (run_dir / "config.json").read_text() == config_before
     out = rlaif(run_dir, small=False)  # no settings: the run's own

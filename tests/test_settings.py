@@ -198,7 +198,10 @@ def test_a_setting_out_of_range_is_refused_before_any_stage(
     [
         ("{not json", "config.json: not JSON (line 1 column 2"),
         ("[1, 2]", "config.json: the file is a JSON list, not an object of settings"),
-        ('{"sft_steps": "abc"}', 'config.json: refused:\n  sft_steps "abc": must be an integer'),
+        (
+            '{"sft": {"steps": "abc"}}',
+            'config.json: refused:\n  sft.steps "abc": must be an integer',
+        ),
         ('{"ppo": {"batch_size": 0}}', "config.json: refused:\n  ppo.batch_size 0: must be >= 1"),
         ('{"rm": [1]}', "config.json: rm is a JSON list, not an object of settings"),
     ],
@@ -421,7 +424,12 @@ def test_inf_and_nan_flags_are_refused_before_any_stage(tmp_path):
     "name, recorded, flags, message",
     [
         # 13: a config.json edited by hand, and a stage script's own flags
-        ("rlaif.py", {"sft_lr": "Infinity"}, [], "config.json: refused:\n  sft_lr Infinity: must"),
+        (
+            "rlaif.py",
+            {"sft": {"lr": "Infinity"}},
+            [],
+            "config.json: refused:\n  sft.lr Infinity: must",
+        ),
         ("ppo.py", {}, ["--vf-coef", "inf"], "--vf-coef inf: must be a finite number"),
         ("reward.py", {}, ["--margin", "inf"], "--margin inf: must be a finite number"),
         ("dpo.py", {"dpo": {"lr": "Infinity"}}, [], "dpo.lr Infinity: must be a finite number"),
