@@ -1,8 +1,9 @@
 """
 The settings of a run, and the command lines that set them.
   - Config: every setting of a run, recorded in run_dir/config.json (save_config); load_config()
-    reads it back (settings renamed since are read under their new names). The sections sft, ppo, rm
-    and dpo are the stages' own settings, defined in sft.py, ppo.py, reward.py and dpo.py.
+    reads it back (another version's, naming a setting this one lacks, is refused). The sections
+    sft, ppo, rm and dpo are the stages' own settings, defined in sft.py, ppo.py, reward.py and
+    dpo.py.
   - check_settings() holds every setting to the type and range declared with it, and COMBINATIONS
     to what settings must satisfy together, before anything runs, whether a value came from a flag
     or from a run's config.json.
@@ -170,16 +171,6 @@ class Config:
 
 
 SECTIONS = ("sft", "ppo", "rm", "dpo")
-# Settings renamed since runs were recorded: load_config reads an older config.json under the new
-# names, so that an existing run directory still resumes.
-RENAMED = dict(
-    eval_every="sft_eval_every",  # applies to SFT only
-    sample_prompts="sampled_instructions",
-    samples_per_prompt="answers_per_instruction",
-)
-# Settings that became constants, with the value each is fixed at: a run recorded with another value
-# cannot resume (its results could not be reproduced).
-REMOVED = dict(weight_decay=0.1)  # sft.WEIGHT_DECAY
 # Settings that change where and how fast a run goes, not its results: a finished run may resume
 # with others.
 NOT_RESULTS = (
@@ -224,8 +215,10 @@ def apply_overrides(cfg, overrides, where="command line"):
 def load_config(run_dir, **sections):
     """The Config a run recorded in run_dir/config.json (or a config.json given), its sections
     built with the classes given (ppo=PPOConfig, ...); a section whose class is not given stays the
-    recorded dict. A file that is not JSON, not an object, or has a setting of the wrong type or
-    out of its range is refused, naming the file and the field, before anything runs."""
+    recorded dict. A file that is not JSON, not an object, names a setting this version does not
+    have (another version's run: settings are not renamed or migrated), or has a setting of the
+    wrong type or out of its range is refused, naming the file and the field, before anything
+    runs."""
     config_file = Path(run_dir) if str(run_dir).endswith(".json") else Path(run_dir) / "config.json"
     if not config_file.exists():
         raise SystemExit(
@@ -249,28 +242,27 @@ def load_config(run_dir, **sections):
                 f"{config_file}: {name or 'the file'} is a JSON {type(value).__name__}, not an "
                 "object of settings; fix it, or start a new --run-dir"
             )
-    d = renamed_settings(d, config_file)
-    try:
-        built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
-        cfg = Config(**dict(d, **built))
-    except TypeError as e:
+    unknown = unknown_settings(d, sections)
+    if unknown:
         raise SystemExit(
-            f"{config_file}: not a config of this version ({e}); start a new --run-dir"
-        ) from None
+            f"{config_file}: recorded by another version of rlaif.py, with settings this version "
+            f"does not have: {', '.join(unknown)}; start a new --run-dir"
+        )
+    built = {name: cls(**d.get(name, {})) for name, cls in sections.items()}
+    cfg = Config(**dict(d, **built))
     check_settings(cfg, where=config_file)
     return cfg
 
 
-def renamed_settings(recorded, config_file):
-    """A recorded config.json's settings under this version's names (RENAMED, REMOVED)."""
-    d = {RENAMED.get(key, key): value for key, value in recorded.items()}
-    for key, fixed in REMOVED.items():
-        if key in d and d.pop(key) != fixed:
-            raise SystemExit(
-                f"{config_file}: {key} {recorded[key]!r}: no longer a setting (fixed at {fixed}); "
-                "start a new --run-dir"
-            )
-    return d
+def unknown_settings(recorded, sections):
+    """The names in a recorded config.json that are no setting of this version (sft_steps,
+    ppo.seed), in Config and in the sections whose classes are given. A setting missing from it
+    is at its default (a run made before the setting existed)."""
+    unknown = [key for key in recorded if key not in {f.name for f in fields(Config)}]
+    for name, cls in sections.items():
+        known = {f.name for f in fields(cls)}
+        unknown += [f"{name}.{key}" for key in recorded.get(name, {}) if key not in known]
+    return unknown
 
 
 def save_config(cfg, run_dir):

@@ -15,9 +15,7 @@ import rlaif
 import runs
 import settings
 import training
-from dpo import DPOConfig
 from ppo import PPOConfig
-from reward import RMConfig
 
 
 def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
@@ -25,7 +23,7 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     included."""
     cfg = rlaif.make_config("paper", run_dir=str(tmp_path), ppo_lr=3e-6, rm=dict(epochs=2))
     settings.save_config(cfg, tmp_path)
-    back = settings.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
+    back = settings.load_config(tmp_path, **rlaif.SECTION_CLASSES)
     assert type(back) is settings.Config and isinstance(back.ppo, PPOConfig) and back == cfg
     assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
     # a section whose class is not given stays as recorded
@@ -52,23 +50,27 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
     assert "best_of_n: 8 -> 3" in str(e.value) and "rm.margin: 0.0 -> 2.0" in str(e.value)
 
 
-def test_a_run_recorded_under_old_setting_names_resumes_under_the_new_ones(tmp_path):
-    """eval_every, sample_prompts and samples_per_prompt were renamed and weight_decay became a
-    constant: a config.json that records them loads as the same settings; another weight decay is
-    refused."""
-    cfg = rlaif.make_config("tiny", run_dir=str(tmp_path), sampled_instructions=7)
-    recorded = json.loads(json.dumps(asdict(cfg)))
-    for old, new in settings.RENAMED.items():
-        recorded[old] = recorded.pop(new)
-    recorded["weight_decay"] = 0.1
+def test_a_run_of_another_version_is_refused_naming_the_settings_it_lacks(tmp_path):
+    """Settings are not migrated: a config.json recording settings this version does not have
+    (sft_steps before the section sft, eval_every before its rename, ppo.seed) is refused, by
+    load_config and by rlaif.py resuming it, in one message naming the file and each setting."""
+    recorded = json.loads(json.dumps(asdict(rlaif.make_config("tiny", run_dir=str(tmp_path)))))
+    del recorded["sft"]
+    recorded.update(sft_steps=800, eval_every=100)
+    recorded["ppo"]["seed"] = 1
     (tmp_path / "config.json").write_text(json.dumps(recorded))
-    back = settings.load_config(tmp_path, ppo=PPOConfig, rm=RMConfig, dpo=DPOConfig)
-    assert back == cfg and back.sampled_instructions == 7
-    rlaif.prepare_run_dir(rlaif.parse_args(["--run-dir", str(tmp_path)])[0], None)  # no difference
-    assert "sft_eval_every" in json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(recorded, weight_decay=0.2)))
-    with pytest.raises(SystemExit, match="weight_decay 0.2: no longer a setting"):
-        settings.load_config(tmp_path)
+    message = (
+        f"{tmp_path / 'config.json'}: recorded by another version of rlaif.py, with settings this "
+        "version does not have: sft_steps, eval_every, ppo.seed; start a new --run-dir"
+    )
+    for load in (
+        lambda: settings.load_config(tmp_path, **rlaif.SECTION_CLASSES),
+        lambda: rlaif.main(["--run-dir", str(tmp_path)]),
+    ):
+        with pytest.raises(SystemExit) as e:
+            load()
+        assert str(e.value) == message
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize(
@@ -81,12 +83,6 @@ def test_a_run_recorded_under_old_setting_names_resumes_under_the_new_ones(tmp_p
 def test_an_unknown_setting_is_named(overrides, needle):
     with pytest.raises(SystemExit, match=needle):
         settings.apply_overrides(rlaif.make_config(), overrides)
-
-
-def test_a_config_of_another_version_names_its_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(seed=1, retired_setting=3)))
-    with pytest.raises(SystemExit, match=r"config.json: not a config of this version"):
-        settings.load_config(tmp_path)
 
 
 def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):
