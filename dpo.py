@@ -43,7 +43,7 @@ from runs import (
     set_aside,
     write_metrics,
 )
-from settings import prepare_out, save_config, stage_settings
+from settings import driver_flag, prepare_out, save_config, stage_settings
 from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, require_items
 
 
@@ -90,7 +90,12 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
         batch = shard([pairs[i] for i in order[step]])  # this rank's share (all of it, one process)
         logps = pair_logprobs(policy, ref_policy, samples, batch, tok, run_cfg.device)
         loss, margin = dpo_loss(*logps, cfg.beta)
-        check_loss(loss, "dpo", f"step {step + 1}", "--dpo-lr and --dpo-beta")
+        check_loss(
+            loss,
+            "dpo",
+            f"step {step + 1}",
+            f"{driver_flag('dpo', 'lr')} and {driver_flag('dpo', 'beta')}",
+        )
         loss.backward()
         average_gradients(policy.parameters())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), run_cfg.grad_clip)

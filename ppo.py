@@ -75,15 +75,16 @@ from runs import (
     tensorboard_text,
     write_metrics,
 )
-from settings import stage_command_line
+from settings import driver_flag, stage_command_line
 from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, stream_seed
 
 
 @dataclass
 class PPOConfig:
-    """PPO's settings (rlaif.py --ppo-*, python ppo.py --*). Each is a symbol of the equations
-    below or a batch size under the names of lm-human-preferences and TRL's PPOConfig, so all stay
-    flags: a porter matches another implementation by setting them, not by editing code."""
+    """PPO's settings (rlaif.py --ppo-* or --set ppo.NAME=VALUE, python ppo.py --*). Each is a
+    symbol of the equations below or a batch size under the names of lm-human-preferences and TRL's
+    PPOConfig, so all stay settable by name: a porter matches another implementation by setting
+    them, not by editing code."""
 
     iterations: Annotated[
         int, "PPO iterations (one rollout batch + its update each), critic warm-up included", ">= 1"
@@ -589,8 +590,8 @@ def check_ppo_loss(stats, it, train_policy):
     they learn from."""
     losses = sum(v for k, v in stats.items() if k.startswith("loss/"))
     step = f"iteration {it + 1}" + ("" if train_policy else " (the critic warm-up)")
-    policy = "--ppo-lr, " if train_policy else ""
-    check_loss(losses, "ppo", step, f"{policy}--ppo-vf-lr, --ppo-vf-coef and --ppo-init-kl-coef")
+    names = (["lr"] if train_policy else []) + ["vf_lr", "vf_coef", "init_kl_coef"]
+    check_loss(losses, "ppo", step, ", ".join(driver_flag("ppo", name) for name in names))
 
 
 def in_critic_warmup(cfg, it):

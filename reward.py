@@ -37,7 +37,7 @@ from runs import (
     save_checkpoint,
     write_metrics,
 )
-from settings import stage_command_line
+from settings import driver_flag, stage_command_line
 from training import (
     autocast,
     check_loss,
@@ -49,7 +49,7 @@ from training import (
 )
 
 # -----------------------------------------------------------------------------
-# Settings of the reward model (rlaif.py --rm-*, python reward.py --*)
+# Settings of the reward model (rlaif.py --set rm.NAME=VALUE, python reward.py --*)
 
 
 @dataclass
@@ -428,7 +428,8 @@ def train_reward_model(
             rm, samples, batch, judge_scores, targets, optimizer, tok, cfg, grad_clip, device
         )
         step += 1
-        check_loss(stats["loss"], "reward", f"step {step}", "--rm-lr and --rm-margin")
+        look_at = f"{driver_flag('rm', 'lr')} and {driver_flag('rm', 'margin')}"
+        check_loss(stats["loss"], "reward", f"step {step}", look_at)
         history.append(dict(step=step, lr=cfg.lr, **stats))
         if step % 20 == 0 or step == steps:
             eta = progress(step - start, steps - start, t0)
@@ -461,7 +462,7 @@ def training_pairs(feedback, cfg, seed, log=log):
         "reward",
         "judge-ordered training pairs",
         f"{len(measured_only)} prompts held out or validating left none to train on: lower "
-        "--rm-heldout-fraction or --rm-val-fraction"
+        f"{driver_flag('rm', 'heldout_fraction')} or {driver_flag('rm', 'val_fraction')}"
         if not train_fb
         else "every answer to a training prompt got the same score: train SFT longer "
         "(--sft-steps) or sample more answers per instruction (--answers-per-instruction)",

@@ -29,7 +29,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,12 +79,15 @@ from runs import (
     write_rows,
 )
 from settings import (
+    DRIVER_FLAGS,
     Config,
     add_flags,
     apply_overrides,
     check_settings,
     load_config,
     save_config,
+    set_overrides,
+    setting_label,
     settings_diff,
     settings_problems,
 )
@@ -520,10 +523,10 @@ def check_stage_inputs(cfg, splits):
     if n - len(held) - len(val) < 1:
         raise SystemExit(
             f"refused before anything ran:\n  --sampled-instructions {cfg.sampled_instructions}, "
-            f"--rm-heldout-fraction {cfg.rm.heldout_fraction}, --rm-val-fraction "
-            f"{cfg.rm.val_fraction}: of the {n} instructions sampled, {len(held)} are held out and "
-            f"{len(val)} validate, leaving the reward model none to train on; sample more "
-            "instructions or lower the fractions"
+            f"{setting_label('rm', 'heldout_fraction', cfg.rm.heldout_fraction)}, "
+            f"{setting_label('rm', 'val_fraction', cfg.rm.val_fraction)}: of the {n} instructions "
+            f"sampled, {len(held)} are held out and {len(val)} validate, leaving the reward model "
+            "none to train on; sample more instructions or lower the fractions"
         )
 
 
@@ -642,12 +645,33 @@ def print_results(cfg, run):
 
 
 # -----------------------------------------------------------------------------
-# Command line: one flag per Config field (--ppo-*, --rm-*, --dpo-* for the sections)
+# Command line: a flag per pipeline setting and per section setting of settings.DRIVER_FLAGS
+# (--sft-steps, --ppo-lr), --set SECTION.NAME=VALUE for the others
 
 
 def tiny_and_paper_defaults(prefix):
     paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
     return lambda f: f"{f.default}" + (f"; paper: {paper[f.name]}" if f.name in paper else "")
+
+
+def set_help():
+    """--set's help: how, and the section settings without a flag of their own (their defaults)."""
+    others = "; ".join(
+        f"{section}: "
+        + ", ".join(
+            f"{f.name}={str(f.default).lower() if isinstance(f.default, bool) else f.default}"
+            for f in fields(cls)
+            if f.name not in DRIVER_FLAGS[section]
+        )
+        for section, cls in SECTION_CLASSES.items()
+    )
+    return (
+        "a setting of a section by its name (repeatable; yes/no: true or false), e.g. --set "
+        f"ppo.gamma=0.99. The section settings without a flag below, at their defaults: {others}. "
+        "What each means and its range: the section's class (sft.SFTConfig, ppo.PPOConfig, "
+        "reward.RMConfig, dpo.DPOConfig) or python sft.py / ppo.py / reward.py / dpo.py --help; "
+        "the paper's values: rlaif.PAPER"
+    )
 
 
 def parse_args(argv=None):
@@ -678,17 +702,22 @@ def parse_args(argv=None):
         help="print the plan (stages, sizes, the judge's requests and "
         "estimated cost, device) and exit: nothing runs, nothing is written, no network",
     )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.NAME=VALUE", help=set_help()
+    )
     for name, cls in dict(pipeline=Config, **SECTION_CLASSES).items():
         prefix = "" if cls is Config else name + "-"
-        add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix))
+        add_flags(p, cls, prefix, tiny_and_paper_defaults(prefix), DRIVER_FLAGS.get(name))
     args = vars(p.parse_args(argv))
-    preset, from_stage, until, dry_run = (
+    preset, from_stage, until, dry_run, assignments = (
         args.pop("config"),
         args.pop("from_stage"),
         args.pop("until"),
         args.pop("dry_run"),
+        args.pop("set"),
     )
-    overrides = {k: v for k, v in args.items() if v is not None}
+    flags = {k: v for k, v in args.items() if v is not None}
+    overrides = set_overrides(assignments, SECTION_CLASSES, flags)
     cfg = make_config(preset or "tiny", **overrides)
     # an existing run: its settings + flags
     if preset is None and (Path(cfg.run_dir) / "config.json").exists():

@@ -7,10 +7,11 @@ The settings of a run, and the command lines that set them.
   - check_settings() holds every setting to the type and range declared with it, and COMBINATIONS
     to what settings must satisfy together, before anything runs, whether a value came from a flag
     or from a run's config.json.
-  - add_flags(): a flag per declared setting; stage_settings() and stage_command_line(): the command
-    line of a stage script (python sft.py, judge.py, reward.py, ppo.py, evaluate.py). dpo.py trains
-    one part of the compare stage, so it uses stage_settings alone (the same flags and checks, no
-    done.json).
+  - add_flags(): a flag per declared setting (rlaif.py: the pipeline's, and DRIVER_FLAGS of the
+    sections; set_overrides() reads its --set SECTION.NAME=VALUE for the others); stage_settings()
+    and stage_command_line(): the command line of a stage script (python sft.py, judge.py,
+    reward.py, ppo.py, evaluate.py). dpo.py trains one part of the compare stage, so it uses
+    stage_settings alone (the same flags and checks, no done.json).
 """
 
 import argparse
@@ -45,10 +46,10 @@ class Config:
     """Every setting of a run, defaults = the embedded tiny run (rlaif.py's PAPER lists what the
     paper changes). Each field is a flag of rlaif.py (--seed), declared with its help, choices and
     range (check_settings). The sections sft, ppo, rm and dpo hold the stages' own settings, defined
-    in sft.py (SFTConfig), ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); their
-    flags are --sft-*, --ppo-*, --rm-*, --dpo-* (and unprefixed in that stage's own script). Made by
-    rlaif.make_config or read back by load_config, which build the sections as those
-    dataclasses."""
+    in sft.py (SFTConfig), ppo.py (PPOConfig), reward.py (RMConfig) and dpo.py (DPOConfig); rlaif.py
+    sets them with --set ppo.gamma=0.99, and the few of DRIVER_FLAGS with flags (--ppo-lr); each is
+    an unprefixed flag of its stage's own script (python ppo.py --gamma). Made by rlaif.make_config
+    or read back by load_config, which build the sections as those dataclasses."""
 
     run_dir: Annotated[str, "where every stage writes its outputs"] = "runs/tiny"
     seed: Annotated[int, "seed of every stage (split order, initialisation, sampling, PPO)"] = 1
@@ -171,6 +172,17 @@ class Config:
 
 
 SECTIONS = ("sft", "ppo", "rm", "dpo")
+# The section settings with a flag of rlaif.py (--sft-steps): how long each stage trains, its
+# learning rate, and PPO's batch layout (what fits a GPU), the ones the README, the docs' commands
+# and the tests change. Every other keeps its name and is set with --set SECTION.NAME=VALUE
+# (--set ppo.gamma=0.99), in a run's config.json, or by its stage's script (python ppo.py --gamma):
+# a flag each would make rlaif.py --help a list of 76 (issue 47).
+DRIVER_FLAGS = dict(
+    sft=("steps", "lr", "eval_every"),
+    ppo=("iterations", "batch_size", "rollouts_per_prompt", "minibatch_size", "grad_accum", "lr"),
+    rm=(),
+    dpo=("steps",),
+)
 # Settings that change where and how fast a run goes, not its results: a finished run may resume
 # with others.
 NOT_RESULTS = (
@@ -300,8 +312,8 @@ def setting_problem(value, kind, choices, bounds):
     if isinstance(value, bool) != (kind is bool) or not isinstance(
         value, (int, float) if kind is float else kind
     ):
-        name = (
-            "a number" if kind is float else "an integer" if kind is int else "a " + kind.__name__
+        name = {float: "a number", int: "an integer", bool: "true or false"}.get(
+            kind, "a " + kind.__name__
         )
         return f"must be {name}"
     if choices and value not in choices:
@@ -318,9 +330,9 @@ def setting_problem(value, kind, choices, bounds):
 
 def settings_problems(cfg, where=None, unprefixed=None):
     """One line per setting of cfg (Config and every section built as its dataclass) that breaks its
-    declaration. A line names the flag (where=None: --ppo-batch-size, or --batch-size for the
-    section `unprefixed`, the one of a stage script) or the field of the file `where`
-    (ppo.batch_size)."""
+    declaration. A line names the flag (where=None: --ppo-batch-size or --set ppo.gamma=2.0, or
+    --batch-size for the section `unprefixed`, the one of a stage script) or the field of the file
+    `where` (ppo.batch_size)."""
     problems = []
     for section in (None, *SECTIONS):
         obj = cfg if section is None else getattr(cfg, section)
@@ -339,11 +351,23 @@ def settings_problems(cfg, where=None, unprefixed=None):
 
 
 def setting_label(section, name, value, where=None, unprefixed=None):
-    """'--ppo-batch-size 8' (a flag; '--batch-size 8' for the section `unprefixed`, a stage
-    script's own) or, for a config file `where`, 'ppo.batch_size 8' (the value as JSON)."""
-    prefix = "" if section in (None, unprefixed) else section + ("." if where else "-")
-    label = f"{prefix}{name}" if where else f"--{prefix}{name}".replace("_", "-")
-    return f"{label} {value if where is None else json.dumps(value)}"
+    """How the setting was given: '--ppo-batch-size 8' or '--set ppo.gamma=2.0' (rlaif.py's
+    spelling, driver_flag()), '--batch-size 8' for the section `unprefixed` (a stage script's
+    own), or, for a config file `where`, 'ppo.batch_size 8' (the value as JSON)."""
+    if where:
+        return f"{section + '.' if section else ''}{name} {json.dumps(value)}"
+    if section is not None and section == unprefixed:
+        return f"--{name.replace('_', '-')} {value}"
+    label = driver_flag(section, name)
+    return f"{label}={value}" if label.startswith("--set ") else f"{label} {value}"
+
+
+def driver_flag(section, name):
+    """rlaif.py's flag of a setting: --seed, --sft-steps (DRIVER_FLAGS), or --set ppo.gamma for a
+    section setting without a flag of its own."""
+    if section is None or name in DRIVER_FLAGS[section]:
+        return f"--{section + '-' if section else ''}{name}".replace("_", "-")
+    return f"--set {section}.{name}"
 
 
 # Settings each within its range that together leave a stage nothing to train on (or ask a step for
@@ -425,14 +449,16 @@ def settings_diff(recorded, cfg):
 # Command lines: a flag per setting, and a stage script's settings read from its run
 
 
-def add_flags(parser, cls, prefix, default_text):
+def add_flags(parser, cls, prefix, default_text, only=None):
     """One flag per field of a config dataclass declared as `name: Annotated[type, help, (choices),
-    "range"]`: --prefix-name, yes/no flags as --name / --no-name, default None (unset).
-    default_text(field) says what an unset flag means, shown in --help with the range
-    (check_settings enforces it)."""
+    "range"]` (or per field named in `only`): --prefix-name, yes/no flags as --name / --no-name,
+    default None (unset). default_text(field) says what an unset flag means, shown in --help with
+    the range (check_settings enforces it)."""
     group = parser.add_argument_group(f"{prefix.rstrip('-') or 'pipeline'} settings")
     defaults = {f.name: f for f in fields(cls)}
     for name, kind, help_text, choices, bounds in declared_settings(cls):
+        if only is not None and name not in only:
+            continue
         flag, dest = f"--{prefix}{name.replace('_', '-')}", prefix.replace("-", "_") + name
         help_text += f" (default: {default_text(defaults[name])}{'; ' + bounds if bounds else ''})"
         if kind is bool:
@@ -441,6 +467,45 @@ def add_flags(parser, cls, prefix, default_text):
             )
         else:
             group.add_argument(flag, dest=dest, type=kind, help=help_text, choices=choices)
+
+
+def set_overrides(assignments, classes, flags):
+    """The overrides `flags` of rlaif.py ({"ppo_lr": 1e-5}) with its --set SECTION.NAME=VALUE
+    assignments added ({"ppo_gamma": 0.99}), of the sections `classes` (sft=SFTConfig, ...), each
+    value read as its setting's declared type (a yes/no one as true or false). A value that is not
+    of its type is passed on as written, for check_settings to refuse with the ranges, naming --set;
+    an unknown setting, or one given twice, is refused here."""
+    overrides = dict(flags)
+    for text in assignments:
+        target, equals, value = text.partition("=")
+        section, _, name = target.partition(".")
+        if section not in classes:
+            raise SystemExit(
+                f"--set {text}: no section {section!r} (the sections: {', '.join(classes)}; a "
+                "setting of the pipeline has its own flag)"
+            )
+        kinds = {n: kind for n, kind, *_ in declared_settings(classes[section])}
+        if name not in kinds:
+            raise SystemExit(
+                f"--set {text}: {section} has no setting {name!r} (its settings: "
+                f"{', '.join(kinds)})"
+            )
+        if not equals:
+            raise SystemExit(f"--set {text}: expected SECTION.NAME=VALUE (--set ppo.gamma=0.99)")
+        if f"{section}_{name}" in overrides:
+            raise SystemExit(f"--set {text}: {section}.{name} is given twice; give it once")
+        overrides[f"{section}_{name}"] = read_setting(value, kinds[name])
+    return overrides
+
+
+def read_setting(text, kind):
+    """text as a value of type `kind` (a bool as true or false), or text itself if it is not one."""
+    if kind is bool:
+        return {"true": True, "false": False}.get(text.lower(), text)
+    try:
+        return kind(text)
+    except ValueError:
+        return text
 
 
 # A stage script's inputs, given as files instead of a run directory (python ppo.py --sft-model DIR

@@ -52,7 +52,7 @@ VAL_BATCH_SIZE = 32  # examples per forward pass of the validation loss
 
 @dataclass
 class SFTConfig:
-    """SFT's settings (rlaif.py --sft-*, python sft.py --*)."""
+    """SFT's settings (rlaif.py --sft-* or --set sft.NAME=VALUE, python sft.py --*)."""
 
     steps: Annotated[int, "SFT optimizer steps", ">= 1"] = 800
     batch_size: Annotated[int, "SFT examples per micro-batch", ">= 1"] = 16

@@ -42,9 +42,9 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(SystemExit) as e:
         rlaif.prepare_run_dir(
-            rlaif.parse_args(["--run-dir", str(tmp_path), "--rm-margin", "2", "--best-of-n", "3"])[
-                0
-            ],
+            rlaif.parse_args(
+                ["--run-dir", str(tmp_path), "--set", "rm.margin=2", "--best-of-n", "3"]
+            )[0],
             None,
         )
     assert "best_of_n: 8 -> 3" in str(e.value) and "rm.margin: 0.0 -> 2.0" in str(e.value)

@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,8 +174,8 @@ def test_a_real_full_disk_is_named_with_the_file(full_disk):
         (["--sft-steps", "0"], "--sft-steps 0: must be >= 1"),
         (["--sft-steps", "-1"], "--sft-steps -1: must be >= 1"),
         (["--sft-eval-every", "0"], "--sft-eval-every 0: must be >= 1"),
-        (["--sft-batch-size", "0"], "--sft-batch-size 0: must be >= 1"),
-        (["--rm-batch-size", "0"], "--rm-batch-size 0: must be >= 1"),
+        (["--set", "sft.batch_size=0"], "--set sft.batch_size=0: must be >= 1"),
+        (["--set", "rm.batch_size=0"], "--set rm.batch_size=0: must be >= 1"),
         (["--max-answer-tokens", "100000"], "--max-answer-tokens 100000: must be <= "),
         (["--sft-lr", "-1"], "--sft-lr -1.0: must be > 0"),
         (["--ppo-minibatch-size", "0"], "--ppo-minibatch-size 0: must be >= 1"),
@@ -308,8 +308,11 @@ def test_a_train_file_without_usable_records_is_refused_before_sft(
         (["--eval-limit", "-1"], "--eval-limit -1: must be >= 0"),
         (["--exec-timeout", "0"], "--exec-timeout 0.0: must be > 0"),
         (["--sft-lr", "inf"], "--sft-lr inf: must be a finite number"),
-        (["--ppo-missing-eos-penalty", "nan"], "--ppo-missing-eos-penalty nan: must be a finite"),
-        (["--rm-heldout-fraction", "0.5", "--rm-val-fraction", "0.5"], "must add up to less than"),
+        (["--set", "ppo.missing_eos_penalty=nan"], "--set ppo.missing_eos_penalty=nan: must be a"),
+        (
+            ["--set", "rm.heldout_fraction=0.5", "--set", "rm.val_fraction=0.5"],
+            "must add up to less",
+        ),
         (["--sampled-instructions", "1"], "leaving the reward model none to train on"),
         (["--from", "ppo", "--until", "sft"], "--from ppo --until sft: ppo comes after sft"),
         (["--from", "reward"], "--from reward: the earlier stage(s) sft, sample, feedback are not"),
@@ -320,6 +323,50 @@ def test_a_train_file_without_usable_records_is_refused_before_sft(
     ],
 )
 def test_a_setting_that_would_mean_nothing_is_refused(tmp_path, no_stage_runs, flags, message):
+    assert message in refused(["--run-dir", str(tmp_path / "run"), *QUICK, *flags])
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_reads_each_value_as_its_settings_type():
+    """--set SECTION.NAME=VALUE reaches the config as the declared type: a number, an integer, a
+    yes/no setting (true or false), a choice."""
+    words = ["ppo.gamma=0.99", "sft.batch_size=4", "rm.tools=false", "ppo.advantage=rloo"]
+    cfg = rlaif.parse_args([w for word in words for w in ("--set", word)])[0]
+    got = (cfg.ppo.gamma, cfg.sft.batch_size, cfg.rm.tools, cfg.ppo.advantage)
+    assert got == (0.99, 4, False, "rloo") and type(cfg.sft.batch_size) is int
+
+
+def test_every_section_setting_is_set_from_rlaif_py_by_its_name():
+    """Every setting of every section (PPO's under the names other implementations use) is set
+    from rlaif.py by its name with --set (the common ones also have a flag): each here to its
+    default, read back as its type."""
+    for section, cls in rlaif.SECTION_CLASSES.items():
+        for f in fields(cls):
+            text = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            cfg = rlaif.parse_args(["--set", f"{section}.{f.name}={text}"])[0]
+            value = getattr(getattr(cfg, section), f.name)
+            assert value == f.default and type(value) is type(f.default), (section, f.name)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "ppo.gamma=abc"], "--set ppo.gamma=abc: must be a number (discount"),
+        (["--set", "ppo.gamma=2"], "--set ppo.gamma=2.0: must be >= 0 and <= 1"),
+        (["--set", "sft.batch_size=1.5"], "--set sft.batch_size=1.5: must be an integer"),
+        (["--set", "rm.tools=yes"], "--set rm.tools=yes: must be true or false"),
+        (["--set", "ppo.advantage=ppo"], "--set ppo.advantage=ppo: must be one of gae, rloo"),
+        (
+            ["--set", "ppo.gama=0.99"],
+            "--set ppo.gama=0.99: ppo has no setting 'gama' (its settings",
+        ),
+        (["--set", "critic.lr=1"], "--set critic.lr=1: no section 'critic' (the sections: sft, p"),
+        (["--set", "seed=2"], "--set seed=2: no section 'seed'"),
+        (["--set", "ppo.gamma"], "--set ppo.gamma: expected SECTION.NAME=VALUE"),
+        (["--ppo-lr", "1e-5", "--set", "ppo.lr=2e-5"], "--set ppo.lr=2e-5: ppo.lr is given twice"),
+    ],
+)
+def test_a_bad_set_is_refused_naming_it_before_any_stage(tmp_path, no_stage_runs, flags, message):
     assert message in refused(["--run-dir", str(tmp_path / "run"), *QUICK, *flags])
     assert not (tmp_path / "run").exists()
 
@@ -401,21 +448,21 @@ def run_copy(micro_run, tmp_path):
 def test_inf_and_nan_flags_are_refused_before_any_stage(tmp_path):
     """13. inf passed '> 0' and NaN a setting without a range: --exec-timeout inf crashed every
     snippet, --sft-lr inf and the PPO ones made the losses NaN, each with exit status 0."""
-    bad = [
-        ("--exec-timeout", "inf"),
-        ("--sft-lr", "inf"),
-        ("--ppo-vf-coef", "inf"),
-        ("--ppo-init-kl-coef", "inf"),
-        ("--ppo-missing-eos-penalty", "nan"),
-        ("--temperature", "inf"),
-    ]
-    flags = [word for pair in bad for word in pair]
+    bad = {
+        "--exec-timeout inf": ["--exec-timeout", "inf"],
+        "--sft-lr inf": ["--sft-lr", "inf"],
+        "--set ppo.vf_coef=inf": ["--set", "ppo.vf_coef=inf"],
+        "--set ppo.init_kl_coef=inf": ["--set", "ppo.init_kl_coef=inf"],
+        "--set ppo.missing_eos_penalty=nan": ["--set", "ppo.missing_eos_penalty=nan"],
+        "--temperature inf": ["--temperature", "inf"],
+    }
+    flags = [word for words in bad.values() for word in words]
     status, out = script(
         "rlaif.py", "--run-dir", tmp_path / "run", *MICRO, "--until", "sft", *flags
     )
     assert status == 1, out
-    for flag, value in bad:
-        assert f"{flag} {value}: must be a finite number" in out, out
+    for label in bad:
+        assert f"{label}: must be a finite number" in out, out
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was recorded
 
 
@@ -471,13 +518,13 @@ def test_a_recorded_or_stage_script_setting_is_refused_before_anything(
     "flags, message",
     [
         (
-            ["--rm-heldout-fraction", "0.6", "--rm-val-fraction", "0.6"],
-            "--rm-heldout-fraction 0.6, --rm-val-fraction 0.6: must add up to less than 1",
+            ["--set", "rm.heldout_fraction=0.6", "--set", "rm.val_fraction=0.6"],
+            "--set rm.heldout_fraction=0.6, --set rm.val_fraction=0.6: must add up to less than 1",
         ),
         (
             ["--sampled-instructions", "1"],
-            "--sampled-instructions 1, --rm-heldout-fraction 0.1, --rm-val-fraction 0.1: of the 1 "
-            "instructions sampled, 1 are held out and 0 validate, leaving the reward model none",
+            "--sampled-instructions 1, --set rm.heldout_fraction=0.1, --set rm.val_fraction=0.1: "
+            "of the 1 instructions sampled, 1 are held out and 0 validate, leaving the reward",
         ),
         (
             ["--ppo-minibatch-size", "16"],
@@ -492,8 +539,9 @@ def test_a_recorded_or_stage_script_setting_is_refused_before_anything(
 def test_settings_that_leave_a_stage_nothing_to_train_on_are_refused_up_front(
     tmp_path, flags, message
 ):
-    """14. --rm-heldout-fraction 0.6 --rm-val-fraction 0.6 left 0 training pairs, exit status 0,
-    and the warning blamed 'same score'. Each setting is in its range; together they are not."""
+    """14. The reward model's held-out and validation fractions at 0.6 each left 0 training pairs,
+    exit status 0, and the warning blamed 'same score'. Each setting is in its range; together they
+    are not."""
     status, out = script(
         "rlaif.py", "--run-dir", tmp_path / "run", *MICRO, "--until", "sft", *flags
     )
@@ -585,7 +633,7 @@ def test_run_directory_flags_that_cannot_work_are_refused_before_any_stage(
             "reward.py",
             ["--force", "--lr", "1e30"],
             "[reward] the training loss is nan at step 2: training diverged, and no model is "
-            "written. Look at --rm-lr",
+            "written. Look at --set rm.lr and --set rm.margin",
             "reward/reward_model.pt",
         ),
         (
@@ -599,14 +647,14 @@ def test_run_directory_flags_that_cannot_work_are_refused_before_any_stage(
             "ppo.py",
             ["--vf-lr", "1e30"],
             "[ppo] the training loss is nan at iteration 1 (the critic warm-up): training "
-            "diverged, and no model is written. Look at --ppo-vf-lr",
+            "diverged, and no model is written. Look at --set ppo.vf_lr, --set ppo.vf_coef",
             "ppo/model",
         ),
         (
             "dpo.py",
             ["--lr", "1e30", "--steps", "5"],
             "[dpo] the training loss is nan at step 2: training diverged, and no model is written. "
-            "Look at --dpo-lr",
+            "Look at --set dpo.lr and --set dpo.beta",
             "compare/dpo/model",
         ),
     ],
