@@ -202,7 +202,7 @@ def main(argv=None):
         inputs=("sft_model", "samples", "feedback"),
         rm=RMConfig,
     )
-    if given:
+    if given is not None:
         prepare_out(cfg, run, force, "dpo")
         splits = prepare.load_splits(cfg.train_file)
         run_alone(run, lambda: dpo_stage(cfg, None, splits, run, **given))

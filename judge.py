@@ -1089,7 +1089,7 @@ def main(argv=None):
         inputs=("samples",),
     )
     splits = prepare.load_splits(cfg.train_file)
-    if given:
+    if given is not None:
         run_alone(run, lambda: feedback_stage(cfg, None, splits, out_dir=run, **given))
     else:
         run_stage(cfg, run, "feedback", feedback_stage, splits)

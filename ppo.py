@@ -935,7 +935,7 @@ def main(argv=None):
         inputs=("sft_model", "reward_model"),
     )
     splits = prepare.load_splits(cfg.train_file)
-    if given:
+    if given is not None:
         run_alone(run, lambda: ppo_stage(cfg, None, splits, out_dir=run, **given))
     else:
         run_stage(cfg, run, "ppo", ppo_stage, splits)

@@ -631,7 +631,7 @@ def main(argv=None):
         inputs=("sft_model", "samples", "feedback"),
     )
     splits = prepare.load_splits(cfg.train_file)
-    if given:
+    if given is not None:
         run_alone(run, lambda: reward_stage(cfg, None, splits, out_dir=run, **given))
     else:
         run_stage(cfg, run, "reward", reward_stage, splits)

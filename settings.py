@@ -520,14 +520,15 @@ ALONE_FLAGS = ("out", "settings", "device", "seed")
 
 
 def stage_settings(
-    description, argv=None, section=None, section_cls=None, force_help=None, inputs=(), **more
+    description, argv=None, section=None, section_cls=None, force_help=None, inputs=None, **more
 ):
     """The settings of a stage script (python ppo.py, dpo.py): --run-dir (default runs/tiny),
     --force, one flag per field of its section of Config (section="ppo", section_cls=PPOConfig)
-    and, for a stage that can run without a run directory, a flag per input (INPUTS). Returns
-    (cfg, run, force, overrides, given): the Config (the run's recorded one, or alone_config's)
-    with the flags applied, checked before anything is set aside or recorded; `run` the run
-    directory, or --out when the inputs are given (given: {input: Path}, else {})."""
+    and, for a stage that can run without a run directory (inputs: its INPUTS, () for SFT), a flag
+    per input and --out. Returns (cfg, run, force, overrides, given): the Config (the run's
+    recorded one, or alone_config's) with the flags applied, checked before anything is set aside
+    or recorded; `run` the run directory, or --out without one (given: {input: Path}; None when
+    the stage runs on a run directory)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--run-dir",
@@ -540,20 +541,20 @@ def stage_settings(
         action="store_true",
         help=force_help or "redo a finished stage (later stages are set aside)",
     )
-    if inputs:
+    if inputs is not None:
         add_input_flags(p, inputs)
     if section_cls is not None:
         add_flags(p, section_cls, "", lambda f: "the run's")
     args = vars(p.parse_args(argv))
     run, force = Path(args.pop("run_dir")), args.pop("force")
-    given = {k: Path(v) for k in inputs if (v := args.pop(k)) is not None}
+    given = {k: Path(v) for k in inputs or () if (v := args.pop(k)) is not None}
     alone = {k: args.pop(k) for k in ALONE_FLAGS if k in args}
     overrides = {f"{section}_{k}": v for k, v in args.items() if v is not None}
     sections = dict({section: section_cls} if section else {}, **more)
     if given or any(v is not None for v in alone.values()):
         cfg, run = alone_config(inputs, given, alone, sections)
     else:
-        cfg = load_config(run, **sections)
+        cfg, given = load_config(run, **sections), None
     cfg = apply_overrides(cfg, overrides)
     check_settings(cfg, unprefixed=section)
     keep_freed_memory()
@@ -564,9 +565,8 @@ def stage_settings(
 
 
 def add_input_flags(parser, inputs):
-    group = parser.add_argument_group(
-        "without a run directory (all of " + ", ".join(f"--{flag(k)}" for k in inputs) + ")"
-    )
+    needs = ", ".join(f"--{flag(k)}" for k in inputs) or "--out"
+    group = parser.add_argument_group(f"without a run directory ({needs})")
     for key in inputs:
         group.add_argument(f"--{flag(key)}", dest=key, metavar="PATH", help=INPUTS[key])
     group.add_argument("--out", help="the directory to write into (default: runs/alone)")
@@ -623,16 +623,17 @@ def prepare_out(cfg, out, force, stage):
     barrier()
 
 
-def stage_command_line(stage, description, argv=None, section=None, section_cls=None, inputs=()):
+def stage_command_line(stage, description, argv=None, section=None, section_cls=None, inputs=None):
     """The command line of a stage script (stage_settings). Returns (cfg, run, given): the run's
     recorded Config with the flags applied and recorded; earlier stages verified, the stage
     resumable if interrupted, a finished one kept unless --force, and later stages set aside so
-    that no result of the old stage survives as if current. With its inputs given as files
-    (given: {input: Path}), `run` is --out, where the settings are recorded instead."""
+    that no result of the old stage survives as if current. Without a run directory (given:
+    {input: Path}, the inputs given as files), `run` is --out, where the settings are recorded
+    instead."""
     cfg, run, force, overrides, given = stage_settings(
         description, argv, section, section_cls, inputs=inputs
     )
-    if given:
+    if given is not None:
         prepare_out(cfg, run, force, stage)
         return cfg, run, given
     require_done(run, STAGE_ORDER[: STAGE_ORDER.index(stage)])

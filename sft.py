@@ -29,7 +29,7 @@ import torch
 from data.gorilla import prepare
 from distributed import all_sum, average_gradients, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, preset_config, response_logprobs
-from runs import RUN_FILES, atomic_dir, log, resume, run_stage, save_checkpoint, write_metrics
+from runs import atomic_dir, log, resume, run_alone, run_stage, save_checkpoint, write_metrics
 from settings import stage_command_line
 from training import (
     autocast,
@@ -219,15 +219,18 @@ def train_sft(cfg, tok, train, val, out_dir, start_from=None):
 # The SFT stage of a run (rlaif.py, or python sft.py on an existing run)
 
 
-def sft_stage(cfg, run, splits):
+def sft_stage(cfg, run, splits, out_dir=None):
+    """Stage 1: the SFT model, trained on the training split (and the API database's pairs), saved
+    to run_dir/sft/model (out_dir/model: python sft.py --out DIR, no run directory)."""
+    out_dir = Path(out_dir or run / "sft")
     tok = prepare.tokenizer(cfg.compact)
     extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
     train = sft_examples(cfg, tok, splits["train"] + extra)
     val = sft_examples(cfg, tok, splits["val"])
     meter = FlopMeter()
-    model, history = train_sft(cfg, tok, train, val, run / "sft")
+    model, history = train_sft(cfg, tok, train, val, out_dir)
     if is_main():
-        atomic_dir(run / RUN_FILES["sft_model"], lambda d: model.save_pretrained(d, eot=tok.eot))
+        atomic_dir(out_dir / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
     return dict(
         train_examples=len(train),
         final_loss=history[-1]["loss"],
@@ -237,17 +240,24 @@ def sft_stage(cfg, run, splits):
 
 
 def main(argv=None):
-    """python sft.py: the SFT stage alone, on an existing run (default runs/tiny)."""
-    cfg, run, _ = stage_command_line(
+    """python sft.py: the SFT stage alone, on an existing run (default runs/tiny), or into --out
+    without a run directory."""
+    cfg, run, given = stage_command_line(
         "sft",
-        "SFT stage of a run of rlaif.py: fine-tune the run's model on its training split and save "
-        "it to run_dir/sft. Uses the run's recorded settings (config.json); the flags below "
-        "override them and are recorded. An interrupted SFT resumes; later stages are set aside.",
+        "SFT: fine-tune the model on the training split. On a run of rlaif.py (--run-dir: into "
+        "run_dir/sft, with the run's recorded settings, which the flags below override and are "
+        "recorded; later stages are set aside) or into --out (no run directory; the settings of "
+        "--settings or the defaults). An interrupted SFT resumes.",
         argv,
         "sft",
         SFTConfig,
+        inputs=(),
     )
-    run_stage(cfg, run, "sft", sft_stage, prepare.load_splits(cfg.train_file))
+    splits = prepare.load_splits(cfg.train_file)
+    if given is not None:
+        run_alone(run, lambda: sft_stage(cfg, None, splits, out_dir=run))
+    else:
+        run_stage(cfg, run, "sft", sft_stage, splits)
 
 
 if __name__ == "__main__":

@@ -330,10 +330,11 @@ def test_ppo_script_on_files_needs_no_run_directory(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_judge_reward_and_dpo_scripts_on_files_need_no_run_directory(finished, tmp_path):
+def test_stage_scripts_on_files_need_no_run_directory(finished, tmp_path):
     """python judge.py --samples FILE: the run's feedback again, into --out. python reward.py /
     dpo.py --sft-model DIR --samples FILE --feedback FILE: each trains into --out; the reward model
-    written there is one PPO reads. The run the files came from is left as it was."""
+    written there is one PPO reads. python sft.py --out DIR trains a model there. The run the files
+    came from is left as it was."""
     before = {p: p.read_text() for p in finished.rglob("done.json")}
     samples, settings = finished / "sample" / "samples.jsonl", finished / "config.json"
     argv = ["judge.py", "--samples", str(samples), "--settings", str(settings)]
@@ -363,6 +364,11 @@ def test_judge_reward_and_dpo_scripts_on_files_need_no_run_directory(finished, t
         out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert (out_dir / made).exists() and (out_dir / "done.json").exists()
+    argv = ["sft.py", "--settings", str(settings), "--out", str(tmp_path / "sft"), "--steps", "2"]
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["sft"]["steps"] == 2
+    assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
     assert {p: p.read_text() for p in finished.rglob("done.json")} == before
     _, ckpt = read_reward_model(tmp_path / "rm" / "reward_model.pt")
     assert ckpt.get("tools") == json.loads((finished / "config.json").read_text())["rm"]["tools"]
