@@ -503,7 +503,11 @@ UPDATE_STATS = (
     "policy/approxkl_avg",
     "objective/entropy",
 )
-MINIBATCH_KEYS = ANSWER_KEYS[2:] + ("query", "query_mask", "response", "response_mask")
+# what one gradient step reads of the batch: the answers, their masks and the rollout's numbers
+MINIBATCH_KEYS = (
+    *("query", "query_mask", "response", "response_mask", "mask"),
+    *("logprobs", "ref_logprobs", "values"),
+)
 
 
 def ppo_update(

@@ -123,8 +123,8 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
     """Linear warmup, then cosine decay to min_ratio * max_lr at `total` steps."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    done = min(1.0, (step - warmup) / max(1, total - warmup))  # fraction of the decay
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def optimizer_step(model, optimizer, cfg, train, step, pad):
