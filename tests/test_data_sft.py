@@ -77,6 +77,7 @@ def test_sft_loss_has_zero_weight_on_prompt_tokens():
     assert abs(loss.item() - nll / n) < 1e-5
 
 
+@pytest.mark.slow
 def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     import rlaif
     import sft
@@ -169,6 +170,7 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
             assert prepare.parse_answer(c.answer)["api_call"] == r.sections["api_call"]
 
 
+@pytest.mark.slow
 def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monkeypatch):
     """SFT crashes after its step-20 checkpoint (at step 25); the resumed run's metrics.jsonl has
     every step 1..40 exactly once, with validation losses at the checkpoints."""

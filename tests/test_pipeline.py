@@ -483,6 +483,7 @@ def test_evaluate_script_without_a_source_evaluates_the_run(finished, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_validation_split_answers_those_questions_and_says_so(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     config = json.loads((run_dir / "config.json").read_text())

@@ -159,6 +159,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_freed_memory_stays_in_the_process(tmp_path):
     """keep_freed_memory: a large tensor freed and allocated again reuses the process's memory
