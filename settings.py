@@ -565,11 +565,13 @@ def stage_settings(
 
 
 def add_input_flags(parser, inputs):
-    needs = ", ".join(f"--{flag(k)}" for k in inputs) or "--out"
+    needs = ", ".join([f"--{flag(k)}" for k in inputs] + ["--out"])
     group = parser.add_argument_group(f"without a run directory ({needs})")
     for key in inputs:
         group.add_argument(f"--{flag(key)}", dest=key, metavar="PATH", help=INPUTS[key])
-    group.add_argument("--out", help="the directory to write into (default: runs/alone)")
+    group.add_argument(
+        "--out", help="the directory to write into (required without a run directory)"
+    )
     group.add_argument(
         "--settings",
         metavar="CONFIG_JSON",
@@ -588,10 +590,11 @@ def alone_config(inputs, given, alone, sections):
     """(cfg, out) of a stage script given its inputs as files: the settings of --settings (else the
     defaults) with --device and --seed, and the vocabulary the SFT model was trained with; every
     input checked to exist before any work."""
-    missing = [f"--{flag(k)}" for k in inputs if k not in given]
+    missing = [f"--{flag(k)}" for k in inputs if k not in given] + ["--out"] * (not alone["out"])
     if missing:
         raise SystemExit(
-            f"without a run directory this stage needs {', '.join(f'--{flag(k)}' for k in inputs)}"
+            "without a run directory this stage needs "
+            f"{', '.join([f'--{flag(k)}' for k in inputs] + ['--out'])}"
             f" (missing {', '.join(missing)}); or give --run-dir alone"
         )
     for key, path in given.items():
@@ -605,7 +608,7 @@ def alone_config(inputs, given, alone, sections):
     if "sft_model" in given:  # the tokenizer is the one the model was trained with
         vocab = json.loads((given["sft_model"] / "config.json").read_text())["vocab_size"]
         cfg.compact = vocab < GPT2_VOCAB
-    return cfg, Path(alone["out"] or "runs/alone")
+    return cfg, Path(alone["out"])
 
 
 def prepare_out(cfg, out, force, stage):
