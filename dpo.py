@@ -41,6 +41,7 @@ from runs import (
     run_part,
     save_checkpoint,
     set_aside,
+    start_over,
     write_metrics,
 )
 from settings import driver_flag, prepare_out, save_config, stage_settings
@@ -215,8 +216,7 @@ def main(argv=None):
         if (out / "done.json").exists() and is_main():
             set_aside(run, ["evaluate"])
             (run / "compare" / "done.json").unlink(missing_ok=True)
-            for name in ("done.json", "ckpt.pt"):
-                (out / name).unlink(missing_ok=True)
+            start_over(out)
         if is_main():
             save_config(cfg, run)
         barrier()

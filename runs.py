@@ -424,6 +424,13 @@ def run_stage(cfg, run, stage, stage_fn, splits):
     barrier()
 
 
+def start_over(out_dir):
+    """Remove a finished stage's marker and resume point (--force): it trains again from the start,
+    and its old model stays until the new one replaces it."""
+    for name in ("done.json", "ckpt.pt"):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def run_alone(out, train):
     """A stage script given its inputs as files (python ppo.py --sft-model DIR --reward-model
     FILE): train() writes into `out`, then out/done.json as run_stage writes a stage's. No run

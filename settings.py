@@ -34,6 +34,7 @@ from runs import (
     os_errors_as_messages,
     require_done,
     set_aside,
+    start_over,
 )
 from training import keep_freed_memory
 
@@ -620,8 +621,7 @@ def prepare_out(cfg, out, force, stage):
         with os_errors_as_messages(f"[{stage}]"):
             out.mkdir(parents=True, exist_ok=True)
             if force:
-                for name in ("done.json", "ckpt.pt"):
-                    (out / name).unlink(missing_ok=True)
+                start_over(out)
             save_config(cfg, out)
     barrier()
 
