@@ -329,10 +329,10 @@ def score_share(score, advantages, mask, gamma, lam):
 # -----------------------------------------------------------------------------
 # Under torchrun: where the ranks' numbers meet (one process: nothing happens here)
 
-ANSWER_KEYS = ("score", "ended", "mask", "logprobs", "ref_logprobs", "values")
+GATHERED_KEYS = ("score", "ended", "mask", "logprobs", "ref_logprobs", "values")
 
 
-def gather_answers(batch):
+def gather_batch(batch):
     """Steps 2-3 and the record see every rank's answers: the per-answer tensors of each rank's
     rollout batch, concatenated in rank order, right-padded (mask 0) to the longest answer. Each
     rank then runs the single-process math on the global batch, so whitening and every statistic
@@ -343,19 +343,19 @@ def gather_answers(batch):
     widths = torch.zeros(DIST.world, device=batch["mask"].device)
     widths[DIST.rank] = T
     width = int(all_sum(widths).max())
-    answers = {}
-    for key in ANSWER_KEYS:
+    gathered = {}
+    for key in GATHERED_KEYS:
         x = batch[key].float()
         if x.dim() == 2:
             x = torch.nn.functional.pad(x, (0, width - T))
         slots = torch.zeros(DIST.world, *x.shape, device=x.device)
         slots[DIST.rank] = x  # the other ranks' slots stay 0: the sum is a gather
-        answers[key] = all_sum(slots).flatten(0, 1).to(batch[key].dtype)
-    return answers
+        gathered[key] = all_sum(slots).flatten(0, 1).to(batch[key].dtype)
+    return gathered
 
 
 def own_rows(x, batch):
-    """This rank's rows of a tensor computed on gather_answers' global batch, cut to the width of
+    """This rank's rows of a tensor computed on gather_batch's global batch, cut to the width of
     its own batch (one process: x; None stays None)."""
     if DIST.world == 1 or x is None:
         return x
@@ -411,18 +411,18 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
             generator=generator,
         )
     t_generate = time.time() - t0
-    answers = (query, query_mask, response, response_mask)
+    tokens = (query, query_mask, response, response_mask)
     with autocast(device):
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from a ratio of 1 (up to bf16 rounding on GPU) [N-details: recompute
         # logprobs].
-        logprobs = response_logprobs(policy, *answers, temperature)
-        ref_logprobs = response_logprobs(ref_policy, *answers, temperature)
+        logprobs = response_logprobs(policy, *tokens, temperature)
+        ref_logprobs = response_logprobs(ref_policy, *tokens, temperature)
         if value_model is not None:
-            values = value_predictions(value_model, *answers)
+            values = value_predictions(value_model, *tokens)
         else:
             values = torch.zeros(response.shape, device=device)
-        score = score_fn(*answers).float()
+        score = score_fn(*tokens).float()
     ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
     return dict(
         query=query,
@@ -440,33 +440,31 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
     )
 
 
-def gae_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
+def gae_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
     """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
     the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
-    mask = answers["mask"]
+    mask = batch["mask"]
     rewards, kl = compute_rewards(
-        baselined_score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
+        baselined_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
     )
-    return (rewards, kl, *gae(rewards, answers["values"], mask, cfg.gamma, cfg.lam))
+    return (rewards, kl, *gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam))
 
 
-def rloo_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
+def rloo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
     """RLOO: the raw score and the KL penalty in the reward; the baseline is the whole return of the
     prompt's other answers (no critic, no returns)."""
-    mask = answers["mask"]
+    mask = batch["mask"]
     rewards, kl = compute_rewards(
-        eos_score, answers["logprobs"], answers["ref_logprobs"], mask, kl_coef
+        eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
     )
     return rewards, kl, rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
 
 
-def grpo_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
+def grpo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
     """GRPO: the group-normalised score; the KL is a loss term (minibatch_loss), not a reward, so
     the rewards carry none (kl is still measured)."""
-    mask = answers["mask"]
-    rewards, kl = compute_rewards(
-        eos_score, answers["logprobs"], answers["ref_logprobs"], mask, 0.0
-    )
+    mask = batch["mask"]
+    rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0)
     return rewards, kl, grpo_advantages(eos_score, mask, cfg.rollouts_per_prompt), None
 
 
@@ -474,20 +472,20 @@ def grpo_estimator(answers, baselined_score, eos_score, cfg, kl_coef):
 ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
 
 
-def advantages_and_returns(answers, cfg, kl_coef):
+def advantages_and_returns(batch, cfg, kl_coef):
     """Steps 2-3: (baselined score, per-token KL, advantages, returns, Monte-Carlo returns) of a
-    rollout batch. Three scores: answers["score"] (the reward's), eos_score (with the end-of-text
+    rollout batch. Three scores: batch["score"] (the reward's), eos_score (with the end-of-text
     penalty) and baselined_score (eos_score minus the mean of the prompt's other answers).
     returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
     the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
     statistics."""
-    mask, k = answers["mask"], cfg.rollouts_per_prompt
-    eos_score = eos_penalised(answers["score"], answers["ended"], cfg.missing_eos_penalty)
+    mask, k = batch["mask"], cfg.rollouts_per_prompt
+    eos_score = eos_penalised(batch["score"], batch["ended"], cfg.missing_eos_penalty)
     # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
     # reward's variance is between prompts (how hard the task is), which no action changes
     baselined_score = leave_one_out(eos_score, k)
     estimate = ESTIMATORS[cfg.advantage]
-    rewards, kl, advantages, returns = estimate(answers, baselined_score, eos_score, cfg, kl_coef)
+    rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
     # the rewards to go, which explained_variance measures the critic against
     _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
     if cfg.whiten_advantages:
@@ -552,15 +550,15 @@ def ppo_update(
 def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy):
     """One minibatch's loss and its statistics (floats): the clipped surrogate, plus GRPO's KL term,
     when train_policy; plus vf_coef x the clipped value loss when there is a critic."""
-    answers = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
+    tokens = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
     mask = mb["mask"]
     with autocast(run_cfg.device):
         if train_policy:
             new_logprobs, entropy = response_logprobs(
-                policy, *answers, run_cfg.temperature, with_entropy=True
+                policy, *tokens, run_cfg.temperature, with_entropy=True
             )
         if value_model is not None:
-            new_values = value_predictions(value_model, *answers)
+            new_values = value_predictions(value_model, *tokens)
     means = {}  # over this rank's real tokens
     if train_policy:
         means["loss/policy_avg"], means["policy/clipfrac_avg"], means["policy/approxkl_avg"] = (
@@ -602,22 +600,20 @@ def in_critic_warmup(cfg, it):
     return cfg.advantage == "gae" and it < cfg.critic_warmup
 
 
-def iteration_metrics(
-    it, cfg, answers, baselined_score, kl, advantages, mc_returns, kl_coef, stats
-):
+def iteration_metrics(it, cfg, batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats):
     """The iteration's metrics row, over every rank's answers. TRL's names where TRL has the metric
     (objective/, policy/, loss/, val/, lr, episode), its GRPO trainer's for completions/; eval/
     (greedy validation) and time/ are ours (docs/metrics.md)."""
     critic = cfg.advantage == "gae"
-    mask, ended = answers["mask"], answers["ended"].float()
+    mask, ended = batch["mask"], batch["ended"].float()
     mean_kl = kl.sum(1).mean().item()
     return {
         "iteration": it + 1,
         "episode": (it + 1) * cfg.batch_size,
         "phase": "critic warm-up" if in_critic_warmup(cfg, it) else "ppo",
         "lr": cfg.lr,
-        "objective/scores": answers["score"].mean().item(),
-        "objective/scores_std": answers["score"].std().item(),
+        "objective/scores": batch["score"].mean().item(),
+        "objective/scores_std": batch["score"].std().item(),
         "objective/kl": mean_kl,
         "objective/non_score_reward": -kl_coef * mean_kl,
         "objective/kl_coef": kl_coef,
@@ -626,7 +622,7 @@ def iteration_metrics(
             baselined_score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
         ),
         "val/explained_variance": (
-            explained_variance(answers["values"], mc_returns, mask) if critic else None
+            explained_variance(batch["values"], mc_returns, mask) if critic else None
         ),
         "val/num_eos_tokens": int(ended.sum()),
         "completions/mean_length": mask.sum(1).mean().item(),
@@ -775,9 +771,9 @@ def train_ppo(
             policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
         )
         # 2-3. rewards, advantages and returns, on every rank's answers
-        answers = gather_answers(batch)  # one process: the batch itself
+        global_batch = gather_batch(batch)  # one process: the batch itself
         baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
-            answers, cfg, kl_coef
+            global_batch, cfg, kl_coef
         )
         # 4. update on this rank's rows (one process: all); in the critic warm-up, the critic alone
         t_update = time.time()
@@ -792,7 +788,7 @@ def train_ppo(
         kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
         # record: metrics, validation, log line, sample, checkpoint
         row = iteration_metrics(
-            it, cfg, answers, baselined_score, kl, advantages, mc_returns, kl_coef, stats
+            it, cfg, global_batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats
         )
         row.update(iteration_times(batch, t_update, meter, policy))
         if validate is not None and validation_due(cfg, it):

@@ -298,11 +298,11 @@ def rejection_sampling(cfg, run, splits, out):
     )
     examples = [(s.query, s.response) for s in picks]
     steps = max(1, RS_EPOCHS * len(examples) // cfg.sft.batch_size)
-    rs_cfg = replace(cfg, sft=replace(cfg.sft, lr=0.1 * cfg.sft.lr, warmup=0, steps=steps))
+    rs_sft = replace(cfg.sft, lr=0.1 * cfg.sft.lr, warmup=0, steps=steps)
     start = GPT.from_pretrained(run / RUN_FILES["sft_model"])
     val = sft.sft_examples(cfg, tok, splits["val"])
     meter = FlopMeter()
-    model, history = sft.train_sft(rs_cfg, tok, examples, val, out, start_from=start)
+    model, history = sft.train_sft(tok, examples, val, rs_sft, cfg, out, start_from=start)
     if is_main():
         atomic_dir(out / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
     val_loss = [h["val_loss"] for h in history if "val_loss" in h][-1]

@@ -68,18 +68,18 @@ class SFTConfig:
 # The pieces, in the order they run
 
 
-def init_model(cfg, tok):
-    if cfg.init in CPU_PRESETS:
-        return GPT(preset_config(cfg.init, tok.vocab_size))
-    return GPT.from_pretrained(cfg.init)  # HF weights: a local directory or a Hub name
+def init_model(run_cfg, tok):
+    if run_cfg.init in CPU_PRESETS:
+        return GPT(preset_config(run_cfg.init, tok.vocab_size))
+    return GPT.from_pretrained(run_cfg.init)  # HF weights: a local directory or a Hub name
 
 
-def sft_examples(cfg, tok, records):
+def sft_examples(run_cfg, tok, records):
     """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
     return [
         (
             prepare.prompt_ids(tok, r.instruction),
-            prepare.answer_ids(tok, r.sections, cfg.compact, cfg.max_answer_tokens),
+            prepare.answer_ids(tok, r.sections, run_cfg.compact, run_cfg.max_answer_tokens),
         )
         for r in records
     ]
@@ -127,19 +127,20 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
     return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def optimizer_step(model, optimizer, cfg, train, step, pad):
-    """Optimizer step `step` of SFT: sft.grad_accum micro-batches, gradients averaged over ranks and
-    clipped, AdamW. Returns (the loss averaged over the micro-batches, tokens seen)."""
+def optimizer_step(model, optimizer, cfg, run_cfg, train, step, pad):
+    """Optimizer step `step` of SFT (cfg: SFTConfig): cfg.grad_accum micro-batches, gradients
+    averaged over ranks and clipped, AdamW. Returns (the loss averaged over the micro-batches,
+    tokens seen)."""
     tokens, step_loss = 0, 0.0
-    for micro in range(cfg.sft.grad_accum):
-        index = step * cfg.sft.grad_accum + micro
-        batch = shard(batch_at(train, cfg.sft.batch_size, index, cfg.seed))  # one process: all
-        loss, n_tokens = sft_loss(model, batch, pad, cfg.device)
-        (loss / cfg.sft.grad_accum).backward()
-        step_loss = step_loss + loss.detach() / cfg.sft.grad_accum
+    for micro in range(cfg.grad_accum):
+        index = step * cfg.grad_accum + micro
+        batch = shard(batch_at(train, cfg.batch_size, index, run_cfg.seed))  # one process: all
+        loss, n_tokens = sft_loss(model, batch, pad, run_cfg.device)
+        (loss / cfg.grad_accum).backward()
+        step_loss = step_loss + loss.detach() / cfg.grad_accum
         tokens += n_tokens
     average_gradients(model.parameters())  # torchrun: the global batch's step; one process: none
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), run_cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, tokens
@@ -161,11 +162,11 @@ def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
     return total / max(n, 1)
 
 
-def validate_and_save(model, optimizer, val, pad, cfg, history, out_dir):
+def validate_and_save(model, optimizer, val, pad, device, history, out_dir):
     """The validation loss into the step's history row, then the checkpoint and metrics.jsonl (from
     the checkpointed history: a resumed run writes no row twice)."""
     step = history[-1]["step"]
-    history[-1]["val_loss"] = round(validation_loss(model, val, pad, cfg.device), 4)
+    history[-1]["val_loss"] = round(validation_loss(model, val, pad, device), 4)
     log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
     if is_main():
         save_checkpoint(
@@ -182,35 +183,37 @@ def validate_and_save(model, optimizer, val, pad, cfg, history, out_dir):
 # The loop
 
 
-def train_sft(cfg, tok, train, val, out_dir, start_from=None):
-    """Supervised fine-tuning on answer tokens, resumable from its last checkpoint. start_from: a
-    model to continue (--compare's rejection sampling), else a new one (init_model)."""
-    torch.manual_seed(cfg.seed)
-    model = (start_from or init_model(cfg, tok)).to(cfg.device)
-    optimizer = make_optimizer(model, cfg.sft.lr, WEIGHT_DECAY)
+def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
+    """Supervised fine-tuning on answer tokens (train, val: (prompt, answer) token lists), resumable
+    from its last checkpoint. cfg: SFTConfig; run_cfg: the run's settings.Config, for what SFT
+    shares with the other stages (seed, device, grad_clip, init). start_from: a model to continue
+    (--compare's rejection sampling), else a new one (init_model)."""
+    torch.manual_seed(run_cfg.seed)
+    model = (start_from or init_model(run_cfg, tok)).to(run_cfg.device)
+    optimizer = make_optimizer(model, cfg.lr, WEIGHT_DECAY)
     ckpt_file = Path(out_dir) / "ckpt.pt"
-    step, history, _ = resume(ckpt_file, cfg.device, optimizer, "sft", log, model=model)
+    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "sft", log, model=model)
     model.train()
     t0, tokens_seen, start = time.time(), 0, step
     meter = FlopMeter()
-    while step < cfg.sft.steps:
-        lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup, cfg.sft.steps)
+    while step < cfg.steps:
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, tokens = optimizer_step(model, optimizer, cfg, train, step, tok.eot)
+        loss, tokens = optimizer_step(model, optimizer, cfg, run_cfg, train, step, tok.eot)
         tokens_seen += tokens
         step += 1
         check_loss(loss, "sft", f"step {step}", "--sft-lr (the learning rate) and --grad-clip")
         speed = round(tokens_seen / (time.time() - t0))
         history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
-        if step % LOG_EVERY == 0 or step == cfg.sft.steps:
+        if step % LOG_EVERY == 0 or step == cfg.steps:
             log(
-                f"[sft] step {step}/{cfg.sft.steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"[sft] step {step}/{cfg.steps} loss {loss.item():.3f} lr {lr:.2e} "
                 f"{speed:,} tok/s {meter.line(model)} "
-                f"{progress(step - start, cfg.sft.steps - start, t0)}"
+                f"{progress(step - start, cfg.steps - start, t0)}"
             )
-        if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
-            validate_and_save(model, optimizer, val, tok.eot, cfg, history, out_dir)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            validate_and_save(model, optimizer, val, tok.eot, run_cfg.device, history, out_dir)
     model.eval()
     return model, history
 
@@ -219,16 +222,16 @@ def train_sft(cfg, tok, train, val, out_dir, start_from=None):
 # The SFT stage of a run (rlaif.py, or python sft.py on an existing run)
 
 
-def sft_stage(cfg, run, splits, out_dir=None):
+def sft_stage(run_cfg, run, splits, out_dir=None):
     """Stage 1: the SFT model, trained on the training split (and the API database's pairs), saved
     to run_dir/sft/model (out_dir/model: python sft.py --out DIR, no run directory)."""
     out_dir = Path(out_dir or run / "sft")
-    tok = prepare.tokenizer(cfg.compact)
-    extra = prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
-    train = sft_examples(cfg, tok, splits["train"] + extra)
-    val = sft_examples(cfg, tok, splits["val"])
+    tok = prepare.tokenizer(run_cfg.compact)
+    extra = prepare.api_database_pairs(prepare.load_api_database()) if run_cfg.api_pairs else []
+    train = sft_examples(run_cfg, tok, splits["train"] + extra)
+    val = sft_examples(run_cfg, tok, splits["val"])
     meter = FlopMeter()
-    model, history = train_sft(cfg, tok, train, val, out_dir)
+    model, history = train_sft(tok, train, val, run_cfg.sft, run_cfg, out_dir)
     if is_main():
         atomic_dir(out_dir / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
     return dict(
@@ -242,7 +245,7 @@ def sft_stage(cfg, run, splits, out_dir=None):
 def main(argv=None):
     """python sft.py: the SFT stage alone, on an existing run (default runs/tiny), or into --out
     without a run directory."""
-    cfg, run, given = stage_command_line(
+    run_cfg, run, given = stage_command_line(
         "sft",
         "SFT: fine-tune the model on the training split. On a run of rlaif.py (--run-dir: into "
         "run_dir/sft, with the run's recorded settings, which the flags below override and are "
@@ -253,11 +256,11 @@ def main(argv=None):
         SFTConfig,
         inputs=(),
     )
-    splits = prepare.load_splits(cfg.train_file)
+    splits = prepare.load_splits(run_cfg.train_file)
     if given is not None:
-        run_alone(run, lambda: sft_stage(cfg, None, splits, out_dir=run))
+        run_alone(run, lambda: sft_stage(run_cfg, None, splits, out_dir=run))
     else:
-        run_stage(cfg, run, "sft", sft_stage, splits)
+        run_stage(run_cfg, run, "sft", sft_stage, splits)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def sft_steps(out):
         )
         for i in range(32)
     ]
-    model, _ = sft.train_sft(cfg, tok, examples, examples[:4], out / f"sft_{DIST.world}")
+    model, _ = sft.train_sft(tok, examples, examples[:4], cfg.sft, cfg, out / f"sft_{DIST.world}")
     return params(model), validation(model, examples[:7])
 
 
@@ -118,8 +118,8 @@ def ppo_update():
         vf_lr=1e-3,
     )
     ppo.check_config(cfg)
-    answers = ppo.gather_answers(batch)  # every rank's answers, as train_ppo
-    _, _, advantages, returns, _ = ppo.advantages_and_returns(answers, cfg, kl_coef=0.05)
+    global_batch = ppo.gather_batch(batch)  # every rank's answers, as train_ppo
+    _, _, advantages, returns, _ = ppo.advantages_and_returns(global_batch, cfg, kl_coef=0.05)
     advantages, returns = ppo.own_rows(advantages, batch), ppo.own_rows(returns, batch)
     batch.update(advantages=advantages, returns=returns)
     optimizers = [make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.vf_lr, 0.0)]

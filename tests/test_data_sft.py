@@ -101,7 +101,7 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         sft_warmup=2,
         device="cpu",
     )
-    _, full = sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "a")
+    _, full = sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path / "a")
 
     real_save = sft.save_checkpoint
 
@@ -112,9 +112,9 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sft, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
-        sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+        sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path / "b")
     monkeypatch.setattr(sft, "save_checkpoint", real_save)
-    _, resumed = sft.train_sft(cfg, tok, examples, examples[:8], tmp_path / "b")
+    _, resumed = sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path / "b")
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     assert resumed[-1].get("val_loss") == full[-1].get("val_loss")
 
@@ -193,12 +193,12 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
 
     monkeypatch.setattr(sft, "log", crash_at_25)
     with pytest.raises(RuntimeError):
-        sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
+        sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))  # as checkpointed, not as far as it got
     said = []
     monkeypatch.setattr(sft, "log", said.append)
-    sft.train_sft(cfg, tok, examples, examples[:8], tmp_path)
+    sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path)
     assert any(m.startswith("[sft] resumed from") and m.endswith("at step 20") for m in said)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
