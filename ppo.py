@@ -7,10 +7,11 @@ The algorithm, in the order of one iteration (train_ppo):
   1. rollout: `rollouts_per_prompt` answers to each of batch_size / rollouts_per_prompt prompts,
      sampled with model.generate; policy `logprobs`, `ref_logprobs` and `values` by one
      teacher-forced pass each; `score` = score_fn: the reward model's scalar at the last token
-     of the answer followed by its tool report (reward.load_reward_model; --compare's d-RLAIF:
+     of the tool report appended to the answer (reward.load_reward_model; --compare's d-RLAIF:
      the judge's score).
-  2. rewards: [not in the paper] the score minus the mean score of the same prompt's other
-     answers (a per-prompt baseline, Kool et al. 2019; Ahmadian et al. 2024), then
+  2. rewards: the score of an answer cut off before <|endoftext|> lowered by missing_eos_penalty;
+     [not in the paper] minus the mean score of the same prompt's other answers (a per-prompt
+     baseline, Kool et al. 2019; Ahmadian et al. 2024), then
      r_t = -kl_coef * (logprobs_t - ref_logprobs_t), plus that score at the last token
      (Ziegler et al. 2019, eq. 2; lm-human-preferences compute_rewards).
   3. advantages: GAE (Schulman et al. 2016, eq. 11-16) with gamma = 1 and lam = 1, so the answer's
@@ -153,8 +154,8 @@ class PPOConfig:
 
 
 # -----------------------------------------------------------------------------
-# The pieces, in the order of an iteration, each a few lines of single-process tensor code, each
-# tested in tests/test_ppo.py
+# The math of steps 2-4, in the order of an iteration, each a few lines of single-process tensor
+# code, each tested in tests/test_ppo.py (the rollout, step 1, and the loop's calls come below)
 
 
 def masked_mean(x, mask):

@@ -5,14 +5,14 @@ start from.
 
     python sft.py                      # the SFT stage of runs/tiny (--run-dir another run)
 
-One optimizer step of train_sft, in order:
+One optimizer step of train_sft, in order, after the step's learning rate is set (lr_at: linear
+warmup, then cosine decay):
   1. batch: the step's examples, grouped by length (batch_at: a pure function of the step, so a
      resumed run sees the batches of an uninterrupted one); each rank takes its share (torchrun).
   2. loss: the mean negative log-likelihood of the answer tokens (sft_loss); prompts carry none.
      Gradients accumulate over sft.grad_accum micro-batches.
   3. update: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only
-     (training.make_optimizer), linear warmup then cosine decay (lr_at), the gradient norm
-     clipped at grad_clip (nanoGPT's train.py).
+     (training.make_optimizer), the gradient norm clipped at grad_clip (nanoGPT's train.py).
 In one process the torchrun calls (distributed.shard, all_sum, average_gradients) return what
 they are given: the step is the single-process step.
 Every sft.eval_every steps: the validation loss, a checkpoint and metrics.jsonl (resumable).

@@ -1,9 +1,9 @@
 """
-What the stages share to train and run a model: AdamW with decay on matrices only, bf16 autocast
-and the dtype of a model that takes no gradients, the seeds of a run's random streams, batches of
-similar length, the checks that stop a stage with nothing to train on or a loss that diverged,
-progress lines, and freed memory kept in the process (glibc). A helper only one stage uses lives in
-that stage's file (sft.lr_at).
+What the stages share to train and run a model: AdamW (weight decay, if any, on matrices only), bf16
+autocast and the dtype of a model that takes no gradients, the seeds of a run's random streams,
+batches of similar length, the checks that stop a stage with nothing to train on or a loss that
+diverged, progress lines, and freed memory kept in the process (glibc). A helper only one stage uses
+lives in that stage's file (sft.lr_at).
 """
 
 import ctypes
