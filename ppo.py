@@ -154,8 +154,300 @@ class PPOConfig:
 
 
 # -----------------------------------------------------------------------------
+# The loop: each iteration runs the five steps of the header (the functions below, in order)
+
+
+def check_config(cfg):
+    """Refuse settings train_ppo cannot run, before any work."""
+    if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
+        raise ValueError(
+            f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
+            f"{cfg.rollouts_per_prompt}"
+        )
+    if cfg.advantage != "gae" and cfg.rollouts_per_prompt < 2:
+        raise ValueError(
+            f"ppo advantage {cfg.advantage} needs rollouts_per_prompt >= 2 (a baseline from the "
+            "prompt's other answers)"
+        )
+    if cfg.minibatch_size < 1:
+        raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
+    if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
+        raise ValueError(
+            f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
+            f"{DIST.world} x rollouts_per_prompt and minibatch_size a multiple of {DIST.world}"
+        )
+
+
+def train_ppo(
+    policy, ref_policy, value_model, score_fn, prompts, tok, cfg, run_cfg, out_dir, validate=None
+):
+    """Run cfg.iterations of PPO, the steps of this file's header; checkpoint after each iteration
+    (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
+    query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
+    shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
+    None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
+    (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
+    of metrics, at validation_due iterations."""
+    check_config(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_policy.eval().requires_grad_(False)
+    kl_ctl = kl_controller(cfg)  # step 5
+    optimizers, modules, start, history = training_state(
+        policy, value_model, kl_ctl, cfg, out_dir / "ckpt.pt", run_cfg.device
+    )
+    t_start = time.time()
+    for it in range(start, cfg.iterations):
+        meter, kl_coef = FlopMeter(), kl_ctl.value  # the iteration's clock, FLOPs, KL penalty
+        # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
+        rollout_seed = stream_seed(run_cfg.seed, 104729, it + 7919 * DIST.rank)  # a stream per rank
+        generator = torch.Generator().manual_seed(rollout_seed)
+        its_prompts = iteration_prompts(prompts, cfg, run_cfg.seed, it)
+        batch = rollout(
+            policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
+        )
+        # 2-3. rewards, advantages and returns, on every rank's answers
+        global_batch = gather_batch(batch)  # one process: the batch itself
+        baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
+            global_batch, cfg, kl_coef
+        )
+        # 4. update on this rank's rows (one process: all); in the critic warm-up, the critic alone
+        t_update = time.time()
+        batch.update(advantages=own_rows(advantages, batch), returns=own_rows(returns, batch))
+        train_policy = not in_critic_warmup(cfg, it)
+        stats = ppo_update(
+            policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
+        )
+        check_ppo_loss(stats, it, train_policy)
+        t_update = time.time() - t_update
+        # 5. KL controller: beta for the next iteration (fixed beta, the default: no change)
+        kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
+        # record: metrics, validation, log line, sample, checkpoint
+        row = iteration_metrics(
+            it, cfg, global_batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats
+        )
+        row.update(iteration_times(batch, t_update, meter, policy))
+        if validate is not None and validation_due(cfg, it):
+            row.update(validate(policy, it + 1))
+        history.append(row)
+        log_iteration(
+            row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
+        )
+        if (it + 1) % 10 == 0:
+            log_sample(batch, kl, tok.decode)
+        save_state(out_dir, modules, optimizers, kl_ctl, it + 1, history)
+    return history
+
+
+# -----------------------------------------------------------------------------
+# One iteration: rollout, advantages, update (train_ppo calls them in this order)
+
+
+def iteration_prompts(prompts, cfg, seed, it):
+    """The iteration's prompts, each repeated rollouts_per_prompt times in a row: a pure function of
+    (seed, iteration), so a resumed run samples exactly what an uninterrupted one would. Under
+    torchrun, this rank's share of them."""
+    n = cfg.batch_size // cfg.rollouts_per_prompt
+    rng = random.Random(stream_seed(seed, 104729, it))
+    chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
+    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]  # one process: all
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, generator):
+    """Step 1: answers to `prompts` sampled from the policy, and what the update needs of them: the
+    policy's `logprobs`, the reference's `ref_logprobs`, the critic's `values` (zeros without a
+    critic) and the reward's `score`. run_cfg: device, temperature, max_answer_tokens. Nothing here
+    carries gradients."""
+    device, temperature = run_cfg.device, run_cfg.temperature
+    query, query_mask = left_pad(prompts, eot, device)
+    policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
+    t0 = time.time()
+    with autocast(device):
+        response, response_mask, _ = generate(
+            policy,
+            query,
+            query_mask,
+            run_cfg.max_answer_tokens,
+            eot,
+            temperature,
+            generator=generator,
+        )
+    t_generate = time.time() - t0
+    tokens = (query, query_mask, response, response_mask)
+    with autocast(device):
+        # Recompute log-probs with the training forward rather than reuse the sampler's: the update
+        # then starts from a ratio of 1 (up to bf16 rounding on GPU) [N-details: recompute
+        # logprobs].
+        logprobs = response_logprobs(policy, *tokens, temperature)
+        ref_logprobs = response_logprobs(ref_policy, *tokens, temperature)
+        if value_model is not None:
+            values = value_predictions(value_model, *tokens)
+        else:
+            values = torch.zeros(response.shape, device=device)
+        score = score_fn(*tokens).float()
+    ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
+    return dict(
+        query=query,
+        query_mask=query_mask,
+        response=response,
+        response_mask=response_mask,
+        mask=response_mask.float(),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        score=score,
+        ended=ended,
+        t_generate=t_generate,
+        t_forward=time.time() - t0 - t_generate,
+    )
+
+
+def gae_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
+    """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
+    the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
+    mask = batch["mask"]
+    rewards, kl = compute_rewards(
+        baselined_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
+    )
+    return (rewards, kl, *gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam))
+
+
+def rloo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
+    """RLOO: the raw score and the KL penalty in the reward; the baseline is the whole return of the
+    prompt's other answers (no critic, no returns)."""
+    mask = batch["mask"]
+    rewards, kl = compute_rewards(
+        eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
+    )
+    return rewards, kl, rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
+
+
+def grpo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
+    """GRPO: the group-normalised score; the KL is a loss term (minibatch_loss), not a reward, so
+    the rewards carry none (kl is still measured)."""
+    mask = batch["mask"]
+    rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0)
+    return rewards, kl, grpo_advantages(eos_score, mask, cfg.rollouts_per_prompt), None
+
+
+# the advantage estimators by --advantage: step 3 of the loop takes one, with one signature
+ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
+
+
+def advantages_and_returns(batch, cfg, kl_coef):
+    """Steps 2-3: (baselined score, per-token KL, advantages, returns, Monte-Carlo returns) of a
+    rollout batch. Three scores: batch["score"] (the reward's), eos_score (with the end-of-text
+    penalty) and baselined_score (eos_score minus the mean of the prompt's other answers).
+    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
+    the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
+    statistics."""
+    mask, k = batch["mask"], cfg.rollouts_per_prompt
+    eos_score = eos_penalised(batch["score"], batch["ended"], cfg.missing_eos_penalty)
+    # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
+    # reward's variance is between prompts (how hard the task is), which no action changes
+    baselined_score = leave_one_out(eos_score, k)
+    estimate = ESTIMATORS[cfg.advantage]
+    rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
+    # the rewards to go, which explained_variance measures the critic against
+    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return baselined_score, kl, advantages, returns, mc_returns
+
+
+# the update's statistics, in the order of a metrics row
+UPDATE_STATS = (
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/clipfrac_avg",
+    "policy/approxkl_avg",
+    "objective/entropy",
+)
+# what one gradient step reads of the batch: the answers, their masks and the rollout's numbers
+MINIBATCH_KEYS = (
+    *("query", "query_mask", "response", "response_mask", "mask"),
+    *("logprobs", "ref_logprobs", "values"),
+)
+
+
+def ppo_update(
+    policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
+):
+    """Step 4: cfg.epochs passes over random minibatches of this rank's answers (batch, with their
+    `advantages` and `returns`), one optimizer step per grad_accum minibatches; returns the mean
+    statistics. train_policy False: the value loss only (the critic warm-up). run_cfg: device,
+    temperature, grad_clip."""
+    B = batch["response"].size(0)
+    minibatch_size = cfg.minibatch_size // DIST.world  # this rank's rows
+    stats = {k: [] for k in UPDATE_STATS}
+    policy.train()
+    params = list(policy.parameters())
+    if value_model is not None:
+        value_model.train()
+        params += list(value_model.parameters())
+    starts = range(0, B, minibatch_size)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(B, generator=generator)
+        for i, start in enumerate(starts):
+            idx = perm[start : start + minibatch_size].to(run_cfg.device)
+            mb = {k: batch[k][idx] for k in MINIBATCH_KEYS}
+            mb["advantages"] = batch["advantages"][idx]
+            mb["returns"] = None if batch["returns"] is None else batch["returns"][idx]
+            loss, minibatch_stats = minibatch_loss(
+                policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy
+            )
+            for k, v in minibatch_stats.items():
+                stats[k].append(v)
+            (loss / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
+                average_gradients(params)  # torchrun: the global gradient; one process: none
+                # one norm over policy and critic, as lm-human-preferences clips their joint loss
+                torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy):
+    """One minibatch's loss and its statistics (floats): the clipped surrogate, plus GRPO's KL term,
+    when train_policy; plus vf_coef x the clipped value loss when there is a critic."""
+    tokens = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
+    mask = mb["mask"]
+    with autocast(run_cfg.device):
+        if train_policy:
+            new_logprobs, entropy = response_logprobs(
+                policy, *tokens, run_cfg.temperature, with_entropy=True
+            )
+        if value_model is not None:
+            new_values = value_predictions(value_model, *tokens)
+    means = {}  # over this rank's real tokens
+    if train_policy:
+        means["loss/policy_avg"], means["policy/clipfrac_avg"], means["policy/approxkl_avg"] = (
+            policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
+        )
+        means["objective/entropy"] = masked_mean(entropy, mask)
+        if cfg.advantage == "grpo":
+            means["k3_kl"] = masked_mean(k3_kl(new_logprobs, mb["ref_logprobs"]), mask)
+    if value_model is not None:
+        means["loss/value_avg"] = value_loss(
+            new_values, mb["values"], mb["returns"], mask, cfg.cliprange_value
+        )
+    means = global_means(means, mask.sum())  # one process: the means as they are
+    loss = 0.0
+    if train_policy:
+        loss = loss + means["loss/policy_avg"]
+    if "k3_kl" in means:  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
+        loss = loss + kl_coef * means["k3_kl"]
+    if value_model is not None:
+        loss = loss + cfg.vf_coef * means["loss/value_avg"]
+    return loss, {k: means[k].item() for k in UPDATE_STATS if k in means}
+
+
+# -----------------------------------------------------------------------------
 # The math of steps 2-4, in the order of an iteration, each a few lines of single-process tensor
-# code, each tested in tests/test_ppo.py (the rollout, step 1, and the loop's calls come below)
+# code, each tested in tests/test_ppo.py
 
 
 def masked_mean(x, mask):
@@ -378,212 +670,6 @@ def global_means(means, n):
 
 
 # -----------------------------------------------------------------------------
-# One iteration: rollout, advantages, update (train_ppo calls them in this order)
-
-
-def iteration_prompts(prompts, cfg, seed, it):
-    """The iteration's prompts, each repeated rollouts_per_prompt times in a row: a pure function of
-    (seed, iteration), so a resumed run samples exactly what an uninterrupted one would. Under
-    torchrun, this rank's share of them."""
-    n = cfg.batch_size // cfg.rollouts_per_prompt
-    rng = random.Random(stream_seed(seed, 104729, it))
-    chosen = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
-    return [p for p in shard(chosen) for _ in range(cfg.rollouts_per_prompt)]  # one process: all
-
-
-@torch.no_grad()
-def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, generator):
-    """Step 1: answers to `prompts` sampled from the policy, and what the update needs of them: the
-    policy's `logprobs`, the reference's `ref_logprobs`, the critic's `values` (zeros without a
-    critic) and the reward's `score`. run_cfg: device, temperature, max_answer_tokens. Nothing here
-    carries gradients."""
-    device, temperature = run_cfg.device, run_cfg.temperature
-    query, query_mask = left_pad(prompts, eot, device)
-    policy.eval()  # [N-details: dropout off] (our dropout is 0 anyway; eval() makes it explicit)
-    t0 = time.time()
-    with autocast(device):
-        response, response_mask, _ = generate(
-            policy,
-            query,
-            query_mask,
-            run_cfg.max_answer_tokens,
-            eot,
-            temperature,
-            generator=generator,
-        )
-    t_generate = time.time() - t0
-    tokens = (query, query_mask, response, response_mask)
-    with autocast(device):
-        # Recompute log-probs with the training forward rather than reuse the sampler's: the update
-        # then starts from a ratio of 1 (up to bf16 rounding on GPU) [N-details: recompute
-        # logprobs].
-        logprobs = response_logprobs(policy, *tokens, temperature)
-        ref_logprobs = response_logprobs(ref_policy, *tokens, temperature)
-        if value_model is not None:
-            values = value_predictions(value_model, *tokens)
-        else:
-            values = torch.zeros(response.shape, device=device)
-        score = score_fn(*tokens).float()
-    ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
-    return dict(
-        query=query,
-        query_mask=query_mask,
-        response=response,
-        response_mask=response_mask,
-        mask=response_mask.float(),
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        score=score,
-        ended=ended,
-        t_generate=t_generate,
-        t_forward=time.time() - t0 - t_generate,
-    )
-
-
-def gae_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
-    """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
-    the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
-    mask = batch["mask"]
-    rewards, kl = compute_rewards(
-        baselined_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
-    )
-    return (rewards, kl, *gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam))
-
-
-def rloo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
-    """RLOO: the raw score and the KL penalty in the reward; the baseline is the whole return of the
-    prompt's other answers (no critic, no returns)."""
-    mask = batch["mask"]
-    rewards, kl = compute_rewards(
-        eos_score, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef
-    )
-    return rewards, kl, rloo_advantages(rewards, mask, cfg.rollouts_per_prompt), None
-
-
-def grpo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
-    """GRPO: the group-normalised score; the KL is a loss term (minibatch_loss), not a reward, so
-    the rewards carry none (kl is still measured)."""
-    mask = batch["mask"]
-    rewards, kl = compute_rewards(eos_score, batch["logprobs"], batch["ref_logprobs"], mask, 0.0)
-    return rewards, kl, grpo_advantages(eos_score, mask, cfg.rollouts_per_prompt), None
-
-
-# the advantage estimators by --advantage: step 3 of the loop takes one, with one signature
-ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
-
-
-def advantages_and_returns(batch, cfg, kl_coef):
-    """Steps 2-3: (baselined score, per-token KL, advantages, returns, Monte-Carlo returns) of a
-    rollout batch. Three scores: batch["score"] (the reward's), eos_score (with the end-of-text
-    penalty) and baselined_score (eos_score minus the mean of the prompt's other answers).
-    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
-    the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
-    statistics."""
-    mask, k = batch["mask"], cfg.rollouts_per_prompt
-    eos_score = eos_penalised(batch["score"], batch["ended"], cfg.missing_eos_penalty)
-    # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
-    # reward's variance is between prompts (how hard the task is), which no action changes
-    baselined_score = leave_one_out(eos_score, k)
-    estimate = ESTIMATORS[cfg.advantage]
-    rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
-    # the rewards to go, which explained_variance measures the critic against
-    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return baselined_score, kl, advantages, returns, mc_returns
-
-
-# the update's statistics, in the order of a metrics row
-UPDATE_STATS = (
-    "loss/policy_avg",
-    "loss/value_avg",
-    "policy/clipfrac_avg",
-    "policy/approxkl_avg",
-    "objective/entropy",
-)
-# what one gradient step reads of the batch: the answers, their masks and the rollout's numbers
-MINIBATCH_KEYS = (
-    *("query", "query_mask", "response", "response_mask", "mask"),
-    *("logprobs", "ref_logprobs", "values"),
-)
-
-
-def ppo_update(
-    policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
-):
-    """Step 4: cfg.epochs passes over random minibatches of this rank's answers (batch, with their
-    `advantages` and `returns`), one optimizer step per grad_accum minibatches; returns the mean
-    statistics. train_policy False: the value loss only (the critic warm-up). run_cfg: device,
-    temperature, grad_clip."""
-    B = batch["response"].size(0)
-    minibatch_size = cfg.minibatch_size // DIST.world  # this rank's rows
-    stats = {k: [] for k in UPDATE_STATS}
-    policy.train()
-    params = list(policy.parameters())
-    if value_model is not None:
-        value_model.train()
-        params += list(value_model.parameters())
-    starts = range(0, B, minibatch_size)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(B, generator=generator)
-        for i, start in enumerate(starts):
-            idx = perm[start : start + minibatch_size].to(run_cfg.device)
-            mb = {k: batch[k][idx] for k in MINIBATCH_KEYS}
-            mb["advantages"] = batch["advantages"][idx]
-            mb["returns"] = None if batch["returns"] is None else batch["returns"][idx]
-            loss, minibatch_stats = minibatch_loss(
-                policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy
-            )
-            for k, v in minibatch_stats.items():
-                stats[k].append(v)
-            (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
-                average_gradients(params)  # torchrun: the global gradient; one process: none
-                # one norm over policy and critic, as lm-human-preferences clips their joint loss
-                torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
-                for optimizer in optimizers:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items() if v}
-
-
-def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy):
-    """One minibatch's loss and its statistics (floats): the clipped surrogate, plus GRPO's KL term,
-    when train_policy; plus vf_coef x the clipped value loss when there is a critic."""
-    tokens = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
-    mask = mb["mask"]
-    with autocast(run_cfg.device):
-        if train_policy:
-            new_logprobs, entropy = response_logprobs(
-                policy, *tokens, run_cfg.temperature, with_entropy=True
-            )
-        if value_model is not None:
-            new_values = value_predictions(value_model, *tokens)
-    means = {}  # over this rank's real tokens
-    if train_policy:
-        means["loss/policy_avg"], means["policy/clipfrac_avg"], means["policy/approxkl_avg"] = (
-            policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
-        )
-        means["objective/entropy"] = masked_mean(entropy, mask)
-        if cfg.advantage == "grpo":
-            means["k3_kl"] = masked_mean(k3_kl(new_logprobs, mb["ref_logprobs"]), mask)
-    if value_model is not None:
-        means["loss/value_avg"] = value_loss(
-            new_values, mb["values"], mb["returns"], mask, cfg.cliprange_value
-        )
-    means = global_means(means, mask.sum())  # one process: the means as they are
-    loss = 0.0
-    if train_policy:
-        loss = loss + means["loss/policy_avg"]
-    if "k3_kl" in means:  # Shao et al. 2024, eq. 3: - beta D_KL, as a loss
-        loss = loss + kl_coef * means["k3_kl"]
-    if value_model is not None:
-        loss = loss + cfg.vf_coef * means["loss/value_avg"]
-    return loss, {k: means[k].item() for k in UPDATE_STATS if k in means}
-
-
-# -----------------------------------------------------------------------------
 # Recording an iteration: metrics, log line, sample, checkpoint
 
 
@@ -716,92 +802,6 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
         history=history,
     )
     write_metrics(out_dir / "metrics.jsonl", history)
-
-
-# -----------------------------------------------------------------------------
-# The loop
-
-
-def check_config(cfg):
-    """Refuse settings train_ppo cannot run, before any work."""
-    if cfg.rollouts_per_prompt < 1 or cfg.batch_size % cfg.rollouts_per_prompt:
-        raise ValueError(
-            f"ppo batch_size {cfg.batch_size} must be a multiple of rollouts_per_prompt "
-            f"{cfg.rollouts_per_prompt}"
-        )
-    if cfg.advantage != "gae" and cfg.rollouts_per_prompt < 2:
-        raise ValueError(
-            f"ppo advantage {cfg.advantage} needs rollouts_per_prompt >= 2 (a baseline from the "
-            "prompt's other answers)"
-        )
-    if cfg.minibatch_size < 1:
-        raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
-    if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
-        raise ValueError(
-            f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
-            f"{DIST.world} x rollouts_per_prompt and minibatch_size a multiple of {DIST.world}"
-        )
-
-
-def train_ppo(
-    policy, ref_policy, value_model, score_fn, prompts, tok, cfg, run_cfg, out_dir, validate=None
-):
-    """Run cfg.iterations of PPO, the steps of this file's header; checkpoint after each iteration
-    (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
-    query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
-    shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
-    None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
-    (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
-    of metrics, at validation_due iterations."""
-    check_config(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ref_policy.eval().requires_grad_(False)
-    kl_ctl = kl_controller(cfg)  # step 5
-    optimizers, modules, start, history = training_state(
-        policy, value_model, kl_ctl, cfg, out_dir / "ckpt.pt", run_cfg.device
-    )
-    t_start = time.time()
-    for it in range(start, cfg.iterations):
-        meter, kl_coef = FlopMeter(), kl_ctl.value  # the iteration's clock, FLOPs, KL penalty
-        # 1. rollout: this rank's share of the prompts, sampled with a seed of its own
-        rollout_seed = stream_seed(run_cfg.seed, 104729, it + 7919 * DIST.rank)  # a stream per rank
-        generator = torch.Generator().manual_seed(rollout_seed)
-        its_prompts = iteration_prompts(prompts, cfg, run_cfg.seed, it)
-        batch = rollout(
-            policy, ref_policy, value_model, score_fn, its_prompts, run_cfg, tok.eot, generator
-        )
-        # 2-3. rewards, advantages and returns, on every rank's answers
-        global_batch = gather_batch(batch)  # one process: the batch itself
-        baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
-            global_batch, cfg, kl_coef
-        )
-        # 4. update on this rank's rows (one process: all); in the critic warm-up, the critic alone
-        t_update = time.time()
-        batch.update(advantages=own_rows(advantages, batch), returns=own_rows(returns, batch))
-        train_policy = not in_critic_warmup(cfg, it)
-        stats = ppo_update(
-            policy, value_model, optimizers, batch, cfg, run_cfg, generator, kl_coef, train_policy
-        )
-        check_ppo_loss(stats, it, train_policy)
-        t_update = time.time() - t_update
-        # 5. KL controller: beta for the next iteration (fixed beta, the default: no change)
-        kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
-        # record: metrics, validation, log line, sample, checkpoint
-        row = iteration_metrics(
-            it, cfg, global_batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats
-        )
-        row.update(iteration_times(batch, t_update, meter, policy))
-        if validate is not None and validation_due(cfg, it):
-            row.update(validate(policy, it + 1))
-        history.append(row)
-        log_iteration(
-            row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
-        )
-        if (it + 1) % 10 == 0:
-            log_sample(batch, kl, tok.decode)
-        save_state(out_dir, modules, optimizers, kl_ctl, it + 1, history)
-    return history
 
 
 # -----------------------------------------------------------------------------

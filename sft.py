@@ -65,6 +65,45 @@ class SFTConfig:
 
 
 # -----------------------------------------------------------------------------
+# The loop: an optimizer step is the header's three parts (the functions below, in order)
+
+
+def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
+    """Supervised fine-tuning on answer tokens (train, val: (prompt, answer) token lists), resumable
+    from its last checkpoint. cfg: SFTConfig; run_cfg: the run's settings.Config, for what SFT
+    shares with the other stages (seed, device, grad_clip, init). start_from: a model to continue
+    (--compare's rejection sampling), else a new one (init_model)."""
+    torch.manual_seed(run_cfg.seed)
+    model = (start_from or init_model(run_cfg, tok)).to(run_cfg.device)
+    optimizer = make_optimizer(model, cfg.lr, WEIGHT_DECAY)
+    ckpt_file = Path(out_dir) / "ckpt.pt"
+    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "sft", log, model=model)
+    model.train()
+    t0, tokens_seen, start = time.time(), 0, step
+    meter = FlopMeter()
+    while step < cfg.steps:
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, tokens = optimizer_step(model, optimizer, cfg, run_cfg, train, step, tok.eot)
+        tokens_seen += tokens
+        step += 1
+        check_loss(loss, "sft", f"step {step}", "--sft-lr (the learning rate) and --grad-clip")
+        speed = round(tokens_seen / (time.time() - t0))
+        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
+        if step % LOG_EVERY == 0 or step == cfg.steps:
+            log(
+                f"[sft] step {step}/{cfg.steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"{speed:,} tok/s {meter.line(model)} "
+                f"{progress(step - start, cfg.steps - start, t0)}"
+            )
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            validate_and_save(model, optimizer, val, tok.eot, run_cfg.device, history, out_dir)
+    model.eval()
+    return model, history
+
+
+# -----------------------------------------------------------------------------
 # The pieces, in the order they run
 
 
@@ -177,45 +216,6 @@ def validate_and_save(model, optimizer, val, pad, device, history, out_dir):
             history=history,
         )
         write_metrics(Path(out_dir) / "metrics.jsonl", history)
-
-
-# -----------------------------------------------------------------------------
-# The loop
-
-
-def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
-    """Supervised fine-tuning on answer tokens (train, val: (prompt, answer) token lists), resumable
-    from its last checkpoint. cfg: SFTConfig; run_cfg: the run's settings.Config, for what SFT
-    shares with the other stages (seed, device, grad_clip, init). start_from: a model to continue
-    (--compare's rejection sampling), else a new one (init_model)."""
-    torch.manual_seed(run_cfg.seed)
-    model = (start_from or init_model(run_cfg, tok)).to(run_cfg.device)
-    optimizer = make_optimizer(model, cfg.lr, WEIGHT_DECAY)
-    ckpt_file = Path(out_dir) / "ckpt.pt"
-    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "sft", log, model=model)
-    model.train()
-    t0, tokens_seen, start = time.time(), 0, step
-    meter = FlopMeter()
-    while step < cfg.steps:
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, tokens = optimizer_step(model, optimizer, cfg, run_cfg, train, step, tok.eot)
-        tokens_seen += tokens
-        step += 1
-        check_loss(loss, "sft", f"step {step}", "--sft-lr (the learning rate) and --grad-clip")
-        speed = round(tokens_seen / (time.time() - t0))
-        history.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, tokens_per_s=speed))
-        if step % LOG_EVERY == 0 or step == cfg.steps:
-            log(
-                f"[sft] step {step}/{cfg.steps} loss {loss.item():.3f} lr {lr:.2e} "
-                f"{speed:,} tok/s {meter.line(model)} "
-                f"{progress(step - start, cfg.steps - start, t0)}"
-            )
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            validate_and_save(model, optimizer, val, tok.eot, run_cfg.device, history, out_dir)
-    model.eval()
-    return model, history
 
 
 # -----------------------------------------------------------------------------
