@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from distributed import average_gradients, barrier, global_mean, is_main, shard
+from judge import Feedback
 from model import GPT, FlopMeter, pad_pairs, response_logprobs
 from reward import RMConfig, make_pairs, pair_batches
 from runs import (
     RUN_FILES,
-    Feedback,
     Sample,
     atomic_dir,
     log,

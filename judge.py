@@ -24,7 +24,7 @@ import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,6 @@ from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from runs import (
     RUN_FILES,
-    Feedback,
     Sample,
     log,
     read_rows,
@@ -185,6 +184,20 @@ def combine(answers):
     if any(answers.get(k) is None for k, _, _ in QUESTIONS):
         return None
     return sum(w * answers[k] for k, _, w in QUESTIONS)
+
+
+# the row this stage writes, one for each runs.Sample (feedback/feedback.jsonl)
+@dataclass
+class Feedback:
+    """The judge's verdict on one Sample (feedback/feedback.jsonl)."""
+
+    id: int
+    record: int
+    source: str
+    judge: str  # which judge answered (rules judge, or the LLM's name)
+    answers: dict  # question -> P(yes) in [0, 1], or None where the judge gave no answer
+    score: float  # judge.combine(answers); None when the judge gave up on this answer
+    error: str = None
 
 
 # -----------------------------------------------------------------------------

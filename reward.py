@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call
 from distributed import DIST, average_gradients, barrier, global_mean, is_main, shard
-from judge import QUESTIONS
+from judge import QUESTIONS, Feedback
 from model import GPT, FlopMeter, ScalarModel, pad_pairs, right_pad
 from runs import (
-    Feedback,
     Sample,
     load_checkpoint,
     log,

@@ -47,6 +47,7 @@ from distributed import DIST, barrier, is_main, setup_distributed
 from dpo import DPOConfig
 from judge import (
     QUESTIONS,
+    Feedback,
     feedback_stage,
     judge_plan,
     judge_price,
@@ -64,7 +65,6 @@ from reward import RMConfig
 from runs import (
     RUN_FILES,
     STAGE_ORDER,
-    Feedback,
     Sample,
     atomic_dir,
     log,

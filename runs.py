@@ -4,7 +4,8 @@ run is one directory (--run-dir). Each stage writes run_dir/<stage>/ and, last, 
 summary and the sha256 of its outputs; a finished stage is skipped on the next run and its outputs
 are checked whenever a later stage relies on them. Here, in order:
   - log; files and model directories written atomically, checkpoints.
-  - Sample, Feedback: the rows of sample/samples.jsonl and feedback/feedback.jsonl, written once.
+  - Sample: the rows of sample/samples.jsonl, written once (the sample stage is rlaif.py's, above
+    every stage that reads them; feedback/feedback.jsonl's rows are judge.Feedback).
   - RUN_FILES: every path inside a run; done markers, hashes and set-aside of stages to redo.
   - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - run_stage(), which rlaif.py and the stage scripts use to run a stage, and run_part(), one part
@@ -161,7 +162,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# The rows the stages pass on: one sampled answer, and the judge's verdict on it
+# The row the sample stage passes on: one sampled answer (the judge's verdict on it, Feedback,
+# is judge.py's)
 
 
 @dataclass
@@ -175,19 +177,6 @@ class Sample:
     query: list  # prompt token ids
     response: list  # answer token ids (ending in <|endoftext|> unless cut at max_answer_tokens)
     answer: str  # the answer as text
-
-
-@dataclass
-class Feedback:
-    """The judge's verdict on one Sample (feedback/feedback.jsonl)."""
-
-    id: int
-    record: int
-    source: str
-    judge: str  # which judge answered (rules judge, or the LLM's name)
-    answers: dict  # question -> P(yes) in [0, 1], or None where the judge gave no answer
-    score: float  # judge.combine(answers); None when the judge gave up on this answer
-    error: str = None
 
 
 def write_rows(path, rows):

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.gorilla import prepare  # noqa: E402
+from judge import Feedback  # noqa: E402
 from model import GPT, pad_pairs, response_logprobs  # noqa: E402
 from reward import (  # noqa: E402
     APIDatabase,
@@ -33,7 +34,7 @@ from reward import (  # noqa: E402
     rm_scores,
     split_prompts,
 )
-from runs import RUN_FILES, Feedback, Sample, read_rows  # noqa: E402
+from runs import RUN_FILES, Sample, read_rows  # noqa: E402
 from settings import load_config  # noqa: E402
 
 

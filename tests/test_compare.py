@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from data.gorilla import prepare
 from dpo import dpo_loss
-from judge import QUESTIONS, RulesJudge, combine, judge_score_fn
+from judge import QUESTIONS, Feedback, RulesJudge, combine, judge_score_fn
 from model import GPT, GPTConfig, ScalarModel, pad_pairs
 from reward import best_of_n, comparisons_loss
-from runs import Feedback, Sample
+from runs import Sample
 
 
 def test_dpo_loss_on_a_hand_computed_example():

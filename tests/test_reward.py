@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data.gorilla import prepare
-from judge import QUESTIONS, OpenAIJudge, RulesJudge, combine, judge_answers
-from runs import Feedback, Sample, save_checkpoint
+from judge import QUESTIONS, Feedback, OpenAIJudge, RulesJudge, combine, judge_answers
+from runs import Sample, save_checkpoint
 from tests.openai_server import FakeOpenAI
 
 
