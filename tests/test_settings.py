@@ -567,7 +567,7 @@ def test_a_stage_whose_input_turns_out_empty_stops_naming_the_cause(run_copy, na
     no pair to learn from, though the scores differ across prompts (feedback with one score for
     every answer is refused earlier, by reward.refuse_uniform_feedback). The stage stops with the
     cause instead of passing an untrained model on."""
-    feedback = runs.read_rows(run_copy / runs.RUN_FILES["feedback"], runs.Feedback)
+    feedback = runs.read_rows(run_copy / runs.RUN_FILES["feedback"], judge.Feedback)
     runs.write_rows(
         run_copy / runs.RUN_FILES["feedback"],
         [replace(f, score=(f.record % 7) / 10) for f in feedback],
