@@ -566,7 +566,7 @@ def stage_settings(
 
 
 def add_input_flags(parser, inputs):
-    needs = ", ".join([f"--{flag(k)}" for k in inputs] + ["--out"])
+    needs = alone_needs(inputs)
     group = parser.add_argument_group(f"without a run directory ({needs})")
     for key in inputs:
         group.add_argument(f"--{flag(key)}", dest=key, metavar="PATH", help=INPUTS[key])
@@ -587,6 +587,11 @@ def flag(key):
     return key.replace("_", "-")
 
 
+def alone_needs(inputs):
+    """The flags a stage script needs without a run directory: its inputs' and --out."""
+    return ", ".join([f"--{flag(k)}" for k in inputs] + ["--out"])
+
+
 def alone_config(inputs, given, alone, sections):
     """(cfg, out) of a stage script given its inputs as files: the settings of --settings (else the
     defaults) with --device and --seed, and the vocabulary the SFT model was trained with; every
@@ -594,8 +599,7 @@ def alone_config(inputs, given, alone, sections):
     missing = [f"--{flag(k)}" for k in inputs if k not in given] + ["--out"] * (not alone["out"])
     if missing:
         raise SystemExit(
-            "without a run directory this stage needs "
-            f"{', '.join([f'--{flag(k)}' for k in inputs] + ['--out'])}"
+            f"without a run directory this stage needs {alone_needs(inputs)}"
             f" (missing {', '.join(missing)}); or give --run-dir alone"
         )
     for key, path in given.items():
