@@ -22,6 +22,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
+from config import driver_flag, prepare_out, save_config, stage_settings
 from data.gorilla import prepare
 from distributed import average_gradients, barrier, global_mean, is_main, shard
 from judge import Feedback
@@ -44,7 +45,6 @@ from runs import (
     start_over,
     write_metrics,
 )
-from settings import driver_flag, prepare_out, save_config, stage_settings
 from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, require_items
 
 
@@ -75,7 +75,7 @@ def sequence_logprobs(model, samples, ids, tok, device):
 
 def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
     """cfg.steps of DPO (cfg: DPOConfig) on (chosen id, rejected id) pairs of `samples`. run_cfg:
-    the run's settings.Config, for the settings DPO shares with the other stages (seed, grad_clip,
+    the run's config.Config, for the settings DPO shares with the other stages (seed, grad_clip,
     device). Checkpoints to out_dir/ckpt.pt every 20 steps and resumes from it."""
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
@@ -184,8 +184,8 @@ def dpo_stage(cfg, run, splits, out_dir, **files):
 def main(argv=None):
     """python dpo.py: DPO alone on an existing run (default runs/tiny), into run_dir/compare/dpo,
     or on files (--sft-model DIR --samples FILE --feedback FILE) into --out. The settings are read
-    as ppo.py's and reward.py's are (settings.stage_settings), but not their
-    settings.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
+    as ppo.py's and reward.py's are (config.stage_settings), but not their
+    config.stage_command_line: DPO is one part of the compare stage, so it needs only sft, sample
     and feedback done (not reward and ppo), its marker is compare/dpo/done.json, and --force must
     keep the other parts of compare (d-RLAIF, RLOO, GRPO) that setting compare aside would
     delete."""

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from config import stage_command_line
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from judge import RulesJudge, judge_score
 from model import GPT, GPT2_VOCAB, FlopMeter, sample_answers
 from runs import RUN_FILES, log, read_jsonl, run_stage, tensorboard_text, write_jsonl, write_metrics
 from sandbox import Sandbox
-from settings import stage_command_line
 from training import autocast, progress, progress_log
 
 # -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from config import stage_command_line
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
 from runs import (
@@ -41,7 +42,6 @@ from runs import (
     run_stage,
     write_rows,
 )
-from settings import stage_command_line
 from training import progress
 
 # -----------------------------------------------------------------------------

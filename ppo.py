@@ -51,6 +51,7 @@ from typing import Annotated
 
 import torch
 
+from config import driver_flag, stage_command_line
 from data.gorilla import prepare
 from distributed import DIST, all_sum, average_gradients, barrier, is_main, shard
 from judge import judge_score, make_judge
@@ -76,7 +77,6 @@ from runs import (
     tensorboard_text,
     write_metrics,
 )
-from settings import driver_flag, stage_command_line
 from training import autocast, check_loss, frozen_dtype, make_optimizer, progress, stream_seed
 
 
@@ -185,7 +185,7 @@ def train_ppo(
     (atomically) and resume from the last checkpoint. prompts: token lists. score_fn(query,
     query_mask, response, response_mask) -> (B,) scores. tok: its eot ends an answer, its decode
     shows a sample every 10 iterations. value_model: the critic with cfg.advantage == 'gae', else
-    None. run_cfg: the run's settings.Config, for the settings PPO shares with the other stages
+    None. run_cfg: the run's config.Config, for the settings PPO shares with the other stages
     (seed, device, temperature, max_answer_tokens, grad_clip). validate(policy, iteration) -> dict
     of metrics, at validation_due iterations."""
     check_config(cfg)
@@ -875,7 +875,7 @@ def samples_table(records, texts, rewards, judged, n_shown):
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None, **files):
     """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
     the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
-    settings.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
+    config.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO
     rows). files: sft_model and reward_model in place of the run's (python ppo.py --sft-model)."""

@@ -19,6 +19,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
+from config import driver_flag, stage_command_line
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call
 from distributed import DIST, average_gradients, barrier, global_mean, is_main, shard
@@ -36,7 +37,6 @@ from runs import (
     save_checkpoint,
     write_metrics,
 )
-from settings import driver_flag, stage_command_line
 from training import (
     autocast,
     check_loss,

@@ -18,7 +18,7 @@ Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the 
   7. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
 Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
 directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
-Every setting is a field of settings.Config (SFT's, PPO's, the reward model's and DPO's in their
+Every setting is a field of config.Config (SFT's, PPO's, the reward model's and DPO's in their
 own files).
 """
 
@@ -41,6 +41,19 @@ import ppo
 import reward
 import sandbox
 import sft
+from config import (
+    DRIVER_FLAGS,
+    Config,
+    add_flags,
+    apply_overrides,
+    check_settings,
+    load_config,
+    save_config,
+    set_overrides,
+    setting_label,
+    settings_diff,
+    settings_problems,
+)
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase
 from distributed import DIST, barrier, is_main, setup_distributed
@@ -78,19 +91,6 @@ from runs import (
     write_jsonl,
     write_rows,
 )
-from settings import (
-    DRIVER_FLAGS,
-    Config,
-    add_flags,
-    apply_overrides,
-    check_settings,
-    load_config,
-    save_config,
-    set_overrides,
-    setting_label,
-    settings_diff,
-    settings_problems,
-)
 from sft import CPU_PRESETS, SFTConfig, sft_stage
 from training import autocast, keep_freed_memory, progress_log
 
@@ -122,7 +122,7 @@ PRESETS = {"tiny": {}, "paper": PAPER}
 
 
 def make_config(preset="tiny", **overrides):
-    """Config of a preset (every setting of settings.Config) with overrides: top-level names,
+    """Config of a preset (every setting of config.Config) with overrides: top-level names,
     sft_<name> / ppo_<name> / rm_<name> / dpo_<name>, or ppo=dict(...)."""
     cfg = Config(**{name: cls() for name, cls in SECTION_CLASSES.items()})
     return apply_overrides(apply_overrides(cfg, PRESETS[preset], f"preset {preset}"), overrides)
@@ -433,7 +433,7 @@ def check_ready(cfg):
 
 
 def refuse_bad_settings(cfg):
-    """Every setting within its declared type and range (settings.check_settings), then the checks
+    """Every setting within its declared type and range (config.check_settings), then the checks
     across settings; before the first stage, so that no setting is refused after hours of work."""
     if settings_problems(cfg):  # the checks across settings below take each one in its range
         check_settings(cfg)
@@ -516,7 +516,7 @@ def check_answer_room(cfg, splits):
 def check_stage_inputs(cfg, splits):
     """The reward model has prompts to train on: what is left of the sampled instructions once its
     held-out and validation prompts are taken (reward.split_prompts itself, on one stand-in row per
-    instruction). settings.COMBINATIONS checks the fractions alone; this, with the number of
+    instruction). config.COMBINATIONS checks the fractions alone; this, with the number of
     instructions there are."""
     n = min(cfg.sampled_instructions, len(splits["train"]))
     held, val, _ = reward.split_prompts([SimpleNamespace(record=i) for i in range(n)], cfg.rm, 0)
@@ -645,7 +645,7 @@ def print_results(cfg, run):
 
 
 # -----------------------------------------------------------------------------
-# Command line: a flag per pipeline setting and per section setting of settings.DRIVER_FLAGS
+# Command line: a flag per pipeline setting and per section setting of config.DRIVER_FLAGS
 # (--sft-steps, --ppo-lr), --set SECTION.NAME=VALUE for the others
 
 

@@ -10,7 +10,7 @@ are checked whenever a later stage relies on them. Here, in order:
   - metrics.jsonl (and TensorBoard), resumable training state (resume).
   - run_stage(), which rlaif.py and the stage scripts use to run a stage, and run_part(), one part
     of a stage that trains several models.
-A run's settings are settings.py's, the torchrun code is distributed.py's, and what the stages
+A run's settings are config.py's, the torchrun code is distributed.py's, and what the stages
 train with is training.py's.
 """
 
@@ -230,7 +230,7 @@ RUN_FILES = dict(
 
 def run_file(run, key, files):
     """The path of a run's file RUN_FILES[key], or files[key] where a stage script was given it
-    (python ppo.py --sft-model DIR: settings.INPUTS)."""
+    (python ppo.py --sft-model DIR: config.INPUTS)."""
     return Path(files[key]) if files.get(key) else Path(run) / RUN_FILES[key]
 
 

@@ -26,11 +26,11 @@ from typing import Annotated
 
 import torch
 
+from config import stage_command_line
 from data.gorilla import prepare
 from distributed import all_sum, average_gradients, is_main, shard
 from model import GPT, FlopMeter, pad_pairs, preset_config, response_logprobs
 from runs import atomic_dir, log, resume, run_alone, run_stage, save_checkpoint, write_metrics
-from settings import stage_command_line
 from training import (
     autocast,
     check_loss,
@@ -41,7 +41,7 @@ from training import (
 )
 
 # -----------------------------------------------------------------------------
-# Settings: SFTConfig (settings.Config's section sft), max_answer_tokens and grad_clip; and these,
+# Settings: SFTConfig (config.Config's section sft), max_answer_tokens and grad_clip; and these,
 # which no experiment changes
 
 CPU_PRESETS = ("tiny", "micro")  # model presets trained from scratch (no GPT-2 weights offline)
@@ -70,7 +70,7 @@ class SFTConfig:
 
 def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
     """Supervised fine-tuning on answer tokens (train, val: (prompt, answer) token lists), resumable
-    from its last checkpoint. cfg: SFTConfig; run_cfg: the run's settings.Config, for what SFT
+    from its last checkpoint. cfg: SFTConfig; run_cfg: the run's config.Config, for what SFT
     shares with the other stages (seed, device, grad_clip, init). start_from: a model to continue
     (--compare's rejection sampling), else a new one (init_model)."""
     torch.manual_seed(run_cfg.seed)

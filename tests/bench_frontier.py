@@ -23,12 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from config import load_config  # noqa: E402
 from data.gorilla import prepare  # noqa: E402
 from judge import RulesJudge, judge_score  # noqa: E402
 from model import GPT, pad_pairs, response_logprobs, sample_answers  # noqa: E402
 from reward import load_reward_model  # noqa: E402
 from runs import RUN_FILES  # noqa: E402
-from settings import load_config  # noqa: E402
 
 N_MAX = 16  # answers sampled per question; best-of-n takes the first n
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import load_config  # noqa: E402
 from data.gorilla import prepare  # noqa: E402
 from judge import Feedback  # noqa: E402
 from model import GPT, pad_pairs, response_logprobs  # noqa: E402
@@ -35,7 +36,6 @@ from reward import (  # noqa: E402
     split_prompts,
 )
 from runs import RUN_FILES, Sample, read_rows  # noqa: E402
-from settings import load_config  # noqa: E402
 
 
 def line_mask(tok, response, tag="<<<api_call>>>"):

@@ -17,9 +17,9 @@ import pytest
 
 import judge
 import rlaif
+from config import save_config
 from data.gorilla import prepare
 from runs import RUN_FILES, Sample, mark_done, write_rows
-from settings import save_config
 from tests.openai_server import PROBE_MARK, FakeOpenAI
 
 QUIET = dict(log=lambda *a: None)

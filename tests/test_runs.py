@@ -1,4 +1,4 @@
-"""Run directories (runs.py) and the settings they record (settings.py): the config a run records
+"""Run directories (runs.py) and the settings they record (config.py): the config a run records
 and reads back, the typed rows, metrics files and their TensorBoard mirror; and freed memory kept in
 the process (training.py)."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import config
 import rlaif
 import runs
-import settings
 import training
 from ppo import PPOConfig
 
@@ -22,12 +22,12 @@ def test_a_recorded_config_reads_back_as_the_same_config(tmp_path):
     """What rlaif.py records is what a stage script loads: the same type, the same values, sections
     included."""
     cfg = rlaif.make_config("paper", run_dir=str(tmp_path), ppo_lr=3e-6, rm=dict(epochs=2))
-    settings.save_config(cfg, tmp_path)
-    back = settings.load_config(tmp_path, **rlaif.SECTION_CLASSES)
-    assert type(back) is settings.Config and isinstance(back.ppo, PPOConfig) and back == cfg
+    config.save_config(cfg, tmp_path)
+    back = config.load_config(tmp_path, **rlaif.SECTION_CLASSES)
+    assert type(back) is config.Config and isinstance(back.ppo, PPOConfig) and back == cfg
     assert back.ppo.lr == 3e-6 and back.ppo.iterations == 200 and back.rm.epochs == 2
     # a section whose class is not given stays as recorded
-    partial = settings.load_config(tmp_path, ppo=PPOConfig)
+    partial = config.load_config(tmp_path, ppo=PPOConfig)
     assert partial.rm == asdict(cfg.rm)
 
 
@@ -64,7 +64,7 @@ def test_a_run_of_another_version_is_refused_naming_the_settings_it_lacks(tmp_pa
         "version does not have: sft_steps, eval_every, ppo.seed; start a new --run-dir"
     )
     for load in (
-        lambda: settings.load_config(tmp_path, **rlaif.SECTION_CLASSES),
+        lambda: config.load_config(tmp_path, **rlaif.SECTION_CLASSES),
         lambda: rlaif.main(["--run-dir", str(tmp_path)]),
     ):
         with pytest.raises(SystemExit) as e:
@@ -82,7 +82,7 @@ def test_a_run_of_another_version_is_refused_naming_the_settings_it_lacks(tmp_pa
 )
 def test_an_unknown_setting_is_named(overrides, needle):
     with pytest.raises(SystemExit, match=needle):
-        settings.apply_overrides(rlaif.make_config(), overrides)
+        config.apply_overrides(rlaif.make_config(), overrides)
 
 
 def test_rows_round_trip_and_a_bad_row_names_its_line_and_fields(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # model (the network) <- the plumbing: distributed (torchrun) <- runs (run directories) <-
-# training (what the stages train with) <- settings (Config, its checks and flags) <- data (with the
+# training (what the stages train with) <- config (Config, its checks and flags) <- data (with the
 # sandbox's stand-in libraries) <- sandbox <- the stages: sft, judge (the AI feedback) <- reward
 # (the reward model) <- ppo, dpo, evaluate <- rlaif. A module imports only lower layers (ppo and
 # evaluate ask the judge to score answers, dpo trains on the reward model's pairs, evaluate runs
@@ -23,7 +23,7 @@ LAYER = {
     "distributed": 1,
     "runs": 2,
     "training": 3,
-    "settings": 4,
+    "config": 4,
     "data": 5,
     "sandbox": 6,
     "sft": 7,
@@ -34,7 +34,7 @@ LAYER = {
     "evaluate": 9,
     "rlaif": 10,
 }
-PLUMBING = ("distributed", "runs", "training", "settings")
+PLUMBING = ("distributed", "runs", "training", "config")
 ALLOWED = set()
 SCRIPTS = [
     "rlaif.py",

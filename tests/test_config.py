@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import config
 import dpo
 import evaluate
 import judge
@@ -21,7 +22,6 @@ import ppo
 import reward
 import rlaif
 import runs
-import settings
 from model import GPT, preset_config
 
 QUICK = ["--init", "micro", "--exec-mode", "none"]  # no sandbox check: the settings alone decide
@@ -247,7 +247,7 @@ def test_a_bad_config_json_is_refused_naming_the_file_and_the_field(
 def test_a_stage_script_refuses_a_setting_before_anything(tmp_path, script, flags, message):
     """python ppo.py / reward.py / dpo.py: the flag is refused, not 'sft is not done' or a late
     crash."""
-    settings.save_config(rlaif.make_config(init="micro", run_dir=str(tmp_path)), tmp_path)
+    config.save_config(rlaif.make_config(init="micro", run_dir=str(tmp_path)), tmp_path)
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(SystemExit) as e:
         script.main(["--run-dir", str(tmp_path), *flags])
@@ -256,7 +256,7 @@ def test_a_stage_script_refuses_a_setting_before_anything(tmp_path, script, flag
 
 
 def test_evaluate_refuses_a_recorded_setting_out_of_range(tmp_path):
-    settings.save_config(
+    config.save_config(
         rlaif.make_config(init="micro", run_dir=str(tmp_path), exec_timeout=0.0), tmp_path
     )
     with pytest.raises(SystemExit, match="config.json: refused:\n  exec_timeout 0.0: must be > 0"):
@@ -374,7 +374,7 @@ def test_a_bad_set_is_refused_naming_it_before_any_stage(tmp_path, no_stage_runs
 def test_every_declared_range_holds_at_the_presets_and_shows_in_help(capsys):
     """The presets are inside every range; --help shows each range beside its default."""
     for preset in rlaif.PRESETS:
-        assert settings.settings_problems(rlaif.make_config(preset)) == []
+        assert config.settings_problems(rlaif.make_config(preset)) == []
     with pytest.raises(SystemExit):
         rlaif.parse_args(["--help"])
     assert "(default: 0.7; paper: 1.0; > 0)" in re.sub(r"\s+", " ", capsys.readouterr().out)
@@ -679,7 +679,7 @@ def test_a_full_disk_ends_with_one_line_not_a_traceback(full_disk, name):
         init="micro", exec_mode="none", run_dir=str(run), sft_steps=2, sft_eval_every=1
     )
     if name == "sft.py":
-        settings.save_config(cfg, run)
+        config.save_config(cfg, run)
     flags = [*QUICK, "--sft-steps", 2, "--sft-eval-every", 1] if name == "rlaif.py" else []
     status, out = script(name, "--run-dir", run, *flags)
     assert status == 1, out

@@ -1,5 +1,5 @@
 """
-The settings of a run, and the command lines that set them.
+The settings of a run (config.py: Config and the command lines that set it).
   - Config: every setting of a run, recorded in run_dir/config.json (save_config); load_config()
     reads it back (another version's, naming a setting this one lacks, is refused). The sections
     sft, ppo, rm and dpo are the stages' own settings, defined in sft.py, ppo.py, reward.py and
