@@ -363,6 +363,7 @@ UPDATE_STATS = (
     "policy/clipfrac_avg",
     "policy/approxkl_avg",
     "objective/entropy",
+    "loss/grad_norm",
 )
 # what one gradient step reads of the batch: the answers, their masks and the rollout's numbers
 MINIBATCH_KEYS = (
@@ -402,8 +403,10 @@ def ppo_update(
             (loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i == len(starts) - 1:  # none carried past an epoch
                 average_gradients(params)  # torchrun: the global gradient; one process: none
-                # one norm over policy and critic, as lm-human-preferences clips their joint loss
-                torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
+                # one norm over policy and critic, as lm-human-preferences clips their joint loss;
+                # logged before clipping, so a reader sees whether grad_clip binds
+                norm = torch.nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
+                stats["loss/grad_norm"].append(norm.item())
                 for optimizer in optimizers:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """ppo.py's pieces against plain reference computations, and a short learning run that can fail."""
 
+import copy
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model import GPT, GPTConfig, ScalarModel
+from model import GPT, GPTConfig, ScalarModel, response_logprobs
 from ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -27,6 +28,7 @@ from ppo import (
     masked_var,
     minibatch_loss,
     policy_loss,
+    ppo_update,
     rloo_advantages,
     score_share,
     train_ppo,
@@ -506,3 +508,36 @@ def test_grpo_kl_term_adds_beta_k3_to_the_loss_and_pulls_toward_the_reference():
     assert loss.item() == pytest.approx(want_loss, rel=1e-5)
     loss.backward()
     assert policy.lm_head.bias.grad.tolist() == pytest.approx(want_grad, rel=1e-5, abs=1e-7)
+
+
+def test_the_logged_gradient_norm_is_the_joint_norm_before_clipping(tmp_path):
+    """loss/grad_norm: the norm over policy and critic of one minibatch's gradient, before
+    grad_clip scales it (the clipped norm would read grad_clip)."""
+    policy, _, value, sampling = toy(tmp_path)
+    sampling.grad_clip = 1e-4
+    torch.manual_seed(1)
+    B, Q, R = 8, 3, 5
+    tokens = (
+        torch.randint(0, EOT, (B, Q)),
+        torch.ones(B, Q, dtype=torch.long),
+        torch.randint(0, EOT, (B, R)),
+        torch.ones(B, R, dtype=torch.long),
+    )
+    with torch.no_grad():
+        logprobs = response_logprobs(policy, *tokens)
+        values = value_predictions(value, *tokens)
+    batch = dict(zip(("query", "query_mask", "response", "response_mask"), tokens, strict=True))
+    batch.update(mask=tokens[3].float(), logprobs=logprobs, ref_logprobs=logprobs, values=values)
+    batch.update(advantages=torch.randn(B, R), returns=torch.randn(B, R))
+    cfg = PPOConfig(batch_size=B, rollouts_per_prompt=1, minibatch_size=B, epochs=1)
+    # the expected norm: the same loss's gradient, on copies
+    p2, v2 = copy.deepcopy(policy), copy.deepcopy(value)
+    loss, _ = minibatch_loss(p2, v2, batch, cfg, sampling, 0.05, True)
+    loss.backward()
+    params = [*p2.parameters(), *v2.parameters()]
+    expected = torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None)).item()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (policy, value)]
+    generator = torch.Generator().manual_seed(0)
+    stats = ppo_update(policy, value, optimizers, batch, cfg, sampling, generator, 0.05, True)
+    assert expected > 100 * sampling.grad_clip
+    assert stats["loss/grad_norm"] == pytest.approx(expected, rel=1e-4)
