@@ -500,8 +500,7 @@ def check_answer_room(cfg, splits):
     if block is None:
         return
     tok = prepare.tokenizer(cfg.compact)
-    records = [r for split in splits.values() for r in split]
-    records += prepare.api_database_pairs(prepare.load_api_database()) if cfg.api_pairs else []
+    records = sft.training_records(cfg, [r for split in splits.values() for r in split])
     longest = max(len(prepare.prompt_ids(tok, r.instruction)) for r in records)
     # the reward model reads a tool report after the answer
     report = reward.REPORT_TOKENS if cfg.rm.tools else 0

@@ -113,6 +113,13 @@ def init_model(run_cfg, tok):
     return GPT.from_pretrained(run_cfg.init)  # HF weights: a local directory or a Hub name
 
 
+def training_records(run_cfg, records):
+    """SFT's training records: `records` and, with run_cfg.api_pairs, the API database's pairs."""
+    if not run_cfg.api_pairs:
+        return records
+    return records + prepare.api_database_pairs(prepare.load_api_database())
+
+
 def sft_examples(run_cfg, tok, records):
     """(prompt ids, answer ids ending in <|endoftext|>): the one prompt/answer format."""
     return [
@@ -227,8 +234,7 @@ def sft_stage(run_cfg, run, splits, out_dir=None):
     to run_dir/sft/model (out_dir/model: python sft.py --out DIR, no run directory)."""
     out_dir = Path(out_dir or run / "sft")
     tok = prepare.tokenizer(run_cfg.compact)
-    extra = prepare.api_database_pairs(prepare.load_api_database()) if run_cfg.api_pairs else []
-    train = sft_examples(run_cfg, tok, splits["train"] + extra)
+    train = sft_examples(run_cfg, tok, training_records(run_cfg, splits["train"]))
     val = sft_examples(run_cfg, tok, splits["val"])
     meter = FlopMeter()
     model, history = train_sft(tok, train, val, run_cfg.sft, run_cfg, out_dir)
