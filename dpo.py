@@ -178,7 +178,7 @@ def dpo_stage(cfg, run, splits, out_dir, **files):
     if is_main():
         atomic_dir(Path(out_dir) / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    return meter.summary(policy)
+    return meter.summary(policy, remeasure=True)
 
 
 def main(argv=None):

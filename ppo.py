@@ -921,7 +921,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
     if is_main():
         atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    return dict(history[-1] if history else {}, **meter.summary(policy))
+    return dict(history[-1] if history else {}, **meter.summary(policy, remeasure=True))
 
 
 def main(argv=None):

@@ -612,7 +612,7 @@ def reward_stage(cfg, run, splits, out_dir=None, **files):
         f"[reward] held-out pairwise accuracy {metrics['heldout_pairwise_accuracy']:.3f} "
         f"({metrics['heldout_pairs']} pairs) at the step kept, {metrics['kept_step']}"
     )
-    return dict(metrics, **meter.summary(rm.backbone))
+    return dict(metrics, **meter.summary(rm.backbone, remeasure=True))
 
 
 def main(argv=None):

@@ -177,7 +177,7 @@ def sft_answers(cfg, run, prompts, eot):
             cfg.seed,
             on_batch=progress_log("generate", "answers", lambda: meter.line(model)),
         )
-    return answers, meter.summary(model)
+    return answers, meter.summary(model, remeasure=True)
 
 
 def contrast_answers(cfg, tok, train, chosen, samples, start_id):
@@ -306,7 +306,7 @@ def rejection_sampling(cfg, run, splits, out):
     if is_main():
         atomic_dir(out / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
     val_loss = [h["val_loss"] for h in history if "val_loss" in h][-1]
-    return dict(picks=len(examples), steps=steps, val_loss=val_loss, **meter.summary(model))
+    return dict(picks=len(examples), steps=steps, val_loss=val_loss, **meter.summary(model, remeasure=True))
 
 
 def rejection_sampling_picks(answers, scores, eot, n, ppo_cfg):

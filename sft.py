@@ -244,7 +244,7 @@ def sft_stage(run_cfg, run, splits, out_dir=None):
         train_examples=len(train),
         final_loss=history[-1]["loss"],
         val_loss=[h["val_loss"] for h in history if "val_loss" in h][-1],
-        **meter.summary(model),
+        **meter.summary(model, remeasure=True),
     )
 
 

@@ -261,6 +261,42 @@ def test_unreadable_checkpoint_names_its_file(tmp_path):
         load_checkpoint(tmp_path / "cut.pt")
 
 
+def test_model_flops_are_palms_count_of_real_tokens():
+    # PaLM appendix B, counted here from the model's own weights: 2 per block weight per real token,
+    # 4 per layer, width and key per token, 2 per head weight per head row; 3x with a backward pass.
+    torch.manual_seed(0)
+    c = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+    net = GPT(c)
+    block_weights = sum(
+        m.weight.numel() for m in net.transformer.h.modules() if isinstance(m, torch.nn.Linear)
+    )
+    idx = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # 10 real tokens, 2 padding
+    per_token = 2 * block_weights + 4 * c.n_layer * c.n_embd * 6
+    start = GPT.flops_done
+    with torch.no_grad():
+        hidden = net.hidden_states(idx, mask)
+        net.head(hidden[:, -1])  # 2 head rows
+    assert GPT.flops_done - start == 10 * per_token + 2 * 2 * c.n_embd * c.vocab_size
+    start = GPT.flops_done
+    net(idx, mask).sum().backward()  # 12 head rows; padding's rows go through the head too
+    assert GPT.flops_done - start == 3 * (10 * per_token + 12 * 2 * c.n_embd * c.vocab_size)
+
+
+def test_a_matmul_rate_taken_under_load_is_replaced_by_a_faster_one(monkeypatch):
+    import model
+
+    c = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32)
+    monkeypatch.setattr(model, "MATMUL_RATES", {})
+    first = model.matmul_rate(c, rows=64)
+    key = next(iter(model.MATMUL_RATES))
+    model.MATMUL_RATES[key] = 1.0  # as if other work had held the cores when it was measured
+    assert model.matmul_rate(c, rows=64) == 1.0  # measured once a process...
+    assert model.matmul_rate(c, rows=64, refresh=True) > 1.0  # ...until a stage's end asks again
+    model.MATMUL_RATES[key] = 1e30  # an earlier, faster reading is the peak: kept
+    assert model.matmul_rate(c, rows=64, refresh=True) == 1e30 and first > 0
+
+
 # Run in a fresh interpreter beside a lone copy of model.py: it must import, build, run, save,
 # load and sample with nothing of the project around it (issue 47: "model.py copyable alone").
 COPIED_ALONE = """
