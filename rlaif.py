@@ -306,7 +306,9 @@ def rejection_sampling(cfg, run, splits, out):
     if is_main():
         atomic_dir(out / "model", lambda d: model.save_pretrained(d, eot=tok.eot))
     val_loss = [h["val_loss"] for h in history if "val_loss" in h][-1]
-    return dict(picks=len(examples), steps=steps, val_loss=val_loss, **meter.summary(model, remeasure=True))
+    return dict(
+        picks=len(examples), steps=steps, val_loss=val_loss, **meter.summary(model, remeasure=True)
+    )
 
 
 def rejection_sampling_picks(answers, scores, eot, n, ppo_cfg):
