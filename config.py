@@ -153,8 +153,9 @@ class Config:
     ] = False
     compare: Annotated[
         bool,
-        "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO and "
-        "best-of-n from the same SFT model and feedback, in the same results table",
+        "[not in the paper] also d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, "
+        "rejection sampling and best-of-n from the same SFT model and feedback, in the same "
+        "results table",
     ] = False
     best_of_n: Annotated[
         int, "answers sampled per test question for --compare's best-of-n", ">= 1"

@@ -671,7 +671,7 @@ def response_logprobs(
     Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions
     that predict a real response token: in a padded batch most positions are prompt or padding, and
     the head is about half of a small model's compute. with_entropy: also each position's entropy
-    (B, R)."""
+    (B, R), without gradient."""
     hidden = model.hidden_states(
         torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     )
@@ -686,7 +686,8 @@ def response_logprobs(
     if not with_entropy:
         return logprobs
     entropy = torch.zeros_like(logprobs)
-    entropy[real] = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # a statistic: autograd would keep another (tokens, vocab) tensor for it
+        entropy[real] = -(logp.exp() * logp).sum(-1)
     return logprobs, entropy
 
 

@@ -121,8 +121,8 @@ class PPOConfig:
     ] = 1.0
     whiten_advantages: Annotated[
         bool,
-        "whiten advantages over the batch [N-details]; off: a batch with no "
-        "reward signal would be scaled up to full-size steps",
+        "whiten advantages over the batch [N-details]; off by default, since whitening "
+        "scales a batch with no reward signal up to full-size steps",
     ] = False
     cliprange: Annotated[float, "PPO ratio clip epsilon", "> 0"] = 0.2
     cliprange_value: Annotated[float, "value-prediction clip around the rollout values", "> 0"] = (
@@ -134,7 +134,10 @@ class PPOConfig:
         bool, "adapt beta toward target_kl (Ziegler et al. 2019); off keeps it fixed"
     ] = False
     target_kl: Annotated[
-        float, "target KL(policy || SFT) per answer, in nats (adaptive_kl only)", "> 0"
+        float,
+        "target KL(policy || SFT) per answer, in nats (adaptive_kl only; older TRL's `target`, "
+        "not TRL's early-stopping target_kl)",
+        "> 0",
     ] = 3.0
     # Ziegler et al.'s horizon, 10,000 answers, was small beside their millions; at 1,000, 32
     # answers an iteration could move beta by x1.0064 at most (x1.3 over 40 iterations). At 128
@@ -142,8 +145,9 @@ class PPOConfig:
     kl_horizon: Annotated[int, "KL controller horizon, in answers (adaptive_kl only)", ">= 1"] = 128
     missing_eos_penalty: Annotated[
         float,
-        "added to the score of answers cut off before <|endoftext|> "
-        "[N-details: EOS trick]; 0 disables",
+        "added to the score of answers cut off before <|endoftext|>, so negative (TRL's option "
+        "of this name is positive and subtracted; lm-human-preferences replaces the score with "
+        "-1) [N-details: EOS trick]; 0 disables",
     ] = -1.0
     val_every: Annotated[
         int,
@@ -208,7 +212,7 @@ def train_ppo(
         )
         # 2-3. rewards, advantages and returns, on every rank's answers
         global_batch = gather_batch(batch)  # one process: the batch itself
-        baselined_score, kl, advantages, returns, mc_returns = advantages_and_returns(
+        share, kl, advantages, returns, mc_returns = advantages_and_returns(
             global_batch, cfg, kl_coef
         )
         # 4. update on this rank's rows (one process: all); in the critic warm-up, the critic alone
@@ -223,9 +227,7 @@ def train_ppo(
         # 5. KL controller: beta for the next iteration (fixed beta, the default: no change)
         kl_ctl.update(kl.sum(1).mean().item(), cfg.batch_size)
         # record: metrics, validation, log line, sample, checkpoint
-        row = iteration_metrics(
-            it, cfg, global_batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats
-        )
+        row = iteration_metrics(it, cfg, global_batch, share, kl, mc_returns, kl_coef, stats)
         row.update(iteration_times(batch, t_update, meter, policy))
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
@@ -336,9 +338,10 @@ ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
 
 
 def advantages_and_returns(batch, cfg, kl_coef):
-    """Steps 2-3: (baselined score, per-token KL, advantages, returns, Monte-Carlo returns) of a
-    rollout batch. Three scores: batch["score"] (the reward's), eos_score (with the end-of-text
-    penalty) and baselined_score (eos_score minus the mean of the prompt's other answers).
+    """Steps 2-3: (the score's share of the advantages, per-token KL, advantages, returns,
+    Monte-Carlo returns) of a rollout batch. Three scores: batch["score"] (the reward's),
+    eos_score (with the end-of-text penalty) and baselined_score (eos_score minus the mean of the
+    prompt's other answers).
     returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
     the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
     statistics."""
@@ -351,9 +354,11 @@ def advantages_and_returns(batch, cfg, kl_coef):
     rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
     # the rewards to go, which explained_variance measures the critic against
     _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
+    # before whitening, which rescales the advantages; GRPO's are the normalised score alone
+    share = 1.0 if cfg.advantage == "grpo" else score_share(baselined_score, advantages, mask, cfg)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)
-    return baselined_score, kl, advantages, returns, mc_returns
+    return share, kl, advantages, returns, mc_returns
 
 
 # the update's statistics, in the order of a metrics row
@@ -547,7 +552,8 @@ def whiten(x, mask):
 def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: max(-A r, -A clip(r, 1-e, 1+e)),
     with the fraction of tokens where the clip is active and the approximate KL
-    0.5 (log r)^2 of the update (CleanRL's `clipfrac`, `approx_kl`)."""
+    0.5 (log r)^2 of the update (CleanRL's `clipfrac`; TRL's `approxkl`, where CleanRL's
+    approx_kl is (r - 1) - log r)."""
     ratio = torch.exp(new_logprobs - logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -613,12 +619,14 @@ def explained_variance(values, returns, mask):
     return 1 - masked_var(returns - values, mask).item() / var
 
 
-def score_share(score, advantages, mask, gamma, lam):
+def score_share(score, advantages, mask, cfg):
     """The share of the advantages' variance that the score's own contribution would have alone:
-    near 1, the update follows the reward; near 0, it follows the critic and the KL term."""
+    near 1, the update follows the reward; near 0, it follows the critic and the KL term. (GAE's
+    lambda without a critic is 1: the score reaches every token.)"""
     rewards = torch.zeros_like(advantages)
     rewards[torch.arange(len(score)), mask.sum(1).long() - 1] = score
-    from_score, _ = gae(rewards, torch.zeros_like(advantages), mask, gamma, lam)
+    lam = cfg.lam if cfg.advantage == "gae" else 1.0
+    from_score, _ = gae(rewards, torch.zeros_like(advantages), mask, cfg.gamma, lam)
     return (masked_var(from_score, mask) / masked_var(advantages, mask).clamp(min=1e-8)).item()
 
 
@@ -662,9 +670,9 @@ def own_rows(x, batch):
 def global_means(means, n):
     """Step 4's means over this rank's n real tokens -> means over every rank's tokens: each rank's
     mean weighted by its share of the tokens, n / N. distributed.all_sum is differentiable, so a
-    loss built from these is the global minibatch's loss and each rank's backward pass gets its
-    share of the gradient (distributed.average_gradients then adds the shares). One process: the
-    means as they are."""
+    loss built from these is the global minibatch's loss; all_sum's backward pass sums the ranks'
+    gradients, so each rank holds the world size times its share, and
+    distributed.average_gradients divides by the world size. One process: the means as they are."""
     if DIST.world == 1:
         return means
     total = all_sum(n).clamp(min=1)
@@ -690,7 +698,7 @@ def in_critic_warmup(cfg, it):
     return cfg.advantage == "gae" and it < cfg.critic_warmup
 
 
-def iteration_metrics(it, cfg, batch, baselined_score, kl, advantages, mc_returns, kl_coef, stats):
+def iteration_metrics(it, cfg, batch, share, kl, mc_returns, kl_coef, stats):
     """The iteration's metrics row, over every rank's answers. TRL's names where TRL has the metric
     (objective/, policy/, loss/, val/, lr, episode), its GRPO trainer's for completions/; eval/
     (greedy validation) and time/ are ours (docs/metrics.md)."""
@@ -705,12 +713,11 @@ def iteration_metrics(it, cfg, batch, baselined_score, kl, advantages, mc_return
         "objective/scores": batch["score"].mean().item(),
         "objective/scores_std": batch["score"].std().item(),
         "objective/kl": mean_kl,
-        "objective/non_score_reward": -kl_coef * mean_kl,
+        # the KL penalty's part of the reward; GRPO's KL is a loss term, not a reward
+        "objective/non_score_reward": 0.0 if cfg.advantage == "grpo" else -kl_coef * mean_kl,
         "objective/kl_coef": kl_coef,
         **stats,
-        "objective/score_share": score_share(
-            baselined_score, advantages, mask, cfg.gamma, cfg.lam if critic else 1.0
-        ),
+        "objective/score_share": share,
         "val/explained_variance": (
             explained_variance(batch["values"], mc_returns, mask) if critic else None
         ),

@@ -14,7 +14,8 @@ Gorilla APIBench HuggingFace split, data/gorilla/prepare.py) is read before the 
   4. reward    reward model trained on the judge's scores         reward.reward_stage
   5. ppo       PPO against the reward model, KL penalty to SFT    ppo.ppo_stage
   6. compare   [not in the paper, --compare] the same feedback    compare_stage below, dpo.py
-               five more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, best-of-n
+               six more ways: d-RLAIF (PPO on the judge's score), RLOO, GRPO, DPO, rejection
+               sampling, best-of-n
   7. evaluate  SFT vs RLAIF (vs those) vs Gorilla-7B, held out    evaluate.evaluate_stage
 Here: the presets, the sample and compare stages, the checks made before any stage runs, the run
 directory and the command line. Results land in run_dir/evaluate/results.md (and in its done.json).
@@ -235,7 +236,7 @@ def contrast_answers(cfg, tok, train, chosen, samples, start_id):
 
 
 # -----------------------------------------------------------------------------
-# 6. [not in the paper] The same feedback used five more ways, for one table (--compare)
+# 6. [not in the paper] The same feedback used six more ways, for one table (--compare)
 
 
 def compare_stage(cfg, run, splits):
@@ -774,7 +775,9 @@ def judge_plan_text(cfg, train, n_answers):
 def plan_lines(cfg, splits):
     """One line per stage: what it would do with these settings."""
     train = splits["train"]
-    n_prompts = min(cfg.sampled_instructions, len(train))
+    # the Hub's train file is not read offline: its instructions (thousands) are assumed enough
+    hub = cfg.train_file == prepare.HUB_TRAIN
+    n_prompts = cfg.sampled_instructions if hub else min(cfg.sampled_instructions, len(train))
     n_answers = n_prompts * (cfg.answers_per_instruction + (3 if cfg.contrast_answers else 0))
     cap = f", capped at ${cfg.judge_max_usd}" if cfg.judge_max_usd else ""
     judge = judge_plan_text(cfg, train, n_answers)
@@ -782,11 +785,12 @@ def plan_lines(cfg, splits):
     compare = (
         f"d-RLAIF, RLOO and GRPO ({cfg.ppo.iterations} x {cfg.ppo.batch_size} rollouts each; "
         f"d-RLAIF asks the judge {rollouts * len(QUESTIONS):,} questions), "
-        f"DPO {cfg.dpo.steps} steps, best-of-{cfg.best_of_n}"
+        f"DPO {cfg.dpo.steps} steps, rejection sampling, best-of-{cfg.best_of_n}"
     )
     return dict(
         sft=f"{cfg.sft.steps} steps x {cfg.sft.batch_size * cfg.sft.grad_accum} examples of "
-        f"{len(train)} instructions{' + 936 API-database pairs' if cfg.api_pairs else ''}",
+        f"{'the Hub train split' if hub else f'{len(train)} instructions'}"
+        f"{' + 936 API-database pairs' if cfg.api_pairs else ''}",
         sample=f"{n_prompts} instructions x {cfg.answers_per_instruction} answers at "
         f"T={cfg.temperature}{' + 3 contrast answers each' if cfg.contrast_answers else ''}",
         feedback=f"{n_answers} answers x {len(QUESTIONS)} questions; {judge}{cap}",
@@ -809,7 +813,12 @@ def print_plan(cfg, until):
     log(
         f"[dry run] {cfg.run_dir}: {cfg.init} ({model_size(cfg)} parameters), device {cfg.device}; "
         "nothing is run"
-        + (" (sizes of the offline split: the Hub's train file is not read)" if hub else "")
+        + (
+            f" (the Hub's train file is not read: {cfg.sampled_instructions} of its instructions"
+            " assumed; other sizes are the offline split's)"
+            if hub
+            else ""
+        )
     )
     for name in names:
         log(f"  {name:9s} {lines[name]}")

@@ -159,7 +159,26 @@ def test_score_share_is_the_scores_share_of_the_advantages_variance():
     twice that have 4 times its variance, a share of 1/4."""
     score, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 3)
     advantages = 2 * score[:, None] * mask
-    assert abs(score_share(score, advantages, mask, 1.0, 1.0) - 0.25) < 1e-6
+    assert abs(score_share(score, advantages, mask, PPOConfig(gamma=1.0, lam=1.0)) - 0.25) < 1e-6
+
+
+@pytest.mark.parametrize("advantage", ["gae", "rloo", "grpo"])
+def test_score_share_reads_the_same_with_whitened_advantages(advantage):
+    """Whitening rescales the advantages, not the score's share of them; GRPO's advantages are the
+    score alone, whatever its scale."""
+    torch.manual_seed(0)
+    logprobs, ref_logprobs = torch.randn(8, 5), torch.randn(8, 5)
+    batch = rollout_batch([0.3, -1.0, 2.0, 0.5, 0.0, 1.5, -0.7, 0.9], logprobs, ref_logprobs)
+    batch["values"] = torch.randn(8, 5)
+    shares = [
+        advantages_and_returns(
+            batch, PPOConfig(advantage=advantage, rollouts_per_prompt=4, whiten_advantages=w), 0.05
+        )[0]
+        for w in (False, True)
+    ]
+    assert shares[0] == pytest.approx(shares[1]) and shares[0] > 0
+    if advantage == "grpo":
+        assert shares[0] == 1.0
 
 
 def test_validation_is_due_after_the_first_every_nth_and_the_last_iteration():
