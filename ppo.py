@@ -241,6 +241,38 @@ def train_ppo(
     return history
 
 
+# Before the loop: step 5's KL controller and the state a run resumes from
+
+
+def kl_controller(cfg):
+    """Step 5's controller: fixed beta (the default; its update does nothing) or adaptive."""
+    if not cfg.adaptive_kl:
+        return FixedKLController(cfg.init_kl_coef)
+    log(
+        f"[ppo] adaptive KL: target {cfg.target_kl} nats; beta can move by x{kl_reach(cfg):.3g} "
+        f"at most over {cfg.iterations} iterations (kl_horizon {cfg.kl_horizon} answers)"
+    )
+    return AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+
+def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
+    """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
+    ckpt_file (kl_ctl's beta too). AdamW without weight decay (training.make_optimizer); the value
+    model has its own optimizer and learning rate (vf_lr)."""
+    if (value_model is not None) != (cfg.advantage == "gae"):
+        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
+    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
+    modules = dict(policy=policy)
+    if value_model is not None:
+        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
+        modules["value"] = value_model
+    iteration, history, ckpt = resume(ckpt_file, device, None, "ppo", log, "iteration", **modules)
+    for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
+        optimizer.load_state_dict(state)
+    kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
+    return optimizers, modules, iteration, history
+
+
 # -----------------------------------------------------------------------------
 # One iteration: rollout, advantages, update (train_ppo calls them in this order)
 
@@ -305,6 +337,30 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
     )
 
 
+def advantages_and_returns(batch, cfg, kl_coef):
+    """Steps 2-3: (the score's share of the advantages, per-token KL, advantages, returns,
+    Monte-Carlo returns) of a rollout batch. Three scores: batch["score"] (the reward's),
+    eos_score (with the end-of-text penalty) and baselined_score (eos_score minus the mean of the
+    prompt's other answers).
+    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
+    the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
+    statistics."""
+    mask, k = batch["mask"], cfg.rollouts_per_prompt
+    eos_score = eos_penalised(batch["score"], batch["ended"], cfg.missing_eos_penalty)
+    # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
+    # reward's variance is between prompts (how hard the task is), which no action changes
+    baselined_score = leave_one_out(eos_score, k)
+    estimate = ESTIMATORS[cfg.advantage]
+    rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
+    # the rewards to go, which explained_variance measures the critic against
+    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
+    # before whitening, which rescales the advantages; GRPO's are the normalised score alone
+    share = 1.0 if cfg.advantage == "grpo" else score_share(baselined_score, advantages, mask, cfg)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return share, kl, advantages, returns, mc_returns
+
+
 def gae_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
     """PPO, the paper's: the KL penalty in the per-token reward, the baseline-corrected score at
     the last token, GAE over the critic's values. -> (rewards, kl, advantages, returns)"""
@@ -335,30 +391,6 @@ def grpo_estimator(batch, baselined_score, eos_score, cfg, kl_coef):
 
 # the advantage estimators by --advantage: step 3 of the loop takes one, with one signature
 ESTIMATORS = dict(gae=gae_estimator, rloo=rloo_estimator, grpo=grpo_estimator)
-
-
-def advantages_and_returns(batch, cfg, kl_coef):
-    """Steps 2-3: (the score's share of the advantages, per-token KL, advantages, returns,
-    Monte-Carlo returns) of a rollout batch. Three scores: batch["score"] (the reward's),
-    eos_score (with the end-of-text penalty) and baselined_score (eos_score minus the mean of the
-    prompt's other answers).
-    returns is None for RLOO and GRPO, which have no critic to train. Each advantage subtracts
-    the prompt's baseline once: GAE from the baselined score, RLOO and GRPO from their own group
-    statistics."""
-    mask, k = batch["mask"], cfg.rollouts_per_prompt
-    eos_score = eos_penalised(batch["score"], batch["ended"], cfg.missing_eos_penalty)
-    # [not in the paper] minus the mean score of the prompt's other answers: most of a learned
-    # reward's variance is between prompts (how hard the task is), which no action changes
-    baselined_score = leave_one_out(eos_score, k)
-    estimate = ESTIMATORS[cfg.advantage]
-    rewards, kl, advantages, returns = estimate(batch, baselined_score, eos_score, cfg, kl_coef)
-    # the rewards to go, which explained_variance measures the critic against
-    _, mc_returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
-    # before whitening, which rescales the advantages; GRPO's are the normalised score alone
-    share = 1.0 if cfg.advantage == "grpo" else score_share(baselined_score, advantages, mask, cfg)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return share, kl, advantages, returns, mc_returns
 
 
 # the update's statistics, in the order of a metrics row
@@ -454,8 +486,8 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
 
 
 # -----------------------------------------------------------------------------
-# The math of steps 2-4, in the order of an iteration, each a few lines of single-process tensor
-# code, each tested in tests/test_ppo.py
+# The math of steps 1-5 (the value head's predictions of steps 1 and 4, then steps 2-5 in order),
+# each a few lines of single-process tensor code, each tested in tests/test_ppo.py
 
 
 def masked_mean(x, mask):
@@ -477,6 +509,12 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
     return values[:, Q - 1 : -1].float() * response_mask
 
 
+def eos_penalised(score, ended, missing_eos_penalty):
+    """The score plus missing_eos_penalty for an answer cut off before <|endoftext|>
+    [N-details: EOS trick]."""
+    return torch.where(ended, score, score + missing_eos_penalty)
+
+
 def leave_one_out(x, k):
     """x_i minus the mean of the other k-1 entries of its group; groups are k consecutive entries
     (the answers to one prompt). The baseline does not depend on x_i, so the policy gradient stays
@@ -486,12 +524,6 @@ def leave_one_out(x, k):
         return x
     groups = x.view(-1, k)
     return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
-
-
-def eos_penalised(score, ended, missing_eos_penalty):
-    """The score plus missing_eos_penalty for an answer cut off before <|endoftext|>
-    [N-details: EOS trick]."""
-    return torch.where(ended, score, score + missing_eos_penalty)
 
 
 def compute_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
@@ -767,35 +799,6 @@ def log_sample(batch, kl, decode):
     answer = batch["response"][0][: int(batch["mask"][0].sum())].tolist()
     score, answer_kl = batch["score"][0].item(), kl[0].sum().item()
     log(f"[ppo]   sample (score {score:+.2f}, kl {answer_kl:.2f}): {decode(answer)[:300]!r}")
-
-
-def kl_controller(cfg):
-    """Step 5's controller: fixed beta (the default; its update does nothing) or adaptive."""
-    if not cfg.adaptive_kl:
-        return FixedKLController(cfg.init_kl_coef)
-    log(
-        f"[ppo] adaptive KL: target {cfg.target_kl} nats; beta can move by x{kl_reach(cfg):.3g} "
-        f"at most over {cfg.iterations} iterations (kl_horizon {cfg.kl_horizon} answers)"
-    )
-    return AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-
-
-def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
-    """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
-    ckpt_file (kl_ctl's beta too). AdamW without weight decay (training.make_optimizer); the value
-    model has its own optimizer and learning rate (vf_lr)."""
-    if (value_model is not None) != (cfg.advantage == "gae"):
-        raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
-    optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
-    modules = dict(policy=policy)
-    if value_model is not None:
-        optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
-        modules["value"] = value_model
-    iteration, history, ckpt = resume(ckpt_file, device, None, "ppo", log, "iteration", **modules)
-    for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
-        optimizer.load_state_dict(state)
-    kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
-    return optimizers, modules, iteration, history
 
 
 def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
