@@ -510,8 +510,9 @@ def value_predictions(value_model, query, query_mask, response, response_mask):
 
 
 def eos_penalised(score, ended, missing_eos_penalty):
-    """The score plus missing_eos_penalty for an answer cut off before <|endoftext|>
-    [N-details: EOS trick]."""
+    """The score plus missing_eos_penalty for an answer cut off before <|endoftext|> [N-details:
+    EOS trick, which replaces the score with -1 instead; adding keeps the reward model's order
+    among cut-off answers, as TRL's subtracted missing_eos_penalty does]."""
     return torch.where(ended, score, score + missing_eos_penalty)
 
 
