@@ -300,6 +300,13 @@ def test_dry_run_of_the_paper_configuration_prints_the_plan_offline(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gpt2-large" in out.stdout and "requests" in out.stdout and "$" in out.stdout
+    # the judge is sized on the Hub split's sampled instructions, not the offline split's 660
+    import rlaif
+    from judge import QUESTIONS
+
+    cfg = rlaif.make_config("paper")
+    requests = cfg.sampled_instructions * cfg.answers_per_instruction * len(QUESTIONS)
+    assert f" {requests:,} requests" in out.stdout, out.stdout
     for stage in ("sft", "sample", "feedback", "reward", "ppo", "evaluate"):
         assert f"  {stage}" in out.stdout
     assert not any(tmp_path.iterdir())  # nothing written
