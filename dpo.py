@@ -205,7 +205,7 @@ def main(argv=None):
     )
     if given is not None:
         prepare_out(cfg, run, force, "dpo")
-        splits = prepare.load_splits(cfg.train_file)
+        splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
         run_alone(run, lambda: dpo_stage(cfg, None, splits, run, **given))
         return
     require_done(run, ("sft", "sample", "feedback"))
@@ -220,7 +220,10 @@ def main(argv=None):
         if is_main():
             save_config(cfg, run)
         barrier()
-        run_part(out, lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file), o))
+        run_part(
+            out,
+            lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file, cfg.val_percent), o),
+        )
     log(f"[dpo] done -> {out / 'model'}")
 
 

@@ -590,7 +590,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
     if until == "evaluate":
         check_sandbox_runs(cfg)
     # a bad train file is refused before the run starts
-    splits = prepare.load_splits(cfg.train_file, log=log)
+    splits = prepare.load_splits(cfg.train_file, cfg.val_percent, log=log)
     check_answer_room(cfg, splits)
     check_stage_inputs(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)
@@ -808,7 +808,9 @@ def print_plan(cfg, until):
     writing."""
     names = list(STAGES)[: list(STAGES).index(until) + 1]
     hub = cfg.train_file == prepare.HUB_TRAIN
-    splits = prepare.load_splits("" if hub else cfg.train_file, log=lambda *a: None)
+    splits = prepare.load_splits(
+        "" if hub else cfg.train_file, cfg.val_percent, log=lambda *a: None
+    )
     lines = plan_lines(cfg, splits)
     log(
         f"[dry run] {cfg.run_dir}: {cfg.init} ({model_size(cfg)} parameters), device {cfg.device}; "

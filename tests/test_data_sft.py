@@ -204,3 +204,27 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     assert {"loss", "lr", "tokens_per_s"} <= set(rows[0])
+
+
+def test_a_larger_validation_set_keeps_the_test_questions_and_takes_only_train_ones():
+    """--val-percent 20 (for choosing settings): the same 176 test questions, the 5% validation
+    set inside the larger one, the rest taken from train, and the three still disjoint."""
+    import evaluate
+    import rlaif
+
+    records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True, log=lambda *a: None)
+    small, large = prepare.offline_splits(records), prepare.offline_splits(records, 20)
+    lines = {k: {r.line for r in v} for k, v in small.items()}
+    large_lines = {k: {r.line for r in v} for k, v in large.items()}
+    assert large_lines["test"] == lines["test"]
+    assert lines["val"] < large_lines["val"]
+    assert large_lines["val"] - lines["val"] <= lines["train"]
+    assert large_lines["train"] == lines["train"] - large_lines["val"]
+    assert len(large["val"]) >= 150 and len(small["val"]) < 60
+    # the flag reaches the stages: the run's splits, and what evaluate --eval-split val answers
+    cfg, _, _ = rlaif.parse_args(["--val-percent", "20", "--eval-split", "val"])
+    splits = prepare.load_splits(cfg.train_file, cfg.val_percent, log=lambda *a: None)
+    assert {r.line for r in evaluate.eval_questions(cfg, splits)} == large_lines["val"]
+    # 90 would leave no training instructions
+    with pytest.raises(SystemExit, match="--val-percent 90: must be"):
+        rlaif.refuse_bad_settings(rlaif.parse_args(["--val-percent", "90"])[0])

@@ -166,8 +166,14 @@ def load_records(path=EVAL_FILE, skip_bad=False, log=print):
     return records
 
 
-def split_of(record, test_percent=20, val_percent=5):
-    """Deterministic split by a stable hash of the instruction (same on every machine and run)."""
+TEST_PERCENT = 20  # the held-out test questions: hash buckets 0-19, whatever val_percent is
+VAL_PERCENT = 5  # validation: the next buckets (5: 51 questions; 20: about 180)
+
+
+def split_of(record, val_percent=VAL_PERCENT, test_percent=TEST_PERCENT):
+    """Deterministic split by a stable hash of the instruction (same on every machine and run).
+    Validation takes the buckets after the test's, so a larger val_percent keeps the same test
+    questions and the smaller validation set's, and takes the rest from train."""
     bucket = int(hashlib.sha256(record.instruction.encode()).hexdigest(), 16) % 100
     return (
         "test"
@@ -178,24 +184,24 @@ def split_of(record, test_percent=20, val_percent=5):
     )
 
 
-def offline_splits(records):
+def offline_splits(records, val_percent=VAL_PERCENT):
     """[offline stand-in] APIBench's train file is not available offline: a hash split of the eval
     file."""
     out = {"train": [], "val": [], "test": []}
     for r in records:
-        out[split_of(r)].append(r)
+        out[split_of(r, val_percent)].append(r)
     return out
 
 
 HUB_TRAIN = "hub"  # train_file value: APIBench's huggingface_train.json from the Hub dataset
 
 
-def load_splits(train_file="", log=print):
-    """train / val / test records. Test is always the held-out part of the eval file. train_file: ""
-    (the offline split of the eval file), "hub" (APIBench's train file), or a local file of that
-    schema; a train file without one usable record ends the program, naming the file, the line and
-    the reason."""
-    splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log))
+def load_splits(train_file="", val_percent=VAL_PERCENT, log=print):
+    """train / val / test records. Test and validation are always held-out parts of the eval file
+    (val_percent of it validation). train_file: "" (the rest of the eval file), "hub" (APIBench's
+    train file), or a local file of that schema; a train file without one usable record ends the
+    program, naming the file, the line and the reason."""
+    splits = offline_splits(load_records(EVAL_FILE, skip_bad=True, log=log), val_percent)
     if train_file:
         log(
             "[data] split: train = "
@@ -209,7 +215,8 @@ def load_splits(train_file="", log=print):
     else:
         log(
             "[data] split: OFFLINE stand-in - APIBench's train file is not available here, so the "
-            "eval file is split by a stable hash of the instruction (20% test, 5% val, 75% train)"
+            "eval file is split by a stable hash of the instruction "
+            f"({TEST_PERCENT}% test, {val_percent}% val, {100 - TEST_PERCENT - val_percent}% train)"
         )
     log(
         f"[data] train {len(splits['train'])}, val {len(splits['val'])}, "
