@@ -205,7 +205,7 @@ def main(argv=None):
     )
     if given is not None:
         prepare_out(cfg, run, force, "dpo")
-        splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
+        splits = prepare.run_splits(cfg)
         run_alone(run, lambda: dpo_stage(cfg, None, splits, run, **given))
         return
     require_done(run, ("sft", "sample", "feedback"))
@@ -222,7 +222,7 @@ def main(argv=None):
         barrier()
         run_part(
             out,
-            lambda o: dpo_stage(cfg, run, prepare.load_splits(cfg.train_file, cfg.val_percent), o),
+            lambda o: dpo_stage(cfg, run, prepare.run_splits(cfg), o),
         )
     log(f"[dpo] done -> {out / 'model'}")
 

@@ -828,9 +828,7 @@ def run_dir_stage(args, p):
     cfg, run, _ = stage_command_line(
         "evaluate", p.description, ["--run-dir", args.run_dir] + ["--force"] * args.force
     )
-    return run_stage(
-        cfg, run, "evaluate", evaluate_stage, prepare.load_splits(cfg.train_file, cfg.val_percent)
-    )
+    return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.run_splits(cfg))
 
 
 def answers_to_score(args):

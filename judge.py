@@ -1101,7 +1101,7 @@ def main(argv=None):
         argv,
         inputs=("samples",),
     )
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
+    splits = prepare.run_splits(cfg)
     if given is not None:
         run_alone(run, lambda: feedback_stage(cfg, None, splits, out_dir=run, **given))
     else:

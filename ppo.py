@@ -949,7 +949,7 @@ def main(argv=None):
         section_cls=PPOConfig,
         inputs=("sft_model", "reward_model"),
     )
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
+    splits = prepare.run_splits(cfg)
     if given is not None:
         run_alone(run, lambda: ppo_stage(cfg, None, splits, out_dir=run, **given))
     else:

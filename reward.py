@@ -629,7 +629,7 @@ def main(argv=None):
         section_cls=RMConfig,
         inputs=("sft_model", "samples", "feedback"),
     )
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
+    splits = prepare.run_splits(cfg)
     if given is not None:
         run_alone(run, lambda: reward_stage(cfg, None, splits, out_dir=run, **given))
     else:

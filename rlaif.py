@@ -590,7 +590,7 @@ def run_pipeline(cfg, from_stage=None, until="evaluate"):
     if until == "evaluate":
         check_sandbox_runs(cfg)
     # a bad train file is refused before the run starts
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent, log=log)
+    splits = prepare.run_splits(cfg, log=log)
     check_answer_room(cfg, splits)
     check_stage_inputs(cfg, splits)
     run = prepare_run_dir(cfg, from_stage)

@@ -262,7 +262,7 @@ def main(argv=None):
         SFTConfig,
         inputs=(),
     )
-    splits = prepare.load_splits(run_cfg.train_file, run_cfg.val_percent)
+    splits = prepare.run_splits(run_cfg)
     if given is not None:
         run_alone(run, lambda: sft_stage(run_cfg, None, splits, out_dir=run))
     else:

@@ -41,7 +41,7 @@ def main():
     args = p.parse_args()
     cfg = rlaif.make_config("tiny")
     tok = prepare.tokenizer(cfg.compact)
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent)
+    splits = prepare.run_splits(cfg)
     train = sft.sft_examples(cfg, tok, sft.training_records(cfg, splits["train"]))
     torch.manual_seed(0)
     eager = sft.init_model(cfg, tok)

@@ -136,7 +136,7 @@ def main():
     run = Path(args.run_dir)
     cfg = load_config(run)
     tok = prepare.tokenizer(cfg.compact)
-    records = prepare.load_splits(cfg.train_file, cfg.val_percent)["val"]
+    records = prepare.run_splits(cfg)["val"]
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in records]
     sft = GPT.from_pretrained(run / RUN_FILES["sft_model"]).eval()
     ppo = GPT.from_pretrained(run / RUN_FILES["ppo_model"]).eval()

@@ -223,7 +223,7 @@ def test_a_larger_validation_set_keeps_the_test_questions_and_takes_only_train_o
     assert len(large["val"]) >= 150 and len(small["val"]) < 60
     # the flag reaches the stages: the run's splits, and what evaluate --eval-split val answers
     cfg, _, _ = rlaif.parse_args(["--val-percent", "20", "--eval-split", "val"])
-    splits = prepare.load_splits(cfg.train_file, cfg.val_percent, log=lambda *a: None)
+    splits = prepare.run_splits(cfg, log=lambda *a: None)
     assert {r.line for r in evaluate.eval_questions(cfg, splits)} == large_lines["val"]
     # 90 would leave no training instructions
     with pytest.raises(SystemExit, match="--val-percent 90: must be"):

@@ -167,7 +167,7 @@ def load_records(path=EVAL_FILE, skip_bad=False, log=print):
 
 
 TEST_PERCENT = 20  # the held-out test questions: hash buckets 0-19, whatever val_percent is
-VAL_PERCENT = 5  # validation: the next buckets (5: 51 questions; 20: about 180)
+VAL_PERCENT = 5  # validation: the next buckets (5: 51 questions; 20: 190)
 
 
 def split_of(record, val_percent=VAL_PERCENT, test_percent=TEST_PERCENT):
@@ -223,6 +223,12 @@ def load_splits(train_file="", val_percent=VAL_PERCENT, log=print):
         f"test {len(splits['test'])} records"
     )
     return splits
+
+
+def run_splits(cfg, log=print):
+    """load_splits with a run's settings (cfg.train_file, cfg.val_percent): how every stage gets
+    its splits, so that a setting of the split reaches them all."""
+    return load_splits(cfg.train_file, cfg.val_percent, log=log)
 
 
 def train_records(train_file, log=print):
