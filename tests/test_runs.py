@@ -153,7 +153,7 @@ if sys.argv[1] == "keep":
 for _ in range(8):  # 256 MB: the first few allocations fault their pages in, whatever the allocator
     torch.ones(1 << 26).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+for _ in range(8):
     torch.ones(1 << 26).sum()  # allocated and freed again: faults only if the memory left
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -163,7 +163,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_freed_memory_stays_in_the_process(tmp_path):
     """keep_freed_memory: a large tensor freed and allocated again reuses the process's memory
-    instead of the kernel zeroing 65,536 fresh pages each time (the CPU time it saves)."""
+    instead of the kernel zeroing 65,536 fresh pages each time (the CPU time it saves). Of 8 such
+    allocations the default faults every one in; kept, the heap may grow once more (CI saw exactly
+    65,536 faults twice in about ten runs: a small allocation of another thread can land in the
+    freed block), never each time."""
     faults = {}
     for mode in ("keep", "default"):
         out = subprocess.run(
@@ -175,5 +178,5 @@ def test_freed_memory_stays_in_the_process(tmp_path):
         )
         faults[mode] = int(out.stdout.split()[-1])
     pages = (1 << 28) // 4096  # one 256 MB tensor
-    assert faults["default"] > 2 * pages, faults  # glibc's default: mmap, then unmap on free
-    assert faults["keep"] < pages // 4, faults
+    assert faults["default"] > 6 * pages, faults  # glibc's default: mmap, then unmap on free
+    assert faults["keep"] < 1.25 * pages, faults  # at most one regrowth of 8
