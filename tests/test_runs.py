@@ -165,8 +165,7 @@ def test_freed_memory_stays_in_the_process(tmp_path):
     """keep_freed_memory: a large tensor freed and allocated again reuses the process's memory
     instead of the kernel zeroing 65,536 fresh pages each time (the CPU time it saves). Of 8 such
     allocations the default faults every one in; kept, the heap may grow once more (CI saw exactly
-    65,536 faults twice in about ten runs: a small allocation of another thread can land in the
-    freed block), never each time."""
+    65,536 faults twice in about ten runs; why is not measured), never each time."""
     faults = {}
     for mode in ("keep", "default"):
         out = subprocess.run(
