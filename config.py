@@ -542,8 +542,9 @@ def stage_settings(
     p.add_argument(
         "--run-dir",
         default="runs/tiny",
-        help="a run directory of rlaif.py whose earlier stages are "
-        "done (default: runs/tiny, the default run of rlaif.py)",
+        help="a run directory of rlaif.py"
+        + (" whose earlier stages are done" if inputs != () else "")
+        + " (default: runs/tiny, the default run of rlaif.py)",
     )
     p.add_argument(
         "--force",

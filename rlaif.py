@@ -653,7 +653,12 @@ def print_results(cfg, run):
 
 def tiny_and_paper_defaults(prefix):
     paper = PAPER.get(prefix.rstrip("-"), {}) if prefix else PAPER
-    return lambda f: f"{f.default}" + (f"; paper: {paper[f.name]}" if f.name in paper else "")
+
+    def text(f):  # an empty default shows as '', not as nothing
+        shown = repr(f.default) if f.default == "" else f"{f.default}"
+        return shown + (f"; paper: {paper[f.name]}" if f.name in paper else "")
+
+    return text
 
 
 def set_help():
@@ -662,6 +667,7 @@ def set_help():
         f"{section}: "
         + ", ".join(
             f"{f.name}={str(f.default).lower() if isinstance(f.default, bool) else f.default}"
+            + (f" (paper: {PAPER[section][f.name]})" if f.name in PAPER.get(section, {}) else "")
             for f in fields(cls)
             if f.name not in DRIVER_FLAGS[section]
         )
@@ -671,8 +677,7 @@ def set_help():
         "a setting of a section by its name (repeatable; yes/no: true or false), e.g. --set "
         f"ppo.gamma=0.99. The section settings without a flag below, at their defaults: {others}. "
         "What each means and its range: the section's class (sft.SFTConfig, ppo.PPOConfig, "
-        "reward.RMConfig, dpo.DPOConfig) or python sft.py / ppo.py / reward.py / dpo.py --help; "
-        "the paper's values: rlaif.PAPER"
+        "reward.RMConfig, dpo.DPOConfig) or python sft.py / ppo.py / reward.py / dpo.py --help"
     )
 
 
