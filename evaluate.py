@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import stage_command_line
+from config import Config, load_config, stage_command_line
 from data.gorilla import prepare
 from data.gorilla.apis import APIDatabase, answer_api_call, answer_code, canonical_domain
 from judge import RulesJudge, judge_score
@@ -762,12 +762,11 @@ def command_line():
         description="Score answers to the held-out Gorilla questions with the paper's "
         "metrics: executability, AST accuracy / hallucination, ROUGE-L, CodeBLEU. With no "
         "source flag: the evaluation stage of the run in --run-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--run-dir",
         default="runs/tiny",
-        help="a run whose earlier stages are done (no source flag)",
+        help="a run whose earlier stages are done (no source flag; default: runs/tiny)",
     )
     p.add_argument("--force", action="store_true", help="redo a finished evaluation of --run-dir")
     src = p.add_mutually_exclusive_group()
@@ -787,37 +786,48 @@ def command_line():
         "them and its difference from SFT with a 95%% interval (paired bootstrap over seeds "
         "and questions, from evaluate/verdicts.jsonl); needs matplotlib",
     )
-    p.add_argument(
+    add_scoring_flags(p.add_argument_group("with --answers, --model or --gorilla"))
+    return p
+
+
+def add_scoring_flags(group):
+    group.add_argument(
+        "--settings",
+        metavar="CONFIG_JSON",
+        help="the run-level settings of this config.json (a run's: its split, answer length, "
+        "executability, device) as the defaults of the flags below, e.g. runs/X/config.json "
+        "with --model runs/X/ppo/model (default: the defaults of python rlaif.py)",
+    )
+    group.add_argument(
         "--split",
         choices=("test", "val", "all"),
         default="test",
-        help="questions: the held-out split, the validation split or all parsable eval records",
+        help="questions: the held-out split, the validation split (of --settings' "
+        "val_percent) or all parsable eval records (default: test)",
     )
-    p.add_argument(
+    group.add_argument(
         "--exec-mode",
         choices=("offline", "real", "none"),
-        default="offline",
-        help="executability: checking stand-ins without network, real libraries, or skip",
+        help="executability: checking stand-ins without network, real libraries, or skip "
+        "(default: --settings')",
     )
-    p.add_argument(
+    group.add_argument(
         "--exec-timeout",
         type=float,
-        default=10.0,
-        help="CPU seconds per snippet (the wall clock: 3x)",
+        help="CPU seconds per snippet, the wall clock 3x (default: --settings')",
     )
-    p.add_argument(
-        "--max-answer-tokens", type=int, default=160, help="answer length cap for --model"
+    group.add_argument(
+        "--max-answer-tokens", type=int, help="answer length cap for --model (default: --settings')"
     )
-    p.add_argument("--device", default="cpu", help="device for --model")
-    p.add_argument("--out", help="write the summary and per-answer rows as JSON here")
-    return p
+    group.add_argument("--device", help="device for --model (default: --settings')")
+    group.add_argument("--out", help="write the summary and per-answer rows as JSON here")
 
 
 def run_dir_stage(args, p):
     """No source flag: the evaluation stage of --run-dir, with the run's recorded settings."""
     given = [
         f"--{k.replace('_', '-')}"
-        for k in ("split", "exec_mode", "exec_timeout", "max_answer_tokens", "device", "out")
+        for k in (*RUN_SETTINGS, "settings", "split", "out")
         if getattr(args, k) != p.get_default(k)
     ]
     if given:
@@ -831,11 +841,27 @@ def run_dir_stage(args, p):
     return run_stage(cfg, run, "evaluate", evaluate_stage, prepare.run_splits(cfg))
 
 
+# the flags that default to --settings' values (a run's config.json), else to rlaif.py's defaults
+RUN_SETTINGS = ("exec_mode", "exec_timeout", "max_answer_tokens", "device")
+
+
+def with_settings(args):
+    """args with each unset flag of RUN_SETTINGS taken from --settings (else the defaults), and
+    its val_percent: a model is scored with the answer length, executability and validation split
+    of the run that trained it, not the offline default's."""
+    cfg = load_config(args.settings) if args.settings else Config()
+    for key in RUN_SETTINGS:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg, key))
+    args.val_percent = cfg.val_percent
+    return args
+
+
 def answers_to_score(args):
     """(answers, records, name) from --answers, --gorilla or --model, on --split's questions."""
     records = prepare.load_records(prepare.EVAL_FILE, skip_bad=True)
     if args.split != "all":
-        records = prepare.offline_splits(records)[args.split]
+        records = prepare.offline_splits(records, args.val_percent)[args.split]
     if args.answers:
         given = read_answers(args.answers)
         records = [r for r in records if r.line in given]
@@ -867,7 +893,7 @@ def main(argv=None):
         out = Path(args.plot[0]) / "evaluate"
         print("\n".join(f"{out / f}: {n} panels" for f, n in made.items()))
         return
-    answers, records, name = answers_to_score(args)
+    answers, records, name = answers_to_score(with_settings(args))
     summary, rows = score_answers(
         answers, records, APIDatabase(), make_sandbox(args.exec_mode, args.exec_timeout)
     )

@@ -244,3 +244,37 @@ def test_differences_table_pairs_each_method_with_sft_question_by_question(tmp_p
     table = differences_table([one, two, old], n_resamples=2000)
     assert "over seeds (2 runs)" in table and "| RLAIF | 2 | +10.0 [" in table
     assert f"No per-question verdicts ({VERDICTS}" in table and str(old) in table
+
+
+def test_scoring_a_models_answers_takes_the_settings_of_its_run(tmp_path, records):
+    """--settings RUN/config.json: the answer length, executability and validation split of the
+    run that made the model; a flag given still wins. Without it, the offline default's."""
+    import evaluate
+    from config import Config, save_config
+
+    save_config(Config(val_percent=20, max_answer_tokens=77, exec_mode="none"), tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        "".join(json.dumps(dict(question_id=r.line, text="x")) + "\n" for r in records)
+    )
+
+    def parsed(*argv):
+        args = evaluate.command_line().parse_args(["--answers", str(answers), *argv])
+        return evaluate.with_settings(args)
+
+    run = parsed("--settings", str(tmp_path / "config.json"), "--split", "val", "--device", "cuda")
+    assert (run.max_answer_tokens, run.exec_mode, run.device) == (77, "none", "cuda")
+    default = parsed("--split", "val")
+    assert (default.max_answer_tokens, default.exec_mode) == (
+        Config().max_answer_tokens,
+        Config().exec_mode,
+    )
+    scored = {
+        name: len(evaluate.answers_to_score(a)[1])
+        for name, a in (("run", run), ("default", default))
+    }
+    assert scored == dict(
+        run=len(prepare.offline_splits(records, 20)["val"]),
+        default=len(prepare.offline_splits(records)["val"]),
+    )
+    assert scored["run"] > scored["default"]
