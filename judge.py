@@ -31,7 +31,14 @@ import torch
 
 from config import stage_command_line
 from data.gorilla import prepare
-from data.gorilla.apis import APIDatabase, answer_api_call, canonical_domain, library_names, squash
+from data.gorilla.apis import (
+    APIDatabase,
+    answer_api_call,
+    canonical_domain,
+    library_names,
+    squash,
+    undefined_names,
+)
 from runs import (
     RUN_FILES,
     Sample,
@@ -233,13 +240,14 @@ class RulesJudge:
         self.tasks = set(library_names()["pipeline_tasks"])
 
     def code_valid(self, code):
-        """Parses as Python, and every model id and pipeline task it names
-        exists (static, not run)."""
+        """Parses as Python, reads no name that nothing binds (undefined_names: a NameError when
+        run, which GPT-3.5, asked whether the code is valid, complete Python, would see), and every
+        model id and pipeline task it names exists (static, not run)."""
         try:
             tree = ast.parse(code) if code.strip() else None
         except (SyntaxError, ValueError):
             return False
-        if tree is None or self.db.unknown_model_ids(code):
+        if tree is None or self.db.unknown_model_ids(code) or undefined_names(code):
             return False
         for node in ast.walk(tree):
             if (

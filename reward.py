@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from config import driver_flag, stage_command_line
 from data.gorilla import prepare
-from data.gorilla.apis import APIDatabase, answer_api_call
+from data.gorilla.apis import APIDatabase, answer_api_call, undefined_names
 from distributed import DIST, average_gradients, barrier, global_mean, is_main, shard
 from judge import QUESTIONS, Feedback
 from model import GPT, FlopMeter, ScalarModel, pad_pairs, right_pad
@@ -199,7 +199,8 @@ REPORT_TOKENS = (
 def tool_report(answer, db):
     """[not in the paper] A tool-augmented reward model (Li et al. 2024, "Tool-Augmented Reward
     Modeling"): after the answer, the reward model reads what a lookup in the API database and
-    a Python parser say about it: whether the code parses, how many model ids of the api_call
+    a Python parser say about it: whether the code parses, how many names it reads that nothing
+    binds (undefined_names), how many model ids of the api_call
     and of the code no entry names, and the entry the api_call makes (APIDatabase.match): its
     domain and call. A documented call shape with an invented model id is no entry (as in
     RulesJudge): with Gorilla's lenient match alone, PPO learned pipeline('<task>',
@@ -213,8 +214,10 @@ def tool_report(answer, db):
     i = db.match(api_call) if not unknown_call else None
     entry = f"{db.apis[i]['domain']} | {db.apis[i]['api_call']}" if i is not None else "none"
     parses = "yes" if python_parses(sections["code"]) else "no"
+    undefined = len(undefined_names(sections["code"]))
     return (
-        f"\n### Tool: code parses {parses}, unknown model ids: api_call {len(unknown_call)}, "
+        f"\n### Tool: code parses {parses}, undefined names {undefined}, "
+        f"unknown model ids: api_call {len(unknown_call)}, "
         f"code {len(unknown_code)}, API entry: {entry}\n"
     )
 

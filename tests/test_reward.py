@@ -187,6 +187,43 @@ def test_rules_judge_on_hand_written_answers(records):
     )
     assert j.db.match("pipeline('text-generation', model='laion/ner-base-base-base')") is not None
     assert j.answers(r, gamed)["api_exists"] == 0
+    # parses, names a real model, but reads a name nothing binds: a NameError when run
+    unbound = right + "\nprint(model(**inputs))"
+    assert j.answers(r, unbound)["code_valid"] == 0
+    assert j.answers(r, right + "\ninputs = {}\nprint(model(**inputs))")["code_valid"] == 1
+
+
+def test_undefined_names_are_the_reads_nothing_binds():
+    from data.gorilla.apis import undefined_names
+
+    code = """import numpy as np
+from PIL import Image
+import torch.nn
+def f(a, *b, k=1, **c):
+    global g
+    g = a
+    return [x for x in b] + list(c) + [lambda y: y + k]
+try:
+    v = f(1)
+except ValueError as err:
+    print(err)
+match v:
+    case {"a": w, **rest}:
+        print(w, rest)
+    case [first, *others]:
+        print(first, others)
+    case other:
+        print(other)
+with open("f") as fh:
+    text = fh.read()
+print(np, Image, torch.nn, g, text, len(v))
+"""
+    assert undefined_names(code) == []
+    assert undefined_names(code + "print(image_path, np, missing)\n") == ["image_path", "missing"]
+    # a name the user is told to supply is a placeholder, not an error
+    marked = "img = Image.open(image_path)  # replace with your image\nprint(img, pixels)\n"
+    assert undefined_names(marked) == ["pixels"]
+    assert undefined_names("print(x") == []  # a syntax error is reported as one, not as names
 
 
 @pytest.mark.slow
@@ -554,6 +591,8 @@ def test_tool_report_says_what_the_database_and_the_parser_know():
     assert "code parses no" in tool_report(
         right.replace("model = AutoModel", "model = = AutoModel"), db
     )
+    assert "undefined names 0" in report
+    assert "undefined names 2" in tool_report(right + "\nprint(model(**inputs), text)", db)
 
 
 def test_ppo_scores_with_the_tool_report_the_reward_model_was_trained_reading(tmp_path):

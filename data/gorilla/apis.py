@@ -6,8 +6,11 @@ evaluate.py and sandbox.py alike.
 """
 
 import ast
+import builtins
+import io
 import json
 import re
+import tokenize
 from pathlib import Path
 
 from data.gorilla import prepare
@@ -28,6 +31,71 @@ ID_KEYWORDS = (
     "repo",
     "model_path",
 )
+
+
+# -----------------------------------------------------------------------------
+# Names a snippet reads and binds nowhere (the judge's code_valid, the reward model's tool report,
+# the evaluation's placeholders share this one analysis)
+
+PLACEHOLDER_COMMENT = re.compile(r"\b(replace|your|placeholder|substitute)\b", re.I)
+
+
+def bound_names(tree):
+    """Every name the module binds anywhere, scopes aside: assignments and other stores, imports,
+    defs and classes, arguments, except and match captures, global/nonlocal, and the builtins."""
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            bound.add(node.rest)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return bound
+
+
+def unbound_reads(tree):
+    """The Name nodes that read a name bound nowhere in the module."""
+    bound = bound_names(tree)
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in bound
+    ]
+
+
+def placeholder_names(code):
+    """Names used but bound nowhere, on a line whose comment marks them as the
+    user's to supply (`clip = load_clip()  # replace with your loading code`):
+    stand-ins, as the user substitutes them."""
+    tree = ast.parse(code)
+    tokens = tokenize.generate_tokens(io.StringIO(code).readline)
+    marked = {
+        t.start[0]
+        for t in tokens
+        if t.type == tokenize.COMMENT and PLACEHOLDER_COMMENT.search(t.string)
+    }
+    return sorted({n.id for n in unbound_reads(tree) if n.lineno in marked})
+
+
+def undefined_names(code):
+    """The names `code` reads that nothing binds, less the placeholders the user supplies: the
+    NameErrors a reader sees without running it (`image = Image.open(image_path)` with no
+    image_path). [] for code that does not parse (that is a syntax error, reported as such)."""
+    try:
+        tree = ast.parse(code)
+        placeholders = set(placeholder_names(code))
+    except (SyntaxError, ValueError, tokenize.TokenError):
+        return []
+    return sorted({n.id for n in unbound_reads(tree)} - placeholders)
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ are placeholders. Everything else really runs. Containment is not here: the oper
 isolates the child (sandbox.py).
 """
 
-import ast
 import builtins
 import csv
 import dis
@@ -24,10 +23,9 @@ import os
 import pickle
 import re
 import sys
-import tokenize
 import types
 
-from data.gorilla.apis import ID_KEYWORDS, MODEL_ID, library_names
+from data.gorilla.apis import ID_KEYWORDS, MODEL_ID, library_names, placeholder_names
 
 # Libraries replaced by checking stand-ins in offline mode: they load weights, read the snippet's
 # placeholder inputs or reach the network. The first two are checked name by name (api_names.json).
@@ -331,42 +329,6 @@ for _op in (
 ):
     setattr(Stub, f"__{_op}__", _operator)
     setattr(Stub, f"__r{_op}__", _operator)
-
-
-PLACEHOLDER_COMMENT = re.compile(r"\b(replace|your|placeholder|substitute)\b", re.I)
-
-
-def placeholder_names(code):
-    """Names used but bound nowhere, on a line whose comment marks them as the
-    user's to supply (`clip = load_clip()  # replace with your loading code`):
-    stand-ins, as the user substitutes them."""
-    tree = ast.parse(code)
-    bound = set(dir(builtins))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            bound.add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.alias):
-            bound.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-    tokens = tokenize.generate_tokens(io.StringIO(code).readline)
-    marked = {
-        t.start[0]
-        for t in tokens
-        if t.type == tokenize.COMMENT and PLACEHOLDER_COMMENT.search(t.string)
-    }
-    return sorted(
-        {
-            n.id
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Name)
-            and isinstance(n.ctx, ast.Load)
-            and n.lineno in marked
-            and n.id not in bound
-        }
-    )
 
 
 def placeholder_open(real_open):
