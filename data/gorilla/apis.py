@@ -76,14 +76,18 @@ def placeholder_names(code):
     """Names used but bound nowhere, on a line whose comment marks them as the
     user's to supply (`clip = load_clip()  # replace with your loading code`):
     stand-ins, as the user substitutes them."""
-    tree = ast.parse(code)
+    return user_supplied(unbound_reads(ast.parse(code)), code)
+
+
+def user_supplied(reads, code):
+    """The names of `reads` (unbound_reads) on a line whose comment marks them as the user's."""
     tokens = tokenize.generate_tokens(io.StringIO(code).readline)
     marked = {
         t.start[0]
         for t in tokens
         if t.type == tokenize.COMMENT and PLACEHOLDER_COMMENT.search(t.string)
     }
-    return sorted({n.id for n in unbound_reads(tree) if n.lineno in marked})
+    return sorted({n.id for n in reads if n.lineno in marked})
 
 
 def undefined_names(code):
@@ -91,11 +95,11 @@ def undefined_names(code):
     NameErrors a reader sees without running it (`image = Image.open(image_path)` with no
     image_path). [] for code that does not parse (that is a syntax error, reported as such)."""
     try:
-        tree = ast.parse(code)
-        placeholders = set(placeholder_names(code))
+        reads = unbound_reads(ast.parse(code))
+        placeholders = set(user_supplied(reads, code)) if reads else set()
     except (SyntaxError, ValueError, tokenize.TokenError):
         return []
-    return sorted({n.id for n in unbound_reads(tree)} - placeholders)
+    return sorted({n.id for n in reads} - placeholders)
 
 
 # -----------------------------------------------------------------------------
