@@ -10,7 +10,8 @@ The network and what a porter needs with it, once:
   - left_pad, right_pad, pad_pairs: the batch layout that generation and log-probs read.
   - generate(): the one batched sampler (KV cache, temperature, per-row EOS) used for
     SFT samples, PPO rollouts and evaluation; sample_answers() runs it over many prompts.
-  - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and DPO.
+  - response_logprobs(): the one teacher-forced log-prob routine used by SFT, PPO and DPO
+    (answer_states, then states_logprobs: PPO's shared value head reads the states between).
 Copyable alone into another project, as nanoGPT's model.py is: at import it needs only Python and
 torch (safetensors, huggingface_hub and tiktoken are imported inside the functions that use them).
 What a run adds around it (atomic writes, checkpoint files, autocast, progress lines, run
@@ -668,16 +669,27 @@ def response_logprobs(
     model, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False
 ):
     """Teacher-forced log-probs (B, R) of `response` given left-padded `query` (zero on padding).
-    Position Q-1+t predicts response token t. The LM head and log-softmax run only at the positions
-    that predict a real response token: in a padded batch most positions are prompt or padding, and
-    the head is about half of a small model's compute. with_entropy: also each position's entropy
-    (B, R), without gradient."""
+    with_entropy: also each position's entropy (B, R), without gradient."""
+    hidden = answer_states(model, query, query_mask, response, response_mask)
+    return states_logprobs(model, hidden, response, response_mask, temperature, with_entropy)
+
+
+def answer_states(model, query, query_mask, response, response_mask):
+    """Final hidden states (B, R, C) at the positions that predict each response token: position
+    Q-1+t predicts response token t. PPO's shared value head reads the same states."""
     hidden = model.hidden_states(
         torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     )
+    return hidden[:, query.size(1) - 1 : -1]
+
+
+def states_logprobs(model, hidden, response, response_mask, temperature=1.0, with_entropy=False):
+    """Log-probs (B, R) of `response` from answer_states (zero on padding), and with_entropy each
+    position's entropy. The LM head and log-softmax run only at the positions that predict a real
+    response token: in a padded batch most positions are prompt or padding, and the head is about
+    half of a small model's compute."""
     real = response_mask.bool()
-    # (N real tokens, vocab)
-    logits = model.head(hidden[:, query.size(1) - 1 : -1][real]).float()
+    logits = model.head(hidden[real]).float()  # (N real tokens, vocab)
     if temperature not in (0, 1):  # 0 is greedy decoding, whose answers are scored at 1
         logits = logits / temperature
     logp = logits.log_softmax(-1)

@@ -22,7 +22,9 @@ The algorithm, in the order of one iteration (train_ppo):
      zero head and is trained alone in the first `critic_warmup` iterations, so its first
      predictions are on the score's scale. Beside the leave-one-out baseline, what is left for
      the critic to predict is the difference between a prompt's answers (docs/experiments.md,
-     "The critic at the default settings", measures what it adds).
+     "The critic at the default settings", measures what it adds). `--critic shared` puts a
+     value head on the policy's own trunk instead (TRL's AutoModelForCausalLMWithValueHead):
+     one trunk pass gives log-probs and values, and the value loss trains the trunk too.
   5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
 the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
@@ -58,11 +60,13 @@ from judge import judge_score, make_judge
 from model import (
     GPT,
     FlopMeter,
+    answer_states,
     generate,
     left_pad,
     response_logprobs,
     right_pad,
     sample_answers,
+    states_logprobs,
 )
 from reward import load_reward_model, read_reward_model
 from runs import (
@@ -104,6 +108,13 @@ class PPOConfig:
     epochs: Annotated[int, "passes over each rollout batch", ">= 1"] = 2
     lr: Annotated[float, "AdamW learning rate of the policy", "> 0"] = 2e-5
     vf_lr: Annotated[float, "AdamW learning rate of the value model", "> 0"] = 1e-4
+    critic: Annotated[
+        str,
+        "separate: the value model is the reward model's network (lm-human-preferences); "
+        "shared: a value head on the policy's trunk, one pass for log-probs and values (TRL's "
+        "AutoModelForCausalLMWithValueHead) (gae only)",
+        ("separate", "shared"),
+    ] = "separate"
     critic_warmup: Annotated[
         int,
         "first iterations that train only the value model (the policy waits) [not in the paper]",
@@ -313,11 +324,9 @@ def rollout(policy, ref_policy, value_model, score_fn, prompts, run_cfg, eot, ge
         # Recompute log-probs with the training forward rather than reuse the sampler's: the update
         # then starts from a ratio of 1 (up to bf16 rounding on GPU) [N-details: recompute
         # logprobs].
-        logprobs = response_logprobs(policy, *tokens, temperature)
+        logprobs, _, values = logprobs_and_values(policy, value_model, tokens, temperature)
         ref_logprobs = response_logprobs(ref_policy, *tokens, temperature)
-        if value_model is not None:
-            values = value_predictions(value_model, *tokens)
-        else:
+        if values is None:
             values = torch.zeros(response.shape, device=device)
         score = score_fn(*tokens).float()
     ended = response[torch.arange(len(response)), response_mask.sum(1) - 1] == eot
@@ -456,12 +465,9 @@ def minibatch_loss(policy, value_model, mb, cfg, run_cfg, kl_coef, train_policy)
     tokens = (mb["query"], mb["query_mask"], mb["response"], mb["response_mask"])
     mask = mb["mask"]
     with autocast(run_cfg.device):
-        if train_policy:
-            new_logprobs, entropy = response_logprobs(
-                policy, *tokens, run_cfg.temperature, with_entropy=True
-            )
-        if value_model is not None:
-            new_values = value_predictions(value_model, *tokens)
+        new_logprobs, entropy, new_values = logprobs_and_values(
+            policy, value_model, tokens, run_cfg.temperature, train_policy, with_entropy=True
+        )
     means = {}  # over this rank's real tokens
     if train_policy:
         means["loss/policy_avg"], means["policy/clipfrac_avg"], means["policy/approxkl_avg"] = (
@@ -502,8 +508,48 @@ def masked_var(x, mask):
     return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
 
 
+def logprobs_and_values(
+    policy, value_model, tokens, temperature, train_policy=True, with_entropy=False
+):
+    """(logprobs, entropy, values) of a batch's answers: the policy's log-probs (B, R) (None when
+    not train_policy), their entropy (with_entropy, else None) and the critic's values (None
+    without a critic). A ValueHead (critic 'shared') reads the policy's own answer_states, so one
+    pass of the trunk serves both and the value loss trains the trunk too, as in TRL; in the
+    critic warm-up (train_policy False) that pass runs without gradient, so the policy waits. A
+    separate value model runs its own network."""
+    response, response_mask = tokens[2:]
+    shared = isinstance(value_model, ValueHead)
+    logprobs = entropy = values = hidden = None
+    with torch.set_grad_enabled(torch.is_grad_enabled() and train_policy):
+        if train_policy or shared:
+            hidden = answer_states(policy, *tokens)
+    if train_policy:
+        out = states_logprobs(policy, hidden, response, response_mask, temperature, with_entropy)
+        logprobs, entropy = out if with_entropy else (out, None)
+    if shared:
+        values = value_model(hidden) * response_mask
+    elif value_model is not None:
+        values = value_predictions(value_model, *tokens)
+    return logprobs, entropy, values
+
+
+class ValueHead(torch.nn.Module):
+    """The shared critic (critic 'shared'): a linear value head on the policy's final hidden
+    states, zero at the start like fresh_value_model's head."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.head = torch.nn.Linear(n_embd, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden):
+        return self.head(hidden).squeeze(-1).float()
+
+
 def value_predictions(value_model, query, query_mask, response, response_mask):
-    """V(s_t) for each answer token t: the value head at the position that predicts token t."""
+    """V(s_t) for each answer token t of a separate value model: its head at the position that
+    predicts token t."""
     Q = query.size(1)
     values = value_model(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
     return values[:, Q - 1 : -1].float() * response_mask
@@ -822,6 +868,16 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
 # The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
 
 
+def make_value_model(cfg, policy, reward_model_file, device):
+    """PPO's critic: None for RLOO and GRPO (their baseline is the prompt's other answers); with
+    'gae', a ValueHead for the policy's trunk (critic 'shared') or fresh_value_model."""
+    if cfg.advantage != "gae":
+        return None
+    if cfg.critic == "shared":
+        return ValueHead(policy.config.n_embd).to(device)
+    return fresh_value_model(reward_model_file, device)
+
+
 def fresh_value_model(reward_model_file, device):
     """The value model: the reward model's network (as in lm-human-preferences [N-details: value
     init from the reward model]) with a zero head [not in the paper]. The reward model's head was
@@ -902,9 +958,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
     policy = GPT.from_pretrained(sft_model).to(run_cfg.device)
     ref_policy = GPT.from_pretrained(sft_model)
     ref_policy.to(run_cfg.device, frozen_dtype(run_cfg.device))
-    value_model = None  # RLOO and GRPO take their baseline from the prompt's other answers
-    if ppo_cfg.advantage == "gae":
-        value_model = fresh_value_model(reward_file, run_cfg.device)
+    value_model = make_value_model(ppo_cfg, policy, reward_file, run_cfg.device)
     reward_model, rm_score = load_reward_model(reward_file, tok, run_cfg.device)
     reward_model.to(dtype=frozen_dtype(run_cfg.device)).eval().requires_grad_(False)
     # Validation: the reward model's score of greedy answers to the validation questions, whatever

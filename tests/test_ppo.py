@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model import GPT, GPTConfig, ScalarModel, response_logprobs
+from model import GPT, GPTConfig, ScalarModel, answer_states, response_logprobs
 from ppo import (
     AdaptiveKLController,
     FixedKLController,
     PPOConfig,
+    ValueHead,
     advantages_and_returns,
     compute_rewards,
     eos_penalised,
@@ -24,6 +25,8 @@ from ppo import (
     k3_kl,
     kl_reach,
     leave_one_out,
+    logprobs_and_values,
+    make_value_model,
     masked_mean,
     masked_var,
     minibatch_loss,
@@ -152,6 +155,88 @@ def test_value_predictions_read_the_positions_that_predict_each_answer_token():
     response, response_mask = torch.tensor([[5, 6], [7, 15]]), torch.tensor([[1, 1], [1, 0]])
     values = value_predictions(value_model, query, query_mask, response, response_mask)
     assert torch.equal(values, torch.tensor([[2.0, 3.0], [2.0, 0.0]]))
+
+
+def shared_critic_batch(seed=0):
+    """A toy policy, a shared value head with nonzero weights, and a padded batch of answers."""
+    torch.manual_seed(seed)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=16, n_layer=2, n_head=2, n_embd=32))
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.head.weight)
+    query, query_mask = torch.tensor([[0, 1, 2], [0, 3, 4]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response, response_mask = (
+        torch.tensor([[5, 6, 7], [7, 8, 15]]),
+        torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    )
+    return policy, head, (query, query_mask, response, response_mask)
+
+
+def test_the_shared_value_head_reads_the_policys_states_at_each_answer_tokens_position():
+    """critic 'shared': the log-probs are response_logprobs' and the values are the head on the
+    policy's hidden state at the position that predicts each answer token, 0 on padding."""
+    policy, head, tokens = shared_critic_batch()
+    with torch.no_grad():
+        logprobs, entropy, values = logprobs_and_values(policy, head, tokens, 0.7)
+        hidden = policy.hidden_states(torch.cat(tokens[::2], 1), torch.cat(tokens[1::2], 1))
+        expected = head.head(hidden[:, 2:-1]).squeeze(-1) * tokens[3]  # positions 2, 3, 4
+    assert entropy is None
+    assert torch.equal(logprobs, response_logprobs(policy, *tokens, 0.7))
+    assert torch.allclose(values, expected) and values[1, 2] == 0
+    assert torch.equal(answer_states(policy, *tokens), hidden[:, 2:-1])
+
+
+def test_the_critic_is_a_head_on_the_policy_a_network_of_its_own_or_none(tmp_path):
+    """make_value_model: 'shared' a zero ValueHead of the policy's width; 'separate' the reward
+    model's network with a zero head; RLOO and GRPO none."""
+    policy = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
+    save_checkpoint(tmp_path / "rm.pt", **ScalarModel(copy.deepcopy(policy)).checkpoint())
+    shared = make_value_model(PPOConfig(critic="shared"), policy, tmp_path / "rm.pt", "cpu")
+    separate = make_value_model(PPOConfig(), policy, tmp_path / "rm.pt", "cpu")
+    assert isinstance(shared, ValueHead) and shared.head.in_features == 8
+    assert isinstance(separate, ScalarModel) and separate.backbone is not policy
+    assert not shared.head.weight.any() and not separate.head.weight.any()
+    for advantage in ("rloo", "grpo"):
+        cfg = PPOConfig(advantage=advantage, critic="shared")
+        assert make_value_model(cfg, policy, tmp_path / "rm.pt", "cpu") is None
+
+
+def shared_update(policy, head, tokens, vf_coef, train_policy):
+    """One ppo_update with zero advantages (no policy gradient) and returns of 1: whatever moves
+    the policy is the value loss."""
+    with torch.no_grad():
+        logprobs, _, values = logprobs_and_values(policy, head, tokens, 1.0)
+    mask = tokens[3].float()
+    batch = dict(zip(("query", "query_mask", "response", "response_mask"), tokens, strict=True))
+    batch.update(mask=mask, logprobs=logprobs, ref_logprobs=logprobs, values=values)
+    batch.update(advantages=torch.zeros_like(mask), returns=torch.ones_like(mask))
+    cfg = PPOConfig(batch_size=2, rollouts_per_prompt=1, minibatch_size=2, epochs=1)
+    cfg = replace(cfg, vf_coef=vf_coef, critic="shared")
+    sampling = SimpleNamespace(temperature=1.0, grad_clip=1.0, device="cpu")
+    optimizers = [
+        torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0) for m in (policy, head)
+    ]
+    ppo_update(
+        policy, head, optimizers, batch, cfg, sampling, torch.Generator(), 0.05, train_policy
+    )
+
+
+@pytest.mark.parametrize(
+    "vf_coef, train_policy, policy_moves",
+    [(0.1, True, True), (0.0, True, False), (0.1, False, False)],
+    ids=["value-loss-trains-the-trunk", "no-value-loss", "warm-up-policy-waits"],
+)
+def test_the_shared_critics_value_loss_trains_the_trunk_except_in_the_warm_up(
+    vf_coef, train_policy, policy_moves
+):
+    """With zero advantages the policy moves only through the value loss: it reaches the shared
+    trunk (TRL's value head), nothing with vf_coef 0, and nothing in the critic warm-up, where
+    the head alone trains."""
+    policy, head, tokens = shared_critic_batch()
+    before, head_before = copy.deepcopy(policy.state_dict()), head.head.weight.clone()
+    shared_update(policy, head, tokens, vf_coef, train_policy)
+    moved = any(not torch.equal(v, policy.state_dict()[k]) for k, v in before.items())
+    assert moved == policy_moves
+    assert not torch.equal(head.head.weight, head_before) or vf_coef == 0
 
 
 def test_score_share_is_the_scores_share_of_the_advantages_variance():
@@ -409,13 +494,21 @@ def test_ppo_without_reward_stays_at_the_reference(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path, critic):
     """Only the first of 60 answer tokens decides the score; the score must reach it
-    (GAE with lam = 1)."""
+    (GAE with lam = 1), with either critic."""
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
+    value = value if critic == "separate" else ValueHead(32)
     before = p_first_token(policy, TARGET)
     history = run(
-        tmp_path, policy, ref, value, sampling, lambda q, qm, r, rm: (r[:, 0] == TARGET).float()
+        tmp_path,
+        policy,
+        ref,
+        value,
+        sampling,
+        lambda q, qm, r, rm: (r[:, 0] == TARGET).float(),
+        critic=critic,
     )
     assert min(h["completions/mean_length"] for h in history) >= 50
     after = p_first_token(policy, TARGET)
@@ -424,28 +517,36 @@ def test_ppo_credits_an_early_token_of_a_long_answer(tmp_path):
 
 
 @pytest.mark.slow
-def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path):
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_critic_warmup_trains_the_value_model_alone_on_the_score_scale(tmp_path, critic):
     """The value model starts at 0 (not the reward model's raw head) and, after the warm-up batches
     in which the policy waits, predicts the Monte-Carlo returns better than their mean (explained
-    variance > 0)."""
+    variance > 0). The shared head too, and a resumed run reads it back from the checkpoint."""
     policy, ref, value, sampling = toy(tmp_path, long_answers=True)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     with torch.no_grad():
         assert value(torch.tensor([[1, 2, 3]]), torch.ones(1, 3)).abs().max() == 0
+    value = value if critic == "separate" else ValueHead(32)
+    settings = dict(critic_warmup=4, vf_lr=1e-2, critic=critic)
 
     def score_fn(query, query_mask, response, response_mask):
         return (response[:, 0] == TARGET).float() * 2.0
 
-    history = run(
-        tmp_path, policy, ref, value, sampling, score_fn, iterations=4, critic_warmup=4, vf_lr=1e-2
-    )
+    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=4, **settings)
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in start.items())  # it waited
     assert [h["phase"] for h in history] == ["critic warm-up"] * 4
-    # one more iteration (resumed from the checkpoint): its explained variance is measured on its
-    # fresh rollout, i.e. the critic as the warm-up left it
-    history = run(
-        tmp_path, policy, ref, value, sampling, score_fn, iterations=5, critic_warmup=4, vf_lr=1e-2
-    )
+    # resumed into a zeroed critic, the run reads the warm-up's critic back from its checkpoint
+    trained, value = value.state_dict(), copy.deepcopy(value)
+    with torch.no_grad():
+        for p in value.parameters():
+            p.zero_()
+    run(tmp_path, policy, ref, value, sampling, score_fn, iterations=4, **settings)
+    assert all(torch.equal(v, value.state_dict()[k]) for k, v in trained.items())
+    if critic == "shared":  # a linear probe of a random toy's states: no explained variance asked
+        return
+    # one more iteration: its explained variance is measured on its fresh rollout, i.e. the critic
+    # as the warm-up left it
+    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=5, **settings)
     assert [h["phase"] for h in history][-1] == "ppo"
     assert history[-1]["val/explained_variance"] > 0, [h["val/explained_variance"] for h in history]
 
