@@ -47,7 +47,7 @@ default is what it is.
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -248,7 +248,7 @@ def train_ppo(
         )
         if (it + 1) % 10 == 0:
             log_sample(batch, kl, tok.decode)
-        save_state(out_dir, modules, optimizers, kl_ctl, it + 1, history)
+        save_state(out_dir, modules, optimizers, kl_ctl, it + 1, history, cfg)
     return history
 
 
@@ -268,20 +268,52 @@ def kl_controller(cfg):
 
 def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
     """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
-    ckpt_file (kl_ctl's beta too). AdamW without weight decay (training.make_optimizer); the value
-    model has its own optimizer and learning rate (vf_lr)."""
+    ckpt_file (kl_ctl's beta too) if it was made with the same settings. AdamW without weight
+    decay (training.make_optimizer); the value model has its own optimizer and learning rate
+    (vf_lr); with the shared critic that is the head's, and the value loss's share of the trunk's
+    gradient steps at the policy's lr."""
     if (value_model is not None) != (cfg.advantage == "gae"):
         raise ValueError(f"ppo advantage {cfg.advantage}: a value model with 'gae' only")
+    if value_model is not None and isinstance(value_model, ValueHead) != (cfg.critic == "shared"):
+        raise ValueError(f"ppo critic {cfg.critic}: got a {type(value_model).__name__}")
     optimizers = [make_optimizer(policy, cfg.lr, weight_decay=0.0)]
     modules = dict(policy=policy)
     if value_model is not None:
         optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
         modules["value"] = value_model
-    iteration, history, ckpt = resume(ckpt_file, device, None, "ppo", log, "iteration", **modules)
+    check = same_settings(cfg, ckpt_file)
+    iteration, history, ckpt = resume(
+        ckpt_file, device, None, "ppo", log, "iteration", check=check, **modules
+    )
     for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
         optimizer.load_state_dict(state)
     kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
     return optimizers, modules, iteration, history
+
+
+# what a resumed PPO may change: how long it runs and how often it validates
+RESUMABLE_CHANGES = ("iterations", "val_every")
+
+
+def same_settings(cfg, ckpt_file):
+    """A check for runs.resume: a checkpoint made with other PPO settings is refused before
+    anything is loaded, naming each setting and the way out."""
+
+    def check(ckpt):
+        saved = ckpt.get("settings", {})  # none in checkpoints made before they were recorded
+        diff = [
+            f"{k}: {saved[k]!r} in the checkpoint, {v!r} now"
+            for k, v in asdict(cfg).items()
+            if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES
+        ]
+        if diff:
+            raise ValueError(
+                f"{ckpt_file} was made with other PPO settings:\n  " + "\n  ".join(diff) + "\n"
+                "Resume with the settings it was made with, or redo PPO from the start "
+                "(python ppo.py --force, or rlaif.py --from ppo)."
+            )
+
+    return check
 
 
 # -----------------------------------------------------------------------------
@@ -509,42 +541,32 @@ def masked_var(x, mask):
 
 
 def logprobs_and_values(
-    policy, value_model, tokens, temperature, train_policy=True, with_entropy=False
+    policy, value_model, tokens, temperature, with_policy=True, with_entropy=False
 ):
-    """(logprobs, entropy, values) of a batch's answers: the policy's log-probs (B, R) (None when
-    not train_policy), their entropy (with_entropy, else None) and the critic's values (None
-    without a critic). A ValueHead (critic 'shared') reads the policy's own answer_states, so one
-    pass of the trunk serves both and the value loss trains the trunk too, as in TRL; in the
-    critic warm-up (train_policy False) that pass runs without gradient, so the policy waits. A
-    separate value model runs its own network."""
+    """(logprobs, entropy, values) of a batch's answers: the policy's log-probs (B, R), their
+    entropy (with_entropy, else None) and the critic's values (None without a critic).
+    with_policy False (the critic warm-up): no log-probs, and no gradient into the policy.
+    A ValueHead (critic 'shared') reads the policy's own answer_states: one pass of the trunk
+    serves both, and the value loss trains the trunk too, as in TRL. A separate value model runs
+    its own network."""
     response, response_mask = tokens[2:]
-    shared = isinstance(value_model, ValueHead)
-    logprobs = entropy = values = hidden = None
-    with torch.set_grad_enabled(torch.is_grad_enabled() and train_policy):
-        if train_policy or shared:
+    values = hidden = None
+    if isinstance(value_model, ValueHead):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_policy):  # warm-up: it waits
             hidden = answer_states(policy, *tokens)
-    if train_policy:
-        out = states_logprobs(policy, hidden, response, response_mask, temperature, with_entropy)
-        logprobs, entropy = out if with_entropy else (out, None)
-    if shared:
         values = value_model(hidden) * response_mask
     elif value_model is not None:
         values = value_predictions(value_model, *tokens)
-    return logprobs, entropy, values
-
-
-class ValueHead(torch.nn.Module):
-    """The shared critic (critic 'shared'): a linear value head on the policy's final hidden
-    states, zero at the start like fresh_value_model's head."""
-
-    def __init__(self, n_embd):
-        super().__init__()
-        self.head = torch.nn.Linear(n_embd, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, hidden):
-        return self.head(hidden).squeeze(-1).float()
+    if not with_policy:
+        return None, None, values
+    if hidden is None:
+        hidden = answer_states(policy, *tokens)
+    if with_entropy:
+        logprobs, entropy = states_logprobs(
+            policy, hidden, response, response_mask, temperature, True
+        )
+        return logprobs, entropy, values
+    return states_logprobs(policy, hidden, response, response_mask, temperature), None, values
 
 
 def value_predictions(value_model, query, query_mask, response, response_mask):
@@ -848,9 +870,10 @@ def log_sample(batch, kl, decode):
     log(f"[ppo]   sample (score {score:+.2f}, kl {answer_kl:.2f}): {decode(answer)[:300]!r}")
 
 
-def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
-    """Rank 0: the checkpoint train_ppo resumes from, then metrics.jsonl rewritten from the
-    checkpointed history, so no row appears twice after a resume."""
+def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history, cfg):
+    """Rank 0: the checkpoint train_ppo resumes from (with the settings it was made with), then
+    metrics.jsonl rewritten from the checkpointed history, so no row appears twice after a
+    resume."""
     if not is_main():
         return
     save_checkpoint(
@@ -858,6 +881,7 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
         **{k: m.state_dict() for k, m in modules.items()},
         optimizers=[o.state_dict() for o in optimizers],
         kl_coef=kl_ctl.value,
+        settings=asdict(cfg),
         iteration=iteration,
         history=history,
     )
@@ -866,6 +890,20 @@ def save_state(out_dir, modules, optimizers, kl_ctl, iteration, history):
 
 # -----------------------------------------------------------------------------
 # The PPO stage of a run (rlaif.py, or python ppo.py on an existing run)
+
+
+class ValueHead(torch.nn.Module):
+    """The shared critic (critic 'shared'): a linear value head on the policy's final hidden
+    states, zero at the start like fresh_value_model's head."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.head = torch.nn.Linear(n_embd, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden):
+        return self.head(hidden).squeeze(-1).float()
 
 
 def make_value_model(cfg, policy, reward_model_file, device):
@@ -943,8 +981,8 @@ def samples_table(records, texts, rewards, judged, n_shown):
 
 
 def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None, **files):
-    """Policy and frozen reference from the SFT model; with advantage 'gae', the value model from
-    the reward model's network (fresh_value_model); frozen reward model. run_cfg: the run's
+    """Policy and frozen reference from the SFT model; with advantage 'gae', the critic
+    (make_value_model); frozen reward model. run_cfg: the run's
     config.Config. score_fn: the reward (default: the reward model's score); rlaif.py --compare
     passes the judge's score for d-RLAIF, with out_dir elsewhere: the same PPO, only the score
     function swapped. advantage: overrides run_cfg.ppo.advantage (--compare's RLOO and GRPO

@@ -365,14 +365,17 @@ def tensorboard_text(tag, text, step):
         TensorBoard.writer.flush()
 
 
-def resume(ckpt_file, device, optimizer, stage, log, counter="step", **modules):
+def resume(ckpt_file, device, optimizer, stage, log, counter="step", check=None, **modules):
     """A training stage's resumable state: (step, history, ckpt) from ckpt_file, each module's
     state (saved under its keyword's name) and the optimizer's (if given) loaded, and "[stage]
     resumed from ... at step N" logged; (0, [], {}) when there is no checkpoint yet. counter: the
-    checkpoint's key for the step (PPO counts iterations)."""
+    checkpoint's key for the step (PPO counts iterations). check(ckpt), if given, runs before
+    anything is loaded (it raises to refuse the checkpoint)."""
     if not Path(ckpt_file).exists():
         return 0, [], {}
     ckpt = load_checkpoint(ckpt_file, device)
+    if check is not None:
+        check(ckpt)
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
     if optimizer is not None:

@@ -33,6 +33,7 @@ from ppo import (
     policy_loss,
     ppo_update,
     rloo_advantages,
+    rollout,
     score_share,
     train_ppo,
     validation_due,
@@ -194,10 +195,48 @@ def test_the_critic_is_a_head_on_the_policy_a_network_of_its_own_or_none(tmp_pat
     separate = make_value_model(PPOConfig(), policy, tmp_path / "rm.pt", "cpu")
     assert isinstance(shared, ValueHead) and shared.head.in_features == 8
     assert isinstance(separate, ScalarModel) and separate.backbone is not policy
-    assert not shared.head.weight.any() and not separate.head.weight.any()
+    assert not any(p.any() for p in shared.parameters()) and not separate.head.weight.any()
     for advantage in ("rloo", "grpo"):
         cfg = PPOConfig(advantage=advantage, critic="shared")
         assert make_value_model(cfg, policy, tmp_path / "rm.pt", "cpu") is None
+
+
+def test_the_rollout_reads_the_shared_heads_values_from_the_policys_pass():
+    """rollout with critic 'shared': values = the head on the policy's answer_states, 0 after an
+    answer's end; the log-probs are response_logprobs' at the sampling temperature."""
+    policy, head, _ = shared_critic_batch()
+    sampling = SimpleNamespace(device="cpu", temperature=0.7, max_answer_tokens=6)
+    batch = rollout(
+        policy,
+        copy.deepcopy(policy),
+        head,
+        lambda q, qm, r, rm: torch.zeros(len(r)),
+        [[1, 2, 3], [4, 6]] * 4,
+        sampling,
+        TOY_TOK.eot,
+        torch.Generator().manual_seed(0),
+    )
+    tokens = [batch[k] for k in ("query", "query_mask", "response", "response_mask")]
+    with torch.no_grad():
+        expected = head(answer_states(policy, *tokens)) * batch["mask"]
+        logprobs = response_logprobs(policy, *tokens, 0.7)
+    assert batch["values"].abs().sum() > 0 and torch.allclose(batch["values"], expected)
+    assert torch.equal(batch["logprobs"], logprobs)
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused_before_it_is_loaded(tmp_path):
+    """A resumed PPO may run longer (iterations); another critic or learning rate is refused with
+    each setting named, not resumed into (the shared head cannot load a value model's weights)."""
+    policy, ref, value, sampling = toy(tmp_path)
+    score_fn = lambda q, qm, r, rm: torch.zeros(len(r))  # noqa: E731
+    run(tmp_path, policy, ref, value, sampling, score_fn, iterations=1, critic_warmup=0)
+    with pytest.raises(ValueError, match=r"critic: 'separate' in the checkpoint, 'shared' now"):
+        run(tmp_path, policy, ref, ValueHead(32), sampling, score_fn, iterations=2, critic="shared")
+    with pytest.raises(ValueError, match=r"lr: 0.003 in the checkpoint, 0.001 now") as refused:
+        run(tmp_path, policy, ref, value, sampling, score_fn, iterations=2, lr=1e-3)
+    assert "--force" in str(refused.value)
+    history = run(tmp_path, policy, ref, value, sampling, score_fn, iterations=2, critic_warmup=0)
+    assert [h["iteration"] for h in history] == [1, 2]
 
 
 def shared_update(policy, head, tokens, vf_coef, train_policy):
