@@ -266,6 +266,10 @@ def kl_controller(cfg):
     return AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
 
 
+# what a resumed PPO may change: how long it runs and how often it validates
+RESUMABLE_CHANGES = ("iterations", "val_every")
+
+
 def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
     """(optimizers, modules by checkpoint key, first iteration, history): new, or resumed from
     ckpt_file (kl_ctl's beta too) if it was made with the same settings. AdamW without weight
@@ -281,39 +285,21 @@ def training_state(policy, value_model, kl_ctl, cfg, ckpt_file, device):
     if value_model is not None:
         optimizers.append(make_optimizer(value_model, cfg.vf_lr, weight_decay=0.0))
         modules["value"] = value_model
-    check = same_settings(cfg, ckpt_file)
     iteration, history, ckpt = resume(
-        ckpt_file, device, None, "ppo", log, "iteration", check=check, **modules
+        ckpt_file,
+        device,
+        None,
+        "ppo",
+        log,
+        "iteration",
+        settings=asdict(cfg),
+        may_change=RESUMABLE_CHANGES,
+        **modules,
     )
     for optimizer, state in zip(optimizers, ckpt.get("optimizers", []), strict=False):
         optimizer.load_state_dict(state)
     kl_ctl.value = ckpt.get("kl_coef", kl_ctl.value)
     return optimizers, modules, iteration, history
-
-
-# what a resumed PPO may change: how long it runs and how often it validates
-RESUMABLE_CHANGES = ("iterations", "val_every")
-
-
-def same_settings(cfg, ckpt_file):
-    """A check for runs.resume: a checkpoint made with other PPO settings is refused before
-    anything is loaded, naming each setting and the way out."""
-
-    def check(ckpt):
-        saved = ckpt.get("settings", {})  # none in checkpoints made before they were recorded
-        diff = [
-            f"{k}: {saved[k]!r} in the checkpoint, {v!r} now"
-            for k, v in asdict(cfg).items()
-            if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES
-        ]
-        if diff:
-            raise ValueError(
-                f"{ckpt_file} was made with other PPO settings:\n  " + "\n  ".join(diff) + "\n"
-                "Resume with the settings it was made with, or redo PPO from the start "
-                "(python ppo.py --force, or rlaif.py --from ppo)."
-            )
-
-    return check
 
 
 # -----------------------------------------------------------------------------

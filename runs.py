@@ -365,17 +365,38 @@ def tensorboard_text(tag, text, step):
         TensorBoard.writer.flush()
 
 
-def resume(ckpt_file, device, optimizer, stage, log, counter="step", check=None, **modules):
+def resume(
+    ckpt_file,
+    device,
+    optimizer,
+    stage,
+    log,
+    counter="step",
+    settings=None,
+    may_change=(),
+    **modules,
+):
     """A training stage's resumable state: (step, history, ckpt) from ckpt_file, each module's
     state (saved under its keyword's name) and the optimizer's (if given) loaded, and "[stage]
     resumed from ... at step N" logged; (0, [], {}) when there is no checkpoint yet. counter: the
-    checkpoint's key for the step (PPO counts iterations). check(ckpt), if given, runs before
-    anything is loaded (it raises to refuse the checkpoint)."""
+    checkpoint's key for the step (PPO counts iterations). settings: the stage's settings (a dict,
+    saved in its checkpoints under "settings"); a checkpoint made with others, except those named
+    in may_change, is refused before anything is loaded, each setting named."""
     if not Path(ckpt_file).exists():
         return 0, [], {}
     ckpt = load_checkpoint(ckpt_file, device)
-    if check is not None:
-        check(ckpt)
+    saved = ckpt.get("settings", {})  # none in checkpoints made before they were recorded
+    diff = [
+        f"{k}: {saved[k]!r} in the checkpoint, {v!r} now"
+        for k, v in (settings or {}).items()
+        if k in saved and saved[k] != v and k not in may_change
+    ]
+    if diff:
+        raise ValueError(
+            f"{ckpt_file} was made with other {stage} settings:\n  " + "\n  ".join(diff) + "\n"
+            f"Resume with the settings it was made with, or redo {stage} from the start "
+            f"(python {stage}.py --force, or rlaif.py --from {stage})."
+        )
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
     if optimizer is not None:
