@@ -15,7 +15,7 @@ model learns from) train the policy directly, with the frozen SFT model as the r
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +80,10 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
     ref_policy.eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=0.0)
     ckpt_file = Path(out_dir) / "ckpt.pt"
-    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "dpo", log, policy=policy)
+    settings = asdict(cfg)
+    step, history, _ = resume(
+        ckpt_file, run_cfg.device, optimizer, "dpo", log, settings=settings, policy=policy
+    )
     epochs = math.ceil(cfg.steps * cfg.batch_size / max(1, len(pairs)))
     order = pair_batches(samples, pairs, cfg.batch_size, epochs, run_cfg.seed)
     steps = min(cfg.steps, len(order))
@@ -109,7 +112,7 @@ def train_dpo(policy, ref_policy, samples, pairs, tok, cfg, run_cfg, out_dir):
                 f"[dpo] step {step}/{steps} loss {loss.item():.4f} margin {margin.item():+.3f} "
                 f"{meter.line(policy)} {progress(step - start, steps - start, t0)}"
             )
-            save_state(out_dir, policy, optimizer, step, history)
+            save_state(out_dir, policy, optimizer, step, history, settings)
 
 
 def pair_logprobs(policy, ref_policy, samples, batch, tok, device):
@@ -147,10 +150,12 @@ def step_metrics(step, loss, margin, logps, cfg):
     )
 
 
-def save_state(out_dir, policy, optimizer, step, history):
-    """The checkpoint train_dpo resumes from, and metrics.jsonl (rank 0 writes both)."""
+def save_state(out_dir, policy, optimizer, step, history, settings):
+    """The checkpoint train_dpo resumes from (with the settings it was made with), and
+    metrics.jsonl (rank 0 writes both)."""
     if is_main():
         state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict())
+        state["settings"] = settings
         save_checkpoint(Path(out_dir) / "ckpt.pt", **state, step=step, history=history)
         write_metrics(Path(out_dir) / "metrics.jsonl", history)
 

@@ -103,6 +103,10 @@ class RMConfig:
     ] = 1.0
 
 
+# what a resumed reward model's training may change: how often it is measured
+RESUMABLE_CHANGES = ("eval_every",)
+
+
 # -----------------------------------------------------------------------------
 # The reward model
 
@@ -414,7 +418,17 @@ def train_reward_model(
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     best_file = Path(ckpt_file).with_name("best.pt")
     metrics_file = Path(ckpt_file).parent / "metrics.jsonl"
-    step, history, ckpt = resume(ckpt_file, device, optimizer, "reward", log, model=rm)
+    settings = dataclasses.asdict(cfg)
+    step, history, ckpt = resume(
+        ckpt_file,
+        device,
+        optimizer,
+        "reward",
+        log,
+        settings=settings,
+        may_change=RESUMABLE_CHANGES,
+        model=rm,
+    )
     best = ckpt.get("best", (-1.0, 0))  # (validation accuracy, step) kept so far
     t0, start = time.time(), step
     meter = FlopMeter()
@@ -439,6 +453,7 @@ def train_reward_model(
             log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {speed} {eta}")
             if is_main():
                 state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
+                state["settings"] = settings
                 save_checkpoint(ckpt_file, **rm.checkpoint(**state, best=best))
                 # from the checkpointed history: no row twice after a resume
                 write_metrics(metrics_file, history)

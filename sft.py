@@ -20,7 +20,7 @@ Every sft.eval_every steps: the validation loss, a checkpoint and metrics.jsonl 
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +64,10 @@ class SFTConfig:
     ] = 100
 
 
+# what a resumed SFT may change: how often it validates (the schedule follows steps)
+RESUMABLE_CHANGES = ("eval_every",)
+
+
 # -----------------------------------------------------------------------------
 # The loop: an optimizer step is the header's three parts (the functions below, in order)
 
@@ -77,7 +81,16 @@ def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
     model = (start_from or init_model(run_cfg, tok)).to(run_cfg.device)
     optimizer = make_optimizer(model, cfg.lr, WEIGHT_DECAY)
     ckpt_file = Path(out_dir) / "ckpt.pt"
-    step, history, _ = resume(ckpt_file, run_cfg.device, optimizer, "sft", log, model=model)
+    step, history, _ = resume(
+        ckpt_file,
+        run_cfg.device,
+        optimizer,
+        "sft",
+        log,
+        settings=asdict(cfg),
+        may_change=RESUMABLE_CHANGES,
+        model=model,
+    )
     model.train()
     t0, tokens_seen, start = time.time(), 0, step
     meter = FlopMeter()
@@ -98,7 +111,8 @@ def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
                 f"{progress(step - start, cfg.steps - start, t0)}"
             )
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            validate_and_save(model, optimizer, val, tok.eot, run_cfg.device, history, out_dir)
+            state = dict(optimizer=optimizer.state_dict(), settings=asdict(cfg))
+            validate_and_save(model, state, val, tok.eot, run_cfg.device, history, out_dir)
     model.eval()
     return model, history
 
@@ -208,9 +222,10 @@ def validation_loss(model, examples, pad, device, batch_size=VAL_BATCH_SIZE):
     return total / max(n, 1)
 
 
-def validate_and_save(model, optimizer, val, pad, device, history, out_dir):
-    """The validation loss into the step's history row, then the checkpoint and metrics.jsonl (from
-    the checkpointed history: a resumed run writes no row twice)."""
+def validate_and_save(model, state, val, pad, device, history, out_dir):
+    """The validation loss into the step's history row, then the checkpoint (the model, `state`:
+    the optimizer's and the settings) and metrics.jsonl (from the checkpointed history: a resumed
+    run writes no row twice)."""
     step = history[-1]["step"]
     history[-1]["val_loss"] = round(validation_loss(model, val, pad, device), 4)
     log(f"[sft] step {step} val loss {history[-1]['val_loss']:.3f}")
@@ -218,7 +233,7 @@ def validate_and_save(model, optimizer, val, pad, device, history, out_dir):
         save_checkpoint(
             Path(out_dir) / "ckpt.pt",
             model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
+            **state,
             step=step,
             history=history,
         )

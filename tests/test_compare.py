@@ -133,3 +133,34 @@ def test_dpo_sequence_logprob_is_the_sum_of_the_answer_tokens():
     }
     got = sequence_logprobs(ConstantLM([0.0, 1.0, 2.0]), samples, [0, 1], Tok, "cpu")
     assert got.tolist() == pytest.approx([logp[2] + logp[0] + logp[1], logp[2]], rel=1e-6)
+
+
+def test_a_dpo_checkpoint_made_with_another_beta_is_refused_before_it_is_loaded(
+    tmp_path, monkeypatch
+):
+    """DPO resumes from its checkpoint (no step run twice), but not under another beta: the
+    implicit reward it trained on would change mid-run."""
+    import dataclasses
+
+    import dpo
+    from config import Config
+    from dpo import DPOConfig, train_dpo
+
+    def tiny():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+
+    class Tok:
+        eot = 63
+
+    samples = {k: Sample(k, k // 2, "policy", [1, 2], [10 + k, 63], "") for k in range(8)}
+    pairs = [(2 * q, 2 * q + 1) for q in range(4)]
+    cfg, run_cfg = DPOConfig(steps=20, batch_size=2), Config(device="cpu")
+    train_dpo(tiny(), tiny(), samples, pairs, Tok, cfg, run_cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"beta: 0.1 in the checkpoint, 0.5 now"):
+        other = dataclasses.replace(cfg, beta=0.5)
+        train_dpo(tiny(), tiny(), samples, pairs, Tok, other, run_cfg, tmp_path)
+    said = []
+    monkeypatch.setattr(dpo, "log", said.append)
+    train_dpo(tiny(), tiny(), samples, pairs, Tok, cfg, run_cfg, tmp_path)
+    assert said[0] == f"[dpo] resumed from {tmp_path / 'ckpt.pt'} at step 20"

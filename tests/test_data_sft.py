@@ -173,7 +173,9 @@ def test_contrast_answers_differ_from_their_pair_in_one_judged_property():
 @pytest.mark.slow
 def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monkeypatch):
     """SFT crashes after its step-20 checkpoint (at step 25); the resumed run's metrics.jsonl has
-    every step 1..40 exactly once, with validation losses at the checkpoints."""
+    every step 1..40 exactly once, with validation losses at the checkpoints. A resume with another
+    number of steps is refused."""
+    import dataclasses
     import json
 
     import rlaif
@@ -196,6 +198,10 @@ def test_sft_metrics_after_a_crash_and_resume_have_each_step_once(tmp_path, monk
         sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))  # as checkpointed, not as far as it got
+    # more steps would change the schedule it was trained on: refused, the setting named
+    longer = dataclasses.replace(cfg.sft, steps=80)
+    with pytest.raises(ValueError, match=r"steps: 40 in the checkpoint, 80 now"):
+        sft.train_sft(tok, examples, examples[:8], longer, cfg, tmp_path)
     said = []
     monkeypatch.setattr(sft, "log", said.append)
     sft.train_sft(tok, examples, examples[:8], cfg.sft, cfg, tmp_path)

@@ -1,6 +1,7 @@
 """AI feedback against a real OpenAI-compatible HTTP server on 127.0.0.1, the rules judge on
 hand-written answers, and the reward model's ability to learn a ranking."""
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -457,7 +458,14 @@ def test_reward_model_metrics_after_a_crash_and_resume_have_each_step_once(tmp_p
         )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))  # as checkpointed
+    # another learning rate is refused before the checkpoint is loaded, the setting named
+    other = dataclasses.replace(cfg, lr=3e-3)
+    with pytest.raises(ValueError, match=r"lr: 0.001 in the checkpoint, 0.003 now"):
+        train_reward_model(
+            make(), samples, feedback, Tok, other, 1, 1.0, "cpu", tmp_path / "ckpt.pt"
+        )
     said = []
+    cfg = dataclasses.replace(cfg, eval_every=25)  # how often it measures may change
     metrics = train_reward_model(
         make(), samples, feedback, Tok, cfg, 1, 1.0, "cpu", tmp_path / "ckpt.pt", log=said.append
     )
