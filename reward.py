@@ -453,8 +453,7 @@ def train_reward_model(
             log(f"[reward] step {step}/{steps} loss {stats['loss']:.4f} {speed} {eta}")
             if is_main():
                 state = dict(optimizer=optimizer.state_dict(), step=step, history=history)
-                state["settings"] = settings
-                save_checkpoint(ckpt_file, **rm.checkpoint(**state, best=best))
+                save_checkpoint(ckpt_file, **rm.checkpoint(**state, best=best, settings=settings))
                 # from the checkpointed history: no row twice after a resume
                 write_metrics(metrics_file, history)
     barrier()
