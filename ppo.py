@@ -25,8 +25,9 @@ The algorithm, in the order of one iteration (train_ppo):
      "The critic at the default settings", measures what it adds). `--critic shared` puts a
      value head on the policy's own trunk instead (TRL's AutoModelForCausalLMWithValueHead):
      one trunk pass gives log-probs and values, and the value loss trains the trunk too: PPO
-     about 30% faster and one network fewer in memory, for 4.2 points more hallucination on
-     validation (seeds 1-3; docs/experiments.md, "The critic on the policy's trunk").
+     about 30% faster and one network fewer in memory; on validation (seeds 1-3) hallucination
+     was 4.2 points higher, about PPO's own run-to-run spread (docs/experiments.md, "The critic
+     on the policy's trunk" and "PPO's spread at fixed inputs").
   5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
 the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
