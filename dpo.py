@@ -155,8 +155,9 @@ def save_state(out_dir, policy, optimizer, step, history, settings):
     metrics.jsonl (rank 0 writes both)."""
     if is_main():
         state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict())
-        state["settings"] = settings
-        save_checkpoint(Path(out_dir) / "ckpt.pt", **state, step=step, history=history)
+        save_checkpoint(
+            Path(out_dir) / "ckpt.pt", **state, settings=settings, step=step, history=history
+        )
         write_metrics(Path(out_dir) / "metrics.jsonl", history)
 
 

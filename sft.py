@@ -80,14 +80,14 @@ def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
     torch.manual_seed(run_cfg.seed)
     model = (start_from or init_model(run_cfg, tok)).to(run_cfg.device)
     optimizer = make_optimizer(model, cfg.lr, WEIGHT_DECAY)
-    ckpt_file = Path(out_dir) / "ckpt.pt"
+    ckpt_file, settings = Path(out_dir) / "ckpt.pt", asdict(cfg)
     step, history, _ = resume(
         ckpt_file,
         run_cfg.device,
         optimizer,
         "sft",
         log,
-        settings=asdict(cfg),
+        settings=settings,
         may_change=RESUMABLE_CHANGES,
         model=model,
     )
@@ -111,7 +111,7 @@ def train_sft(tok, train, val, cfg, run_cfg, out_dir, start_from=None):
                 f"{progress(step - start, cfg.steps - start, t0)}"
             )
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            state = dict(optimizer=optimizer.state_dict(), settings=asdict(cfg))
+            state = dict(optimizer=optimizer.state_dict(), settings=settings)
             validate_and_save(model, state, val, tok.eot, run_cfg.device, history, out_dir)
     model.eval()
     return model, history
