@@ -392,10 +392,14 @@ def resume(
         if k in saved and saved[k] != v and k not in may_change
     ]
     if diff:
+        # DPO is a part of the compare stage, not a stage of its own: rlaif.py redoes it there
+        redo = f"python {stage}.py --force, or rlaif.py --from {stage}"
+        if stage not in STAGE_ORDER:
+            redo = "rlaif.py --from compare"
         raise ValueError(
             f"{ckpt_file} was made with other {stage} settings:\n  " + "\n  ".join(diff) + "\n"
             f"Resume with the settings it was made with, or redo {stage} from the start "
-            f"(python {stage}.py --force, or rlaif.py --from {stage})."
+            f"({redo}; or delete {ckpt_file})."
         )
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])

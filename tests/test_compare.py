@@ -157,9 +157,13 @@ def test_a_dpo_checkpoint_made_with_another_beta_is_refused_before_it_is_loaded(
     pairs = [(2 * q, 2 * q + 1) for q in range(4)]
     cfg, run_cfg = DPOConfig(steps=20, batch_size=2), Config(device="cpu")
     train_dpo(tiny(), tiny(), samples, pairs, Tok, cfg, run_cfg, tmp_path)
-    with pytest.raises(ValueError, match=r"beta: 0.1 in the checkpoint, 0.5 now"):
+    with pytest.raises(ValueError, match=r"beta: 0.1 in the checkpoint, 0.5 now") as refused:
         other = dataclasses.replace(cfg, beta=0.5)
         train_dpo(tiny(), tiny(), samples, pairs, Tok, other, run_cfg, tmp_path)
+    # the ways out it names exist: DPO is redone within the compare stage, or its checkpoint goes
+    assert "rlaif.py --from compare" in str(refused.value)
+    assert "--from dpo" not in str(refused.value)
+    assert f"delete {tmp_path / 'ckpt.pt'}" in str(refused.value)
     said = []
     monkeypatch.setattr(dpo, "log", said.append)
     train_dpo(tiny(), tiny(), samples, pairs, Tok, cfg, run_cfg, tmp_path)
