@@ -29,6 +29,8 @@ The algorithm, in the order of one iteration (train_ppo):
      was 4.2 points higher, about PPO's own run-to-run spread (docs/experiments.md, "The critic
      on the policy's trunk" and "PPO's spread at fixed inputs").
   5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
+The policy kept is the last iteration's, or with `keep best` [not in the paper] that of the best
+greedy validation (early stopping; validate and keep_if_best).
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
 the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
 update.
@@ -49,6 +51,7 @@ default is what it is.
 """
 
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -169,6 +172,16 @@ class PPOConfig:
         "and the last iteration (0 = never)",
         ">= 0",
     ] = 10
+    val_questions: Annotated[
+        int, "validate on the first N validation questions (0 = all of them)", ">= 0"
+    ] = 0
+    keep: Annotated[
+        str,
+        "the policy kept: last, the last iteration's; best, the best validation's by the "
+        "judge's mean score where judging is free (the rules judge), else the reward model's "
+        "(needs val_every) [not in the paper]",
+        ("last", "best"),
+    ] = "last"
 
 
 # -----------------------------------------------------------------------------
@@ -189,6 +202,8 @@ def check_config(cfg):
         )
     if cfg.minibatch_size < 1:
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
+    if cfg.keep == "best" and not cfg.val_every:
+        raise ValueError("ppo keep best picks among validations: set val_every above 0")
     if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
         raise ValueError(
             f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
@@ -245,6 +260,8 @@ def train_ppo(
         row.update(iteration_times(batch, t_update, meter, policy))
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
+            if cfg.keep == "best":
+                keep_if_best(policy, row, history, out_dir, tok.eot)
         history.append(row)
         log_iteration(
             row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
@@ -834,6 +851,25 @@ def validation_due(cfg, it):
     return cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0 or last)
 
 
+def selection_score(row):
+    """What keep 'best' ranks validations by: the judge's mean score where judging is free (the
+    rules judge), else the reward model's; None in a row without a validation."""
+    return row.get("eval/judge_score", row.get("eval/reward"))
+
+
+def best_validation(history):
+    """The row of the best validation in history (the first of equals), or None."""
+    rows = [r for r in history if selection_score(r) is not None]
+    return max(rows, key=selection_score) if rows else None
+
+
+def keep_if_best(policy, row, history, out_dir, eot):
+    """keep 'best': a validation better than every earlier one saves its policy to out_dir/best
+    (before the iteration's checkpoint, so a resumed run finds the best of the rows it resumes)."""
+    if best_validation(history + [row]) is row:
+        atomic_dir(out_dir / "best", lambda d: policy.save_pretrained(d, eot=eot))
+
+
 def log_iteration(row, iterations, eta):
     warmup = " (critic warm-up)" if row["phase"] != "ppo" else ""
     ev = row["val/explained_variance"]  # None: no critic, or a batch with no variance
@@ -996,7 +1032,8 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
     validate = None
     if is_main():
         samples_file = out_dir / "samples.md"
-        validate = greedy_validation(splits["val"], tok, run_cfg, judge, rm_score, samples_file)
+        questions = splits["val"][: ppo_cfg.val_questions or None]
+        validate = greedy_validation(questions, tok, run_cfg, judge, rm_score, samples_file)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(
         policy,
@@ -1010,10 +1047,21 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
         out_dir,
         validate=validate,
     )
+    kept = history[-1] if ppo_cfg.keep == "last" or not history else best_validation(history)
     if is_main():
-        atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
+        save_kept_policy(policy, ppo_cfg, out_dir, tok.eot)
     barrier()
-    return dict(history[-1] if history else {}, **meter.summary(policy, remeasure=True))
+    summary = dict(history[-1] if history else {}, kept_iteration=kept and kept["iteration"])
+    return dict(summary, **meter.summary(policy, remeasure=True))
+
+
+def save_kept_policy(policy, cfg, out_dir, eot):
+    """out_dir/model: the last iteration's policy, or with keep 'best' the best validation's."""
+    if cfg.keep == "best":
+        best = out_dir / "best"
+        atomic_dir(out_dir / "model", lambda d: shutil.copytree(best, d, dirs_exist_ok=True))
+    else:
+        atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=eot))
 
 
 def main(argv=None):

@@ -15,6 +15,8 @@ from ppo import (
     PPOConfig,
     ValueHead,
     advantages_and_returns,
+    best_validation,
+    check_config,
     compute_rewards,
     eos_penalised,
     explained_variance,
@@ -34,6 +36,7 @@ from ppo import (
     ppo_update,
     rloo_advantages,
     rollout,
+    save_kept_policy,
     score_share,
     train_ppo,
     validation_due,
@@ -709,3 +712,53 @@ def test_the_logged_gradient_norm_is_the_joint_norm_before_clipping(tmp_path):
     stats = ppo_update(policy, value, optimizers, batch, cfg, sampling, generator, 0.05, True)
     assert expected > 100 * sampling.grad_clip
     assert stats["loss/grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_keep_best_keeps_the_best_validations_policy_across_a_resume(tmp_path):
+    """keep 'best': out_dir/best holds the policy of the best validation so far (the first of
+    equals), also after a resume, and save_kept_policy makes it the stage's model; the last
+    policy differs from it (the toy's steps move the weights)."""
+    policy, ref, value, sampling = toy(tmp_path)
+    scores = {1: 0.2, 2: 0.9, 3: 0.9}  # iteration -> the judge's mean score; 3 ties 2
+    seen = {}
+
+    def validate(policy, iteration):
+        seen[iteration] = {k: v.clone() for k, v in policy.state_dict().items()}
+        return {"eval/judge_score": scores[iteration]}
+
+    def train(iterations):
+        return train_ppo(
+            policy,
+            ref,
+            value,
+            lambda q, qm, r, rm: (r == TARGET).float().mean(1),
+            TOY_PROMPTS,
+            TOY_TOK,
+            PPOConfig(
+                iterations=iterations,
+                batch_size=32,
+                rollouts_per_prompt=4,
+                minibatch_size=16,
+                lr=TOY_LR,
+                critic_warmup=0,
+                val_every=1,
+                keep="best",
+            ),
+            sampling,
+            tmp_path / "ppo",
+            validate=validate,
+        )
+
+    train(2)  # stops after iteration 2: its policy is the best
+    history = train(3)  # resumes at 3: a tie, so iteration 2's stays
+    assert sorted(seen) == [1, 2, 3] and best_validation(history)["iteration"] == 2
+    save_kept_policy(policy, PPOConfig(keep="best"), tmp_path / "ppo", EOT)
+    kept = GPT.from_pretrained(tmp_path / "ppo" / "model").state_dict()
+    for name, tensor in seen[2].items():
+        assert torch.equal(kept[name], tensor), name
+    assert any(not torch.equal(seen[3][k], seen[2][k]) for k in seen[2])
+
+
+def test_keep_best_needs_validations():
+    with pytest.raises(ValueError, match="val_every"):
+        check_config(PPOConfig(keep="best", val_every=0))
