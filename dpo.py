@@ -219,9 +219,10 @@ def main(argv=None):
     if (out / "done.json").exists() and not force:  # the part's own marker, written after its model
         raise SystemExit(f"DPO is done ({out / 'done.json'}); --force retrains it")
     with os_errors_as_messages("[dpo]"):  # a full disk, a permission: one line, exit 1
-        if (out / "done.json").exists() and is_main():
-            set_aside(run, ["evaluate"])
-            (run / "compare" / "done.json").unlink(missing_ok=True)
+        if force and is_main():  # retrained from step 0, an interrupted DPO's checkpoint too
+            if (out / "done.json").exists():
+                set_aside(run, ["evaluate"])
+                (run / "compare" / "done.json").unlink(missing_ok=True)
             start_over(out)
         if is_main():
             save_config(cfg, run)

@@ -457,6 +457,13 @@ def test_dpo_script_trains_on_a_runs_feedback_and_keeps_an_existing_model(finish
     out = dpo("--force", "--steps", "3", "--lr", "1e-3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert weights.read_bytes() != first and not (run_dir / "evaluate").exists()
+    # interrupted (its checkpoint at step 3, no marker): resumed without --force, redone with it
+    (run_dir / "compare" / "dpo" / "done.json").unlink()
+    out = dpo("--steps", "3", "--lr", "1e-3")
+    assert out.returncode == 0 and "resumed from" in out.stdout + out.stderr, out.stderr[-3000:]
+    (run_dir / "compare" / "dpo" / "done.json").unlink()
+    out = dpo("--force", "--steps", "3", "--lr", "1e-3")
+    assert out.returncode == 0 and "resumed" not in out.stdout + out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.slow
