@@ -50,6 +50,7 @@ Implementation Details of RLHF with PPO") each line implements; docs/experiments
 default is what it is.
 """
 
+import json
 import random
 import shutil
 import time
@@ -229,6 +230,8 @@ def train_ppo(
     optimizers, modules, start, history = training_state(
         policy, value_model, kl_ctl, cfg, out_dir / "ckpt.pt", run_cfg.device
     )
+    if start == 0 and is_main():  # a fresh start: no earlier run's kept policy competes
+        shutil.rmtree(out_dir / "best", ignore_errors=True)
     t_start = time.time()
     for it in range(start, cfg.iterations):
         meter, kl_coef = FlopMeter(), kl_ctl.value  # the iteration's clock, FLOPs, KL penalty
@@ -261,7 +264,7 @@ def train_ppo(
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
             if cfg.keep == "best":
-                keep_if_best(policy, row, history, out_dir, tok.eot)
+                keep_if_best(policy, row, out_dir, tok.eot)
         history.append(row)
         log_iteration(
             row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
@@ -857,17 +860,27 @@ def selection_score(row):
     return row.get("eval/judge_score", row.get("eval/reward"))
 
 
-def best_validation(history):
-    """The row of the best validation in history (the first of equals), or None."""
-    rows = [r for r in history if selection_score(r) is not None]
-    return max(rows, key=selection_score) if rows else None
+def keep_if_best(policy, row, out_dir, eot):
+    """keep 'best': a validation that scores above the one kept in out_dir/best replaces it (on a
+    tie the earlier stays). The policy and best/validation.json (its iteration and score) are
+    written as one directory, so the kept policy and its record agree even when a kill falls
+    between this save and the iteration's checkpoint (the resumed run redoes the iteration)."""
+    kept = kept_validation(out_dir)
+    if kept is not None and selection_score(row) <= kept["score"]:
+        return
+    record = dict(iteration=row["iteration"], score=selection_score(row))
+
+    def write(d):
+        policy.save_pretrained(d, eot=eot)
+        (Path(d) / "validation.json").write_text(json.dumps(record))
+
+    atomic_dir(out_dir / "best", write)
 
 
-def keep_if_best(policy, row, history, out_dir, eot):
-    """keep 'best': a validation better than every earlier one saves its policy to out_dir/best
-    (before the iteration's checkpoint, so a resumed run finds the best of the rows it resumes)."""
-    if best_validation(history + [row]) is row:
-        atomic_dir(out_dir / "best", lambda d: policy.save_pretrained(d, eot=eot))
+def kept_validation(out_dir):
+    """{iteration, score} of the policy keep 'best' holds in out_dir/best, or None."""
+    record = Path(out_dir) / "best" / "validation.json"
+    return json.loads(record.read_text()) if record.exists() else None
 
 
 def log_iteration(row, iterations, eta):
@@ -1047,17 +1060,18 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
         out_dir,
         validate=validate,
     )
-    kept = history[-1] if ppo_cfg.keep == "last" or not history else best_validation(history)
     if is_main():
         save_kept_policy(policy, ppo_cfg, out_dir, tok.eot)
     barrier()
-    summary = dict(history[-1] if history else {}, kept_iteration=kept and kept["iteration"])
+    summary = dict(history[-1]) if history else {}
+    kept = kept_validation(out_dir) if ppo_cfg.keep == "best" else summary
+    summary["kept_iteration"] = kept.get("iteration")
     return dict(summary, **meter.summary(policy, remeasure=True))
 
 
 def save_kept_policy(policy, cfg, out_dir, eot):
     """out_dir/model: the last iteration's policy, or with keep 'best' the best validation's."""
-    if cfg.keep == "best":
+    if cfg.keep == "best":  # atomic_dir made the directory: copytree fills it
         best = out_dir / "best"
         atomic_dir(out_dir / "model", lambda d: shutil.copytree(best, d, dirs_exist_ok=True))
     else:

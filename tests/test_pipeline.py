@@ -12,7 +12,7 @@ import pytest
 
 from data.gorilla import prepare
 from evaluate import VERDICTS
-from ppo import best_validation
+from ppo import kept_validation
 from reward import read_reward_model
 from runs import RUN_FILES
 
@@ -291,7 +291,8 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
     assert len(metrics) == 2
     # keep best: the model is the best validation's (iteration 1 or 2), each on one question
     done = json.loads((run_dir / "ppo" / "done.json").read_text())
-    assert done["kept_iteration"] == best_validation(metrics)["iteration"]
+    judged = [(-r["eval/judge_score"], r["iteration"]) for r in metrics]  # the first of equals
+    assert done["kept_iteration"] == min(judged)[1] == kept_validation(run_dir / "ppo")["iteration"]
     files = [(run_dir / "ppo" / d / "model.safetensors").read_bytes() for d in ("best", "model")]
     assert files[0] == files[1]
     shown = (run_dir / "ppo" / "samples.md").read_text().splitlines()
