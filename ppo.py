@@ -29,8 +29,6 @@ The algorithm, in the order of one iteration (train_ppo):
      was 4.2 points higher, about PPO's own run-to-run spread (docs/experiments.md, "The critic
      on the policy's trunk" and "PPO's spread at fixed inputs").
   5. KL controller: kl_coef follows the measured KL (adaptive_kl), or stays fixed.
-The policy kept is the last iteration's, or with `keep best` [not in the paper] that of the best
-greedy validation (early stopping; validate and keep_if_best).
 `--advantage rloo` [not in the paper] swaps steps 3-4's critic for RLOO's leave-one-out baseline on
 the whole answer's return (Ahmadian et al. 2024, eq. 8), with the same rollout, KL and clipped
 update.
@@ -50,9 +48,7 @@ Implementation Details of RLHF with PPO") each line implements; docs/experiments
 default is what it is.
 """
 
-import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -173,16 +169,6 @@ class PPOConfig:
         "and the last iteration (0 = never)",
         ">= 0",
     ] = 10
-    val_questions: Annotated[
-        int, "validate on the first N validation questions (0 = all of them)", ">= 0"
-    ] = 0
-    keep: Annotated[
-        str,
-        "the policy kept: last, the last iteration's; best, the best validation's by the "
-        "judge's mean score where judging is free (the rules judge), else the reward model's "
-        "(needs val_every) [not in the paper]",
-        ("last", "best"),
-    ] = "last"
 
 
 # -----------------------------------------------------------------------------
@@ -203,8 +189,6 @@ def check_config(cfg):
         )
     if cfg.minibatch_size < 1:
         raise ValueError(f"ppo minibatch_size must be at least 1, not {cfg.minibatch_size}")
-    if cfg.keep == "best" and not cfg.val_every:
-        raise ValueError("ppo keep best picks among validations: set val_every above 0")
     if cfg.batch_size % (DIST.world * cfg.rollouts_per_prompt) or cfg.minibatch_size % DIST.world:
         raise ValueError(
             f"under torchrun with {DIST.world} ranks, ppo batch_size must be a multiple of "
@@ -230,8 +214,6 @@ def train_ppo(
     optimizers, modules, start, history = training_state(
         policy, value_model, kl_ctl, cfg, out_dir / "ckpt.pt", run_cfg.device
     )
-    if start == 0 and is_main():  # a fresh start: no earlier run's kept policy competes
-        shutil.rmtree(out_dir / "best", ignore_errors=True)
     t_start = time.time()
     for it in range(start, cfg.iterations):
         meter, kl_coef = FlopMeter(), kl_ctl.value  # the iteration's clock, FLOPs, KL penalty
@@ -263,8 +245,6 @@ def train_ppo(
         row.update(iteration_times(batch, t_update, meter, policy))
         if validate is not None and validation_due(cfg, it):
             row.update(validate(policy, it + 1))
-            if cfg.keep == "best":
-                keep_if_best(policy, row, out_dir, tok.eot)
         history.append(row)
         log_iteration(
             row, cfg.iterations, progress(it + 1 - start, cfg.iterations - start, t_start)
@@ -854,35 +834,6 @@ def validation_due(cfg, it):
     return cfg.val_every and (it == 0 or (it + 1) % cfg.val_every == 0 or last)
 
 
-def selection_score(row):
-    """What keep 'best' ranks validations by: the judge's mean score where judging is free (the
-    rules judge), else the reward model's; None in a row without a validation."""
-    return row.get("eval/judge_score", row.get("eval/reward"))
-
-
-def keep_if_best(policy, row, out_dir, eot):
-    """keep 'best': a validation that scores above the one kept in out_dir/best replaces it (on a
-    tie the earlier stays). The policy and best/validation.json (its iteration and score) are
-    written as one directory, so the kept policy and its record agree even when a kill falls
-    between this save and the iteration's checkpoint (the resumed run redoes the iteration)."""
-    kept = kept_validation(out_dir)
-    if kept is not None and selection_score(row) <= kept["score"]:
-        return
-    record = dict(iteration=row["iteration"], score=selection_score(row))
-
-    def write(d):
-        policy.save_pretrained(d, eot=eot)
-        (Path(d) / "validation.json").write_text(json.dumps(record))
-
-    atomic_dir(out_dir / "best", write)
-
-
-def kept_validation(out_dir):
-    """{iteration, score} of the policy keep 'best' holds in out_dir/best, or None."""
-    record = Path(out_dir) / "best" / "validation.json"
-    return json.loads(record.read_text()) if record.exists() else None
-
-
 def log_iteration(row, iterations, eta):
     warmup = " (critic warm-up)" if row["phase"] != "ppo" else ""
     ev = row["val/explained_variance"]  # None: no critic, or a batch with no variance
@@ -1045,8 +996,7 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
     validate = None
     if is_main():
         samples_file = out_dir / "samples.md"
-        questions = splits["val"][: ppo_cfg.val_questions or None]
-        validate = greedy_validation(questions, tok, run_cfg, judge, rm_score, samples_file)
+        validate = greedy_validation(splits["val"], tok, run_cfg, judge, rm_score, samples_file)
     prompts = [prepare.prompt_ids(tok, r.instruction) for r in splits["train"]]
     history = train_ppo(
         policy,
@@ -1061,21 +1011,9 @@ def ppo_stage(run_cfg, run, splits, score_fn=None, out_dir=None, advantage=None,
         validate=validate,
     )
     if is_main():
-        save_kept_policy(policy, ppo_cfg, out_dir, tok.eot)
+        atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=tok.eot))
     barrier()
-    summary = dict(history[-1]) if history else {}
-    kept = kept_validation(out_dir) if ppo_cfg.keep == "best" else summary
-    summary["kept_iteration"] = kept.get("iteration")
-    return dict(summary, **meter.summary(policy, remeasure=True))
-
-
-def save_kept_policy(policy, cfg, out_dir, eot):
-    """out_dir/model: the last iteration's policy, or with keep 'best' the best validation's."""
-    if cfg.keep == "best":  # atomic_dir made the directory: copytree fills it
-        best = out_dir / "best"
-        atomic_dir(out_dir / "model", lambda d: shutil.copytree(best, d, dirs_exist_ok=True))
-    else:
-        atomic_dir(out_dir / "model", lambda d: policy.save_pretrained(d, eot=eot))
+    return dict(history[-1] if history else {}, **meter.summary(policy, remeasure=True))
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ import pytest
 
 from data.gorilla import prepare
 from evaluate import VERDICTS
-from ppo import kept_validation
 from reward import read_reward_model
 from runs import RUN_FILES
 
@@ -283,20 +282,12 @@ def test_ppo_script_uses_the_run_settings_resumes_and_does_not_overwrite(finishe
 
     out = ppo()
     assert out.returncode == 1 and "already done" in out.stderr + out.stdout
-    out = ppo("--force", "--iterations", "2", "--keep", "best", "--val-questions", "1")
+    out = ppo("--force", "--iterations", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["ppo"]["iterations"] == 2 and config["init"] == "micro" and config["seed"] == 1
-    metrics = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2
-    # keep best: the model is the best validation's (iteration 1 or 2), each on one question
-    done = json.loads((run_dir / "ppo" / "done.json").read_text())
-    judged = [(-r["eval/judge_score"], r["iteration"]) for r in metrics]  # the first of equals
-    assert done["kept_iteration"] == min(judged)[1] == kept_validation(run_dir / "ppo")["iteration"]
-    files = [(run_dir / "ppo" / d / "model.safetensors").read_bytes() for d in ("best", "model")]
-    assert files[0] == files[1]
-    shown = (run_dir / "ppo" / "samples.md").read_text().splitlines()
-    assert len([x for x in shown if x.startswith("| ") and not x.startswith("| question")]) == 2
     assert not (run_dir / "evaluate").exists()  # no stale evaluation survives
     out = rlaif(run_dir, small=False)
     assert out.returncode == 0 and "[evaluate] done" in out.stdout, out.stderr[-3000:]

@@ -15,7 +15,6 @@ from ppo import (
     PPOConfig,
     ValueHead,
     advantages_and_returns,
-    check_config,
     compute_rewards,
     eos_penalised,
     explained_variance,
@@ -24,7 +23,6 @@ from ppo import (
     grpo_advantages,
     iteration_prompts,
     k3_kl,
-    kept_validation,
     kl_reach,
     leave_one_out,
     logprobs_and_values,
@@ -36,9 +34,7 @@ from ppo import (
     ppo_update,
     rloo_advantages,
     rollout,
-    save_kept_policy,
     score_share,
-    selection_score,
     train_ppo,
     validation_due,
     value_loss,
@@ -713,67 +709,3 @@ def test_the_logged_gradient_norm_is_the_joint_norm_before_clipping(tmp_path):
     stats = ppo_update(policy, value, optimizers, batch, cfg, sampling, generator, 0.05, True)
     assert expected > 100 * sampling.grad_clip
     assert stats["loss/grad_norm"] == pytest.approx(expected, rel=1e-4)
-
-
-def test_keep_best_keeps_the_best_validations_policy_across_a_resume_not_a_fresh_start(tmp_path):
-    """keep 'best': out_dir/best holds the policy of the best validation so far (on a tie the
-    earlier), also after a resume, and save_kept_policy makes it the stage's model; the last
-    policy differs from it (the toy's steps move the weights). A fresh start forgets it."""
-    policy, ref, value, sampling = toy(tmp_path)
-    scores = {1: 0.2, 2: 0.9, 3: 0.9}  # iteration -> the judge's mean score; 3 ties 2
-    seen = {}
-
-    def validate(policy, iteration):
-        seen[iteration] = {k: v.clone() for k, v in policy.state_dict().items()}
-        return {"eval/judge_score": scores[iteration], "eval/reward": -iteration}
-
-    def train(iterations):
-        return train_ppo(
-            policy,
-            ref,
-            value,
-            lambda q, qm, r, rm: (r == TARGET).float().mean(1),
-            TOY_PROMPTS,
-            TOY_TOK,
-            PPOConfig(
-                iterations=iterations,
-                batch_size=32,
-                rollouts_per_prompt=4,
-                minibatch_size=16,
-                lr=TOY_LR,
-                critic_warmup=0,
-                val_every=1,
-                keep="best",
-            ),
-            sampling,
-            tmp_path / "ppo",
-            validate=validate,
-        )
-
-    def kept_weights():
-        save_kept_policy(policy, PPOConfig(keep="best"), tmp_path / "ppo", EOT)
-        return GPT.from_pretrained(tmp_path / "ppo" / "model").state_dict()
-
-    train(2)  # stops after iteration 2: its policy is the best
-    train(3)  # resumes at 3: a tie, so iteration 2's stays
-    assert sorted(seen) == [1, 2, 3]
-    assert kept_validation(tmp_path / "ppo") == {"iteration": 2, "score": 0.9}
-    kept = kept_weights()
-    for name, tensor in seen[2].items():
-        assert torch.equal(kept[name], tensor), name
-    assert any(not torch.equal(seen[3][k], seen[2][k]) for k in seen[2])
-    (tmp_path / "ppo" / "ckpt.pt").unlink()  # a fresh start: iteration 1 (0.2) is its best
-    train(1)
-    assert kept_validation(tmp_path / "ppo") == {"iteration": 1, "score": 0.2}
-    assert all(torch.equal(kept_weights()[k], v) for k, v in seen[1].items())
-
-
-def test_validations_are_ranked_by_the_judge_where_it_scored_else_by_the_reward_model():
-    assert selection_score({"eval/judge_score": 0.3, "eval/reward": 2.0}) == 0.3
-    assert selection_score({"eval/reward": -1.5}) == -1.5
-    assert selection_score({"objective/scores": 0.9}) is None  # an iteration without validation
-
-
-def test_keep_best_needs_validations():
-    with pytest.raises(ValueError, match="val_every"):
-        check_config(PPOConfig(keep="best", val_every=0))
