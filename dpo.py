@@ -204,8 +204,8 @@ def main(argv=None):
         argv,
         "dpo",
         DPOConfig,
-        force_help="retrain an existing DPO model (the run's evaluation and compare marker are "
-        "set aside: rlaif.py --compare redoes them)",
+        force_help="retrain DPO from step 0, a finished one (the run's evaluation and compare "
+        "marker are then set aside: rlaif.py --compare redoes them) or an interrupted one",
         inputs=("sft_model", "samples", "feedback"),
         rm=RMConfig,
     )
